@@ -1,0 +1,268 @@
+//! Reading one reply line: the only place where client bytes are read, and
+//! where the size cap and the whole-reply deadline are enforced.
+//!
+//! A reply is the bytes up to the first `\n`, with `\n` or `\r\n` stripped
+//! (telnet sends `\r\n`). TCP may deliver it in any number of pieces, so the
+//! reader keeps reading until the line is complete, the client closes, the cap
+//! is passed, the deadline passes, or the socket fails. Whatever happens, the
+//! bytes that did arrive are returned so that they can be logged.
+
+use std::io::{self, Read};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use log::trace;
+
+/// Most bytes asked of the socket in one read; bounds the buffer that a
+/// client can make the server allocate before its reply is even complete.
+const READ_CHUNK: usize = 4096;
+
+/// How a reply ended.
+#[derive(Debug)]
+pub enum ReplyEnd {
+    /// A whole line arrived; its terminator is not part of the reply.
+    Line,
+    /// The client closed its side before sending a newline.
+    Closed,
+    /// The reply was longer than the cap; only the first bytes are kept.
+    Truncated,
+    /// The reply deadline passed before the line was complete.
+    TimedOut,
+    /// Reading failed, for example because the client reset the connection.
+    Failed(io::Error),
+}
+
+/// One client's reply: the bytes that arrived (at most the cap) and why
+/// reading stopped.
+#[derive(Debug)]
+pub struct Reply {
+    /// The reply, without its line terminator, never longer than the cap.
+    pub bytes: Vec<u8>,
+    /// Why reading stopped.
+    pub end: ReplyEnd,
+}
+
+/// A byte stream that a reply can be read from under a deadline.
+///
+/// Implemented for [`TcpStream`]; the trait exists so that the property
+/// tests can drive the very same [`read_reply`] with any chunking of a reply.
+pub trait ReplySource: Read {
+    /// Makes the next read give up after `timeout`.
+    fn set_read_timeout_for_next_read(&mut self, timeout: Duration) -> io::Result<()>;
+}
+
+impl ReplySource for TcpStream {
+    fn set_read_timeout_for_next_read(&mut self, timeout: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(timeout))
+    }
+}
+
+/// Reads one reply line from `source`, keeping at most `max_reply_bytes` of
+/// it, and giving up at `deadline` (if any) however the bytes trickle in.
+///
+/// `peer` only labels the trace lines that show each read.
+pub fn read_reply<S: ReplySource>(
+    source: &mut S,
+    peer: SocketAddr,
+    max_reply_bytes: usize,
+    deadline: Option<Instant>,
+) -> Reply {
+    // Room for a full-length reply and its "\r\n": only past that is a reply
+    // known to be too long.
+    let limit = max_reply_bytes.saturating_add(2);
+    let mut buf = Vec::with_capacity(limit.min(READ_CHUNK));
+    loop {
+        if let Some(deadline) = deadline {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return finish(buf, max_reply_bytes, ReplyEnd::TimedOut);
+            }
+            if let Err(e) = source.set_read_timeout_for_next_read(remaining) {
+                return finish(buf, max_reply_bytes, ReplyEnd::Failed(e));
+            }
+        }
+        let start = buf.len();
+        buf.resize(start + (limit - start).min(READ_CHUNK), 0);
+        let read = source.read(&mut buf[start..]);
+        buf.truncate(start + *read.as_ref().unwrap_or(&0));
+        match read {
+            Ok(0) => return finish(buf, max_reply_bytes, ReplyEnd::Closed),
+            Ok(n) => {
+                trace!("{peer}: read {n} bytes");
+                if let Some(newline) = buf[start..].iter().position(|&b| b == b'\n') {
+                    buf.truncate(start + newline);
+                    if buf.last() == Some(&b'\r') {
+                        buf.pop();
+                    }
+                    return finish(buf, max_reply_bytes, ReplyEnd::Line);
+                }
+                if buf.len() >= limit {
+                    return finish(buf, max_reply_bytes, ReplyEnd::Truncated);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return finish(buf, max_reply_bytes, ReplyEnd::TimedOut);
+            }
+            Err(e) => return finish(buf, max_reply_bytes, ReplyEnd::Failed(e)),
+        }
+    }
+}
+
+/// Applies the cap to what arrived: a reply over it is cut and reported as
+/// truncated, whatever else ended it.
+fn finish(mut bytes: Vec<u8>, max_reply_bytes: usize, end: ReplyEnd) -> Reply {
+    let end = if bytes.len() > max_reply_bytes {
+        bytes.truncate(max_reply_bytes);
+        ReplyEnd::Truncated
+    } else {
+        end
+    };
+    Reply { bytes, end }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::VecDeque;
+
+    /// Hands out a byte string in the given pieces, then EOF.
+    struct Chunked {
+        chunks: VecDeque<Vec<u8>>,
+    }
+
+    impl Chunked {
+        fn new<I: IntoIterator<Item = Vec<u8>>>(chunks: I) -> Self {
+            Chunked {
+                chunks: chunks.into_iter().collect(),
+            }
+        }
+    }
+
+    impl Read for Chunked {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            let Some(chunk) = self.chunks.front_mut() else {
+                return Ok(0);
+            };
+            let n = chunk.len().min(out.len());
+            out[..n].copy_from_slice(&chunk[..n]);
+            chunk.drain(..n);
+            if chunk.is_empty() {
+                self.chunks.pop_front();
+            }
+            Ok(n)
+        }
+    }
+
+    impl ReplySource for Chunked {
+        fn set_read_timeout_for_next_read(&mut self, _: Duration) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn read(chunks: &[&[u8]], max: usize) -> Reply {
+        let peer = "127.0.0.1:9".parse().unwrap();
+        let mut source = Chunked::new(chunks.iter().map(|c| c.to_vec()));
+        read_reply(&mut source, peer, max, None)
+    }
+
+    #[test]
+    fn line_terminators_are_stripped() {
+        let reply = read(&[b"yes\r\n"], 1024);
+        assert_eq!(reply.bytes, b"yes");
+        assert!(matches!(reply.end, ReplyEnd::Line));
+        assert_eq!(read(&[b"yes\n"], 1024).bytes, b"yes");
+        assert_eq!(read(&[b"\n"], 1024).bytes, b"");
+    }
+
+    #[test]
+    fn split_reply_is_assembled_and_rest_ignored() {
+        let reply = read(&[b"y", b"e", b"s\r", b"\nsecond line\n"], 1024);
+        assert_eq!(reply.bytes, b"yes");
+        assert!(matches!(reply.end, ReplyEnd::Line));
+    }
+
+    #[test]
+    fn eof_before_newline_keeps_what_came() {
+        let reply = read(&[b"may", b"be"], 1024);
+        assert_eq!(reply.bytes, b"maybe");
+        assert!(matches!(reply.end, ReplyEnd::Closed));
+        let nothing = read(&[], 1024);
+        assert!(nothing.bytes.is_empty());
+        assert!(matches!(nothing.end, ReplyEnd::Closed));
+    }
+
+    #[test]
+    fn reply_of_exactly_the_cap_is_whole() {
+        let reply = read(&[b"abcd\r\n"], 4);
+        assert_eq!(reply.bytes, b"abcd");
+        assert!(matches!(reply.end, ReplyEnd::Line));
+    }
+
+    #[test]
+    fn reply_past_the_cap_is_truncated() {
+        for input in [&b"abcde\n"[..], b"abcde", b"abcdefghijklmnop"] {
+            let reply = read(&[input], 4);
+            assert_eq!(reply.bytes, b"abcd", "{input:?}");
+            assert!(matches!(reply.end, ReplyEnd::Truncated), "{input:?}");
+        }
+    }
+
+    #[test]
+    fn expired_deadline_times_out_without_reading() {
+        let peer = "127.0.0.1:9".parse().unwrap();
+        let mut source = Chunked::new([b"yes\n".to_vec()]);
+        let reply = read_reply(&mut source, peer, 1024, Some(Instant::now()));
+        assert!(matches!(reply.end, ReplyEnd::TimedOut));
+        assert!(reply.bytes.is_empty());
+    }
+
+    /// Splits `bytes` at the given cut points (taken modulo its length).
+    fn split_at(bytes: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+        let mut points: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+        points.push(0);
+        points.push(bytes.len());
+        points.sort_unstable();
+        points.dedup();
+        // An empty piece would read as EOF, which a socket never delivers mid-stream.
+        points
+            .windows(2)
+            .map(|w| bytes[w[0]..w[1]].to_vec())
+            .collect()
+    }
+
+    proptest! {
+        /// However a reply is split into pieces, it reads back as if it had
+        /// come in one, and never longer than the cap.
+        #[test]
+        fn any_chunking_reads_back_identically(
+            payload in proptest::collection::vec(any::<u8>(), 0..3000),
+            cuts in proptest::collection::vec(any::<usize>(), 0..20),
+            max in 1usize..2000,
+        ) {
+            let peer = "127.0.0.1:9".parse().unwrap();
+            let whole = read_reply(&mut Chunked::new([payload.clone()]), peer, max, None);
+            let pieces = read_reply(&mut Chunked::new(split_at(&payload, &cuts)), peer, max, None);
+            prop_assert_eq!(&whole.bytes, &pieces.bytes);
+            prop_assert_eq!(format!("{:?}", whole.end), format!("{:?}", pieces.end));
+            prop_assert!(pieces.bytes.len() <= max);
+
+            // And it is the first line of the payload, cut at the cap.
+            let line_end = payload.iter().position(|&b| b == b'\n');
+            let mut expected = payload[..line_end.unwrap_or(payload.len())].to_vec();
+            if line_end.is_some() && expected.last() == Some(&b'\r') {
+                expected.pop();
+            }
+            let over = expected.len() > max;
+            expected.truncate(max);
+            prop_assert_eq!(&pieces.bytes, &expected);
+            prop_assert_eq!(matches!(pieces.end, ReplyEnd::Truncated), over);
+        }
+    }
+}
