@@ -44,10 +44,10 @@ impl Shutdown {
             .wake_addr
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(addr) = wake_addr {
-            if let Err(e) = TcpStream::connect_timeout(&addr, WAKE_TIMEOUT) {
-                warn!("could not wake the accept loop at {addr}: {e}");
-            }
+        if let Some(addr) = wake_addr
+            && let Err(e) = TcpStream::connect_timeout(&addr, WAKE_TIMEOUT)
+        {
+            warn!("could not wake the accept loop at {addr}: {e}");
         }
     }
 

@@ -1,0 +1,107 @@
+//! The command line as a person meets it: help, version, default log level,
+//! and one readable line with a non-zero exit for every user error.
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::Output;
+
+use common::*;
+
+/// Runs the binary to completion (it must exit by itself) and returns its output.
+fn run(args: &[&str]) -> Output {
+    server_command()
+        .args(args)
+        .output()
+        .expect("run prompt-server")
+}
+
+/// Asserts the run failed with exit code 2 or 1 and exactly one stderr line
+/// that starts with `error: ` and contains `needle`.
+fn assert_one_line_error(output: &Output, code: i32, needle: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(code), "stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line expected, got: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(lines[0].contains(needle), "{needle:?} not in: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn help_lists_every_option() {
+    let output = run(&["--help"]);
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for option in [
+        "--port",
+        "--bind",
+        "--prompt",
+        "--max-reply-bytes",
+        "--version",
+    ] {
+        assert!(help.contains(option), "{option} missing from help:\n{help}");
+    }
+}
+
+#[test]
+fn version_is_printed() {
+    let output = run(&["--version"]);
+    assert!(output.status.success());
+    let version = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        version.trim(),
+        format!("prompt-server {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn port_in_use_is_one_readable_line() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let output = run(&["--bind", "127.0.0.1", "--port", &port]);
+    assert_one_line_error(
+        &output,
+        1,
+        &format!("cannot listen on 127.0.0.1:{port}: address already in use"),
+    );
+}
+
+#[test]
+fn bad_arguments_are_one_readable_line() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--max-reply-bytes", "0"], "must be at least 1"),
+        (&["--max-reply-bytes", "lots"], "--max-reply-bytes"),
+        (&["--port", "99999"], "--port"),
+        (&["--bind", "not-an-address"], "--bind"),
+        (&["--no-such-flag"], "--no-such-flag"),
+    ];
+    for (args, needle) in cases {
+        assert_one_line_error(&run(args), 2, needle);
+    }
+}
+
+#[test]
+fn address_not_on_this_host_is_one_readable_line() {
+    // TEST-NET-1 (RFC 5737) is never assigned to a local interface.
+    let output = run(&["--bind", "192.0.2.1", "--port", "0"]);
+    assert_one_line_error(&output, 1, "cannot listen on 192.0.2.1:0");
+}
+
+#[test]
+fn logs_at_info_when_rust_log_is_unset() {
+    let mut command = server_command();
+    command.env_remove("RUST_LOG");
+    command.args(["--bind", "127.0.0.1", "--port", "0"]);
+    let mut server = ServerProcess::spawn(command);
+    session(server.addr, b"quiet\n");
+    server.expect_line("said: \"quiet\"");
+    assert!(
+        !server
+            .seen
+            .iter()
+            .any(|l| l.contains("DEBUG") || l.contains("TRACE")),
+        "debug lines at the default level: {:?}",
+        server.seen
+    );
+}
