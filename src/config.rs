@@ -5,6 +5,7 @@
 //! tests and embedders build one directly; the CLI only validates and converts.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
 
 use clap::Parser;
 
@@ -16,6 +17,20 @@ pub const DEFAULT_PORT: u16 = 1337;
 pub const DEFAULT_BIND: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 /// The classic example reads one 1024-byte buffer; a longer reply is cut there.
 pub const DEFAULT_MAX_REPLY_BYTES: usize = 1024;
+/// A minute is long enough for a person to type an answer, short enough
+/// that abandoned connections do not pile up.
+pub const DEFAULT_REPLY_TIMEOUT_SECS: f64 = 60.0;
+/// The prompt is one small write; a client that has not taken it in this
+/// long is not reading at all.
+pub const DEFAULT_WRITE_TIMEOUT_SECS: f64 = 10.0;
+/// Each connection costs a thread (a few KiB of memory, 2 MiB of address
+/// space) and a file descriptor: 1024 fits the default descriptor limit of
+/// most systems once raised to the hard limit, and any 64-bit machine.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// How long a stopping server lets connected clients finish.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: f64 = 10.0;
+/// The line a client gets when every connection slot is taken.
+pub const BUSY_MESSAGE: &[u8] = b"server busy, try again later\n";
 
 /// Everything the server needs to know to serve connections.
 #[derive(Debug, Clone)]
@@ -26,6 +41,14 @@ pub struct Config {
     pub prompt: Vec<u8>,
     /// Longest reply kept, not counting its line terminator; more is truncated.
     pub max_reply_bytes: usize,
+    /// Budget for the whole reply, however it trickles in; `None` waits forever.
+    pub reply_timeout: Option<Duration>,
+    /// How long sending the prompt may block on a client that does not read.
+    pub write_timeout: Duration,
+    /// Connections served at once; more are sent [`BUSY_MESSAGE`] and closed.
+    pub max_connections: usize,
+    /// How long a stopping server waits for connected clients to finish.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for Config {
@@ -34,6 +57,10 @@ impl Default for Config {
             listen_addr: SocketAddr::new(DEFAULT_BIND, DEFAULT_PORT),
             prompt: DEFAULT_PROMPT.as_bytes().to_vec(),
             max_reply_bytes: DEFAULT_MAX_REPLY_BYTES,
+            reply_timeout: Some(Duration::from_secs_f64(DEFAULT_REPLY_TIMEOUT_SECS)),
+            write_timeout: Duration::from_secs_f64(DEFAULT_WRITE_TIMEOUT_SECS),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            shutdown_timeout: Duration::from_secs_f64(DEFAULT_SHUTDOWN_TIMEOUT_SECS),
         }
     }
 }
@@ -69,6 +96,29 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_REPLY_BYTES,
           value_parser = parse_at_least_one)]
     pub max_reply_bytes: usize,
+
+    /// Seconds a client has for its whole reply, however slowly it sends;
+    /// 0 waits forever.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_REPLY_TIMEOUT_SECS,
+          value_parser = parse_seconds)]
+    pub reply_timeout: f64,
+
+    /// Seconds sending the prompt may take before the client is dropped.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_WRITE_TIMEOUT_SECS,
+          value_parser = parse_positive_seconds)]
+    pub write_timeout: f64,
+
+    /// Clients served at once; one more is sent "server busy, try again
+    /// later" and closed.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONNECTIONS,
+          value_parser = parse_at_least_one)]
+    pub max_connections: usize,
+
+    /// Seconds a stopping server (SIGINT, SIGTERM) lets connected clients
+    /// finish before it exits.
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+          value_parser = parse_seconds)]
+    pub shutdown_timeout: f64,
 }
 
 impl Cli {
@@ -78,7 +128,30 @@ impl Cli {
             listen_addr: SocketAddr::new(self.bind, self.port),
             prompt: prompt_bytes(&self.prompt),
             max_reply_bytes: self.max_reply_bytes,
+            reply_timeout: (self.reply_timeout > 0.0)
+                .then(|| Duration::from_secs_f64(self.reply_timeout)),
+            write_timeout: Duration::from_secs_f64(self.write_timeout),
+            max_connections: self.max_connections,
+            shutdown_timeout: Duration::from_secs_f64(self.shutdown_timeout),
         }
+    }
+}
+
+/// Seconds as a number that makes a [`Duration`]: finite, not negative, and
+/// not absurdly large (at most a year).
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    const YEAR: f64 = 365.0 * 24.0 * 3600.0;
+    match text.parse::<f64>() {
+        Ok(secs) if (0.0..=YEAR).contains(&secs) => Ok(secs),
+        Ok(_) => Err(format!("must be between 0 and {YEAR} seconds")),
+        Err(_) => Err("must be a number of seconds".to_string()),
+    }
+}
+
+fn parse_positive_seconds(text: &str) -> Result<f64, String> {
+    match parse_seconds(text)? {
+        0.0 => Err("must be more than 0 seconds".to_string()),
+        secs => Ok(secs),
     }
 }
 
@@ -107,6 +180,32 @@ mod tests {
         assert_eq!(config.listen_addr, "0.0.0.0:1337".parse().unwrap());
         assert_eq!(config.prompt, b"Do you want to play a game?\n");
         assert_eq!(config.max_reply_bytes, 1024);
+        assert_eq!(config.reply_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(config.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(config.shutdown_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn zero_reply_timeout_waits_forever() {
+        let config = Cli::parse_from(["prompt-server", "--reply-timeout", "0"]).to_config();
+        assert_eq!(config.reply_timeout, None);
+        let config = Cli::parse_from(["prompt-server", "--reply-timeout", "0.5"]).to_config();
+        assert_eq!(config.reply_timeout, Some(Duration::from_millis(500)));
+    }
+
+    #[test]
+    fn nonsense_durations_are_refused() {
+        for (flag, value) in [
+            ("--reply-timeout", "-1"),
+            ("--reply-timeout", "NaN"),
+            ("--shutdown-timeout", "1e30"),
+            ("--write-timeout", "0"),
+        ] {
+            assert!(
+                Cli::try_parse_from(["prompt-server", flag, value]).is_err(),
+                "{flag} {value}"
+            );
+        }
     }
 
     #[test]

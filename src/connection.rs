@@ -1,46 +1,83 @@
 //! One client's life on its own thread: send the prompt, read one reply, log
-//! what happened with the peer's address, close.
+//! what happened with the peer's address.
 //!
-//! Everything here may block for as long as the client lets it; that is
-//! fine because nothing else waits on this thread.
+//! Everything here may block, but never for longer than the write timeout
+//! plus the reply deadline, and nothing else waits on this thread.
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
+use std::time::Instant;
 
-use log::{debug, info, warn};
+use log::{info, warn};
 
 use crate::config::Config;
 use crate::logging::{Escaped, describe_io_error};
 use crate::reply::{Reply, ReplyEnd, read_reply};
 
-/// Serves one accepted connection to the end; the connection is closed when
-/// `stream` is dropped on return.
-pub fn serve(mut stream: TcpStream, peer: SocketAddr, config: &Config) {
-    debug!("{peer} connected");
-    if let Err(e) = stream.write_all(&config.prompt) {
+/// How a connection ended, for the shutdown summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A reply was logged whole.
+    Replied,
+    /// A reply was logged cut at the cap.
+    Truncated,
+    /// The reply deadline passed.
+    TimedOut,
+    /// The client closed without sending anything.
+    NoReply,
+    /// Writing the prompt or reading the reply failed.
+    Failed,
+}
+
+/// Sends the prompt and reads and logs one reply. The caller closes the
+/// connection.
+pub fn serve(stream: &mut TcpStream, peer: SocketAddr, config: &Config) -> Outcome {
+    let sent = stream
+        .set_write_timeout(Some(config.write_timeout))
+        .and_then(|()| stream.write_all(&config.prompt));
+    if let Err(e) = sent {
         warn!(
             "{peer} could not be sent the prompt: {}",
             describe_io_error(&e)
         );
-        return;
+        return Outcome::Failed;
     }
-    let reply = read_reply(&mut stream, peer, config.max_reply_bytes, None);
-    log_reply(peer, &reply, config);
-    debug!("{peer} disconnected");
+    let deadline = config.reply_timeout.map(|timeout| Instant::now() + timeout);
+    let reply = read_reply(stream, peer, config.max_reply_bytes, deadline);
+    log_reply(peer, &reply, config)
 }
 
 /// The one log line that says how a client's reply went.
-fn log_reply(peer: SocketAddr, reply: &Reply, config: &Config) {
+fn log_reply(peer: SocketAddr, reply: &Reply, config: &Config) -> Outcome {
     let bytes = Escaped(&reply.bytes);
     match &reply.end {
-        ReplyEnd::Line => info!("{peer} said: {bytes}"),
-        ReplyEnd::Closed if reply.bytes.is_empty() => info!("{peer} closed without replying"),
-        ReplyEnd::Closed => info!("{peer} said: {bytes} (closed before newline)"),
-        ReplyEnd::Truncated => warn!(
-            "{peer} said: {bytes} (truncated at {} bytes)",
-            config.max_reply_bytes
-        ),
-        ReplyEnd::TimedOut => warn!("{peer} timed out before replying; got {bytes}"),
-        ReplyEnd::Failed(e) => warn!("{peer} read error: {}; got {bytes}", describe_io_error(e)),
+        ReplyEnd::Line => {
+            info!("{peer} said: {bytes}");
+            Outcome::Replied
+        }
+        ReplyEnd::Closed if reply.bytes.is_empty() => {
+            info!("{peer} closed without replying");
+            Outcome::NoReply
+        }
+        ReplyEnd::Closed => {
+            info!("{peer} said: {bytes} (closed before newline)");
+            Outcome::Replied
+        }
+        ReplyEnd::Truncated => {
+            warn!(
+                "{peer} said: {bytes} (truncated at {} bytes)",
+                config.max_reply_bytes
+            );
+            Outcome::Truncated
+        }
+        ReplyEnd::TimedOut => {
+            let secs = config.reply_timeout.unwrap_or_default().as_secs_f64();
+            warn!("{peer} timed out after {secs}s without a full reply; got {bytes}");
+            Outcome::TimedOut
+        }
+        ReplyEnd::Failed(e) => {
+            warn!("{peer} read error: {}; got {bytes}", describe_io_error(e));
+            Outcome::Failed
+        }
     }
 }

@@ -8,15 +8,20 @@
 //!
 //! - [`config`]: the [`Config`] the server runs with, its documented defaults,
 //!   and the command line that fills it in.
-//! - [`server`]: binding the listener and the accept loop, the one place where
-//!   a connection thread is started.
+//! - [`server`]: binding the listener and the accept loop: where a connection
+//!   is admitted or turned away busy, the one place where a connection thread
+//!   is started, and how the loop survives `accept` failures.
+//! - [`limits`]: the connection cap, as a slot each connection thread owns
+//!   and releases however it ends, and the file-descriptor limit.
 //! - [`connection`]: one client's life: send the prompt, read the reply, log
 //!   the outcome, close.
 //! - [`reply`]: reading one reply line from a socket, where every client byte is
 //!   read and where the size cap and the reply deadline are enforced.
 //! - [`logging`]: logger set-up and escaping of client bytes, so that nothing a
 //!   client sends can forge or break a log line.
-//! - [`shutdown`]: the handle that stops the accept loop from another thread.
+//! - [`shutdown`]: the handle that stops the accept loop from another thread,
+//!   and the signal handling (SIGINT, SIGTERM) that triggers it.
+//! - [`stats`]: counters of how connections ended, for the summary at exit.
 //!
 //! The binary (`src/main.rs`) only parses the command line, sets up logging,
 //! binds, and calls [`run`]; tests drive the very same [`bind`] and [`run`].
@@ -25,11 +30,14 @@
 
 pub mod config;
 pub mod connection;
+pub mod limits;
 pub mod logging;
 pub mod reply;
 pub mod server;
 pub mod shutdown;
+pub mod stats;
 
 pub use config::Config;
 pub use server::{bind, run};
 pub use shutdown::Shutdown;
+pub use stats::Summary;

@@ -8,11 +8,39 @@
 
 use std::fmt;
 use std::io;
+use std::panic;
+use std::thread;
+
+use log::error;
 
 /// Starts `env_logger` on stderr at level info, unless `RUST_LOG` says
 /// otherwise.
 pub fn init() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+}
+
+/// Reports panics as one escaped error line in the log instead of the
+/// default multi-line message on bare stderr. A panic ends only the thread it
+/// happens on; for a connection thread, that one connection.
+pub fn log_panics() {
+    panic::set_hook(Box::new(|info| {
+        let thread = thread::current();
+        let thread = thread.name().unwrap_or("unnamed");
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        let location = info
+            .location()
+            .map(|at| format!("{}:{}", at.file(), at.line()))
+            .unwrap_or_default();
+        error!(
+            "thread {thread} panicked at {location}: {}",
+            Escaped(message.as_bytes())
+        );
+    }));
 }
 
 /// Client bytes shown in double quotes with Rust-style escapes, for example

@@ -1,11 +1,13 @@
 //! The `prompt-server` binary: parse the command line, set up logging, bind,
-//! run the library's server, and turn the outcome into an exit code.
+//! run the library's server until a signal stops it, and turn the outcome
+//! into an exit code.
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
 use prompt_server::config::Cli;
-use prompt_server::{Shutdown, bind, logging, run};
+use prompt_server::{Shutdown, bind, limits, logging, run, shutdown};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -14,23 +16,28 @@ fn main() -> ExitCode {
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
             let rendered = e.render().to_string();
-            let first_line = rendered
-                .lines()
-                .next()
-                .unwrap_or("error: invalid arguments");
+            let first_line = rendered.lines().next().unwrap_or("error: invalid arguments");
             eprintln!("{first_line} (see --help)");
             return ExitCode::from(2);
         }
     };
     logging::init();
-    let config = cli.to_config();
-    let served =
-        bind(config.listen_addr).and_then(|listener| run(listener, config, Shutdown::new()));
-    match served {
+    logging::log_panics();
+    match serve(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn serve(cli: &Cli) -> anyhow::Result<()> {
+    let config = cli.to_config();
+    limits::raise_fd_limit(config.max_connections);
+    let listener = bind(config.listen_addr)?;
+    let stop = Shutdown::new();
+    shutdown::trigger_on_signals(stop.clone()).context("cannot install signal handlers")?;
+    run(listener, config, stop)?;
+    Ok(())
 }

@@ -4,13 +4,21 @@
 //! The accept loop blocks in `accept()`, which no flag can interrupt, so
 //! [`Shutdown::trigger`] sets the flag and then connects to the listener
 //! itself: the loop wakes up with that connection, sees the flag and stops.
+//!
+//! [`trigger_on_signals`] is how the binary uses it: the first SIGINT or
+//! SIGTERM starts a graceful stop, a second one ends the process at once.
 
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::process;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::thread;
 use std::time::Duration;
 
-use log::warn;
+use log::{info, warn};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
 /// How long [`Shutdown::trigger`] tries to reach the listener to wake it.
 const WAKE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -66,6 +74,29 @@ impl Shutdown {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(reachable(listening_on));
     }
+}
+
+/// Starts a thread that triggers `shutdown` on the first SIGINT or SIGTERM,
+/// and exits the process at once (status 128 + signal number) on a second.
+///
+/// signal-hook does the async-signal-safe part (a self-pipe written from the
+/// handler), so the reaction runs on an ordinary thread that may log and lock.
+pub fn trigger_on_signals(shutdown: Shutdown) -> io::Result<()> {
+    let mut signals = Signals::new([SIGINT, SIGTERM])?;
+    thread::Builder::new()
+        .name("signals".to_string())
+        .spawn(move || {
+            for signal in signals.forever() {
+                let name = if signal == SIGINT { "SIGINT" } else { "SIGTERM" };
+                if shutdown.is_triggered() {
+                    warn!("{name} again: exiting now without waiting for clients");
+                    process::exit(128 + signal);
+                }
+                info!("{name} received: stopping (send it again to exit at once)");
+                shutdown.trigger();
+            }
+        })?;
+    Ok(())
 }
 
 /// An address that reaches a listener bound to `addr`: a listener on "every

@@ -1,0 +1,158 @@
+//! Limits on what clients can hold: the connection cap, as a counting permit
+//! that each connection thread owns, and the file-descriptor limit it needs.
+//!
+//! A [`ConnectionSlot`] is taken in the accept loop before a thread is
+//! started and released when it is dropped, however the thread ends (even by
+//! a panic), so a slot can never leak.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use log::warn;
+
+/// Descriptors the process needs besides one per connection: stdio, the
+/// listener, the signal pipe, a log file, and some slack.
+const RESERVED_FDS: u64 = 16;
+
+/// At most `max` connections at once.
+#[derive(Debug)]
+pub struct ConnectionLimit {
+    max: usize,
+    /// Connections holding a slot now.
+    active: AtomicUsize,
+    /// Lets [`wait_until_idle`](Self::wait_until_idle) sleep until the last
+    /// slot is released; the mutex only orders that wake-up.
+    idle_lock: Mutex<()>,
+    idle: Condvar,
+}
+
+/// One connection's share of a [`ConnectionLimit`]; released on drop.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    limit: Arc<ConnectionLimit>,
+}
+
+impl ConnectionLimit {
+    /// A limit of `max` connections at once.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(ConnectionLimit {
+            max,
+            active: AtomicUsize::new(0),
+            idle_lock: Mutex::new(()),
+            idle: Condvar::new(),
+        })
+    }
+
+    /// A slot if fewer than `max` are taken, without waiting.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<ConnectionSlot> {
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ConnectionSlot {
+                limit: Arc::clone(self),
+            })
+    }
+
+    /// How many slots are taken now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Waits until every slot is released or `timeout` passes; returns how
+    /// many are still taken.
+    pub fn wait_until_idle(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        let mut guard = self.idle_lock.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            let active = self.active();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if active == 0 || left.is_zero() {
+                return active;
+            }
+            guard = self
+                .idle
+                .wait_timeout(guard, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        if self.limit.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Taking the lock orders this wake-up after a waiter's check.
+            let _guard = self
+                .limit
+                .idle_lock
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            self.limit.idle.notify_all();
+        }
+    }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit, and warns once if
+/// `max_connections` still cannot fit, so that an operator learns it at
+/// start-up rather than from `accept` failures under load.
+pub fn raise_fd_limit(max_connections: usize) {
+    let needed = max_connections as u64 + RESERVED_FDS;
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < needed => warn!(
+            "--max-connections {max_connections} needs about {needed} file descriptors \
+             but the limit is {limit}; expect 'too many open files' under load"
+        ),
+        Ok(_) => {}
+        Err(e) => warn!("cannot raise the file descriptor limit: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread;
+
+    #[test]
+    fn slots_are_capped_and_come_back_on_drop() {
+        let limit = ConnectionLimit::new(2);
+        let a = limit.try_acquire().expect("first");
+        let _b = limit.try_acquire().expect("second");
+        assert!(limit.try_acquire().is_none());
+        drop(a);
+        assert_eq!(limit.active(), 1);
+        assert!(limit.try_acquire().is_some());
+    }
+
+    #[test]
+    fn slot_is_released_when_its_thread_panics() {
+        let limit = ConnectionLimit::new(1);
+        let slot = limit.try_acquire().expect("slot");
+        let panicked = thread::spawn(move || {
+            let _slot = slot;
+            panic!("handler bug");
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert_eq!(limit.active(), 0);
+        assert!(limit.try_acquire().is_some());
+    }
+
+    #[test]
+    fn wait_until_idle_returns_when_the_last_slot_goes() {
+        let limit = ConnectionLimit::new(4);
+        let slot = limit.try_acquire().expect("slot");
+        let holder = thread::spawn(move || drop(slot));
+        assert_eq!(limit.wait_until_idle(Duration::from_secs(20)), 0);
+        holder.join().unwrap();
+    }
+
+    #[test]
+    fn wait_until_idle_gives_up_at_the_timeout() {
+        let limit = ConnectionLimit::new(4);
+        let _held = limit.try_acquire().expect("slot");
+        assert_eq!(limit.wait_until_idle(Duration::from_millis(50)), 1);
+    }
+}

@@ -1,0 +1,97 @@
+//! Counters of what happened to connections, for the summary line at
+//! shutdown. Plain relaxed atomics: they are only read once, at the end.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::connection::Outcome;
+
+/// Running totals, shared by the accept loop and every connection thread.
+#[derive(Debug, Default)]
+pub struct Stats {
+    connections: AtomicU64,
+    replies: AtomicU64,
+    truncated: AtomicU64,
+    timed_out: AtomicU64,
+    no_reply: AtomicU64,
+    failed: AtomicU64,
+    rejected_busy: AtomicU64,
+}
+
+impl Stats {
+    /// Counts a connection that got a thread of its own.
+    pub fn record_connection(&self) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a connection turned away because the server was full.
+    pub fn record_busy(&self) {
+        self.rejected_busy.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts how a served connection ended.
+    pub fn record(&self, outcome: Outcome) {
+        let counter = match outcome {
+            Outcome::Replied => &self.replies,
+            Outcome::Truncated => &self.truncated,
+            Outcome::TimedOut => &self.timed_out,
+            Outcome::NoReply => &self.no_reply,
+            Outcome::Failed => &self.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The totals now, with `still_connected` clients not yet done.
+    pub fn summary(&self, still_connected: usize) -> Summary {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        Summary {
+            connections: get(&self.connections),
+            replies: get(&self.replies),
+            truncated: get(&self.truncated),
+            timed_out: get(&self.timed_out),
+            no_reply: get(&self.no_reply),
+            failed: get(&self.failed),
+            rejected_busy: get(&self.rejected_busy),
+            still_connected,
+        }
+    }
+}
+
+/// What a server did over its life, returned by [`run`](crate::run).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    /// Connections served by a thread (not counting busy rejections).
+    pub connections: u64,
+    /// Replies logged whole (a line, or what came before the client closed).
+    pub replies: u64,
+    /// Replies cut at `--max-reply-bytes`.
+    pub truncated: u64,
+    /// Clients closed at the reply deadline.
+    pub timed_out: u64,
+    /// Clients that closed without sending anything.
+    pub no_reply: u64,
+    /// Connections that ended in a socket error.
+    pub failed: u64,
+    /// Connections turned away with the busy line.
+    pub rejected_busy: u64,
+    /// Clients still connected when the server stopped waiting for them.
+    pub still_connected: usize,
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} connections, {} replies, {} truncated, {} timed out, {} without reply, \
+             {} failed, {} rejected busy, {} still connected",
+            self.connections,
+            self.replies,
+            self.truncated,
+            self.timed_out,
+            self.no_reply,
+            self.failed,
+            self.rejected_busy,
+            self.still_connected
+        )
+    }
+}
