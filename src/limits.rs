@@ -65,7 +65,10 @@ impl ConnectionLimit {
     /// many are still taken.
     pub fn wait_until_idle(&self, timeout: Duration) -> usize {
         let deadline = Instant::now() + timeout;
-        let mut guard = self.idle_lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self
+            .idle_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         loop {
             let active = self.active();
             let left = deadline.saturating_duration_since(Instant::now());

@@ -16,7 +16,10 @@ fn main() -> ExitCode {
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
             let rendered = e.render().to_string();
-            let first_line = rendered.lines().next().unwrap_or("error: invalid arguments");
+            let first_line = rendered
+                .lines()
+                .next()
+                .unwrap_or("error: invalid arguments");
             eprintln!("{first_line} (see --help)");
             return ExitCode::from(2);
         }

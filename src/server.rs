@@ -80,7 +80,7 @@ pub fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> anyhow:
 
     let timeout = shared.config.shutdown_timeout;
     info!(
-        "shutting down: no longer accepting; {} clients still connected, waiting up to {}s",
+        "shutting down: no longer accepting; {} still connected, waiting up to {}s for them",
         limit.active(),
         timeout.as_secs_f64()
     );

@@ -22,6 +22,9 @@ use signal_hook::iterator::Signals;
 
 /// How long [`Shutdown::trigger`] tries to reach the listener to wake it.
 const WAKE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The signal thread only logs and connects: a small fixed stack, so that
+/// it starts whatever `RUST_MIN_STACK` says for connection threads.
+const SIGNAL_THREAD_STACK: usize = 256 * 1024;
 
 /// A cloneable "please stop" that every clone sees.
 #[derive(Debug, Clone, Default)]
@@ -85,9 +88,14 @@ pub fn trigger_on_signals(shutdown: Shutdown) -> io::Result<()> {
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
     thread::Builder::new()
         .name("signals".to_string())
+        .stack_size(SIGNAL_THREAD_STACK)
         .spawn(move || {
             for signal in signals.forever() {
-                let name = if signal == SIGINT { "SIGINT" } else { "SIGTERM" };
+                let name = if signal == SIGINT {
+                    "SIGINT"
+                } else {
+                    "SIGTERM"
+                };
                 if shutdown.is_triggered() {
                     warn!("{name} again: exiting now without waiting for clients");
                     process::exit(128 + signal);

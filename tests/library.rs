@@ -3,8 +3,10 @@
 
 mod common;
 
+use std::net::TcpStream;
 use std::sync::mpsc;
 use std::thread;
+use std::time::{Duration, Instant};
 
 use common::*;
 use prompt_server::{Config, Shutdown, bind, run};
@@ -50,4 +52,49 @@ fn bind_error_names_the_address() {
         format!("{error:#}"),
         format!("cannot listen on {addr}: address already in use")
     );
+}
+
+#[test]
+fn a_client_that_never_reads_is_dropped_at_the_write_timeout() {
+    let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Far more than loopback socket buffers hold for a client that never reads.
+    let config = Config {
+        prompt: vec![b'p'; 16 << 20],
+        write_timeout: Duration::from_secs(1),
+        shutdown_timeout: TIMEOUT,
+        ..Config::default()
+    };
+    let shutdown = Shutdown::new();
+    let handle = shutdown.clone();
+    let (done, finished) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = done.send(run(listener, config, handle).map_err(|e| e.to_string()));
+    });
+
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect_timeout(&addr.into(), TIMEOUT).unwrap();
+    let client: TcpStream = socket.into();
+    client.set_read_timeout(Some(TIMEOUT)).unwrap();
+    // Once prompt bytes arrive, the server's thread is writing to us.
+    let mut first = [0u8; 1];
+    assert_eq!(client.peek(&mut first).unwrap(), 1);
+    let writing_since = Instant::now();
+
+    // The server waits for connected clients on shutdown: the stuck write
+    // must end by its own timeout for the client to count as done.
+    shutdown.trigger();
+    let summary = finished
+        .recv_timeout(TIMEOUT * 2)
+        .expect("run returns")
+        .unwrap();
+    assert_eq!(summary.still_connected, 0, "{summary}");
+    assert_eq!(summary.failed, 1, "{summary}");
+    assert!(
+        writing_since.elapsed() < TIMEOUT,
+        "{:?}",
+        writing_since.elapsed()
+    );
+    drop(client);
 }

@@ -90,6 +90,14 @@ impl ServerProcess {
         self.expect_line_matching(needle, |line| line.contains(needle))
     }
 
+    /// Returns a line with `needle` already seen, or waits for the next one.
+    pub fn expect_logged(&mut self, needle: &str) -> String {
+        match self.seen.iter().find(|line| line.contains(needle)) {
+            Some(line) => line.clone(),
+            None => self.expect_line(needle),
+        }
+    }
+
     /// Waits for the next log line for which `matches` holds.
     pub fn expect_line_matching(&mut self, what: &str, matches: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + TIMEOUT;

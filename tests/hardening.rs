@@ -1,0 +1,275 @@
+//! Hostile and broken clients against the real binary on loopback: idle and
+//! dribbling clients, floods past the connection cap, descriptor exhaustion,
+//! resets and garbage. Each test is bounded in clients and time.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use socket2::SockRef;
+
+/// True while the server has neither sent anything nor closed `stream`.
+fn still_waiting(stream: &TcpStream) -> bool {
+    stream.set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 1];
+    let result = (&*stream).read(&mut byte);
+    stream.set_nonblocking(false).unwrap();
+    matches!(result, Err(e) if e.kind() == ErrorKind::WouldBlock)
+}
+
+/// Log lines about `peer` above debug level: what an operator sees of it.
+fn outcome_lines(server: &ServerProcess, peer: &str) -> Vec<String> {
+    server
+        .seen
+        .iter()
+        .filter(|l| l.contains(&format!("{peer} ")) && !l.contains("DEBUG") && !l.contains("TRACE"))
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn idle_and_dribbling_clients_are_closed_at_the_reply_timeout() {
+    const IDLE: usize = 500;
+    const DRIBBLERS: usize = 5;
+    const REPLY_TIMEOUT: Duration = Duration::from_secs(4);
+    let mut server = ServerProcess::start(&["--reply-timeout", "4"]);
+
+    let started = Instant::now();
+    let mut idle: Vec<TcpStream> = (0..IDLE).map(|_| server.connect()).collect();
+    for client in &mut idle {
+        expect_prompt(client);
+    }
+    // Dribblers send a byte every 200 ms and never a newline: each read
+    // resets nothing, the budget is for the whole reply.
+    let dribblers: Vec<_> = (0..DRIBBLERS)
+        .map(|_| {
+            let mut client = server.connect();
+            thread::spawn(move || {
+                expect_prompt(&mut client);
+                let connected = Instant::now();
+                while client.write_all(b"x").is_ok() && connected.elapsed() < TIMEOUT {
+                    if !still_waiting(&client) {
+                        break;
+                    }
+                    thread::sleep(Duration::from_millis(200));
+                }
+                read_until_closed(&mut client);
+                connected.elapsed()
+            })
+        })
+        .collect();
+
+    // Fresh clients are served at once while all of those are held.
+    for i in 0..20 {
+        let fresh = Instant::now();
+        session(server.addr, format!("fresh {i}\n").as_bytes());
+        assert!(
+            fresh.elapsed() < Duration::from_secs(1),
+            "fresh session took {:?}",
+            fresh.elapsed()
+        );
+    }
+    assert!(
+        still_waiting(&idle[0]) && still_waiting(&idle[IDLE - 1]),
+        "idle clients closed before the fresh sessions were done ({:?})",
+        started.elapsed()
+    );
+
+    for client in &mut idle {
+        assert_eq!(read_until_closed(client), b"");
+    }
+    let closed_after = started.elapsed();
+    assert!(
+        closed_after >= REPLY_TIMEOUT,
+        "closed early: {closed_after:?}"
+    );
+    for dribbler in dribblers {
+        let held = dribbler.join().unwrap();
+        assert!(
+            held >= REPLY_TIMEOUT && held < REPLY_TIMEOUT + Duration::from_secs(3),
+            "dribbler held its connection for {held:?}"
+        );
+    }
+    for _ in 0..IDLE + DRIBBLERS {
+        server.expect_line("timed out after 4s without a full reply");
+    }
+    session(server.addr, b"still here\n");
+    server.expect_line("said: \"still here\"");
+}
+
+#[test]
+fn connections_past_the_cap_get_the_busy_line() {
+    let mut server = ServerProcess::start(&["--max-connections", "5"]);
+    let mut held: Vec<TcpStream> = (0..5).map(|_| server.connect()).collect();
+    for client in &mut held {
+        expect_prompt(client);
+    }
+    for _ in 0..10 {
+        let mut extra = server.connect();
+        assert_eq!(
+            read_until_closed(&mut extra),
+            b"server busy, try again later\n"
+        );
+        server.expect_line(&format!("{} turned away", local(&extra)));
+    }
+    // The held clients were not disturbed.
+    for (i, client) in held.iter_mut().enumerate() {
+        assert!(still_waiting(client));
+        client.write_all(format!("held {i}\n").as_bytes()).unwrap();
+        assert_eq!(read_until_closed(client), b"");
+        server.expect_line(&format!("said: \"held {i}\""));
+    }
+    // Slots are free again: normal service.
+    for _ in 0..5 {
+        session(server.addr, b"after the flood\n");
+    }
+}
+
+#[test]
+fn a_freed_slot_is_usable_as_soon_as_its_client_sees_the_close() {
+    let server = ServerProcess::start(&["--max-connections", "1"]);
+    for i in 0..20 {
+        session(server.addr, format!("turn {i}\n").as_bytes());
+    }
+}
+
+/// CPU seconds (user + system) the process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the whole line.
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0 // USER_HZ is 100 on Linux
+}
+
+#[test]
+fn descriptor_exhaustion_neither_crashes_nor_spins_and_service_resumes() {
+    const CLIENTS: usize = 60;
+    let mut command = std::process::Command::new("prlimit");
+    command
+        .arg("--nofile=40:40")
+        .arg(env!("CARGO_BIN_EXE_prompt-server"))
+        .args(["--bind", "127.0.0.1", "--port", "0"])
+        .env("RUST_LOG", "prompt_server=debug");
+    let mut server = ServerProcess::spawn(command);
+    assert!(
+        server
+            .seen
+            .iter()
+            .any(|l| l.contains("file descriptors but the limit is 40")),
+        "no start-up warning: {:?}",
+        server.seen
+    );
+
+    // More clients than descriptors: the rest wait in the listen backlog.
+    let mut clients: Vec<TcpStream> = (0..CLIENTS).map(|_| server.connect()).collect();
+    server.expect_line("accept failed: too many open files");
+
+    // Out of descriptors, the accept loop backs off instead of spinning.
+    let before = cpu_seconds(server.pid());
+    thread::sleep(Duration::from_secs(1));
+    let used = cpu_seconds(server.pid()) - before;
+    assert!(
+        used < 0.3,
+        "server used {used} s of CPU in 1 s while out of descriptors"
+    );
+
+    // As clients finish, the waiting ones are accepted and served, in order.
+    for (i, client) in clients.iter_mut().enumerate() {
+        expect_prompt(client);
+        client
+            .write_all(format!("client {i}\n").as_bytes())
+            .unwrap();
+        assert_eq!(read_until_closed(client), b"");
+    }
+    for i in 0..CLIENTS {
+        server.expect_line(&format!("said: \"client {i}\""));
+    }
+    let failure_lines = server
+        .seen
+        .iter()
+        .filter(|l| l.contains("accept failed"))
+        .count();
+    assert!(
+        failure_lines <= 3,
+        "accept failures not rate-limited: {failure_lines} lines"
+    );
+    assert!(!server.seen.iter().any(|l| l.contains("panicked")));
+}
+
+#[test]
+fn a_thread_that_cannot_be_started_costs_only_its_connection() {
+    // A stack no machine can map makes every connection thread fail to start.
+    let mut command = server_command();
+    command
+        .env("RUST_MIN_STACK", (1u64 << 50).to_string())
+        .args(["--bind", "127.0.0.1", "--port", "0"]);
+    let mut server = ServerProcess::spawn(command);
+    for _ in 0..3 {
+        let mut client = server.connect();
+        assert_eq!(read_until_closed(&mut client), b"");
+        server.expect_line(&format!("{} closed: cannot start a thread", local(&client)));
+    }
+}
+
+#[test]
+fn resets_early_closes_and_garbage_are_each_logged_once() {
+    let mut server = ServerProcess::start(&[]);
+    let mut peers = Vec::new();
+
+    // Reset at once (SO_LINGER 0 makes close send RST).
+    let reset = server.connect();
+    SockRef::from(&reset)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    peers.push(local(&reset).to_string());
+    drop(reset);
+
+    // Reset after reading the prompt, mid-reply.
+    let mut reset_mid = server.connect();
+    expect_prompt(&mut reset_mid);
+    reset_mid.write_all(b"half a rep").unwrap();
+    server.expect_line(&format!("{}: read 10 bytes", local(&reset_mid)));
+    SockRef::from(&reset_mid)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    peers.push(local(&reset_mid).to_string());
+    drop(reset_mid);
+
+    // Close before reading the prompt.
+    let early = server.connect();
+    peers.push(local(&early).to_string());
+    drop(early);
+
+    // Binary garbage, newline included somewhere.
+    let mut garbage = server.connect();
+    let mut state = 0x2545_f491_u32;
+    let bytes: Vec<u8> = (0..4096)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state as u8
+        })
+        .collect();
+    expect_prompt(&mut garbage);
+    garbage.write_all(&bytes).unwrap();
+    read_until_closed(&mut garbage);
+    peers.push(local(&garbage).to_string());
+
+    for peer in &peers {
+        server.expect_logged(&format!("{peer} disconnected"));
+        let lines = outcome_lines(&server, peer);
+        assert_eq!(lines.len(), 1, "{peer}: {lines:?}");
+        assert!(!lines[0].chars().any(char::is_control), "{:?}", lines[0]);
+    }
+    session(server.addr, b"fine\n");
+    server.expect_line("said: \"fine\"");
+    assert!(!server.seen.iter().any(|l| l.contains("panicked")));
+}

@@ -1,0 +1,95 @@
+//! Graceful shutdown of the real binary: SIGTERM and SIGINT stop accepting,
+//! let connected clients finish up to --shutdown-timeout, log every reply
+//! that was completed, and exit 0 with a summary; a second signal exits now.
+
+mod common;
+
+use std::io::{ErrorKind, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn sigterm_lets_clients_finish_then_exits_zero_with_a_summary() {
+    let mut server = ServerProcess::start(&["--shutdown-timeout", "3"]);
+
+    // Served completely before the signal.
+    session(server.addr, b"early\n");
+    // Mid-reply when the signal comes, finishes after it.
+    let mut finishing = server.connect();
+    expect_prompt(&mut finishing);
+    finishing.write_all(b"partial").unwrap();
+    server.expect_line(&format!("{}: read 7 bytes", local(&finishing)));
+    // Never replies: still connected when the shutdown timeout runs out.
+    let mut silent = server.connect();
+    expect_prompt(&mut silent);
+    // Sends its whole reply right before the signal.
+    let mut just_in_time = server.connect();
+    expect_prompt(&mut just_in_time);
+    just_in_time.write_all(b"just in time\n").unwrap();
+
+    server.signal("TERM");
+    server.expect_line("SIGTERM received");
+    let stopping = server.expect_line("shutting down");
+    let signalled = Instant::now();
+    assert!(stopping.contains("waiting up to 3s"), "{stopping}");
+
+    // No new clients once stopping.
+    let refused = TcpStream::connect_timeout(&server.addr, TIMEOUT);
+    assert!(
+        matches!(&refused, Err(e) if e.kind() == ErrorKind::ConnectionRefused),
+        "{refused:?}"
+    );
+
+    finishing.write_all(b" done\n").unwrap();
+    assert_eq!(read_until_closed(&mut finishing), b"");
+    let status = server.wait_exit();
+    assert_eq!(status.code(), Some(0), "{:?}", server.seen);
+    let waited = signalled.elapsed();
+    assert!(
+        waited >= Duration::from_millis(2500),
+        "exited after {waited:?}"
+    );
+
+    for reply in ["early", "partial done", "just in time"] {
+        server.expect_logged(&format!("said: \"{reply}\""));
+    }
+    let summary = server.expect_logged("shutdown complete: ");
+    assert!(
+        summary.ends_with(
+            "4 connections, 3 replies, 0 truncated, 0 timed out, 0 without reply, \
+             0 failed, 0 rejected busy, 1 still connected"
+        ),
+        "{summary}"
+    );
+    drop(silent);
+}
+
+#[test]
+fn sigint_with_no_clients_exits_at_once() {
+    let mut server = ServerProcess::start(&[]);
+    server.signal("INT");
+    let status = server.wait_exit();
+    assert_eq!(status.code(), Some(0));
+    server.expect_logged("shutdown complete: 0 connections");
+}
+
+#[test]
+fn second_sigint_exits_without_waiting_for_clients() {
+    let mut server = ServerProcess::start(&["--shutdown-timeout", "60"]);
+    let mut held = server.connect();
+    expect_prompt(&mut held);
+    server.signal("INT");
+    server.expect_line("1 still connected, waiting");
+    let second = Instant::now();
+    server.signal("INT");
+    let status = server.wait_exit();
+    assert_eq!(status.code(), Some(130));
+    assert!(
+        second.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        second.elapsed()
+    );
+    server.expect_logged("SIGINT again: exiting now");
+}
