@@ -49,6 +49,9 @@ pub struct Config {
     pub max_connections: usize,
     /// How long a stopping server waits for connected clients to finish.
     pub shutdown_timeout: Duration,
+    /// Finished connection threads kept parked for the next connection
+    /// (0: every connection gets a new thread).
+    pub thread_cache: usize,
 }
 
 impl Default for Config {
@@ -61,6 +64,7 @@ impl Default for Config {
             write_timeout: Duration::from_secs_f64(DEFAULT_WRITE_TIMEOUT_SECS),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             shutdown_timeout: Duration::from_secs_f64(DEFAULT_SHUTDOWN_TIMEOUT_SECS),
+            thread_cache: 0,
         }
     }
 }
@@ -119,6 +123,11 @@ pub struct Cli {
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_SECS,
           value_parser = parse_seconds)]
     pub shutdown_timeout: f64,
+
+    /// Finished connection threads kept parked (up to 10 s) to serve the next
+    /// connection instead of starting a new thread; 0 disables it.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub thread_cache: usize,
 }
 
 impl Cli {
@@ -133,6 +142,7 @@ impl Cli {
             write_timeout: Duration::from_secs_f64(self.write_timeout),
             max_connections: self.max_connections,
             shutdown_timeout: Duration::from_secs_f64(self.shutdown_timeout),
+            thread_cache: self.thread_cache,
         }
     }
 }

@@ -21,6 +21,8 @@
 //!   client sends can forge or break a log line.
 //! - [`shutdown`]: the handle that stops the accept loop from another thread,
 //!   and the signal handling (SIGINT, SIGTERM) that triggers it.
+//! - [`thread_cache`]: finished connection threads parked to serve the next
+//!   connection (`--thread-cache`), instead of a new thread for each.
 //! - [`stats`]: counters of how connections ended, for the summary at exit.
 //!
 //! The binary (`src/main.rs`) only parses the command line, sets up logging,
@@ -36,6 +38,7 @@ pub mod reply;
 pub mod server;
 pub mod shutdown;
 pub mod stats;
+pub mod thread_cache;
 
 pub use config::Config;
 pub use server::{bind, run};

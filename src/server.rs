@@ -18,10 +18,11 @@ use log::{debug, info, warn};
 
 use crate::config::{BUSY_MESSAGE, Config};
 use crate::connection;
-use crate::limits::ConnectionLimit;
+use crate::limits::{ConnectionLimit, ConnectionSlot};
 use crate::logging::describe_io_error;
 use crate::shutdown::Shutdown;
 use crate::stats::{Stats, Summary};
+use crate::thread_cache::{PARKED_THREAD_IDLE_TIMEOUT, ThreadCache};
 
 /// First pause after an `accept` failure about the process; it doubles with
 /// each further failure up to [`MAX_ACCEPT_PAUSE`] (Go's net/http does the same).
@@ -42,6 +43,16 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 struct Shared {
     config: Config,
     stats: Stats,
+    /// Finished connection threads waiting for the next connection.
+    thread_cache: ThreadCache<Accepted>,
+}
+
+/// An admitted connection: what a connection thread serves.
+struct Accepted {
+    stream: TcpStream,
+    peer: SocketAddr,
+    /// Held until the connection ends, however it ends.
+    slot: ConnectionSlot,
 }
 
 /// Serves connections from `listener` until `shutdown` is triggered, then
@@ -59,6 +70,7 @@ pub fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> anyhow:
 
     let limit = ConnectionLimit::new(config.max_connections);
     let shared = Arc::new(Shared {
+        thread_cache: ThreadCache::new(config.thread_cache, PARKED_THREAD_IDLE_TIMEOUT),
         config,
         stats: Stats::default(),
     });
@@ -77,6 +89,7 @@ pub fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> anyhow:
     }
     // Refuse new clients at once rather than leave them in the backlog.
     drop(listener);
+    shared.thread_cache.close();
 
     let timeout = shared.config.shutdown_timeout;
     info!(
@@ -89,26 +102,22 @@ pub fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> anyhow:
     Ok(summary)
 }
 
-/// Starts a thread for the connection if a slot is free, or turns it away.
+/// Gives the connection a thread if a slot is free (a parked one if there
+/// is one, else a new one), or turns it away.
 fn admit(stream: TcpStream, peer: SocketAddr, limit: &Arc<ConnectionLimit>, shared: &Arc<Shared>) {
     let Some(slot) = limit.try_acquire() else {
         turn_away(stream, peer, shared);
         return;
     };
+    let accepted = Accepted { stream, peer, slot };
+    let Err(accepted) = shared.thread_cache.offer(accepted) else {
+        shared.stats.record_connection();
+        return;
+    };
     let thread_shared = Arc::clone(shared);
     let spawned = thread::Builder::new()
         .name(format!("conn-{peer}"))
-        .spawn(move || {
-            debug!("{peer} connected");
-            let mut stream = stream;
-            let outcome = connection::serve(&mut stream, peer, &thread_shared.config);
-            thread_shared.stats.record(outcome);
-            // Free the slot before the client sees the close, so that it can
-            // connect again at once.
-            drop(slot);
-            drop(stream);
-            debug!("{peer} disconnected");
-        });
+        .spawn(move || connection_thread(accepted, &thread_shared));
     match spawned {
         Ok(_) => shared.stats.record_connection(),
         // The closure, with the socket and the slot, is dropped: the client
@@ -117,6 +126,28 @@ fn admit(stream: TcpStream, peer: SocketAddr, limit: &Arc<ConnectionLimit>, shar
             "{peer} closed: cannot start a thread for it: {}",
             describe_io_error(&e)
         ),
+    }
+}
+
+/// A connection thread's life: serve its connection, then, while the
+/// thread cache has room, park and serve the next one handed over.
+fn connection_thread(first: Accepted, shared: &Shared) {
+    let mut next = Some(first);
+    while let Some(Accepted {
+        mut stream,
+        peer,
+        slot,
+    }) = next
+    {
+        debug!("{peer} connected");
+        let outcome = connection::serve(&mut stream, peer, &shared.config);
+        shared.stats.record(outcome);
+        // Free the slot before the client sees the close, so that it can
+        // connect again at once.
+        drop(slot);
+        drop(stream);
+        debug!("{peer} disconnected");
+        next = shared.thread_cache.park();
     }
 }
 
