@@ -40,6 +40,10 @@ fn main() {
         yardstick::serve();
         return;
     }
+    if let Ok(target) = std::env::var("PROMPT_BENCH_TARGET") {
+        drive_external(&target);
+        return;
+    }
     // cargo bench passes --bench; nothing else is expected.
     let secs = env_number("PROMPT_BENCH_SECS", 3) as u64;
     let idle = env_number("PROMPT_BENCH_IDLE", 10_000);
@@ -54,10 +58,19 @@ fn main() {
     let max_connections = (idle + 1024).to_string();
     let cache = thread_cache.to_string();
     let mut servers = vec![
-        Server::start_project("threads", &["--max-connections", &max_connections], &out_dir),
+        Server::start_project(
+            "threads",
+            &["--max-connections", &max_connections],
+            &out_dir,
+        ),
         Server::start_project(
             "thread-cache",
-            &["--max-connections", &max_connections, "--thread-cache", &cache],
+            &[
+                "--max-connections",
+                &max_connections,
+                "--thread-cache",
+                &cache,
+            ],
             &out_dir,
         ),
         Server::start_yardstick("tokio", &out_dir),
@@ -73,15 +86,41 @@ fn main() {
         }
     }
     for server in &mut servers {
-        report.idle(&format!("idle {idle}"), &server.name, idle_hold(server, idle));
+        report.idle(
+            &format!("idle {idle}"),
+            &server.name,
+            idle_hold(server, idle),
+        );
     }
 
     report.print(&servers);
     let json = report.json(&servers, secs, idle, thread_cache);
     let json_path = out_dir.join("load.json");
-    fs::write(&json_path, serde_json::to_string_pretty(&json).expect("json")).expect("write json");
+    fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&json).expect("json"),
+    )
+    .expect("write json");
     println!("\nJSON: {}", json_path.display());
     println!("machine: {}", machine());
+}
+
+/// Load on a server started by hand (`PROMPT_BENCH_TARGET=ADDR`), for
+/// profiling it with `perf` or `strace -c` while it runs: `PROMPT_BENCH_C`
+/// clients (default 16) for `PROMPT_BENCH_SECS`.
+fn drive_external(target: &str) {
+    let addr: SocketAddr = target.parse().expect("PROMPT_BENCH_TARGET is ADDR:PORT");
+    let concurrency = env_number("PROMPT_BENCH_C", 16);
+    let duration = Duration::from_secs(env_number("PROMPT_BENCH_SECS", 3) as u64);
+    let result = client::run_sessions(addr, concurrency, duration);
+    let h = &result.latency_us;
+    println!(
+        "C={concurrency}: {:.0} sessions/s, p50 {} us, p99 {} us, errors {:?}",
+        result.sessions_per_sec(),
+        h.value_at_quantile(0.5),
+        h.value_at_quantile(0.99),
+        result.errors
+    );
 }
 
 fn env_number(name: &str, default: usize) -> usize {
@@ -154,7 +193,10 @@ impl Server {
                 let addr = rest.lines().next().unwrap_or("").trim();
                 break addr.parse().expect("address after 'listening on'");
             }
-            assert!(started.elapsed() < STARTUP_TIMEOUT, "{name} did not start: {text}");
+            assert!(
+                started.elapsed() < STARTUP_TIMEOUT,
+                "{name} did not start: {text}"
+            );
             thread::sleep(Duration::from_millis(10));
         };
         Server {
@@ -166,7 +208,8 @@ impl Server {
 
     /// (RSS in KiB, thread count) from /proc.
     fn memory_and_threads(&self) -> (u64, u64) {
-        let status = fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let status =
+            fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
         let field = |name: &str| {
             status
                 .lines()
@@ -200,7 +243,8 @@ struct IdleResult {
 
 impl IdleResult {
     fn rss_per_idle_kib(&self) -> f64 {
-        (self.rss_held_kib.saturating_sub(self.rss_before_kib)) as f64 / self.established.max(1) as f64
+        (self.rss_held_kib.saturating_sub(self.rss_before_kib)) as f64
+            / self.established.max(1) as f64
     }
 }
 
@@ -239,11 +283,18 @@ fn latency_json(result: &LoadResult) -> Value {
     })
 }
 
-fn entry<'a>(rows: &'a mut Vec<(String, BTreeMap<String, Value>)>, workload: &str) -> &'a mut BTreeMap<String, Value> {
+fn entry<'a>(
+    rows: &'a mut Vec<(String, BTreeMap<String, Value>)>,
+    workload: &str,
+) -> &'a mut BTreeMap<String, Value> {
     if !rows.iter().any(|(w, _)| w == workload) {
         rows.push((workload.to_string(), BTreeMap::new()));
     }
-    &mut rows.iter_mut().find(|(w, _)| w == workload).expect("just added").1
+    &mut rows
+        .iter_mut()
+        .find(|(w, _)| w == workload)
+        .expect("just added")
+        .1
 }
 
 impl Report {
@@ -287,22 +338,23 @@ impl Report {
             print!(" {:>14}", format!("{name}/{yardstick}"));
         }
         println!();
-        let row = |workload: &str, metric: &str, figures: &BTreeMap<String, Value>, path: &[&str]| {
-            let value = |name: &str| {
-                path.iter()
-                    .fold(&figures[name], |v, key| &v[*key])
-                    .as_f64()
-                    .unwrap_or(f64::NAN)
+        let row =
+            |workload: &str, metric: &str, figures: &BTreeMap<String, Value>, path: &[&str]| {
+                let value = |name: &str| {
+                    path.iter()
+                        .fold(&figures[name], |v, key| &v[*key])
+                        .as_f64()
+                        .unwrap_or(f64::NAN)
+                };
+                print!("{workload:<12} {metric:<18}");
+                for name in &names {
+                    print!(" {:>14.1}", value(name));
+                }
+                for name in measured {
+                    print!(" {:>13.2}x", value(name) / value(yardstick));
+                }
+                println!();
             };
-            print!("{workload:<12} {metric:<18}");
-            for name in &names {
-                print!(" {:>14.1}", value(name));
-            }
-            for name in measured {
-                print!(" {:>13.2}x", value(name) / value(yardstick));
-            }
-            println!();
-        };
         for (workload, figures) in &self.sessions {
             row(workload, "sessions/s", figures, &["sessions_per_sec"]);
             row(workload, "p50 us", figures, &["latency", "p50_us"]);
@@ -317,8 +369,18 @@ impl Report {
             row(workload, "KiB per idle", figures, &["rss_per_idle_kib"]);
             row(workload, "threads before", figures, &["threads_before"]);
             row(workload, "threads held", figures, &["threads_held"]);
-            row(workload, "fresh p50 us", figures, &["fresh_latency", "p50_us"]);
-            row(workload, "fresh p99 us", figures, &["fresh_latency", "p99_us"]);
+            row(
+                workload,
+                "fresh p50 us",
+                figures,
+                &["fresh_latency", "p50_us"],
+            );
+            row(
+                workload,
+                "fresh p99 us",
+                figures,
+                &["fresh_latency", "p99_us"],
+            );
             row(workload, "fresh errors", figures, &["fresh_errors"]);
         }
     }

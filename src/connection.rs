@@ -12,7 +12,7 @@ use log::{info, warn};
 
 use crate::config::Config;
 use crate::logging::{Escaped, describe_io_error};
-use crate::reply::{Reply, ReplyEnd, read_reply};
+use crate::reply::{Reply, ReplyDeadline, ReplyEnd, read_reply};
 
 /// How a connection ended, for the shutdown summary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,10 +31,22 @@ pub enum Outcome {
 
 /// Sends the prompt and reads and logs one reply. The caller closes the
 /// connection.
-pub fn serve(stream: &mut TcpStream, peer: SocketAddr, config: &Config) -> Outcome {
-    let sent = stream
-        .set_write_timeout(Some(config.write_timeout))
-        .and_then(|()| stream.write_all(&config.prompt));
+///
+/// `timeouts_inherited` says that the socket already carries the write
+/// timeout and a read timeout of the whole reply budget (inherited from the
+/// listening socket), which saves two system calls per connection.
+pub fn serve(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    config: &Config,
+    timeouts_inherited: bool,
+) -> Outcome {
+    let sent = if timeouts_inherited {
+        Ok(())
+    } else {
+        stream.set_write_timeout(Some(config.write_timeout))
+    }
+    .and_then(|()| stream.write_all(&config.prompt));
     if let Err(e) = sent {
         warn!(
             "{peer} could not be sent the prompt: {}",
@@ -42,7 +54,10 @@ pub fn serve(stream: &mut TcpStream, peer: SocketAddr, config: &Config) -> Outco
         );
         return Outcome::Failed;
     }
-    let deadline = config.reply_timeout.map(|timeout| Instant::now() + timeout);
+    let deadline = config.reply_timeout.map(|timeout| ReplyDeadline {
+        at: Instant::now() + timeout,
+        first_read_timeout_is_set: timeouts_inherited,
+    });
     let reply = read_reply(stream, peer, config.max_reply_bytes, deadline);
     log_reply(peer, &reply, config)
 }

@@ -57,6 +57,16 @@ impl ReplySource for TcpStream {
     }
 }
 
+/// When a reply must be complete, and whether the socket's read timeout
+/// already stands at (about) the whole budget, so that the first read needs
+/// no `setsockopt` (the server sets it once on the listening socket, and
+/// accepted sockets inherit it).
+#[derive(Debug, Clone, Copy)]
+pub struct ReplyDeadline {
+    pub at: Instant,
+    pub first_read_timeout_is_set: bool,
+}
+
 /// Reads one reply line from `source`, keeping at most `max_reply_bytes` of
 /// it, and giving up at `deadline` (if any) however the bytes trickle in.
 ///
@@ -65,21 +75,23 @@ pub fn read_reply<S: ReplySource>(
     source: &mut S,
     peer: SocketAddr,
     max_reply_bytes: usize,
-    deadline: Option<Instant>,
+    deadline: Option<ReplyDeadline>,
 ) -> Reply {
     // Room for a full-length reply and its "\r\n": only past that is a reply
     // known to be too long.
     let limit = max_reply_bytes.saturating_add(2);
     let mut buf = Vec::with_capacity(limit.min(READ_CHUNK));
+    let mut timeout_is_set = deadline.is_some_and(|d| d.first_read_timeout_is_set);
     loop {
         if let Some(deadline) = deadline {
-            let remaining = deadline.saturating_duration_since(Instant::now());
+            let remaining = deadline.at.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return finish(buf, max_reply_bytes, ReplyEnd::TimedOut);
             }
-            if let Err(e) = source.set_read_timeout_for_next_read(remaining) {
+            if !timeout_is_set && let Err(e) = source.set_read_timeout_for_next_read(remaining) {
                 return finish(buf, max_reply_bytes, ReplyEnd::Failed(e));
             }
+            timeout_is_set = false;
         }
         let start = buf.len();
         buf.resize(start + (limit - start).min(READ_CHUNK), 0);
@@ -218,7 +230,11 @@ mod tests {
     fn expired_deadline_times_out_without_reading() {
         let peer = "127.0.0.1:9".parse().unwrap();
         let mut source = Chunked::new([b"yes\n".to_vec()]);
-        let reply = read_reply(&mut source, peer, 1024, Some(Instant::now()));
+        let deadline = ReplyDeadline {
+            at: Instant::now(),
+            first_read_timeout_is_set: true,
+        };
+        let reply = read_reply(&mut source, peer, 1024, Some(deadline));
         assert!(matches!(reply.end, ReplyEnd::TimedOut));
         assert!(reply.bytes.is_empty());
     }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use log::{debug, info, warn};
+use socket2::SockRef;
 
 use crate::config::{BUSY_MESSAGE, Config};
 use crate::connection;
@@ -51,6 +52,8 @@ struct Shared {
 struct Accepted {
     stream: TcpStream,
     peer: SocketAddr,
+    /// The socket inherited the listener's read and write timeouts.
+    timeouts_inherited: bool,
     /// Held until the connection ends, however it ends.
     slot: ConnectionSlot,
 }
@@ -67,6 +70,9 @@ pub fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> anyhow:
         .context("cannot read the address the listener is bound to")?;
     info!("listening on {local_addr}");
     shutdown.set_wake_addr(local_addr);
+    set_connection_timeouts(&listener, &config)?;
+    // Known at the first accept: whether accepted sockets carry them.
+    let mut timeouts_inherited = None;
 
     let limit = ConnectionLimit::new(config.max_connections);
     let shared = Arc::new(Shared {
@@ -82,8 +88,12 @@ pub fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> anyhow:
                 if shutdown.is_triggered() {
                     break;
                 }
-                admit(stream, peer, &limit, &shared);
+                let inherited = *timeouts_inherited
+                    .get_or_insert_with(|| carries_timeouts(&stream, &shared.config));
+                admit(stream, peer, inherited, &limit, &shared);
             }
+            // The listener's own read timeout ran out with nobody connecting.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => thread::sleep(failures.record(&e)),
         }
     }
@@ -104,12 +114,23 @@ pub fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> anyhow:
 
 /// Gives the connection a thread if a slot is free (a parked one if there
 /// is one, else a new one), or turns it away.
-fn admit(stream: TcpStream, peer: SocketAddr, limit: &Arc<ConnectionLimit>, shared: &Arc<Shared>) {
+fn admit(
+    stream: TcpStream,
+    peer: SocketAddr,
+    timeouts_inherited: bool,
+    limit: &Arc<ConnectionLimit>,
+    shared: &Arc<Shared>,
+) {
     let Some(slot) = limit.try_acquire() else {
         turn_away(stream, peer, shared);
         return;
     };
-    let accepted = Accepted { stream, peer, slot };
+    let accepted = Accepted {
+        stream,
+        peer,
+        timeouts_inherited,
+        slot,
+    };
     let Err(accepted) = shared.thread_cache.offer(accepted) else {
         shared.stats.record_connection();
         return;
@@ -136,11 +157,12 @@ fn connection_thread(first: Accepted, shared: &Shared) {
     while let Some(Accepted {
         mut stream,
         peer,
+        timeouts_inherited,
         slot,
     }) = next
     {
         debug!("{peer} connected");
-        let outcome = connection::serve(&mut stream, peer, &shared.config);
+        let outcome = connection::serve(&mut stream, peer, &shared.config, timeouts_inherited);
         shared.stats.record(outcome);
         // Free the slot before the client sees the close, so that it can
         // connect again at once.
@@ -149,6 +171,27 @@ fn connection_thread(first: Accepted, shared: &Shared) {
         debug!("{peer} disconnected");
         next = shared.thread_cache.park();
     }
+}
+
+/// Sets the prompt's write timeout and the whole reply budget as the
+/// listening socket's timeouts. Linux copies them to every accepted socket,
+/// which saves each connection two `setsockopt` calls. (As a side effect an
+/// idle `accept` returns `WouldBlock` once per reply timeout; the loop just
+/// goes round again.)
+fn set_connection_timeouts(listener: &TcpListener, config: &Config) -> anyhow::Result<()> {
+    let socket = SockRef::from(listener);
+    socket
+        .set_read_timeout(config.reply_timeout)
+        .and_then(|()| socket.set_write_timeout(Some(config.write_timeout)))
+        .context("cannot set timeouts on the listening socket")
+}
+
+/// Whether an accepted socket carries the timeouts set on the listener
+/// (Linux), or each connection must set its own (elsewhere).
+fn carries_timeouts(stream: &TcpStream, config: &Config) -> bool {
+    let read = stream.read_timeout().ok().flatten();
+    let write = stream.write_timeout().ok().flatten();
+    read.is_some() == config.reply_timeout.is_some() && write.is_some()
 }
 
 /// Sends the busy line and closes. The socket is made non-blocking first,

@@ -64,9 +64,14 @@ impl LoadResult {
 
 /// Connects with socket timeouts set.
 pub fn connect(addr: SocketAddr) -> Result<TcpStream, String> {
-    let stream = TcpStream::connect_timeout(&addr, SOCKET_TIMEOUT).map_err(|e| kind("connect", &e))?;
-    stream.set_read_timeout(Some(SOCKET_TIMEOUT)).map_err(|e| kind("setup", &e))?;
-    stream.set_write_timeout(Some(SOCKET_TIMEOUT)).map_err(|e| kind("setup", &e))?;
+    let stream =
+        TcpStream::connect_timeout(&addr, SOCKET_TIMEOUT).map_err(|e| kind("connect", &e))?;
+    stream
+        .set_read_timeout(Some(SOCKET_TIMEOUT))
+        .map_err(|e| kind("setup", &e))?;
+    stream
+        .set_write_timeout(Some(SOCKET_TIMEOUT))
+        .map_err(|e| kind("setup", &e))?;
     Ok(stream)
 }
 

@@ -31,7 +31,10 @@ pub fn serve() {
         .expect("tokio runtime");
     runtime.block_on(async {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        info!("listening on {}", listener.local_addr().expect("local_addr"));
+        info!(
+            "listening on {}",
+            listener.local_addr().expect("local_addr")
+        );
         let config = Config::default();
         let prompt: &'static [u8] = DEFAULT_PROMPT.as_bytes();
         loop {
@@ -84,16 +87,25 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, prompt: &[u8], config: 
                 len -= 1;
             }
             if len > max {
-                warn!("{peer} said: {} (truncated at {max} bytes)", Escaped(&buf[..max]));
+                warn!(
+                    "{peer} said: {} (truncated at {max} bytes)",
+                    Escaped(&buf[..max])
+                );
             } else {
                 info!("{peer} said: {}", Escaped(&buf[..len]));
             }
         }
         Ok(Ok(false)) if len == 0 => info!("{peer} closed without replying"),
         Ok(Ok(false)) if len > max => {
-            warn!("{peer} said: {} (truncated at {max} bytes)", Escaped(&buf[..max]))
+            warn!(
+                "{peer} said: {} (truncated at {max} bytes)",
+                Escaped(&buf[..max])
+            )
         }
-        Ok(Ok(false)) => info!("{peer} said: {} (closed before newline)", Escaped(&buf[..len])),
+        Ok(Ok(false)) => info!(
+            "{peer} said: {} (closed before newline)",
+            Escaped(&buf[..len])
+        ),
         Ok(Err(e)) => warn!("{peer} read error: {}", describe_io_error(&e)),
         Err(_) => warn!("{peer} timed out without a full reply"),
     }
