@@ -10,7 +10,7 @@
 //! Settings (environment): `PROMPT_BENCH_SECS` (seconds per session
 //! workload, default 3), `PROMPT_BENCH_IDLE` (idle clients held, default
 //! 10000), `PROMPT_BENCH_THREAD_CACHE` (the `--thread-cache` of the cached
-//! mode, default 64).
+//! mode, default 256).
 //!
 //! Run with `cargo bench --bench load`; a table goes to stdout and the same
 //! figures as JSON to `target/bench/load.json`.
@@ -47,7 +47,7 @@ fn main() {
     // cargo bench passes --bench; nothing else is expected.
     let secs = env_number("PROMPT_BENCH_SECS", 3) as u64;
     let idle = env_number("PROMPT_BENCH_IDLE", 10_000);
-    let thread_cache = env_number("PROMPT_BENCH_THREAD_CACHE", 64);
+    let thread_cache = env_number("PROMPT_BENCH_THREAD_CACHE", 256);
     let duration = Duration::from_secs(secs);
 
     let fd_limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024);

@@ -13,9 +13,12 @@ use std::time::{Duration, Instant};
 
 use log::trace;
 
-/// Most bytes asked of the socket in one read; bounds the buffer that a
-/// client can make the server allocate before its reply is even complete.
-const READ_CHUNK: usize = 4096;
+/// Most bytes asked of the socket in one read. Reads land in a buffer of
+/// this size on the stack, and the reply's heap buffer is only allocated
+/// once bytes arrive, so a client that connects and stays silent costs no
+/// heap memory (it matters with thousands of idle clients). It holds a
+/// default-cap reply with its "\r\n" in one read.
+const READ_CHUNK: usize = 1026;
 
 /// How a reply ended.
 #[derive(Debug)]
@@ -80,7 +83,8 @@ pub fn read_reply<S: ReplySource>(
     // Room for a full-length reply and its "\r\n": only past that is a reply
     // known to be too long.
     let limit = max_reply_bytes.saturating_add(2);
-    let mut buf = Vec::with_capacity(limit.min(READ_CHUNK));
+    let mut chunk = [0u8; READ_CHUNK];
+    let mut buf = Vec::new();
     let mut timeout_is_set = deadline.is_some_and(|d| d.first_read_timeout_is_set);
     loop {
         if let Some(deadline) = deadline {
@@ -94,13 +98,12 @@ pub fn read_reply<S: ReplySource>(
             timeout_is_set = false;
         }
         let start = buf.len();
-        buf.resize(start + (limit - start).min(READ_CHUNK), 0);
-        let read = source.read(&mut buf[start..]);
-        buf.truncate(start + *read.as_ref().unwrap_or(&0));
-        match read {
+        let want = (limit - start).min(READ_CHUNK);
+        match source.read(&mut chunk[..want]) {
             Ok(0) => return finish(buf, max_reply_bytes, ReplyEnd::Closed),
             Ok(n) => {
                 trace!("{peer}: read {n} bytes");
+                buf.extend_from_slice(&chunk[..n]);
                 if let Some(newline) = buf[start..].iter().position(|&b| b == b'\n') {
                     buf.truncate(start + newline);
                     if buf.last() == Some(&b'\r') {
