@@ -351,7 +351,10 @@ impl Report {
                     print!(" {:>14.1}", value(name));
                 }
                 for name in measured {
-                    print!(" {:>13.2}x", value(name) / value(yardstick));
+                    match value(yardstick) {
+                        0.0 => print!(" {:>14}", "-"),
+                        base => print!(" {:>13.2}x", value(name) / base),
+                    }
                 }
                 println!();
             };

@@ -13,6 +13,8 @@ use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use log::trace;
+
 /// How long a parked thread waits for a connection before it exits.
 pub const PARKED_THREAD_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -83,6 +85,7 @@ impl<T> ThreadCache<T> {
             return None;
         }
         state.parked += 1;
+        trace!("thread parked, {} parked now", state.parked);
         let deadline = Instant::now() + self.idle_timeout;
         loop {
             if let Some(item) = state.queue.pop_front() {
