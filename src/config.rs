@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::access::{AccessRules, NetList, parse_net};
+use crate::logging::LogFormat;
+
 /// The prompt of the classic example.
 pub const DEFAULT_PROMPT: &str = "Do you want to play a game?\n";
 /// The port of the classic example.
@@ -52,6 +55,15 @@ pub struct Config {
     /// Finished connection threads kept parked for the next connection
     /// (0: every connection gets a new thread).
     pub thread_cache: usize,
+    /// Every connection starts with a PROXY protocol header (v1 or v2) that
+    /// names the real client.
+    pub proxy_protocol: bool,
+    /// With `proxy_protocol`: if not empty, only these may send a header.
+    pub trusted_proxies: NetList,
+    /// Which client addresses are served.
+    pub access: AccessRules,
+    /// Connections one client address may hold at once; `None`: no limit.
+    pub max_per_ip: Option<usize>,
 }
 
 impl Default for Config {
@@ -65,6 +77,10 @@ impl Default for Config {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             shutdown_timeout: Duration::from_secs_f64(DEFAULT_SHUTDOWN_TIMEOUT_SECS),
             thread_cache: 0,
+            proxy_protocol: false,
+            trusted_proxies: NetList::default(),
+            access: AccessRules::default(),
+            max_per_ip: None,
         }
     }
 }
@@ -128,6 +144,35 @@ pub struct Cli {
     /// connection instead of starting a new thread; 0 disables it.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub thread_cache: usize,
+
+    /// Expect a PROXY protocol header (v1 or v2, as HAProxy's send-proxy
+    /// and send-proxy-v2 send) before each client's data, and log the client
+    /// address it carries. Connections without a valid one are closed.
+    #[arg(long)]
+    pub proxy_protocol: bool,
+
+    /// With --proxy-protocol: only connections from this address or network
+    /// may carry a header; others are refused. Repeatable.
+    #[arg(long, value_name = "CIDR", value_parser = parse_net, requires = "proxy_protocol")]
+    pub trusted_proxy: Vec<ipnet::IpNet>,
+
+    /// Serve only clients from this address or network. Repeatable.
+    #[arg(long, value_name = "CIDR", value_parser = parse_net)]
+    pub allow: Vec<ipnet::IpNet>,
+
+    /// Refuse clients from this address or network; wins over --allow.
+    /// Repeatable.
+    #[arg(long, value_name = "CIDR", value_parser = parse_net)]
+    pub deny: Vec<ipnet::IpNet>,
+
+    /// Connections one client address may hold at once; one more is sent the
+    /// busy line.
+    #[arg(long, value_name = "N", value_parser = parse_at_least_one)]
+    pub max_per_ip: Option<usize>,
+
+    /// Log lines as text, or as one JSON object per line.
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 impl Cli {
@@ -143,6 +188,13 @@ impl Cli {
             max_connections: self.max_connections,
             shutdown_timeout: Duration::from_secs_f64(self.shutdown_timeout),
             thread_cache: self.thread_cache,
+            proxy_protocol: self.proxy_protocol,
+            trusted_proxies: NetList(self.trusted_proxy.clone()),
+            access: AccessRules {
+                allow: NetList(self.allow.clone()),
+                deny: NetList(self.deny.clone()),
+            },
+            max_per_ip: self.max_per_ip,
         }
     }
 }
@@ -222,6 +274,36 @@ mod tests {
     fn zero_reply_cap_is_refused() {
         let err = Cli::try_parse_from(["prompt-server", "--max-reply-bytes", "0"]).unwrap_err();
         assert!(err.to_string().contains("must be at least 1"), "{err}");
+    }
+
+    #[test]
+    fn access_options_repeat_and_trusted_proxy_needs_proxy_protocol() {
+        let cli = Cli::parse_from([
+            "prompt-server",
+            "--allow",
+            "10.0.0.0/8",
+            "--allow",
+            "::1",
+            "--deny",
+            "10.9.0.0/16",
+            "--max-per-ip",
+            "3",
+        ]);
+        let config = cli.to_config();
+        assert_eq!(config.access.allow.0.len(), 2);
+        assert!(!config.access.permits("10.9.1.1".parse().unwrap()));
+        assert_eq!(config.max_per_ip, Some(3));
+        assert!(Cli::try_parse_from(["prompt-server", "--trusted-proxy", "127.0.0.1"]).is_err());
+        assert!(
+            Cli::try_parse_from([
+                "prompt-server",
+                "--proxy-protocol",
+                "--trusted-proxy",
+                "127.0.0.1"
+            ])
+            .is_ok()
+        );
+        assert!(Cli::try_parse_from(["prompt-server", "--log-format", "xml"]).is_err());
     }
 
     #[test]

@@ -1,8 +1,9 @@
-//! One client's life on its own thread: send the prompt, read one reply, log
-//! what happened with the peer's address.
+//! One client's life on its own thread: read the PROXY header if the server
+//! sits behind a balancer, check who the client is, send the prompt, read
+//! one reply, log what happened with the client's address.
 //!
 //! Everything here may block, but never for longer than the write timeout
-//! plus the reply deadline, and nothing else waits on this thread.
+//! plus the header and reply deadlines, and nothing else waits on this thread.
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
@@ -10,9 +11,11 @@ use std::time::Instant;
 
 use log::{info, warn};
 
-use crate::config::Config;
-use crate::logging::{Escaped, describe_io_error};
-use crate::reply::{Reply, ReplyDeadline, ReplyEnd, read_reply};
+use crate::config::{BUSY_MESSAGE, Config};
+use crate::limits::PerIpLimit;
+use crate::logging::{Escaped, describe_io_error, reply_text};
+use crate::proxy_protocol::{self, ProxyHeader};
+use crate::reply::{Prefixed, Reply, ReplyDeadline, ReplyEnd, read_reply};
 
 /// How a connection ended, for the shutdown summary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,12 +28,31 @@ pub enum Outcome {
     TimedOut,
     /// The client closed without sending anything.
     NoReply,
-    /// Writing the prompt or reading the reply failed.
+    /// Writing the prompt, reading, or the PROXY header failed.
     Failed,
+    /// Refused by the access rules, or not a trusted proxy.
+    Denied,
+    /// Turned away with the busy line (`--max-per-ip`).
+    Busy,
 }
 
-/// Sends the prompt and reads and logs one reply. The caller closes the
-/// connection.
+/// Who is on the other end.
+#[derive(Debug, Clone, Copy)]
+struct Client {
+    /// The real client: the socket's peer, or the one a PROXY header names.
+    addr: SocketAddr,
+    /// The balancer that relayed the connection, if one did.
+    proxy: Option<SocketAddr>,
+}
+
+impl Client {
+    /// The balancer's address as a log field (absent when there is none).
+    fn proxy_field(&self) -> Option<String> {
+        self.proxy.map(|proxy| proxy.to_string())
+    }
+}
+
+/// Serves one connection to the end. The caller closes it.
 ///
 /// `timeouts_inherited` says that the socket already carries the write
 /// timeout and a read timeout of the whole reply budget (inherited from the
@@ -39,8 +61,43 @@ pub fn serve(
     stream: &mut TcpStream,
     peer: SocketAddr,
     config: &Config,
+    per_ip: &PerIpLimit,
     timeouts_inherited: bool,
 ) -> Outcome {
+    let started = Instant::now();
+    let mut early_bytes = Vec::new();
+    let client = if config.proxy_protocol {
+        match read_proxy_header(stream, peer, config, started) {
+            Ok((client, rest)) => {
+                early_bytes = rest;
+                client
+            }
+            Err(outcome) => return outcome,
+        }
+    } else {
+        Client {
+            addr: peer,
+            proxy: None,
+        }
+    };
+    let addr = client.addr;
+    let proxy = client.proxy_field();
+    let proxy = proxy.as_deref();
+    if !config.access.permits(addr.ip()) {
+        warn!(event = "denied", peer:% = addr, proxy = proxy; "{addr} refused by the access rules");
+        return Outcome::Denied;
+    }
+    let Some(_ip_slot) = per_ip.try_acquire(addr.ip()) else {
+        warn!(
+            event = "busy", peer:% = addr, proxy = proxy;
+            "{addr} turned away: already {} connections from {}",
+            config.max_per_ip.unwrap_or_default(),
+            addr.ip()
+        );
+        let _ = stream.write(BUSY_MESSAGE);
+        return Outcome::Busy;
+    };
+
     let sent = if timeouts_inherited {
         Ok(())
     } else {
@@ -49,49 +106,120 @@ pub fn serve(
     .and_then(|()| stream.write_all(&config.prompt));
     if let Err(e) = sent {
         warn!(
-            "{peer} could not be sent the prompt: {}",
+            event = "prompt_failed", peer:% = addr, proxy = proxy;
+            "{addr} could not be sent the prompt: {}",
             describe_io_error(&e)
         );
         return Outcome::Failed;
     }
+    // Reading the header set its own read timeouts on the socket.
+    let timeout_still_inherited = timeouts_inherited && !config.proxy_protocol;
     let deadline = config.reply_timeout.map(|timeout| ReplyDeadline {
         at: Instant::now() + timeout,
-        first_read_timeout_is_set: timeouts_inherited,
+        first_read_timeout_is_set: timeout_still_inherited,
     });
-    let reply = read_reply(stream, peer, config.max_reply_bytes, deadline);
-    log_reply(peer, &reply, config)
+    let mut source = Prefixed::new(&early_bytes, stream);
+    let reply = read_reply(&mut source, addr, config.max_reply_bytes, deadline);
+    log_reply(client, &reply, config, started)
+}
+
+/// Reads the PROXY header, if the peer may send one at all. On failure the
+/// connection is logged and must be closed without a prompt.
+fn read_proxy_header(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    config: &Config,
+    started: Instant,
+) -> Result<(Client, Vec<u8>), Outcome> {
+    let trusted = &config.trusted_proxies;
+    if !trusted.is_empty() && !trusted.contains(peer.ip()) {
+        warn!(event = "denied", peer:% = peer; "{peer} refused: not a trusted proxy");
+        return Err(Outcome::Denied);
+    }
+    let deadline = config.reply_timeout.map(|timeout| started + timeout);
+    match proxy_protocol::read_header(stream, deadline) {
+        Ok((ProxyHeader::Proxied { source, .. }, rest)) => Ok((
+            Client {
+                addr: source,
+                proxy: Some(peer),
+            },
+            rest,
+        )),
+        Ok((ProxyHeader::Local, rest)) => Ok((
+            Client {
+                addr: peer,
+                proxy: None,
+            },
+            rest,
+        )),
+        Err(e) => {
+            warn!(event = "proxy_header", peer:% = peer; "{peer} closed: bad PROXY protocol header: {e}");
+            Err(Outcome::Failed)
+        }
+    }
 }
 
 /// The one log line that says how a client's reply went.
-fn log_reply(peer: SocketAddr, reply: &Reply, config: &Config) -> Outcome {
+fn log_reply(client: Client, reply: &Reply, config: &Config, started: Instant) -> Outcome {
+    let addr = client.addr;
+    let proxy = client.proxy_field();
+    let proxy = proxy.as_deref();
     let bytes = Escaped(&reply.bytes);
+    let (text, lossy) = reply_text(&reply.bytes);
+    let text: &str = &text;
+    let size = reply.bytes.len();
+    let duration_ms = started.elapsed().as_millis() as u64;
+    macro_rules! event {
+        ($level:ident, $event:expr, $($message:tt)+) => {
+            $level!(
+                event = $event, peer:% = addr, proxy = proxy, reply = text,
+                reply_lossy = lossy, bytes = size, duration_ms = duration_ms;
+                $($message)+
+            )
+        };
+    }
     match &reply.end {
         ReplyEnd::Line => {
-            info!("{peer} said: {bytes}");
+            event!(info, "reply", "{addr} said: {bytes}");
             Outcome::Replied
         }
         ReplyEnd::Closed if reply.bytes.is_empty() => {
-            info!("{peer} closed without replying");
+            event!(info, "no_reply", "{addr} closed without replying");
             Outcome::NoReply
         }
         ReplyEnd::Closed => {
-            info!("{peer} said: {bytes} (closed before newline)");
+            event!(
+                info,
+                "reply",
+                "{addr} said: {bytes} (closed before newline)"
+            );
             Outcome::Replied
         }
         ReplyEnd::Truncated => {
-            warn!(
-                "{peer} said: {bytes} (truncated at {} bytes)",
-                config.max_reply_bytes
+            let cap = config.max_reply_bytes;
+            event!(
+                warn,
+                "truncated",
+                "{addr} said: {bytes} (truncated at {cap} bytes)"
             );
             Outcome::Truncated
         }
         ReplyEnd::TimedOut => {
             let secs = config.reply_timeout.unwrap_or_default().as_secs_f64();
-            warn!("{peer} timed out after {secs}s without a full reply; got {bytes}");
+            event!(
+                warn,
+                "timeout",
+                "{addr} timed out after {secs}s without a full reply; got {bytes}"
+            );
             Outcome::TimedOut
         }
         ReplyEnd::Failed(e) => {
-            warn!("{peer} read error: {}; got {bytes}", describe_io_error(e));
+            let error = describe_io_error(e);
+            event!(
+                warn,
+                "read_error",
+                "{addr} read error: {error}; got {bytes}"
+            );
             Outcome::Failed
         }
     }

@@ -17,8 +17,12 @@
 //!   the outcome, close.
 //! - [`reply`]: reading one reply line from a socket, where every client byte is
 //!   read and where the size cap and the reply deadline are enforced.
-//! - [`logging`]: logger set-up and escaping of client bytes, so that nothing a
-//!   client sends can forge or break a log line.
+//! - [`proxy_protocol`]: the PROXY protocol header (v1 and v2) a load
+//!   balancer sends first, which names the real client.
+//! - [`access`]: `--allow`/`--deny` rules and trusted proxies, checked
+//!   against the real client address.
+//! - [`logging`]: logger set-up (text or JSON lines) and escaping of client
+//!   bytes, so that nothing a client sends can forge or break a log line.
 //! - [`shutdown`]: the handle that stops the accept loop from another thread,
 //!   and the signal handling (SIGINT, SIGTERM) that triggers it.
 //! - [`thread_cache`]: finished connection threads parked to serve the next
@@ -30,10 +34,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod config;
 pub mod connection;
 pub mod limits;
 pub mod logging;
+pub mod proxy_protocol;
 pub mod reply;
 pub mod server;
 pub mod shutdown;

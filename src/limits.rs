@@ -3,8 +3,12 @@
 //!
 //! A [`ConnectionSlot`] is taken in the accept loop before a thread is
 //! started and released when it is dropped, however the thread ends (even by
-//! a panic), so a slot can never leak.
+//! a panic), so a slot can never leak. [`PerIpLimit`] (`--max-per-ip`, like
+//! xinetd's `per_source`) works the same way, per client address, once the
+//! real client address is known.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -98,6 +102,71 @@ impl Drop for ConnectionSlot {
     }
 }
 
+/// At most `max` connections at once from one client address.
+#[derive(Debug)]
+pub struct PerIpLimit {
+    /// `None`: no limit, and no bookkeeping.
+    max: Option<usize>,
+    /// Connections held now, by client address; addresses at 0 are removed.
+    held: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One connection's share of a [`PerIpLimit`]; released on drop.
+#[derive(Debug)]
+pub struct IpSlot<'a> {
+    limit: &'a PerIpLimit,
+    /// `None` when there is no limit to release.
+    ip: Option<IpAddr>,
+}
+
+impl PerIpLimit {
+    pub fn new(max: Option<usize>) -> Self {
+        PerIpLimit {
+            max,
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A slot for `ip`, or `None` if it already holds `max` connections.
+    pub fn try_acquire(&self, ip: IpAddr) -> Option<IpSlot<'_>> {
+        let Some(max) = self.max else {
+            return Some(IpSlot {
+                limit: self,
+                ip: None,
+            });
+        };
+        let ip = ip.to_canonical();
+        let mut held = self.held();
+        let count = held.entry(ip).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(IpSlot {
+            limit: self,
+            ip: Some(ip),
+        })
+    }
+}
+
+impl Drop for IpSlot<'_> {
+    fn drop(&mut self) {
+        if let Some(ip) = self.ip {
+            let mut held = self.limit.held();
+            if let Some(count) = held.get_mut(&ip) {
+                *count -= 1;
+                if *count == 0 {
+                    held.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit, and warns once if
 /// `max_connections` still cannot fit, so that an operator learns it at
 /// start-up rather than from `accept` failures under load.
@@ -105,11 +174,12 @@ pub fn raise_fd_limit(max_connections: usize) {
     let needed = max_connections as u64 + RESERVED_FDS;
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) if limit < needed => warn!(
+            event = "fd_limit";
             "--max-connections {max_connections} needs about {needed} file descriptors \
              but the limit is {limit}; expect 'too many open files' under load"
         ),
         Ok(_) => {}
-        Err(e) => warn!("cannot raise the file descriptor limit: {e}"),
+        Err(e) => warn!(event = "fd_limit"; "cannot raise the file descriptor limit: {e}"),
     }
 }
 
@@ -150,6 +220,35 @@ mod tests {
         let holder = thread::spawn(move || drop(slot));
         assert_eq!(limit.wait_until_idle(Duration::from_secs(20)), 0);
         holder.join().unwrap();
+    }
+
+    #[test]
+    fn per_ip_slots_are_counted_per_address() {
+        let limit = PerIpLimit::new(Some(2));
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let first = limit.try_acquire(a).expect("first");
+        let _second = limit.try_acquire(a).expect("second");
+        assert!(limit.try_acquire(a).is_none());
+        // The same client seen through an IPv6 socket counts as itself.
+        assert!(
+            limit
+                .try_acquire("::ffff:192.0.2.1".parse().unwrap())
+                .is_none()
+        );
+        assert!(limit.try_acquire(b).is_some());
+        drop(first);
+        assert!(limit.try_acquire(a).is_some());
+    }
+
+    #[test]
+    fn no_per_ip_limit_admits_everyone_without_bookkeeping() {
+        let limit = PerIpLimit::new(None);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let _slots: Vec<_> = (0..100)
+            .map(|_| limit.try_acquire(ip).expect("slot"))
+            .collect();
+        assert!(limit.held().is_empty());
     }
 
     #[test]

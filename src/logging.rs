@@ -2,21 +2,110 @@
 //! breaking a log line.
 //!
 //! The `log` facade passes messages through untouched, so every client byte
-//! that reaches a log line goes through [`Escaped`]: control characters
+//! that reaches a text log line goes through [`Escaped`]: control characters
 //! (CR, LF, ESC, ...), quotes, backslashes and invalid UTF-8 all come out as
 //! visible escapes, and one log record stays one line.
+//!
+//! Every log call also carries structured fields (`event`, `peer`, `reply`,
+//! `bytes`, `duration_ms`, ...) as `log` key-values. The text format shows
+//! only the message; the JSON format ([`LogFormat::Json`]) writes one object
+//! per line with `ts`, `level`, the fields and the message, and lets
+//! serde_json do the escaping, which handles any string.
 
 use std::fmt;
-use std::io;
+use std::io::{self, Write};
 use std::panic;
 use std::thread;
 
 use log::error;
+use log::kv::{self, Key, Value, VisitSource};
+use serde_json::{Map, Value as Json};
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// `[2026-11-25T12:41:26Z INFO  prompt_server::connection] 127.0.0.1:50312 said: "yes"`
+    Text,
+    /// `{"ts":"2026-11-25T12:41:26.123Z","level":"info","event":"reply",...}`
+    Json,
+}
 
 /// Starts `env_logger` on stderr at level info, unless `RUST_LOG` says
-/// otherwise.
-pub fn init() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+/// otherwise, writing `format`.
+pub fn init(format: LogFormat) {
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if format == LogFormat::Json {
+        builder.format(|buf, record| {
+            let line = json_line(&buf.timestamp_millis().to_string(), record);
+            writeln!(buf, "{line}")
+        });
+    }
+    builder.init();
+}
+
+/// One record as a JSON object: `ts`, `level`, `event` (`log` if the call
+/// named none), the record's other fields, and `message`.
+fn json_line(ts: &str, record: &log::Record<'_>) -> Json {
+    let mut object = Map::new();
+    object.insert("ts".into(), ts.into());
+    object.insert(
+        "level".into(),
+        record.level().as_str().to_lowercase().into(),
+    );
+    object.insert("event".into(), "log".into());
+    let mut fields = JsonFields(&mut object);
+    // Visiting our own fields cannot fail.
+    let _ = record.key_values().visit(&mut fields);
+    object.insert("message".into(), record.args().to_string().into());
+    Json::Object(object)
+}
+
+struct JsonFields<'a>(&'a mut Map<String, Json>);
+
+/// Tells a null value (a `None` field) apart, so that it can be left out.
+struct IsNull(bool);
+
+impl<'v> kv::VisitValue<'v> for IsNull {
+    fn visit_any(&mut self, _: Value<'_>) -> Result<(), kv::Error> {
+        Ok(())
+    }
+
+    fn visit_null(&mut self) -> Result<(), kv::Error> {
+        self.0 = true;
+        Ok(())
+    }
+}
+
+impl<'kvs> VisitSource<'kvs> for JsonFields<'_> {
+    fn visit_pair(&mut self, key: Key<'kvs>, value: Value<'kvs>) -> Result<(), kv::Error> {
+        let mut null = IsNull(false);
+        value.visit(&mut null)?;
+        if null.0 {
+            return Ok(());
+        }
+        let json = if let Some(b) = value.to_bool() {
+            Json::from(b)
+        } else if let Some(n) = value.to_u64() {
+            Json::from(n)
+        } else if let Some(n) = value.to_i64() {
+            Json::from(n)
+        } else if let Some(n) = value.to_f64() {
+            Json::from(n)
+        } else {
+            Json::from(value.to_string())
+        };
+        self.0.insert(key.as_str().to_string(), json);
+        Ok(())
+    }
+}
+
+/// A reply as JSON can carry it: the text, decoded lossily if it is not
+/// UTF-8, and whether it had to be.
+pub fn reply_text(bytes: &[u8]) -> (std::borrow::Cow<'_, str>, bool) {
+    let text = String::from_utf8_lossy(bytes);
+    let lossy = matches!(text, std::borrow::Cow::Owned(_));
+    (text, lossy)
 }
 
 /// Reports panics as one escaped error line in the log instead of the
@@ -37,6 +126,7 @@ pub fn log_panics() {
             .map(|at| format!("{}:{}", at.file(), at.line()))
             .unwrap_or_default();
         error!(
+            event = "panic";
             "thread {thread} panicked at {location}: {}",
             Escaped(message.as_bytes())
         );
@@ -120,6 +210,63 @@ mod tests {
         let all: Vec<u8> = (0..=255).collect();
         let text = escaped(&all);
         assert!(!text.chars().any(char::is_control), "{text}");
+    }
+
+    fn record_json(args: fmt::Arguments<'_>, fields: &[(&str, Value<'_>)]) -> Json {
+        let fields: Vec<(&str, Value<'_>)> = fields.to_vec();
+        let record = log::Record::builder()
+            .args(args)
+            .level(log::Level::Warn)
+            .key_values(&fields)
+            .build();
+        json_line("2026-11-25T12:00:00.000Z", &record)
+    }
+
+    #[test]
+    fn json_line_has_the_fields_and_stays_one_line() {
+        let json = record_json(
+            format_args!("line one\nline two"),
+            &[
+                ("event", Value::from("reply")),
+                ("peer", Value::from("127.0.0.1:5")),
+                ("reply", Value::from("a\n\u{1b}[31m\"b")),
+                ("bytes", Value::from(9u64)),
+                ("reply_lossy", Value::from(false)),
+            ],
+        );
+        assert_eq!(json["ts"], "2026-11-25T12:00:00.000Z");
+        assert_eq!(json["level"], "warn");
+        assert_eq!(json["event"], "reply");
+        assert_eq!(json["reply"], "a\n\u{1b}[31m\"b");
+        assert_eq!(json["bytes"], 9);
+        assert_eq!(json["reply_lossy"], false);
+        let line = json.to_string();
+        assert!(!line.chars().any(char::is_control), "{line}");
+        let back: Json = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, json);
+    }
+
+    #[test]
+    fn json_leaves_out_absent_fields() {
+        let none: Option<&str> = None;
+        let json = record_json(
+            format_args!("x"),
+            &[("proxy", log::kv::ToValue::to_value(&none))],
+        );
+        assert!(json.get("proxy").is_none(), "{json}");
+    }
+
+    #[test]
+    fn json_event_defaults_to_log() {
+        assert_eq!(record_json(format_args!("plain"), &[])["event"], "log");
+    }
+
+    #[test]
+    fn invalid_utf8_replies_are_flagged_lossy() {
+        assert_eq!(reply_text(b"yes"), ("yes".into(), false));
+        let (text, lossy) = reply_text(b"y\xffs");
+        assert_eq!(text, "y\u{fffd}s");
+        assert!(lossy);
     }
 
     #[test]

@@ -24,7 +24,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    logging::init();
+    logging::init(cli.log_format);
     logging::log_panics();
     match serve(&cli) {
         Ok(()) => ExitCode::SUCCESS,

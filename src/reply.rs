@@ -70,6 +70,36 @@ pub struct ReplyDeadline {
     pub first_read_timeout_is_set: bool,
 }
 
+/// Bytes already read (after a PROXY header) served first, then the stream.
+pub struct Prefixed<'a, S> {
+    prefix: &'a [u8],
+    stream: &'a mut S,
+}
+
+impl<'a, S> Prefixed<'a, S> {
+    pub fn new(prefix: &'a [u8], stream: &'a mut S) -> Self {
+        Prefixed { prefix, stream }
+    }
+}
+
+impl<S: Read> Read for Prefixed<'_, S> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.prefix.is_empty() {
+            return self.stream.read(out);
+        }
+        let n = self.prefix.len().min(out.len());
+        out[..n].copy_from_slice(&self.prefix[..n]);
+        self.prefix = &self.prefix[n..];
+        Ok(n)
+    }
+}
+
+impl<S: ReplySource> ReplySource for Prefixed<'_, S> {
+    fn set_read_timeout_for_next_read(&mut self, timeout: Duration) -> io::Result<()> {
+        self.stream.set_read_timeout_for_next_read(timeout)
+    }
+}
+
 /// Reads one reply line from `source`, keeping at most `max_reply_bytes` of
 /// it, and giving up at `deadline` (if any) however the bytes trickle in.
 ///
@@ -102,7 +132,7 @@ pub fn read_reply<S: ReplySource>(
         match source.read(&mut chunk[..want]) {
             Ok(0) => return finish(buf, max_reply_bytes, ReplyEnd::Closed),
             Ok(n) => {
-                trace!("{peer}: read {n} bytes");
+                trace!(event = "read", peer:% = peer, bytes = n; "{peer}: read {n} bytes");
                 buf.extend_from_slice(&chunk[..n]);
                 if let Some(newline) = buf[start..].iter().position(|&b| b == b'\n') {
                     buf.truncate(start + newline);
@@ -227,6 +257,14 @@ mod tests {
             assert_eq!(reply.bytes, b"abcd", "{input:?}");
             assert!(matches!(reply.end, ReplyEnd::Truncated), "{input:?}");
         }
+    }
+
+    #[test]
+    fn prefixed_bytes_come_first() {
+        let peer = "127.0.0.1:9".parse().unwrap();
+        let mut rest = Chunked::new([b"s\n".to_vec()]);
+        let reply = read_reply(&mut Prefixed::new(b"ye", &mut rest), peer, 1024, None);
+        assert_eq!(reply.bytes, b"yes");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use socket2::SockRef;
 
 use crate::config::{BUSY_MESSAGE, Config};
 use crate::connection;
-use crate::limits::{ConnectionLimit, ConnectionSlot};
+use crate::limits::{ConnectionLimit, ConnectionSlot, PerIpLimit};
 use crate::logging::describe_io_error;
 use crate::shutdown::Shutdown;
 use crate::stats::{Stats, Summary};
@@ -46,6 +46,8 @@ struct Shared {
     stats: Stats,
     /// Finished connection threads waiting for the next connection.
     thread_cache: ThreadCache<Accepted>,
+    /// Connections held per client address (`--max-per-ip`).
+    per_ip: PerIpLimit,
 }
 
 /// An admitted connection: what a connection thread serves.
@@ -68,7 +70,7 @@ pub fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> anyhow:
     let local_addr = listener
         .local_addr()
         .context("cannot read the address the listener is bound to")?;
-    info!("listening on {local_addr}");
+    info!(event = "listening", addr:% = local_addr; "listening on {local_addr}");
     shutdown.set_wake_addr(local_addr);
     set_connection_timeouts(&listener, &config)?;
     // Known at the first accept: whether accepted sockets carry them.
@@ -77,6 +79,7 @@ pub fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> anyhow:
     let limit = ConnectionLimit::new(config.max_connections);
     let shared = Arc::new(Shared {
         thread_cache: ThreadCache::new(config.thread_cache, PARKED_THREAD_IDLE_TIMEOUT),
+        per_ip: PerIpLimit::new(config.max_per_ip),
         config,
         stats: Stats::default(),
     });
@@ -102,13 +105,20 @@ pub fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> anyhow:
     shared.thread_cache.close();
 
     let timeout = shared.config.shutdown_timeout;
+    let connected = limit.active();
     info!(
-        "shutting down: no longer accepting; {} still connected, waiting up to {}s for them",
-        limit.active(),
+        event = "shutdown", connected = connected;
+        "shutting down: no longer accepting; {connected} still connected, waiting up to {}s for them",
         timeout.as_secs_f64()
     );
     let summary = shared.stats.summary(limit.wait_until_idle(timeout));
-    info!("shutdown complete: {summary}");
+    info!(
+        event = "stopped", connections = summary.connections, replies = summary.replies,
+        truncated = summary.truncated, timed_out = summary.timed_out, no_reply = summary.no_reply,
+        failed = summary.failed, rejected_busy = summary.rejected_busy, denied = summary.denied,
+        still_connected = summary.still_connected;
+        "shutdown complete: {summary}"
+    );
     Ok(summary)
 }
 
@@ -144,6 +154,7 @@ fn admit(
         // The closure, with the socket and the slot, is dropped: the client
         // sees the connection close, and the slot is free again.
         Err(e) => warn!(
+            event = "spawn_failed", peer:% = peer;
             "{peer} closed: cannot start a thread for it: {}",
             describe_io_error(&e)
         ),
@@ -161,14 +172,20 @@ fn connection_thread(first: Accepted, shared: &Shared) {
         slot,
     }) = next
     {
-        debug!("{peer} connected");
-        let outcome = connection::serve(&mut stream, peer, &shared.config, timeouts_inherited);
+        debug!(event = "connected", peer:% = peer; "{peer} connected");
+        let outcome = connection::serve(
+            &mut stream,
+            peer,
+            &shared.config,
+            &shared.per_ip,
+            timeouts_inherited,
+        );
         shared.stats.record(outcome);
         // Free the slot before the client sees the close, so that it can
         // connect again at once.
         drop(slot);
         drop(stream);
-        debug!("{peer} disconnected");
+        debug!(event = "disconnected", peer:% = peer; "{peer} disconnected");
         next = shared.thread_cache.park();
     }
 }
@@ -198,6 +215,7 @@ fn carries_timeouts(stream: &TcpStream, config: &Config) -> bool {
 /// so that the accept loop can never wait on this client.
 fn turn_away(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     warn!(
+        event = "busy", peer:% = peer;
         "{peer} turned away: all {} connection slots are taken",
         shared.config.max_connections
     );
@@ -235,7 +253,7 @@ impl AcceptFailures {
     /// Notes a successful accept, ending any backoff.
     fn recovered(&mut self) {
         if !self.pause.is_zero() {
-            info!("accepting connections again");
+            info!(event = "accept_resumed"; "accepting connections again");
             self.pause = Duration::ZERO;
         }
     }
@@ -247,6 +265,7 @@ impl AcceptFailures {
             .is_none_or(|at| at.elapsed() >= ACCEPT_ERROR_LOG_INTERVAL);
         if due {
             warn!(
+                event = "accept_error";
                 "accept failed: {}; {action} ({} failures since the last report)",
                 describe_io_error(error),
                 self.unlogged

@@ -58,7 +58,7 @@ impl Shutdown {
         if let Some(addr) = wake_addr
             && let Err(e) = TcpStream::connect_timeout(&addr, WAKE_TIMEOUT)
         {
-            warn!("could not wake the accept loop at {addr}: {e}");
+            warn!(event = "wake_failed"; "could not wake the accept loop at {addr}: {e}");
         }
     }
 
@@ -97,10 +97,10 @@ pub fn trigger_on_signals(shutdown: Shutdown) -> io::Result<()> {
                     "SIGTERM"
                 };
                 if shutdown.is_triggered() {
-                    warn!("{name} again: exiting now without waiting for clients");
+                    warn!(event = "signal", signal = name; "{name} again: exiting now without waiting for clients");
                     process::exit(128 + signal);
                 }
-                info!("{name} received: stopping (send it again to exit at once)");
+                info!(event = "signal", signal = name; "{name} received: stopping (send it again to exit at once)");
                 shutdown.trigger();
             }
         })?;

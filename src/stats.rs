@@ -16,6 +16,7 @@ pub struct Stats {
     no_reply: AtomicU64,
     failed: AtomicU64,
     rejected_busy: AtomicU64,
+    denied: AtomicU64,
 }
 
 impl Stats {
@@ -37,6 +38,8 @@ impl Stats {
             Outcome::TimedOut => &self.timed_out,
             Outcome::NoReply => &self.no_reply,
             Outcome::Failed => &self.failed,
+            Outcome::Busy => &self.rejected_busy,
+            Outcome::Denied => &self.denied,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -52,6 +55,7 @@ impl Stats {
             no_reply: get(&self.no_reply),
             failed: get(&self.failed),
             rejected_busy: get(&self.rejected_busy),
+            denied: get(&self.denied),
             still_connected,
         }
     }
@@ -60,7 +64,8 @@ impl Stats {
 /// What a server did over its life, returned by [`run`](crate::run).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
-    /// Connections served by a thread (not counting busy rejections).
+    /// Connections given a thread (not counting those turned away busy by
+    /// `--max-connections`).
     pub connections: u64,
     /// Replies logged whole (a line, or what came before the client closed).
     pub replies: u64,
@@ -74,6 +79,8 @@ pub struct Summary {
     pub failed: u64,
     /// Connections turned away with the busy line.
     pub rejected_busy: u64,
+    /// Connections refused by the access rules or as untrusted proxies.
+    pub denied: u64,
     /// Clients still connected when the server stopped waiting for them.
     pub still_connected: usize,
 }
@@ -83,7 +90,7 @@ impl fmt::Display for Summary {
         write!(
             f,
             "{} connections, {} replies, {} truncated, {} timed out, {} without reply, \
-             {} failed, {} rejected busy, {} still connected",
+             {} failed, {} rejected busy, {} denied, {} still connected",
             self.connections,
             self.replies,
             self.truncated,
@@ -91,6 +98,7 @@ impl fmt::Display for Summary {
             self.no_reply,
             self.failed,
             self.rejected_busy,
+            self.denied,
             self.still_connected
         )
     }

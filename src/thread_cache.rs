@@ -85,7 +85,7 @@ impl<T> ThreadCache<T> {
             return None;
         }
         state.parked += 1;
-        trace!("thread parked, {} parked now", state.parked);
+        trace!(event = "thread_parked"; "thread parked, {} parked now", state.parked);
         let deadline = Instant::now() + self.idle_timeout;
         loop {
             if let Some(item) = state.queue.pop_front() {

@@ -23,7 +23,7 @@ pub const ROLE: &str = "tokio-yardstick";
 
 /// Runs the yardstick server on 127.0.0.1, port 0, until killed.
 pub fn serve() {
-    logging::init();
+    logging::init(logging::LogFormat::Text);
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,0 +1,117 @@
+//! Who may connect: `--allow` and `--deny` address rules, and the
+//! `--trusted-proxy` list of balancers allowed to send a PROXY header.
+//!
+//! Rules are checked against the real client address, which is the one
+//! from the PROXY header when that protocol is on. IPv4 clients of a
+//! dual-stack (`::`) listener arrive as IPv4-mapped IPv6 addresses
+//! (`::ffff:192.0.2.7`); they are matched as the IPv4 addresses they are.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+/// A list of networks, such as `10.0.0.0/8`, `::1/128` or a bare address.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetList(pub Vec<IpNet>);
+
+impl NetList {
+    /// Whether `ip` is in any of the networks.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Parses `ADDR/PREFIX`, or a bare address meaning that one host.
+pub fn parse_net(text: &str) -> Result<IpNet, String> {
+    if text.contains('/') {
+        text.parse::<IpNet>().map(|net| net.trunc()).map_err(|_| {
+            "must be an address or a network such as 10.0.0.0/8 or ::1/128".to_string()
+        })
+    } else {
+        text.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
+            "must be an address or a network such as 10.0.0.0/8 or ::1/128".to_string()
+        })
+    }
+}
+
+/// `--allow` and `--deny`: a client is refused if any deny rule matches
+/// it, or if allow rules exist and none matches it (deny wins).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccessRules {
+    pub allow: NetList,
+    pub deny: NetList,
+}
+
+impl AccessRules {
+    pub fn permits(&self, ip: IpAddr) -> bool {
+        !self.deny.contains(ip) && (self.allow.is_empty() || self.allow.contains(ip))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(list: &[&str]) -> NetList {
+        NetList(list.iter().map(|n| parse_net(n).unwrap()).collect())
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn no_rules_permit_everyone() {
+        assert!(AccessRules::default().permits(ip("203.0.113.9")));
+    }
+
+    #[test]
+    fn allow_rules_admit_only_their_networks() {
+        let rules = AccessRules {
+            allow: nets(&["10.0.0.0/8", "::1"]),
+            deny: NetList::default(),
+        };
+        assert!(rules.permits(ip("10.1.2.3")));
+        assert!(rules.permits(ip("::1")));
+        assert!(!rules.permits(ip("11.0.0.1")));
+        assert!(!rules.permits(ip("::2")));
+    }
+
+    #[test]
+    fn deny_wins_over_allow() {
+        let rules = AccessRules {
+            allow: nets(&["10.0.0.0/8"]),
+            deny: nets(&["10.9.0.0/16"]),
+        };
+        assert!(rules.permits(ip("10.1.0.1")));
+        assert!(!rules.permits(ip("10.9.0.1")));
+    }
+
+    #[test]
+    fn ipv4_mapped_clients_match_ipv4_rules() {
+        let rules = AccessRules {
+            allow: NetList::default(),
+            deny: nets(&["127.0.0.0/8"]),
+        };
+        assert!(!rules.permits(ip("::ffff:127.0.0.1")));
+        assert!(rules.permits(ip("::ffff:192.0.2.1")));
+    }
+
+    #[test]
+    fn networks_parse_with_or_without_prefix() {
+        assert_eq!(parse_net("192.0.2.7").unwrap().to_string(), "192.0.2.7/32");
+        assert_eq!(parse_net("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(
+            parse_net("2001:db8::/32").unwrap().to_string(),
+            "2001:db8::/32"
+        );
+        for bad in ["10.0.0.0/33", "nonsense", "10.0.0/8", ""] {
+            assert!(parse_net(bad).is_err(), "{bad}");
+        }
+    }
+}
