@@ -38,7 +38,7 @@ pub fn init(format: LogFormat) {
     if format == LogFormat::Json {
         builder.format(|buf, record| {
             let line = json_line(&buf.timestamp_millis().to_string(), record);
-            writeln!(buf, "{line}")
+            writeln!(buf, "{}", escape_line_breakers(&line.to_string()))
         });
     }
     builder.init();
@@ -59,6 +59,22 @@ fn json_line(ts: &str, record: &log::Record<'_>) -> Json {
     let _ = record.key_values().visit(&mut fields);
     object.insert("message".into(), record.args().to_string().into());
     Json::Object(object)
+}
+
+/// JSON needs only C0 controls escaped, and serde_json escapes no more;
+/// but DEL, C1 controls (NEL among them) and the Unicode line and paragraph
+/// separators end a line for some log tools, or drive terminals. They can
+/// only stand inside JSON strings here, where `\uXXXX` means the same.
+fn escape_line_breakers(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        if c.is_control() || c == '\u{2028}' || c == '\u{2029}' {
+            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 struct JsonFields<'a>(&'a mut Map<String, Json>);
@@ -254,6 +270,21 @@ mod tests {
             &[("proxy", log::kv::ToValue::to_value(&none))],
         );
         assert!(json.get("proxy").is_none(), "{json}");
+    }
+
+    #[test]
+    fn json_lines_escape_every_line_breaker() {
+        let json = record_json(
+            format_args!("m"),
+            &[("reply", Value::from("a\u{85}b\u{2028}c\u{7f}"))],
+        );
+        let line = escape_line_breakers(&json.to_string());
+        assert!(
+            !line.chars().any(|c| c.is_control() || c == '\u{2028}'),
+            "{line}"
+        );
+        let back: Json = serde_json::from_str(&line).unwrap();
+        assert_eq!(back["reply"], "a\u{85}b\u{2028}c\u{7f}");
     }
 
     #[test]

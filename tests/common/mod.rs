@@ -5,7 +5,7 @@
 #![allow(dead_code)] // each test file uses its own part of the harness
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread;
@@ -76,7 +76,12 @@ impl ServerProcess {
             seen: Vec::new(),
         };
         let line = server.expect_line("listening on ");
-        let addr = line.rsplit("listening on ").next().unwrap().trim();
+        // Text or JSON: the address runs from there to a space or a quote.
+        let after = line.rsplit("listening on ").next().unwrap();
+        let addr: String = after
+            .chars()
+            .take_while(|c| !c.is_whitespace() && *c != '"')
+            .collect();
         server.addr = addr.parse().expect("an address after 'listening on'");
         server
     }
@@ -174,6 +179,23 @@ impl Drop for ServerProcess {
 /// A client socket with read and write timeouts, so no test can hang on it.
 pub fn connect(addr: SocketAddr) -> TcpStream {
     let stream = TcpStream::connect_timeout(&addr, TIMEOUT).expect("connect to server");
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(TIMEOUT)).unwrap();
+    stream
+}
+
+/// A client socket bound to `source` (for example 127.0.0.2, to be a
+/// different client address on loopback), with timeouts.
+pub fn connect_from(source: IpAddr, addr: SocketAddr) -> TcpStream {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::new(source, 0).into())
+        .expect("bind client source");
+    socket
+        .connect_timeout(&addr.into(), TIMEOUT)
+        .expect("connect to server");
+    let stream: TcpStream = socket.into();
     stream.set_read_timeout(Some(TIMEOUT)).unwrap();
     stream.set_write_timeout(Some(TIMEOUT)).unwrap();
     stream

@@ -1,0 +1,132 @@
+//! Behind a real HAProxy on loopback, with `send-proxy` and `send-proxy-v2`:
+//! a client connecting from its own address (127.0.0.2) is logged with that
+//! address, not the balancer's.
+//!
+//! Needs the `haproxy` binary (Debian package `haproxy`); the tests install
+//! nothing themselves: `.ci/run` installs it. HAProxy gets its listening
+//! socket already bound on port 0 (`bind fd@N`), so no fixed port is used
+//! and no readiness wait is needed: connections queue until it accepts.
+
+mod common;
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+
+/// The configuration the README shows, with the listening socket passed in.
+fn haproxy_config(listen_fd: i32, backend: SocketAddr, send_proxy: &str) -> String {
+    format!(
+        "global
+    maxconn 256
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+
+frontend prompt
+    bind fd@{listen_fd}
+    default_backend prompt_servers
+
+backend prompt_servers
+    server prompt1 {backend} {send_proxy}
+"
+    )
+}
+
+/// A running HAProxy, killed (by its PID) when dropped.
+struct Haproxy {
+    child: Child,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Haproxy {
+    fn start(backend: SocketAddr, send_proxy: &str) -> Haproxy {
+        let installed = Command::new("haproxy")
+            .arg("-v")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        assert!(
+            installed,
+            "haproxy is not installed: `apt-get install -y haproxy` (.ci/run does it)"
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let dir = std::env::temp_dir().join(format!(
+            "prompt-haproxy-{}-{}",
+            std::process::id(),
+            addr.port()
+        ));
+        fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("haproxy.cfg");
+        let fd = listener.as_raw_fd();
+        fs::write(&config, haproxy_config(fd, backend, send_proxy)).unwrap();
+
+        // HAProxy inherits the bound socket: clear close-on-exec just for
+        // the spawn.
+        let socket = socket2::SockRef::from(&listener);
+        socket.set_cloexec(false).unwrap();
+        let child = Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(dir.join("haproxy.log")).unwrap())
+            .spawn()
+            .expect("start haproxy");
+        socket.set_cloexec(true).unwrap();
+        drop(listener);
+        Haproxy { child, addr, dir }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("haproxy.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn client_behind(send_proxy: &str) {
+    let mut server = ServerProcess::start(&["--proxy-protocol", "--trusted-proxy", "127.0.0.1"]);
+    let haproxy = Haproxy::start(server.addr, send_proxy);
+
+    let mut client = connect_from("127.0.0.2".parse().unwrap(), haproxy.addr);
+    let prompt = read_line(&mut client);
+    assert_eq!(prompt, PROMPT, "haproxy log:\n{}", haproxy.log());
+    client.write_all(b"through haproxy\n").unwrap();
+    assert_eq!(read_until_closed(&mut client), b"");
+
+    let line = server.expect_line(" said: ");
+    let client_addr = client.local_addr().unwrap();
+    assert_eq!(client_addr.ip().to_string(), "127.0.0.2");
+    assert!(
+        line.ends_with(&format!("{client_addr} said: \"through haproxy\"")),
+        "{line}\nhaproxy log:\n{}",
+        haproxy.log()
+    );
+}
+
+#[test]
+fn send_proxy_v1_logs_the_real_client() {
+    client_behind("send-proxy");
+}
+
+#[test]
+fn send_proxy_v2_logs_the_real_client() {
+    client_behind("send-proxy-v2");
+}
