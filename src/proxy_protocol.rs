@@ -14,7 +14,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Instant;
 
-use crate::reply::ReplySource;
+use crate::reply::{ReadStep, ReplySource, read_before};
 
 /// The longest version 1 header, CRLF included.
 pub const V1_MAX_LEN: usize = 107;
@@ -148,33 +148,29 @@ fn parse_v2(bytes: &[u8]) -> Parsed {
     }
     let header = match family {
         // TCP over IPv4: 4 + 4 address bytes, 2 + 2 port bytes.
-        0x11 if body.len() >= 12 => {
-            let ip = |at: usize| {
-                IpAddr::from(<[u8; 4]>::try_from(&body[at..at + 4]).unwrap_or_default())
-            };
-            let port = |at: usize| u16::from_be_bytes([body[at], body[at + 1]]);
-            ProxyHeader::Proxied {
-                source: SocketAddr::new(ip(0), port(8)),
-                destination: SocketAddr::new(ip(4), port(10)),
-            }
-        }
+        0x11 if body.len() >= 12 => v2_addresses::<4>(body),
         // TCP over IPv6: 16 + 16 address bytes, 2 + 2 port bytes.
-        0x21 if body.len() >= 36 => {
-            let ip = |at: usize| {
-                IpAddr::from(<[u8; 16]>::try_from(&body[at..at + 16]).unwrap_or_default())
-            };
-            let port = |at: usize| u16::from_be_bytes([body[at], body[at + 1]]);
-            ProxyHeader::Proxied {
-                source: SocketAddr::new(ip(0), port(32)),
-                destination: SocketAddr::new(ip(16), port(34)),
-            }
-        }
+        0x21 if body.len() >= 36 => v2_addresses::<16>(body),
         0x11 | 0x21 => return Parsed::Invalid("v2 header too short for its addresses"),
         // UNSPEC, UNIX sockets, UDP: no TCP client address to report.
         0x00 | 0x12 | 0x22 | 0x31 | 0x32 => ProxyHeader::Local,
         _ => return Parsed::Invalid("v2 header with an unknown address family"),
     };
     Parsed::Complete { header, length }
+}
+
+/// Source and destination from a v2 address block of `N`-byte addresses
+/// (4 or 16), which the caller has checked is long enough.
+fn v2_addresses<const N: usize>(body: &[u8]) -> ProxyHeader
+where
+    IpAddr: From<[u8; N]>,
+{
+    let ip = |at: usize| IpAddr::from(<[u8; N]>::try_from(&body[at..at + N]).unwrap_or([0; N]));
+    let port = |at: usize| u16::from_be_bytes([body[at], body[at + 1]]);
+    ProxyHeader::Proxied {
+        source: SocketAddr::new(ip(0), port(2 * N)),
+        destination: SocketAddr::new(ip(N), port(2 * N + 2)),
+    }
 }
 
 /// Why no header could be had.
@@ -214,28 +210,11 @@ pub fn read_header<S: ReplySource>(
             Parsed::Invalid(why) => return Err(HeaderError::Invalid(why)),
             Parsed::Incomplete => {}
         }
-        if let Some(deadline) = deadline {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(HeaderError::TimedOut);
-            }
-            source
-                .set_read_timeout_for_next_read(left)
-                .map_err(HeaderError::Failed)?;
-        }
-        match source.read(&mut chunk) {
-            Ok(0) => return Err(HeaderError::Closed),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(HeaderError::TimedOut);
-            }
-            Err(e) => return Err(HeaderError::Failed(e)),
+        match read_before(source, &mut chunk, deadline, true) {
+            ReadStep::Data(n) => buf.extend_from_slice(&chunk[..n]),
+            ReadStep::Closed => return Err(HeaderError::Closed),
+            ReadStep::TimedOut => return Err(HeaderError::TimedOut),
+            ReadStep::Failed(e) => return Err(HeaderError::Failed(e)),
         }
     }
 }

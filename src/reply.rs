@@ -117,45 +117,76 @@ pub fn read_reply<S: ReplySource>(
     let mut buf = Vec::new();
     let mut timeout_is_set = deadline.is_some_and(|d| d.first_read_timeout_is_set);
     loop {
-        if let Some(deadline) = deadline {
-            let remaining = deadline.at.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return finish(buf, max_reply_bytes, ReplyEnd::TimedOut);
-            }
-            if !timeout_is_set && let Err(e) = source.set_read_timeout_for_next_read(remaining) {
-                return finish(buf, max_reply_bytes, ReplyEnd::Failed(e));
-            }
-            timeout_is_set = false;
-        }
+        let want = (limit - buf.len()).min(READ_CHUNK);
+        let at = deadline.map(|d| d.at);
+        let step = read_before(source, &mut chunk[..want], at, !timeout_is_set);
+        timeout_is_set = false;
+        let n = match step {
+            ReadStep::Data(n) => n,
+            ReadStep::Closed => return finish(buf, max_reply_bytes, ReplyEnd::Closed),
+            ReadStep::TimedOut => return finish(buf, max_reply_bytes, ReplyEnd::TimedOut),
+            ReadStep::Failed(e) => return finish(buf, max_reply_bytes, ReplyEnd::Failed(e)),
+        };
+        trace!(event = "read", peer:% = peer, bytes = n; "{peer}: read {n} bytes");
         let start = buf.len();
-        let want = (limit - start).min(READ_CHUNK);
-        match source.read(&mut chunk[..want]) {
-            Ok(0) => return finish(buf, max_reply_bytes, ReplyEnd::Closed),
-            Ok(n) => {
-                trace!(event = "read", peer:% = peer, bytes = n; "{peer}: read {n} bytes");
-                buf.extend_from_slice(&chunk[..n]);
-                if let Some(newline) = buf[start..].iter().position(|&b| b == b'\n') {
-                    buf.truncate(start + newline);
-                    if buf.last() == Some(&b'\r') {
-                        buf.pop();
-                    }
-                    return finish(buf, max_reply_bytes, ReplyEnd::Line);
-                }
-                if buf.len() >= limit {
-                    return finish(buf, max_reply_bytes, ReplyEnd::Truncated);
-                }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(newline) = buf[start..].iter().position(|&b| b == b'\n') {
+            buf.truncate(start + newline);
+            if buf.last() == Some(&b'\r') {
+                buf.pop();
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            return finish(buf, max_reply_bytes, ReplyEnd::Line);
+        }
+        if buf.len() >= limit {
+            return finish(buf, max_reply_bytes, ReplyEnd::Truncated);
+        }
+    }
+}
+
+/// What one read under a deadline gave.
+#[derive(Debug)]
+pub enum ReadStep {
+    Data(usize),
+    /// The client closed its side.
+    Closed,
+    /// The deadline passed, before or during the read.
+    TimedOut,
+    Failed(io::Error),
+}
+
+/// Reads once into `buf`, giving up at `deadline`. With `set_timeout`, the
+/// socket's read timeout is first set to the time left; without, the caller
+/// knows it already stands at about that.
+pub fn read_before<S: ReplySource>(
+    source: &mut S,
+    buf: &mut [u8],
+    deadline: Option<Instant>,
+    set_timeout: bool,
+) -> ReadStep {
+    if let Some(deadline) = deadline {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return ReadStep::TimedOut;
+        }
+        if set_timeout && let Err(e) = source.set_read_timeout_for_next_read(remaining) {
+            return ReadStep::Failed(e);
+        }
+    }
+    loop {
+        return match source.read(buf) {
+            Ok(0) => ReadStep::Closed,
+            Ok(n) => ReadStep::Data(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e)
                 if matches!(
                     e.kind(),
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                return finish(buf, max_reply_bytes, ReplyEnd::TimedOut);
+                ReadStep::TimedOut
             }
-            Err(e) => return finish(buf, max_reply_bytes, ReplyEnd::Failed(e)),
-        }
+            Err(e) => ReadStep::Failed(e),
+        };
     }
 }
 

@@ -83,20 +83,16 @@ fn v2_header_and_local_command() {
 
     // LOCAL (a health check): the real endpoint is logged.
     let mut client = server.connect();
-    let mut local = v2_header(0, [198, 51, 100, 9], 6000);
-    local.extend_from_slice(b"local\n");
-    client.write_all(&local).unwrap();
+    let mut local_header = v2_header(0, [198, 51, 100, 9], 6000);
+    local_header.extend_from_slice(b"local\n");
+    client.write_all(&local_header).unwrap();
     expect_prompt(&mut client);
     assert_eq!(read_until_closed(&mut client), b"");
     let line = server.expect_line(" said: ");
     assert!(
-        line.ends_with(&format!("{} said: \"local\"", local_addr(&client))),
+        line.ends_with(&format!("{} said: \"local\"", local(&client))),
         "{line}"
     );
-}
-
-fn local_addr(stream: &TcpStream) -> std::net::SocketAddr {
-    stream.local_addr().unwrap()
 }
 
 #[test]
@@ -112,7 +108,7 @@ fn missing_malformed_and_over_long_headers_get_no_prompt() {
     ] {
         let client = expect_closed_without_prompt(&server, bad);
         let line = server.expect_line("bad PROXY protocol header");
-        assert!(line.contains(&local_addr(&client).to_string()), "{line}");
+        assert!(line.contains(&local(&client).to_string()), "{line}");
         assert!(line.contains("WARN"), "{line}");
     }
     // Closing half-way through a header is logged too.
@@ -134,7 +130,7 @@ fn a_stalled_header_is_cut_off_at_the_reply_timeout() {
         "{waited:?}"
     );
     let line = server.expect_line("no complete PROXY header in time");
-    assert!(line.contains(&local_addr(&client).to_string()), "{line}");
+    assert!(line.contains(&local(&client).to_string()), "{line}");
 }
 
 #[test]
@@ -142,10 +138,7 @@ fn only_trusted_proxies_may_send_a_header() {
     let mut server = ServerProcess::start(&["--proxy-protocol", "--trusted-proxy", "127.0.0.2"]);
     let client =
         expect_closed_without_prompt(&server, b"PROXY TCP4 192.0.2.7 127.0.0.1 5555 1337\r\n");
-    server.expect_line(&format!(
-        "{} refused: not a trusted proxy",
-        local_addr(&client)
-    ));
+    server.expect_line(&format!("{} refused: not a trusted proxy", local(&client)));
 
     let mut trusted = connect_from(ip("127.0.0.2"), server.addr);
     trusted
@@ -167,7 +160,7 @@ fn deny_refuses_without_a_prompt_and_wins_over_allow() {
     );
     let line = server.expect_line("refused by the access rules");
     assert!(
-        line.contains(&local_addr(&denied).to_string()) && line.contains("WARN"),
+        line.contains(&local(&denied).to_string()) && line.contains("WARN"),
         "{line}"
     );
 
@@ -215,7 +208,7 @@ fn max_per_ip_turns_away_the_extra_connection_from_one_address() {
     );
     server.expect_line(&format!(
         "{} turned away: already 2 connections from 127.0.0.1",
-        local_addr(&extra)
+        local(&extra)
     ));
 
     // Another address is not affected.
@@ -261,7 +254,7 @@ fn json_logs_carry_the_fields_one_object_per_line() {
         .find(|l| l["event"] == "reply")
         .expect("reply event");
     assert_eq!(reply["level"], "info");
-    assert_eq!(reply["peer"], local_addr(&client).to_string());
+    assert_eq!(reply["peer"], local(&client).to_string());
     assert_eq!(reply["reply"], "ok\r\u{1b}[31m\u{fffd}\"}");
     assert_eq!(reply["reply_lossy"], true);
     assert_eq!(reply["bytes"], 11);
@@ -292,7 +285,7 @@ fn json_logs_name_the_proxy_and_the_real_client() {
     let line = server.expect_line("\"event\":\"reply\"");
     let reply: Value = serde_json::from_str(&line).unwrap();
     assert_eq!(reply["peer"], "192.0.2.7:5555");
-    assert_eq!(reply["proxy"], local_addr(&client).to_string());
+    assert_eq!(reply["proxy"], local(&client).to_string());
 }
 
 #[test]
