@@ -5,6 +5,7 @@
 //! Everything here may block, but never for longer than the write timeout
 //! plus the header and reply deadlines, and nothing else waits on this thread.
 
+use std::cell::Cell;
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Instant;
@@ -36,6 +37,17 @@ pub enum Outcome {
     Busy,
 }
 
+thread_local! {
+    /// The peer this thread is serving, for the panic log line: a thread
+    /// from the thread cache keeps the name of its first peer.
+    static SERVING: Cell<Option<SocketAddr>> = const { Cell::new(None) };
+}
+
+/// The peer the current thread is serving, if it is a connection thread.
+pub fn serving_peer() -> Option<SocketAddr> {
+    SERVING.with(Cell::get)
+}
+
 /// Who is on the other end.
 #[derive(Debug, Clone, Copy)]
 struct Client {
@@ -65,6 +77,7 @@ pub fn serve(
     timeouts_inherited: bool,
 ) -> Outcome {
     let started = Instant::now();
+    SERVING.with(|serving| serving.set(Some(peer)));
     let mut early_bytes = Vec::new();
     let client = if config.proxy_protocol {
         match read_proxy_header(stream, peer, config, started) {

@@ -141,11 +141,18 @@ pub fn log_panics() {
             .location()
             .map(|at| format!("{}:{}", at.file(), at.line()))
             .unwrap_or_default();
-        error!(
-            event = "panic";
-            "thread {thread} panicked at {location}: {}",
-            Escaped(message.as_bytes())
-        );
+        match crate::connection::serving_peer() {
+            Some(peer) => error!(
+                event = "panic", peer:% = peer;
+                "thread {thread} panicked at {location} serving {peer}: {}",
+                Escaped(message.as_bytes())
+            ),
+            None => error!(
+                event = "panic";
+                "thread {thread} panicked at {location}: {}",
+                Escaped(message.as_bytes())
+            ),
+        }
     }));
 }
 
