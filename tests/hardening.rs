@@ -4,22 +4,13 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
 use socket2::SockRef;
-
-/// True while the server has neither sent anything nor closed `stream`.
-fn still_waiting(stream: &TcpStream) -> bool {
-    stream.set_nonblocking(true).unwrap();
-    let mut byte = [0u8; 1];
-    let result = (&*stream).read(&mut byte);
-    stream.set_nonblocking(false).unwrap();
-    matches!(result, Err(e) if e.kind() == ErrorKind::WouldBlock)
-}
 
 /// Log lines about `peer` above debug level: what an operator sees of it.
 fn outcome_lines(server: &ServerProcess, peer: &str) -> Vec<String> {

@@ -236,6 +236,15 @@ pub fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
     }
 }
 
+/// True while the server has neither sent anything nor closed `stream`.
+pub fn still_waiting(stream: &TcpStream) -> bool {
+    stream.set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 1];
+    let result = (&*stream).read(&mut byte);
+    stream.set_nonblocking(false).unwrap();
+    matches!(result, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
 /// A whole session: read the prompt, send `reply`, read until closed.
 pub fn session(addr: SocketAddr, reply: &[u8]) {
     let mut stream = connect(addr);
