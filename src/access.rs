@@ -4,9 +4,11 @@
 //! Rules are checked against the real client address, which is the one
 //! from the PROXY header when that protocol is on. IPv4 clients of a
 //! dual-stack (`::`) listener arrive as IPv4-mapped IPv6 addresses
-//! (`::ffff:192.0.2.7`); they are matched as the IPv4 addresses they are.
+//! (`::ffff:192.0.2.7`); [`canonical`] turns them into the IPv4 addresses
+//! they are, once, so that logs, rules and per-address counts all see one
+//! form, and a rule written in either form matches them.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
@@ -15,15 +17,31 @@ use ipnet::IpNet;
 pub struct NetList(pub Vec<IpNet>);
 
 impl NetList {
-    /// Whether `ip` is in any of the networks.
+    /// Whether `ip` is in any of the networks. An IPv4 client also matches
+    /// a rule written for its IPv4-mapped form (`::ffff:127.0.0.1`,
+    /// `::ffff:0:0/96`, `::/0`).
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
-        self.0.iter().any(|net| net.contains(&ip))
+        let mapped = match ip {
+            IpAddr::V4(v4) => Some(IpAddr::V6(v4.to_ipv6_mapped())),
+            IpAddr::V6(_) => None,
+        };
+        self.0
+            .iter()
+            .any(|net| net.contains(&ip) || mapped.is_some_and(|m| net.contains(&m)))
     }
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+}
+
+/// A client address in the one form the server uses everywhere: an
+/// IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]:50312`, how a dual-stack
+/// listener sees IPv4 clients) becomes the IPv4 address it is
+/// (`127.0.0.1:50312`).
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// Parses `ADDR/PREFIX`, or a bare address meaning that one host.
@@ -100,6 +118,38 @@ mod tests {
         };
         assert!(!rules.permits(ip("::ffff:127.0.0.1")));
         assert!(rules.permits(ip("::ffff:192.0.2.1")));
+    }
+
+    #[test]
+    fn rules_in_mapped_form_match_ipv4_clients() {
+        for rule in [
+            "::ffff:127.0.0.1",
+            "::ffff:0:0/96",
+            "::ffff:127.0.0.0/104",
+            "::/0",
+        ] {
+            let rules = AccessRules {
+                allow: NetList::default(),
+                deny: nets(&[rule]),
+            };
+            assert!(!rules.permits(ip("127.0.0.1")), "{rule}");
+            assert!(!rules.permits(ip("::ffff:127.0.0.1")), "{rule}");
+        }
+        let allow_mapped = AccessRules {
+            allow: nets(&["::ffff:127.0.0.1"]),
+            deny: NetList::default(),
+        };
+        assert!(allow_mapped.permits(ip("127.0.0.1")));
+        assert!(!allow_mapped.permits(ip("127.0.0.2")));
+        assert!(!allow_mapped.permits(ip("::1")));
+    }
+
+    #[test]
+    fn mapped_client_addresses_become_ipv4() {
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:50312".parse().unwrap();
+        assert_eq!(canonical(mapped).to_string(), "127.0.0.1:50312");
+        let v6: SocketAddr = "[::1]:5".parse().unwrap();
+        assert_eq!(canonical(v6), v6);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 use crate::access::{AccessRules, NetList, parse_net};
 use crate::logging::LogFormat;
@@ -64,6 +64,9 @@ pub struct Config {
     pub access: AccessRules,
     /// Connections one client address may hold at once; `None`: no limit.
     pub max_per_ip: Option<usize>,
+    /// Connections the kernel may queue before the server accepts them;
+    /// `None`: the most it allows (`net.core.somaxconn`).
+    pub backlog: Option<u32>,
 }
 
 impl Default for Config {
@@ -81,6 +84,7 @@ impl Default for Config {
             trusted_proxies: NetList::default(),
             access: AccessRules::default(),
             max_per_ip: None,
+            backlog: None,
         }
     }
 }
@@ -141,7 +145,8 @@ pub struct Cli {
     pub shutdown_timeout: f64,
 
     /// Finished connection threads kept parked (up to 10 s) to serve the next
-    /// connection instead of starting a new thread; 0 disables it.
+    /// connection instead of starting a new thread; 0 disables it; at most
+    /// --max-connections.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub thread_cache: usize,
 
@@ -170,12 +175,30 @@ pub struct Cli {
     #[arg(long, value_name = "N", value_parser = parse_at_least_one)]
     pub max_per_ip: Option<usize>,
 
+    /// Connections the kernel queues for the server before it accepts them
+    /// [default: net.core.somaxconn, 4096 on current kernels]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i32::MAX as i64))]
+    pub backlog: Option<u32>,
+
     /// Log lines as text, or as one JSON object per line.
     #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
 
 impl Cli {
+    /// Checks what one option's parser cannot: how options relate. The
+    /// error is clap's, so it is reported like any other bad argument.
+    pub fn validate(self) -> Result<Self, clap::Error> {
+        if self.thread_cache > self.max_connections {
+            let message = format!(
+                "invalid value '{}' for '--thread-cache <N>': must be at most --max-connections ({})",
+                self.thread_cache, self.max_connections
+            );
+            return Err(Self::command().error(clap::error::ErrorKind::ValueValidation, message));
+        }
+        Ok(self)
+    }
+
     /// The [`Config`] this command line asks for.
     pub fn to_config(&self) -> Config {
         Config {
@@ -195,6 +218,7 @@ impl Cli {
                 deny: NetList(self.deny.clone()),
             },
             max_per_ip: self.max_per_ip,
+            backlog: self.backlog,
         }
     }
 }
@@ -308,7 +332,28 @@ mod tests {
 
     #[test]
     fn cli_definition_is_consistent() {
-        use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn thread_cache_beyond_the_connection_cap_is_refused() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(["prompt-server"].iter().chain(args)).and_then(Cli::validate)
+        };
+        let err = parse(&["--thread-cache", "1000000000"]).unwrap_err();
+        assert!(
+            err.to_string().contains("at most --max-connections (1024)"),
+            "{err}"
+        );
+        assert!(parse(&["--thread-cache", "18446744073709551616"]).is_err());
+        assert!(parse(&["--max-connections", "8", "--thread-cache", "8"]).is_ok());
+    }
+
+    #[test]
+    fn backlog_defaults_to_the_kernel_maximum_and_can_be_set() {
+        assert_eq!(Cli::parse_from(["prompt-server"]).to_config().backlog, None);
+        let config = Cli::parse_from(["prompt-server", "--backlog", "64"]).to_config();
+        assert_eq!(config.backlog, Some(64));
+        assert!(Cli::try_parse_from(["prompt-server", "--backlog", "0"]).is_err());
     }
 }

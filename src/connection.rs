@@ -7,16 +7,23 @@
 
 use std::cell::Cell;
 use std::io::Write;
-use std::net::{SocketAddr, TcpStream};
-use std::time::Instant;
+use std::mem::MaybeUninit;
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
+use crate::access::canonical;
 use crate::config::{BUSY_MESSAGE, Config};
-use crate::limits::PerIpLimit;
+use crate::limits::{ConnectionSlot, PerIpLimit};
 use crate::logging::{Escaped, describe_io_error, reply_text};
 use crate::proxy_protocol::{self, ProxyHeader};
-use crate::reply::{Prefixed, Reply, ReplyDeadline, ReplyEnd, read_reply};
+use crate::reply::{Prefixed, ReadStep, Reply, ReplyDeadline, ReplyEnd, read_before, read_reply};
+
+/// Most bytes a lingering close reads and throws away before it gives up.
+const LINGER_MAX_BYTES: usize = 64 * 1024;
+/// Longest a lingering close waits for the client to stop sending.
+const LINGER_MAX_TIME: Duration = Duration::from_secs(1);
 
 /// How a connection ended, for the shutdown summary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,7 +166,7 @@ fn read_proxy_header(
     match proxy_protocol::read_header(stream, deadline) {
         Ok((ProxyHeader::Proxied { source, .. }, rest)) => Ok((
             Client {
-                addr: source,
+                addr: canonical(source),
                 proxy: Some(peer),
             },
             rest,
@@ -241,6 +248,51 @@ fn log_reply(client: Client, reply: &Reply, config: &Config, started: Instant) -
                 "{addr} read error: {error}; got {bytes}"
             );
             Outcome::Failed
+        }
+    }
+}
+
+/// Ends a served connection so that the client reads a clean end of stream.
+///
+/// Linux answers a close with unread bytes in the receive queue (the rest of
+/// an over-long reply, anything sent after the reply line) with a reset, and
+/// the client may lose the close or even the busy line. So when bytes are
+/// waiting, the close lingers as nginx's `lingering_close` does: shut down
+/// the write side (the client sees the end of stream), read and discard
+/// for at most [`LINGER_MAX_TIME`] or [`LINGER_MAX_BYTES`], then close.
+///
+/// Otherwise the slot is released before the socket is closed, so that a
+/// client that sees its connection close can connect again at once; a
+/// lingering connection keeps its slot until it is done, so that lingering
+/// threads never outnumber the connection cap.
+pub fn close(mut stream: TcpStream, slot: ConnectionSlot) {
+    if has_unread_bytes(&stream) {
+        linger(&mut stream);
+    }
+    drop(slot);
+    drop(stream);
+}
+
+/// Whether client bytes are waiting in the socket, without blocking.
+fn has_unread_bytes(stream: &TcpStream) -> bool {
+    let mut byte = [MaybeUninit::<u8>::uninit(); 1];
+    socket2::SockRef::from(stream)
+        .recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+        .is_ok_and(|n| n > 0)
+}
+
+#[inline(never)]
+fn linger(stream: &mut TcpStream) {
+    if stream.shutdown(Shutdown::Write).is_err() {
+        return;
+    }
+    let deadline = Instant::now() + LINGER_MAX_TIME;
+    let mut discard = [0u8; 2048];
+    let mut discarded = 0;
+    while discarded < LINGER_MAX_BYTES {
+        match read_before(stream, &mut discard, Some(deadline), true) {
+            ReadStep::Data(n) => discarded += n,
+            ReadStep::Closed | ReadStep::TimedOut | ReadStep::Failed(_) => return,
         }
     }
 }

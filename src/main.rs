@@ -10,7 +10,7 @@ use prompt_server::config::Cli;
 use prompt_server::{Shutdown, bind, limits, logging, run, shutdown};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse().and_then(Cli::validate) {
         Ok(cli) => cli,
         // --help and --version are not errors; clap prints them and exits 0.
         Err(e) if !e.use_stderr() => e.exit(),
@@ -38,7 +38,7 @@ fn main() -> ExitCode {
 fn serve(cli: &Cli) -> anyhow::Result<()> {
     let config = cli.to_config();
     limits::raise_fd_limit(config.max_connections);
-    let listener = bind(config.listen_addr)?;
+    let listener = bind(&config)?;
     let stop = Shutdown::new();
     shutdown::trigger_on_signals(stop.clone()).context("cannot install signal handlers")?;
     run(listener, config, stop)?;

@@ -15,10 +15,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use log::{debug, info, warn};
-use socket2::SockRef;
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
+use crate::access::canonical;
 use crate::config::{BUSY_MESSAGE, Config};
-use crate::connection;
+use crate::connection::{self, Outcome};
 use crate::limits::{ConnectionLimit, ConnectionSlot, PerIpLimit};
 use crate::logging::describe_io_error;
 use crate::shutdown::Shutdown;
@@ -33,11 +34,42 @@ const MAX_ACCEPT_PAUSE: Duration = Duration::from_secs(1);
 /// storm of failures does not become a storm of log lines.
 const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Binds the listening socket, with an error that names the address.
-pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
+/// Where the default listen backlog comes from: the most the kernel accepts
+/// (`net.core.somaxconn`), as Go does, so that a burst of clients waits in
+/// the kernel's queue instead of having its handshakes dropped.
+const SOMAXCONN_PATH: &str = "/proc/sys/net/core/somaxconn";
+/// The backlog when `SOMAXCONN_PATH` cannot be read: Linux's default
+/// `somaxconn` since 5.4.
+const FALLBACK_BACKLOG: u32 = 4096;
+
+/// Binds the listening socket for `config.listen_addr` with
+/// `config.backlog` (or the kernel's maximum), with an error that names the
+/// address.
+pub fn bind(config: &Config) -> anyhow::Result<TcpListener> {
+    let addr = config.listen_addr;
+    let backlog = config.backlog.unwrap_or_else(default_backlog);
+    listen(addr, backlog)
         .map_err(|e| anyhow::Error::msg(describe_io_error(&e)))
         .with_context(|| format!("cannot listen on {addr}"))
+}
+
+/// What `TcpListener::bind` does (`SO_REUSEADDR`, bind, listen), with a
+/// backlog of our choosing instead of std's fixed 128.
+fn listen(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    Ok(socket.into())
+}
+
+/// `net.core.somaxconn`, the largest backlog the kernel grants by default.
+fn default_backlog() -> u32 {
+    std::fs::read_to_string(SOMAXCONN_PATH)
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(FALLBACK_BACKLOG)
 }
 
 /// What every connection thread shares with the accept loop.
@@ -78,7 +110,10 @@ pub fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> anyhow:
 
     let limit = ConnectionLimit::new(config.max_connections);
     let shared = Arc::new(Shared {
-        thread_cache: ThreadCache::new(config.thread_cache, PARKED_THREAD_IDLE_TIMEOUT),
+        thread_cache: ThreadCache::new(
+            config.thread_cache.min(config.max_connections),
+            PARKED_THREAD_IDLE_TIMEOUT,
+        ),
         per_ip: PerIpLimit::new(config.max_per_ip),
         config,
         stats: Stats::default(),
@@ -88,6 +123,7 @@ pub fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> anyhow:
         match listener.accept() {
             Ok((stream, peer)) => {
                 failures.recovered();
+                let peer = canonical(peer);
                 if shutdown.is_triggered() {
                     break;
                 }
@@ -149,15 +185,16 @@ fn admit(
     let spawned = thread::Builder::new()
         .name(format!("conn-{peer}"))
         .spawn(move || connection_thread(accepted, &thread_shared));
-    match spawned {
-        Ok(_) => shared.stats.record_connection(),
+    shared.stats.record_connection();
+    if let Err(e) = spawned {
         // The closure, with the socket and the slot, is dropped: the client
         // sees the connection close, and the slot is free again.
-        Err(e) => warn!(
+        shared.stats.record(Outcome::Failed);
+        warn!(
             event = "spawn_failed", peer:% = peer;
             "{peer} closed: cannot start a thread for it: {}",
             describe_io_error(&e)
-        ),
+        );
     }
 }
 
@@ -181,10 +218,7 @@ fn connection_thread(first: Accepted, shared: &Shared) {
             timeouts_inherited,
         );
         shared.stats.record(outcome);
-        // Free the slot before the client sees the close, so that it can
-        // connect again at once.
-        drop(slot);
-        drop(stream);
+        connection::close(stream, slot);
         debug!(event = "disconnected", peer:% = peer; "{peer} disconnected");
         next = shared.thread_cache.park();
     }

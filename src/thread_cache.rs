@@ -47,7 +47,7 @@ impl<T> ThreadCache<T> {
             idle_timeout,
             state: Mutex::new(State {
                 parked: 0,
-                queue: VecDeque::with_capacity(capacity),
+                queue: VecDeque::new(),
                 closed: false,
             }),
             handed_over: Condvar::new(),

@@ -11,9 +11,17 @@ use std::time::{Duration, Instant};
 use common::*;
 use prompt_server::{Config, Shutdown, bind, run};
 
+/// The default configuration on 127.0.0.1, port 0.
+fn loopback_config() -> Config {
+    Config {
+        listen_addr: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    }
+}
+
 #[test]
 fn library_server_serves_and_stops_on_shutdown() {
-    let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = bind(&loopback_config()).unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = Shutdown::new();
     let (done, finished) = mpsc::channel();
@@ -33,7 +41,7 @@ fn library_server_serves_and_stops_on_shutdown() {
 
 #[test]
 fn shutdown_before_run_stops_at_once() {
-    let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = bind(&loopback_config()).unwrap();
     let shutdown = Shutdown::new();
     shutdown.trigger();
     let (done, finished) = mpsc::channel();
@@ -45,9 +53,13 @@ fn shutdown_before_run_stops_at_once() {
 
 #[test]
 fn bind_error_names_the_address() {
-    let taken = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let taken = bind(&loopback_config()).unwrap();
     let addr = taken.local_addr().unwrap();
-    let error = bind(addr).unwrap_err();
+    let error = bind(&Config {
+        listen_addr: addr,
+        ..Config::default()
+    })
+    .unwrap_err();
     assert_eq!(
         format!("{error:#}"),
         format!("cannot listen on {addr}: address already in use")
@@ -56,7 +68,7 @@ fn bind_error_names_the_address() {
 
 #[test]
 fn a_client_that_never_reads_is_dropped_at_the_write_timeout() {
-    let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = bind(&loopback_config()).unwrap();
     let addr = listener.local_addr().unwrap();
     // Far more than loopback socket buffers hold for a client that never reads.
     let config = Config {
