@@ -9,16 +9,21 @@ use std::cell::Cell;
 use std::io::Write;
 use std::mem::MaybeUninit;
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
+use socket2::SockRef;
 
 use crate::access::canonical;
 use crate::config::{BUSY_MESSAGE, Config};
 use crate::limits::{ConnectionSlot, PerIpLimit};
-use crate::logging::{Escaped, describe_io_error, reply_text};
+use crate::logging::{
+    self, BUSY_LINES, DENIED_LINES, Escaped, describe_io_error, held_back_note, reply_text,
+};
 use crate::proxy_protocol::{self, ProxyHeader};
 use crate::reply::{Prefixed, ReadStep, Reply, ReplyDeadline, ReplyEnd, read_before, read_reply};
+use crate::shutdown::{OpenConnection, OpenConnections};
 
 /// Most bytes a lingering close reads and throws away before it gives up.
 const LINGER_MAX_BYTES: usize = 64 * 1024;
@@ -42,6 +47,18 @@ pub enum Outcome {
     Denied,
     /// Turned away with the busy line (`--max-per-ip`).
     Busy,
+    /// Still connected at the shutdown deadline: cut off, and logged with
+    /// what it had sent.
+    CutOff,
+}
+
+/// What every connection is served with.
+pub(crate) struct Serving {
+    pub(crate) config: Config,
+    /// Connections held per client address (`--max-per-ip`).
+    pub(crate) per_ip: PerIpLimit,
+    /// Every open connection, for a stopping server to cut off.
+    pub(crate) open: Arc<OpenConnections>,
 }
 
 thread_local! {
@@ -76,18 +93,19 @@ impl Client {
 /// `timeouts_inherited` says that the socket already carries the write
 /// timeout and a read timeout of the whole reply budget (inherited from the
 /// listening socket), which saves two system calls per connection.
-pub fn serve(
-    stream: &mut TcpStream,
+pub(crate) fn serve(
+    stream: &TcpStream,
     peer: SocketAddr,
-    config: &Config,
-    per_ip: &PerIpLimit,
+    serving: &Serving,
     timeouts_inherited: bool,
 ) -> Outcome {
+    let config = &serving.config;
+    let mut stream = stream;
     let started = Instant::now();
-    SERVING.with(|serving| serving.set(Some(peer)));
+    SERVING.with(|current| current.set(Some(peer)));
     let mut early_bytes = Vec::new();
     let client = if config.proxy_protocol {
-        match read_proxy_header(stream, peer, config, started) {
+        match read_proxy_header(&mut stream, peer, config, started) {
             Ok((client, rest)) => {
                 early_bytes = rest;
                 client
@@ -104,16 +122,24 @@ pub fn serve(
     let proxy = client.proxy_field();
     let proxy = proxy.as_deref();
     if !config.access.permits(addr.ip()) {
-        warn!(event = "denied", peer:% = addr, proxy = proxy; "{addr} refused by the access rules");
+        if let Some(held_back) = DENIED_LINES.due() {
+            warn!(
+                event = "denied", peer:% = addr, proxy = proxy, held_back = held_back;
+                "{addr} refused by the access rules{}", held_back_note(held_back)
+            );
+        }
         return Outcome::Denied;
     }
-    let Some(_ip_slot) = per_ip.try_acquire(addr.ip()) else {
-        warn!(
-            event = "busy", peer:% = addr, proxy = proxy;
-            "{addr} turned away: already {} connections from {}",
-            config.max_per_ip.unwrap_or_default(),
-            addr.ip()
-        );
+    let Some(_ip_slot) = serving.per_ip.try_acquire(addr.ip()) else {
+        if let Some(held_back) = BUSY_LINES.due() {
+            warn!(
+                event = "busy", peer:% = addr, proxy = proxy, held_back = held_back;
+                "{addr} turned away: already {} connections from {}{}",
+                config.max_per_ip.unwrap_or_default(),
+                addr.ip(),
+                held_back_note(held_back)
+            );
+        }
         let _ = stream.write(BUSY_MESSAGE);
         return Outcome::Busy;
     };
@@ -138,9 +164,10 @@ pub fn serve(
         at: Instant::now() + timeout,
         first_read_timeout_is_set: timeout_still_inherited,
     });
-    let mut source = Prefixed::new(&early_bytes, stream);
+    let mut source = Prefixed::new(&early_bytes, &mut stream);
     let reply = read_reply(&mut source, addr, config.max_reply_bytes, deadline);
-    log_reply(client, &reply, config, started)
+    let cut_off = serving.open.cutting_off();
+    log_reply(client, &reply, config, started, cut_off)
 }
 
 /// Reads the PROXY header, if the peer may send one at all. On failure the
@@ -152,14 +179,19 @@ pub fn serve(
 /// measured with 10,000 idle clients).
 #[inline(never)]
 fn read_proxy_header(
-    stream: &mut TcpStream,
+    stream: &mut &TcpStream,
     peer: SocketAddr,
     config: &Config,
     started: Instant,
 ) -> Result<(Client, Vec<u8>), Outcome> {
     let trusted = &config.trusted_proxies;
     if !trusted.is_empty() && !trusted.contains(peer.ip()) {
-        warn!(event = "denied", peer:% = peer; "{peer} refused: not a trusted proxy");
+        if let Some(held_back) = DENIED_LINES.due() {
+            warn!(
+                event = "denied", peer:% = peer, held_back = held_back;
+                "{peer} refused: not a trusted proxy{}", held_back_note(held_back)
+            );
+        }
         return Err(Outcome::Denied);
     }
     let deadline = config.reply_timeout.map(|timeout| started + timeout);
@@ -187,7 +219,13 @@ fn read_proxy_header(
 
 /// The one log line that says how a client's reply went.
 #[inline(never)]
-fn log_reply(client: Client, reply: &Reply, config: &Config, started: Instant) -> Outcome {
+fn log_reply(
+    client: Client,
+    reply: &Reply,
+    config: &Config,
+    started: Instant,
+    cut_off: bool,
+) -> Outcome {
     let addr = client.addr;
     let proxy = client.proxy_field();
     let proxy = proxy.as_deref();
@@ -206,6 +244,15 @@ fn log_reply(client: Client, reply: &Reply, config: &Config, started: Instant) -
         };
     }
     match &reply.end {
+        // The server shut the read side down itself at the deadline.
+        ReplyEnd::Closed if cut_off => {
+            event!(
+                warn,
+                "cut_off",
+                "{addr} cut off by shutdown before a full reply; got {bytes}"
+            );
+            Outcome::CutOff
+        }
         ReplyEnd::Line => {
             event!(info, "reply", "{addr} said: {bytes}");
             Outcome::Replied
@@ -261,28 +308,36 @@ fn log_reply(client: Client, reply: &Reply, config: &Config, started: Instant) -
 /// the write side (the client sees the end of stream), read and discard
 /// for at most [`LINGER_MAX_TIME`] or [`LINGER_MAX_BYTES`], then close.
 ///
-/// Otherwise the slot is released before the socket is closed, so that a
-/// client that sees its connection close can connect again at once; a
-/// lingering connection keeps its slot until it is done, so that lingering
-/// threads never outnumber the connection cap.
-pub fn close(mut stream: TcpStream, slot: ConnectionSlot) {
-    if has_unread_bytes(&stream) {
-        linger(&mut stream);
+/// Otherwise the slot (and the rest of `held`) is released before the
+/// socket is closed, so that a client that sees its connection close can
+/// connect again at once; a lingering connection keeps its slot until it
+/// is done, so that lingering threads never outnumber the connection cap.
+pub(crate) fn close(stream: Arc<TcpStream>, held: (ConnectionSlot, OpenConnection)) {
+    if !logging::reply_was_logged() {
+        // The log never took this client's reply (the server is stopping
+        // with the log stalled): the zero linger time set on every socket
+        // makes the close a reset, so the client knows.
+        return;
     }
-    drop(slot);
+    // The reply is in the log: close normally from now on.
+    let _ = SockRef::from(&*stream).set_linger(None);
+    if has_unread_bytes(&stream) {
+        linger(&stream);
+    }
+    drop(held);
     drop(stream);
 }
 
 /// Whether client bytes are waiting in the socket, without blocking.
 fn has_unread_bytes(stream: &TcpStream) -> bool {
     let mut byte = [MaybeUninit::<u8>::uninit(); 1];
-    socket2::SockRef::from(stream)
+    SockRef::from(stream)
         .recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT)
         .is_ok_and(|n| n > 0)
 }
 
 #[inline(never)]
-fn linger(stream: &mut TcpStream) {
+fn linger(mut stream: &TcpStream) {
     if stream.shutdown(Shutdown::Write).is_err() {
         return;
     }
@@ -290,7 +345,7 @@ fn linger(stream: &mut TcpStream) {
     let mut discard = [0u8; 2048];
     let mut discarded = 0;
     while discarded < LINGER_MAX_BYTES {
-        match read_before(stream, &mut discard, Some(deadline), true) {
+        match read_before(&mut stream, &mut discard, Some(deadline), true) {
             ReadStep::Data(n) => discarded += n,
             ReadStep::Closed | ReadStep::TimedOut | ReadStep::Failed(_) => return,
         }

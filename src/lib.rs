@@ -38,6 +38,7 @@ pub mod access;
 pub mod config;
 pub mod connection;
 pub mod limits;
+mod log_sink;
 pub mod logging;
 pub mod proxy_protocol;
 pub mod reply;

@@ -9,9 +9,8 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use log::warn;
 
@@ -19,86 +18,113 @@ use log::warn;
 /// listener, the signal pipe, a log file, and some slack.
 const RESERVED_FDS: u64 = 16;
 
-/// At most `max` connections at once.
-#[derive(Debug)]
-pub struct ConnectionLimit {
-    max: usize,
-    /// Connections holding a slot now.
-    active: AtomicUsize,
-    /// Lets [`wait_until_idle`](Self::wait_until_idle) sleep until the last
-    /// slot is released; the mutex only orders that wake-up.
-    idle_lock: Mutex<()>,
-    idle: Condvar,
+/// How many of something are alive now (connections holding a slot,
+/// connection threads), with a wait for the count to reach zero: what a
+/// stopping server waits on.
+#[derive(Debug, Default)]
+pub struct LiveCount {
+    count: Mutex<usize>,
+    /// Signalled when the count reaches zero.
+    zero: Condvar,
 }
 
-/// One connection's share of a [`ConnectionLimit`]; released on drop.
+/// One member of a [`LiveCount`]; leaves it on drop, however its owner ends
+/// (even by a panic).
 #[derive(Debug)]
-pub struct ConnectionSlot {
-    limit: Arc<ConnectionLimit>,
+pub struct Live {
+    count: Arc<LiveCount>,
 }
 
-impl ConnectionLimit {
-    /// A limit of `max` connections at once.
-    pub fn new(max: usize) -> Arc<Self> {
-        Arc::new(ConnectionLimit {
-            max,
-            active: AtomicUsize::new(0),
-            idle_lock: Mutex::new(()),
-            idle: Condvar::new(),
+impl LiveCount {
+    pub fn new() -> Arc<Self> {
+        Arc::new(LiveCount::default())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.count.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Joins the count if it is below `max`, without waiting.
+    pub fn try_enter(self: &Arc<Self>, max: usize) -> Option<Live> {
+        let mut count = self.lock();
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(Live {
+            count: Arc::clone(self),
         })
     }
 
+    /// Joins the count.
+    pub fn enter(self: &Arc<Self>) -> Live {
+        *self.lock() += 1;
+        Live {
+            count: Arc::clone(self),
+        }
+    }
+
+    /// How many are alive now.
+    pub fn get(&self) -> usize {
+        *self.lock()
+    }
+
+    /// Waits until none is alive or `deadline` passes; returns how many
+    /// still are.
+    pub fn wait_until_zero(&self, deadline: Instant) -> usize {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        *self
+            .zero
+            .wait_timeout_while(self.lock(), timeout, |count| *count > 0)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        let mut count = self.count.lock();
+        *count -= 1;
+        if *count == 0 {
+            self.count.zero.notify_all();
+        }
+    }
+}
+
+/// At most `max` connections at once. A connection holds a
+/// [`ConnectionSlot`] from the accept loop until it is closed.
+#[derive(Debug)]
+pub struct ConnectionLimit {
+    max: usize,
+    slots: Arc<LiveCount>,
+}
+
+/// One connection's share of a [`ConnectionLimit`]; released on drop.
+pub type ConnectionSlot = Live;
+
+impl ConnectionLimit {
+    /// A limit of `max` connections at once.
+    pub fn new(max: usize) -> Self {
+        ConnectionLimit {
+            max,
+            slots: LiveCount::new(),
+        }
+    }
+
     /// A slot if fewer than `max` are taken, without waiting.
-    pub fn try_acquire(self: &Arc<Self>) -> Option<ConnectionSlot> {
-        self.active
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| ConnectionSlot {
-                limit: Arc::clone(self),
-            })
+    pub fn try_acquire(&self) -> Option<ConnectionSlot> {
+        self.slots.try_enter(self.max)
     }
 
     /// How many slots are taken now.
     pub fn active(&self) -> usize {
-        self.active.load(Ordering::Acquire)
+        self.slots.get()
     }
 
-    /// Waits until every slot is released or `timeout` passes; returns how
+    /// Waits until every slot is released or `deadline` passes; returns how
     /// many are still taken.
-    pub fn wait_until_idle(&self, timeout: Duration) -> usize {
-        let deadline = Instant::now() + timeout;
-        let mut guard = self
-            .idle_lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        loop {
-            let active = self.active();
-            let left = deadline.saturating_duration_since(Instant::now());
-            if active == 0 || left.is_zero() {
-                return active;
-            }
-            guard = self
-                .idle
-                .wait_timeout(guard, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-    }
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        if self.limit.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            // Taking the lock orders this wake-up after a waiter's check.
-            let _guard = self
-                .limit
-                .idle_lock
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            self.limit.idle.notify_all();
-        }
+    pub fn wait_until_idle(&self, deadline: Instant) -> usize {
+        self.slots.wait_until_zero(deadline)
     }
 }
 
@@ -187,6 +213,7 @@ pub fn raise_fd_limit(max_connections: usize) {
 mod tests {
     use super::*;
     use std::thread;
+    use std::time::Duration;
 
     #[test]
     fn slots_are_capped_and_come_back_on_drop() {
@@ -218,7 +245,10 @@ mod tests {
         let limit = ConnectionLimit::new(4);
         let slot = limit.try_acquire().expect("slot");
         let holder = thread::spawn(move || drop(slot));
-        assert_eq!(limit.wait_until_idle(Duration::from_secs(20)), 0);
+        assert_eq!(
+            limit.wait_until_idle(Instant::now() + Duration::from_secs(20)),
+            0
+        );
         holder.join().unwrap();
     }
 
@@ -255,6 +285,9 @@ mod tests {
     fn wait_until_idle_gives_up_at_the_timeout() {
         let limit = ConnectionLimit::new(4);
         let _held = limit.try_acquire().expect("slot");
-        assert_eq!(limit.wait_until_idle(Duration::from_millis(50)), 1);
+        assert_eq!(
+            limit.wait_until_idle(Instant::now() + Duration::from_millis(50)),
+            1
+        );
     }
 }

@@ -12,14 +12,19 @@
 //! per line with `ts`, `level`, the fields and the message, and lets
 //! serde_json do the escaping, which handles any string.
 
+use std::cell::{Cell, RefCell};
 use std::fmt;
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::panic;
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::thread;
+use std::time::{Duration, Instant};
 
-use log::error;
 use log::kv::{self, Key, Value, VisitSource};
+use log::{error, warn};
 use serde_json::{Map, Value as Json};
+
+use crate::log_sink::{Class, Delivery, LogSink};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -30,9 +35,26 @@ pub enum LogFormat {
     Json,
 }
 
-/// Starts `env_logger` on stderr at level info, unless `RUST_LOG` says
-/// otherwise, writing `format`.
-pub fn init(format: LogFormat) {
+/// Lines the log queue holds while the sink is slow, by default.
+pub const DEFAULT_LOG_QUEUE_LINES: usize = 1024;
+
+/// The queue in front of stderr; set once by [`init`].
+static SINK: OnceLock<LogSink<io::Stderr>> = OnceLock::new();
+
+thread_local! {
+    /// What became of the last reply line this thread logged.
+    static REPLY_DELIVERY: Cell<Delivery> = const { Cell::new(Delivery::Written) };
+}
+
+/// Starts logging to stderr at level info, unless `RUST_LOG` says
+/// otherwise, writing `format`, through a queue of at most `queue_lines`
+/// waiting lines (see [`crate::log_sink`]).
+///
+/// `env_logger` filters and formats each record on the calling thread; the
+/// formatted line then goes through the queue instead of straight to
+/// stderr, so that a stalled sink never blocks the accept loop or the
+/// signal thread.
+pub fn init(format: LogFormat, queue_lines: usize) -> io::Result<()> {
     let mut builder =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
     if format == LogFormat::Json {
@@ -41,7 +63,113 @@ pub fn init(format: LogFormat) {
             writeln!(buf, "{}", escape_line_breakers(&line.to_string()))
         });
     }
-    builder.init();
+    if std::env::var_os("RUST_LOG_STYLE").is_none() && io::stderr().is_terminal() {
+        builder.write_style(env_logger::WriteStyle::Always);
+    }
+    builder.target(env_logger::Target::Pipe(Box::new(Captured)));
+    let format = builder.build();
+    let sink = SINK.get_or_init(|| LogSink::new(queue_lines, io::stderr()));
+    LogSink::start_writer(sink, |dropped| {
+        warn!(
+            event = "log_dropped", dropped = dropped;
+            "{dropped} log lines about turned-away clients and errors were dropped while the log was stalled"
+        )
+    })?;
+    log::set_max_level(format.filter());
+    log::set_boxed_logger(Box::new(QueuedLogger { format, sink }))
+        .map_err(|e| io::Error::other(e.to_string()))
+}
+
+/// Waits up to `timeout` for every queued log line to reach stderr, and
+/// returns how many did not (0 without [`init`]).
+pub fn flush(timeout: Duration) -> u64 {
+    SINK.get().map_or(0, |sink| sink.flush(timeout))
+}
+
+/// Makes callers that wait for their reply line to be written stop
+/// waiting: a stopping server gives up on a stalled log.
+pub(crate) fn stop_waiting_for_the_log() {
+    if let Some(sink) = SINK.get() {
+        sink.stop_waiting();
+    }
+}
+
+/// Whether the last reply line this thread logged reached the log sink
+/// (true when logging is not set up through [`init`], or the line was
+/// filtered out by `RUST_LOG`).
+pub(crate) fn reply_was_logged() -> bool {
+    REPLY_DELIVERY.with(|delivery| delivery.replace(Delivery::Written)) == Delivery::Written
+}
+
+/// The logger [`init`] installs: `env_logger` filters and formats, the
+/// queue delivers.
+struct QueuedLogger {
+    format: env_logger::Logger,
+    sink: &'static LogSink<io::Stderr>,
+}
+
+thread_local! {
+    /// The line `env_logger` just formatted on this thread.
+    static FORMATTED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `env_logger`'s target: keeps the formatted line for [`QueuedLogger`].
+struct Captured;
+
+impl Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        FORMATTED.with(|line| line.borrow_mut().extend_from_slice(bytes));
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl log::Log for QueuedLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        self.format.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.format.matches(record) {
+            return;
+        }
+        let class = class_of(record);
+        if self.sink.would_drop(class) {
+            self.sink.count_dropped();
+            return;
+        }
+        self.format.log(record);
+        let line = FORMATTED.with(|line| std::mem::take(&mut *line.borrow_mut()));
+        if line.is_empty() {
+            return;
+        }
+        let delivery = self.sink.push(line, class);
+        if class == Class::Reply {
+            REPLY_DELIVERY.with(|last| last.set(delivery));
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Which queue class a record's `event` puts it in.
+fn class_of(record: &log::Record<'_>) -> Class {
+    let event = record.key_values().get(Key::from("event"));
+    let event = event.as_ref().and_then(Value::to_borrowed_str);
+    match event {
+        Some(
+            "reply" | "no_reply" | "truncated" | "timeout" | "read_error" | "cut_off"
+            | "prompt_failed" | "proxy_header",
+        ) => Class::Reply,
+        Some(
+            "listening" | "signal" | "shutdown" | "stopped" | "capacity" | "fd_limit" | "panic"
+            | "log_dropped" | "wake_failed",
+        ) => Class::Lifecycle,
+        _ => Class::Housekeeping,
+    }
 }
 
 /// One record as a JSON object: `ts`, `level`, `event` (`log` if the call
@@ -154,6 +282,53 @@ pub fn log_panics() {
             ),
         }
     }));
+}
+
+/// At most one log line per interval about one kind of thing (busy,
+/// denied, accept failures), so that a flood of turned-away clients does
+/// not become a flood of log lines. Each line that does go out says how
+/// many were held back since the last one.
+#[derive(Debug)]
+pub(crate) struct LogEvery {
+    interval: Duration,
+    /// When a line last went out, and how many were held back since.
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl LogEvery {
+    pub(crate) const fn new(interval: Duration) -> Self {
+        LogEvery {
+            interval,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(held back since the last line)` if a line may go out now;
+    /// `None` (and one more held back) otherwise.
+    pub(crate) fn due(&self) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let (last, held_back) = &mut *state;
+        if last.is_some_and(|at| at.elapsed() < self.interval) {
+            *held_back += 1;
+            return None;
+        }
+        *last = Some(Instant::now());
+        Some(std::mem::take(held_back))
+    }
+}
+
+/// Lines about clients turned away busy (`--max-connections`, `--max-per-ip`).
+pub(crate) static BUSY_LINES: LogEvery = LogEvery::new(Duration::from_secs(1));
+/// Lines about clients refused (access rules, untrusted proxies).
+pub(crate) static DENIED_LINES: LogEvery = LogEvery::new(Duration::from_secs(1));
+
+/// " (N more since the last report)", or nothing when none were held back.
+pub(crate) fn held_back_note(held_back: u64) -> String {
+    if held_back == 0 {
+        String::new()
+    } else {
+        format!(" ({held_back} more since the last report)")
+    }
 }
 
 /// Client bytes shown in double quotes with Rust-style escapes, for example
@@ -305,6 +480,19 @@ mod tests {
         let (text, lossy) = reply_text(b"y\xffs");
         assert_eq!(text, "y\u{fffd}s");
         assert!(lossy);
+    }
+
+    #[test]
+    fn log_every_lets_one_line_through_per_interval_and_counts_the_rest() {
+        let every = LogEvery::new(Duration::from_secs(3600));
+        assert_eq!(every.due(), Some(0));
+        assert_eq!(every.due(), None);
+        assert_eq!(every.due(), None);
+        let now = LogEvery::new(Duration::ZERO);
+        assert_eq!(now.due(), Some(0));
+        assert_eq!(now.due(), Some(0));
+        assert_eq!(held_back_note(0), "");
+        assert_eq!(held_back_note(2), " (2 more since the last report)");
     }
 
     #[test]

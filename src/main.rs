@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use prompt_server::config::Cli;
-use prompt_server::{Shutdown, bind, limits, logging, run, shutdown};
+use prompt_server::{Shutdown, Summary, bind, limits, logging, run, shutdown};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse().and_then(Cli::validate) {
@@ -24,10 +24,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    logging::init(cli.log_format);
+    if let Err(e) = logging::init(cli.log_format, logging::DEFAULT_LOG_QUEUE_LINES) {
+        eprintln!("error: cannot set up logging: {e}");
+        return ExitCode::FAILURE;
+    }
     logging::log_panics();
     match serve(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(summary) if summary.unwritten_log_lines > 0 => ExitCode::from(LOG_LINES_UNWRITTEN),
+        Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -35,12 +39,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(cli: &Cli) -> anyhow::Result<()> {
+/// Exit status of a stop that left log lines unwritten: the log sink did
+/// not take them in time (the count cannot be told through that sink).
+const LOG_LINES_UNWRITTEN: u8 = 3;
+
+fn serve(cli: &Cli) -> anyhow::Result<Summary> {
     let config = cli.to_config();
     limits::raise_fd_limit(config.max_connections);
     let listener = bind(&config)?;
     let stop = Shutdown::new();
     shutdown::trigger_on_signals(stop.clone()).context("cannot install signal handlers")?;
-    run(listener, config, stop)?;
-    Ok(())
+    run(listener, config, stop)
 }

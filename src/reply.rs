@@ -54,7 +54,7 @@ pub trait ReplySource: Read {
     fn set_read_timeout_for_next_read(&mut self, timeout: Duration) -> io::Result<()>;
 }
 
-impl ReplySource for TcpStream {
+impl ReplySource for &TcpStream {
     fn set_read_timeout_for_next_read(&mut self, timeout: Duration) -> io::Result<()> {
         self.set_read_timeout(Some(timeout))
     }

@@ -19,10 +19,10 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 use crate::access::canonical;
 use crate::config::{BUSY_MESSAGE, Config};
-use crate::connection::{self, Outcome};
-use crate::limits::{ConnectionLimit, ConnectionSlot, PerIpLimit};
-use crate::logging::describe_io_error;
-use crate::shutdown::Shutdown;
+use crate::connection::{self, Outcome, Serving};
+use crate::limits::{ConnectionLimit, ConnectionSlot, LiveCount, PerIpLimit};
+use crate::logging::{self, BUSY_LINES, LogEvery, describe_io_error, held_back_note};
+use crate::shutdown::{OpenConnection, OpenConnections, Shutdown};
 use crate::stats::{Stats, Summary};
 use crate::thread_cache::{PARKED_THREAD_IDLE_TIMEOUT, ThreadCache};
 
@@ -72,29 +72,44 @@ fn default_backlog() -> u32 {
         .unwrap_or(FALLBACK_BACKLOG)
 }
 
+/// How long, after `--shutdown-timeout`, a stopping server waits for the
+/// connections it cut off to log what they had, and for the log to drain.
+pub const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a stopping server still waits for connection threads once it
+/// has stopped waiting for the log on their behalf.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// What every connection thread shares with the accept loop.
 struct Shared {
-    config: Config,
+    /// What a connection is served with.
+    serving: Serving,
     stats: Stats,
     /// Finished connection threads waiting for the next connection.
     thread_cache: ThreadCache<Accepted>,
-    /// Connections held per client address (`--max-per-ip`).
-    per_ip: PerIpLimit,
+    /// The connection cap.
+    limit: ConnectionLimit,
+    /// Connection threads alive, parked ones included: `run` returns only
+    /// once they are gone.
+    threads: Arc<LiveCount>,
 }
 
 /// An admitted connection: what a connection thread serves.
 struct Accepted {
-    stream: TcpStream,
+    /// Shared with `open`, so that a stopping server can cut it off.
+    stream: Arc<TcpStream>,
     peer: SocketAddr,
     /// The socket inherited the listener's read and write timeouts.
     timeouts_inherited: bool,
     /// Held until the connection ends, however it ends.
     slot: ConnectionSlot,
+    open: OpenConnection,
 }
 
 /// Serves connections from `listener` until `shutdown` is triggered, then
-/// closes the listener, lets connected clients finish for up to
-/// `config.shutdown_timeout`, and returns what happened.
+/// serves the clients already queued on the listener, closes it, lets
+/// connected clients finish for up to `config.shutdown_timeout`, cuts off
+/// the ones still connected (each is logged with what it had sent), and
+/// returns what happened once every connection thread is gone.
 ///
 /// Logs `listening on ADDR` with the address actually bound first, so that a
 /// caller who asked for port 0 can find out which port it got.
@@ -104,91 +119,149 @@ pub fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> anyhow:
         .context("cannot read the address the listener is bound to")?;
     info!(event = "listening", addr:% = local_addr; "listening on {local_addr}");
     shutdown.set_wake_addr(local_addr);
-    set_connection_timeouts(&listener, &config)?;
+    set_connection_options(&listener, &config)?;
     // Known at the first accept: whether accepted sockets carry them.
     let mut timeouts_inherited = None;
 
-    let limit = ConnectionLimit::new(config.max_connections);
     let shared = Arc::new(Shared {
         thread_cache: ThreadCache::new(
             config.thread_cache.min(config.max_connections),
             PARKED_THREAD_IDLE_TIMEOUT,
         ),
-        per_ip: PerIpLimit::new(config.max_per_ip),
-        config,
+        limit: ConnectionLimit::new(config.max_connections),
+        threads: LiveCount::new(),
+        serving: Serving {
+            per_ip: PerIpLimit::new(config.max_per_ip),
+            open: Arc::new(OpenConnections::default()),
+            config,
+        },
         stats: Stats::default(),
     });
     let mut failures = AcceptFailures::default();
+    let mut accept = |stream: TcpStream, peer: SocketAddr| {
+        let peer = canonical(peer);
+        if shutdown.is_wake_connection(peer) {
+            // A clean close: the waker must not see a reset.
+            let _ = SockRef::from(&stream).set_linger(None);
+            return;
+        }
+        let inherited = *timeouts_inherited
+            .get_or_insert_with(|| carries_timeouts(&stream, &shared.serving.config));
+        admit(stream, peer, inherited, &shared);
+    };
     while !shutdown.is_triggered() {
         match listener.accept() {
             Ok((stream, peer)) => {
                 failures.recovered();
-                let peer = canonical(peer);
-                if shutdown.is_triggered() {
-                    break;
-                }
-                let inherited = *timeouts_inherited
-                    .get_or_insert_with(|| carries_timeouts(&stream, &shared.config));
-                admit(stream, peer, inherited, &limit, &shared);
+                accept(stream, peer);
             }
             // The listener's own read timeout ran out with nobody connecting.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => thread::sleep(failures.record(&e)),
         }
     }
-    // Refuse new clients at once rather than leave them in the backlog.
+    // The kernel has completed the handshakes of the clients still queued,
+    // and some have sent their reply: serve them too, then refuse new
+    // clients at once rather than leave them in the backlog.
+    accept_queued(&listener, &mut accept);
     drop(listener);
     shared.thread_cache.close();
+    Ok(stop(&shared))
+}
 
-    let timeout = shared.config.shutdown_timeout;
-    let connected = limit.active();
+/// Accepts, without waiting, every connection already queued on `listener`.
+fn accept_queued(listener: &TcpListener, accept: &mut impl FnMut(TcpStream, SocketAddr)) {
+    if listener.set_nonblocking(true).is_err() {
+        return;
+    }
+    loop {
+        match listener.accept() {
+            // Linux does not pass the listener's O_NONBLOCK on to accepted
+            // sockets: they block as usual.
+            Ok((stream, peer)) => accept(stream, peer),
+            Err(e) if about_one_connection(&e) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// The stop after the accept loop: wait for connected clients up to the
+/// shutdown timeout, cut off the rest, wait for every connection thread
+/// to log and finish (up to [`LOG_DRAIN_TIMEOUT`]), log the summary, and
+/// wait for the log to take it.
+fn stop(shared: &Shared) -> Summary {
+    let timeout = shared.serving.config.shutdown_timeout;
+    let connected = shared.limit.active();
     info!(
         event = "shutdown", connected = connected;
         "shutting down: no longer accepting; {connected} still connected, waiting up to {}s for them",
         timeout.as_secs_f64()
     );
-    let summary = shared.stats.summary(limit.wait_until_idle(timeout));
+    let still_connected = shared.limit.wait_until_idle(Instant::now() + timeout);
+    if still_connected > 0 {
+        info!(
+            event = "shutdown", connected = still_connected;
+            "shutdown timeout: cutting off {still_connected} still connected"
+        );
+    }
+    shared.serving.open.cut_off_all();
+    let drain_deadline = Instant::now() + LOG_DRAIN_TIMEOUT;
+    let mut threads_left = shared.threads.wait_until_zero(drain_deadline);
+    if threads_left > 0 {
+        // The log is stalled: connection threads waiting to have their
+        // reply written give up and reset their connection instead of
+        // closing it cleanly; their lines stay queued, and unwritten.
+        logging::stop_waiting_for_the_log();
+        threads_left = shared
+            .threads
+            .wait_until_zero(Instant::now() + RELEASE_TIMEOUT);
+    }
+    let mut summary = shared.stats.summary(threads_left);
     info!(
         event = "stopped", connections = summary.connections, replies = summary.replies,
         truncated = summary.truncated, timed_out = summary.timed_out, no_reply = summary.no_reply,
         failed = summary.failed, rejected_busy = summary.rejected_busy, denied = summary.denied,
-        still_connected = summary.still_connected;
+        cut_off = summary.cut_off, still_connected = summary.still_connected;
         "shutdown complete: {summary}"
     );
-    Ok(summary)
+    summary.unwritten_log_lines =
+        logging::flush(drain_deadline.saturating_duration_since(Instant::now()));
+    summary
 }
 
 /// Gives the connection a thread if a slot is free (a parked one if there
 /// is one, else a new one), or turns it away.
-fn admit(
-    stream: TcpStream,
-    peer: SocketAddr,
-    timeouts_inherited: bool,
-    limit: &Arc<ConnectionLimit>,
-    shared: &Arc<Shared>,
-) {
-    let Some(slot) = limit.try_acquire() else {
+fn admit(stream: TcpStream, peer: SocketAddr, timeouts_inherited: bool, shared: &Arc<Shared>) {
+    let Some(slot) = shared.limit.try_acquire() else {
         turn_away(stream, peer, shared);
         return;
     };
+    let stream = Arc::new(stream);
     let accepted = Accepted {
+        open: shared.serving.open.register(&stream),
         stream,
         peer,
         timeouts_inherited,
         slot,
     };
+    shared.stats.record_connection();
     let Err(accepted) = shared.thread_cache.offer(accepted) else {
-        shared.stats.record_connection();
         return;
     };
     let thread_shared = Arc::clone(shared);
+    let stream = Arc::clone(&accepted.stream);
+    let alive = shared.threads.enter();
     let spawned = thread::Builder::new()
         .name(format!("conn-{peer}"))
-        .spawn(move || connection_thread(accepted, &thread_shared));
-    shared.stats.record_connection();
+        .spawn(move || {
+            let _alive = alive;
+            connection_thread(accepted, &thread_shared);
+        });
     if let Err(e) = spawned {
-        // The closure, with the socket and the slot, is dropped: the client
-        // sees the connection close, and the slot is free again.
+        // The closure, with the slot, is dropped: the slot is free again,
+        // and the client, which has sent nothing that was read, sees a
+        // clean close.
+        let _ = SockRef::from(&*stream).set_linger(None);
         shared.stats.record(Outcome::Failed);
         warn!(
             event = "spawn_failed", peer:% = peer;
@@ -203,38 +276,40 @@ fn admit(
 fn connection_thread(first: Accepted, shared: &Shared) {
     let mut next = Some(first);
     while let Some(Accepted {
-        mut stream,
+        stream,
         peer,
         timeouts_inherited,
         slot,
+        open,
     }) = next
     {
         debug!(event = "connected", peer:% = peer; "{peer} connected");
-        let outcome = connection::serve(
-            &mut stream,
-            peer,
-            &shared.config,
-            &shared.per_ip,
-            timeouts_inherited,
-        );
+        let outcome = connection::serve(&stream, peer, &shared.serving, timeouts_inherited);
         shared.stats.record(outcome);
-        connection::close(stream, slot);
+        connection::close(stream, (slot, open));
         debug!(event = "disconnected", peer:% = peer; "{peer} disconnected");
         next = shared.thread_cache.park();
     }
 }
 
-/// Sets the prompt's write timeout and the whole reply budget as the
-/// listening socket's timeouts. Linux copies them to every accepted socket,
-/// which saves each connection two `setsockopt` calls. (As a side effect an
-/// idle `accept` returns `WouldBlock` once per reply timeout; the loop just
-/// goes round again.)
-fn set_connection_timeouts(listener: &TcpListener, config: &Config) -> anyhow::Result<()> {
+/// Sets, on the listening socket, what every accepted socket inherits on
+/// Linux (which saves each connection its own `setsockopt` calls): the
+/// prompt's write timeout, the whole reply budget as the read timeout, and
+/// a zero linger time. (As a side effect an idle `accept` returns
+/// `WouldBlock` once per reply timeout; the loop just goes round again.)
+///
+/// With a zero linger time, closing a socket resets the connection. A
+/// connection is closed cleanly only once its reply line has been written
+/// to the log ([`connection::close`] restores the normal close then), so
+/// if the process dies before that, by a signal or a crash, the kernel
+/// resets the connection and the client knows its reply was not kept.
+fn set_connection_options(listener: &TcpListener, config: &Config) -> anyhow::Result<()> {
     let socket = SockRef::from(listener);
     socket
         .set_read_timeout(config.reply_timeout)
         .and_then(|()| socket.set_write_timeout(Some(config.write_timeout)))
-        .context("cannot set timeouts on the listening socket")
+        .and_then(|()| socket.set_linger(Some(Duration::ZERO)))
+        .context("cannot set options on the listening socket")
 }
 
 /// Whether an accepted socket carries the timeouts set on the listener
@@ -246,28 +321,38 @@ fn carries_timeouts(stream: &TcpStream, config: &Config) -> bool {
 }
 
 /// Sends the busy line and closes. The socket is made non-blocking first,
-/// so that the accept loop can never wait on this client.
-fn turn_away(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
-    warn!(
-        event = "busy", peer:% = peer;
-        "{peer} turned away: all {} connection slots are taken",
-        shared.config.max_connections
-    );
+/// so that the accept loop can never wait on this client, and the log line
+/// is rate-limited, so that a flood of clients is not a flood of lines.
+fn turn_away(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     shared.stats.record_busy();
+    if let Some(held_back) = BUSY_LINES.due() {
+        warn!(
+            event = "busy", peer:% = peer, held_back = held_back;
+            "{peer} turned away: all {} connection slots are taken{}",
+            shared.serving.config.max_connections,
+            held_back_note(held_back)
+        );
+    }
+    let _ = SockRef::from(&stream).set_linger(None);
     let _ = stream.set_nonblocking(true);
-    let _ = stream.write(BUSY_MESSAGE);
+    let _ = (&stream).write(BUSY_MESSAGE);
 }
 
 /// The accept loop's memory of recent failures: how long to pause, and
-/// what has not been logged yet.
-#[derive(Default)]
+/// when a line about them may go out.
 struct AcceptFailures {
     /// Current pause; zero while accepts succeed.
     pause: Duration,
-    /// When a failure was last logged.
-    last_logged: Option<Instant>,
-    /// Failures since the last log line.
-    unlogged: u64,
+    log: LogEvery,
+}
+
+impl Default for AcceptFailures {
+    fn default() -> Self {
+        AcceptFailures {
+            pause: Duration::ZERO,
+            log: LogEvery::new(ACCEPT_ERROR_LOG_INTERVAL),
+        }
+    }
 }
 
 impl AcceptFailures {
@@ -292,20 +377,14 @@ impl AcceptFailures {
         }
     }
 
-    fn log(&mut self, error: &io::Error, action: &str) {
-        self.unlogged += 1;
-        let due = self
-            .last_logged
-            .is_none_or(|at| at.elapsed() >= ACCEPT_ERROR_LOG_INTERVAL);
-        if due {
+    fn log(&self, error: &io::Error, action: &str) {
+        if let Some(held_back) = self.log.due() {
             warn!(
-                event = "accept_error";
+                event = "accept_error", held_back = held_back;
                 "accept failed: {}; {action} ({} failures since the last report)",
                 describe_io_error(error),
-                self.unlogged
+                held_back + 1
             );
-            self.last_logged = Some(Instant::now());
-            self.unlogged = 0;
         }
     }
 }
@@ -361,10 +440,26 @@ mod tests {
         let mut failures = AcceptFailures::default();
         let enfile = io::Error::from_raw_os_error(libc::ENFILE);
         failures.record(&enfile);
-        assert_eq!(failures.unlogged, 0, "the first failure is logged");
         for _ in 0..100 {
             failures.record(&enfile);
         }
-        assert_eq!(failures.unlogged, 100, "later ones wait for the interval");
+        assert_eq!(failures.log.due(), None, "later ones wait for the interval");
+    }
+
+    #[test]
+    fn accepted_sockets_inherit_the_listeners_options() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let config = Config {
+            reply_timeout: Some(Duration::from_secs(7)),
+            ..Config::default()
+        };
+        set_connection_options(&listener, &config).unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(carries_timeouts(&accepted, &config));
+        assert_eq!(
+            SockRef::from(&accepted).linger().unwrap(),
+            Some(Duration::ZERO)
+        );
     }
 }

@@ -7,14 +7,21 @@
 //!
 //! [`trigger_on_signals`] is how the binary uses it: the first SIGINT or
 //! SIGTERM starts a graceful stop, a second one ends the process at once.
+//!
+//! [`OpenConnections`] is what a stop ends at its deadline: a handle to
+//! every open connection, so that the server can cut off the ones still
+//! open itself, and each connection thread logs what it had read.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::process;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
+
+use socket2::{Domain, Socket, Type};
 
 use log::{info, warn};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -22,6 +29,8 @@ use signal_hook::iterator::Signals;
 
 /// How long [`Shutdown::trigger`] tries to reach the listener to wake it.
 const WAKE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a second signal lets the log take the lines before the exit.
+const EXIT_LOG_FLUSH_TIMEOUT: Duration = Duration::from_millis(500);
 /// The signal thread only logs and connects: a small fixed stack, so that
 /// it starts whatever `RUST_MIN_STACK` says for connection threads.
 const SIGNAL_THREAD_STACK: usize = 256 * 1024;
@@ -38,6 +47,9 @@ struct Inner {
     requested: AtomicBool,
     /// Where to connect to wake the accept loop; set when the loop starts.
     wake_addr: Mutex<Option<SocketAddr>>,
+    /// The address the wake-up connection comes from, so that the accept
+    /// loop does not serve it as a client.
+    wake_from: Mutex<Option<SocketAddr>>,
 }
 
 impl Shutdown {
@@ -56,10 +68,35 @@ impl Shutdown {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if let Some(addr) = wake_addr
-            && let Err(e) = TcpStream::connect_timeout(&addr, WAKE_TIMEOUT)
+            && let Err(e) = self.wake(addr)
         {
             warn!(event = "wake_failed"; "could not wake the accept loop at {addr}: {e}");
         }
+    }
+
+    /// Connects to the listener from an address noted first, so that the
+    /// accept loop can tell this connection from a client's.
+    fn wake(&self, addr: SocketAddr) -> io::Result<()> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.bind(&SocketAddr::new(addr.ip(), 0).into())?;
+        let from = socket.local_addr()?.as_socket();
+        *self
+            .inner
+            .wake_from
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = from;
+        socket.connect_timeout(&addr.into(), WAKE_TIMEOUT)
+    }
+
+    /// Whether an accepted connection from `peer` is [`trigger`](Self::trigger)'s
+    /// wake-up call rather than a client.
+    pub(crate) fn is_wake_connection(&self, peer: SocketAddr) -> bool {
+        let from = *self
+            .inner
+            .wake_from
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        from.is_some_and(|from| crate::access::canonical(from) == peer)
     }
 
     /// Whether [`trigger`](Self::trigger) has been called.
@@ -98,6 +135,10 @@ pub fn trigger_on_signals(shutdown: Shutdown) -> io::Result<()> {
                 };
                 if shutdown.is_triggered() {
                     warn!(event = "signal", signal = name; "{name} again: exiting now without waiting for clients");
+                    // Connections still open are reset by the exit (their
+                    // sockets linger zero), so no client mistakes it for a
+                    // clean close; only the log gets a moment.
+                    crate::logging::flush(EXIT_LOG_FLUSH_TIMEOUT);
                     process::exit(128 + signal);
                 }
                 info!(event = "signal", signal = name; "{name} received: stopping (send it again to exit at once)");
@@ -105,6 +146,63 @@ pub fn trigger_on_signals(shutdown: Shutdown) -> io::Result<()> {
             }
         })?;
     Ok(())
+}
+
+/// Every open connection, by a handle shared with its thread, so that a
+/// stopping server can end the ones still open at its deadline.
+#[derive(Debug, Default)]
+pub(crate) struct OpenConnections {
+    streams: Mutex<HashMap<u64, Arc<TcpStream>>>,
+    next_id: AtomicU64,
+    /// Set when the deadline has come and connections are being cut off.
+    cut_off: AtomicBool,
+}
+
+/// A connection's entry in [`OpenConnections`]; removed on drop.
+#[derive(Debug)]
+pub(crate) struct OpenConnection {
+    connections: Arc<OpenConnections>,
+    id: u64,
+}
+
+impl OpenConnections {
+    /// Notes `stream` as open until the returned entry is dropped.
+    pub(crate) fn register(self: &Arc<Self>, stream: &Arc<TcpStream>) -> OpenConnection {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, Arc::clone(stream));
+        OpenConnection {
+            connections: Arc::clone(self),
+            id,
+        }
+    }
+
+    /// Shuts down the read side of every open connection: a thread waiting
+    /// for a reply sees the end of it at once and logs what it had.
+    pub(crate) fn cut_off_all(&self) {
+        self.cut_off.store(true, Ordering::SeqCst);
+        let streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        for stream in streams.values() {
+            let _ = stream.shutdown(std::net::Shutdown::Read);
+        }
+    }
+
+    /// Whether connections are being cut off by a stopping server.
+    pub(crate) fn cutting_off(&self) -> bool {
+        self.cut_off.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.connections
+            .streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
 }
 
 /// An address that reaches a listener bound to `addr`: a listener on "every

@@ -17,6 +17,7 @@ pub struct Stats {
     failed: AtomicU64,
     rejected_busy: AtomicU64,
     denied: AtomicU64,
+    cut_off: AtomicU64,
 }
 
 impl Stats {
@@ -40,6 +41,7 @@ impl Stats {
             Outcome::Failed => &self.failed,
             Outcome::Busy => &self.rejected_busy,
             Outcome::Denied => &self.denied,
+            Outcome::CutOff => &self.cut_off,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -56,7 +58,9 @@ impl Stats {
             failed: get(&self.failed),
             rejected_busy: get(&self.rejected_busy),
             denied: get(&self.denied),
+            cut_off: get(&self.cut_off),
             still_connected,
+            unwritten_log_lines: 0,
         }
     }
 }
@@ -81,8 +85,16 @@ pub struct Summary {
     pub rejected_busy: u64,
     /// Connections refused by the access rules or as untrusted proxies.
     pub denied: u64,
-    /// Clients still connected when the server stopped waiting for them.
+    /// Clients still connected at the shutdown deadline, cut off by the
+    /// server and logged with what they had sent.
+    pub cut_off: u64,
+    /// Connections whose thread had not finished when the server stopped
+    /// waiting for it (only when the log is stalled; they are reset).
     pub still_connected: usize,
+    /// Log lines the log had not taken when the server stopped waiting for
+    /// it ([`LOG_DRAIN_TIMEOUT`](crate::server::LOG_DRAIN_TIMEOUT) after
+    /// the shutdown timeout).
+    pub unwritten_log_lines: u64,
 }
 
 impl fmt::Display for Summary {
@@ -90,7 +102,7 @@ impl fmt::Display for Summary {
         write!(
             f,
             "{} connections, {} replies, {} truncated, {} timed out, {} without reply, \
-             {} failed, {} rejected busy, {} denied, {} still connected",
+             {} failed, {} rejected busy, {} denied, {} cut off by shutdown, {} still connected",
             self.connections,
             self.replies,
             self.truncated,
@@ -99,6 +111,7 @@ impl fmt::Display for Summary {
             self.failed,
             self.rejected_busy,
             self.denied,
+            self.cut_off,
             self.still_connected
         )
     }
