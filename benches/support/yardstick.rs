@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use log::{info, warn};
 use prompt_server::config::{Config, DEFAULT_PROMPT};
-use prompt_server::logging::{self, Escaped, describe_io_error};
+use prompt_server::logging::{Escaped, describe_io_error};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
@@ -23,7 +23,8 @@ pub const ROLE: &str = "tokio-yardstick";
 
 /// Runs the yardstick server on 127.0.0.1, port 0, until killed.
 pub fn serve() {
-    logging::init(logging::LogFormat::Text);
+    // Plain env_logger straight to stderr, as such a server would log.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
