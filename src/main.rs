@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use prompt_server::config::Cli;
-use prompt_server::{Shutdown, bind, limits, logging, run, shutdown};
+use prompt_server::{Shutdown, bind, capacity, logging, run, shutdown};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -36,8 +36,9 @@ fn main() -> ExitCode {
 }
 
 fn serve(cli: &Cli) -> anyhow::Result<()> {
-    let config = cli.to_config();
-    limits::raise_fd_limit(config.max_connections);
+    let mut config = cli.to_config();
+    config.max_connections =
+        capacity::effective_max_connections(config.max_connections, config.thread_cache);
     let listener = bind(config.listen_addr)?;
     let stop = Shutdown::new();
     shutdown::trigger_on_signals(stop.clone()).context("cannot install signal handlers")?;
