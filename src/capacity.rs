@@ -10,8 +10,8 @@
 //! cap is lowered below every limit before the first client arrives, with
 //! one warning that names the limit that bound it and how to raise it.
 //!
-//! Reading the limits ([`read_limits`]) is kept apart from the arithmetic
-//! ([`plan`]), which is pure so that it can be tested with made-up numbers.
+//! Reading the limits (`read_limits`) is kept apart from the arithmetic
+//! (`plan`), which is pure so that it can be tested with made-up numbers.
 //! A limit that cannot be read (no `/proc`, no cgroup) is no limit.
 
 use std::fmt;
@@ -182,7 +182,7 @@ impl fmt::Display for Budget {
             "--max-connections {requested} lowered to {max_connections}: "
         )?;
         let needed = limit.needed_for(requested, parked);
-        let threads = max_connections + parked;
+        let threads = max_connections.saturating_add(parked);
         let kept = match parked {
             0 => format!("{RESERVED_THREADS} kept for the process"),
             _ => format!("{RESERVED_THREADS} kept for the process, {parked} for --thread-cache"),
