@@ -21,7 +21,7 @@ use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, Scope};
 use std::time::Duration;
 
-use log::{debug, warn};
+use log::warn;
 use rlimit::Resource;
 
 /// Descriptors the process needs besides one per connection: stdio, the
@@ -239,13 +239,12 @@ impl fmt::Display for Budget {
 /// stops a few short-lived probe threads to measure what a thread costs.
 pub fn effective_max_connections(requested: usize, thread_cache: usize) -> usize {
     let budget = plan(&read_limits(), requested as u64, thread_cache as u64);
-    match &budget.bound_by {
-        Some(limit) => warn!(
+    if let Some(limit) = &budget.bound_by {
+        warn!(
             event = "capacity", requested = budget.requested,
             max_connections = budget.max_connections, bound_by = limit.name();
             "{budget}"
-        ),
-        None => debug!(event = "capacity"; "{budget}"),
+        );
     }
     usize::try_from(budget.max_connections).map_or(requested, |cap| cap.min(requested))
 }
