@@ -12,7 +12,11 @@
 //!   is admitted or turned away busy, the one place where a connection thread
 //!   is started, and how the loop survives `accept` failures.
 //! - [`limits`]: the connection cap, as a slot each connection thread owns
-//!   and releases however it ends, and the file-descriptor limit.
+//!   and releases however it ends.
+//! - [`capacity`]: how many connections this process can really hold
+//!   (descriptors, memory mappings, thread limits), worked out at start-up,
+//!   so that a too-high cap is lowered with a warning instead of aborting
+//!   the process when a thread cannot be started.
 //! - [`connection`]: one client's life: send the prompt, read the reply, log
 //!   the outcome, close.
 //! - [`reply`]: reading one reply line from a socket, where every client byte is
@@ -35,6 +39,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod capacity;
 pub mod config;
 pub mod connection;
 pub mod limits;

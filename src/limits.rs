@@ -1,5 +1,6 @@
 //! Limits on what clients can hold: the connection cap, as a counting permit
-//! that each connection thread owns, and the file-descriptor limit it needs.
+//! that each connection thread owns. (How high the cap can go on this machine
+//! is [`crate::capacity`]'s concern.)
 //!
 //! A [`ConnectionSlot`] is taken in the accept loop before a thread is
 //! started and released when it is dropped, however the thread ends (even by
@@ -11,12 +12,6 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Instant;
-
-use log::warn;
-
-/// Descriptors the process needs besides one per connection: stdio, the
-/// listener, the signal pipe, a log file, and some slack.
-const RESERVED_FDS: u64 = 16;
 
 /// How many of something are alive now (connections holding a slot,
 /// connection threads), with a wait for the count to reach zero: what a
@@ -190,22 +185,6 @@ impl Drop for IpSlot<'_> {
                 }
             }
         }
-    }
-}
-
-/// Raises the soft `RLIMIT_NOFILE` to the hard limit, and warns once if
-/// `max_connections` still cannot fit, so that an operator learns it at
-/// start-up rather than from `accept` failures under load.
-pub fn raise_fd_limit(max_connections: usize) {
-    let needed = max_connections as u64 + RESERVED_FDS;
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) if limit < needed => warn!(
-            event = "fd_limit";
-            "--max-connections {max_connections} needs about {needed} file descriptors \
-             but the limit is {limit}; expect 'too many open files' under load"
-        ),
-        Ok(_) => {}
-        Err(e) => warn!(event = "fd_limit"; "cannot raise the file descriptor limit: {e}"),
     }
 }
 

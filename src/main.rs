@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use prompt_server::config::Cli;
-use prompt_server::{Shutdown, Summary, bind, limits, logging, run, shutdown};
+use prompt_server::{Shutdown, Summary, bind, logging, run, shutdown};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse().and_then(Cli::validate) {
@@ -45,7 +45,6 @@ const LOG_LINES_UNWRITTEN: u8 = 3;
 
 fn serve(cli: &Cli) -> anyhow::Result<Summary> {
     let config = cli.to_config();
-    limits::raise_fd_limit(config.max_connections);
     let listener = bind(&config)?;
     let stop = Shutdown::new();
     shutdown::trigger_on_signals(stop.clone()).context("cannot install signal handlers")?;

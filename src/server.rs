@@ -18,6 +18,7 @@ use log::{debug, info, warn};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 use crate::access::canonical;
+use crate::capacity;
 use crate::config::{BUSY_MESSAGE, Config};
 use crate::connection::{self, Outcome, Serving};
 use crate::limits::{ConnectionLimit, ConnectionSlot, LiveCount, PerIpLimit};
@@ -113,11 +114,17 @@ struct Accepted {
 ///
 /// Logs `listening on ADDR` with the address actually bound first, so that a
 /// caller who asked for port 0 can find out which port it got.
-pub fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> anyhow::Result<Summary> {
+pub fn run(
+    listener: TcpListener,
+    mut config: Config,
+    shutdown: Shutdown,
+) -> anyhow::Result<Summary> {
     let local_addr = listener
         .local_addr()
         .context("cannot read the address the listener is bound to")?;
     info!(event = "listening", addr:% = local_addr; "listening on {local_addr}");
+    config.max_connections =
+        capacity::effective_max_connections(config.max_connections, config.thread_cache);
     shutdown.set_wake_addr(local_addr);
     set_connection_options(&listener, &config)?;
     // Known at the first accept: whether accepted sockets carry them.

@@ -1,0 +1,80 @@
+//! The start-up capacity check against the real binary: with too few
+//! descriptors for `--max-connections`, the cap is lowered with a warning,
+//! and clients beyond it are turned away busy instead of failing `accept`.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::process::Command;
+
+use common::*;
+
+/// Descriptors the server is given; the cap becomes this minus the 16 it
+/// keeps for itself.
+const NOFILE: usize = 48;
+const EFFECTIVE_CAP: usize = NOFILE - 16;
+const BUSY: &[u8] = b"server busy, try again later\n";
+
+#[test]
+fn a_cap_beyond_the_descriptor_limit_is_lowered_and_enforced() {
+    if !Command::new("prlimit")
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success())
+    {
+        eprintln!("skipped: the prlimit program is not available");
+        return;
+    }
+    let mut command = Command::new("prlimit");
+    command
+        .arg(format!("--nofile={NOFILE}:{NOFILE}"))
+        .arg(env!("CARGO_BIN_EXE_prompt-server"))
+        .args(["--bind", "127.0.0.1", "--port", "0"])
+        .args(["--max-connections", "1000", "--reply-timeout", "0"])
+        .env("RUST_LOG", "prompt_server=debug");
+    let mut server = ServerProcess::spawn(command);
+    let warning = server.expect_logged("lowered to");
+    assert!(
+        warning.contains(&format!(
+            "--max-connections 1000 lowered to {EFFECTIVE_CAP}: "
+        )) && warning.contains(&format!("file descriptors but the limit is {NOFILE}")),
+        "{warning}"
+    );
+
+    // Up to the cap, every client gets the prompt and holds its slot.
+    let mut held: Vec<TcpStream> = (0..EFFECTIVE_CAP)
+        .map(|_| {
+            let mut client = server.connect();
+            expect_prompt(&mut client);
+            client
+        })
+        .collect();
+
+    // Beyond it, each gets the busy line and is closed; the server stays up.
+    for i in 0..5 {
+        let mut client = server.connect();
+        assert_eq!(read_until_closed(&mut client), BUSY);
+        // Busy lines are rate-limited: the first is logged at once.
+        if i == 0 {
+            server.expect_line(&format!("{} turned away", local(&client)));
+        }
+    }
+
+    // Once the held clients have left, a fresh one is served.
+    for (i, client) in held.iter_mut().enumerate() {
+        client.write_all(format!("held {i}\n").as_bytes()).unwrap();
+        assert_eq!(read_until_closed(client), b"");
+    }
+    session(server.addr, b"fresh\n");
+    server.expect_line("said: \"fresh\"");
+
+    let warnings = server.seen.iter().filter(|l| l.contains("lowered to"));
+    assert_eq!(warnings.count(), 1, "one warning at start-up");
+    // The cap kept the accept loop clear of the descriptor limit.
+    assert!(
+        !server.seen.iter().any(|l| l.contains("accept failed")),
+        "{:#?}",
+        server.seen
+    );
+}
