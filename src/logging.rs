@@ -30,11 +30,19 @@ pub enum LogFormat {
     Json,
 }
 
+/// The target of the `listening on ADDR` line. It is logged at info whatever
+/// `RUST_LOG` says (unless `RUST_LOG` names this target itself), since it is
+/// the only place that says which port `--port 0` got.
+pub const LISTENING_TARGET: &str = "prompt_server::listening";
+
 /// Starts `env_logger` on stderr at level info, unless `RUST_LOG` says
 /// otherwise, writing `format`.
 pub fn init(format: LogFormat) {
-    let mut builder =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    let mut builder = env_logger::Builder::new();
+    // Before RUST_LOG is read, so that a RUST_LOG directive for this very
+    // target replaces it; any other directive is less specific and loses.
+    builder.filter_module(LISTENING_TARGET, log::LevelFilter::Info);
+    builder.parse_env(env_logger::Env::default().default_filter_or("info"));
     if format == LogFormat::Json {
         builder.format(|buf, record| {
             let line = json_line(&buf.timestamp_millis().to_string(), record);

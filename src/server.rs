@@ -20,7 +20,7 @@ use socket2::SockRef;
 use crate::config::{BUSY_MESSAGE, Config};
 use crate::connection;
 use crate::limits::{ConnectionLimit, ConnectionSlot, PerIpLimit};
-use crate::logging::describe_io_error;
+use crate::logging::{LISTENING_TARGET, describe_io_error};
 use crate::shutdown::Shutdown;
 use crate::stats::{Stats, Summary};
 use crate::thread_cache::{PARKED_THREAD_IDLE_TIMEOUT, ThreadCache};
@@ -70,7 +70,10 @@ pub fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> anyhow:
     let local_addr = listener
         .local_addr()
         .context("cannot read the address the listener is bound to")?;
-    info!(event = "listening", addr:% = local_addr; "listening on {local_addr}");
+    info!(
+        target: LISTENING_TARGET, event = "listening", addr:% = local_addr;
+        "listening on {local_addr}"
+    );
     shutdown.set_wake_addr(local_addr);
     set_connection_timeouts(&listener, &config)?;
     // Known at the first accept: whether accepted sockets carry them.
