@@ -278,7 +278,8 @@ pub fn local(stream: &TcpStream) -> SocketAddr {
 /// When it is missing the test is skipped (it returns early and counts as
 /// passed), and the first skip in each test binary writes one line to the
 /// terminal, such as
-/// `SKIPPED tests/haproxy.rs: haproxy is not installed; apt-get install haproxy to run these tests`.
+/// "SKIPPED: tests in tests/haproxy.rs need haproxy, which is not installed;
+/// apt-get install haproxy to run them".
 /// libtest captures only `print!`/`eprint!` output, so the line is written
 /// to `io::stderr()` directly and shows in a plain `cargo test`.
 ///
@@ -308,7 +309,8 @@ pub fn require_program(program: &str, install_hint: &str) -> bool {
         .insert(program.to_string())
     {
         let line = format!(
-            "SKIPPED {file}: {program} is not installed; {install_hint} to run these tests\n"
+            "SKIPPED: tests in {file} need {program}, which is not installed; \
+             {install_hint} to run them\n"
         );
         let _ = io::stderr().write_all(line.as_bytes());
     }
