@@ -99,9 +99,24 @@ pub fn prompt_bytes(text: &str) -> Vec<u8> {
     prompt
 }
 
+/// What `--help` says after the options.
+const AFTER_HELP: &str = "\
+Example:
+  prompt-server --port 1337     then, from another terminal: nc localhost 1337
+
+Logging goes to stderr at level info; RUST_LOG changes it, e.g. RUST_LOG=debug
+(a line per connect and disconnect) or RUST_LOG=warn (problems only; the
+`listening on` line is always shown).";
+
 /// The command line of `prompt-server`.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(
+    version,
+    about = "A TCP server that sends each client a prompt, logs its one-line reply \
+             with its address, and closes the connection.",
+    long_about = None,
+    after_help = AFTER_HELP
+)]
 pub struct Cli {
     /// TCP port to listen on (0 lets the OS pick one; the log says which).
     #[arg(long, value_name = "PORT", default_value_t = DEFAULT_PORT)]
@@ -223,6 +238,33 @@ impl Cli {
     }
 }
 
+/// A command-line error as one line for stderr: clap's whole message (the
+/// flag, the allowed values, the tip) without its usage block and its "For
+/// more information" line, as plain text, ending in "(see --help)":
+///
+/// `error: unexpected argument '--prot' found; tip: a similar argument exists: '--port' (see --help)`
+pub fn error_line(error: &clap::Error) -> String {
+    let rendered = error.render().to_string();
+    let mut line = String::new();
+    for part in rendered.lines().map(str::trim) {
+        if part.starts_with("Usage:") || part.starts_with("For more information") {
+            break;
+        }
+        if part.is_empty() {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(if part.starts_with("tip:") { "; " } else { " " });
+        }
+        line.push_str(part);
+    }
+    if line.is_empty() {
+        line.push_str("error: invalid arguments");
+    }
+    line.push_str(" (see --help)");
+    line
+}
+
 /// Seconds as a number that makes a [`Duration`]: finite, not negative, and
 /// not absurdly large (at most a year).
 fn parse_seconds(text: &str) -> Result<f64, String> {
@@ -328,6 +370,35 @@ mod tests {
             .is_ok()
         );
         assert!(Cli::try_parse_from(["prompt-server", "--log-format", "xml"]).is_err());
+    }
+
+    fn error_for(args: &[&str]) -> String {
+        let args = std::iter::once("prompt-server").chain(args.iter().copied());
+        error_line(&Cli::try_parse_from(args).unwrap_err())
+    }
+
+    #[test]
+    fn errors_keep_the_flag_the_values_and_the_tip_on_one_line() {
+        assert_eq!(
+            error_for(&["--trusted-proxy", "1.2.3.4"]),
+            "error: the following required arguments were not provided: --proxy-protocol \
+             (see --help)"
+        );
+        assert_eq!(
+            error_for(&["--log-format", "yaml"]),
+            "error: invalid value 'yaml' for '--log-format <FORMAT>' \
+             [possible values: text, json] (see --help)"
+        );
+        assert_eq!(
+            error_for(&["--prot", "1337"]),
+            "error: unexpected argument '--prot' found; \
+             tip: a similar argument exists: '--port' (see --help)"
+        );
+        assert_eq!(
+            error_for(&["--max-reply-bytes", "0"]),
+            "error: invalid value '0' for '--max-reply-bytes <N>': must be at least 1 \
+             (see --help)"
+        );
     }
 
     #[test]

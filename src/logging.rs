@@ -35,6 +35,11 @@ pub enum LogFormat {
     Json,
 }
 
+/// The target of the `listening on ADDR` line. It is logged at info whatever
+/// `RUST_LOG` says (unless `RUST_LOG` names this target itself), since it is
+/// the only place that says which port `--port 0` got.
+pub const LISTENING_TARGET: &str = "prompt_server::listening";
+
 /// Lines the log queue holds while the sink is slow, by default.
 pub const DEFAULT_LOG_QUEUE_LINES: usize = 1024;
 
@@ -55,8 +60,11 @@ thread_local! {
 /// stderr, so that a stalled sink never blocks the accept loop or the
 /// signal thread.
 pub fn init(format: LogFormat, queue_lines: usize) -> io::Result<()> {
-    let mut builder =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    let mut builder = env_logger::Builder::new();
+    // Before RUST_LOG is read, so that a RUST_LOG directive for this very
+    // target replaces it; any other directive is less specific and loses.
+    builder.filter_module(LISTENING_TARGET, log::LevelFilter::Info);
+    builder.parse_env(env_logger::Env::default().default_filter_or("info"));
     if format == LogFormat::Json {
         builder.format(|buf, record| {
             let line = json_line(&buf.timestamp_millis().to_string(), record);

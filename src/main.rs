@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use prompt_server::config::Cli;
+use prompt_server::config::{self, Cli};
 use prompt_server::{Shutdown, Summary, bind, logging, run, shutdown};
 
 fn main() -> ExitCode {
@@ -15,12 +15,7 @@ fn main() -> ExitCode {
         // --help and --version are not errors; clap prints them and exits 0.
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
-            let rendered = e.render().to_string();
-            let first_line = rendered
-                .lines()
-                .next()
-                .unwrap_or("error: invalid arguments");
-            eprintln!("{first_line} (see --help)");
+            eprintln!("{}", config::error_line(&e));
             return ExitCode::from(2);
         }
     };

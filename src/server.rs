@@ -22,7 +22,9 @@ use crate::capacity;
 use crate::config::{BUSY_MESSAGE, Config};
 use crate::connection::{self, Outcome, Serving};
 use crate::limits::{ConnectionLimit, ConnectionSlot, LiveCount, PerIpLimit};
-use crate::logging::{self, BUSY_LINES, LogEvery, describe_io_error, held_back_note};
+use crate::logging::{
+    self, BUSY_LINES, LISTENING_TARGET, LogEvery, describe_io_error, held_back_note,
+};
 use crate::shutdown::{OpenConnection, OpenConnections, Shutdown};
 use crate::stats::{Stats, Summary};
 use crate::thread_cache::{PARKED_THREAD_IDLE_TIMEOUT, ThreadCache};
@@ -122,7 +124,10 @@ pub fn run(
     let local_addr = listener
         .local_addr()
         .context("cannot read the address the listener is bound to")?;
-    info!(event = "listening", addr:% = local_addr; "listening on {local_addr}");
+    info!(
+        target: LISTENING_TARGET, event = "listening", addr:% = local_addr;
+        "listening on {local_addr}"
+    );
     config.max_connections =
         capacity::effective_max_connections(config.max_connections, config.thread_cache);
     shutdown.set_wake_addr(local_addr);

@@ -99,12 +99,16 @@ pub struct Summary {
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let plural =
+            |n: u64, one: &'static str, many: &'static str| if n == 1 { one } else { many };
         write!(
             f,
-            "{} connections, {} replies, {} truncated, {} timed out, {} without reply, \
+            "{} {}, {} {}, {} truncated, {} timed out, {} without reply, \
              {} failed, {} rejected busy, {} denied, {} cut off by shutdown, {} still connected",
             self.connections,
+            plural(self.connections, "connection", "connections"),
             self.replies,
+            plural(self.replies, "reply", "replies"),
             self.truncated,
             self.timed_out,
             self.no_reply,
@@ -114,5 +118,29 @@ impl fmt::Display for Summary {
             self.cut_off,
             self.still_connected
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_reads_in_the_singular_for_one() {
+        let mut summary = Stats::default().summary(0);
+        summary.connections = 1;
+        summary.replies = 1;
+        assert_eq!(
+            summary.to_string(),
+            "1 connection, 1 reply, 0 truncated, 0 timed out, 0 without reply, \
+             0 failed, 0 rejected busy, 0 denied, 0 cut off by shutdown, 0 still connected"
+        );
+        summary.connections = 2;
+        summary.replies = 0;
+        assert!(
+            summary
+                .to_string()
+                .starts_with("2 connections, 0 replies, ")
+        );
     }
 }

@@ -18,12 +18,7 @@ const BUSY: &[u8] = b"server busy, try again later\n";
 
 #[test]
 fn a_cap_beyond_the_descriptor_limit_is_lowered_and_enforced() {
-    if !Command::new("prlimit")
-        .arg("--version")
-        .output()
-        .is_ok_and(|out| out.status.success())
-    {
-        eprintln!("skipped: the prlimit program is not available");
+    if !require_program("prlimit", "apt-get install util-linux") {
         return;
     }
     let mut command = Command::new("prlimit");

@@ -26,6 +26,7 @@ fn assert_one_line_error(output: &Output, code: i32, needle: &str) {
     assert!(lines[0].starts_with("error: "), "{stderr}");
     assert!(lines[0].contains(needle), "{needle:?} not in: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.contains('\x1b'), "escape codes in: {stderr:?}");
 }
 
 #[test]
@@ -42,6 +43,19 @@ fn help_lists_every_option() {
     ] {
         assert!(help.contains(option), "{option} missing from help:\n{help}");
     }
+}
+
+#[test]
+fn help_says_what_the_program_does_with_an_example_and_rust_log() {
+    let output = run(&["--help"]);
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        help.starts_with("A TCP server that sends each client a prompt, logs its one-line reply"),
+        "{help}"
+    );
+    assert!(help.contains("prompt-server --port 1337"), "{help}");
+    assert!(help.contains("RUST_LOG"), "{help}");
 }
 
 #[test]
@@ -75,9 +89,30 @@ fn bad_arguments_are_one_readable_line() {
         (&["--port", "99999"], "--port"),
         (&["--bind", "not-an-address"], "--bind"),
         (&["--no-such-flag"], "--no-such-flag"),
+        (
+            &["--trusted-proxy", "1.2.3.4"],
+            "error: the following required arguments were not provided: --proxy-protocol \
+             (see --help)",
+        ),
+        (
+            &["--log-format", "yaml"],
+            "error: invalid value 'yaml' for '--log-format <FORMAT>' \
+             [possible values: text, json] (see --help)",
+        ),
+        (
+            &["--prot", "1337"],
+            "error: unexpected argument '--prot' found; \
+             tip: a similar argument exists: '--port' (see --help)",
+        ),
     ];
     for (args, needle) in cases {
-        assert_one_line_error(&run(args), 2, needle);
+        // Colours forced, as on a terminal: the line must still be plain.
+        let output = server_command()
+            .env("CLICOLOR_FORCE", "1")
+            .args(*args)
+            .output()
+            .expect("run prompt-server");
+        assert_one_line_error(&output, 2, needle);
     }
 }
 
@@ -102,6 +137,23 @@ fn logs_at_info_when_rust_log_is_unset() {
             .iter()
             .any(|l| l.contains("DEBUG") || l.contains("TRACE")),
         "debug lines at the default level: {:?}",
+        server.seen
+    );
+}
+
+#[test]
+fn listening_line_shows_at_warn_level() {
+    let mut command = server_command();
+    command.env("RUST_LOG", "warn");
+    command.args(["--bind", "127.0.0.1", "--port", "0"]);
+    // spawn waits for the `listening on` line and fails the test without it.
+    let mut server = ServerProcess::spawn(command);
+    session(server.addr, b"hushed\n");
+    server.signal("TERM");
+    assert!(server.wait_exit().success());
+    assert!(
+        !server.seen.iter().any(|l| l.contains("said:")),
+        "info lines other than `listening on` at warn: {:?}",
         server.seen
     );
 }

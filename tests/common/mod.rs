@@ -4,9 +4,13 @@
 
 #![allow(dead_code)] // each test file uses its own part of the harness
 
+use std::collections::HashSet;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -53,7 +57,7 @@ impl ServerProcess {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("start prompt-server");
+            .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", command.get_program()));
         let stderr = child.stderr.take().expect("stderr is piped");
         let (sender, lines) = mpsc::channel();
         thread::spawn(move || {
@@ -260,4 +264,83 @@ pub fn session(addr: SocketAddr, reply: &[u8]) {
 /// The local address of a client, as the server logs its peer.
 pub fn local(stream: &TcpStream) -> SocketAddr {
     stream.local_addr().unwrap()
+}
+
+/// Whether the outside program `program` (haproxy, prlimit, ...) is on
+/// PATH, for a test that needs it to start with:
+///
+/// ```ignore
+/// if !require_program("haproxy", "apt-get install haproxy") {
+///     return;
+/// }
+/// ```
+///
+/// When it is missing the test is skipped (it returns early and counts as
+/// passed), and the first skip in each test binary writes one line to the
+/// terminal, such as
+/// "SKIPPED: tests in tests/haproxy.rs need haproxy, which is not installed;
+/// apt-get install haproxy to run them".
+/// libtest captures only `print!`/`eprint!` output, so the line is written
+/// to `io::stderr()` directly and shows in a plain `cargo test`.
+///
+/// With `PROMPT_SERVER_REQUIRE_<PROGRAM>=1` (the name in upper case, `-` as
+/// `_`: `PROMPT_SERVER_REQUIRE_HAPROXY`) or `PROMPT_SERVER_REQUIRE_ALL=1`
+/// set, a missing program fails the test instead: CI sets the latter, so it
+/// can never skip a test silently.
+#[track_caller]
+pub fn require_program(program: &str, install_hint: &str) -> bool {
+    if on_path(program) {
+        return true;
+    }
+    let file = std::panic::Location::caller().file();
+    let variable = require_variable(program);
+    let required = [variable.as_str(), "PROMPT_SERVER_REQUIRE_ALL"]
+        .iter()
+        .any(|name| std::env::var_os(name).is_some_and(|value| value == "1"));
+    assert!(
+        !required,
+        "{program} is not installed but is required ({variable} or PROMPT_SERVER_REQUIRE_ALL \
+         is 1): {install_hint}"
+    );
+    static REPORTED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    let mut reported = REPORTED.lock().unwrap_or_else(|e| e.into_inner());
+    if reported
+        .get_or_insert_with(HashSet::new)
+        .insert(program.to_string())
+    {
+        let line = format!(
+            "SKIPPED: tests in {file} need {program}, which is not installed; \
+             {install_hint} to run them\n"
+        );
+        let _ = io::stderr().write_all(line.as_bytes());
+    }
+    false
+}
+
+/// The variable that makes `program` required: `PROMPT_SERVER_REQUIRE_HAPROXY`.
+fn require_variable(program: &str) -> String {
+    let name: String = program
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("PROMPT_SERVER_REQUIRE_{name}")
+}
+
+/// Whether an executable file named `program` is in a directory of PATH.
+fn on_path(program: &str) -> bool {
+    let Some(path) = std::env::var_os("PATH") else {
+        return false;
+    };
+    std::env::split_paths(&path).any(|dir| is_executable(&dir.join(program)))
+}
+
+fn is_executable(file: &Path) -> bool {
+    file.metadata()
+        .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
 }
