@@ -25,10 +25,14 @@
 //!   balancer sends first, which names the real client.
 //! - [`access`]: `--allow`/`--deny` rules and trusted proxies, checked
 //!   against the real client address.
+//! - `log_sink`: the bounded queue between log calls and stderr, so that a
+//!   stalled log never blocks the accept loop or the signal handling, and a
+//!   reply's connection is closed only once its line is written.
 //! - [`logging`]: logger set-up (text or JSON lines) and escaping of client
 //!   bytes, so that nothing a client sends can forge or break a log line.
 //! - [`shutdown`]: the handle that stops the accept loop from another thread,
-//!   and the signal handling (SIGINT, SIGTERM) that triggers it.
+//!   the signal handling (SIGINT, SIGTERM) that triggers it, and the open
+//!   connections a stop cuts off at its deadline.
 //! - [`thread_cache`]: finished connection threads parked to serve the next
 //!   connection (`--thread-cache`), instead of a new thread for each.
 //! - [`stats`]: counters of how connections ended, for the summary at exit.
