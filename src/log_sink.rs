@@ -191,10 +191,16 @@ impl<W: Write> LogSink<W> {
         loop {
             state = self
                 .changed
-                .wait_while(state, |s| s.writing || s.waiting.is_empty())
+                .wait_while(state, |s| {
+                    s.writing || (s.waiting.is_empty() && s.dropped == 0)
+                })
                 .unwrap_or_else(PoisonError::into_inner);
-            state = self.write_batch(state);
-            if state.dropped > 0 && state.waiting.len() < self.capacity {
+            if !state.waiting.is_empty() {
+                state = self.write_batch(state);
+            }
+            // Lines are dropped only while the queue is full; once there is
+            // room again, a write has gone through: the sink is back.
+            if !state.writing && state.dropped > 0 && state.waiting.len() < self.capacity {
                 let dropped = std::mem::take(&mut state.dropped);
                 drop(state);
                 report(dropped);

@@ -53,7 +53,7 @@ thread_local! {
 
 /// Starts logging to stderr at level info, unless `RUST_LOG` says
 /// otherwise, writing `format`, through a queue of at most `queue_lines`
-/// waiting lines (see [`crate::log_sink`]).
+/// waiting lines (see the `log_sink` module).
 ///
 /// `env_logger` filters and formats each record on the calling thread; the
 /// formatted line then goes through the queue instead of straight to

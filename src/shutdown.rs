@@ -8,7 +8,7 @@
 //! [`trigger_on_signals`] is how the binary uses it: the first SIGINT or
 //! SIGTERM starts a graceful stop, a second one ends the process at once.
 //!
-//! [`OpenConnections`] is what a stop ends at its deadline: a handle to
+//! `OpenConnections` is what a stop ends at its deadline: a handle to
 //! every open connection, so that the server can cut off the ones still
 //! open itself, and each connection thread logs what it had read.
 
