@@ -17,7 +17,7 @@ use socket2::SockRef;
 
 use crate::access::canonical;
 use crate::config::{BUSY_MESSAGE, Config};
-use crate::limits::{ConnectionSlot, PerIpLimit};
+use crate::limits::{ConnectionSlot, IpSlot, PerIpLimit};
 use crate::logging::{
     self, BUSY_LINES, DENIED_LINES, Escaped, describe_io_error, held_back_note, reply_text,
 };
@@ -119,29 +119,9 @@ pub(crate) fn serve(
         }
     };
     let addr = client.addr;
-    let proxy = client.proxy_field();
-    let proxy = proxy.as_deref();
-    if !config.access.permits(addr.ip()) {
-        if let Some(held_back) = DENIED_LINES.due() {
-            warn!(
-                event = "denied", peer:% = addr, proxy = proxy, held_back = held_back;
-                "{addr} refused by the access rules{}", held_back_note(held_back)
-            );
-        }
-        return Outcome::Denied;
-    }
-    let Some(_ip_slot) = serving.per_ip.try_acquire(addr.ip()) else {
-        if let Some(held_back) = BUSY_LINES.due() {
-            warn!(
-                event = "busy", peer:% = addr, proxy = proxy, held_back = held_back;
-                "{addr} turned away: already {} connections from {}{}",
-                config.max_per_ip.unwrap_or_default(),
-                addr.ip(),
-                held_back_note(held_back)
-            );
-        }
-        let _ = stream.write(BUSY_MESSAGE);
-        return Outcome::Busy;
+    let _ip_slot = match admit_client(&mut stream, client, serving) {
+        Ok(ip_slot) => ip_slot,
+        Err(outcome) => return outcome,
     };
 
     let sent = if timeouts_inherited {
@@ -151,11 +131,7 @@ pub(crate) fn serve(
     }
     .and_then(|()| stream.write_all(&config.prompt));
     if let Err(e) = sent {
-        warn!(
-            event = "prompt_failed", peer:% = addr, proxy = proxy;
-            "{addr} could not be sent the prompt: {}",
-            describe_io_error(&e)
-        );
+        log_prompt_failed(client, &e);
         return Outcome::Failed;
     }
     // Reading the header set its own read timeouts on the socket.
@@ -168,6 +144,53 @@ pub(crate) fn serve(
     let reply = read_reply(&mut source, addr, config.max_reply_bytes, deadline);
     let cut_off = serving.open.cutting_off();
     log_reply(client, &reply, config, started, cut_off)
+}
+
+/// Checks the access rules and takes the client's per-address slot, or
+/// turns it away. Not inlined, for the reason given at [`read_proxy_header`].
+#[inline(never)]
+fn admit_client<'a>(
+    stream: &mut &TcpStream,
+    client: Client,
+    serving: &'a Serving,
+) -> Result<IpSlot<'a>, Outcome> {
+    let addr = client.addr;
+    let proxy = client.proxy_field();
+    let proxy = proxy.as_deref();
+    if !serving.config.access.permits(addr.ip()) {
+        if let Some(held_back) = DENIED_LINES.due() {
+            warn!(
+                event = "denied", peer:% = addr, proxy = proxy, held_back = held_back;
+                "{addr} refused by the access rules{}", held_back_note(held_back)
+            );
+        }
+        return Err(Outcome::Denied);
+    }
+    let Some(ip_slot) = serving.per_ip.try_acquire(addr.ip()) else {
+        if let Some(held_back) = BUSY_LINES.due() {
+            warn!(
+                event = "busy", peer:% = addr, proxy = proxy, held_back = held_back;
+                "{addr} turned away: already {} connections from {}{}",
+                serving.config.max_per_ip.unwrap_or_default(),
+                addr.ip(),
+                held_back_note(held_back)
+            );
+        }
+        let _ = stream.write(BUSY_MESSAGE);
+        return Err(Outcome::Busy);
+    };
+    Ok(ip_slot)
+}
+
+#[inline(never)]
+fn log_prompt_failed(client: Client, error: &std::io::Error) {
+    let addr = client.addr;
+    let proxy = client.proxy_field();
+    warn!(
+        event = "prompt_failed", peer:% = addr, proxy = proxy.as_deref();
+        "{addr} could not be sent the prompt: {}",
+        describe_io_error(error)
+    );
 }
 
 /// Reads the PROXY header, if the peer may send one at all. On failure the
