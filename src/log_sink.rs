@@ -61,9 +61,12 @@ const WRITER_THREAD_STACK: usize = 256 * 1024;
 pub(crate) struct LogSink<W> {
     capacity: usize,
     state: Mutex<State>,
-    /// Signalled whenever lines are queued or written, or the queue is
-    /// abandoned.
-    changed: Condvar,
+    /// Signalled when a writer takes the waiting lines (there is room).
+    room: Condvar,
+    /// Signalled when a batch has been written (or callers stop waiting).
+    written: Condvar,
+    /// Signalled for the writer thread: lines to write, or a batch done.
+    work: Condvar,
     /// The sink itself; only the thread holding the writer role uses it.
     sink: Mutex<W>,
 }
@@ -97,7 +100,9 @@ impl<W: Write> LogSink<W> {
                 dropped: 0,
                 abandoned: false,
             }),
-            changed: Condvar::new(),
+            room: Condvar::new(),
+            written: Condvar::new(),
+            work: Condvar::new(),
             sink: Mutex::new(sink),
         }
     }
@@ -128,7 +133,7 @@ impl<W: Write> LogSink<W> {
             }
             Class::Reply => {
                 state = self
-                    .changed
+                    .room
                     .wait_while(state, |s| s.waiting.len() >= self.capacity && !s.abandoned)
                     .unwrap_or_else(PoisonError::into_inner);
             }
@@ -139,7 +144,7 @@ impl<W: Write> LogSink<W> {
         let number = state.queued;
         if class != Class::Reply {
             drop(state);
-            self.changed.notify_all();
+            self.work.notify_one();
             return Delivery::Written;
         }
         loop {
@@ -150,7 +155,7 @@ impl<W: Write> LogSink<W> {
                 return Delivery::Unwritten;
             }
             state = if state.writing {
-                self.changed
+                self.written
                     .wait(state)
                     .unwrap_or_else(PoisonError::into_inner)
             } else {
@@ -163,23 +168,28 @@ impl<W: Write> LogSink<W> {
     /// returns with the lock held again.
     fn write_batch<'a>(&'a self, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
         state.writing = true;
+        let was_full = state.waiting.len() >= self.capacity;
         let batch: Vec<Vec<u8>> = state.waiting.drain(..).collect();
         drop(state);
-        // Room was made: reply lines waiting for it may queue now.
-        self.changed.notify_all();
-        let bytes = batch.concat();
+        if was_full {
+            self.room.notify_all();
+        }
         {
             let mut sink = self.sink.lock().unwrap_or_else(PoisonError::into_inner);
             // A sink that fails (closed stderr) cannot be helped: the line
             // counts as handled, or every caller would wait forever.
-            let _ = sink.write_all(&bytes).and_then(|()| sink.flush());
+            let _ = match batch.as_slice() {
+                [line] => sink.write_all(line),
+                lines => sink.write_all(&lines.concat()),
+            }
+            .and_then(|()| sink.flush());
         }
         let mut state = self.lock();
         state.written += batch.len() as u64;
         state.writing = false;
-        drop(state);
-        self.changed.notify_all();
-        self.lock()
+        self.written.notify_all();
+        self.work.notify_one();
+        state
     }
 
     /// The writer thread's loop: writes lines of callers that do not wait,
@@ -190,7 +200,7 @@ impl<W: Write> LogSink<W> {
         let mut state = self.lock();
         loop {
             state = self
-                .changed
+                .work
                 .wait_while(state, |s| {
                     s.writing || (s.waiting.is_empty() && s.dropped == 0)
                 })
@@ -213,7 +223,7 @@ impl<W: Write> LogSink<W> {
     /// how many were not.
     pub(crate) fn flush(&self, timeout: Duration) -> u64 {
         let state = self
-            .changed
+            .written
             .wait_timeout_while(self.lock(), timeout, |s| s.written < s.queued)
             .unwrap_or_else(PoisonError::into_inner)
             .0;
@@ -224,7 +234,8 @@ impl<W: Write> LogSink<W> {
     /// they are still queued, but their callers learn they are not written.
     pub(crate) fn stop_waiting(&self) {
         self.lock().abandoned = true;
-        self.changed.notify_all();
+        self.room.notify_all();
+        self.written.notify_all();
     }
 }
 
