@@ -142,21 +142,6 @@ fn a_freed_slot_is_usable_as_soon_as_its_client_sees_the_close() {
 }
 
 #[test]
-fn a_thread_that_cannot_be_started_costs_only_its_connection() {
-    // A stack no machine can map makes every connection thread fail to start.
-    let mut command = server_command();
-    command
-        .env("RUST_MIN_STACK", (1u64 << 50).to_string())
-        .args(["--bind", "127.0.0.1", "--port", "0"]);
-    let mut server = ServerProcess::spawn(command);
-    for _ in 0..3 {
-        let mut client = server.connect();
-        assert_eq!(read_until_closed(&mut client), b"");
-        server.expect_line(&format!("{} closed: cannot start a thread", local(&client)));
-    }
-}
-
-#[test]
 fn resets_early_closes_and_garbage_are_each_logged_once() {
     let mut server = ServerProcess::start(&[]);
     let mut peers = Vec::new();
