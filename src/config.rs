@@ -102,7 +102,7 @@ pub fn prompt_bytes(text: &str) -> Vec<u8> {
 /// What `--help` says after the options.
 const AFTER_HELP: &str = "\
 Example:
-  prompt-server --port 1337     then, from another terminal: nc localhost 1337
+  prompt-server --port 1337     then, from another terminal: nc 127.0.0.1 1337
 
 Logging goes to stderr at level info; RUST_LOG changes it, e.g. RUST_LOG=debug
 (a line per connect and disconnect) or RUST_LOG=warn (problems only; the
