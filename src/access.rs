@@ -31,6 +31,7 @@ impl NetList {
             .any(|net| net.contains(&ip) || mapped.is_some_and(|m| net.contains(&m)))
     }
 
+    /// Whether the list has no networks at all.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -40,12 +41,12 @@ impl NetList {
 /// IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]:50312`, how a dual-stack
 /// listener sees IPv4 clients) becomes the IPv4 address it is
 /// (`127.0.0.1:50312`).
-pub fn canonical(addr: SocketAddr) -> SocketAddr {
+pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// Parses `ADDR/PREFIX`, or a bare address meaning that one host.
-pub fn parse_net(text: &str) -> Result<IpNet, String> {
+pub(crate) fn parse_net(text: &str) -> Result<IpNet, String> {
     if text.contains('/') {
         text.parse::<IpNet>().map(|net| net.trunc()).map_err(|_| {
             "must be an address or a network such as 10.0.0.0/8 or ::1/128".to_string()
@@ -61,11 +62,14 @@ pub fn parse_net(text: &str) -> Result<IpNet, String> {
 /// it, or if allow rules exist and none matches it (deny wins).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AccessRules {
+    /// `--allow`: when not empty, only these clients are served.
     pub allow: NetList,
+    /// `--deny`: these clients are refused, whatever `allow` says.
     pub deny: NetList,
 }
 
 impl AccessRules {
+    /// Whether a client at `ip` may be served.
     pub fn permits(&self, ip: IpAddr) -> bool {
         !self.deny.contains(ip) && (self.allow.is_empty() || self.allow.contains(ip))
     }

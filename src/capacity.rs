@@ -237,7 +237,7 @@ impl fmt::Display for Budget {
 ///
 /// Call it before the server starts any thread of its own: it starts and
 /// stops a few short-lived probe threads to measure what a thread costs.
-pub fn effective_max_connections(requested: usize, thread_cache: usize) -> usize {
+pub(crate) fn effective_max_connections(requested: usize, thread_cache: usize) -> usize {
     let budget = plan(&read_limits(), requested as u64, thread_cache as u64);
     if let Some(limit) = &budget.bound_by {
         warn!(

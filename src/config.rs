@@ -1,39 +1,36 @@
-//! What the server runs with: [`Config`], its documented defaults, and the
-//! command line ([`Cli`]) that fills it in.
+//! What the server runs with: [`Config`] and its documented defaults.
 //!
-//! The library takes a [`Config`] and never reads the command line itself, so
-//! tests and embedders build one directly; the CLI only validates and converts.
+//! Plain data: the library takes a [`Config`] and never reads the command
+//! line itself, so tests and embedders build one directly; the binary's
+//! command line (the `cli` module) only validates and converts.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use clap::{CommandFactory, Parser};
-
-use crate::access::{AccessRules, NetList, parse_net};
-use crate::logging::LogFormat;
+use crate::access::{AccessRules, NetList};
 
 /// The prompt of the classic example.
-pub const DEFAULT_PROMPT: &str = "Do you want to play a game?\n";
+pub(crate) const DEFAULT_PROMPT: &str = "Do you want to play a game?\n";
 /// The port of the classic example.
-pub const DEFAULT_PORT: u16 = 1337;
+pub(crate) const DEFAULT_PORT: u16 = 1337;
 /// Every IPv4 interface, as the classic example listens.
-pub const DEFAULT_BIND: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+pub(crate) const DEFAULT_BIND: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 /// The classic example reads one 1024-byte buffer; a longer reply is cut there.
-pub const DEFAULT_MAX_REPLY_BYTES: usize = 1024;
+pub(crate) const DEFAULT_MAX_REPLY_BYTES: usize = 1024;
 /// A minute is long enough for a person to type an answer, short enough
 /// that abandoned connections do not pile up.
-pub const DEFAULT_REPLY_TIMEOUT_SECS: f64 = 60.0;
+pub(crate) const DEFAULT_REPLY_TIMEOUT_SECS: f64 = 60.0;
 /// The prompt is one small write; a client that has not taken it in this
 /// long is not reading at all.
-pub const DEFAULT_WRITE_TIMEOUT_SECS: f64 = 10.0;
+pub(crate) const DEFAULT_WRITE_TIMEOUT_SECS: f64 = 10.0;
 /// Each connection costs a thread (a few KiB of memory, 2 MiB of address
 /// space) and a file descriptor: 1024 fits the default descriptor limit of
 /// most systems once raised to the hard limit, and any 64-bit machine.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// How long a stopping server lets connected clients finish.
-pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: f64 = 10.0;
+pub(crate) const DEFAULT_SHUTDOWN_TIMEOUT_SECS: f64 = 10.0;
 /// The line a client gets when every connection slot is taken.
-pub const BUSY_MESSAGE: &[u8] = b"server busy, try again later\n";
+pub(crate) const BUSY_MESSAGE: &[u8] = b"server busy, try again later\n";
 
 /// Everything the server needs to know to serve connections.
 #[derive(Debug, Clone)]
@@ -48,7 +45,7 @@ pub struct Config {
     pub reply_timeout: Option<Duration>,
     /// How long sending the prompt may block on a client that does not read.
     pub write_timeout: Duration,
-    /// Connections served at once; more are sent [`BUSY_MESSAGE`] and closed.
+    /// Connections served at once; more are sent the busy line and closed.
     pub max_connections: usize,
     /// How long a stopping server waits for connected clients to finish.
     pub shutdown_timeout: Duration,
@@ -91,204 +88,12 @@ impl Default for Config {
 
 /// Turns prompt text into the bytes sent, adding the newline a line-based
 /// client (netcat, telnet) needs to show it.
-pub fn prompt_bytes(text: &str) -> Vec<u8> {
+pub(crate) fn prompt_bytes(text: &str) -> Vec<u8> {
     let mut prompt = text.as_bytes().to_vec();
     if !prompt.ends_with(b"\n") {
         prompt.push(b'\n');
     }
     prompt
-}
-
-/// What `--help` says after the options.
-const AFTER_HELP: &str = "\
-Example:
-  prompt-server --port 1337     then, from another terminal: nc 127.0.0.1 1337
-
-Logging goes to stderr at level info; RUST_LOG changes it, e.g. RUST_LOG=debug
-(a line per connect and disconnect) or RUST_LOG=warn (problems only; the
-`listening on` line is always shown).";
-
-/// The command line of `prompt-server`.
-#[derive(Debug, Parser)]
-#[command(
-    version,
-    about = "A TCP server that sends each client a prompt, logs its one-line reply \
-             with its address, and closes the connection.",
-    long_about = None,
-    after_help = AFTER_HELP
-)]
-pub struct Cli {
-    /// TCP port to listen on (0 lets the OS pick one; the log says which).
-    #[arg(long, value_name = "PORT", default_value_t = DEFAULT_PORT)]
-    pub port: u16,
-
-    /// Address to listen on, e.g. 0.0.0.0, ::, 127.0.0.1 or ::1.
-    #[arg(long, value_name = "ADDR", default_value_t = DEFAULT_BIND)]
-    pub bind: IpAddr,
-
-    /// Prompt sent to every client; a missing trailing newline is added.
-    #[arg(long, value_name = "TEXT", default_value = DEFAULT_PROMPT.trim_end())]
-    pub prompt: String,
-
-    /// Longest reply kept, in bytes; a longer one is logged truncated and the
-    /// connection closed.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_REPLY_BYTES,
-          value_parser = parse_at_least_one)]
-    pub max_reply_bytes: usize,
-
-    /// Seconds a client has for its whole reply, however slowly it sends;
-    /// 0 waits forever.
-    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_REPLY_TIMEOUT_SECS,
-          value_parser = parse_seconds)]
-    pub reply_timeout: f64,
-
-    /// Seconds sending the prompt may take before the client is dropped.
-    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_WRITE_TIMEOUT_SECS,
-          value_parser = parse_positive_seconds)]
-    pub write_timeout: f64,
-
-    /// Clients served at once; one more is sent "server busy, try again
-    /// later" and closed.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONNECTIONS,
-          value_parser = parse_at_least_one)]
-    pub max_connections: usize,
-
-    /// Seconds a stopping server (SIGINT, SIGTERM) lets connected clients
-    /// finish before it exits.
-    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_SECS,
-          value_parser = parse_seconds)]
-    pub shutdown_timeout: f64,
-
-    /// Finished connection threads kept parked (up to 10 s) to serve the next
-    /// connection instead of starting a new thread; 0 disables it; at most
-    /// --max-connections.
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub thread_cache: usize,
-
-    /// Expect a PROXY protocol header (v1 or v2, as HAProxy's send-proxy
-    /// and send-proxy-v2 send) before each client's data, and log the client
-    /// address it carries. Connections without a valid one are closed.
-    #[arg(long)]
-    pub proxy_protocol: bool,
-
-    /// With --proxy-protocol: only connections from this address or network
-    /// may carry a header; others are refused. Repeatable.
-    #[arg(long, value_name = "CIDR", value_parser = parse_net, requires = "proxy_protocol")]
-    pub trusted_proxy: Vec<ipnet::IpNet>,
-
-    /// Serve only clients from this address or network. Repeatable.
-    #[arg(long, value_name = "CIDR", value_parser = parse_net)]
-    pub allow: Vec<ipnet::IpNet>,
-
-    /// Refuse clients from this address or network; wins over --allow.
-    /// Repeatable.
-    #[arg(long, value_name = "CIDR", value_parser = parse_net)]
-    pub deny: Vec<ipnet::IpNet>,
-
-    /// Connections one client address may hold at once; one more is sent the
-    /// busy line.
-    #[arg(long, value_name = "N", value_parser = parse_at_least_one)]
-    pub max_per_ip: Option<usize>,
-
-    /// Connections the kernel queues for the server before it accepts them
-    /// [default: net.core.somaxconn, 4096 on current kernels]
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i32::MAX as i64))]
-    pub backlog: Option<u32>,
-
-    /// Log lines as text, or as one JSON object per line.
-    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-}
-
-impl Cli {
-    /// Checks what one option's parser cannot: how options relate. The
-    /// error is clap's, so it is reported like any other bad argument.
-    pub fn validate(self) -> Result<Self, clap::Error> {
-        if self.thread_cache > self.max_connections {
-            let message = format!(
-                "invalid value '{}' for '--thread-cache <N>': must be at most --max-connections ({})",
-                self.thread_cache, self.max_connections
-            );
-            return Err(Self::command().error(clap::error::ErrorKind::ValueValidation, message));
-        }
-        Ok(self)
-    }
-
-    /// The [`Config`] this command line asks for.
-    pub fn to_config(&self) -> Config {
-        Config {
-            listen_addr: SocketAddr::new(self.bind, self.port),
-            prompt: prompt_bytes(&self.prompt),
-            max_reply_bytes: self.max_reply_bytes,
-            reply_timeout: (self.reply_timeout > 0.0)
-                .then(|| Duration::from_secs_f64(self.reply_timeout)),
-            write_timeout: Duration::from_secs_f64(self.write_timeout),
-            max_connections: self.max_connections,
-            shutdown_timeout: Duration::from_secs_f64(self.shutdown_timeout),
-            thread_cache: self.thread_cache,
-            proxy_protocol: self.proxy_protocol,
-            trusted_proxies: NetList(self.trusted_proxy.clone()),
-            access: AccessRules {
-                allow: NetList(self.allow.clone()),
-                deny: NetList(self.deny.clone()),
-            },
-            max_per_ip: self.max_per_ip,
-            backlog: self.backlog,
-        }
-    }
-}
-
-/// A command-line error as one line for stderr: clap's whole message (the
-/// flag, the allowed values, the tip) without its usage block and its "For
-/// more information" line, as plain text, ending in "(see --help)":
-///
-/// `error: unexpected argument '--prot' found; tip: a similar argument exists: '--port' (see --help)`
-pub fn error_line(error: &clap::Error) -> String {
-    let rendered = error.render().to_string();
-    let mut line = String::new();
-    for part in rendered.lines().map(str::trim) {
-        if part.starts_with("Usage:") || part.starts_with("For more information") {
-            break;
-        }
-        if part.is_empty() {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(if part.starts_with("tip:") { "; " } else { " " });
-        }
-        line.push_str(part);
-    }
-    if line.is_empty() {
-        line.push_str("error: invalid arguments");
-    }
-    line.push_str(" (see --help)");
-    line
-}
-
-/// Seconds as a number that makes a [`Duration`]: finite, not negative, and
-/// not absurdly large (at most a year).
-fn parse_seconds(text: &str) -> Result<f64, String> {
-    const YEAR: f64 = 365.0 * 24.0 * 3600.0;
-    match text.parse::<f64>() {
-        Ok(secs) if (0.0..=YEAR).contains(&secs) => Ok(secs),
-        Ok(_) => Err(format!("must be between 0 and {YEAR} seconds")),
-        Err(_) => Err("must be a number of seconds".to_string()),
-    }
-}
-
-fn parse_positive_seconds(text: &str) -> Result<f64, String> {
-    match parse_seconds(text)? {
-        0.0 => Err("must be more than 0 seconds".to_string()),
-        secs => Ok(secs),
-    }
-}
-
-fn parse_at_least_one(text: &str) -> Result<usize, String> {
-    match text.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".to_string()),
-        Ok(n) => Ok(n),
-        Err(e) => Err(e.to_string()),
-    }
 }
 
 #[cfg(test)]
@@ -300,131 +105,5 @@ mod tests {
         assert_eq!(prompt_bytes("hi"), b"hi\n");
         assert_eq!(prompt_bytes("hi\n"), b"hi\n");
         assert_eq!(prompt_bytes(""), b"\n");
-    }
-
-    #[test]
-    fn defaults_match_the_classic_example() {
-        let config = Cli::parse_from(["prompt-server"]).to_config();
-        assert_eq!(config.listen_addr, "0.0.0.0:1337".parse().unwrap());
-        assert_eq!(config.prompt, b"Do you want to play a game?\n");
-        assert_eq!(config.max_reply_bytes, 1024);
-        assert_eq!(config.reply_timeout, Some(Duration::from_secs(60)));
-        assert_eq!(config.max_connections, DEFAULT_MAX_CONNECTIONS);
-        assert_eq!(config.shutdown_timeout, Duration::from_secs(10));
-    }
-
-    #[test]
-    fn zero_reply_timeout_waits_forever() {
-        let config = Cli::parse_from(["prompt-server", "--reply-timeout", "0"]).to_config();
-        assert_eq!(config.reply_timeout, None);
-        let config = Cli::parse_from(["prompt-server", "--reply-timeout", "0.5"]).to_config();
-        assert_eq!(config.reply_timeout, Some(Duration::from_millis(500)));
-    }
-
-    #[test]
-    fn nonsense_durations_are_refused() {
-        for (flag, value) in [
-            ("--reply-timeout", "-1"),
-            ("--reply-timeout", "NaN"),
-            ("--shutdown-timeout", "1e30"),
-            ("--write-timeout", "0"),
-        ] {
-            assert!(
-                Cli::try_parse_from(["prompt-server", flag, value]).is_err(),
-                "{flag} {value}"
-            );
-        }
-    }
-
-    #[test]
-    fn zero_reply_cap_is_refused() {
-        let err = Cli::try_parse_from(["prompt-server", "--max-reply-bytes", "0"]).unwrap_err();
-        assert!(err.to_string().contains("must be at least 1"), "{err}");
-    }
-
-    #[test]
-    fn access_options_repeat_and_trusted_proxy_needs_proxy_protocol() {
-        let cli = Cli::parse_from([
-            "prompt-server",
-            "--allow",
-            "10.0.0.0/8",
-            "--allow",
-            "::1",
-            "--deny",
-            "10.9.0.0/16",
-            "--max-per-ip",
-            "3",
-        ]);
-        let config = cli.to_config();
-        assert_eq!(config.access.allow.0.len(), 2);
-        assert!(!config.access.permits("10.9.1.1".parse().unwrap()));
-        assert_eq!(config.max_per_ip, Some(3));
-        assert!(Cli::try_parse_from(["prompt-server", "--trusted-proxy", "127.0.0.1"]).is_err());
-        assert!(
-            Cli::try_parse_from([
-                "prompt-server",
-                "--proxy-protocol",
-                "--trusted-proxy",
-                "127.0.0.1"
-            ])
-            .is_ok()
-        );
-        assert!(Cli::try_parse_from(["prompt-server", "--log-format", "xml"]).is_err());
-    }
-
-    fn error_for(args: &[&str]) -> String {
-        let args = std::iter::once("prompt-server").chain(args.iter().copied());
-        error_line(&Cli::try_parse_from(args).unwrap_err())
-    }
-
-    #[test]
-    fn errors_keep_the_flag_the_values_and_the_tip_on_one_line() {
-        assert_eq!(
-            error_for(&["--trusted-proxy", "1.2.3.4"]),
-            "error: the following required arguments were not provided: --proxy-protocol \
-             (see --help)"
-        );
-        assert_eq!(
-            error_for(&["--log-format", "yaml"]),
-            "error: invalid value 'yaml' for '--log-format <FORMAT>' \
-             [possible values: text, json] (see --help)"
-        );
-        assert_eq!(
-            error_for(&["--prot", "1337"]),
-            "error: unexpected argument '--prot' found; \
-             tip: a similar argument exists: '--port' (see --help)"
-        );
-        assert_eq!(
-            error_for(&["--max-reply-bytes", "0"]),
-            "error: invalid value '0' for '--max-reply-bytes <N>': must be at least 1 \
-             (see --help)"
-        );
-    }
-
-    #[test]
-    fn cli_definition_is_consistent() {
-        Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn thread_cache_beyond_the_connection_cap_is_refused() {
-        let parse = |args: &[&str]| {
-            Cli::try_parse_from(["prompt-server"].iter().chain(args)).and_then(Cli::validate)
-        };
-        let err = parse(&["--thread-cache", "1000000000"]).unwrap_err();
-        assert!(
-            err.to_string().contains("at most --max-connections (1024)"),
-            "{err}"
-        );
-        assert!(parse(&["--thread-cache", "18446744073709551616"]).is_err());
-        assert!(parse(&["--max-connections", "8", "--thread-cache", "8"]).is_ok());
-    }
-
-    #[test]
-    fn backlog_defaults_to_the_kernel_maximum_and_can_be_set() {
-        assert_eq!(Cli::parse_from(["prompt-server"]).to_config().backlog, None);
-        let config = Cli::parse_from(["prompt-server", "--backlog", "64"]).to_config();
-        assert_eq!(config.backlog, Some(64));
-        assert!(Cli::try_parse_from(["prompt-server", "--backlog", "0"]).is_err());
     }
 }

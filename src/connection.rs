@@ -5,25 +5,27 @@
 //! Everything here may block, but never for longer than the write timeout
 //! plus the header and reply deadlines, and nothing else waits on this thread.
 
-use std::cell::Cell;
+use std::fmt;
 use std::io::Write;
 use std::mem::MaybeUninit;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::{Level, log, warn};
 use socket2::SockRef;
 
 use crate::access::canonical;
 use crate::config::{BUSY_MESSAGE, Config};
+use crate::error::describe_io_error;
 use crate::limits::{ConnectionSlot, IpSlot, PerIpLimit};
 use crate::logging::{
-    self, BUSY_LINES, DENIED_LINES, Escaped, describe_io_error, held_back_note, reply_text,
+    self, BUSY_LINES, DENIED_LINES, Escaped, ServingPeer, held_back_note, reply_text,
 };
 use crate::proxy_protocol::{self, ProxyHeader};
-use crate::reply::{Prefixed, ReadStep, Reply, ReplyDeadline, ReplyEnd, read_before, read_reply};
+use crate::reply::{Reply, ReplyDeadline, ReplyEnd, read_reply};
 use crate::shutdown::{OpenConnection, OpenConnections};
+use crate::timed_read::{Prefixed, ReadStep, read_before};
 
 /// Most bytes a lingering close reads and throws away before it gives up.
 const LINGER_MAX_BYTES: usize = 64 * 1024;
@@ -32,7 +34,7 @@ const LINGER_MAX_TIME: Duration = Duration::from_secs(1);
 
 /// How a connection ended, for the shutdown summary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// A reply was logged whole.
     Replied,
     /// A reply was logged cut at the cap.
@@ -61,17 +63,6 @@ pub(crate) struct Serving {
     pub(crate) open: Arc<OpenConnections>,
 }
 
-thread_local! {
-    /// The peer this thread is serving, for the panic log line: a thread
-    /// from the thread cache keeps the name of its first peer.
-    static SERVING: Cell<Option<SocketAddr>> = const { Cell::new(None) };
-}
-
-/// The peer the current thread is serving, if it is a connection thread.
-pub fn serving_peer() -> Option<SocketAddr> {
-    SERVING.with(Cell::get)
-}
-
 /// Who is on the other end.
 #[derive(Debug, Clone, Copy)]
 struct Client {
@@ -88,62 +79,66 @@ impl Client {
     }
 }
 
-/// Serves one connection to the end. The caller closes it.
+/// Serves one connection to the end: identify the client, admit it, send
+/// the prompt, read the reply, log it. The caller closes the connection.
 ///
-/// `timeouts_inherited` says that the socket already carries the write
-/// timeout and a read timeout of the whole reply budget (inherited from the
-/// listening socket), which saves two system calls per connection.
-pub(crate) fn serve(
-    stream: &TcpStream,
-    peer: SocketAddr,
-    serving: &Serving,
-    timeouts_inherited: bool,
-) -> Outcome {
+/// The socket carries the listener's options (see `server`): the prompt's
+/// write timeout, and the whole reply budget as its read timeout.
+pub(crate) fn serve(stream: &TcpStream, peer: SocketAddr, serving: &Serving) -> Outcome {
+    let started = Instant::now();
+    let _named_in_panics = ServingPeer::set(peer);
     let config = &serving.config;
     let mut stream = stream;
-    let started = Instant::now();
-    SERVING.with(|current| current.set(Some(peer)));
-    let mut early_bytes = Vec::new();
-    let client = if config.proxy_protocol {
-        match read_proxy_header(&mut stream, peer, config, started) {
-            Ok((client, rest)) => {
-                early_bytes = rest;
-                client
-            }
-            Err(outcome) => return outcome,
-        }
-    } else {
-        Client {
-            addr: peer,
-            proxy: None,
-        }
+    let (client, early_bytes) = match identify_client(&mut stream, peer, config, started) {
+        Ok(identified) => identified,
+        Err(outcome) => return outcome,
     };
-    let addr = client.addr;
     let _ip_slot = match admit_client(&mut stream, client, serving) {
         Ok(ip_slot) => ip_slot,
         Err(outcome) => return outcome,
     };
-
-    let sent = if timeouts_inherited {
-        Ok(())
-    } else {
-        stream.set_write_timeout(Some(config.write_timeout))
-    }
-    .and_then(|()| stream.write_all(&config.prompt));
-    if let Err(e) = sent {
+    if let Err(e) = stream.write_all(&config.prompt) {
         log_prompt_failed(client, &e);
         return Outcome::Failed;
     }
-    // Reading the header set its own read timeouts on the socket.
-    let timeout_still_inherited = timeouts_inherited && !config.proxy_protocol;
+    let reply = read_client_reply(&mut stream, &early_bytes, client, config);
+    log_reply(client, &reply, config, started, serving.open.cutting_off())
+}
+
+/// Who the client is: the socket's peer, or, behind a balancer, the client
+/// its PROXY header names, with any bytes that came after the header.
+fn identify_client(
+    stream: &mut &TcpStream,
+    peer: SocketAddr,
+    config: &Config,
+    started: Instant,
+) -> Result<(Client, Vec<u8>), Outcome> {
+    if config.proxy_protocol {
+        return read_proxy_header(stream, peer, config, started);
+    }
+    let client = Client {
+        addr: peer,
+        proxy: None,
+    };
+    Ok((client, Vec::new()))
+}
+
+/// Reads the reply, after any bytes that came with the PROXY header, by
+/// the reply deadline.
+fn read_client_reply(
+    stream: &mut &TcpStream,
+    early_bytes: &[u8],
+    client: Client,
+    config: &Config,
+) -> Reply {
     let deadline = config.reply_timeout.map(|timeout| ReplyDeadline {
         at: Instant::now() + timeout,
-        first_read_timeout_is_set: timeout_still_inherited,
+        // The socket's read timeout is the whole budget, inherited from the
+        // listener, unless reading a PROXY header has set its own.
+        first_read_timeout_is_set: !config.proxy_protocol,
     });
-    let mut source = Prefixed::new(&early_bytes, &mut stream);
-    let reply = read_reply(&mut source, addr, config.max_reply_bytes, deadline);
-    let cut_off = serving.open.cutting_off();
-    log_reply(client, &reply, config, started, cut_off)
+    let mut source = Prefixed::new(early_bytes, stream);
+    read_reply(&mut source, client.addr, config.max_reply_bytes, deadline)
 }
 
 /// Checks the access rules and takes the client's per-address slot, or
@@ -240,7 +235,8 @@ fn read_proxy_header(
     }
 }
 
-/// The one log line that says how a client's reply went.
+/// The one log line that says how a client's reply went; returns how the
+/// connection ended, for the summary.
 #[inline(never)]
 fn log_reply(
     client: Client,
@@ -249,75 +245,76 @@ fn log_reply(
     started: Instant,
     cut_off: bool,
 ) -> Outcome {
-    let addr = client.addr;
+    let (level, event, outcome) = judge(reply, cut_off);
     let proxy = client.proxy_field();
-    let proxy = proxy.as_deref();
-    let bytes = Escaped(&reply.bytes);
     let (text, lossy) = reply_text(&reply.bytes);
     let text: &str = &text;
-    let size = reply.bytes.len();
-    let duration_ms = started.elapsed().as_millis() as u64;
-    macro_rules! event {
-        ($level:ident, $event:expr, $($message:tt)+) => {
-            $level!(
-                event = $event, peer:% = addr, proxy = proxy, reply = text,
-                reply_lossy = lossy, bytes = size, duration_ms = duration_ms;
-                $($message)+
-            )
-        };
-    }
+    let message = ReplyMessage {
+        addr: client.addr,
+        reply,
+        outcome,
+        config,
+    };
+    log!(
+        level,
+        event = event, peer:% = client.addr, proxy = proxy.as_deref(), reply = text,
+        reply_lossy = lossy, bytes = reply.bytes.len(),
+        duration_ms = started.elapsed().as_millis() as u64;
+        "{message}"
+    );
+    outcome
+}
+
+/// How a reply went: its log line's level and event, and the outcome.
+fn judge(reply: &Reply, cut_off: bool) -> (Level, &'static str, Outcome) {
     match &reply.end {
         // The server shut the read side down itself at the deadline.
-        ReplyEnd::Closed if cut_off => {
-            event!(
-                warn,
-                "cut_off",
+        ReplyEnd::Closed if cut_off => (Level::Warn, "cut_off", Outcome::CutOff),
+        ReplyEnd::Closed if reply.bytes.is_empty() => (Level::Info, "no_reply", Outcome::NoReply),
+        ReplyEnd::Line | ReplyEnd::Closed => (Level::Info, "reply", Outcome::Replied),
+        ReplyEnd::Truncated => (Level::Warn, "truncated", Outcome::Truncated),
+        ReplyEnd::TimedOut => (Level::Warn, "timeout", Outcome::TimedOut),
+        ReplyEnd::Failed(_) => (Level::Warn, "read_error", Outcome::Failed),
+    }
+}
+
+/// The text of a reply's log line, written straight into the log record.
+struct ReplyMessage<'a> {
+    addr: SocketAddr,
+    reply: &'a Reply,
+    outcome: Outcome,
+    config: &'a Config,
+}
+
+impl fmt::Display for ReplyMessage<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let addr = self.addr;
+        let bytes = Escaped(&self.reply.bytes);
+        match (self.outcome, &self.reply.end) {
+            (Outcome::CutOff, _) => write!(
+                f,
                 "{addr} cut off by shutdown before a full reply; got {bytes}"
-            );
-            Outcome::CutOff
-        }
-        ReplyEnd::Line => {
-            event!(info, "reply", "{addr} said: {bytes}");
-            Outcome::Replied
-        }
-        ReplyEnd::Closed if reply.bytes.is_empty() => {
-            event!(info, "no_reply", "{addr} closed without replying");
-            Outcome::NoReply
-        }
-        ReplyEnd::Closed => {
-            event!(
-                info,
-                "reply",
-                "{addr} said: {bytes} (closed before newline)"
-            );
-            Outcome::Replied
-        }
-        ReplyEnd::Truncated => {
-            let cap = config.max_reply_bytes;
-            event!(
-                warn,
-                "truncated",
-                "{addr} said: {bytes} (truncated at {cap} bytes)"
-            );
-            Outcome::Truncated
-        }
-        ReplyEnd::TimedOut => {
-            let secs = config.reply_timeout.unwrap_or_default().as_secs_f64();
-            event!(
-                warn,
-                "timeout",
-                "{addr} timed out after {secs}s without a full reply; got {bytes}"
-            );
-            Outcome::TimedOut
-        }
-        ReplyEnd::Failed(e) => {
-            let error = describe_io_error(e);
-            event!(
-                warn,
-                "read_error",
-                "{addr} read error: {error}; got {bytes}"
-            );
-            Outcome::Failed
+            ),
+            (Outcome::NoReply, _) => write!(f, "{addr} closed without replying"),
+            (Outcome::Replied, ReplyEnd::Closed) => {
+                write!(f, "{addr} said: {bytes} (closed before newline)")
+            }
+            (Outcome::Truncated, _) => {
+                let cap = self.config.max_reply_bytes;
+                write!(f, "{addr} said: {bytes} (truncated at {cap} bytes)")
+            }
+            (Outcome::TimedOut, _) => {
+                let secs = self.config.reply_timeout.unwrap_or_default().as_secs_f64();
+                write!(
+                    f,
+                    "{addr} timed out after {secs}s without a full reply; got {bytes}"
+                )
+            }
+            (_, ReplyEnd::Failed(e)) => {
+                let error = describe_io_error(e);
+                write!(f, "{addr} read error: {error}; got {bytes}")
+            }
+            _ => write!(f, "{addr} said: {bytes}"),
         }
     }
 }

@@ -4,59 +4,84 @@
 //! with the peer's address, and closes. Every client gets its own `std::thread`,
 //! so a client that never answers holds up nobody but itself.
 //!
+//! # Using the library
+//!
+//! [`bind`] a listener for a [`Config`], then [`run`] it until a
+//! [`Shutdown`] handle is triggered; `run` returns a [`Summary`] of how the
+//! connections ended. The binary does exactly this, with the [`cli`] and
+//! [`logging`] modules around it. Linux only (see the README).
+//!
 //! # Layout
 //!
-//! - [`config`]: the [`Config`] the server runs with, its documented defaults,
-//!   and the command line that fills it in.
-//! - [`server`]: binding the listener and the accept loop: where a connection
+//! Modules depend on each other one way (a test checks it), roughly in this
+//! order from the top:
+//!
+//! - `server`: binding the listener and the accept loop: where a connection
 //!   is admitted or turned away busy, the one place where a connection thread
 //!   is started, and how the loop survives `accept` failures.
-//! - [`limits`]: the connection cap, as a slot each connection thread owns
-//!   and releases however it ends.
-//! - [`capacity`]: how many connections this process can really hold
+//! - `capacity`: how many connections this process can really hold
 //!   (descriptors, memory mappings, thread limits), worked out at start-up,
 //!   so that a too-high cap is lowered with a warning instead of aborting
 //!   the process when a thread cannot be started.
-//! - [`connection`]: one client's life: send the prompt, read the reply, log
-//!   the outcome, close.
-//! - [`reply`]: reading one reply line from a socket, where every client byte is
-//!   read and where the size cap and the reply deadline are enforced.
-//! - [`proxy_protocol`]: the PROXY protocol header (v1 and v2) a load
+//! - `thread_cache`: finished connection threads parked to serve the next
+//!   connection (`--thread-cache`), instead of a new thread for each.
+//! - `connection`: one client's life: identify the client, admit it, send the
+//!   prompt, read the reply, log the outcome, close.
+//! - `proxy_protocol`: the PROXY protocol header (v1 and v2) a load
 //!   balancer sends first, which names the real client.
-//! - [`access`]: `--allow`/`--deny` rules and trusted proxies, checked
+//! - `reply`: reading one reply line, where the size cap and the reply
+//!   deadline are enforced.
+//! - `timed_read`: one read under a deadline, the step that both the PROXY
+//!   header and the reply are read with.
+//! - `limits`: the connection cap and the per-address cap, as slots each
+//!   connection owns and releases however it ends.
+//! - `access`: `--allow`/`--deny` rules and trusted proxies, checked
 //!   against the real client address.
+//! - `shutdown`: the [`Shutdown`] handle, the signal handling (SIGINT,
+//!   SIGTERM) that triggers it, and the open connections a stop cuts off at
+//!   its deadline.
+//! - `stats`: counters of how connections ended, for the [`Summary`].
+//! - [`logging`]: logger set-up (text or JSON lines) and escaping of client
+//!   bytes, so that nothing a client sends can forge or break a log line.
 //! - `log_sink`: the bounded queue between log calls and stderr, so that a
 //!   stalled log never blocks the accept loop or the signal handling, and a
 //!   reply's connection is closed only once its line is written.
-//! - [`logging`]: logger set-up (text or JSON lines) and escaping of client
-//!   bytes, so that nothing a client sends can forge or break a log line.
-//! - [`shutdown`]: the handle that stops the accept loop from another thread,
-//!   the signal handling (SIGINT, SIGTERM) that triggers it, and the open
-//!   connections a stop cuts off at its deadline.
-//! - [`thread_cache`]: finished connection threads parked to serve the next
-//!   connection (`--thread-cache`), instead of a new thread for each.
-//! - [`stats`]: counters of how connections ended, for the summary at exit.
+//! - [`cli`]: the binary's command line, the only module that knows clap.
+//! - `config`: the [`Config`] the server runs with, and its defaults.
+//! - `error`: the library's [`Error`], and how an I/O error is worded.
 //!
 //! The binary (`src/main.rs`) only parses the command line, sets up logging,
 //! binds, and calls [`run`]; tests drive the very same [`bind`] and [`run`].
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
 
-pub mod access;
-pub mod capacity;
-pub mod config;
-pub mod connection;
-pub mod limits;
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "prompt-server supports Linux only: it relies on accepted sockets inheriting the \
+     listener's timeouts and linger time, and on Linux's accept(2) errors and /proc files"
+);
+
+mod access;
+mod capacity;
+pub mod cli;
+mod config;
+mod connection;
+mod error;
+mod limits;
 mod log_sink;
 pub mod logging;
-pub mod proxy_protocol;
-pub mod reply;
-pub mod server;
-pub mod shutdown;
-pub mod stats;
-pub mod thread_cache;
+mod proxy_protocol;
+mod reply;
+mod server;
+mod shutdown;
+mod stats;
+mod thread_cache;
+mod timed_read;
 
+pub use access::{AccessRules, NetList};
 pub use config::Config;
+pub use error::Error;
 pub use server::{bind, run};
 pub use shutdown::Shutdown;
 pub use stats::Summary;

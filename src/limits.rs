@@ -17,7 +17,7 @@ use std::time::Instant;
 /// connection threads), with a wait for the count to reach zero: what a
 /// stopping server waits on.
 #[derive(Debug, Default)]
-pub struct LiveCount {
+pub(crate) struct LiveCount {
     count: Mutex<usize>,
     /// Signalled when the count reaches zero.
     zero: Condvar,
@@ -26,12 +26,12 @@ pub struct LiveCount {
 /// One member of a [`LiveCount`]; leaves it on drop, however its owner ends
 /// (even by a panic).
 #[derive(Debug)]
-pub struct Live {
+pub(crate) struct Live {
     count: Arc<LiveCount>,
 }
 
 impl LiveCount {
-    pub fn new() -> Arc<Self> {
+    pub(crate) fn new() -> Arc<Self> {
         Arc::new(LiveCount::default())
     }
 
@@ -40,7 +40,7 @@ impl LiveCount {
     }
 
     /// Joins the count if it is below `max`, without waiting.
-    pub fn try_enter(self: &Arc<Self>, max: usize) -> Option<Live> {
+    pub(crate) fn try_enter(self: &Arc<Self>, max: usize) -> Option<Live> {
         let mut count = self.lock();
         if *count >= max {
             return None;
@@ -52,7 +52,7 @@ impl LiveCount {
     }
 
     /// Joins the count.
-    pub fn enter(self: &Arc<Self>) -> Live {
+    pub(crate) fn enter(self: &Arc<Self>) -> Live {
         *self.lock() += 1;
         Live {
             count: Arc::clone(self),
@@ -60,13 +60,13 @@ impl LiveCount {
     }
 
     /// How many are alive now.
-    pub fn get(&self) -> usize {
+    pub(crate) fn get(&self) -> usize {
         *self.lock()
     }
 
     /// Waits until none is alive or `deadline` passes; returns how many
     /// still are.
-    pub fn wait_until_zero(&self, deadline: Instant) -> usize {
+    pub(crate) fn wait_until_zero(&self, deadline: Instant) -> usize {
         let timeout = deadline.saturating_duration_since(Instant::now());
         *self
             .zero
@@ -89,17 +89,17 @@ impl Drop for Live {
 /// At most `max` connections at once. A connection holds a
 /// [`ConnectionSlot`] from the accept loop until it is closed.
 #[derive(Debug)]
-pub struct ConnectionLimit {
+pub(crate) struct ConnectionLimit {
     max: usize,
     slots: Arc<LiveCount>,
 }
 
 /// One connection's share of a [`ConnectionLimit`]; released on drop.
-pub type ConnectionSlot = Live;
+pub(crate) type ConnectionSlot = Live;
 
 impl ConnectionLimit {
     /// A limit of `max` connections at once.
-    pub fn new(max: usize) -> Self {
+    pub(crate) fn new(max: usize) -> Self {
         ConnectionLimit {
             max,
             slots: LiveCount::new(),
@@ -107,25 +107,25 @@ impl ConnectionLimit {
     }
 
     /// A slot if fewer than `max` are taken, without waiting.
-    pub fn try_acquire(&self) -> Option<ConnectionSlot> {
+    pub(crate) fn try_acquire(&self) -> Option<ConnectionSlot> {
         self.slots.try_enter(self.max)
     }
 
     /// How many slots are taken now.
-    pub fn active(&self) -> usize {
+    pub(crate) fn active(&self) -> usize {
         self.slots.get()
     }
 
     /// Waits until every slot is released or `deadline` passes; returns how
     /// many are still taken.
-    pub fn wait_until_idle(&self, deadline: Instant) -> usize {
+    pub(crate) fn wait_until_idle(&self, deadline: Instant) -> usize {
         self.slots.wait_until_zero(deadline)
     }
 }
 
 /// At most `max` connections at once from one client address.
 #[derive(Debug)]
-pub struct PerIpLimit {
+pub(crate) struct PerIpLimit {
     /// `None`: no limit, and no bookkeeping.
     max: Option<usize>,
     /// Connections held now, by client address; addresses at 0 are removed.
@@ -134,14 +134,14 @@ pub struct PerIpLimit {
 
 /// One connection's share of a [`PerIpLimit`]; released on drop.
 #[derive(Debug)]
-pub struct IpSlot<'a> {
+pub(crate) struct IpSlot<'a> {
     limit: &'a PerIpLimit,
     /// `None` when there is no limit to release.
     ip: Option<IpAddr>,
 }
 
 impl PerIpLimit {
-    pub fn new(max: Option<usize>) -> Self {
+    pub(crate) fn new(max: Option<usize>) -> Self {
         PerIpLimit {
             max,
             held: Mutex::new(HashMap::new()),
@@ -153,7 +153,7 @@ impl PerIpLimit {
     }
 
     /// A slot for `ip`, or `None` if it already holds `max` connections.
-    pub fn try_acquire(&self, ip: IpAddr) -> Option<IpSlot<'_>> {
+    pub(crate) fn try_acquire(&self, ip: IpAddr) -> Option<IpSlot<'_>> {
         let Some(max) = self.max else {
             return Some(IpSlot {
                 limit: self,

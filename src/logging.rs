@@ -2,7 +2,7 @@
 //! breaking a log line.
 //!
 //! The `log` facade passes messages through untouched, so every client byte
-//! that reaches a text log line goes through [`Escaped`]: control characters
+//! that reaches a text log line goes through `Escaped`: control characters
 //! (CR, LF, ESC, ...), quotes, backslashes and invalid UTF-8 all come out as
 //! visible escapes, and one log record stays one line.
 //!
@@ -15,6 +15,7 @@
 use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::io::{self, IsTerminal, Write};
+use std::net::SocketAddr;
 use std::panic;
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::thread;
@@ -27,9 +28,10 @@ use serde_json::{Map, Value as Json};
 use crate::log_sink::{Class, Delivery, LogSink};
 
 /// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {
     /// `[2026-11-25T12:41:26Z INFO  prompt_server::connection] 127.0.0.1:50312 said: "yes"`
+    #[default]
     Text,
     /// `{"ts":"2026-11-25T12:41:26.123Z","level":"info","event":"reply",...}`
     Json,
@@ -38,10 +40,11 @@ pub enum LogFormat {
 /// The target of the `listening on ADDR` line. It is logged at info whatever
 /// `RUST_LOG` says (unless `RUST_LOG` names this target itself), since it is
 /// the only place that says which port `--port 0` got.
-pub const LISTENING_TARGET: &str = "prompt_server::listening";
+pub(crate) const LISTENING_TARGET: &str = "prompt_server::listening";
 
-/// Lines the log queue holds while the sink is slow, by default.
-pub const DEFAULT_LOG_QUEUE_LINES: usize = 1024;
+/// Lines the log queue holds while the sink is slow: enough for a burst
+/// of replies, small enough that a stalled sink is noticed soon.
+const LOG_QUEUE_LINES: usize = 1024;
 
 /// The queue in front of stderr; set once by [`init`].
 static SINK: OnceLock<LogSink<io::Stderr>> = OnceLock::new();
@@ -52,14 +55,19 @@ thread_local! {
 }
 
 /// Starts logging to stderr at level info, unless `RUST_LOG` says
-/// otherwise, writing `format`, through a queue of at most `queue_lines`
-/// waiting lines (see the `log_sink` module).
+/// otherwise, writing `format`, through a queue of at most 1,024 waiting
+/// lines (see the `log_sink` module).
 ///
 /// `env_logger` filters and formats each record on the calling thread; the
 /// formatted line then goes through the queue instead of straight to
 /// stderr, so that a stalled sink never blocks the accept loop or the
 /// signal thread.
-pub fn init(format: LogFormat, queue_lines: usize) -> io::Result<()> {
+///
+/// # Errors
+///
+/// Fails if a logger is already installed, or the thread that writes the
+/// log cannot be started.
+pub fn init(format: LogFormat) -> io::Result<()> {
     let mut builder = env_logger::Builder::new();
     // Before RUST_LOG is read, so that a RUST_LOG directive for this very
     // target replaces it; any other directive is less specific and loses.
@@ -76,7 +84,7 @@ pub fn init(format: LogFormat, queue_lines: usize) -> io::Result<()> {
     }
     builder.target(env_logger::Target::Pipe(Box::new(Captured)));
     let format = builder.build();
-    let sink = SINK.get_or_init(|| LogSink::new(queue_lines, io::stderr()));
+    let sink = SINK.get_or_init(|| LogSink::new(LOG_QUEUE_LINES, io::stderr()));
     LogSink::start_writer(sink, |dropped| {
         warn!(
             event = "log_dropped", dropped = dropped;
@@ -90,7 +98,7 @@ pub fn init(format: LogFormat, queue_lines: usize) -> io::Result<()> {
 
 /// Waits up to `timeout` for every queued log line to reach stderr, and
 /// returns how many did not (0 without [`init`]).
-pub fn flush(timeout: Duration) -> u64 {
+pub(crate) fn flush(timeout: Duration) -> u64 {
     SINK.get().map_or(0, |sink| sink.flush(timeout))
 }
 
@@ -254,10 +262,35 @@ impl<'kvs> VisitSource<'kvs> for JsonFields<'_> {
 
 /// A reply as JSON can carry it: the text, decoded lossily if it is not
 /// UTF-8, and whether it had to be.
-pub fn reply_text(bytes: &[u8]) -> (std::borrow::Cow<'_, str>, bool) {
+pub(crate) fn reply_text(bytes: &[u8]) -> (std::borrow::Cow<'_, str>, bool) {
     let text = String::from_utf8_lossy(bytes);
     let lossy = matches!(text, std::borrow::Cow::Owned(_));
     (text, lossy)
+}
+
+thread_local! {
+    /// The client this thread is serving, for the panic log line; set by a
+    /// [`ServingPeer`] guard for as long as the connection lasts.
+    static SERVING: Cell<Option<SocketAddr>> = const { Cell::new(None) };
+}
+
+/// Names, while it lives, the client the current thread serves in any
+/// panic line it logs. Dropped when the connection ends, so a thread
+/// parked in the thread cache never reports a client it no longer serves.
+#[must_use = "the peer is named only while the guard lives"]
+pub(crate) struct ServingPeer(());
+
+impl ServingPeer {
+    pub(crate) fn set(peer: SocketAddr) -> Self {
+        SERVING.with(|current| current.set(Some(peer)));
+        ServingPeer(())
+    }
+}
+
+impl Drop for ServingPeer {
+    fn drop(&mut self) {
+        SERVING.with(|current| current.set(None));
+    }
 }
 
 /// Reports panics as one escaped error line in the log instead of the
@@ -277,7 +310,7 @@ pub fn log_panics() {
             .location()
             .map(|at| format!("{}:{}", at.file(), at.line()))
             .unwrap_or_default();
-        match crate::connection::serving_peer() {
+        match SERVING.with(Cell::get) {
             Some(peer) => error!(
                 event = "panic", peer:% = peer;
                 "thread {thread} panicked at {location} serving {peer}: {}",
@@ -342,7 +375,7 @@ pub(crate) fn held_back_note(held_back: u64) -> String {
 /// Client bytes shown in double quotes with Rust-style escapes, for example
 /// `"yes\r\u{1b}[31m\xFF"`: valid UTF-8 text stays readable, everything that
 /// could affect a terminal or a log parser becomes visible.
-pub struct Escaped<'a>(pub &'a [u8]);
+pub(crate) struct Escaped<'a>(pub(crate) &'a [u8]);
 
 impl fmt::Display for Escaped<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -360,22 +393,6 @@ impl fmt::Display for Escaped<'_> {
             }
         }
         f.write_str("\"")
-    }
-}
-
-/// The OS's description of an I/O error, in lower case and without the
-/// "(os error N)" suffix, to read well after a colon in a message:
-/// "cannot listen on 0.0.0.0:1337: address already in use".
-pub fn describe_io_error(error: &io::Error) -> String {
-    let text = error.to_string();
-    let text = match text.rfind(" (os error ") {
-        Some(at) if text.ends_with(')') => &text[..at],
-        _ => &text,
-    };
-    let mut chars = text.chars();
-    match chars.next() {
-        Some(first) => first.to_lowercase().chain(chars).collect(),
-        None => String::new(),
     }
 }
 
@@ -504,10 +521,16 @@ mod tests {
     }
 
     #[test]
-    fn io_errors_read_as_a_phrase() {
-        let error = io::Error::from_raw_os_error(98);
-        assert_eq!(describe_io_error(&error), "address already in use");
-        let custom = io::Error::other("Something odd");
-        assert_eq!(describe_io_error(&custom), "something odd");
+    fn the_served_peer_is_named_only_while_the_connection_lasts() {
+        let peer: SocketAddr = "192.0.2.7:4000".parse().unwrap();
+        assert_eq!(SERVING.with(Cell::get), None);
+        let guard = ServingPeer::set(peer);
+        assert_eq!(SERVING.with(Cell::get), Some(peer));
+        drop(guard);
+        assert_eq!(
+            SERVING.with(Cell::get),
+            None,
+            "a parked thread names nobody"
+        );
     }
 }

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use prompt_server::config::{self, Cli};
-use prompt_server::{Shutdown, Summary, bind, logging, run, shutdown};
+use prompt_server::cli::{self, Cli};
+use prompt_server::{Shutdown, Summary, bind, logging, run};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse().and_then(Cli::validate) {
@@ -15,11 +15,11 @@ fn main() -> ExitCode {
         // --help and --version are not errors; clap prints them and exits 0.
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
-            eprintln!("{}", config::error_line(&e));
+            eprintln!("{}", cli::error_line(&e));
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = logging::init(cli.log_format, logging::DEFAULT_LOG_QUEUE_LINES) {
+    if let Err(e) = logging::init(cli.log_format) {
         eprintln!("error: cannot set up logging: {e}");
         return ExitCode::FAILURE;
     }
@@ -42,6 +42,7 @@ fn serve(cli: &Cli) -> anyhow::Result<Summary> {
     let config = cli.to_config();
     let listener = bind(&config)?;
     let stop = Shutdown::new();
-    shutdown::trigger_on_signals(stop.clone()).context("cannot install signal handlers")?;
-    run(listener, config, stop)
+    stop.trigger_on_signals()
+        .context("cannot install signal handlers")?;
+    Ok(run(listener, config, stop)?)
 }

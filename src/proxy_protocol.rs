@@ -14,12 +14,13 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Instant;
 
-use crate::reply::{ReadStep, ReplySource, read_before};
+use crate::error::describe_io_error;
+use crate::timed_read::{DeadlineRead, ReadStep, read_before};
 
 /// The longest version 1 header, CRLF included.
-pub const V1_MAX_LEN: usize = 107;
+pub(crate) const V1_MAX_LEN: usize = 107;
 /// The 12 bytes that open a version 2 header.
-pub const V2_SIGNATURE: [u8; 12] = [
+pub(crate) const V2_SIGNATURE: [u8; 12] = [
     0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
 ];
 const V1_PREFIX: &[u8] = b"PROXY ";
@@ -28,7 +29,7 @@ const V2_FIXED_LEN: usize = 16;
 
 /// What a valid header says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProxyHeader {
+pub(crate) enum ProxyHeader {
     /// The connection is relayed for this client, to this address.
     Proxied {
         source: SocketAddr,
@@ -41,7 +42,7 @@ pub enum ProxyHeader {
 
 /// How far [`parse`] got.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Parsed {
+pub(crate) enum Parsed {
     /// A whole header, `length` bytes long.
     Complete { header: ProxyHeader, length: usize },
     /// Valid so far; more bytes are needed.
@@ -51,7 +52,7 @@ pub enum Parsed {
 }
 
 /// Parses the start of a connection's bytes as a PROXY header (v1 or v2).
-pub fn parse(bytes: &[u8]) -> Parsed {
+pub(crate) fn parse(bytes: &[u8]) -> Parsed {
     if bytes.starts_with(&V2_SIGNATURE) {
         parse_v2(bytes)
     } else if bytes.starts_with(V1_PREFIX) {
@@ -175,7 +176,7 @@ where
 
 /// Why no header could be had.
 #[derive(Debug)]
-pub enum HeaderError {
+pub(crate) enum HeaderError {
     Invalid(&'static str),
     /// The client closed before the header was complete.
     Closed,
@@ -190,7 +191,7 @@ impl std::fmt::Display for HeaderError {
             HeaderError::Invalid(why) => f.write_str(why),
             HeaderError::Closed => f.write_str("closed before a complete PROXY header"),
             HeaderError::TimedOut => f.write_str("no complete PROXY header in time"),
-            HeaderError::Failed(e) => write!(f, "{}", crate::logging::describe_io_error(e)),
+            HeaderError::Failed(e) => write!(f, "{}", describe_io_error(e)),
         }
     }
 }
@@ -198,7 +199,7 @@ impl std::fmt::Display for HeaderError {
 /// Reads a PROXY header from `source`, giving up at `deadline`. Returns it
 /// with whatever bytes followed it in the same reads: they are the start of
 /// the client's own data.
-pub fn read_header<S: ReplySource>(
+pub(crate) fn read_header<S: DeadlineRead>(
     source: &mut S,
     deadline: Option<Instant>,
 ) -> Result<(ProxyHeader, Vec<u8>), HeaderError> {

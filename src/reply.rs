@@ -1,5 +1,5 @@
-//! Reading one reply line: the only place where client bytes are read, and
-//! where the size cap and the whole-reply deadline are enforced.
+//! Reading one reply line: where the size cap and the whole-reply deadline
+//! are enforced (each read goes through `timed_read`).
 //!
 //! A reply is the bytes up to the first `\n`, with `\n` or `\r\n` stripped
 //! (telnet sends `\r\n`). TCP may deliver it in any number of pieces, so the
@@ -7,11 +7,13 @@
 //! is passed, the deadline passes, or the socket fails. Whatever happens, the
 //! bytes that did arrive are returned so that they can be logged.
 
-use std::io::{self, Read};
-use std::net::{SocketAddr, TcpStream};
-use std::time::{Duration, Instant};
+use std::io;
+use std::net::SocketAddr;
+use std::time::Instant;
 
 use log::trace;
+
+use crate::timed_read::{DeadlineRead, ReadStep, read_before};
 
 /// Most bytes asked of the socket in one read. Reads land in a buffer of
 /// this size on the stack, and the reply's heap buffer is only allocated
@@ -22,7 +24,7 @@ const READ_CHUNK: usize = 1026;
 
 /// How a reply ended.
 #[derive(Debug)]
-pub enum ReplyEnd {
+pub(crate) enum ReplyEnd {
     /// A whole line arrived; its terminator is not part of the reply.
     Line,
     /// The client closed its side before sending a newline.
@@ -38,26 +40,11 @@ pub enum ReplyEnd {
 /// One client's reply: the bytes that arrived (at most the cap) and why
 /// reading stopped.
 #[derive(Debug)]
-pub struct Reply {
+pub(crate) struct Reply {
     /// The reply, without its line terminator, never longer than the cap.
-    pub bytes: Vec<u8>,
+    pub(crate) bytes: Vec<u8>,
     /// Why reading stopped.
-    pub end: ReplyEnd,
-}
-
-/// A byte stream that a reply can be read from under a deadline.
-///
-/// Implemented for [`TcpStream`]; the trait exists so that the property
-/// tests can drive the very same [`read_reply`] with any chunking of a reply.
-pub trait ReplySource: Read {
-    /// Makes the next read give up after `timeout`.
-    fn set_read_timeout_for_next_read(&mut self, timeout: Duration) -> io::Result<()>;
-}
-
-impl ReplySource for &TcpStream {
-    fn set_read_timeout_for_next_read(&mut self, timeout: Duration) -> io::Result<()> {
-        self.set_read_timeout(Some(timeout))
-    }
+    pub(crate) end: ReplyEnd,
 }
 
 /// When a reply must be complete, and whether the socket's read timeout
@@ -65,46 +52,16 @@ impl ReplySource for &TcpStream {
 /// no `setsockopt` (the server sets it once on the listening socket, and
 /// accepted sockets inherit it).
 #[derive(Debug, Clone, Copy)]
-pub struct ReplyDeadline {
-    pub at: Instant,
-    pub first_read_timeout_is_set: bool,
-}
-
-/// Bytes already read (after a PROXY header) served first, then the stream.
-pub struct Prefixed<'a, S> {
-    prefix: &'a [u8],
-    stream: &'a mut S,
-}
-
-impl<'a, S> Prefixed<'a, S> {
-    pub fn new(prefix: &'a [u8], stream: &'a mut S) -> Self {
-        Prefixed { prefix, stream }
-    }
-}
-
-impl<S: Read> Read for Prefixed<'_, S> {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        if self.prefix.is_empty() {
-            return self.stream.read(out);
-        }
-        let n = self.prefix.len().min(out.len());
-        out[..n].copy_from_slice(&self.prefix[..n]);
-        self.prefix = &self.prefix[n..];
-        Ok(n)
-    }
-}
-
-impl<S: ReplySource> ReplySource for Prefixed<'_, S> {
-    fn set_read_timeout_for_next_read(&mut self, timeout: Duration) -> io::Result<()> {
-        self.stream.set_read_timeout_for_next_read(timeout)
-    }
+pub(crate) struct ReplyDeadline {
+    pub(crate) at: Instant,
+    pub(crate) first_read_timeout_is_set: bool,
 }
 
 /// Reads one reply line from `source`, keeping at most `max_reply_bytes` of
 /// it, and giving up at `deadline` (if any) however the bytes trickle in.
 ///
 /// `peer` only labels the trace lines that show each read.
-pub fn read_reply<S: ReplySource>(
+pub(crate) fn read_reply<S: DeadlineRead>(
     source: &mut S,
     peer: SocketAddr,
     max_reply_bytes: usize,
@@ -143,53 +100,6 @@ pub fn read_reply<S: ReplySource>(
     }
 }
 
-/// What one read under a deadline gave.
-#[derive(Debug)]
-pub enum ReadStep {
-    Data(usize),
-    /// The client closed its side.
-    Closed,
-    /// The deadline passed, before or during the read.
-    TimedOut,
-    Failed(io::Error),
-}
-
-/// Reads once into `buf`, giving up at `deadline`. With `set_timeout`, the
-/// socket's read timeout is first set to the time left; without, the caller
-/// knows it already stands at about that.
-pub fn read_before<S: ReplySource>(
-    source: &mut S,
-    buf: &mut [u8],
-    deadline: Option<Instant>,
-    set_timeout: bool,
-) -> ReadStep {
-    if let Some(deadline) = deadline {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
-            return ReadStep::TimedOut;
-        }
-        if set_timeout && let Err(e) = source.set_read_timeout_for_next_read(remaining) {
-            return ReadStep::Failed(e);
-        }
-    }
-    loop {
-        return match source.read(buf) {
-            Ok(0) => ReadStep::Closed,
-            Ok(n) => ReadStep::Data(n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                ReadStep::TimedOut
-            }
-            Err(e) => ReadStep::Failed(e),
-        };
-    }
-}
-
 /// Applies the cap to what arrived: a reply over it is cut and reported as
 /// truncated, whatever else ended it.
 fn finish(mut bytes: Vec<u8>, max_reply_bytes: usize, end: ReplyEnd) -> Reply {
@@ -205,8 +115,11 @@ fn finish(mut bytes: Vec<u8>, max_reply_bytes: usize, end: ReplyEnd) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::timed_read::Prefixed;
     use proptest::prelude::*;
     use std::collections::VecDeque;
+    use std::io::Read;
+    use std::time::Duration;
 
     /// Hands out a byte string in the given pieces, then EOF.
     struct Chunked {
@@ -236,7 +149,7 @@ mod tests {
         }
     }
 
-    impl ReplySource for Chunked {
+    impl DeadlineRead for Chunked {
         fn set_read_timeout_for_next_read(&mut self, _: Duration) -> io::Result<()> {
             Ok(())
         }

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use log::{debug, info, warn};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
@@ -21,10 +20,9 @@ use crate::access::canonical;
 use crate::capacity;
 use crate::config::{BUSY_MESSAGE, Config};
 use crate::connection::{self, Outcome, Serving};
+use crate::error::{Error, describe_io_error};
 use crate::limits::{ConnectionLimit, ConnectionSlot, LiveCount, PerIpLimit};
-use crate::logging::{
-    self, BUSY_LINES, LISTENING_TARGET, LogEvery, describe_io_error, held_back_note,
-};
+use crate::logging::{self, BUSY_LINES, LISTENING_TARGET, LogEvery, held_back_note};
 use crate::shutdown::{OpenConnection, OpenConnections, Shutdown};
 use crate::stats::{Stats, Summary};
 use crate::thread_cache::{PARKED_THREAD_IDLE_TIMEOUT, ThreadCache};
@@ -45,15 +43,18 @@ const SOMAXCONN_PATH: &str = "/proc/sys/net/core/somaxconn";
 /// `somaxconn` since 5.4.
 const FALLBACK_BACKLOG: u32 = 4096;
 
-/// Binds the listening socket for `config.listen_addr` with
-/// `config.backlog` (or the kernel's maximum), with an error that names the
-/// address.
-pub fn bind(config: &Config) -> anyhow::Result<TcpListener> {
+/// Binds the listening socket for `config.listen_addr`, with
+/// `config.backlog` (or the kernel's maximum) as its backlog.
+///
+/// # Errors
+///
+/// Fails if the socket cannot be bound or listen, for example because the
+/// address is in use ([`std::io::ErrorKind::AddrInUse`]); the message names
+/// the address.
+pub fn bind(config: &Config) -> Result<TcpListener, Error> {
     let addr = config.listen_addr;
     let backlog = config.backlog.unwrap_or_else(default_backlog);
-    listen(addr, backlog)
-        .map_err(|e| anyhow::Error::msg(describe_io_error(&e)))
-        .with_context(|| format!("cannot listen on {addr}"))
+    listen(addr, backlog).map_err(|e| Error::new(format!("cannot listen on {addr}"), e))
 }
 
 /// What `TcpListener::bind` does (`SO_REUSEADDR`, bind, listen), with a
@@ -77,7 +78,7 @@ fn default_backlog() -> u32 {
 
 /// How long, after `--shutdown-timeout`, a stopping server waits for the
 /// connections it cut off to log what they had, and for the log to drain.
-pub const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a stopping server still waits for connection threads once it
 /// has stopped waiting for the log on their behalf.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -96,13 +97,34 @@ struct Shared {
     threads: Arc<LiveCount>,
 }
 
+impl Shared {
+    /// Works out how many connections this process can really hold (one
+    /// warn line if fewer than asked), and sets up what is shared.
+    fn new(mut config: Config) -> Self {
+        config.max_connections =
+            capacity::effective_max_connections(config.max_connections, config.thread_cache);
+        Shared {
+            thread_cache: ThreadCache::new(
+                config.thread_cache.min(config.max_connections),
+                PARKED_THREAD_IDLE_TIMEOUT,
+            ),
+            limit: ConnectionLimit::new(config.max_connections),
+            threads: LiveCount::new(),
+            serving: Serving {
+                per_ip: PerIpLimit::new(config.max_per_ip),
+                open: Arc::new(OpenConnections::default()),
+                config,
+            },
+            stats: Stats::default(),
+        }
+    }
+}
+
 /// An admitted connection: what a connection thread serves.
 struct Accepted {
     /// Shared with `open`, so that a stopping server can cut it off.
     stream: Arc<TcpStream>,
     peer: SocketAddr,
-    /// The socket inherited the listener's read and write timeouts.
-    timeouts_inherited: bool,
     /// Held until the connection ends, however it ends.
     slot: ConnectionSlot,
     open: OpenConnection,
@@ -116,73 +138,65 @@ struct Accepted {
 ///
 /// Logs `listening on ADDR` with the address actually bound first, so that a
 /// caller who asked for port 0 can find out which port it got.
-pub fn run(
-    listener: TcpListener,
-    mut config: Config,
-    shutdown: Shutdown,
-) -> anyhow::Result<Summary> {
+///
+/// # Errors
+///
+/// Fails before serving anyone if the listener's address or options cannot
+/// be read or set; once serving, no error stops it (a failing `accept` is
+/// logged and retried).
+pub fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
     let local_addr = listener
         .local_addr()
-        .context("cannot read the address the listener is bound to")?;
+        .map_err(|e| Error::new("cannot read the address the listener is bound to", e))?;
     info!(
         target: LISTENING_TARGET, event = "listening", addr:% = local_addr;
         "listening on {local_addr}"
     );
-    config.max_connections =
-        capacity::effective_max_connections(config.max_connections, config.thread_cache);
     shutdown.set_wake_addr(local_addr);
     set_connection_options(&listener, &config)?;
-    // Known at the first accept: whether accepted sockets carry them.
-    let mut timeouts_inherited = None;
-
-    let shared = Arc::new(Shared {
-        thread_cache: ThreadCache::new(
-            config.thread_cache.min(config.max_connections),
-            PARKED_THREAD_IDLE_TIMEOUT,
-        ),
-        limit: ConnectionLimit::new(config.max_connections),
-        threads: LiveCount::new(),
-        serving: Serving {
-            per_ip: PerIpLimit::new(config.max_per_ip),
-            open: Arc::new(OpenConnections::default()),
-            config,
-        },
-        stats: Stats::default(),
+    let shared = Arc::new(Shared::new(config));
+    accept_until_stopped(&listener, &shared, &shutdown);
+    // The kernel has completed the handshakes of the clients still queued,
+    // and some have sent their reply: serve them too, then refuse new
+    // clients at once rather than leave them in the backlog.
+    accept_queued(&listener, |stream, peer| {
+        accept(stream, peer, &shared, &shutdown);
     });
+    drop(listener);
+    shared.thread_cache.close();
+    Ok(stop(&shared))
+}
+
+/// The accept loop: hands each connection on until `shutdown` is triggered.
+fn accept_until_stopped(listener: &TcpListener, shared: &Arc<Shared>, shutdown: &Shutdown) {
     let mut failures = AcceptFailures::default();
-    let mut accept = |stream: TcpStream, peer: SocketAddr| {
-        let peer = canonical(peer);
-        if shutdown.is_wake_connection(peer) {
-            // A clean close: the waker must not see a reset.
-            let _ = SockRef::from(&stream).set_linger(None);
-            return;
-        }
-        let inherited = *timeouts_inherited
-            .get_or_insert_with(|| carries_timeouts(&stream, &shared.serving.config));
-        admit(stream, peer, inherited, &shared);
-    };
     while !shutdown.is_triggered() {
         match listener.accept() {
             Ok((stream, peer)) => {
                 failures.recovered();
-                accept(stream, peer);
+                accept(stream, peer, shared, shutdown);
             }
             // The listener's own read timeout ran out with nobody connecting.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => thread::sleep(failures.record(&e)),
         }
     }
-    // The kernel has completed the handshakes of the clients still queued,
-    // and some have sent their reply: serve them too, then refuse new
-    // clients at once rather than leave them in the backlog.
-    accept_queued(&listener, &mut accept);
-    drop(listener);
-    shared.thread_cache.close();
-    Ok(stop(&shared))
+}
+
+/// Hands an accepted connection on to [`admit`], unless it is the one a
+/// stopping server makes to wake its own accept loop.
+fn accept(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>, shutdown: &Shutdown) {
+    let peer = canonical(peer);
+    if shutdown.is_wake_connection(peer) {
+        // A clean close: the waker must not see a reset.
+        let _ = SockRef::from(&stream).set_linger(None);
+        return;
+    }
+    admit(stream, peer, shared);
 }
 
 /// Accepts, without waiting, every connection already queued on `listener`.
-fn accept_queued(listener: &TcpListener, accept: &mut impl FnMut(TcpStream, SocketAddr)) {
+fn accept_queued(listener: &TcpListener, mut accept: impl FnMut(TcpStream, SocketAddr)) {
     if listener.set_nonblocking(true).is_err() {
         return;
     }
@@ -243,7 +257,7 @@ fn stop(shared: &Shared) -> Summary {
 
 /// Gives the connection a thread if a slot is free (a parked one if there
 /// is one, else a new one), or turns it away.
-fn admit(stream: TcpStream, peer: SocketAddr, timeouts_inherited: bool, shared: &Arc<Shared>) {
+fn admit(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
     let Some(slot) = shared.limit.try_acquire() else {
         turn_away(stream, peer, shared);
         return;
@@ -253,7 +267,6 @@ fn admit(stream: TcpStream, peer: SocketAddr, timeouts_inherited: bool, shared: 
         open: shared.serving.open.register(&stream),
         stream,
         peer,
-        timeouts_inherited,
         slot,
     };
     shared.stats.record_connection();
@@ -290,13 +303,12 @@ fn connection_thread(first: Accepted, shared: &Shared) {
     while let Some(Accepted {
         stream,
         peer,
-        timeouts_inherited,
         slot,
         open,
     }) = next
     {
         debug!(event = "connected", peer:% = peer; "{peer} connected");
-        let outcome = connection::serve(&stream, peer, &shared.serving, timeouts_inherited);
+        let outcome = connection::serve(&stream, peer, &shared.serving);
         shared.stats.record(outcome);
         connection::close(stream, (slot, open));
         debug!(event = "disconnected", peer:% = peer; "{peer} disconnected");
@@ -304,32 +316,25 @@ fn connection_thread(first: Accepted, shared: &Shared) {
     }
 }
 
-/// Sets, on the listening socket, what every accepted socket inherits on
-/// Linux (which saves each connection its own `setsockopt` calls): the
-/// prompt's write timeout, the whole reply budget as the read timeout, and
-/// a zero linger time. (As a side effect an idle `accept` returns
-/// `WouldBlock` once per reply timeout; the loop just goes round again.)
+/// Sets, on the listening socket, what every accepted socket inherits
+/// (Linux copies them at accept, which saves each connection its own
+/// `setsockopt` calls): the prompt's write timeout, the whole reply budget
+/// as the read timeout, and a zero linger time. (As a side effect an idle
+/// `accept` returns `WouldBlock` once per reply timeout; the loop just goes
+/// round again.)
 ///
 /// With a zero linger time, closing a socket resets the connection. A
 /// connection is closed cleanly only once its reply line has been written
 /// to the log ([`connection::close`] restores the normal close then), so
 /// if the process dies before that, by a signal or a crash, the kernel
 /// resets the connection and the client knows its reply was not kept.
-fn set_connection_options(listener: &TcpListener, config: &Config) -> anyhow::Result<()> {
+fn set_connection_options(listener: &TcpListener, config: &Config) -> Result<(), Error> {
     let socket = SockRef::from(listener);
     socket
         .set_read_timeout(config.reply_timeout)
         .and_then(|()| socket.set_write_timeout(Some(config.write_timeout)))
         .and_then(|()| socket.set_linger(Some(Duration::ZERO)))
-        .context("cannot set options on the listening socket")
-}
-
-/// Whether an accepted socket carries the timeouts set on the listener
-/// (Linux), or each connection must set its own (elsewhere).
-fn carries_timeouts(stream: &TcpStream, config: &Config) -> bool {
-    let read = stream.read_timeout().ok().flatten();
-    let write = stream.write_timeout().ok().flatten();
-    read.is_some() == config.reply_timeout.is_some() && write.is_some()
+        .map_err(|e| Error::new("cannot set options on the listening socket", e))
 }
 
 /// Sends the busy line and closes. The socket is made non-blocking first,
@@ -468,7 +473,11 @@ mod tests {
         set_connection_options(&listener, &config).unwrap();
         let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (accepted, _) = listener.accept().unwrap();
-        assert!(carries_timeouts(&accepted, &config));
+        assert_eq!(accepted.read_timeout().unwrap(), config.reply_timeout);
+        assert_eq!(
+            accepted.write_timeout().unwrap(),
+            Some(config.write_timeout)
+        );
         assert_eq!(
             SockRef::from(&accepted).linger().unwrap(),
             Some(Duration::ZERO)

@@ -5,7 +5,7 @@
 //! [`Shutdown::trigger`] sets the flag and then connects to the listener
 //! itself: the loop wakes up with that connection, sees the flag and stops.
 //!
-//! [`trigger_on_signals`] is how the binary uses it: the first SIGINT or
+//! [`Shutdown::trigger_on_signals`] is how the binary uses it: the first SIGINT or
 //! SIGTERM starts a graceful stop, a second one ends the process at once.
 //!
 //! `OpenConnections` is what a stop ends at its deadline: a handle to
@@ -114,38 +114,45 @@ impl Shutdown {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(reachable(listening_on));
     }
-}
 
-/// Starts a thread that triggers `shutdown` on the first SIGINT or SIGTERM,
-/// and exits the process at once (status 128 + signal number) on a second.
-///
-/// signal-hook does the async-signal-safe part (a self-pipe written from the
-/// handler), so the reaction runs on an ordinary thread that may log and lock.
-pub fn trigger_on_signals(shutdown: Shutdown) -> io::Result<()> {
-    let mut signals = Signals::new([SIGINT, SIGTERM])?;
-    thread::Builder::new()
-        .name("signals".to_string())
-        .stack_size(SIGNAL_THREAD_STACK)
-        .spawn(move || {
-            for signal in signals.forever() {
-                let name = if signal == SIGINT {
-                    "SIGINT"
-                } else {
-                    "SIGTERM"
-                };
-                if shutdown.is_triggered() {
-                    warn!(event = "signal", signal = name; "{name} again: exiting now without waiting for clients");
-                    // Connections still open are reset by the exit (their
-                    // sockets linger zero), so no client mistakes it for a
-                    // clean close; only the log gets a moment.
-                    crate::logging::flush(EXIT_LOG_FLUSH_TIMEOUT);
-                    process::exit(128 + signal);
+    /// Starts a thread that triggers this handle on the first SIGINT or
+    /// SIGTERM, and exits the process at once (status 128 + signal number) on a
+    /// second.
+    ///
+    /// signal-hook does the async-signal-safe part (a self-pipe written from the
+    /// handler), so the reaction runs on an ordinary thread that may log and lock.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the signal handlers cannot be installed or the thread cannot
+    /// be started.
+    pub fn trigger_on_signals(&self) -> io::Result<()> {
+        let shutdown = self.clone();
+        let mut signals = Signals::new([SIGINT, SIGTERM])?;
+        thread::Builder::new()
+            .name("signals".to_string())
+            .stack_size(SIGNAL_THREAD_STACK)
+            .spawn(move || {
+                for signal in signals.forever() {
+                    let name = if signal == SIGINT {
+                        "SIGINT"
+                    } else {
+                        "SIGTERM"
+                    };
+                    if shutdown.is_triggered() {
+                        warn!(event = "signal", signal = name; "{name} again: exiting now without waiting for clients");
+                        // Connections still open are reset by the exit (their
+                        // sockets linger zero), so no client mistakes it for a
+                        // clean close; only the log gets a moment.
+                        crate::logging::flush(EXIT_LOG_FLUSH_TIMEOUT);
+                        process::exit(128 + signal);
+                    }
+                    info!(event = "signal", signal = name; "{name} received: stopping (send it again to exit at once)");
+                    shutdown.trigger();
                 }
-                info!(event = "signal", signal = name; "{name} received: stopping (send it again to exit at once)");
-                shutdown.trigger();
-            }
-        })?;
-    Ok(())
+            })?;
+        Ok(())
+    }
 }
 
 /// Every open connection, by a handle shared with its thread, so that a

@@ -8,7 +8,7 @@ use crate::connection::Outcome;
 
 /// Running totals, shared by the accept loop and every connection thread.
 #[derive(Debug, Default)]
-pub struct Stats {
+pub(crate) struct Stats {
     connections: AtomicU64,
     replies: AtomicU64,
     truncated: AtomicU64,
@@ -22,17 +22,17 @@ pub struct Stats {
 
 impl Stats {
     /// Counts a connection that got a thread of its own.
-    pub fn record_connection(&self) {
+    pub(crate) fn record_connection(&self) {
         self.connections.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a connection turned away because the server was full.
-    pub fn record_busy(&self) {
+    pub(crate) fn record_busy(&self) {
         self.rejected_busy.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts how a served connection ended.
-    pub fn record(&self, outcome: Outcome) {
+    pub(crate) fn record(&self, outcome: Outcome) {
         let counter = match outcome {
             Outcome::Replied => &self.replies,
             Outcome::Truncated => &self.truncated,
@@ -47,7 +47,7 @@ impl Stats {
     }
 
     /// The totals now, with `still_connected` clients not yet done.
-    pub fn summary(&self, still_connected: usize) -> Summary {
+    pub(crate) fn summary(&self, still_connected: usize) -> Summary {
         let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         Summary {
             connections: get(&self.connections),
@@ -92,7 +92,7 @@ pub struct Summary {
     /// waiting for it (only when the log is stalled; they are reset).
     pub still_connected: usize,
     /// Log lines the log had not taken when the server stopped waiting for
-    /// it ([`LOG_DRAIN_TIMEOUT`](crate::server::LOG_DRAIN_TIMEOUT) after
+    /// it (5 s after
     /// the shutdown timeout).
     pub unwritten_log_lines: u64,
 }

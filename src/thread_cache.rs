@@ -11,16 +11,16 @@
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use log::trace;
 
 /// How long a parked thread waits for a connection before it exits.
-pub const PARKED_THREAD_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const PARKED_THREAD_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Up to `capacity` finished threads waiting for work of type `T`.
 #[derive(Debug)]
-pub struct ThreadCache<T> {
+pub(crate) struct ThreadCache<T> {
     capacity: usize,
     idle_timeout: Duration,
     state: Mutex<State<T>>,
@@ -41,7 +41,7 @@ struct State<T> {
 impl<T> ThreadCache<T> {
     /// A cache of at most `capacity` parked threads (0 disables it), each
     /// waiting at most `idle_timeout`.
-    pub fn new(capacity: usize, idle_timeout: Duration) -> Self {
+    pub(crate) fn new(capacity: usize, idle_timeout: Duration) -> Self {
         ThreadCache {
             capacity,
             idle_timeout,
@@ -59,7 +59,7 @@ impl<T> ThreadCache<T> {
     }
 
     /// Hands `item` to a parked thread, or gives it back if none is free.
-    pub fn offer(&self, item: T) -> Result<(), T> {
+    pub(crate) fn offer(&self, item: T) -> Result<(), T> {
         if self.capacity == 0 {
             return Err(item);
         }
@@ -76,7 +76,7 @@ impl<T> ThreadCache<T> {
     /// Called by a thread whose work is done: waits for the next item, or
     /// returns `None` if the cache is full, closed, or nothing came in time
     /// (the thread should then exit).
-    pub fn park(&self) -> Option<T> {
+    pub(crate) fn park(&self) -> Option<T> {
         if self.capacity == 0 {
             return None;
         }
@@ -86,33 +86,25 @@ impl<T> ThreadCache<T> {
         }
         state.parked += 1;
         trace!(event = "thread_parked"; "thread parked, {} parked now", state.parked);
-        let deadline = Instant::now() + self.idle_timeout;
-        loop {
-            if let Some(item) = state.queue.pop_front() {
-                state.parked -= 1;
-                return Some(item);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if state.closed || left.is_zero() {
-                state.parked -= 1;
-                return None;
-            }
-            state = self
-                .handed_over
-                .wait_timeout(state, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
+        let (mut state, _) = self
+            .handed_over
+            .wait_timeout_while(state, self.idle_timeout, |state| {
+                state.queue.is_empty() && !state.closed
+            })
+            .unwrap_or_else(PoisonError::into_inner);
+        state.parked -= 1;
+        state.queue.pop_front()
     }
 
     /// Sends every parked thread away and parks no more.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         self.lock().closed = true;
         self.handed_over.notify_all();
     }
 
     /// Threads parked now.
-    pub fn parked(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn parked(&self) -> usize {
         self.lock().parked
     }
 }
@@ -123,6 +115,7 @@ mod tests {
     use std::sync::Arc;
     use std::sync::mpsc;
     use std::thread;
+    use std::time::Instant;
 
     const LONG: Duration = Duration::from_secs(20);
 

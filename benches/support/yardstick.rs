@@ -11,8 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use log::{info, warn};
-use prompt_server::config::{Config, DEFAULT_PROMPT};
-use prompt_server::logging::{Escaped, describe_io_error};
+use prompt_server::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
@@ -37,14 +36,14 @@ pub fn serve() {
             listener.local_addr().expect("local_addr")
         );
         let config = Config::default();
-        let prompt: &'static [u8] = DEFAULT_PROMPT.as_bytes();
+        let prompt: &'static [u8] = Config::default().prompt.leak();
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
                     tokio::spawn(handle(stream, peer, prompt, config.clone()));
                 }
                 Err(e) => {
-                    warn!("accept failed: {}", describe_io_error(&e));
+                    warn!("accept failed: {}", e);
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }
@@ -90,24 +89,24 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, prompt: &[u8], config: 
             if len > max {
                 warn!(
                     "{peer} said: {} (truncated at {max} bytes)",
-                    Escaped(&buf[..max])
+                    &buf[..max].escape_ascii()
                 );
             } else {
-                info!("{peer} said: {}", Escaped(&buf[..len]));
+                info!("{peer} said: {}", &buf[..len].escape_ascii());
             }
         }
         Ok(Ok(false)) if len == 0 => info!("{peer} closed without replying"),
         Ok(Ok(false)) if len > max => {
             warn!(
                 "{peer} said: {} (truncated at {max} bytes)",
-                Escaped(&buf[..max])
+                &buf[..max].escape_ascii()
             )
         }
         Ok(Ok(false)) => info!(
             "{peer} said: {} (closed before newline)",
-            Escaped(&buf[..len])
+            &buf[..len].escape_ascii()
         ),
-        Ok(Err(e)) => warn!("{peer} read error: {}", describe_io_error(&e)),
+        Ok(Err(e)) => warn!("{peer} read error: {}", e),
         Err(_) => warn!("{peer} timed out without a full reply"),
     }
 }

@@ -1,0 +1,100 @@
+//! The library's error type, and the one place where an I/O error is put
+//! into words for a log line or an error message.
+
+use std::fmt;
+use std::io;
+
+/// Why [`bind`](crate::bind) or [`run`](crate::run) failed: what the server
+/// was doing, and the I/O error that stopped it.
+///
+/// The message reads well after `error:`, for example "cannot listen on
+/// 0.0.0.0:1337: address already in use"; the [`io::Error`] itself is kept,
+/// so a caller can still match on [`kind`](Error::kind).
+#[derive(Debug)]
+pub struct Error {
+    doing: String,
+    io: io::Error,
+}
+
+impl Error {
+    pub(crate) fn new(doing: impl Into<String>, io: io::Error) -> Self {
+        Error {
+            doing: doing.into(),
+            io,
+        }
+    }
+
+    /// The kind of the underlying I/O error, e.g.
+    /// [`io::ErrorKind::AddrInUse`].
+    pub fn kind(&self) -> io::ErrorKind {
+        self.io.kind()
+    }
+
+    /// The underlying I/O error.
+    pub fn io_error(&self) -> &io::Error {
+        &self.io
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.doing, describe_io_error(&self.io))
+    }
+}
+
+impl std::error::Error for Error {
+    /// None: the message already says what the I/O error says, and an
+    /// error chain printer (anyhow's `{:#}`) would say it twice.
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        None
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(error: Error) -> Self {
+        io::Error::new(error.kind(), error.to_string())
+    }
+}
+
+/// The OS's description of an I/O error, in lower case and without the
+/// "(os error N)" suffix, to read well after a colon in a message:
+/// "cannot listen on 0.0.0.0:1337: address already in use".
+pub(crate) fn describe_io_error(error: &io::Error) -> String {
+    let text = error.to_string();
+    let text = match text.rfind(" (os error ") {
+        Some(at) if text.ends_with(')') => &text[..at],
+        _ => &text,
+    };
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn os_errors_read_as_lower_case_text_without_the_number() {
+        let error = io::Error::from_raw_os_error(libc::EADDRINUSE);
+        assert_eq!(describe_io_error(&error), "address already in use");
+        let custom = io::Error::other("Something odd");
+        assert_eq!(describe_io_error(&custom), "something odd");
+    }
+
+    #[test]
+    fn the_message_names_what_failed_and_the_kind_survives() {
+        let error = Error::new(
+            "cannot listen on 127.0.0.1:1337",
+            io::Error::from_raw_os_error(libc::EADDRINUSE),
+        );
+        assert_eq!(
+            error.to_string(),
+            "cannot listen on 127.0.0.1:1337: address already in use"
+        );
+        assert_eq!(error.kind(), io::ErrorKind::AddrInUse);
+        assert_eq!(io::Error::from(error).kind(), io::ErrorKind::AddrInUse);
+    }
+}
