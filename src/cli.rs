@@ -114,6 +114,11 @@ pub struct Cli {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i32::MAX as i64))]
     pub backlog: Option<u32>,
 
+    /// Let several processes listen on the same port (SO_REUSEPORT), e.g. an
+    /// old and a new one during a restart; see the README for the pitfall.
+    #[arg(long)]
+    pub reuseport: bool,
+
     /// Log lines as text, or as one JSON object per line.
     #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -153,6 +158,7 @@ impl Cli {
             },
             max_per_ip: self.max_per_ip,
             backlog: self.backlog,
+            reuse_port: self.reuseport,
         }
     }
 }

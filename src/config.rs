@@ -64,6 +64,9 @@ pub struct Config {
     /// Connections the kernel may queue before the server accepts them;
     /// `None`: the most it allows (`net.core.somaxconn`).
     pub backlog: Option<u32>,
+    /// Set `SO_REUSEPORT` before binding, so that several processes can
+    /// listen on one port and the kernel spreads connections among them.
+    pub reuse_port: bool,
 }
 
 impl Default for Config {
@@ -82,6 +85,7 @@ impl Default for Config {
             access: AccessRules::default(),
             max_per_ip: None,
             backlog: None,
+            reuse_port: false,
         }
     }
 }

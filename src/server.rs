@@ -54,14 +54,18 @@ const FALLBACK_BACKLOG: u32 = 4096;
 pub fn bind(config: &Config) -> Result<TcpListener, Error> {
     let addr = config.listen_addr;
     let backlog = config.backlog.unwrap_or_else(default_backlog);
-    listen(addr, backlog).map_err(|e| Error::new(format!("cannot listen on {addr}"), e))
+    listen(addr, backlog, config.reuse_port).map_err(|e| Error::new(format!("cannot listen on {addr}"), e))
 }
 
 /// What `TcpListener::bind` does (`SO_REUSEADDR`, bind, listen), with a
-/// backlog of our choosing instead of std's fixed 128.
-fn listen(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+/// backlog of our choosing instead of std's fixed 128, and `SO_REUSEPORT`
+/// if asked for.
+fn listen(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     Ok(socket.into())

@@ -1,0 +1,40 @@
+//! `--reuseport`: several processes listen on one port, and the kernel
+//! spreads the connections among them.
+
+mod common;
+
+use std::net::TcpListener;
+
+use common::*;
+
+/// A port nobody listens on now: `--reuseport` is about one fixed port.
+fn free_port() -> u16 {
+    let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap().port()
+}
+
+#[test]
+fn two_processes_with_reuseport_share_one_port_and_both_serve() {
+    let port = free_port().to_string();
+    let args = ["--bind", "127.0.0.1", "--port", &port, "--reuseport"];
+    let mut first = ServerProcess::spawn({
+        let mut command = server_command();
+        command.args(args);
+        command
+    });
+    let mut second = ServerProcess::spawn({
+        let mut command = server_command();
+        command.args(args);
+        command
+    });
+    assert_eq!(first.addr, second.addr);
+
+    // The kernel picks a listener by a hash of each connection's addresses:
+    // over 64 connections, each process gets some (all 64 on one process
+    // would happen once in 2^63 runs).
+    for i in 0..64 {
+        session(first.addr, format!("client {i}\n").as_bytes());
+    }
+    first.expect_logged("said: \"client ");
+    second.expect_logged("said: \"client ");
+}
