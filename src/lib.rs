@@ -82,6 +82,6 @@ mod timed_read;
 pub use access::{AccessRules, NetList};
 pub use config::Config;
 pub use error::Error;
-pub use server::{bind, run};
+pub use server::{bind, run, run_all};
 pub use shutdown::Shutdown;
 pub use stats::Summary;

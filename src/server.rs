@@ -83,6 +83,9 @@ fn default_backlog() -> u32 {
 /// How long, after `--shutdown-timeout`, a stopping server waits for the
 /// connections it cut off to log what they had, and for the log to drain.
 pub(crate) const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// An accept loop only accepts and hands over: a small fixed stack, so that
+/// it starts whatever `RUST_MIN_STACK` says for connection threads.
+const ACCEPT_THREAD_STACK: usize = 256 * 1024;
 /// How long a stopping server still waits for connection threads once it
 /// has stopped waiting for the log on their behalf.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -149,26 +152,75 @@ struct Accepted {
 /// be read or set; once serving, no error stops it (a failing `accept` is
 /// logged and retried).
 pub fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
-    let local_addr = listener
-        .local_addr()
-        .map_err(|e| Error::new("cannot read the address the listener is bound to", e))?;
-    info!(
-        target: LISTENING_TARGET, event = "listening", addr:% = local_addr;
-        "listening on {local_addr}"
-    );
-    shutdown.set_wake_addr(local_addr);
-    set_connection_options(&listener, &config)?;
+    run_all(vec![listener], config, shutdown)
+}
+
+/// [`run`] on several listeners at once (say one IPv4 and one IPv6 socket
+/// handed over by systemd), each with its own accept loop, all sharing one
+/// connection cap; a stop ends every loop.
+///
+/// # Errors
+///
+/// As for [`run`], for any of the listeners.
+pub fn run_all(
+    listeners: Vec<TcpListener>,
+    config: Config,
+    shutdown: Shutdown,
+) -> Result<Summary, Error> {
+    for listener in &listeners {
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| Error::new("cannot read the address the listener is bound to", e))?;
+        info!(
+            target: LISTENING_TARGET, event = "listening", addr:% = local_addr;
+            "listening on {local_addr}"
+        );
+        set_connection_options(SockRef::from(listener), &config)
+            .map_err(|e| Error::new("cannot set options on the listening socket", e))?;
+        shutdown.add_wake_addr(local_addr);
+    }
     let shared = Arc::new(Shared::new(config));
-    accept_until_stopped(&listener, &shared, &shutdown);
+    thread::scope(|scope| {
+        for listener in listeners {
+            let shared = &shared;
+            let shutdown = &shutdown;
+            let accepting = move || serve_listener(listener, shared, shutdown);
+            if let Err(e) = thread::Builder::new()
+                .name("accept".to_string())
+                .stack_size(ACCEPT_THREAD_STACK)
+                .spawn_scoped(scope, accepting)
+            {
+                // Nothing accepted yet: stop the loops already started,
+                // and report it like any start-up failure.
+                shutdown.trigger();
+                return Err(Error::new("cannot start an accept loop", e));
+            }
+        }
+        Ok(())
+    })?;
+    shared.thread_cache.close();
+    Ok(stop(&shared))
+}
+
+/// One listener's life: the accept loop, then, once stopped, the clients
+/// the kernel still holds for it, then the close.
+fn serve_listener(listener: TcpListener, shared: &Arc<Shared>, shutdown: &Shutdown) {
+    // A connection whose handshake completed before the listener got its
+    // options (one queued by systemd before this process started, or by a
+    // client quick to connect to a listener bound elsewhere) did not
+    // inherit them: it gets its own, once.
+    accept_queued(&listener, |stream, peer| {
+        if set_connection_options(SockRef::from(&stream), &shared.serving.config).is_ok() {
+            accept(stream, peer, shared, shutdown);
+        }
+    });
+    accept_until_stopped(&listener, shared, shutdown);
     // The kernel has completed the handshakes of the clients still queued,
     // and some have sent their reply: serve them too, then refuse new
     // clients at once rather than leave them in the backlog.
     accept_queued(&listener, |stream, peer| {
-        accept(stream, peer, &shared, &shutdown);
+        accept(stream, peer, shared, shutdown);
     });
-    drop(listener);
-    shared.thread_cache.close();
-    Ok(stop(&shared))
 }
 
 /// The accept loop: hands each connection on until `shutdown` is triggered.
@@ -200,6 +252,7 @@ fn accept(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>, shutdown: &
 }
 
 /// Accepts, without waiting, every connection already queued on `listener`.
+/// The listener blocks again afterwards.
 fn accept_queued(listener: &TcpListener, mut accept: impl FnMut(TcpStream, SocketAddr)) {
     if listener.set_nonblocking(true).is_err() {
         return;
@@ -210,9 +263,10 @@ fn accept_queued(listener: &TcpListener, mut accept: impl FnMut(TcpStream, Socke
             // sockets: they block as usual.
             Ok((stream, peer)) => accept(stream, peer),
             Err(e) if about_one_connection(&e) => {}
-            Err(_) => return,
+            Err(_) => break,
         }
     }
+    let _ = listener.set_nonblocking(false);
 }
 
 /// The stop after the accept loop: wait for connected clients up to the
@@ -321,8 +375,9 @@ fn connection_thread(first: Accepted, shared: &Shared) {
 }
 
 /// Sets, on the listening socket, what every accepted socket inherits
-/// (Linux copies them at accept, which saves each connection its own
-/// `setsockopt` calls): the prompt's write timeout, the whole reply budget
+/// (Linux copies them when a handshake completes, which saves each
+/// connection its own `setsockopt` calls; a connection already queued
+/// before gets them set on its own socket): the prompt's write timeout, the whole reply budget
 /// as the read timeout, and a zero linger time. (As a side effect an idle
 /// `accept` returns `WouldBlock` once per reply timeout; the loop just goes
 /// round again.)
@@ -332,13 +387,10 @@ fn connection_thread(first: Accepted, shared: &Shared) {
 /// to the log ([`connection::close`] restores the normal close then), so
 /// if the process dies before that, by a signal or a crash, the kernel
 /// resets the connection and the client knows its reply was not kept.
-fn set_connection_options(listener: &TcpListener, config: &Config) -> Result<(), Error> {
-    let socket = SockRef::from(listener);
-    socket
-        .set_read_timeout(config.reply_timeout)
-        .and_then(|()| socket.set_write_timeout(Some(config.write_timeout)))
-        .and_then(|()| socket.set_linger(Some(Duration::ZERO)))
-        .map_err(|e| Error::new("cannot set options on the listening socket", e))
+fn set_connection_options(socket: SockRef<'_>, config: &Config) -> io::Result<()> {
+    socket.set_read_timeout(config.reply_timeout)?;
+    socket.set_write_timeout(Some(config.write_timeout))?;
+    socket.set_linger(Some(Duration::ZERO))
 }
 
 /// Sends the busy line and closes. The socket is made non-blocking first,
@@ -474,7 +526,7 @@ mod tests {
             reply_timeout: Some(Duration::from_secs(7)),
             ..Config::default()
         };
-        set_connection_options(&listener, &config).unwrap();
+        set_connection_options(SockRef::from(&listener), &config).unwrap();
         let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (accepted, _) = listener.accept().unwrap();
         assert_eq!(accepted.read_timeout().unwrap(), config.reply_timeout);

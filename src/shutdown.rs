@@ -45,11 +45,12 @@ pub struct Shutdown {
 struct Inner {
     /// Set once, never cleared.
     requested: AtomicBool,
-    /// Where to connect to wake the accept loop; set when the loop starts.
-    wake_addr: Mutex<Option<SocketAddr>>,
-    /// The address the wake-up connection comes from, so that the accept
-    /// loop does not serve it as a client.
-    wake_from: Mutex<Option<SocketAddr>>,
+    /// Where to connect to wake the accept loops, one per listener; noted
+    /// when the loops start.
+    wake_addrs: Mutex<Vec<SocketAddr>>,
+    /// The addresses the wake-up connections come from, so that the accept
+    /// loops do not serve them as clients.
+    wake_from: Mutex<Vec<SocketAddr>>,
 }
 
 impl Shutdown {
@@ -62,15 +63,16 @@ impl Shutdown {
     /// is harmless.
     pub fn trigger(&self) {
         self.inner.requested.store(true, Ordering::SeqCst);
-        let wake_addr = *self
+        let wake_addrs = self
             .inner
-            .wake_addr
+            .wake_addrs
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(addr) = wake_addr
-            && let Err(e) = self.wake(addr)
-        {
-            warn!(event = "wake_failed"; "could not wake the accept loop at {addr}: {e}");
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        for addr in wake_addrs {
+            if let Err(e) = self.wake(addr) {
+                warn!(event = "wake_failed"; "could not wake the accept loop at {addr}: {e}");
+            }
         }
     }
 
@@ -79,24 +81,24 @@ impl Shutdown {
     fn wake(&self, addr: SocketAddr) -> io::Result<()> {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
         socket.bind(&SocketAddr::new(addr.ip(), 0).into())?;
-        let from = socket.local_addr()?.as_socket();
-        *self
-            .inner
-            .wake_from
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = from;
+        if let Some(from) = socket.local_addr()?.as_socket() {
+            self.inner
+                .wake_from
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(crate::access::canonical(from));
+        }
         socket.connect_timeout(&addr.into(), WAKE_TIMEOUT)
     }
 
     /// Whether an accepted connection from `peer` is [`trigger`](Self::trigger)'s
     /// wake-up call rather than a client.
     pub(crate) fn is_wake_connection(&self, peer: SocketAddr) -> bool {
-        let from = *self
-            .inner
+        self.inner
             .wake_from
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        from.is_some_and(|from| crate::access::canonical(from) == peer)
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&peer)
     }
 
     /// Whether [`trigger`](Self::trigger) has been called.
@@ -104,15 +106,15 @@ impl Shutdown {
         self.inner.requested.load(Ordering::SeqCst)
     }
 
-    /// Records where the accept loop listens, so that a later trigger can
+    /// Records where an accept loop listens, so that a later trigger can
     /// wake it. A trigger that came earlier is seen by the loop's first
     /// [`is_triggered`](Self::is_triggered) check instead.
-    pub(crate) fn set_wake_addr(&self, listening_on: SocketAddr) {
-        *self
-            .inner
-            .wake_addr
+    pub(crate) fn add_wake_addr(&self, listening_on: SocketAddr) {
+        self.inner
+            .wake_addrs
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(reachable(listening_on));
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(reachable(listening_on));
     }
 
     /// Starts a thread that triggers this handle on the first SIGINT or
