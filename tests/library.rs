@@ -61,7 +61,9 @@ fn a_client_that_never_reads_is_dropped_at_the_write_timeout() {
 
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect_timeout(&server.addr.into(), TIMEOUT).unwrap();
+    socket
+        .connect_timeout(&server.addr.into(), TIMEOUT)
+        .unwrap();
     let client: TcpStream = socket.into();
     client.set_read_timeout(Some(TIMEOUT)).unwrap();
     // Once prompt bytes arrive, the server's thread is writing to us.
