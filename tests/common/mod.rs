@@ -368,6 +368,14 @@ fn listening_addr(line: &str) -> Option<SocketAddr> {
     addr.parse().ok()
 }
 
+/// The `message` of a JSON log record: the text the text format writes.
+pub fn message(record: &Value) -> String {
+    match record["message"].as_str() {
+        Some(message) => message.to_string(),
+        None => panic!("no message in {record}"),
+    }
+}
+
 /// A log line as a JSON record, if it is one.
 fn record(line: &str) -> Option<Value> {
     serde_json::from_str(line).ok()
