@@ -54,7 +54,8 @@ const FALLBACK_BACKLOG: u32 = 4096;
 pub fn bind(config: &Config) -> Result<TcpListener, Error> {
     let addr = config.listen_addr;
     let backlog = config.backlog.unwrap_or_else(default_backlog);
-    listen(addr, backlog, config.reuse_port).map_err(|e| Error::new(format!("cannot listen on {addr}"), e))
+    listen(addr, backlog, config.reuse_port)
+        .map_err(|e| Error::new(format!("cannot listen on {addr}"), e))
 }
 
 /// What `TcpListener::bind` does (`SO_REUSEADDR`, bind, listen), with a

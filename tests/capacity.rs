@@ -6,7 +6,6 @@ mod common;
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::process::Command;
 
 use common::*;
 
@@ -21,14 +20,11 @@ fn a_cap_beyond_the_descriptor_limit_is_lowered_and_enforced() {
     if !require_program("prlimit", "apt-get install util-linux") {
         return;
     }
-    let mut command = Command::new("prlimit");
-    command
-        .arg(format!("--nofile={NOFILE}:{NOFILE}"))
-        .arg(env!("CARGO_BIN_EXE_prompt-server"))
-        .args(["--bind", "127.0.0.1", "--port", "0"])
+    let mut server = ServerProcess::builder()
+        .wrapper("prlimit", [format!("--nofile={NOFILE}:{NOFILE}")])
         .args(["--max-connections", "1000", "--reply-timeout", "0"])
-        .env("RUST_LOG", "prompt_server=debug");
-    let mut server = ServerProcess::spawn(command);
+        .env("RUST_LOG", "prompt_server=debug")
+        .start();
     let warning = server.expect_logged("lowered to");
     assert!(
         warning.contains(&format!(

@@ -10,10 +10,7 @@ use common::*;
 
 /// Runs the binary to completion (it must exit by itself) and returns its output.
 fn run(args: &[&str]) -> Output {
-    server_command()
-        .args(args)
-        .output()
-        .expect("run prompt-server")
+    ServerProcess::builder().args(args).output()
 }
 
 /// Asserts the run failed with exit code 2 or 1 and exactly one stderr line
@@ -107,11 +104,10 @@ fn bad_arguments_are_one_readable_line() {
     ];
     for (args, needle) in cases {
         // Colours forced, as on a terminal: the line must still be plain.
-        let output = server_command()
+        let output = ServerProcess::builder()
             .env("CLICOLOR_FORCE", "1")
             .args(*args)
-            .output()
-            .expect("run prompt-server");
+            .output();
         assert_one_line_error(&output, 2, needle);
     }
 }
@@ -125,10 +121,7 @@ fn address_not_on_this_host_is_one_readable_line() {
 
 #[test]
 fn logs_at_info_when_rust_log_is_unset() {
-    let mut command = server_command();
-    command.env_remove("RUST_LOG");
-    command.args(["--bind", "127.0.0.1", "--port", "0"]);
-    let mut server = ServerProcess::spawn(command);
+    let mut server = ServerProcess::builder().env_remove("RUST_LOG").start();
     session(server.addr, b"quiet\n");
     server.expect_line("said: \"quiet\"");
     assert!(
@@ -143,11 +136,8 @@ fn logs_at_info_when_rust_log_is_unset() {
 
 #[test]
 fn listening_line_shows_at_warn_level() {
-    let mut command = server_command();
-    command.env("RUST_LOG", "warn");
-    command.args(["--bind", "127.0.0.1", "--port", "0"]);
-    // spawn waits for the `listening on` line and fails the test without it.
-    let mut server = ServerProcess::spawn(command);
+    // start waits for the `listening on` line and fails the test without it.
+    let mut server = ServerProcess::builder().env("RUST_LOG", "warn").start();
     session(server.addr, b"hushed\n");
     server.signal("TERM");
     assert!(server.wait_exit().success());

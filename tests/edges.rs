@@ -201,11 +201,9 @@ fn a_client_that_keeps_sending_is_closed_within_the_linger_bound() {
 #[test]
 fn connections_that_could_not_get_a_thread_cost_only_themselves_and_are_counted() {
     // A stack no machine can map makes every connection thread fail to start.
-    let mut command = server_command();
-    command
+    let mut server = ServerProcess::builder()
         .env("RUST_MIN_STACK", (1u64 << 50).to_string())
-        .args(["--bind", "127.0.0.1", "--port", "0"]);
-    let mut server = ServerProcess::spawn(command);
+        .start();
     for _ in 0..3 {
         let mut client = server.connect();
         assert_eq!(read_until_closed(&mut client), b"");
@@ -223,10 +221,9 @@ fn connections_that_could_not_get_a_thread_cost_only_themselves_and_are_counted(
 #[test]
 fn a_thread_cache_that_cannot_work_is_a_command_line_error() {
     for value in ["1000000000", "18446744073709551615", "1025"] {
-        let output = server_command()
+        let output = ServerProcess::builder()
             .args(["--port", "0", "--thread-cache", value])
-            .output()
-            .expect("run prompt-server");
+            .output();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{value}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{value}: {stderr}");

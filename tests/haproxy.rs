@@ -16,7 +16,7 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use common::*;
 
@@ -42,11 +42,22 @@ backend prompt_servers
     )
 }
 
-/// A running HAProxy, killed (by its PID) when dropped.
+/// A running HAProxy, killed (by its PID) when dropped, and then its
+/// directory removed (fields drop in this order).
 struct Haproxy {
-    child: Child,
+    /// Held only to be killed when the test is done.
+    _child: KillOnDrop,
     addr: SocketAddr,
-    dir: PathBuf,
+    dir: TempDir,
+}
+
+/// A directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }
 
 impl Haproxy {
@@ -59,7 +70,8 @@ impl Haproxy {
             addr.port()
         ));
         fs::create_dir_all(&dir).unwrap();
-        let config = dir.join("haproxy.cfg");
+        let dir = TempDir(dir);
+        let config = dir.0.join("haproxy.cfg");
         let fd = listener.as_raw_fd();
         fs::write(&config, haproxy_config(fd, backend, send_proxy)).unwrap();
 
@@ -73,24 +85,21 @@ impl Haproxy {
             .arg(&config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(File::create(dir.join("haproxy.log")).unwrap())
+            .stderr(File::create(dir.0.join("haproxy.log")).unwrap())
             .spawn()
             .expect("start haproxy");
+        let child = KillOnDrop(child);
         socket.set_cloexec(true).unwrap();
         drop(listener);
-        Haproxy { child, addr, dir }
+        Haproxy {
+            _child: child,
+            addr,
+            dir,
+        }
     }
 
     fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("haproxy.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = fs::remove_dir_all(&self.dir);
+        fs::read_to_string(self.dir.0.join("haproxy.log")).unwrap_or_default()
     }
 }
 

@@ -10,15 +10,21 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
+use serde_json::Value;
 use socket2::SockRef;
 
-/// Log lines about `peer` above debug level: what an operator sees of it.
-fn outcome_lines(server: &ServerProcess, peer: &str) -> Vec<String> {
+/// JSON log records about `peer` above debug level: what an operator sees
+/// of it.
+fn outcome_records(server: &ServerProcess, peer: &str) -> Vec<Value> {
     server
         .seen
         .iter()
-        .filter(|l| l.contains(&format!("{peer} ")) && !l.contains("DEBUG") && !l.contains("TRACE"))
-        .cloned()
+        .map(|line| serde_json::from_str::<Value>(line).expect("a JSON log line"))
+        .filter(|record| {
+            (record["peer"] == peer || message(record).contains(&format!("{peer} ")))
+                && record["level"] != "debug"
+                && record["level"] != "trace"
+        })
         .collect()
 }
 
@@ -143,7 +149,7 @@ fn a_freed_slot_is_usable_as_soon_as_its_client_sees_the_close() {
 
 #[test]
 fn resets_early_closes_and_garbage_are_each_logged_once() {
-    let mut server = ServerProcess::start(&[]);
+    let mut server = ServerProcess::builder().json_log().start();
     let mut peers = Vec::new();
 
     // Reset at once (SO_LINGER 0 makes close send RST).
@@ -158,7 +164,8 @@ fn resets_early_closes_and_garbage_are_each_logged_once() {
     let mut reset_mid = server.connect();
     expect_prompt(&mut reset_mid);
     reset_mid.write_all(b"half a rep").unwrap();
-    server.expect_line(&format!("{}: read 10 bytes", local(&reset_mid)));
+    let peer = local(&reset_mid).to_string();
+    server.expect_event("read", |read| read["peer"] == peer && read["bytes"] == 10);
     SockRef::from(&reset_mid)
         .set_linger(Some(Duration::ZERO))
         .unwrap();
@@ -187,12 +194,14 @@ fn resets_early_closes_and_garbage_are_each_logged_once() {
     peers.push(local(&garbage).to_string());
 
     for peer in &peers {
-        server.expect_logged(&format!("{peer} disconnected"));
-        let lines = outcome_lines(&server, peer);
-        assert_eq!(lines.len(), 1, "{peer}: {lines:?}");
-        assert!(!lines[0].chars().any(char::is_control), "{:?}", lines[0]);
+        server.expect_logged_event("disconnected", |gone| gone["peer"] == *peer);
+        let records = outcome_records(&server, peer);
+        assert_eq!(records.len(), 1, "{peer}: {records:?}");
+        // The message is what the text format writes.
+        let message = message(&records[0]);
+        assert!(!message.chars().any(char::is_control), "{message:?}");
     }
     session(server.addr, b"fine\n");
-    server.expect_line("said: \"fine\"");
+    server.expect_event("reply", |reply| reply["reply"] == "fine");
     assert!(!server.seen.iter().any(|l| l.contains("panicked")));
 }

@@ -9,11 +9,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -33,122 +30,18 @@ const CLOSE_WAIT: Duration = Duration::from_millis(300);
 const MAX_CLIENTS: usize = 5000;
 const FILL_TIME: Duration = Duration::from_secs(30);
 
-/// The server process, with its stderr parked unread; killed (by its PID)
-/// when dropped.
-struct StalledServer {
-    child: Child,
-    addr: SocketAddr,
-    /// The unread rest of stderr, until the test drains it.
-    stderr: Option<BufReader<ChildStderr>>,
-    /// The lines read up to `listening on`.
-    seen: Vec<String>,
-}
-
-impl StalledServer {
-    /// Starts the binary on 127.0.0.1, port 0, logging at trace level, and
-    /// reads its stderr only up to the `listening on` line.
-    fn start() -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_prompt-server"));
-        command
-            .env("RUST_LOG", "prompt_server=trace")
-            .args(["--bind", "127.0.0.1", "--port", "0"])
-            .args(["--max-connections", MAX_CONNECTIONS])
-            .args(["--reply-timeout", "5"])
-            .args([
-                "--shutdown-timeout",
-                &SHUTDOWN_TIMEOUT.as_secs().to_string(),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = command.spawn().expect("start prompt-server");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let mut server = StalledServer {
-            child,
-            addr: "0.0.0.0:0".parse().unwrap(),
-            stderr: None,
-            seen: Vec::new(),
-        };
-        let (sender, up_to_listening) = mpsc::channel();
-        thread::spawn(move || {
-            let mut reader = BufReader::new(stderr);
-            let mut seen = Vec::new();
-            loop {
-                let mut line = String::new();
-                match reader.read_line(&mut line) {
-                    Ok(n) if n > 0 => {
-                        let listening = line.contains("listening on ");
-                        seen.push(line.trim_end().to_string());
-                        if listening {
-                            let _ = sender.send(Ok((seen, reader)));
-                            return;
-                        }
-                    }
-                    _ => {
-                        let _ = sender.send(Err(seen));
-                        return;
-                    }
-                }
-            }
-        });
-        let (seen, reader) = match up_to_listening.recv_timeout(TIMEOUT) {
-            Ok(Ok(found)) => found,
-            Ok(Err(seen)) => panic!("server exited before listening:\n{}", seen.join("\n")),
-            Err(e) => panic!("no 'listening on' line in {TIMEOUT:?}: {e}"),
-        };
-        let line = seen.last().unwrap();
-        let after = line.rsplit("listening on ").next().unwrap();
-        let addr: String = after.chars().take_while(|c| !c.is_whitespace()).collect();
-        server.addr = addr.parse().expect("an address after 'listening on'");
-        server.stderr = Some(reader);
-        server.seen = seen;
-        server
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([format!("-{signal}"), self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{signal} failed");
-    }
-
-    /// Polls for the exit until `deadline`, without reading stderr.
-    fn exit_status_by(&mut self, deadline: Instant) -> Option<ExitStatus> {
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Starts reading the rest of stderr, line by line, on a thread.
-    fn drain(&mut self) -> Receiver<String> {
-        let mut reader = self.stderr.take().expect("stderr not drained yet");
-        let (sender, lines) = mpsc::channel();
-        thread::spawn(move || {
-            let mut line = Vec::new();
-            while matches!(reader.read_until(b'\n', &mut line), Ok(n) if n > 0) {
-                let text = String::from_utf8_lossy(&line).trim_end().to_string();
-                if sender.send(text).is_err() {
-                    break;
-                }
-                line.clear();
-            }
-        });
-        lines
-    }
-}
-
-impl Drop for StalledServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The binary on 127.0.0.1, port 0, logging at trace level, with its log
+/// read only up to the `listening on` line.
+fn start_stalled() -> ServerProcess {
+    ServerProcess::builder()
+        .args(["--max-connections", MAX_CONNECTIONS])
+        .args(["--reply-timeout", "5"])
+        .args([
+            "--shutdown-timeout",
+            &SHUTDOWN_TIMEOUT.as_secs().to_string(),
+        ])
+        .stall_log()
+        .start()
 }
 
 /// A client that sent its reply.
@@ -227,7 +120,7 @@ fn fill_until_busy(addr: SocketAddr) -> Vec<Replied> {
 
 #[test]
 fn a_stalled_log_degrades_to_busy_and_sigterm_still_stops_it() {
-    let mut server = StalledServer::start();
+    let mut server = start_stalled();
     let clients = fill_until_busy(server.addr);
     // Still waiting now, so never closed cleanly before the signal (one
     // that was only slow to close within CLOSE_WAIT is left out).
@@ -270,11 +163,11 @@ fn a_stalled_log_degrades_to_busy_and_sigterm_still_stops_it() {
 
 #[test]
 fn after_the_log_drains_every_cleanly_closed_client_has_its_reply_logged() {
-    let mut server = StalledServer::start();
+    let mut server = start_stalled();
     let mut clients = fill_until_busy(server.addr);
     let kept_waiting = clients.iter().filter(|client| !client.closed).count();
 
-    let lines = server.drain();
+    server.resume_log();
     // Their lines get written now, and then they are closed cleanly.
     for client in clients.iter_mut().filter(|client| !client.closed) {
         let mut rest = Vec::new();
@@ -289,23 +182,8 @@ fn after_the_log_drains_every_cleanly_closed_client_has_its_reply_logged() {
     }
 
     server.signal("TERM");
-    let mut log = std::mem::take(&mut server.seen);
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(line) => log.push(line),
-            Err(RecvTimeoutError::Disconnected) => break,
-            Err(RecvTimeoutError::Timeout) => {
-                panic!(
-                    "server did not exit in {TIMEOUT:?}; saw:\n{}",
-                    log.join("\n")
-                )
-            }
-        }
-    }
-    let status = server
-        .exit_status_by(Instant::now() + TIMEOUT)
-        .expect("stderr closed, yet the server did not exit");
+    let status = server.wait_exit();
+    let log = &server.seen;
     assert_eq!(
         status.code(),
         Some(0),

@@ -299,16 +299,10 @@ fn no_client_bytes_split_or_forge_a_line_in_either_format() {
         b"\r\r\r\r\n",
     ];
     for format in ["text", "json"] {
-        let mut command = server_command();
-        command.env("RUST_LOG", "info").args([
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--log-format",
-            format,
-        ]);
-        let mut server = ServerProcess::spawn(command);
+        let mut server = ServerProcess::builder()
+            .env("RUST_LOG", "info")
+            .args(["--log-format", format])
+            .start();
         for reply in nasty {
             session(server.addr, reply);
         }

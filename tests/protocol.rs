@@ -46,17 +46,18 @@ fn silent_client_does_not_delay_another() {
 
 #[test]
 fn reply_split_across_segments_is_assembled() {
-    let mut server = ServerProcess::start(&[]);
+    let mut server = ServerProcess::builder().json_log().start();
     let mut client = server.connect();
     client.set_nodelay(true).unwrap();
     expect_prompt(&mut client);
     let peer = local(&client).to_string();
     client.write_all(b"y").unwrap();
     // Wait until the server has read the first piece on its own.
-    server.expect_line(&format!("{peer}: read 1 bytes"));
+    server.expect_event("read", |read| read["peer"] == peer && read["bytes"] == 1);
     client.write_all(b"es\n").unwrap();
     assert_eq!(read_until_closed(&mut client), b"");
-    server.expect_line(&format!("{peer} said: \"yes\""));
+    let reply = server.expect_event("reply", |reply| reply["peer"] == peer);
+    assert_eq!(reply["reply"], "yes", "{reply}");
 }
 
 #[test]

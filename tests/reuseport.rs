@@ -17,16 +17,8 @@ fn free_port() -> u16 {
 fn two_processes_with_reuseport_share_one_port_and_both_serve() {
     let port = free_port().to_string();
     let args = ["--bind", "127.0.0.1", "--port", &port, "--reuseport"];
-    let mut first = ServerProcess::spawn({
-        let mut command = server_command();
-        command.args(args);
-        command
-    });
-    let mut second = ServerProcess::spawn({
-        let mut command = server_command();
-        command.args(args);
-        command
-    });
+    let mut first = ServerProcess::builder().args(args).start();
+    let mut second = ServerProcess::builder().args(args).start();
     assert_eq!(first.addr, second.addr);
 
     // The kernel picks a listener by a hash of each connection's addresses:

@@ -12,7 +12,10 @@ use common::*;
 
 #[test]
 fn sigterm_lets_clients_finish_then_exits_zero_with_a_summary() {
-    let mut server = ServerProcess::start(&["--shutdown-timeout", "3"]);
+    let mut server = ServerProcess::builder()
+        .json_log()
+        .args(["--shutdown-timeout", "3"])
+        .start();
 
     // Served completely before the signal.
     session(server.addr, b"early\n");
@@ -20,7 +23,8 @@ fn sigterm_lets_clients_finish_then_exits_zero_with_a_summary() {
     let mut finishing = server.connect();
     expect_prompt(&mut finishing);
     finishing.write_all(b"partial").unwrap();
-    server.expect_line(&format!("{}: read 7 bytes", local(&finishing)));
+    let peer = local(&finishing).to_string();
+    server.expect_event("read", |read| read["peer"] == peer && read["bytes"] == 7);
     // Never replies: still connected when the shutdown timeout runs out.
     let mut silent = server.connect();
     expect_prompt(&mut silent);
@@ -30,8 +34,8 @@ fn sigterm_lets_clients_finish_then_exits_zero_with_a_summary() {
     just_in_time.write_all(b"just in time\n").unwrap();
 
     server.signal("TERM");
-    server.expect_line("SIGTERM received");
-    let stopping = server.expect_line("shutting down");
+    server.expect_event("signal", |signal| signal["signal"] == "SIGTERM");
+    let stopping = message(&server.expect_event("shutdown", |_| true));
     let signalled = Instant::now();
     assert!(stopping.contains("waiting up to 3s"), "{stopping}");
 
@@ -53,9 +57,9 @@ fn sigterm_lets_clients_finish_then_exits_zero_with_a_summary() {
     );
 
     for reply in ["early", "partial done", "just in time"] {
-        server.expect_logged(&format!("said: \"{reply}\""));
+        server.expect_logged_event("reply", |logged| logged["reply"] == reply);
     }
-    let summary = server.expect_logged("shutdown complete: ");
+    let summary = message(&server.expect_logged_event("stopped", |_| true));
     assert!(
         summary.ends_with(
             "4 connections, 3 replies, 0 truncated, 0 timed out, 0 without reply, \

@@ -18,15 +18,19 @@ fn thread_ids(pid: u32) -> BTreeSet<String> {
 
 #[test]
 fn cached_threads_serve_later_connections() {
-    let mut server = ServerProcess::start(&["--thread-cache", "2"]);
+    let mut server = ServerProcess::builder()
+        .json_log()
+        .args(["--thread-cache", "2"])
+        .start();
     session(server.addr, b"first\n");
-    server.expect_line("thread parked");
+    server.expect_event("thread_parked", |_| true);
     let threads = thread_ids(server.pid());
 
     for i in 0..30 {
-        session(server.addr, format!("again {i}\n").as_bytes());
-        server.expect_line(&format!("said: \"again {i}\""));
-        server.expect_line("thread parked");
+        let reply = format!("again {i}");
+        session(server.addr, format!("{reply}\n").as_bytes());
+        server.expect_event("reply", |logged| logged["reply"] == reply);
+        server.expect_event("thread_parked", |_| true);
         assert_eq!(
             thread_ids(server.pid()),
             threads,
@@ -37,9 +41,9 @@ fn cached_threads_serve_later_connections() {
 
 #[test]
 fn without_the_cache_every_connection_gets_a_new_thread() {
-    let mut server = ServerProcess::start(&[]);
+    let mut server = ServerProcess::builder().json_log().start();
     session(server.addr, b"first\n");
-    server.expect_line("disconnected");
+    server.expect_event("disconnected", |_| true);
     let first = thread_ids(server.pid());
     let mut client = server.connect();
     expect_prompt(&mut client);

@@ -3,6 +3,10 @@
 //! line per reply through the same `log` + `env_logger` set-up, close), with
 //! the same protections (write timeout, whole-reply deadline).
 //!
+//! It uses only the library's public `Config` (for the same defaults); the
+//! reply is escaped with `<[u8]>::escape_ascii`, which, like the server's
+//! own escaping, visits every byte once.
+//!
 //! It runs in a child process (the bench re-executes itself), like the
 //! project's server, so both are measured from the same load generator and
 //! each has its own descriptor limit.
@@ -36,14 +40,15 @@ pub fn serve() {
             listener.local_addr().expect("local_addr")
         );
         let config = Config::default();
-        let prompt: &'static [u8] = Config::default().prompt.leak();
+        // Shared by every connection task for the life of the process.
+        let prompt: &'static [u8] = config.prompt.clone().leak();
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
                     tokio::spawn(handle(stream, peer, prompt, config.clone()));
                 }
                 Err(e) => {
-                    warn!("accept failed: {}", e);
+                    warn!("accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }
@@ -88,25 +93,25 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, prompt: &[u8], config: 
             }
             if len > max {
                 warn!(
-                    "{peer} said: {} (truncated at {max} bytes)",
-                    &buf[..max].escape_ascii()
+                    "{peer} said: \"{}\" (truncated at {max} bytes)",
+                    buf[..max].escape_ascii()
                 );
             } else {
-                info!("{peer} said: {}", &buf[..len].escape_ascii());
+                info!("{peer} said: \"{}\"", buf[..len].escape_ascii());
             }
         }
         Ok(Ok(false)) if len == 0 => info!("{peer} closed without replying"),
         Ok(Ok(false)) if len > max => {
             warn!(
-                "{peer} said: {} (truncated at {max} bytes)",
-                &buf[..max].escape_ascii()
+                "{peer} said: \"{}\" (truncated at {max} bytes)",
+                buf[..max].escape_ascii()
             )
         }
         Ok(Ok(false)) => info!(
-            "{peer} said: {} (closed before newline)",
-            &buf[..len].escape_ascii()
+            "{peer} said: \"{}\" (closed before newline)",
+            buf[..len].escape_ascii()
         ),
-        Ok(Err(e)) => warn!("{peer} read error: {}", e),
+        Ok(Err(e)) => warn!("{peer} read error: {e}"),
         Err(_) => warn!("{peer} timed out without a full reply"),
     }
 }

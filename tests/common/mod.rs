@@ -1,19 +1,30 @@
-//! Shared test harness: runs the real `prompt-server` binary on port 0, reads
-//! the bound address from its `listening on ADDR` line, and lets a test wait
-//! for log lines. Every client socket it makes has read and write timeouts.
+//! Shared test harness: runs the real `prompt-server` binary on port 0
+//! ([`ServerProcess`], built with [`ServerBuilder`]), reads the bound address
+//! from its `listening on ADDR` line, and lets a test wait for log lines or,
+//! with `--log-format json`, for log events; or runs the library's server in
+//! this process ([`LibraryServer`]). Every client socket it makes has read
+//! and write timeouts.
 
 #![allow(dead_code)] // each test file uses its own part of the harness
 
+mod child;
+
+pub use child::KillOnDrop;
+
 use std::collections::HashSet;
+use std::ffi::{OsStr, OsString};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::sync::Mutex;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use prompt_server::{Config, Shutdown, Summary, bind, run};
+use serde_json::Value;
 
 /// How long a test waits for anything (a log line, a byte, an exit) before
 /// failing: generous, because CI machines are shared, yet bounded.
@@ -21,45 +32,165 @@ pub const TIMEOUT: Duration = Duration::from_secs(20);
 
 pub const PROMPT: &[u8] = b"Do you want to play a game?\n";
 
+/// How the binary is run: its arguments, environment, and an optional
+/// wrapper program (such as `prlimit --nofile=48:48`) that runs it.
+#[derive(Debug, Clone)]
+pub struct ServerBuilder {
+    args: Vec<OsString>,
+    /// Variables to set (`Some`) or remove (`None`), in order.
+    env: Vec<(OsString, Option<OsString>)>,
+    /// A program and its arguments that run the binary as their last argument.
+    wrapper: Option<Vec<OsString>>,
+    /// Whether the test stops reading the log after the `listening on` line
+    /// until [`ServerProcess::resume_log`].
+    stall_log: bool,
+}
+
+impl Default for ServerBuilder {
+    /// The binary with a clean, known log level: `RUST_LOG=prompt_server=trace`.
+    fn default() -> Self {
+        ServerBuilder {
+            args: Vec::new(),
+            env: vec![("RUST_LOG".into(), Some("prompt_server=trace".into()))],
+            wrapper: None,
+            stall_log: false,
+        }
+    }
+}
+
+impl ServerBuilder {
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    pub fn args<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(mut self, args: I) -> Self {
+        self.args
+            .extend(args.into_iter().map(|arg| arg.as_ref().to_owned()));
+        self
+    }
+
+    pub fn env(mut self, name: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        let value = value.as_ref().to_owned();
+        self.env.push((name.as_ref().to_owned(), Some(value)));
+        self
+    }
+
+    pub fn env_remove(mut self, name: impl AsRef<OsStr>) -> Self {
+        self.env.push((name.as_ref().to_owned(), None));
+        self
+    }
+
+    /// Runs the binary through `program` with `args` before it, e.g.
+    /// `wrapper("prlimit", ["--nofile=48:48"])`. The wrapper must exec the
+    /// binary (so that its PID is the server's), as prlimit does.
+    pub fn wrapper<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(
+        mut self,
+        program: &str,
+        args: I,
+    ) -> Self {
+        let mut wrapper = vec![OsString::from(program)];
+        wrapper.extend(args.into_iter().map(|arg| arg.as_ref().to_owned()));
+        self.wrapper = Some(wrapper);
+        self
+    }
+
+    /// JSON log lines, so that the test can wait for events
+    /// ([`ServerProcess::expect_event`]).
+    pub fn json_log(self) -> Self {
+        self.args(["--log-format", "json"])
+    }
+
+    /// The test reads the log only up to the `listening on` line, until
+    /// [`ServerProcess::resume_log`]: the server's stderr pipe fills up.
+    pub fn stall_log(mut self) -> Self {
+        self.stall_log = true;
+        self
+    }
+
+    /// The command with exactly the arguments given (no `--bind` or `--port`
+    /// added).
+    pub fn command(&self) -> Command {
+        let binary = env!("CARGO_BIN_EXE_prompt-server");
+        let mut command = match &self.wrapper {
+            Some(wrapper) => {
+                let mut command = Command::new(&wrapper[0]);
+                command.args(&wrapper[1..]).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        command.args(&self.args);
+        for (name, value) in &self.env {
+            match value {
+                Some(value) => command.env(name, value),
+                None => command.env_remove(name),
+            };
+        }
+        command
+    }
+
+    /// Runs the binary to completion (it must exit by itself, as with
+    /// `--help` or a bad argument) with exactly the arguments given.
+    pub fn output(&self) -> Output {
+        self.command()
+            .stdin(Stdio::null())
+            .output()
+            .expect("run prompt-server")
+    }
+
+    /// Starts the server on 127.0.0.1 and port 0, unless the arguments have
+    /// a `--bind` or a `--port`, and waits for its `listening on` line.
+    pub fn start(self) -> ServerProcess {
+        let mut builder = self;
+        if !builder.args.iter().any(|arg| arg == "--bind") {
+            builder = builder.args(["--bind", "127.0.0.1"]);
+        }
+        if !builder.args.iter().any(|arg| arg == "--port") {
+            builder = builder.args(["--port", "0"]);
+        }
+        ServerProcess::spawn(&builder)
+    }
+}
+
 /// A running `prompt-server` process, killed (by its PID) when dropped.
 pub struct ServerProcess {
-    child: Child,
+    child: KillOnDrop,
     /// The address from the `listening on` line.
     pub addr: SocketAddr,
     lines: Receiver<String>,
+    /// With [`ServerBuilder::stall_log`]: lets the log reader go on.
+    resume: Option<Sender<()>>,
     /// Every stderr line seen so far, for failure messages.
     pub seen: Vec<String>,
 }
 
-/// The binary with a clean, known log level.
-pub fn server_command() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_prompt-server"));
-    command.env("RUST_LOG", "prompt_server=trace");
-    command
-}
-
 impl ServerProcess {
-    /// Starts the binary on 127.0.0.1, port 0, with extra `args`.
-    pub fn start(args: &[&str]) -> Self {
-        let mut command = server_command();
-        if !args.contains(&"--bind") {
-            command.args(["--bind", "127.0.0.1"]);
-        }
-        command.args(["--port", "0"]).args(args);
-        Self::spawn(command)
+    /// How to run the binary; `start()` it, or get its `output()`.
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder::default()
     }
 
-    /// Runs `command` (which must listen on port 0) and waits for its
-    /// `listening on` line.
-    pub fn spawn(mut command: Command) -> Self {
-        let mut child = command
+    /// Starts the binary on 127.0.0.1, port 0, with extra `args`.
+    pub fn start(args: &[&str]) -> Self {
+        Self::builder().args(args).start()
+    }
+
+    /// Runs `builder`'s command (which must listen on port 0) and waits for
+    /// its `listening on` line.
+    fn spawn(builder: &ServerBuilder) -> Self {
+        let mut command = builder.command();
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", command.get_program()));
+        let mut child = KillOnDrop(child);
         let stderr = child.stderr.take().expect("stderr is piped");
         let (sender, lines) = mpsc::channel();
+        let (resume, resumed) = mpsc::channel();
+        let stall_log = builder.stall_log;
         thread::spawn(move || {
             let mut reader = BufReader::new(stderr);
             let mut line = Vec::new();
@@ -67,7 +198,13 @@ impl ServerProcess {
                 let text = String::from_utf8_lossy(&line)
                     .trim_end_matches('\n')
                     .to_string();
+                let listening = listening_addr(&text).is_some();
                 if sender.send(text).is_err() {
+                    break;
+                }
+                // Stalled: park with the pipe unread until resumed (or the
+                // test is done with the server).
+                if stall_log && listening && resumed.recv().is_err() {
                     break;
                 }
                 line.clear();
@@ -77,21 +214,23 @@ impl ServerProcess {
             child,
             addr: "0.0.0.0:0".parse().unwrap(),
             lines,
+            resume: stall_log.then_some(resume),
             seen: Vec::new(),
         };
         let line = server.expect_line("listening on ");
-        // Text or JSON: the address runs from there to a space or a quote.
-        let after = line.rsplit("listening on ").next().unwrap();
-        let addr: String = after
-            .chars()
-            .take_while(|c| !c.is_whitespace() && *c != '"')
-            .collect();
-        server.addr = addr.parse().expect("an address after 'listening on'");
+        server.addr = listening_addr(&line).expect("an address after 'listening on'");
         server
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// With [`ServerBuilder::stall_log`]: reads the rest of the log from now
+    /// on.
+    pub fn resume_log(&mut self) {
+        let resume = self.resume.take().expect("a stalled log, not resumed yet");
+        resume.send(()).expect("the log reader is parked");
     }
 
     /// Waits for the next log line that contains `needle`, and returns it.
@@ -105,6 +244,38 @@ impl ServerProcess {
             Some(line) => line.clone(),
             None => self.expect_line(needle),
         }
+    }
+
+    /// Waits for the next JSON log record whose `event` field is `event`
+    /// and for which `matches` holds, and returns it. Needs
+    /// [`ServerBuilder::json_log`].
+    pub fn expect_event(&mut self, event: &str, matches: impl Fn(&Value) -> bool) -> Value {
+        let line = self.expect_line_matching(&format!("event {event}"), |line| {
+            record(line).is_some_and(|record| record["event"] == event && matches(&record))
+        });
+        record(&line).expect("a JSON record")
+    }
+
+    /// Returns a record of `event` already seen for which `matches` holds,
+    /// or waits for the next one.
+    pub fn expect_logged_event(&mut self, event: &str, matches: impl Fn(&Value) -> bool) -> Value {
+        match self
+            .events(event)
+            .into_iter()
+            .find(|record| matches(record))
+        {
+            Some(record) => record,
+            None => self.expect_event(event, matches),
+        }
+    }
+
+    /// The JSON records of `event` seen so far, in order.
+    pub fn events(&self, event: &str) -> Vec<Value> {
+        self.seen
+            .iter()
+            .filter_map(|line| record(line))
+            .filter(|record| record["event"] == event)
+            .collect()
     }
 
     /// Waits for the next log line for which `matches` holds.
@@ -167,16 +338,103 @@ impl ServerProcess {
         self.child.wait().expect("wait for server")
     }
 
+    /// The exit status if the server exits by `deadline`, without reading
+    /// its log (for a stalled log, whose pipe stays full). There is no
+    /// event to wait on here, so this polls the process state.
+    pub fn exit_status_by(&mut self, deadline: Instant) -> Option<ExitStatus> {
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Connects a client to the server.
     pub fn connect(&self) -> TcpStream {
         connect(self.addr)
     }
 }
 
-impl Drop for ServerProcess {
+/// The address in a `listening on ADDR` line, text or JSON: it runs from
+/// there to a space or a quote.
+fn listening_addr(line: &str) -> Option<SocketAddr> {
+    let (_, after) = line.rsplit_once("listening on ")?;
+    let addr: String = after
+        .chars()
+        .take_while(|c| !c.is_whitespace() && *c != '"')
+        .collect();
+    addr.parse().ok()
+}
+
+/// The `message` of a JSON log record: the text the text format writes.
+pub fn message(record: &Value) -> String {
+    match record["message"].as_str() {
+        Some(message) => message.to_string(),
+        None => panic!("no message in {record}"),
+    }
+}
+
+/// A log line as a JSON record, if it is one.
+fn record(line: &str) -> Option<Value> {
+    serde_json::from_str(line).ok()
+}
+
+/// The library's server, run in this process on 127.0.0.1, port 0, on a
+/// thread of its own; stopped when dropped.
+pub struct LibraryServer {
+    pub addr: SocketAddr,
+    /// Stops the server ([`Shutdown::trigger`]).
+    pub shutdown: Shutdown,
+    /// What `run` returned, its error as text.
+    result: Receiver<Result<Summary, String>>,
+}
+
+impl LibraryServer {
+    /// Binds 127.0.0.1, port 0, and runs `config` (its `listen_addr` is
+    /// not used).
+    pub fn start(config: Config) -> Self {
+        Self::start_with(config, Shutdown::new())
+    }
+
+    /// As [`LibraryServer::start`], stopped by `shutdown` (which may already
+    /// be triggered).
+    pub fn start_with(config: Config, shutdown: Shutdown) -> Self {
+        let config = Config {
+            listen_addr: "127.0.0.1:0".parse().unwrap(),
+            ..config
+        };
+        let listener = bind(&config).expect("bind 127.0.0.1, port 0");
+        let addr = listener.local_addr().unwrap();
+        let (done, result) = mpsc::channel();
+        let handle = shutdown.clone();
+        thread::Builder::new()
+            .name("library-server".into())
+            .spawn(move || {
+                let _ = done.send(run(listener, config, handle).map_err(|e| format!("{e:#}")));
+            })
+            .expect("start the server thread");
+        LibraryServer {
+            addr,
+            shutdown,
+            result,
+        }
+    }
+
+    /// What `run` returned; fails the test if it has not returned `within`.
+    pub fn result(&self, within: Duration) -> Result<Summary, String> {
+        self.result
+            .recv_timeout(within)
+            .unwrap_or_else(|e| panic!("run did not return within {within:?}: {e}"))
+    }
+}
+
+impl Drop for LibraryServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.shutdown.trigger();
     }
 }
 
