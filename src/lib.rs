@@ -50,6 +50,7 @@ pub mod limits;
 mod log_sink;
 pub mod logging;
 pub mod proxy_protocol;
+mod rate_limit;
 pub mod reply;
 pub mod server;
 pub mod shutdown;
