@@ -49,6 +49,7 @@ pub mod connection;
 pub mod limits;
 mod log_sink;
 pub mod logging;
+mod metrics;
 pub mod proxy_protocol;
 mod rate_limit;
 pub mod reply;
