@@ -813,6 +813,29 @@ mod tests {
         .render()
     }
 
+    /// Not a pass/fail test: prints the cost of one render and one
+    /// observation, for the README.
+    #[test]
+    fn render_and_observe_cost() {
+        let renders = 200u32;
+        let timer = Instant::now();
+        let bytes: usize = (0..renders).map(|_| sample_snapshot_text().len()).sum();
+        let render = timer.elapsed() / renders;
+        let histogram = Histogram::new(SESSION_DURATION_BUCKETS);
+        let observations = 1_000_000u32;
+        let timer = Instant::now();
+        for i in 0..observations {
+            histogram.observe(f64::from(i % 1000) * 0.001);
+        }
+        let observe = timer.elapsed() / observations;
+        eprintln!(
+            "metrics: {} us per render of {} bytes, {} ns per observe",
+            render.as_micros(),
+            bytes / renders as usize,
+            observe.as_nanos()
+        );
+    }
+
     #[test]
     fn histograms_count_cumulatively_with_le_inclusive() {
         let histogram = Histogram::new(&[1.0, 2.0]);
