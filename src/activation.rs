@@ -89,7 +89,10 @@ impl fmt::Display for ActivationError {
                 "inherited descriptor {fd} is not a listening TCP socket: it is {found}"
             ),
             ActivationError::AlreadyClaimed => {
-                write!(f, "the inherited sockets were already taken by this process")
+                write!(
+                    f,
+                    "the inherited sockets were already taken by this process"
+                )
             }
         }
     }
@@ -194,7 +197,12 @@ fn check_tcp_listener(socket: &OwnedFd) -> Result<(), Problem> {
         Domain::IPV4 => "an IPv4",
         Domain::IPV6 => "an IPv6",
         Domain::UNIX => return Err(Problem::Found(format!("a Unix {}", kind_name(kind)))),
-        _ => return Err(Problem::Found(format!("a {} of another family", kind_name(kind)))),
+        _ => {
+            return Err(Problem::Found(format!(
+                "a {} of another family",
+                kind_name(kind)
+            )));
+        }
     };
     if kind != Type::STREAM || protocol.is_some_and(|p| p != Protocol::TCP) {
         let kind = match (kind, protocol) {
@@ -254,7 +262,10 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let found = found(check_tcp_listener(&owned(client)));
-        assert_eq!(found, "an IPv4 TCP socket that is not listening (a connection?)");
+        assert_eq!(
+            found,
+            "an IPv4 TCP socket that is not listening (a connection?)"
+        );
     }
 
     #[test]
@@ -270,7 +281,10 @@ mod tests {
         let path = dir.join("stream.sock");
         let _ = std::fs::remove_file(&path);
         let stream = UnixListener::bind(&path).unwrap();
-        assert_eq!(found(check_tcp_listener(&owned(stream))), "a Unix stream socket");
+        assert_eq!(
+            found(check_tcp_listener(&owned(stream))),
+            "a Unix stream socket"
+        );
         let (datagram, _) = UnixDatagram::pair().unwrap();
         assert_eq!(
             found(check_tcp_listener(&owned(datagram))),
