@@ -159,6 +159,7 @@ impl Cli {
             max_per_ip: self.max_per_ip,
             backlog: self.backlog,
             reuse_port: self.reuseport,
+            notify_service_manager: true,
         }
     }
 }

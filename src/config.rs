@@ -67,6 +67,9 @@ pub struct Config {
     /// Set `SO_REUSEPORT` before binding, so that several processes can
     /// listen on one port and the kernel spreads connections among them.
     pub reuse_port: bool,
+    /// Report readiness, status and watchdog pings to the service manager
+    /// named by `NOTIFY_SOCKET` (systemd's `Type=notify`), when it is set.
+    pub notify_service_manager: bool,
 }
 
 impl Default for Config {
@@ -86,6 +89,7 @@ impl Default for Config {
             max_per_ip: None,
             backlog: None,
             reuse_port: false,
+            notify_service_manager: false,
         }
     }
 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use prompt_server::cli::{self, Cli};
-use prompt_server::{Shutdown, Summary, bind, logging, run};
+use prompt_server::{Shutdown, Summary, listeners, logging, run_all};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse().and_then(Cli::validate) {
@@ -40,9 +40,9 @@ const LOG_LINES_UNWRITTEN: u8 = 3;
 
 fn serve(cli: &Cli) -> anyhow::Result<Summary> {
     let config = cli.to_config();
-    let listener = bind(&config)?;
+    let listeners = listeners(&config)?;
     let stop = Shutdown::new();
     stop.trigger_on_signals()
         .context("cannot install signal handlers")?;
-    Ok(run(listener, config, stop)?)
+    Ok(run_all(listeners, config, stop)?)
 }

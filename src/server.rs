@@ -17,12 +17,14 @@ use log::{debug, info, warn};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 use crate::access::canonical;
+use crate::activation::{self, InheritedListener};
 use crate::capacity;
 use crate::config::{BUSY_MESSAGE, Config};
 use crate::connection::{self, Outcome, Serving};
 use crate::error::{Error, describe_io_error};
 use crate::limits::{ConnectionLimit, ConnectionSlot, LiveCount, PerIpLimit};
 use crate::logging::{self, BUSY_LINES, LISTENING_TARGET, LogEvery, held_back_note};
+use crate::notify::{Heartbeat, Notifier};
 use crate::shutdown::{OpenConnection, OpenConnections, Shutdown};
 use crate::stats::{Stats, Summary};
 use crate::thread_cache::{PARKED_THREAD_IDLE_TIMEOUT, ThreadCache};
@@ -56,6 +58,37 @@ pub fn bind(config: &Config) -> Result<TcpListener, Error> {
     let backlog = config.backlog.unwrap_or_else(default_backlog);
     listen(addr, backlog, config.reuse_port)
         .map_err(|e| Error::new(format!("cannot listen on {addr}"), e))
+}
+
+/// The sockets to serve: the ones a service manager passed down (socket
+/// activation: `LISTEN_PID` is this process and `LISTEN_FDS` is set), each
+/// logged with its name, or else one bound by [`bind`]. With inherited
+/// sockets, `config.listen_addr` and `config.backlog` play no part.
+///
+/// Call it before anything else in the process opens descriptors.
+///
+/// # Errors
+///
+/// Fails if an inherited descriptor is not a listening TCP socket, or as
+/// [`bind`] does.
+pub fn listeners(config: &Config) -> Result<Vec<TcpListener>, Error> {
+    let Some(inherited) = activation::inherited_listeners()? else {
+        return Ok(vec![bind(config)?]);
+    };
+    for InheritedListener { listener, name } in &inherited {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::new("cannot read the address of an inherited socket", e))?;
+        info!(
+            event = "inherited", addr:% = addr, name = name.as_deref();
+            "serving the socket passed down by the service manager on {addr}{}",
+            name.as_ref().map(|name| format!(" (named {name:?})")).unwrap_or_default()
+        );
+    }
+    Ok(inherited
+        .into_iter()
+        .map(|inherited| inherited.listener)
+        .collect())
 }
 
 /// What `TcpListener::bind` does (`SO_REUSEADDR`, bind, listen), with a
@@ -168,6 +201,13 @@ pub fn run_all(
     config: Config,
     shutdown: Shutdown,
 ) -> Result<Summary, Error> {
+    let notifier = if config.notify_service_manager {
+        Notifier::from_env()
+            .map_err(|e| Error::new("cannot reach the service manager (NOTIFY_SOCKET)", e))?
+    } else {
+        Notifier::disabled()
+    };
+    let mut addrs = Vec::with_capacity(listeners.len());
     for listener in &listeners {
         let local_addr = listener
             .local_addr()
@@ -179,13 +219,16 @@ pub fn run_all(
         set_connection_options(SockRef::from(listener), &config)
             .map_err(|e| Error::new("cannot set options on the listening socket", e))?;
         shutdown.add_wake_addr(local_addr);
+        addrs.push(local_addr);
     }
     let shared = Arc::new(Shared::new(config));
+    report_to_service_manager(&notifier, &addrs, &shared);
     thread::scope(|scope| {
         for listener in listeners {
             let shared = &shared;
             let shutdown = &shutdown;
-            let accepting = move || serve_listener(listener, shared, shutdown);
+            let heartbeat = notifier.heartbeat();
+            let accepting = move || serve_listener(listener, shared, shutdown, &heartbeat);
             if let Err(e) = thread::Builder::new()
                 .name("accept".to_string())
                 .stack_size(ACCEPT_THREAD_STACK)
@@ -199,13 +242,37 @@ pub fn run_all(
         }
         Ok(())
     })?;
+    if let Err(e) = notifier.stopping() {
+        warn!(event = "notify_failed"; "cannot tell the service manager that the server stops: {}", describe_io_error(&e));
+    }
     shared.thread_cache.close();
     Ok(stop(&shared))
 }
 
+/// Tells the service manager (if there is one) that the server is ready,
+/// and starts the status reports and watchdog pings; a failure is logged
+/// and serving goes on.
+fn report_to_service_manager(notifier: &Notifier, addrs: &[SocketAddr], shared: &Arc<Shared>) {
+    let shared = Arc::clone(shared);
+    let reported = notifier
+        .ready(addrs)
+        .and_then(|()| notifier.start_reporting(move || shared.limit.active()));
+    if let Err(e) = reported {
+        warn!(
+            event = "notify_failed";
+            "cannot report to the service manager: {}", describe_io_error(&e)
+        );
+    }
+}
+
 /// One listener's life: the accept loop, then, once stopped, the clients
 /// the kernel still holds for it, then the close.
-fn serve_listener(listener: TcpListener, shared: &Arc<Shared>, shutdown: &Shutdown) {
+fn serve_listener(
+    listener: TcpListener,
+    shared: &Arc<Shared>,
+    shutdown: &Shutdown,
+    heartbeat: &Heartbeat,
+) {
     // A connection whose handshake completed before the listener got its
     // options (one queued by systemd before this process started, or by a
     // client quick to connect to a listener bound elsewhere) did not
@@ -215,7 +282,7 @@ fn serve_listener(listener: TcpListener, shared: &Arc<Shared>, shutdown: &Shutdo
             accept(stream, peer, shared, shutdown);
         }
     });
-    accept_until_stopped(&listener, shared, shutdown);
+    accept_until_stopped(&listener, shared, shutdown, heartbeat);
     // The kernel has completed the handshakes of the clients still queued,
     // and some have sent their reply: serve them too, then refuse new
     // clients at once rather than leave them in the backlog.
@@ -225,10 +292,18 @@ fn serve_listener(listener: TcpListener, shared: &Arc<Shared>, shutdown: &Shutdo
 }
 
 /// The accept loop: hands each connection on until `shutdown` is triggered.
-fn accept_until_stopped(listener: &TcpListener, shared: &Arc<Shared>, shutdown: &Shutdown) {
+///
+/// Each `accept` goes through `heartbeat`, so that the watchdog pings only
+/// while the loop is waiting for clients or handing them on.
+fn accept_until_stopped(
+    listener: &TcpListener,
+    shared: &Arc<Shared>,
+    shutdown: &Shutdown,
+    heartbeat: &Heartbeat,
+) {
     let mut failures = AcceptFailures::default();
     while !shutdown.is_triggered() {
-        match listener.accept() {
+        match heartbeat.accepting(|| listener.accept()) {
             Ok((stream, peer)) => {
                 failures.recovered();
                 accept(stream, peer, shared, shutdown);
