@@ -17,6 +17,9 @@ use crate::config::{
     DEFAULT_WRITE_TIMEOUT_SECS, prompt_bytes,
 };
 use crate::logging::LogFormat;
+use crate::rate_limit::{
+    DEFAULT_PREFIX_V4, DEFAULT_PREFIX_V6, Rate, parse_prefix_v4, parse_prefix_v6,
+};
 
 /// What `--help` says after the options.
 const AFTER_HELP: &str = "\
@@ -114,6 +117,29 @@ pub struct Cli {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i32::MAX as i64))]
     pub backlog: Option<u32>,
 
+    /// Connections one client network may open per period, e.g. 5/s,
+    /// 100/min or 1000/h (also the burst); one more gets the busy line.
+    #[arg(long, value_name = "RATE")]
+    pub max_rate_per_ip: Option<Rate>,
+
+    /// With --max-rate-per-ip: leading bits of an IPv4 client address that
+    /// make its network (32: each address on its own).
+    #[arg(long, value_name = "BITS", default_value_t = DEFAULT_PREFIX_V4,
+          value_parser = parse_prefix_v4)]
+    pub rate_prefix_v4: u8,
+
+    /// With --max-rate-per-ip: leading bits of an IPv6 client address that
+    /// make its network (64: a host's usual allocation, so changing
+    /// addresses within it gains nothing).
+    #[arg(long, value_name = "BITS", default_value_t = DEFAULT_PREFIX_V6,
+          value_parser = parse_prefix_v6)]
+    pub rate_prefix_v6: u8,
+
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics, e.g.
+    /// 127.0.0.1:9337 (keep it off public interfaces).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_addr: Option<SocketAddr>,
+
     /// Let several processes listen on the same port (SO_REUSEPORT), e.g. an
     /// old and a new one during a restart; see the README for the pitfall.
     #[arg(long)]
@@ -160,6 +186,10 @@ impl Cli {
             backlog: self.backlog,
             reuse_port: self.reuseport,
             notify_service_manager: true,
+            max_rate_per_ip: self.max_rate_per_ip,
+            rate_prefix_v4: self.rate_prefix_v4,
+            rate_prefix_v6: self.rate_prefix_v6,
+            metrics_addr: self.metrics_addr,
         }
     }
 }

@@ -8,6 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use crate::access::{AccessRules, NetList};
+use crate::rate_limit::{DEFAULT_PREFIX_V4, DEFAULT_PREFIX_V6, Rate};
 
 /// The prompt of the classic example.
 pub(crate) const DEFAULT_PROMPT: &str = "Do you want to play a game?\n";
@@ -70,6 +71,18 @@ pub struct Config {
     /// Report readiness, status and watchdog pings to the service manager
     /// named by `NOTIFY_SOCKET` (systemd's `Type=notify`), when it is set.
     pub notify_service_manager: bool,
+    /// How fast one client network may open connections; `None`: no limit.
+    /// One over it gets the busy line.
+    pub max_rate_per_ip: Option<Rate>,
+    /// Leading bits of an IPv4 client address that make its network for
+    /// `max_rate_per_ip` (32: each address on its own).
+    pub rate_prefix_v4: u8,
+    /// Leading bits of an IPv6 client address that make its network for
+    /// `max_rate_per_ip` (64: a host's usual allocation).
+    pub rate_prefix_v6: u8,
+    /// Where to serve `GET /metrics` (Prometheus text format); `None`: not
+    /// at all.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -90,6 +103,10 @@ impl Default for Config {
             backlog: None,
             reuse_port: false,
             notify_service_manager: false,
+            max_rate_per_ip: None,
+            rate_prefix_v4: DEFAULT_PREFIX_V4,
+            rate_prefix_v6: DEFAULT_PREFIX_V6,
+            metrics_addr: None,
         }
     }
 }

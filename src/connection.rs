@@ -20,9 +20,11 @@ use crate::config::{BUSY_MESSAGE, Config};
 use crate::error::describe_io_error;
 use crate::limits::{ConnectionSlot, IpSlot, PerIpLimit};
 use crate::logging::{
-    self, BUSY_LINES, DENIED_LINES, Escaped, ServingPeer, held_back_note, reply_text,
+    self, BUSY_LINES, DENIED_LINES, Escaped, RATE_LIMITED_LINES, ServingPeer, held_back_note,
+    reply_text,
 };
 use crate::proxy_protocol::{self, ProxyHeader};
+use crate::rate_limit::{RateLimit, RateLimited};
 use crate::reply::{Reply, ReplyDeadline, ReplyEnd, read_reply};
 use crate::shutdown::{OpenConnection, OpenConnections};
 use crate::timed_read::{Prefixed, ReadStep, read_before};
@@ -47,8 +49,11 @@ pub(crate) enum Outcome {
     Failed,
     /// Refused by the access rules, or not a trusted proxy.
     Denied,
-    /// Turned away with the busy line (`--max-per-ip`).
+    /// Turned away with the busy line (`--max-connections`, `--max-per-ip`).
     Busy,
+    /// Turned away with the busy line: its network connected faster than
+    /// `--max-rate-per-ip`.
+    RateLimited,
     /// Still connected at the shutdown deadline: cut off, and logged with
     /// what it had sent.
     CutOff,
@@ -61,6 +66,26 @@ pub(crate) struct Serving {
     pub(crate) per_ip: PerIpLimit,
     /// Every open connection, for a stopping server to cut off.
     pub(crate) open: Arc<OpenConnections>,
+    /// `--max-rate-per-ip`: checked here for the client a PROXY header
+    /// names, and by the accept loop for a direct client.
+    pub(crate) rate: Option<RateLimit>,
+}
+
+/// How a served connection went: its outcome, and the size of the reply
+/// logged (none if it was turned away or failed before reading).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Served {
+    pub(crate) outcome: Outcome,
+    pub(crate) reply_bytes: Option<usize>,
+}
+
+impl From<Outcome> for Served {
+    fn from(outcome: Outcome) -> Self {
+        Served {
+            outcome,
+            reply_bytes: None,
+        }
+    }
 }
 
 /// Who is on the other end.
@@ -84,25 +109,28 @@ impl Client {
 ///
 /// The socket carries the listener's options (see `server`): the prompt's
 /// write timeout, and the whole reply budget as its read timeout.
-pub(crate) fn serve(stream: &TcpStream, peer: SocketAddr, serving: &Serving) -> Outcome {
+pub(crate) fn serve(stream: &TcpStream, peer: SocketAddr, serving: &Serving) -> Served {
     let started = Instant::now();
     let _named_in_panics = ServingPeer::set(peer);
     let config = &serving.config;
     let mut stream = stream;
     let (client, early_bytes) = match identify_client(&mut stream, peer, config, started) {
         Ok(identified) => identified,
-        Err(outcome) => return outcome,
+        Err(outcome) => return outcome.into(),
     };
     let _ip_slot = match admit_client(&mut stream, client, serving) {
         Ok(ip_slot) => ip_slot,
-        Err(outcome) => return outcome,
+        Err(outcome) => return outcome.into(),
     };
     if let Err(e) = stream.write_all(&config.prompt) {
         log_prompt_failed(client, &e);
-        return Outcome::Failed;
+        return Outcome::Failed.into();
     }
     let reply = read_client_reply(&mut stream, &early_bytes, client, config);
-    log_reply(client, &reply, config, started, serving.open.cutting_off())
+    Served {
+        outcome: log_reply(client, &reply, config, started, serving.open.cutting_off()),
+        reply_bytes: Some(reply.bytes.len()),
+    }
 }
 
 /// Who the client is: the socket's peer, or, behind a balancer, the client
@@ -141,8 +169,8 @@ fn read_client_reply(
     read_reply(&mut source, client.addr, config.max_reply_bytes, deadline)
 }
 
-/// Checks the access rules and takes the client's per-address slot, or
-/// turns it away. Not inlined, for the reason given at [`read_proxy_header`].
+/// Checks the access rules, the rate limit for a client behind a balancer,
+/// and takes the client's per-address slot, or turns it away. Not inlined, for the reason given at [`read_proxy_header`].
 #[inline(never)]
 fn admit_client<'a>(
     stream: &mut &TcpStream,
@@ -161,6 +189,14 @@ fn admit_client<'a>(
         }
         return Err(Outcome::Denied);
     }
+    if let Some(rate) = &serving.rate
+        && client.proxy.is_some()
+        && let Err(limited) = rate.try_acquire(addr.ip(), Instant::now())
+    {
+        log_rate_limited(addr, proxy, &limited, rate);
+        let _ = stream.write(BUSY_MESSAGE);
+        return Err(Outcome::RateLimited);
+    }
     let Some(ip_slot) = serving.per_ip.try_acquire(addr.ip()) else {
         if let Some(held_back) = BUSY_LINES.due() {
             warn!(
@@ -175,6 +211,27 @@ fn admit_client<'a>(
         return Err(Outcome::Busy);
     };
     Ok(ip_slot)
+}
+
+/// The (rate-limited) line about a client turned away by
+/// `--max-rate-per-ip`, at the accept loop or after its PROXY header.
+pub(crate) fn log_rate_limited(
+    addr: SocketAddr,
+    proxy: Option<&str>,
+    limited: &RateLimited,
+    rate: &RateLimit,
+) {
+    if let Some(held_back) = RATE_LIMITED_LINES.due() {
+        warn!(
+            event = "rate_limited", peer:% = addr, proxy = proxy,
+            network:% = limited.network, held_back = held_back;
+            "{addr} turned away: its network {}/{} connects faster than {}{}",
+            limited.network,
+            rate.prefixes().length_of(limited.network),
+            rate.rate(),
+            held_back_note(held_back)
+        );
+    }
 }
 
 #[inline(never)]

@@ -93,6 +93,7 @@ mod timed_read;
 pub use access::{AccessRules, NetList};
 pub use config::Config;
 pub use error::Error;
+pub use rate_limit::Rate;
 pub use server::{bind, listeners, run, run_all};
 pub use shutdown::Shutdown;
 pub use stats::Summary;

@@ -82,6 +82,8 @@ struct State {
     writing: bool,
     /// Housekeeping lines dropped since the last report.
     dropped: u64,
+    /// Housekeeping lines dropped ever, for the metrics.
+    dropped_total: u64,
     /// Set by a stopping server: nobody waits for the sink any more.
     abandoned: bool,
 }
@@ -98,6 +100,7 @@ impl<W: Write> LogSink<W> {
                 written: 0,
                 writing: false,
                 dropped: 0,
+                dropped_total: 0,
                 abandoned: false,
             }),
             room: Condvar::new(),
@@ -119,7 +122,14 @@ impl<W: Write> LogSink<W> {
 
     /// Counts a housekeeping line that was not even formatted.
     pub(crate) fn count_dropped(&self) {
-        self.lock().dropped += 1;
+        let mut state = self.lock();
+        state.dropped += 1;
+        state.dropped_total += 1;
+    }
+
+    /// Housekeeping lines dropped since the sink was made.
+    pub(crate) fn dropped_total(&self) -> u64 {
+        self.lock().dropped_total
     }
 
     /// Queues `line` as its class says, and for a reply line waits until
@@ -129,6 +139,7 @@ impl<W: Write> LogSink<W> {
         match class {
             Class::Housekeeping if state.waiting.len() >= self.capacity => {
                 state.dropped += 1;
+                state.dropped_total += 1;
                 return Delivery::Dropped;
             }
             Class::Reply => {

@@ -102,6 +102,12 @@ pub(crate) fn flush(timeout: Duration) -> u64 {
     SINK.get().map_or(0, |sink| sink.flush(timeout))
 }
 
+/// Housekeeping log lines dropped because the log queue was full (0
+/// without [`init`]).
+pub(crate) fn lines_dropped() -> u64 {
+    SINK.get().map_or(0, LogSink::dropped_total)
+}
+
 /// Makes callers that wait for their reply line to be written stop
 /// waiting: a stopping server gives up on a stalled log.
 pub(crate) fn stop_waiting_for_the_log() {
@@ -182,7 +188,7 @@ fn class_of(record: &log::Record<'_>) -> Class {
         ) => Class::Reply,
         Some(
             "listening" | "signal" | "shutdown" | "stopped" | "capacity" | "fd_limit" | "panic"
-            | "log_dropped" | "wake_failed",
+            | "log_dropped" | "wake_failed" | "metrics" | "inherited" | "notify_failed",
         ) => Class::Lifecycle,
         _ => Class::Housekeeping,
     }
@@ -360,6 +366,8 @@ impl LogEvery {
 
 /// Lines about clients turned away busy (`--max-connections`, `--max-per-ip`).
 pub(crate) static BUSY_LINES: LogEvery = LogEvery::new(Duration::from_secs(1));
+/// Lines about clients turned away by `--max-rate-per-ip`.
+pub(crate) static RATE_LIMITED_LINES: LogEvery = LogEvery::new(Duration::from_secs(1));
 /// Lines about clients refused (access rules, untrusted proxies).
 pub(crate) static DENIED_LINES: LogEvery = LogEvery::new(Duration::from_secs(1));
 

@@ -36,17 +36,15 @@
 //! | `prompt_server_connections_open` | gauge | connections open now |
 //! | `prompt_server_threads{state}` | gauge | connection threads alive: `serving` a client, or `parked` in the thread cache |
 //! | `prompt_server_max_connections` | gauge | the effective connection cap (after any lowering at start-up) |
+//! | `prompt_server_rate_limit_networks` | gauge | client networks whose rate-limit bucket is still refilling (absent without `--max-rate-per-ip`) |
 //! | `process_open_fds` | gauge | entries of `/proc/self/fd` (absent where it cannot be read) |
 //! | `process_start_time_seconds` | gauge | when the process started, in seconds since the Unix epoch |
 //! | `prompt_server_session_duration_seconds` | histogram | accept to log line, per connection |
 //! | `prompt_server_reply_size_bytes` | histogram | size of each logged reply |
 
-// Wired in by the server in the next step.
-#![allow(dead_code)]
-
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -408,6 +406,7 @@ impl AcceptErrorKind {
             Some(libc::ENOBUFS | libc::ENOMEM) => AcceptErrorKind::Memory,
             Some(
                 libc::ECONNABORTED
+                | libc::EINTR
                 | libc::EPERM
                 | libc::EPROTO
                 | libc::ENETDOWN
@@ -458,6 +457,9 @@ pub(crate) struct MetricsSnapshot<'a> {
     pub(crate) max_connections: u64,
     /// [`count_open_fds`]; `None` leaves the metric out.
     pub(crate) open_fds: Option<u64>,
+    /// Client networks the rate limit holds a bucket for; `None` (no
+    /// `--max-rate-per-ip`) leaves the metric out.
+    pub(crate) rate_limit_networks: Option<u64>,
     pub(crate) start_time: SystemTime,
     pub(crate) session_duration: &'a Histogram,
     pub(crate) reply_size: &'a Histogram,
@@ -524,6 +526,14 @@ impl MetricsSnapshot<'_> {
             &[],
             self.max_connections as f64,
         );
+        if let Some(networks) = self.rate_limit_networks {
+            text.gauge(
+                "prompt_server_rate_limit_networks",
+                "Client networks with a rate-limit bucket still refilling, held in memory.",
+                &[],
+                networks as f64,
+            );
+        }
         if let Some(open_fds) = self.open_fds {
             text.gauge(
                 "process_open_fds",
@@ -566,17 +576,6 @@ pub(crate) fn seconds_since_epoch(time: SystemTime) -> f64 {
 pub(crate) fn count_open_fds() -> Option<u64> {
     let entries = std::fs::read_dir("/proc/self/fd").ok()?;
     Some(entries.filter(Result::is_ok).count() as u64)
-}
-
-/// Binds the metrics listener on `addr`, with an error that names it:
-/// "cannot listen for metrics on ADDR: REASON" (the kind kept).
-pub(crate) fn bind_metrics(addr: SocketAddr) -> io::Result<TcpListener> {
-    TcpListener::bind(addr).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("cannot listen for metrics on {addr}: {e}"),
-        )
-    })
 }
 
 /// Starts the metrics thread: it answers scrapes on `listener` with
@@ -772,7 +771,7 @@ mod prometheus_format;
 mod tests {
     use super::*;
     use std::collections::HashSet;
-    use std::net::Shutdown;
+    use std::net::{Shutdown, SocketAddr};
     use std::sync::Arc;
     use std::sync::Mutex;
     use std::sync::atomic::AtomicBool;
@@ -807,6 +806,7 @@ mod tests {
             threads_parked: 3,
             max_connections: 1024,
             open_fds: count_open_fds(),
+            rate_limit_networks: Some(2),
             start_time: SystemTime::now(),
             session_duration: &session_duration,
             reply_size: &reply_size,
@@ -1026,8 +1026,7 @@ mod tests {
 
     impl Endpoint {
         fn start(body: &'static str) -> Self {
-            let listener =
-                bind_metrics("127.0.0.1:0".parse().expect("an address")).expect("bind on loopback");
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind on loopback");
             let addr = listener.local_addr().expect("local address");
             let stopping = Arc::new(AtomicBool::new(false));
             let flag = Arc::clone(&stopping);
@@ -1215,18 +1214,5 @@ mod tests {
             thread.join().expect("metrics thread ends cleanly");
         }
         assert!(started.elapsed() < Duration::from_secs(1));
-    }
-
-    #[test]
-    fn a_taken_address_is_named_in_the_error() {
-        let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = taken.local_addr().expect("local address");
-        let error = bind_metrics(addr).expect_err("address in use");
-        assert_eq!(error.kind(), io::ErrorKind::AddrInUse);
-        let message = error.to_string();
-        assert!(
-            message.starts_with(&format!("cannot listen for metrics on {addr}: ")),
-            "{message}"
-        );
     }
 }

@@ -40,9 +40,6 @@
 //! Keys are hashed with std's randomly seeded SipHash, because clients choose
 //! them.
 
-// Wired in by the server in the next step.
-#![allow(dead_code)]
-
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -74,7 +71,7 @@ const MAX_PER_SECOND: u64 = 1_000_000;
 /// day is not offered, because a bucket that takes a day to refill is a ban,
 /// not a rate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Rate {
+pub struct Rate {
     /// Tokens in a full bucket, and tokens that come back per `period`; at
     /// least 1.
     count: u32,
@@ -83,11 +80,12 @@ pub(crate) struct Rate {
 
 impl Rate {
     /// The burst: connections a network with a full bucket may open at once.
-    pub(crate) fn count(&self) -> u32 {
+    pub fn count(&self) -> u32 {
         self.count
     }
 
-    pub(crate) fn period(&self) -> Duration {
+    /// The time in which `count` tokens come back.
+    pub fn period(&self) -> Duration {
         self.period
     }
 
@@ -98,25 +96,13 @@ impl Rate {
     }
 }
 
-/// Why a `--max-rate-per-ip` value was refused; its text is the whole
-/// explanation, for clap's error line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct RateError(String);
-
-impl fmt::Display for RateError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for RateError {}
-
 impl FromStr for Rate {
-    type Err = RateError;
+    /// The whole explanation, for clap's error line.
+    type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         const FORM: &str = "expected COUNT/PERIOD, such as 5/s, 100/min or 1000/h";
-        let error = |why: &str| RateError(format!("{why} ({FORM})"));
+        let error = |why: &str| format!("{why} ({FORM})");
         let Some((count, unit)) = text.split_once('/') else {
             return Err(error("no '/'"));
         };
@@ -200,6 +186,14 @@ impl PrefixLengths {
             return Err(format!("IPv6 prefix /{v6} is longer than 128 bits"));
         }
         Ok(PrefixLengths { v4, v6 })
+    }
+
+    /// The prefix length used for `ip`'s family.
+    pub(crate) fn length_of(&self, ip: IpAddr) -> u8 {
+        match ip {
+            IpAddr::V4(_) => self.v4,
+            IpAddr::V6(_) => self.v6,
+        }
     }
 
     /// The network `ip` belongs to: `ip` with every bit past the prefix
@@ -319,12 +313,13 @@ impl RateLimit {
         Ok(())
     }
 
-    /// Buckets held now (for tests and a future gauge).
+    /// Buckets held now.
     pub(crate) fn len(&self) -> usize {
         self.table().full_at.len()
     }
 
     /// Drops every bucket that is full at `now`.
+    #[cfg(test)]
     pub(crate) fn sweep(&self, now: Instant) {
         let now = self.nanos_since_origin(now);
         let mut table = self.table();

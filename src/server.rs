@@ -10,8 +10,9 @@
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, info, warn};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
@@ -24,7 +25,9 @@ use crate::connection::{self, Outcome, Serving};
 use crate::error::{Error, describe_io_error};
 use crate::limits::{ConnectionLimit, ConnectionSlot, LiveCount, PerIpLimit};
 use crate::logging::{self, BUSY_LINES, LISTENING_TARGET, LogEvery, held_back_note};
+use crate::metrics::{self, AcceptErrorKind, MetricsSnapshot};
 use crate::notify::{Heartbeat, Notifier};
+use crate::rate_limit::{PrefixLengths, RateLimit, RateLimited};
 use crate::shutdown::{OpenConnection, OpenConnections, Shutdown};
 use crate::stats::{Stats, Summary};
 use crate::thread_cache::{PARKED_THREAD_IDLE_TIMEOUT, ThreadCache};
@@ -141,7 +144,7 @@ struct Shared {
 impl Shared {
     /// Works out how many connections this process can really hold (one
     /// warn line if fewer than asked), and sets up what is shared.
-    fn new(mut config: Config) -> Self {
+    fn new(mut config: Config, rate: Option<RateLimit>) -> Self {
         config.max_connections =
             capacity::effective_max_connections(config.max_connections, config.thread_cache);
         Shared {
@@ -154,6 +157,7 @@ impl Shared {
             serving: Serving {
                 per_ip: PerIpLimit::new(config.max_per_ip),
                 open: Arc::new(OpenConnections::default()),
+                rate,
                 config,
             },
             stats: Stats::default(),
@@ -166,6 +170,8 @@ struct Accepted {
     /// Shared with `open`, so that a stopping server can cut it off.
     stream: Arc<TcpStream>,
     peer: SocketAddr,
+    /// When `accept` returned it, for the session-duration histogram.
+    accepted_at: Instant,
     /// Held until the connection ends, however it ends.
     slot: ConnectionSlot,
     open: OpenConnection,
@@ -201,6 +207,14 @@ pub fn run_all(
     config: Config,
     shutdown: Shutdown,
 ) -> Result<Summary, Error> {
+    let rate = rate_limit(&config)?;
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .map_err(|e| Error::new(format!("cannot listen for metrics on {addr}"), e))?,
+        ),
+        None => None,
+    };
     let notifier = if config.notify_service_manager {
         Notifier::from_env()
             .map_err(|e| Error::new("cannot reach the service manager (NOTIFY_SOCKET)", e))?
@@ -221,7 +235,11 @@ pub fn run_all(
         shutdown.add_wake_addr(local_addr);
         addrs.push(local_addr);
     }
-    let shared = Arc::new(Shared::new(config));
+    let shared = Arc::new(Shared::new(config, rate));
+    let metrics = match metrics_listener {
+        Some(listener) => Some(MetricsEndpoint::start(listener, &shared)?),
+        None => None,
+    };
     report_to_service_manager(&notifier, &addrs, &shared);
     thread::scope(|scope| {
         for listener in listeners {
@@ -246,7 +264,89 @@ pub fn run_all(
         warn!(event = "notify_failed"; "cannot tell the service manager that the server stops: {}", describe_io_error(&e));
     }
     shared.thread_cache.close();
-    Ok(stop(&shared))
+    let summary = stop(&shared);
+    drop(metrics);
+    Ok(summary)
+}
+
+/// `--max-rate-per-ip`'s buckets, if it is set.
+fn rate_limit(config: &Config) -> Result<Option<RateLimit>, Error> {
+    let Some(rate) = config.max_rate_per_ip else {
+        return Ok(None);
+    };
+    let prefixes =
+        PrefixLengths::new(config.rate_prefix_v4, config.rate_prefix_v6).map_err(|why| {
+            Error::new(
+                "invalid rate limit",
+                io::Error::new(io::ErrorKind::InvalidInput, why),
+            )
+        })?;
+    Ok(Some(RateLimit::new(rate, prefixes)))
+}
+
+/// The `--metrics-addr` thread, serving until the server has stopped (the
+/// drain included, so that it can be watched); dropping it stops it.
+struct MetricsEndpoint {
+    finished: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl MetricsEndpoint {
+    fn start(listener: TcpListener, shared: &Arc<Shared>) -> Result<Self, Error> {
+        let addr = listener.local_addr().ok();
+        let finished = Arc::new(AtomicBool::new(false));
+        let started = SystemTime::now();
+        let render = {
+            let shared = Arc::clone(shared);
+            move || render_metrics(&shared, started)
+        };
+        let is_finished = {
+            let finished = Arc::clone(&finished);
+            move || finished.load(Ordering::SeqCst)
+        };
+        let thread = metrics::serve_metrics(listener, render, is_finished)
+            .map_err(|e| Error::new("cannot start the metrics endpoint", e))?;
+        if let Some(addr) = addr {
+            info!(event = "metrics", addr:% = addr; "metrics at http://{addr}/metrics");
+        }
+        Ok(MetricsEndpoint {
+            finished,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for MetricsEndpoint {
+    fn drop(&mut self) {
+        self.finished.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The metrics text of a scrape: the counters, and the gauges read now.
+fn render_metrics(shared: &Shared, started: SystemTime) -> String {
+    let stats = &shared.stats;
+    let alive = shared.threads.get() as u64;
+    let parked = shared.thread_cache.parked() as u64;
+    MetricsSnapshot {
+        connections_accepted: stats.accepted(),
+        outcomes: stats.outcomes(),
+        reply_bytes: stats.reply_bytes(),
+        accept_errors: stats.accept_errors(),
+        log_lines_dropped: logging::lines_dropped(),
+        connections_open: shared.limit.active() as u64,
+        threads_serving: alive.saturating_sub(parked),
+        threads_parked: parked,
+        max_connections: shared.serving.config.max_connections as u64,
+        open_fds: metrics::count_open_fds(),
+        rate_limit_networks: shared.serving.rate.as_ref().map(|rate| rate.len() as u64),
+        start_time: started,
+        session_duration: &stats.session_duration,
+        reply_size: &stats.reply_size,
+    }
+    .render()
 }
 
 /// Tells the service manager (if there is one) that the server is ready,
@@ -310,7 +410,10 @@ fn accept_until_stopped(
             }
             // The listener's own read timeout ran out with nobody connecting.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => thread::sleep(failures.record(&e)),
+            Err(e) => {
+                shared.stats.record_accept_error(AcceptErrorKind::of(&e));
+                thread::sleep(failures.record(&e));
+            }
         }
     }
 }
@@ -324,6 +427,7 @@ fn accept(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>, shutdown: &
         let _ = SockRef::from(&stream).set_linger(None);
         return;
     }
+    shared.stats.record_accepted();
     admit(stream, peer, shared);
 }
 
@@ -380,7 +484,8 @@ fn stop(shared: &Shared) -> Summary {
     info!(
         event = "stopped", connections = summary.connections, replies = summary.replies,
         truncated = summary.truncated, timed_out = summary.timed_out, no_reply = summary.no_reply,
-        failed = summary.failed, rejected_busy = summary.rejected_busy, denied = summary.denied,
+        failed = summary.failed, rejected_busy = summary.rejected_busy,
+        rate_limited = summary.rate_limited, denied = summary.denied,
         cut_off = summary.cut_off, still_connected = summary.still_connected;
         "shutdown complete: {summary}"
     );
@@ -391,9 +496,22 @@ fn stop(shared: &Shared) -> Summary {
 
 /// Gives the connection a thread if a slot is free (a parked one if there
 /// is one, else a new one), or turns it away.
+///
+/// A direct client's rate (`--max-rate-per-ip`) is checked here, before it
+/// takes a slot; behind a balancer, the connection thread checks the client
+/// the PROXY header names.
 fn admit(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
+    let accepted_at = Instant::now();
+    let serving = &shared.serving;
+    if let Some(rate) = &serving.rate
+        && !serving.config.proxy_protocol
+        && let Err(limited) = rate.try_acquire(peer.ip(), accepted_at)
+    {
+        turn_away(stream, peer, TurnedAway::RateLimited(limited, rate), shared);
+        return;
+    }
     let Some(slot) = shared.limit.try_acquire() else {
-        turn_away(stream, peer, shared);
+        turn_away(stream, peer, TurnedAway::Full, shared);
         return;
     };
     let stream = Arc::new(stream);
@@ -401,6 +519,7 @@ fn admit(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
         open: shared.serving.open.register(&stream),
         stream,
         peer,
+        accepted_at,
         slot,
     };
     shared.stats.record_connection();
@@ -437,13 +556,15 @@ fn connection_thread(first: Accepted, shared: &Shared) {
     while let Some(Accepted {
         stream,
         peer,
+        accepted_at,
         slot,
         open,
     }) = next
     {
         debug!(event = "connected", peer:% = peer; "{peer} connected");
-        let outcome = connection::serve(&stream, peer, &shared.serving);
-        shared.stats.record(outcome);
+        let served = connection::serve(&stream, peer, &shared.serving);
+        let duration = accepted_at.elapsed();
+        (shared.stats).record_session(served.outcome, served.reply_bytes, duration);
         connection::close(stream, (slot, open));
         debug!(event = "disconnected", peer:% = peer; "{peer} disconnected");
         next = shared.thread_cache.park();
@@ -472,19 +593,35 @@ fn set_connection_options(socket: SockRef<'_>, config: &Config) -> io::Result<()
 /// Sends the busy line and closes. The socket is made non-blocking first,
 /// so that the accept loop can never wait on this client, and the log line
 /// is rate-limited, so that a flood of clients is not a flood of lines.
-fn turn_away(stream: TcpStream, peer: SocketAddr, shared: &Shared) {
-    shared.stats.record_busy();
-    if let Some(held_back) = BUSY_LINES.due() {
-        warn!(
-            event = "busy", peer:% = peer, held_back = held_back;
-            "{peer} turned away: all {} connection slots are taken{}",
-            shared.serving.config.max_connections,
-            held_back_note(held_back)
-        );
+fn turn_away(stream: TcpStream, peer: SocketAddr, why: TurnedAway, shared: &Shared) {
+    match why {
+        TurnedAway::Full => {
+            shared.stats.record(Outcome::Busy);
+            if let Some(held_back) = BUSY_LINES.due() {
+                warn!(
+                    event = "busy", peer:% = peer, held_back = held_back;
+                    "{peer} turned away: all {} connection slots are taken{}",
+                    shared.serving.config.max_connections,
+                    held_back_note(held_back)
+                );
+            }
+        }
+        TurnedAway::RateLimited(limited, rate) => {
+            shared.stats.record(Outcome::RateLimited);
+            connection::log_rate_limited(peer, None, &limited, rate);
+        }
     }
     let _ = SockRef::from(&stream).set_linger(None);
     let _ = stream.set_nonblocking(true);
     let _ = (&stream).write(BUSY_MESSAGE);
+}
+
+/// Why the accept loop turns a client away.
+enum TurnedAway<'a> {
+    /// Every connection slot is taken (`--max-connections`).
+    Full,
+    /// Its network connects faster than `--max-rate-per-ip`.
+    RateLimited(RateLimited, &'a RateLimit),
 }
 
 /// The accept loop's memory of recent failures: how long to pause, and
@@ -542,22 +679,7 @@ impl AcceptFailures {
 /// (it was aborted, a firewall refused it, its network went away), so that
 /// the next accept can go ahead at once. The list is accept(2)'s.
 fn about_one_connection(error: &io::Error) -> bool {
-    matches!(
-        error.raw_os_error(),
-        Some(
-            libc::ECONNABORTED
-                | libc::EPERM
-                | libc::EPROTO
-                | libc::EINTR
-                | libc::ENETDOWN
-                | libc::ENOPROTOOPT
-                | libc::EHOSTDOWN
-                | libc::ENONET
-                | libc::EHOSTUNREACH
-                | libc::EOPNOTSUPP
-                | libc::ENETUNREACH
-        )
-    )
+    AcceptErrorKind::of(error) == AcceptErrorKind::Connection
 }
 
 #[cfg(test)]

@@ -1,14 +1,24 @@
-//! Counters of what happened to connections, for the summary line at
-//! shutdown. Plain relaxed atomics: they are only read once, at the end.
+//! Counters of what happened to connections: for the summary line at
+//! shutdown, and for the metrics endpoint while the server runs. Plain
+//! relaxed atomics and lock-free histograms: each is a count on its own,
+//! and a scrape or the summary may see one a moment behind another.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use crate::connection::Outcome;
+use crate::metrics::{
+    AcceptErrorCounts, AcceptErrorKind, Histogram, OutcomeCounts, REPLY_SIZE_BUCKETS,
+    SESSION_DURATION_BUCKETS,
+};
 
-/// Running totals, shared by the accept loop and every connection thread.
-#[derive(Debug, Default)]
+/// Running totals, shared by the accept loops and every connection thread.
+#[derive(Debug)]
 pub(crate) struct Stats {
+    /// Connections `accept` returned (the stop's own wake-up aside).
+    accepted: AtomicU64,
+    /// Connections given a thread.
     connections: AtomicU64,
     replies: AtomicU64,
     truncated: AtomicU64,
@@ -16,22 +26,60 @@ pub(crate) struct Stats {
     no_reply: AtomicU64,
     failed: AtomicU64,
     rejected_busy: AtomicU64,
+    rate_limited: AtomicU64,
     denied: AtomicU64,
     cut_off: AtomicU64,
+    reply_bytes: AtomicU64,
+    /// `accept` failures, indexed by [`AcceptErrorKind`].
+    accept_errors: [AtomicU64; 4],
+    /// Accept to log line, per served connection.
+    pub(crate) session_duration: Histogram,
+    /// Bytes of each logged reply.
+    pub(crate) reply_size: Histogram,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            accepted: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            replies: AtomicU64::new(0),
+            truncated: AtomicU64::new(0),
+            timed_out: AtomicU64::new(0),
+            no_reply: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            rejected_busy: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
+            denied: AtomicU64::new(0),
+            cut_off: AtomicU64::new(0),
+            reply_bytes: AtomicU64::new(0),
+            accept_errors: Default::default(),
+            session_duration: Histogram::new(SESSION_DURATION_BUCKETS),
+            reply_size: Histogram::new(REPLY_SIZE_BUCKETS),
+        }
+    }
+}
+
+fn get(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
 }
 
 impl Stats {
+    /// Counts a connection `accept` returned.
+    pub(crate) fn record_accepted(&self) {
+        add(&self.accepted, 1);
+    }
+
     /// Counts a connection that got a thread of its own.
     pub(crate) fn record_connection(&self) {
-        self.connections.fetch_add(1, Ordering::Relaxed);
+        add(&self.connections, 1);
     }
 
-    /// Counts a connection turned away because the server was full.
-    pub(crate) fn record_busy(&self) {
-        self.rejected_busy.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Counts how a served connection ended.
+    /// Counts how a connection ended (served, or turned away).
     pub(crate) fn record(&self, outcome: Outcome) {
         let counter = match outcome {
             Outcome::Replied => &self.replies,
@@ -40,25 +88,82 @@ impl Stats {
             Outcome::NoReply => &self.no_reply,
             Outcome::Failed => &self.failed,
             Outcome::Busy => &self.rejected_busy,
+            Outcome::RateLimited => &self.rate_limited,
             Outcome::Denied => &self.denied,
             Outcome::CutOff => &self.cut_off,
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        add(counter, 1);
     }
 
-    /// The totals now, with `still_connected` clients not yet done.
-    pub(crate) fn summary(&self, still_connected: usize) -> Summary {
-        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        Summary {
-            connections: get(&self.connections),
-            replies: get(&self.replies),
+    /// Counts a served connection: how it ended, the size of its logged
+    /// reply (if it got as far as a reply), and its time from accept on.
+    pub(crate) fn record_session(
+        &self,
+        outcome: Outcome,
+        reply_bytes: Option<usize>,
+        duration: Duration,
+    ) {
+        self.record(outcome);
+        if let Some(bytes) = reply_bytes {
+            add(&self.reply_bytes, bytes as u64);
+            self.reply_size.observe(bytes as f64);
+        }
+        self.session_duration.observe(duration.as_secs_f64());
+    }
+
+    /// Counts a failed `accept`.
+    pub(crate) fn record_accept_error(&self, kind: AcceptErrorKind) {
+        add(&self.accept_errors[kind as usize], 1);
+    }
+
+    pub(crate) fn accepted(&self) -> u64 {
+        get(&self.accepted)
+    }
+
+    pub(crate) fn reply_bytes(&self) -> u64 {
+        get(&self.reply_bytes)
+    }
+
+    /// How connections ended so far, by metrics label.
+    pub(crate) fn outcomes(&self) -> OutcomeCounts {
+        OutcomeCounts {
+            replied: get(&self.replies),
             truncated: get(&self.truncated),
             timed_out: get(&self.timed_out),
             no_reply: get(&self.no_reply),
             failed: get(&self.failed),
-            rejected_busy: get(&self.rejected_busy),
             denied: get(&self.denied),
-            cut_off: get(&self.cut_off),
+            busy: get(&self.rejected_busy),
+            rate_limited: get(&self.rate_limited),
+            shutdown: get(&self.cut_off),
+        }
+    }
+
+    /// `accept` failures so far, by kind.
+    pub(crate) fn accept_errors(&self) -> AcceptErrorCounts {
+        let kind = |kind: AcceptErrorKind| get(&self.accept_errors[kind as usize]);
+        AcceptErrorCounts {
+            connection: kind(AcceptErrorKind::Connection),
+            descriptors: kind(AcceptErrorKind::Descriptors),
+            memory: kind(AcceptErrorKind::Memory),
+            other: kind(AcceptErrorKind::Other),
+        }
+    }
+
+    /// The totals now, with `still_connected` clients not yet done.
+    pub(crate) fn summary(&self, still_connected: usize) -> Summary {
+        let outcomes = self.outcomes();
+        Summary {
+            connections: get(&self.connections),
+            replies: outcomes.replied,
+            truncated: outcomes.truncated,
+            timed_out: outcomes.timed_out,
+            no_reply: outcomes.no_reply,
+            failed: outcomes.failed,
+            rejected_busy: outcomes.busy,
+            rate_limited: outcomes.rate_limited,
+            denied: outcomes.denied,
+            cut_off: outcomes.shutdown,
             still_connected,
             unwritten_log_lines: 0,
         }
@@ -81,8 +186,12 @@ pub struct Summary {
     pub no_reply: u64,
     /// Connections that ended in a socket error.
     pub failed: u64,
-    /// Connections turned away with the busy line.
+    /// Connections turned away with the busy line by a cap
+    /// (`--max-connections`, `--max-per-ip`).
     pub rejected_busy: u64,
+    /// Connections turned away with the busy line because their network
+    /// connected faster than `--max-rate-per-ip`.
+    pub rate_limited: u64,
     /// Connections refused by the access rules or as untrusted proxies.
     pub denied: u64,
     /// Clients still connected at the shutdown deadline, cut off by the
@@ -104,7 +213,8 @@ impl fmt::Display for Summary {
         write!(
             f,
             "{} {}, {} {}, {} truncated, {} timed out, {} without reply, \
-             {} failed, {} rejected busy, {} denied, {} cut off by shutdown, {} still connected",
+             {} failed, {} rejected busy, {} rate limited, {} denied, {} cut off by shutdown, \
+             {} still connected",
             self.connections,
             plural(self.connections, "connection", "connections"),
             self.replies,
@@ -114,6 +224,7 @@ impl fmt::Display for Summary {
             self.no_reply,
             self.failed,
             self.rejected_busy,
+            self.rate_limited,
             self.denied,
             self.cut_off,
             self.still_connected
@@ -133,7 +244,8 @@ mod tests {
         assert_eq!(
             summary.to_string(),
             "1 connection, 1 reply, 0 truncated, 0 timed out, 0 without reply, \
-             0 failed, 0 rejected busy, 0 denied, 0 cut off by shutdown, 0 still connected"
+             0 failed, 0 rejected busy, 0 rate limited, 0 denied, 0 cut off by shutdown, \
+             0 still connected"
         );
         summary.connections = 2;
         summary.replies = 0;

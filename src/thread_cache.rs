@@ -103,7 +103,6 @@ impl<T> ThreadCache<T> {
     }
 
     /// Threads parked now.
-    #[cfg(test)]
     pub(crate) fn parked(&self) -> usize {
         self.lock().parked
     }

@@ -13,7 +13,6 @@ use common::*;
 /// keeps for itself.
 const NOFILE: usize = 48;
 const EFFECTIVE_CAP: usize = NOFILE - 16;
-const BUSY: &[u8] = b"server busy, try again later\n";
 
 #[test]
 fn a_cap_beyond_the_descriptor_limit_is_lowered_and_enforced() {

@@ -133,10 +133,7 @@ fn ipv4_clients_of_a_dual_stack_listener_are_counted_per_ipv4_address() {
     let mut first = connect(ipv4);
     expect_prompt(&mut first);
     let mut second = connect(ipv4);
-    assert_eq!(
-        read_until_closed(&mut second),
-        b"server busy, try again later\n"
-    );
+    assert_eq!(read_until_closed(&mut second), BUSY);
     let line = server.expect_line("turned away");
     assert!(
         line.ends_with(&format!(

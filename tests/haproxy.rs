@@ -135,3 +135,46 @@ fn send_proxy_v1_logs_the_real_client() {
 fn send_proxy_v2_logs_the_real_client() {
     client_behind("send-proxy-v2");
 }
+
+/// Behind a balancer, `--max-rate-per-ip` limits the real client the PROXY
+/// header names, not the balancer every connection comes from.
+#[test]
+fn the_rate_limit_applies_to_the_real_client_not_the_balancer() {
+    if !require_program("haproxy", "apt-get install haproxy") {
+        return;
+    }
+    let mut server = ServerProcess::builder()
+        .json_log()
+        .args(["--proxy-protocol", "--trusted-proxy", "127.0.0.1"])
+        .args(["--max-rate-per-ip", "2/min"])
+        .start();
+    let haproxy = Haproxy::start(server.addr, "send-proxy-v2");
+    let through = |source: &str| {
+        let mut client = connect_from(source.parse().unwrap(), haproxy.addr);
+        let first = read_line(&mut client);
+        if first == PROMPT {
+            client.write_all(b"yes\n").unwrap();
+        }
+        assert_eq!(read_until_closed(&mut client), b"");
+        first
+    };
+    assert_eq!(
+        through("127.0.0.2"),
+        PROMPT,
+        "haproxy log:\n{}",
+        haproxy.log()
+    );
+    assert_eq!(through("127.0.0.2"), PROMPT);
+    assert_eq!(through("127.0.0.2"), BUSY, "127.0.0.2 is past its rate");
+    // Four connections from the balancer so far; its clients are not.
+    assert_eq!(through("127.0.0.3"), PROMPT);
+    assert_eq!(through("127.0.0.3"), PROMPT);
+    let record = server.expect_logged_event("rate_limited", |_| true);
+    assert_eq!(record["network"], "127.0.0.2", "{record}");
+    assert_eq!(
+        record["proxy"]
+            .as_str()
+            .map(|p| p.starts_with("127.0.0.1:")),
+        Some(true)
+    );
+}

@@ -32,6 +32,9 @@ pub const TIMEOUT: Duration = Duration::from_secs(20);
 
 pub const PROMPT: &[u8] = b"Do you want to play a game?\n";
 
+/// The line a client turned away by a limit gets before the close.
+pub const BUSY: &[u8] = b"server busy, try again later\n";
+
 /// How the binary is run: its arguments, environment, and an optional
 /// wrapper program (such as `prlimit --nofile=48:48`) that runs it.
 #[derive(Debug, Clone)]

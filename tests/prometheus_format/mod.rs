@@ -385,3 +385,30 @@ pub fn promtool_check(text: &str) -> Result<(), String> {
         ))
     }
 }
+
+/// `GET /metrics` from a server's metrics endpoint at `addr`: the status
+/// line, the headers (lower-cased names) and the body.
+pub fn scrape(addr: std::net::SocketAddr, path: &str) -> (String, Vec<(String, String)>, String) {
+    use std::io::Read;
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(20))
+            .expect("connect to the metrics endpoint");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .expect("read timeout");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("send the request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("read the whole response");
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no end of headers in {response:?}"));
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap_or_default().to_string();
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_string()))
+        .collect();
+    (status, headers, body.to_string())
+}
