@@ -76,7 +76,7 @@ fn settings_from_env() -> Settings {
     }
 }
 
-/// The project's server in both modes, then the yardstick (last, as the
+/// The project's server in its modes, then the yardstick (last, as the
 /// report expects).
 fn start_servers(settings: &Settings, out_dir: &Path) -> Vec<Server> {
     let max_connections = (settings.idle + 1024).to_string();
@@ -90,6 +90,24 @@ fn start_servers(settings: &Settings, out_dir: &Path) -> Vec<Server> {
                 &max_connections,
                 "--thread-cache",
                 &cache,
+            ],
+            out_dir,
+        ),
+        // The thread cache with both operator features on: the metrics
+        // endpoint idle, and a rate limit every client (all from
+        // 127.0.0.1, one network) stays under, so that its cost is the
+        // bucket check on every connection.
+        Server::start_project(
+            "watched",
+            &[
+                "--max-connections",
+                &max_connections,
+                "--thread-cache",
+                &cache,
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--max-rate-per-ip",
+                "1000000/s",
             ],
             out_dir,
         ),
