@@ -19,6 +19,10 @@
 //! - `server`: binding the listener and the accept loop: where a connection
 //!   is admitted or turned away busy, the one place where a connection thread
 //!   is started, and how the loop survives `accept` failures.
+//! - `activation`: the listening sockets a service manager passed down
+//!   (socket activation), checked to be listening TCP sockets.
+//! - `notify`: readiness, status and watchdog messages to the service
+//!   manager (`Type=notify`), the watchdog fed by each accept loop.
 //! - `capacity`: how many connections this process can really hold
 //!   (descriptors, memory mappings, thread limits), worked out at start-up,
 //!   so that a too-high cap is lowered with a warning instead of aborting
@@ -40,7 +44,10 @@
 //! - `shutdown`: the [`Shutdown`] handle, the signal handling (SIGINT,
 //!   SIGTERM) that triggers it, and the open connections a stop cuts off at
 //!   its deadline.
-//! - `stats`: counters of how connections ended, for the [`Summary`].
+//! - `stats`: counters of how connections ended, for the [`Summary`] and
+//!   the metrics.
+//! - `metrics`: the Prometheus text format, histograms, and the
+//!   `--metrics-addr` endpoint.
 //! - [`logging`]: logger set-up (text or JSON lines) and escaping of client
 //!   bytes, so that nothing a client sends can forge or break a log line.
 //! - `log_sink`: the bounded queue between log calls and stderr, so that a
@@ -48,14 +55,13 @@
 //!   reply's connection is closed only once its line is written.
 //! - [`cli`]: the binary's command line, the only module that knows clap.
 //! - `config`: the [`Config`] the server runs with, and its defaults.
+//! - `rate_limit`: `--max-rate-per-ip`, token buckets per client network
+//!   in a table whose size stays bounded.
 //! - `error`: the library's [`Error`], and how an I/O error is worded.
-//! - `activation`: the listening sockets a service manager passed down
-//!   (socket activation), checked to be listening TCP sockets.
-//! - `notify`: readiness, status and watchdog messages to the service
-//!   manager (`Type=notify`), the watchdog fed by each accept loop.
 //!
 //! The binary (`src/main.rs`) only parses the command line, sets up logging,
-//! binds, and calls [`run`]; tests drive the very same [`bind`] and [`run`].
+//! takes its sockets ([`listeners`]: systemd's, or bound) and calls
+//! [`run_all`]; tests drive the very same [`bind`] and [`run`].
 
 // `deny`, not `forbid`: exactly one function opts out, with a SAFETY
 // comment (`activation::claim_descriptor`, which takes a socket inherited
