@@ -15,7 +15,6 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use common::*;
@@ -51,27 +50,12 @@ struct Haproxy {
     dir: TempDir,
 }
 
-/// A directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
 impl Haproxy {
     fn start(backend: SocketAddr, send_proxy: &str) -> Haproxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let dir = std::env::temp_dir().join(format!(
-            "prompt-haproxy-{}-{}",
-            std::process::id(),
-            addr.port()
-        ));
-        fs::create_dir_all(&dir).unwrap();
-        let dir = TempDir(dir);
-        let config = dir.0.join("haproxy.cfg");
+        let dir = TempDir::new(&format!("haproxy-{}", addr.port()));
+        let config = dir.path.join("haproxy.cfg");
         let fd = listener.as_raw_fd();
         fs::write(&config, haproxy_config(fd, backend, send_proxy)).unwrap();
 
@@ -85,7 +69,7 @@ impl Haproxy {
             .arg(&config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(File::create(dir.0.join("haproxy.log")).unwrap())
+            .stderr(File::create(dir.path.join("haproxy.log")).unwrap())
             .spawn()
             .expect("start haproxy");
         let child = KillOnDrop(child);
@@ -99,7 +83,7 @@ impl Haproxy {
     }
 
     fn log(&self) -> String {
-        fs::read_to_string(self.dir.0.join("haproxy.log")).unwrap_or_default()
+        fs::read_to_string(self.dir.path.join("haproxy.log")).unwrap_or_default()
     }
 }
 

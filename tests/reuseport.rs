@@ -3,19 +3,11 @@
 
 mod common;
 
-use std::net::TcpListener;
-
 use common::*;
-
-/// A port nobody listens on now: `--reuseport` is about one fixed port.
-fn free_port() -> u16 {
-    let probe = TcpListener::bind("127.0.0.1:0").unwrap();
-    probe.local_addr().unwrap().port()
-}
 
 #[test]
 fn two_processes_with_reuseport_share_one_port_and_both_serve() {
-    let port = free_port().to_string();
+    let port = free_port(&["127.0.0.1"]).to_string();
     let args = ["--bind", "127.0.0.1", "--port", &port, "--reuseport"];
     let mut first = ServerProcess::builder().args(args).start();
     let mut second = ServerProcess::builder().args(args).start();

@@ -21,14 +21,17 @@ use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{TIMEOUT, connect, expect_prompt, read_until_closed, require_program};
+use common::{
+    KillOnDrop, TIMEOUT, TempDir, connect, expect_prompt, free_port, read_until_closed,
+    require_program,
+};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_prompt-server");
 const UNITS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/systemd");
@@ -181,7 +184,8 @@ fn cargo_deb_packages_the_binary_units_readme_and_licence() {
 /// Runs `command` to its end or until `timeout` (then kills it, by its
 /// PID, and fails), and returns its status and everything it printed.
 fn run_bounded(mut command: Command, timeout: Duration) -> (ExitStatus, String) {
-    let mut child = command.spawn().expect("start cargo deb");
+    // Killed on drop, so also when this test fails.
+    let mut child = KillOnDrop(command.spawn().expect("start cargo deb"));
     let printed = Arc::new(Mutex::new(String::new()));
     let readers: Vec<_> = [
         child
@@ -212,8 +216,6 @@ fn run_bounded(mut command: Command, timeout: Duration) -> (ExitStatus, String) 
             break status;
         }
         if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
             panic!(
                 "cargo deb took longer than {timeout:?}:\n{}",
                 printed.lock().unwrap_or_else(|e| e.into_inner())
@@ -452,7 +454,7 @@ impl NotifyReceiver {
 /// process once the first client arrives), or by a shell that hands it a
 /// socket of the test's; its stderr lines, the activator's included.
 struct Activated {
-    child: Child,
+    child: KillOnDrop,
     lines: Receiver<String>,
     seen: Vec<String>,
 }
@@ -545,7 +547,7 @@ impl Activated {
             }
         });
         Activated {
-            child,
+            child: KillOnDrop(child),
             lines,
             seen: Vec::new(),
         }
@@ -645,54 +647,5 @@ impl Activated {
 
     fn seen(&self) -> String {
         self.seen.join("\n")
-    }
-}
-
-impl Drop for Activated {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A port free on every one of `hosts` right now (systemd-socket-activate
-/// rejects port 0).
-fn free_port(hosts: &[&str]) -> u16 {
-    for _ in 0..50 {
-        let Ok(first) = TcpListener::bind(format!("{}:0", hosts[0])) else {
-            continue;
-        };
-        let port = first.local_addr().unwrap().port();
-        let rest_free = hosts[1..]
-            .iter()
-            .all(|host| TcpListener::bind(format!("{host}:{port}")).is_ok());
-        if rest_free {
-            return port;
-        }
-    }
-    panic!("no port free on all of {hosts:?}");
-}
-
-/// A directory of the test's own under the system's temp directory,
-/// removed when dropped.
-struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let path = std::env::temp_dir().join(format!(
-            "prompt-server-service-{}-{name}",
-            std::process::id()
-        ));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).expect("create a temp dir");
-        TempDir { path }
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.path);
     }
 }

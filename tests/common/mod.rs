@@ -605,3 +605,44 @@ fn is_executable(file: &Path) -> bool {
     file.metadata()
         .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
 }
+
+/// A port free on every one of `hosts` right now, for what cannot take port
+/// 0 (`systemd-socket-activate`, several processes sharing one port).
+pub fn free_port(hosts: &[&str]) -> u16 {
+    for _ in 0..50 {
+        let Ok(first) = std::net::TcpListener::bind(format!("{}:0", hosts[0])) else {
+            continue;
+        };
+        let port = first.local_addr().unwrap().port();
+        let rest_free = hosts[1..]
+            .iter()
+            .all(|host| std::net::TcpListener::bind(format!("{host}:{port}")).is_ok());
+        if rest_free {
+            return port;
+        }
+    }
+    panic!("no port free on all of {hosts:?}");
+}
+
+/// A directory of the test's own under the system's temp directory,
+/// removed when dropped.
+pub struct TempDir {
+    pub path: std::path::PathBuf,
+}
+
+impl TempDir {
+    /// `prompt-server-PID-NAME` in the temp directory, empty.
+    pub fn new(name: &str) -> TempDir {
+        let path =
+            std::env::temp_dir().join(format!("prompt-server-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create a temp dir");
+        TempDir { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
