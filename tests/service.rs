@@ -23,14 +23,13 @@ use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    KillOnDrop, TIMEOUT, TempDir, connect, expect_prompt, free_port, read_until_closed,
-    require_program,
+    KillOnDrop, ServerProcess, TIMEOUT, TempDir, connect, expect_prompt, free_port,
+    read_until_closed, require_program,
 };
 
 const SERVER: &str = env!("CARGO_BIN_EXE_prompt-server");
@@ -239,7 +238,7 @@ fn socket_activated_it_serves_says_ready_and_stops_cleanly_on_sigterm() {
         return;
     }
     let notify = NotifyReceiver::new("activated");
-    let (mut activated, addrs) = Activated::start(&["127.0.0.1"], None, &notify, &[]);
+    let (mut activated, addrs) = socket_activated(&["127.0.0.1"], None, &notify, &[]);
     // The first connection makes systemd-socket-activate start the server.
     let mut client = connect(addrs[0]);
     expect_prompt(&mut client);
@@ -250,7 +249,7 @@ fn socket_activated_it_serves_says_ready_and_stops_cleanly_on_sigterm() {
     activated.signal("TERM");
     notify.expect("STOPPING=1");
     let status = activated.wait_exit();
-    assert!(status.success(), "{status}; saw:\n{}", activated.seen());
+    assert!(status.success(), "{status}; saw:\n{:#?}", activated.seen);
 }
 
 /// With `WATCHDOG_USEC` set, the server pings at half of it, and its
@@ -261,7 +260,7 @@ fn status_and_watchdog_pings_reach_the_service_manager() {
         return;
     }
     let notify = NotifyReceiver::new("watchdog");
-    let (mut activated, addrs) = Activated::start_with(
+    let (mut activated, addrs) = socket_activated_with(
         &["127.0.0.1"],
         None,
         &notify,
@@ -278,7 +277,7 @@ fn status_and_watchdog_pings_reach_the_service_manager() {
     assert_eq!(read_until_closed(&mut client), b"");
     notify.expect(&format!("STATUS=serving {}; 0 clients connected", addrs[0]));
     activated.signal("TERM");
-    assert!(activated.wait_exit().success(), "{}", activated.seen());
+    assert!(activated.wait_exit().success(), "{:#?}", activated.seen);
 }
 
 #[test]
@@ -291,7 +290,7 @@ fn two_inherited_sockets_are_both_served_and_their_names_logged() {
         return;
     }
     let notify = NotifyReceiver::new("two");
-    let (mut activated, addrs) = Activated::start(
+    let (mut activated, addrs) = socket_activated(
         &["127.0.0.1", "[::1]"],
         Some("front-v4:front-v6"),
         &notify,
@@ -309,7 +308,7 @@ fn two_inherited_sockets_are_both_served_and_their_names_logged() {
     activated.expect_logged("front-v4");
     activated.expect_logged("front-v6");
     activated.signal("TERM");
-    assert!(activated.wait_exit().success(), "{}", activated.seen());
+    assert!(activated.wait_exit().success(), "{:#?}", activated.seen);
 }
 
 #[test]
@@ -319,13 +318,13 @@ fn an_inherited_udp_socket_is_a_one_line_start_up_error() {
     }
     let notify = NotifyReceiver::new("udp");
     let (mut activated, addrs) =
-        Activated::start_with(&["127.0.0.1"], None, &notify, &[], &["--datagram"]);
+        socket_activated_with(&["127.0.0.1"], None, &notify, &[], &["--datagram"]);
     // A datagram starts the server, as a connection would.
     let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
     sender.send_to(b"wake\n", addrs[0]).unwrap();
     let status = activated.wait_exit();
-    assert_eq!(status.code(), Some(1), "{}", activated.seen());
-    let server_lines = activated.server_lines();
+    assert_eq!(status.code(), Some(1), "{:#?}", activated.seen);
+    let server_lines = server_lines(&activated);
     assert_eq!(server_lines.len(), 1, "one line: {server_lines:?}");
     let line = &server_lines[0];
     assert!(
@@ -345,8 +344,8 @@ fn an_inherited_udp_socket_is_a_one_line_start_up_error() {
 #[test]
 fn no_client_is_refused_across_a_restart_on_an_inherited_socket() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut first = Activated::inheriting(&listener);
+    let mut first = inheriting(&listener);
+    let addr = first.addr;
     first.expect_line("listening on");
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -367,17 +366,17 @@ fn no_client_is_refused_across_a_restart_on_an_inherited_socket() {
     };
     thread::sleep(Duration::from_millis(300));
     first.signal("TERM");
-    assert!(first.wait_exit().success(), "{}", first.seen());
+    assert!(first.wait_exit().success(), "{:#?}", first.seen);
     // The gap between the old process and the new one: clients queue.
     thread::sleep(Duration::from_millis(300));
-    let mut second = Activated::inheriting(&listener);
+    let mut second = inheriting(&listener);
     second.expect_line("listening on");
     thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::SeqCst);
     let served = clients.join().expect("every client was served");
     assert!(served >= 10, "only {served} clients across the restart");
     second.signal("TERM");
-    assert!(second.wait_exit().success(), "{}", second.seen());
+    assert!(second.wait_exit().success(), "{:#?}", second.seen);
 }
 
 /// A datagram socket standing in for systemd's notification socket.
@@ -450,202 +449,102 @@ impl NotifyReceiver {
     }
 }
 
-/// The server run by `systemd-socket-activate` (which execs it in its own
-/// process once the first client arrives), or by a shell that hands it a
-/// socket of the test's; its stderr lines, the activator's included.
-struct Activated {
-    child: KillOnDrop,
-    lines: Receiver<String>,
-    seen: Vec<String>,
+// ---------------------------------------------------------------------------
+// The server under systemd-socket-activate, or a shell standing in for systemd
+
+/// `systemd-socket-activate --listen HOST:PORT ... -E NOTIFY_SOCKET=...
+/// prompt-server ARGS` on a free port, the same one for every host, and
+/// the addresses it listens on. The activator execs the server in its own
+/// process once the first client arrives; the log is the activator's lines,
+/// then the server's ([`server_lines`]).
+fn socket_activated(
+    hosts: &[&str],
+    fdnames: Option<&str>,
+    notify: &NotifyReceiver,
+    args: &[&str],
+) -> (ServerProcess, Vec<SocketAddr>) {
+    socket_activated_with(hosts, fdnames, notify, args, &[])
 }
 
-impl Activated {
-    /// `systemd-socket-activate -l HOST:PORT ... -E NOTIFY_SOCKET=...
-    /// prompt-server ARGS` on a free port, the same one for every host.
-    fn start(
-        hosts: &[&str],
-        fdnames: Option<&str>,
-        notify: &NotifyReceiver,
-        args: &[&str],
-    ) -> (Activated, Vec<SocketAddr>) {
-        Activated::start_with(hosts, fdnames, notify, args, &[])
-    }
-
-    fn start_with(
-        hosts: &[&str],
-        fdnames: Option<&str>,
-        notify: &NotifyReceiver,
-        args: &[&str],
-        activate_options: &[&str],
-    ) -> (Activated, Vec<SocketAddr>) {
-        // The free port may be taken between our check and the
-        // activator's bind: try again with another.
-        for _ in 0..5 {
-            let port = free_port(hosts);
-            let addrs: Vec<SocketAddr> = hosts
-                .iter()
-                .map(|host| format!("{host}:{port}").parse().unwrap())
-                .collect();
-            let mut command = Command::new("systemd-socket-activate");
-            for addr in &addrs {
-                command.arg("--listen").arg(addr.to_string());
-            }
-            command.args(activate_options);
-            if let Some(names) = fdnames {
-                command.arg(format!("--fdname={names}"));
-            }
-            command
-                .arg("-E")
-                .arg(format!("NOTIFY_SOCKET={}", notify.path().display()))
-                .args(["-E", "RUST_LOG=prompt_server=trace"])
-                .arg(SERVER)
-                .args(args)
-                .stdin(Stdio::null());
-            let mut activated = Activated::spawn(command);
-            if activated.listening(addrs.len()) {
-                return (activated, addrs);
-            }
-        }
-        panic!("systemd-socket-activate could not listen on a free port in 5 tries");
-    }
-
-    /// The server with a copy of `listener` as fd 3, and LISTEN_PID,
-    /// LISTEN_FDS and LISTEN_FDNAMES set for it, as systemd starts it.
-    fn inheriting(listener: &TcpListener) -> Activated {
-        let socket: OwnedFd = listener.try_clone().expect("copy the listener").into();
-        let mut command = Command::new("sh");
-        command
-            .arg("-c")
-            // stdin is the socket: move it to fd 3, then become the server
-            // (exec keeps the shell's pid, which is LISTEN_PID).
-            .arg(
-                "exec 3<&0 0</dev/null; \
-                 export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=restart; \
-                 exec \"$0\" \"$@\"",
-            )
-            .arg(SERVER)
-            .env("RUST_LOG", "prompt_server=trace")
-            .stdin(Stdio::from(socket));
-        Activated::spawn(command)
-    }
-
-    /// Runs `command` (whose stdin the caller has set) with stderr read
-    /// line by line.
-    fn spawn(mut command: Command) -> Activated {
-        let mut child = command
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", command.get_program()));
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let (sender, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if sender.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Activated {
-            child: KillOnDrop(child),
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for the activator's `Listening on ... as N.` line for each
-    /// of `sockets`; false if it exits first (the port was taken).
-    fn listening(&mut self, sockets: usize) -> bool {
-        let deadline = Instant::now() + TIMEOUT;
-        let mut listening = 0;
-        while listening < sockets {
-            match self
-                .lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(line) => {
-                    if line.starts_with("Listening on ") {
-                        listening += 1;
-                    }
-                    self.seen.push(line);
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let _ = self.child.wait();
-                    return false;
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!(
-                        "systemd-socket-activate did not listen; saw:\n{}",
-                        self.seen()
-                    )
-                }
-            }
-        }
-        true
-    }
-
-    fn expect_line(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            match self
-                .lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(e) => panic!("no line with {needle:?} ({e}); saw:\n{}", self.seen()),
-            }
-        }
-    }
-
-    fn expect_logged(&mut self, needle: &str) -> String {
-        match self.seen.iter().find(|line| line.contains(needle)) {
-            Some(line) => line.clone(),
-            None => self.expect_line(needle),
-        }
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([format!("-{signal}"), self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{signal} failed");
-    }
-
-    /// Waits for the exit, reading the rest of stderr.
-    fn wait_exit(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            match self
-                .lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(line) => self.seen.push(line),
-                Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!("no exit in {TIMEOUT:?}; saw:\n{}", self.seen())
-                }
-            }
-        }
-        self.child.wait().expect("wait for the server")
-    }
-
-    /// The lines the server wrote: those after the activator's `Execing`.
-    fn server_lines(&self) -> Vec<String> {
-        let start = self
-            .seen
+/// As [`socket_activated`], with more `activate_options` for the activator.
+fn socket_activated_with(
+    hosts: &[&str],
+    fdnames: Option<&str>,
+    notify: &NotifyReceiver,
+    args: &[&str],
+    activate_options: &[&str],
+) -> (ServerProcess, Vec<SocketAddr>) {
+    // The free port may be taken between our check and the
+    // activator's bind: try again with another.
+    for _ in 0..5 {
+        let port = free_port(hosts);
+        let addrs: Vec<SocketAddr> = hosts
             .iter()
-            .position(|line| line.starts_with("Execing "))
-            .map_or(0, |at| at + 1);
-        self.seen[start..].to_vec()
+            .map(|host| format!("{host}:{port}").parse().unwrap())
+            .collect();
+        let mut options: Vec<String> = Vec::new();
+        for addr in &addrs {
+            options.extend(["--listen".to_string(), addr.to_string()]);
+        }
+        options.extend(activate_options.iter().map(|option| option.to_string()));
+        if let Some(names) = fdnames {
+            options.push(format!("--fdname={names}"));
+        }
+        // The activator hands the server only the variables given with -E;
+        // `-E RUST_LOG` passes on the harness's own.
+        options.extend([
+            "-E".to_string(),
+            format!("NOTIFY_SOCKET={}", notify.path().display()),
+            "-E".to_string(),
+            "RUST_LOG".to_string(),
+        ]);
+        let mut activated = ServerProcess::builder()
+            .wrapper("systemd-socket-activate", options)
+            .args(args)
+            .start_at(addrs[0]);
+        if listening(&mut activated, addrs.len()) {
+            return (activated, addrs);
+        }
     }
+    panic!("systemd-socket-activate could not listen on a free port in 5 tries");
+}
 
-    fn seen(&self) -> String {
-        self.seen.join("\n")
+/// Waits for the activator's `Listening on ... as N.` line for each of
+/// `sockets`; false if it exits first (the port was taken).
+fn listening(activated: &mut ServerProcess, sockets: usize) -> bool {
+    let deadline = Instant::now() + TIMEOUT;
+    let mut listening = 0;
+    while listening < sockets {
+        match activated.next_line(deadline, "`Listening on` line of systemd-socket-activate") {
+            Some(line) if line.starts_with("Listening on ") => listening += 1,
+            Some(_) => {}
+            None => return false,
+        }
     }
+    true
+}
+
+/// The lines the server wrote: those after the activator's `Execing`.
+fn server_lines(activated: &ServerProcess) -> Vec<String> {
+    let start = activated
+        .seen
+        .iter()
+        .position(|line| line.starts_with("Execing "))
+        .map_or(0, |at| at + 1);
+    activated.seen[start..].to_vec()
+}
+
+/// The server with a copy of `listener` as fd 3, and LISTEN_PID,
+/// LISTEN_FDS and LISTEN_FDNAMES set for it, as systemd starts it.
+fn inheriting(listener: &TcpListener) -> ServerProcess {
+    let socket: OwnedFd = listener.try_clone().expect("copy the listener").into();
+    // stdin is the socket: move it to fd 3, then become the server (exec
+    // keeps the shell's pid, which is LISTEN_PID).
+    let script = "exec 3<&0 0</dev/null; \
+                  export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=restart; \
+                  exec \"$0\" \"$@\"";
+    ServerProcess::builder()
+        .wrapper("sh", ["-c", script])
+        .stdin(socket)
+        .start_at(listener.local_addr().unwrap())
 }

@@ -1,6 +1,8 @@
 //! Shared test harness: runs the real `prompt-server` binary on port 0
 //! ([`ServerProcess`], built with [`ServerBuilder`]), reads the bound address
-//! from its `listening on ADDR` line, and lets a test wait for log lines or,
+//! from its `listening on ADDR` line (or takes it from the test, for a server
+//! run on sockets the test made or knows, as under `systemd-socket-activate`,
+//! [`ServerBuilder::start_at`]), and lets a test wait for log lines or,
 //! with `--log-format json`, for log events; or runs the library's server in
 //! this process ([`LibraryServer`]). Every client socket it makes has read
 //! and write timeouts.
@@ -35,9 +37,9 @@ pub const PROMPT: &[u8] = b"Do you want to play a game?\n";
 /// The line a client turned away by a limit gets before the close.
 pub const BUSY: &[u8] = b"server busy, try again later\n";
 
-/// How the binary is run: its arguments, environment, and an optional
+/// How the binary is run: its arguments, environment, stdin, and an optional
 /// wrapper program (such as `prlimit --nofile=48:48`) that runs it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ServerBuilder {
     args: Vec<OsString>,
     /// Variables to set (`Some`) or remove (`None`), in order.
@@ -47,6 +49,8 @@ pub struct ServerBuilder {
     /// Whether the test stops reading the log after the `listening on` line
     /// until [`ServerProcess::resume_log`].
     stall_log: bool,
+    /// The started process's stdin; `None` is /dev/null.
+    stdin: Option<Stdio>,
 }
 
 impl Default for ServerBuilder {
@@ -57,6 +61,7 @@ impl Default for ServerBuilder {
             env: vec![("RUST_LOG".into(), Some("prompt_server=trace".into()))],
             wrapper: None,
             stall_log: false,
+            stdin: None,
         }
     }
 }
@@ -85,8 +90,10 @@ impl ServerBuilder {
     }
 
     /// Runs the binary through `program` with `args` before it, e.g.
-    /// `wrapper("prlimit", ["--nofile=48:48"])`. The wrapper must exec the
-    /// binary (so that its PID is the server's), as prlimit does.
+    /// `wrapper("prlimit", ["--nofile=48:48"])`,
+    /// `wrapper("systemd-socket-activate", ["--listen", ADDR])` or
+    /// `wrapper("sh", ["-c", "exec \"$0\" \"$@\""])`. The wrapper must exec
+    /// the binary (so that its PID is the server's), as these do.
     pub fn wrapper<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(
         mut self,
         program: &str,
@@ -102,6 +109,13 @@ impl ServerBuilder {
     /// ([`ServerProcess::expect_event`]).
     pub fn json_log(self) -> Self {
         self.args(["--log-format", "json"])
+    }
+
+    /// The started process's stdin instead of /dev/null: an inherited
+    /// socket, for example (`OwnedFd` converts).
+    pub fn stdin(mut self, stdin: impl Into<Stdio>) -> Self {
+        self.stdin = Some(stdin.into());
+        self
     }
 
     /// The test reads the log only up to the `listening on` line, until
@@ -152,14 +166,26 @@ impl ServerBuilder {
         if !builder.args.iter().any(|arg| arg == "--port") {
             builder = builder.args(["--port", "0"]);
         }
-        ServerProcess::spawn(&builder)
+        let mut server = ServerProcess::spawn(builder, "0.0.0.0:0".parse().unwrap());
+        let line = server.expect_line("listening on ");
+        server.addr = listening_addr(&line).expect("an address after 'listening on'");
+        server
+    }
+
+    /// Starts the command with exactly the arguments given (no `--bind` or
+    /// `--port` added) for a server at `addr`, which the test knows: it made
+    /// the socket, or `systemd-socket-activate` listens there and starts the
+    /// server only on the first connection. Does not wait for any line.
+    pub fn start_at(self, addr: SocketAddr) -> ServerProcess {
+        ServerProcess::spawn(self, addr)
     }
 }
 
 /// A running `prompt-server` process, killed (by its PID) when dropped.
 pub struct ServerProcess {
     child: KillOnDrop,
-    /// The address from the `listening on` line.
+    /// The address it serves: from its `listening on` line, or as given to
+    /// [`ServerBuilder::start_at`].
     pub addr: SocketAddr,
     lines: Receiver<String>,
     /// With [`ServerBuilder::stall_log`]: lets the log reader go on.
@@ -179,12 +205,12 @@ impl ServerProcess {
         Self::builder().args(args).start()
     }
 
-    /// Runs `builder`'s command (which must listen on port 0) and waits for
-    /// its `listening on` line.
-    fn spawn(builder: &ServerBuilder) -> Self {
+    /// Runs `builder`'s command, serving at `addr`, with its stderr read
+    /// line by line on a thread of its own.
+    fn spawn(mut builder: ServerBuilder, addr: SocketAddr) -> Self {
         let mut command = builder.command();
         let child = command
-            .stdin(Stdio::null())
+            .stdin(builder.stdin.take().unwrap_or_else(Stdio::null))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -213,16 +239,13 @@ impl ServerProcess {
                 line.clear();
             }
         });
-        let mut server = ServerProcess {
+        ServerProcess {
             child,
-            addr: "0.0.0.0:0".parse().unwrap(),
+            addr,
             lines,
             resume: stall_log.then_some(resume),
             seen: Vec::new(),
-        };
-        let line = server.expect_line("listening on ");
-        server.addr = listening_addr(&line).expect("an address after 'listening on'");
-        server
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -285,26 +308,30 @@ impl ServerProcess {
     pub fn expect_line_matching(&mut self, what: &str, matches: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + TIMEOUT;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if matches(&line) {
-                        return line;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!(
-                        "no log line with {what:?} in {TIMEOUT:?}; saw:\n{}",
-                        self.seen.join("\n")
-                    )
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    panic!(
-                        "server exited before logging {what:?}; saw:\n{}",
-                        self.seen.join("\n")
-                    )
-                }
+            match self.next_line(deadline, &format!("log line with {what:?}")) {
+                Some(line) if matches(&line) => return line,
+                Some(_) => {}
+                None => panic!(
+                    "server exited before logging {what:?}; saw:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// The next log line (also kept in `seen`), or `None` once the process
+    /// has closed its stderr (exited); fails the test, saying it waited for
+    /// `what`, if neither happens by `deadline`.
+    pub fn next_line(&mut self, deadline: Instant, what: &str) -> Option<String> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.lines.recv_timeout(left) {
+            Ok(line) => {
+                self.seen.push(line.clone());
+                Some(line)
+            }
+            Err(RecvTimeoutError::Disconnected) => None,
+            Err(RecvTimeoutError::Timeout) => {
+                panic!("no {what} in {TIMEOUT:?}; saw:\n{}", self.seen.join("\n"))
             }
         }
     }
@@ -322,21 +349,7 @@ impl ServerProcess {
     /// test if it does not exit in time.
     pub fn wait_exit(&mut self) -> ExitStatus {
         let deadline = Instant::now() + TIMEOUT;
-        loop {
-            match self
-                .lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(line) => self.seen.push(line),
-                Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!(
-                        "server did not exit in {TIMEOUT:?}; saw:\n{}",
-                        self.seen.join("\n")
-                    )
-                }
-            }
-        }
+        while self.next_line(deadline, "exit of the server").is_some() {}
         // stderr is closed: the process has exited (it starts no children).
         self.child.wait().expect("wait for server")
     }
