@@ -8,10 +8,8 @@
 //! (`require_program`); CI sets `PROMPT_SERVER_REQUIRE_ALL=1`, which makes
 //! the tools required.
 //!
-//! The socket activation tests are `#[ignore]`d until the accept loop
-//! serves inherited sockets and notifies (issue 13); they describe the
-//! behaviour it must have. Run them with `cargo test --test service --
-//! --ignored`.
+//! The restart test needs no systemd at all: it holds the listening socket
+//! itself, as a `.socket` unit does, and hands it to each server process.
 
 mod common;
 
@@ -23,7 +21,7 @@ use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -348,33 +346,43 @@ fn no_client_is_refused_across_a_restart_on_an_inherited_socket() {
     let addr = first.addr;
     first.expect_line("listening on");
 
+    // One client after another, all the time; each one served is reported.
     let stop = Arc::new(AtomicBool::new(false));
+    let (served_one, served) = mpsc::channel();
     let clients = {
         let stop = Arc::clone(&stop);
         thread::spawn(move || {
-            let mut served = 0;
+            let mut count = 0;
             while !stop.load(Ordering::SeqCst) {
                 let mut client = connect(addr);
                 expect_prompt(&mut client);
                 client.write_all(b"still here\n").unwrap();
                 assert_eq!(read_until_closed(&mut client), b"");
-                served += 1;
-                thread::sleep(Duration::from_millis(10));
+                count += 1;
+                let _ = served_one.send(());
             }
-            served
+            count
         })
     };
-    thread::sleep(Duration::from_millis(300));
+    let wait_for_clients = |n: usize| {
+        for _ in 0..n {
+            served
+                .recv_timeout(TIMEOUT)
+                .expect("a client served in time (the client thread panicked?)");
+        }
+    };
+    wait_for_clients(5);
     first.signal("TERM");
     assert!(first.wait_exit().success(), "{:#?}", first.seen);
-    // The gap between the old process and the new one: clients queue.
+    // The gap between the old process and the new one, as in a restart:
+    // the client now connecting waits in the socket's queue.
     thread::sleep(Duration::from_millis(300));
     let mut second = inheriting(&listener);
     second.expect_line("listening on");
-    thread::sleep(Duration::from_millis(300));
+    wait_for_clients(5);
     stop.store(true, Ordering::SeqCst);
-    let served = clients.join().expect("every client was served");
-    assert!(served >= 10, "only {served} clients across the restart");
+    let count = clients.join().expect("every client was served");
+    assert!(count >= 10, "only {count} clients across the restart");
     second.signal("TERM");
     assert!(second.wait_exit().success(), "{:#?}", second.seen);
 }
