@@ -24,12 +24,14 @@ use std::time::Duration;
 use log::warn;
 use rlimit::Resource;
 
-/// Descriptors the process needs besides one per connection: stdio, the
-/// listener, the signal pipe, a log file, a client being turned away, and
-/// some slack.
-const RESERVED_FDS: u64 = 16;
-/// Threads the process runs besides connection threads: main (the accept
-/// loop), the signal thread, a log writer, a metrics thread, and slack.
+/// Descriptors kept free besides those open at start-up (stdio, the
+/// listeners, the metrics listener, the signal pipe) and one per
+/// connection: a client being turned away, a metrics scrape, a stop's
+/// wake-up connection, a read of `/proc`, and slack.
+const RESERVED_FDS: u64 = 8;
+/// Threads the process runs besides connection threads and accept loops:
+/// main, the signal thread, a log writer, a metrics thread, a notify
+/// thread, and slack.
 const RESERVED_THREADS: u64 = 8;
 /// Mappings a thread costs if measuring fails: its stack and guard page,
 /// std's signal stack and its guard page.
@@ -53,8 +55,8 @@ const PROBE_START_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Limit {
     /// `RLIMIT_NOFILE` (soft, after raising it to the hard limit): each
-    /// connection holds a descriptor.
-    OpenFiles { limit: u64 },
+    /// connection holds a descriptor; `in_use` are open at start-up.
+    OpenFiles { limit: u64, in_use: u64 },
     /// `vm.max_map_count`, per process: each thread costs `per_thread`
     /// mappings; `reserved` are kept for the rest of the process.
     MapCount {
@@ -76,12 +78,14 @@ pub(crate) enum Limit {
 }
 
 impl Limit {
-    /// Connections this limit leaves room for, with `parked` idle threads
-    /// (`--thread-cache`) besides the connection threads.
-    fn connections_allowed(&self, parked: u64) -> u64 {
-        let own_threads = RESERVED_THREADS.saturating_add(parked);
+    /// Connections this limit leaves room for, with `own` threads (parked
+    /// ones for `--thread-cache`, accept loops, the process's own) besides
+    /// the connection threads.
+    fn connections_allowed(&self, own_threads: u64) -> u64 {
         match *self {
-            Limit::OpenFiles { limit } => limit.saturating_sub(RESERVED_FDS),
+            Limit::OpenFiles { limit, in_use } => {
+                limit.saturating_sub(in_use.saturating_add(RESERVED_FDS))
+            }
             Limit::MapCount {
                 limit,
                 in_use,
@@ -97,13 +101,14 @@ impl Limit {
         }
     }
 
-    /// The value this limit would need for `connections` to fit.
-    fn needed_for(&self, connections: u64, parked: u64) -> u64 {
-        let threads = connections
-            .saturating_add(RESERVED_THREADS)
-            .saturating_add(parked);
+    /// The value this limit would need for `connections` to fit, with
+    /// `own_threads` besides them.
+    fn needed_for(&self, connections: u64, own_threads: u64) -> u64 {
+        let threads = connections.saturating_add(own_threads);
         match *self {
-            Limit::OpenFiles { .. } => connections.saturating_add(RESERVED_FDS),
+            Limit::OpenFiles { in_use, .. } => connections
+                .saturating_add(in_use)
+                .saturating_add(RESERVED_FDS),
             Limit::MapCount {
                 in_use,
                 per_thread,
@@ -138,19 +143,22 @@ pub(crate) struct Budget {
     requested: u64,
     /// Idle parked threads (`--thread-cache`) counted against thread limits.
     parked: u64,
+    /// Accept loops (one per listener), counted against thread limits.
+    accept_loops: u64,
     /// The cap to run with: `requested`, or less if a limit bound it.
     max_connections: u64,
     /// The limit that lowered the cap, if one did.
     bound_by: Option<Limit>,
 }
 
-/// The cap for `requested` connections (plus `parked` idle threads) under
-/// `limits`: `requested` itself if every limit has room for it, else what
-/// the tightest one allows.
-pub(crate) fn plan(limits: &[Limit], requested: u64, parked: u64) -> Budget {
+/// The cap for `requested` connections (plus `parked` idle threads and
+/// `accept_loops` accept threads) under `limits`: `requested` itself if
+/// every limit has room for it, else what the tightest one allows.
+pub(crate) fn plan(limits: &[Limit], requested: u64, parked: u64, accept_loops: u64) -> Budget {
+    let own_threads = own_threads(parked, accept_loops);
     let tightest = limits
         .iter()
-        .map(|limit| (limit.connections_allowed(parked), limit))
+        .map(|limit| (limit.connections_allowed(own_threads), limit))
         .min_by_key(|&(allowed, _)| allowed);
     let (max_connections, bound_by) = match tightest {
         Some((allowed, limit)) if allowed < requested => (allowed, Some(limit.clone())),
@@ -159,9 +167,18 @@ pub(crate) fn plan(limits: &[Limit], requested: u64, parked: u64) -> Budget {
     Budget {
         requested,
         parked,
+        accept_loops,
         max_connections,
         bound_by,
     }
+}
+
+/// Threads besides the connection threads: the process's own, the accept
+/// loops, and `parked` idle ones.
+fn own_threads(parked: u64, accept_loops: u64) -> u64 {
+    RESERVED_THREADS
+        .saturating_add(accept_loops)
+        .saturating_add(parked)
 }
 
 /// The warning line: what was lowered to what, which limit bound it (with
@@ -171,9 +188,11 @@ impl fmt::Display for Budget {
         let Budget {
             requested,
             parked,
+            accept_loops,
             max_connections,
             ..
         } = *self;
+        let process = RESERVED_THREADS.saturating_add(accept_loops);
         let Some(limit) = &self.bound_by else {
             return write!(f, "--max-connections {requested} fits every limit");
         };
@@ -181,17 +200,18 @@ impl fmt::Display for Budget {
             f,
             "--max-connections {requested} lowered to {max_connections}: "
         )?;
-        let needed = limit.needed_for(requested, parked);
+        let needed = limit.needed_for(requested, own_threads(parked, accept_loops));
         let threads = max_connections.saturating_add(parked);
         let kept = match parked {
-            0 => format!("{RESERVED_THREADS} kept for the process"),
-            _ => format!("{RESERVED_THREADS} kept for the process, {parked} for --thread-cache"),
+            0 => format!("{process} kept for the process"),
+            _ => format!("{process} kept for the process, {parked} for --thread-cache"),
         };
         match limit {
-            Limit::OpenFiles { limit } => write!(
+            Limit::OpenFiles { limit, in_use } => write!(
                 f,
                 "it needs about {needed} file descriptors but the limit is {limit} \
-                 ({RESERVED_FDS} kept for the process); raise it with ulimit -n or LimitNOFILE="
+                 ({in_use} open at start-up, {RESERVED_FDS} kept for the process); \
+                 raise it with ulimit -n or LimitNOFILE="
             ),
             Limit::MapCount {
                 limit,
@@ -233,12 +253,23 @@ impl fmt::Display for Budget {
 /// Raises the descriptor limit, reads every other limit, and returns the
 /// connection cap to run with: `requested`, or less if it would not fit,
 /// in which case one warning says why. `thread_cache` idle threads are
-/// counted besides the connection threads.
+/// counted besides the connection threads, and `accept_loops` threads.
 ///
-/// Call it before the server starts any thread of its own: it starts and
-/// stops a few short-lived probe threads to measure what a thread costs.
-pub(crate) fn effective_max_connections(requested: usize, thread_cache: usize) -> usize {
-    let budget = plan(&read_limits(), requested as u64, thread_cache as u64);
+/// Call it once the listeners are open (they count among the descriptors
+/// in use), and before the server starts any thread of its own: it starts
+/// and stops a few short-lived probe threads to measure what a thread
+/// costs.
+pub(crate) fn effective_max_connections(
+    requested: usize,
+    thread_cache: usize,
+    accept_loops: usize,
+) -> usize {
+    let budget = plan(
+        &read_limits(),
+        requested as u64,
+        thread_cache as u64,
+        accept_loops as u64,
+    );
     if let Some(limit) = &budget.bound_by {
         warn!(
             event = "capacity", requested = budget.requested,
@@ -268,7 +299,10 @@ fn open_files() -> Option<Limit> {
             rlimit::getrlimit(Resource::NOFILE).ok()?.0
         }
     };
-    (limit != rlimit::INFINITY).then_some(Limit::OpenFiles { limit })
+    // Less the one that lists them.
+    let in_use =
+        fs::read_dir("/proc/self/fd").map_or(0, |fds| fds.count().saturating_sub(1) as u64);
+    (limit != rlimit::INFINITY).then_some(Limit::OpenFiles { limit, in_use })
 }
 
 /// `vm.max_map_count`, with the mappings in use now and what one more
@@ -547,28 +581,42 @@ mod tests {
     #[test]
     fn fitting_requests_are_left_alone() {
         let limits = [
-            Limit::OpenFiles { limit: 20_000 },
+            Limit::OpenFiles {
+                limit: 20_000,
+                in_use: 8,
+            },
             maps(65_530, 100),
             Limit::ThreadsMax {
                 limit: 190_000,
                 in_use: 500,
             },
         ];
-        let budget = plan(&limits, 1024, 0);
+        let budget = plan(&limits, 1024, 0, 0);
         assert_eq!(budget.max_connections, 1024);
         assert_eq!(budget.bound_by, None);
         // Exactly what a limit allows still fits.
-        let exact = plan(&[Limit::OpenFiles { limit: 1040 }], 1024, 0);
+        let exact = plan(
+            &[Limit::OpenFiles {
+                limit: 1040,
+                in_use: 8,
+            }],
+            1024,
+            0,
+            0,
+        );
         assert_eq!((exact.max_connections, exact.bound_by), (1024, None));
         // No limit read at all: nothing to lower it.
-        assert_eq!(plan(&[], 19_990, 0).max_connections, 19_990);
+        assert_eq!(plan(&[], 19_990, 0, 0).max_connections, 19_990);
     }
 
     #[test]
     fn each_limit_can_be_the_binding_one() {
         let loose = || {
             vec![
-                Limit::OpenFiles { limit: 1_000_000 },
+                Limit::OpenFiles {
+                    limit: 1_000_000,
+                    in_use: 8,
+                },
                 maps(10_000_000, 100),
                 Limit::ThreadsMax {
                     limit: 1_000_000,
@@ -586,7 +634,13 @@ mod tests {
             ]
         };
         let tight = [
-            (Limit::OpenFiles { limit: 40 }, 24),
+            (
+                Limit::OpenFiles {
+                    limit: 40,
+                    in_use: 8,
+                },
+                24,
+            ),
             // (65530 - 1100 - 1000) / 4 - 8
             (maps(65_530, 1100), 15_849),
             (
@@ -615,7 +669,7 @@ mod tests {
         for (which, (limit, allowed)) in tight.into_iter().enumerate() {
             let mut limits = loose();
             limits[which] = limit.clone();
-            let budget = plan(&limits, 19_990, 0);
+            let budget = plan(&limits, 19_990, 0, 0);
             assert_eq!(budget.max_connections, allowed, "{limit:?}");
             assert_eq!(budget.bound_by, Some(limit));
         }
@@ -624,7 +678,10 @@ mod tests {
     #[test]
     fn tiny_limits_give_zero_not_an_underflow() {
         let tiny = [
-            Limit::OpenFiles { limit: 3 },
+            Limit::OpenFiles {
+                limit: 3,
+                in_use: 8,
+            },
             maps(10, 100),
             Limit::ThreadsMax {
                 limit: 1,
@@ -642,9 +699,12 @@ mod tests {
             },
         ];
         for limit in tiny {
-            assert_eq!(plan(&[limit], 10, 5).max_connections, 0);
+            assert_eq!(plan(&[limit], 10, 5, 0).max_connections, 0);
         }
-        let huge = Limit::OpenFiles { limit: u64::MAX };
+        let huge = Limit::OpenFiles {
+            limit: u64::MAX,
+            in_use: 0,
+        };
         assert!(huge.needed_for(u64::MAX, u64::MAX) == u64::MAX);
     }
 
@@ -654,15 +714,47 @@ mod tests {
             limit: 1000,
             in_use: 0,
         };
-        assert_eq!(threads.connections_allowed(0), 992);
-        assert_eq!(threads.connections_allowed(100), 892);
-        let files = Limit::OpenFiles { limit: 1000 };
-        assert_eq!(files.connections_allowed(100), 984);
+        assert_eq!(threads.connections_allowed(own_threads(0, 0)), 992);
+        assert_eq!(threads.connections_allowed(own_threads(100, 0)), 892);
+        let files = Limit::OpenFiles {
+            limit: 1000,
+            in_use: 8,
+        };
+        assert_eq!(files.connections_allowed(own_threads(100, 0)), 984);
+    }
+
+    #[test]
+    fn open_descriptors_and_accept_loops_are_counted() {
+        let files = Limit::OpenFiles {
+            limit: 1000,
+            in_use: 30,
+        };
+        assert_eq!(
+            plan(&[files], 5000, 0, 14).max_connections,
+            1000 - 30 - RESERVED_FDS
+        );
+        let threads = Limit::ThreadsMax {
+            limit: 1000,
+            in_use: 0,
+        };
+        assert_eq!(
+            plan(&[threads], 5000, 0, 14).max_connections,
+            1000 - RESERVED_THREADS - 14
+        );
     }
 
     #[test]
     fn the_warning_names_the_limit_its_numbers_and_the_fix() {
-        let files = plan(&[Limit::OpenFiles { limit: 40 }], 1000, 0).to_string();
+        let files = plan(
+            &[Limit::OpenFiles {
+                limit: 40,
+                in_use: 8,
+            }],
+            1000,
+            0,
+            0,
+        )
+        .to_string();
         assert!(
             files.starts_with("--max-connections 1000 lowered to 24: "),
             "{files}"
@@ -672,7 +764,7 @@ mod tests {
             "{files}"
         );
 
-        let mappings = plan(&[maps(65_530, 1100)], 19_990, 0).to_string();
+        let mappings = plan(&[maps(65_530, 1100)], 19_990, 0, 0).to_string();
         for part in [
             "--max-connections 19990 lowered to 15849: ",
             "at most 15849 connection threads fit in vm.max_map_count 65530",
@@ -688,7 +780,7 @@ mod tests {
             in_use: 10,
             file: "/sys/fs/cgroup/x/pids.max".into(),
         };
-        let cgroup = plan(&[pids], 1000, 20).to_string();
+        let cgroup = plan(&[pids], 1000, 20, 0).to_string();
         assert!(cgroup.contains("lowered to 462"), "{cgroup}");
         assert!(cgroup.contains("at most 482 connection threads fit in the cgroup's pids.max 500"));
         assert!(cgroup.contains("20 for --thread-cache"), "{cgroup}");
@@ -699,7 +791,7 @@ mod tests {
             in_use: 100,
         };
         assert!(
-            plan(&[threads], 1000, 0)
+            plan(&[threads], 1000, 0, 0)
                 .to_string()
                 .contains("kernel.threads-max 300")
         );
@@ -708,7 +800,7 @@ mod tests {
             in_use: 100,
         };
         assert!(
-            plan(&[user], 1000, 0)
+            plan(&[user], 1000, 0, 0)
                 .to_string()
                 .contains("RLIMIT_NPROC 300")
         );
@@ -762,7 +854,7 @@ mod tests {
     #[test]
     fn the_budget_fits_this_machines_limits() {
         let limits = read_limits();
-        let budget = plan(&limits, u64::MAX, 0);
+        let budget = plan(&limits, u64::MAX, 0, 0);
         let threads = budget.max_connections + RESERVED_THREADS;
 
         let per_thread = limits

@@ -195,8 +195,10 @@ fn admit_client<'a>(
         }
         return Err(Outcome::Denied);
     }
+    // Behind a balancer the accept loop could not know the client yet; a
+    // header that names none (UNKNOWN, LOCAL) leaves the TCP peer to count.
     if let Some(rate) = &serving.rate
-        && client.proxy.is_some()
+        && serving.config.proxy_protocol
         && let Err(limited) = rate.try_acquire(addr.ip(), Instant::now())
     {
         log_rate_limited(addr, proxy, &limited, rate);

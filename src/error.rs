@@ -56,9 +56,10 @@ impl From<Error> for io::Error {
     }
 }
 
-/// The OS's description of an I/O error, in lower case and without the
-/// "(os error N)" suffix, to read well after a colon in a message:
-/// "cannot listen on 0.0.0.0:1337: address already in use".
+/// The OS's description of an I/O error, starting in lower case and
+/// without the "(os error N)" suffix, to read well after a colon in a
+/// message: "cannot listen on 0.0.0.0:1337: address already in use". Only
+/// a capitalised word is lowered: a name such as `NOTIFY_SOCKET` is kept.
 pub(crate) fn describe_io_error(error: &io::Error) -> String {
     let text = error.to_string();
     let text = match text.rfind(" (os error ") {
@@ -66,9 +67,11 @@ pub(crate) fn describe_io_error(error: &io::Error) -> String {
         _ => &text,
     };
     let mut chars = text.chars();
-    match chars.next() {
-        Some(first) => first.to_lowercase().chain(chars).collect(),
-        None => String::new(),
+    match (chars.next(), chars.clone().next()) {
+        (Some(first), Some(second)) if first.is_uppercase() && second.is_lowercase() => {
+            first.to_lowercase().chain(chars).collect()
+        }
+        _ => text.to_string(),
     }
 }
 
@@ -82,6 +85,11 @@ mod tests {
         assert_eq!(describe_io_error(&error), "address already in use");
         let custom = io::Error::other("Something odd");
         assert_eq!(describe_io_error(&custom), "something odd");
+        let named = io::Error::other("NOTIFY_SOCKET=x is neither a path nor @name");
+        assert_eq!(
+            describe_io_error(&named),
+            "NOTIFY_SOCKET=x is neither a path nor @name"
+        );
     }
 
     #[test]

@@ -36,7 +36,7 @@
 //! | `prompt_server_connections_open` | gauge | connections open now |
 //! | `prompt_server_threads{state}` | gauge | connection threads alive: `serving` a client, or `parked` in the thread cache |
 //! | `prompt_server_max_connections` | gauge | the effective connection cap (after any lowering at start-up) |
-//! | `prompt_server_rate_limit_networks` | gauge | client networks whose rate-limit bucket is still refilling (absent without `--max-rate-per-ip`) |
+//! | `prompt_server_rate_limit_networks` | gauge | client networks the rate limit holds a bucket for; refilled ones are dropped at the next sweep (absent without `--max-rate-per-ip`) |
 //! | `process_open_fds` | gauge | entries of `/proc/self/fd` (absent where it cannot be read) |
 //! | `process_start_time_seconds` | gauge | when the process started, in seconds since the Unix epoch |
 //! | `prompt_server_session_duration_seconds` | histogram | accept to log line, per connection |
@@ -529,7 +529,7 @@ impl MetricsSnapshot<'_> {
         if let Some(networks) = self.rate_limit_networks {
             text.gauge(
                 "prompt_server_rate_limit_networks",
-                "Client networks with a rate-limit bucket still refilling, held in memory.",
+                "Client networks the rate limit holds a bucket for (refilled ones go at the next sweep).",
                 &[],
                 networks as f64,
             );

@@ -41,10 +41,15 @@ use std::time::{Duration, Instant};
 use log::warn;
 use sd_notify::NotifyState;
 
+use crate::error::describe_io_error;
+
 /// The variable that names the service manager's notification socket.
 const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 /// At most one `STATUS=` message per this interval.
 pub(crate) const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// The shortest time between watchdog pings, however small `WATCHDOG_USEC`
+/// is: a tiny value must not make the reporting thread spin.
+const MIN_WATCHDOG_PING_INTERVAL: Duration = Duration::from_millis(10);
 /// The reporting thread only formats and sends short datagrams.
 const REPORTER_STACK: usize = 256 * 1024;
 
@@ -90,7 +95,9 @@ impl Notifier {
     /// from): a `Type=notify` service that cannot say it is ready would be
     /// killed at its start timeout, so better say why at once.
     pub(crate) fn from_env() -> io::Result<Notifier> {
-        let Some(socket) = std::env::var_os(NOTIFY_SOCKET) else {
+        // Empty counts as unset, as it names nothing to send to.
+        let Some(socket) = std::env::var_os(NOTIFY_SOCKET).filter(|socket| !socket.is_empty())
+        else {
             return Ok(Notifier::disabled());
         };
         Notifier::to_socket(&socket, sd_notify::watchdog_enabled())
@@ -201,7 +208,9 @@ impl Inner {
     /// The reporting thread: status and watchdog, each on its own period,
     /// until the notifier is dropped.
     fn report(&self, connected: impl Fn() -> usize) {
-        let ping_every = self.watchdog.map(|period| period / 2);
+        let ping_every = self
+            .watchdog
+            .map(|period| (period / 2).max(MIN_WATCHDOG_PING_INTERVAL));
         let mut next_status = Instant::now() + STATUS_INTERVAL;
         let mut next_ping = ping_every.map(|every| Instant::now() + every);
         loop {
@@ -290,7 +299,8 @@ impl Inner {
         {
             warn!(
                 event = "notify_failed";
-                "cannot notify the service manager ({NOTIFY_SOCKET}): {e}"
+                "cannot notify the service manager ({NOTIFY_SOCKET}): {}",
+                describe_io_error(e)
             );
         }
         result

@@ -39,6 +39,9 @@ const MAX_ACCEPT_PAUSE: Duration = Duration::from_secs(1);
 /// At most one log line per this interval about failing accepts, so that a
 /// storm of failures does not become a storm of log lines.
 const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
+/// Lines about failing accepts, shared by every accept loop: out of
+/// descriptors, all of them fail at once.
+static ACCEPT_ERROR_LINES: LogEvery = LogEvery::new(ACCEPT_ERROR_LOG_INTERVAL);
 
 /// Where the default listen backlog comes from: the most the kernel accepts
 /// (`net.core.somaxconn`), as Go does, so that a burst of clients waits in
@@ -144,9 +147,12 @@ struct Shared {
 impl Shared {
     /// Works out how many connections this process can really hold (one
     /// warn line if fewer than asked), and sets up what is shared.
-    fn new(mut config: Config, rate: Option<RateLimit>) -> Self {
-        config.max_connections =
-            capacity::effective_max_connections(config.max_connections, config.thread_cache);
+    fn new(mut config: Config, rate: Option<RateLimit>, accept_loops: usize) -> Self {
+        config.max_connections = capacity::effective_max_connections(
+            config.max_connections,
+            config.thread_cache,
+            accept_loops,
+        );
         Shared {
             thread_cache: ThreadCache::new(
                 config.thread_cache.min(config.max_connections),
@@ -208,21 +214,38 @@ pub fn run_all(
     shutdown: Shutdown,
 ) -> Result<Summary, Error> {
     let rate = rate_limit(&config)?;
-    let metrics_listener = match config.metrics_addr {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .map_err(|e| Error::new(format!("cannot listen for metrics on {addr}"), e))?,
-        ),
-        None => None,
-    };
+    let metrics_listener = config.metrics_addr.map(bind_metrics).transpose()?;
     let notifier = if config.notify_service_manager {
         Notifier::from_env()
             .map_err(|e| Error::new("cannot reach the service manager (NOTIFY_SOCKET)", e))?
     } else {
         Notifier::disabled()
     };
-    let mut addrs = Vec::with_capacity(listeners.len());
-    for listener in &listeners {
+    let listeners = prepare_listeners(listeners, &config, &shutdown)?;
+    let shared = Arc::new(Shared::new(config, rate, listeners.len()));
+    let metrics = metrics_listener
+        .map(|listener| MetricsEndpoint::start(listener, &shared))
+        .transpose()?;
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|(_, addr)| *addr).collect();
+    report_to_service_manager(&notifier, &addrs, &shared);
+    accept_on_all(listeners, &shared, &shutdown, &notifier)?;
+    // A failure to send is logged by the notifier itself, once.
+    let _ = notifier.stopping();
+    shared.thread_cache.close();
+    let summary = stop(&shared);
+    drop(metrics);
+    Ok(summary)
+}
+
+/// Logs `listening on` for each listener, gives it the options accepted
+/// sockets inherit, and registers how a stop wakes its accept loop.
+fn prepare_listeners(
+    listeners: Vec<TcpListener>,
+    config: &Config,
+    shutdown: &Shutdown,
+) -> Result<Vec<(Arc<TcpListener>, SocketAddr)>, Error> {
+    let mut prepared = Vec::with_capacity(listeners.len());
+    for listener in listeners {
         let local_addr = listener
             .local_addr()
             .map_err(|e| Error::new("cannot read the address the listener is bound to", e))?;
@@ -230,21 +253,33 @@ pub fn run_all(
             target: LISTENING_TARGET, event = "listening", addr:% = local_addr;
             "listening on {local_addr}"
         );
-        set_connection_options(SockRef::from(listener), &config)
+        let socket = SockRef::from(&listener);
+        set_connection_options(socket, config)
             .map_err(|e| Error::new("cannot set options on the listening socket", e))?;
-        shutdown.add_wake_addr(local_addr);
-        addrs.push(local_addr);
+        let listener = Arc::new(listener);
+        // A port shared with other processes (--reuseport, which an
+        // inherited socket never gets from us) could hand the wake-up
+        // connection to another process.
+        if config.reuse_port && SockRef::from(&*listener).reuse_port().unwrap_or(false) {
+            shutdown.add_listener_to_stop(&listener);
+        } else {
+            shutdown.add_wake_addr(local_addr);
+        }
+        prepared.push((listener, local_addr));
     }
-    let shared = Arc::new(Shared::new(config, rate));
-    let metrics = match metrics_listener {
-        Some(listener) => Some(MetricsEndpoint::start(listener, &shared)?),
-        None => None,
-    };
-    report_to_service_manager(&notifier, &addrs, &shared);
+    Ok(prepared)
+}
+
+/// Runs an accept loop on its own thread for each listener, and returns
+/// once every one has stopped.
+fn accept_on_all(
+    listeners: Vec<(Arc<TcpListener>, SocketAddr)>,
+    shared: &Arc<Shared>,
+    shutdown: &Shutdown,
+    notifier: &Notifier,
+) -> Result<(), Error> {
     thread::scope(|scope| {
-        for listener in listeners {
-            let shared = &shared;
-            let shutdown = &shutdown;
+        for (listener, _) in listeners {
             let heartbeat = notifier.heartbeat();
             let accepting = move || serve_listener(listener, shared, shutdown, &heartbeat);
             if let Err(e) = thread::Builder::new()
@@ -259,14 +294,13 @@ pub fn run_all(
             }
         }
         Ok(())
-    })?;
-    if let Err(e) = notifier.stopping() {
-        warn!(event = "notify_failed"; "cannot tell the service manager that the server stops: {}", describe_io_error(&e));
-    }
-    shared.thread_cache.close();
-    let summary = stop(&shared);
-    drop(metrics);
-    Ok(summary)
+    })
+}
+
+/// The `--metrics-addr` listener.
+fn bind_metrics(addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr)
+        .map_err(|e| Error::new(format!("cannot listen for metrics on {addr}"), e))
 }
 
 /// `--max-rate-per-ip`'s buckets, if it is set.
@@ -350,17 +384,15 @@ fn render_metrics(shared: &Shared, started: SystemTime) -> String {
 }
 
 /// Tells the service manager (if there is one) that the server is ready,
-/// and starts the status reports and watchdog pings; a failure is logged
-/// and serving goes on.
+/// and starts the status reports and watchdog pings. A failure to send is
+/// logged by the notifier itself, once; serving goes on either way.
 fn report_to_service_manager(notifier: &Notifier, addrs: &[SocketAddr], shared: &Arc<Shared>) {
+    let _ = notifier.ready(addrs);
     let shared = Arc::clone(shared);
-    let reported = notifier
-        .ready(addrs)
-        .and_then(|()| notifier.start_reporting(move || shared.limit.active()));
-    if let Err(e) = reported {
+    if let Err(e) = notifier.start_reporting(move || shared.limit.active()) {
         warn!(
             event = "notify_failed";
-            "cannot report to the service manager: {}", describe_io_error(&e)
+            "cannot start reporting to the service manager: {}", describe_io_error(&e)
         );
     }
 }
@@ -368,7 +400,7 @@ fn report_to_service_manager(notifier: &Notifier, addrs: &[SocketAddr], shared: 
 /// One listener's life: the accept loop, then, once stopped, the clients
 /// the kernel still holds for it, then the close.
 fn serve_listener(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     shared: &Arc<Shared>,
     shutdown: &Shutdown,
     heartbeat: &Heartbeat,
@@ -410,6 +442,8 @@ fn accept_until_stopped(
             }
             // The listener's own read timeout ran out with nobody connecting.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            // A stop that shut the listener down (`--reuseport`).
+            Err(_) if shutdown.is_triggered() => {}
             Err(e) => {
                 shared.stats.record_accept_error(AcceptErrorKind::of(&e));
                 thread::sleep(failures.record(&e));
@@ -629,14 +663,14 @@ enum TurnedAway<'a> {
 struct AcceptFailures {
     /// Current pause; zero while accepts succeed.
     pause: Duration,
-    log: LogEvery,
+    log: &'static LogEvery,
 }
 
 impl Default for AcceptFailures {
     fn default() -> Self {
         AcceptFailures {
             pause: Duration::ZERO,
-            log: LogEvery::new(ACCEPT_ERROR_LOG_INTERVAL),
+            log: &ACCEPT_ERROR_LINES,
         }
     }
 }

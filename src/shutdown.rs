@@ -4,6 +4,11 @@
 //! The accept loop blocks in `accept()`, which no flag can interrupt, so
 //! [`Shutdown::trigger`] sets the flag and then connects to the listener
 //! itself: the loop wakes up with that connection, sees the flag and stops.
+//! A `--reuseport` listener shares its port with other processes, and the
+//! kernel may hand that connection to one of them instead; such a listener
+//! is shut down instead (its `accept` fails at once), which also ends its
+//! listening, as closing it would. An inherited socket is never shut down:
+//! systemd keeps listening on its copy.
 //!
 //! [`Shutdown::trigger_on_signals`] is how the binary uses it: the first SIGINT or
 //! SIGTERM starts a graceful stop, a second one ends the process at once.
@@ -14,14 +19,14 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::net::{self, IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::process;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::thread;
 use std::time::Duration;
 
-use socket2::{Domain, Socket, Type};
+use socket2::{Domain, SockRef, Socket, Type};
 
 use log::{info, warn};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -35,6 +40,15 @@ const EXIT_LOG_FLUSH_TIMEOUT: Duration = Duration::from_millis(500);
 /// it starts whatever `RUST_MIN_STACK` says for connection threads.
 const SIGNAL_THREAD_STACK: usize = 256 * 1024;
 
+/// How a trigger wakes one accept loop.
+#[derive(Debug, Clone)]
+enum WakeTarget {
+    /// Connect to this address (the listener's, or its loopback).
+    Connect(SocketAddr),
+    /// Shut the listener down; gone once its loop has ended.
+    StopListening(Weak<TcpListener>),
+}
+
 /// A cloneable "please stop" that every clone sees.
 #[derive(Debug, Clone, Default)]
 pub struct Shutdown {
@@ -45,9 +59,9 @@ pub struct Shutdown {
 struct Inner {
     /// Set once, never cleared.
     requested: AtomicBool,
-    /// Where to connect to wake the accept loops, one per listener; noted
-    /// when the loops start.
-    wake_addrs: Mutex<Vec<SocketAddr>>,
+    /// How to wake each accept loop, one per listener; noted when the
+    /// loops start.
+    wake_targets: Mutex<Vec<WakeTarget>>,
     /// The addresses the wake-up connections come from, so that the accept
     /// loops do not serve them as clients.
     wake_from: Mutex<Vec<SocketAddr>>,
@@ -63,15 +77,23 @@ impl Shutdown {
     /// is harmless.
     pub fn trigger(&self) {
         self.inner.requested.store(true, Ordering::SeqCst);
-        let wake_addrs = self
+        let targets = self
             .inner
-            .wake_addrs
+            .wake_targets
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        for addr in wake_addrs {
-            if let Err(e) = self.wake(addr) {
-                warn!(event = "wake_failed"; "could not wake the accept loop at {addr}: {e}");
+        for target in targets {
+            let woken = match &target {
+                WakeTarget::Connect(addr) => self.wake(*addr),
+                WakeTarget::StopListening(listener) => match listener.upgrade() {
+                    Some(listener) => SockRef::from(&*listener).shutdown(net::Shutdown::Read),
+                    // Its loop has ended already.
+                    None => Ok(()),
+                },
+            };
+            if let Err(e) = woken {
+                warn!(event = "wake_failed"; "could not wake an accept loop ({target:?}): {e}");
             }
         }
     }
@@ -110,11 +132,22 @@ impl Shutdown {
     /// wake it. A trigger that came earlier is seen by the loop's first
     /// [`is_triggered`](Self::is_triggered) check instead.
     pub(crate) fn add_wake_addr(&self, listening_on: SocketAddr) {
+        self.add_wake_target(WakeTarget::Connect(reachable(listening_on)));
+    }
+
+    /// Records a listener that a trigger wakes by shutting it down: one
+    /// whose port other processes share (`SO_REUSEPORT`), where a wake-up
+    /// connection could reach another process's accept loop.
+    pub(crate) fn add_listener_to_stop(&self, listener: &Arc<TcpListener>) {
+        self.add_wake_target(WakeTarget::StopListening(Arc::downgrade(listener)));
+    }
+
+    fn add_wake_target(&self, target: WakeTarget) {
         self.inner
-            .wake_addrs
+            .wake_targets
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(reachable(listening_on));
+            .push(target);
     }
 
     /// Starts a thread that triggers this handle on the first SIGINT or

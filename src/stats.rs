@@ -173,8 +173,9 @@ impl Stats {
 /// What a server did over its life, returned by [`run`](crate::run).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
-    /// Connections given a thread (not counting those turned away busy by
-    /// `--max-connections`).
+    /// Connections given a thread (not counting those the accept loop
+    /// turned away: busy at `--max-connections`, or a direct client over
+    /// `--max-rate-per-ip`).
     pub connections: u64,
     /// Replies logged whole (a line, or what came before the client closed).
     pub replies: u64,

@@ -141,3 +141,30 @@ fn spraying_addresses_keeps_the_bucket_table_bounded() {
         "{held} buckets held after {SPRAYED} networks: idle ones are not dropped"
     );
 }
+
+/// With `--proxy-protocol`, a header that names no client (`PROXY
+/// UNKNOWN`, as a health check sends) leaves the TCP peer to be limited:
+/// it is no way around the limit.
+#[test]
+fn a_proxy_header_without_a_client_is_limited_by_its_peer() {
+    let server = ServerProcess::start(&[
+        "--proxy-protocol",
+        "--trusted-proxy",
+        "127.0.0.1",
+        "--max-rate-per-ip",
+        "2/min",
+    ]);
+    let through_unknown = || {
+        let mut client = connect(server.addr);
+        client.write_all(b"PROXY UNKNOWN\r\n").unwrap();
+        let first = read_line(&mut client);
+        if first == PROMPT {
+            client.write_all(b"yes\n").unwrap();
+        }
+        assert_eq!(read_until_closed(&mut client), b"");
+        first
+    };
+    assert_eq!(through_unknown(), PROMPT);
+    assert_eq!(through_unknown(), PROMPT);
+    assert_eq!(through_unknown(), BUSY, "127.0.0.1 is past its rate");
+}
