@@ -13,10 +13,10 @@
 //! - [`serve_metrics`]: the HTTP endpoint. `GET /metrics` (or `HEAD`, any
 //!   query string ignored, as Prometheus's `params` adds one) gets the text;
 //!   another path 404, another method 405, anything unparseable 400. Every
-//!   response closes the connection. One scrape at a time: a scraper has
-//!   [`SCRAPE_DEADLINE`] for the whole exchange and [`MAX_REQUEST_BYTES`] for
-//!   its request, so a slow or silent one holds the thread at most that
-//!   long, and serving clients never waits on it.
+//!   response closes the connection. Every waiting scraper's request is
+//!   read as its bytes come, so a silent one holds up nobody; each has
+//!   [`SCRAPE_DEADLINE`] for the whole exchange and [`MAX_REQUEST_BYTES`]
+//!   for its request, and serving clients never wait on any of them.
 //!
 //! The encoder is hand-written because the format is a few lines of text
 //! per metric and the server's numbers already live in its own atomics: the
@@ -42,9 +42,10 @@
 //! | `prompt_server_session_duration_seconds` | histogram | accept to log line, per connection |
 //! | `prompt_server_reply_size_bytes` | histogram | size of each logged reply |
 
+use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -56,6 +57,10 @@ pub(crate) const SCRAPE_DEADLINE: Duration = Duration::from_secs(2);
 pub(crate) const MAX_REQUEST_BYTES: usize = 8 * 1024;
 /// How often the idle metrics thread checks whether the server is stopping.
 const STOP_POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the metrics thread looks at scrapers while some are waiting.
+const PENDING_POLL_INTERVAL: Duration = Duration::from_millis(5);
+/// The most scrapes whose requests are read at once.
+pub(crate) const MAX_PENDING_SCRAPES: usize = 16;
 /// The metrics thread reads a request and formats a few kilobytes of text.
 const METRICS_THREAD_STACK: usize = 256 * 1024;
 /// The media type of the text format, version 0.0.4.
@@ -580,33 +585,143 @@ pub(crate) fn count_open_fds() -> Option<u64> {
 
 /// Starts the metrics thread: it answers scrapes on `listener` with
 /// `render()` until `is_stopping()` returns true, which it checks at least
-/// every [`STOP_POLL_INTERVAL`] when idle and after each scrape. Errors only
-/// if the thread cannot be started or the listener made non-blocking.
+/// every [`STOP_POLL_INTERVAL`]. Errors only if the thread cannot be started
+/// or the listener made non-blocking.
+///
+/// The thread reads every waiting scrape's request as its bytes come, so a
+/// scraper that sends nothing holds up neither the others nor the thread;
+/// each is dropped at its own [`SCRAPE_DEADLINE`], and at most
+/// [`MAX_PENDING_SCRAPES`] wait at once (the oldest goes first).
 pub(crate) fn serve_metrics(
     listener: TcpListener,
     render: impl Fn() -> String + Send + 'static,
     is_stopping: impl Fn() -> bool + Send + 'static,
 ) -> io::Result<JoinHandle<()>> {
     // A blocking accept could not see the stop; polling costs ten wake-ups
-    // a second, and a scrape waits at most one interval.
+    // a second when idle, and a scrape waits at most one interval.
     listener.set_nonblocking(true)?;
     thread::Builder::new()
         .name("metrics".to_string())
         .stack_size(METRICS_THREAD_STACK)
         .spawn(move || {
+            let mut pending = VecDeque::new();
             while !is_stopping() {
-                match listener.accept() {
-                    Ok((stream, peer)) => {
-                        if let Err(e) = answer_scrape(stream, &render) {
-                            log::debug!("metrics scrape from {peer} failed: {e}");
-                        }
+                let mut progressed = accept_scrapes(&listener, &mut pending);
+                pending.retain_mut(|scrape: &mut PendingScrape| match scrape.advance(&render) {
+                    Progress::Waiting => true,
+                    Progress::Read => {
+                        progressed = true;
+                        true
                     }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    // Idle, or out of descriptors: wait, never spin.
-                    Err(_) => thread::sleep(STOP_POLL_INTERVAL),
+                    Progress::Done(result) => {
+                        if let Err(e) = result {
+                            log::debug!("metrics scrape from {} failed: {e}", scrape.peer);
+                        }
+                        progressed = true;
+                        false
+                    }
+                });
+                if !progressed {
+                    thread::sleep(if pending.is_empty() {
+                        STOP_POLL_INTERVAL
+                    } else {
+                        PENDING_POLL_INTERVAL
+                    });
                 }
             }
         })
+}
+
+/// Accepts every scraper waiting on `listener`; true if there was one.
+fn accept_scrapes(listener: &TcpListener, pending: &mut VecDeque<PendingScrape>) -> bool {
+    let mut accepted = false;
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                if stream.set_nonblocking(true).is_err() {
+                    continue;
+                }
+                if pending.len() >= MAX_PENDING_SCRAPES {
+                    pending.pop_front();
+                }
+                pending.push_back(PendingScrape {
+                    stream,
+                    peer,
+                    request: Vec::new(),
+                    deadline: Instant::now() + SCRAPE_DEADLINE,
+                });
+                accepted = true;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // None waiting, or out of descriptors: try again later.
+            Err(_) => return accepted,
+        }
+    }
+}
+
+/// A scraper whose request is being read.
+struct PendingScrape {
+    /// Non-blocking while its request is read.
+    stream: TcpStream,
+    peer: SocketAddr,
+    request: Vec<u8>,
+    /// When it is dropped, answered or not.
+    deadline: Instant,
+}
+
+/// What one look at a pending scrape gave.
+enum Progress {
+    /// Nothing new from the scraper.
+    Waiting,
+    /// More of its request arrived.
+    Read,
+    /// Answered (or dropped): it is finished.
+    Done(io::Result<()>),
+}
+
+impl PendingScrape {
+    /// Reads what the scraper has sent; once the request is whole (or
+    /// cannot be), answers it and closes.
+    fn advance(&mut self, render: &impl Fn() -> String) -> Progress {
+        let mut chunk = [0u8; 1024];
+        let mut progress = Progress::Waiting;
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Progress::Done(self.answer(Response::error("400 Bad Request"))),
+                Ok(read) => {
+                    self.request.extend_from_slice(&chunk[..read]);
+                    if let Some(end) = header_end(&self.request) {
+                        let response = respond(&self.request[..end], render);
+                        return Progress::Done(self.answer(response));
+                    }
+                    if self.request.len() > MAX_REQUEST_BYTES {
+                        let too_large = Response::error("431 Request Header Fields Too Large");
+                        return Progress::Done(self.answer(too_large));
+                    }
+                    progress = Progress::Read;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= self.deadline {
+                        let timed_out =
+                            io::Error::new(io::ErrorKind::TimedOut, "no request in time");
+                        return Progress::Done(Err(timed_out));
+                    }
+                    return progress;
+                }
+                Err(e) => return Progress::Done(Err(e)),
+            }
+        }
+    }
+
+    /// Writes `response` within what is left of the deadline, and closes.
+    fn answer(&mut self, response: Response) -> io::Result<()> {
+        self.stream.set_nonblocking(false)?;
+        self.stream
+            .set_write_timeout(Some(remaining(self.deadline)?))?;
+        self.stream.write_all(&response.to_bytes())?;
+        self.stream.shutdown(std::net::Shutdown::Write)
+    }
 }
 
 /// One HTTP response, before it is written.
@@ -648,32 +763,6 @@ impl Response {
     }
 }
 
-/// Why a request was not read whole.
-enum RequestError {
-    /// Longer than [`MAX_REQUEST_BYTES`]: answered with a 431.
-    TooLarge,
-    /// Closed before its end: answered with a 400.
-    Incomplete,
-    /// The deadline passed, or the socket failed: just closed.
-    Io(io::Error),
-}
-
-/// Reads one request, answers it, closes.
-fn answer_scrape(mut stream: TcpStream, render: &impl Fn() -> String) -> io::Result<()> {
-    let deadline = Instant::now() + SCRAPE_DEADLINE;
-    // Accepted sockets do not inherit O_NONBLOCK on Linux; make sure.
-    stream.set_nonblocking(false)?;
-    let response = match read_request(&mut stream, deadline) {
-        Ok(request) => respond(&request, render),
-        Err(RequestError::TooLarge) => Response::error("431 Request Header Fields Too Large"),
-        Err(RequestError::Incomplete) => Response::error("400 Bad Request"),
-        Err(RequestError::Io(e)) => return Err(e),
-    };
-    stream.set_write_timeout(Some(remaining(deadline)?))?;
-    stream.write_all(&response.to_bytes())?;
-    stream.shutdown(std::net::Shutdown::Write)
-}
-
 /// The time left before `deadline`, or a timeout error once it has passed.
 fn remaining(deadline: Instant) -> io::Result<Duration> {
     let left = deadline.saturating_duration_since(Instant::now());
@@ -684,31 +773,6 @@ fn remaining(deadline: Instant) -> io::Result<Duration> {
         ));
     }
     Ok(left)
-}
-
-/// The request line and headers, up to the blank line that ends them.
-fn read_request(stream: &mut TcpStream, deadline: Instant) -> Result<Vec<u8>, RequestError> {
-    let mut request = Vec::new();
-    let mut chunk = [0u8; 1024];
-    loop {
-        stream
-            .set_read_timeout(Some(remaining(deadline).map_err(RequestError::Io)?))
-            .map_err(RequestError::Io)?;
-        let read = match stream.read(&mut chunk) {
-            Ok(0) => return Err(RequestError::Incomplete),
-            Ok(read) => read,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(RequestError::Io(e)),
-        };
-        request.extend_from_slice(&chunk[..read]);
-        if let Some(end) = header_end(&request) {
-            request.truncate(end);
-            return Ok(request);
-        }
-        if request.len() > MAX_REQUEST_BYTES {
-            return Err(RequestError::TooLarge);
-        }
-    }
 }
 
 /// Where the blank line ending the headers ends (CRLF or bare LF lines).
@@ -1143,6 +1207,21 @@ mod tests {
     }
 
     #[test]
+    fn silent_scrapers_hold_up_nobody_and_are_dropped_at_the_deadline() {
+        let endpoint = Endpoint::start("x 1\n");
+        let others: Vec<TcpStream> = (0..5).map(|_| endpoint.client()).collect();
+        let started = Instant::now();
+        let response = endpoint.exchange(b"GET /metrics HTTP/1.1\r\n\r\n");
+        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        drop(others);
+    }
+
+    #[test]
     fn a_silent_scraper_is_dropped_and_the_next_is_served() {
         let endpoint = Endpoint::start("x 1\n");
         let started = Instant::now();
@@ -1150,7 +1229,7 @@ mod tests {
         let second = Mutex::new(None);
         thread::scope(|scope| {
             scope.spawn(|| {
-                // Queued behind the silent one, then answered.
+                // Answered while the silent one still waits.
                 let response = endpoint.exchange(b"GET /metrics HTTP/1.1\r\n\r\n");
                 *second.lock().expect("lock") = Some((response, started.elapsed()));
             });
