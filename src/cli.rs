@@ -125,14 +125,14 @@ pub struct Cli {
     /// With --max-rate-per-ip: leading bits of an IPv4 client address that
     /// make its network (32: each address on its own).
     #[arg(long, value_name = "BITS", default_value_t = DEFAULT_PREFIX_V4,
-          value_parser = parse_prefix_v4)]
+          value_parser = parse_prefix_v4, requires = "max_rate_per_ip")]
     pub rate_prefix_v4: u8,
 
     /// With --max-rate-per-ip: leading bits of an IPv6 client address that
     /// make its network (64: a host's usual allocation, so changing
     /// addresses within it gains nothing).
     #[arg(long, value_name = "BITS", default_value_t = DEFAULT_PREFIX_V6,
-          value_parser = parse_prefix_v6)]
+          value_parser = parse_prefix_v6, requires = "max_rate_per_ip")]
     pub rate_prefix_v6: u8,
 
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics, e.g.
@@ -381,6 +381,29 @@ mod tests {
         );
         assert!(parse(&["--thread-cache", "18446744073709551616"]).is_err());
         assert!(parse(&["--max-connections", "8", "--thread-cache", "8"]).is_ok());
+    }
+
+    #[test]
+    fn rate_prefixes_need_a_rate_and_default_to_32_and_64() {
+        let config = Cli::parse_from(["prompt-server", "--max-rate-per-ip", "5/s"]).to_config();
+        assert_eq!((config.rate_prefix_v4, config.rate_prefix_v6), (32, 64));
+        assert_eq!(config.max_rate_per_ip.map(|rate| rate.count()), Some(5));
+        for flag in ["--rate-prefix-v4", "--rate-prefix-v6"] {
+            assert!(
+                Cli::try_parse_from(["prompt-server", flag, "24"]).is_err(),
+                "{flag}"
+            );
+        }
+        assert!(
+            Cli::try_parse_from([
+                "prompt-server",
+                "--max-rate-per-ip",
+                "5/s",
+                "--rate-prefix-v4",
+                "33"
+            ])
+            .is_err()
+        );
     }
 
     #[test]
