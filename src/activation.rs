@@ -34,7 +34,8 @@
 use std::env;
 use std::io;
 use std::net::TcpListener;
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use socket2::{Domain, Protocol, SockRef, Type};
@@ -48,6 +49,17 @@ const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
 /// Whether this process has claimed its inherited descriptors already: a
 /// second claim would make two owners of one descriptor.
 static CLAIMED: AtomicBool = AtomicBool::new(false);
+
+/// The descriptors claimed, so that a stop can tell an inherited listener
+/// (never to be shut down) from one of the process's own.
+static INHERITED: OnceLock<Vec<RawFd>> = OnceLock::new();
+
+/// Whether `listener` is one the service manager passed down.
+pub(crate) fn is_inherited(listener: &TcpListener) -> bool {
+    INHERITED
+        .get()
+        .is_some_and(|fds| fds.contains(&listener.as_raw_fd()))
+}
 
 /// A listening socket passed down by the service manager.
 #[derive(Debug)]
@@ -82,6 +94,8 @@ pub(crate) fn inherited_listeners() -> Result<Option<Vec<InheritedListener>>, Er
     // The crate names every descriptor "unknown" when the variable is
     // missing; a name nobody gave is no name.
     let named = env::var_os(LISTEN_FDNAMES).is_some();
+    let descriptors: Vec<(RawFd, String)> = descriptors.collect();
+    let _ = INHERITED.set(descriptors.iter().map(|(fd, _)| *fd).collect());
     let mut listeners = Vec::with_capacity(descriptors.len());
     for (fd, name) in descriptors {
         let listener = claim_listener(fd)?;

@@ -545,12 +545,10 @@ impl ProbeGate {
         let mut state = self.lock();
         state.started += 1;
         self.changed.notify_all();
-        while !state.released {
-            state = self
-                .changed
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
+        let _released = self
+            .changed
+            .wait_while(state, |state| !state.released)
+            .unwrap_or_else(PoisonError::into_inner);
     }
 
     /// Waits until `count` probes run; false if they do not in time.

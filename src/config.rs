@@ -38,7 +38,8 @@ pub(crate) const BUSY_MESSAGE: &[u8] = b"server busy, try again later\n";
 pub struct Config {
     /// Address to listen on; port 0 lets the OS pick one.
     pub listen_addr: SocketAddr,
-    /// Bytes sent to every client on connect; always ends in `\n`.
+    /// Bytes sent to every client on connect, as they are (the command line
+    /// adds a missing final `\n`).
     pub prompt: Vec<u8>,
     /// Longest reply kept, not counting its line terminator; more is truncated.
     pub max_reply_bytes: usize,

@@ -2,8 +2,11 @@
 //! sits behind a balancer, check who the client is, send the prompt, read
 //! one reply, log what happened with the client's address.
 //!
-//! Everything here may block, but never for longer than the write timeout
-//! plus the header and reply deadlines, and nothing else waits on this thread.
+//! Everything here may block: for the write timeout, the header and reply
+//! deadlines, up to a second more for a lingering close, and, to keep a
+//! reply from being lost, for as long as a stalled log takes to write its
+//! line (a stopping server stops waiting after its drain timeout). Nothing
+//! else waits on this thread.
 
 use std::fmt;
 use std::io::Write;
@@ -233,10 +236,12 @@ pub(crate) fn log_rate_limited(
         warn!(
             event = "rate_limited", peer:% = addr, proxy = proxy,
             network:% = limited.network, held_back = held_back;
-            "{addr} turned away: its network {}/{} connects faster than {}{}",
+            "{addr} turned away: its network {}/{} connects faster than {} \
+             (next connection in {:.2}s){}",
             limited.network,
             rate.prefixes().length_of(limited.network),
             rate.rate(),
+            limited.retry_after.as_secs_f64(),
             held_back_note(held_back)
         );
     }

@@ -4,8 +4,9 @@
 use std::fmt;
 use std::io;
 
-/// Why [`bind`](crate::bind) or [`run`](crate::run) failed: what the server
-/// was doing, and the I/O error that stopped it.
+/// Why [`bind`](crate::bind), [`listeners`](crate::listeners) or
+/// [`run`](crate::run) failed: what the server was doing, and the I/O error
+/// that stopped it.
 ///
 /// The message reads well after `error:`, for example "cannot listen on
 /// 0.0.0.0:1337: address already in use"; the [`io::Error`] itself is kept,

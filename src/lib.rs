@@ -6,10 +6,11 @@
 //!
 //! # Using the library
 //!
-//! [`bind`] a listener for a [`Config`], then [`run`] it until a
-//! [`Shutdown`] handle is triggered; `run` returns a [`Summary`] of how the
-//! connections ended. The binary does exactly this, with the [`cli`] and
-//! [`logging`] modules around it. Linux only (see the README).
+//! [`bind`] a listener for a [`Config`] (or take the sockets systemd passes
+//! down with [`listeners`]), then [`run`] it until a [`Shutdown`] handle is
+//! triggered; `run` returns a [`Summary`] of how the connections ended. The
+//! binary does exactly this, with the [`cli`] and [`logging`] modules around
+//! it. Linux only (see the README).
 //!
 //! # Layout
 //!
@@ -61,7 +62,7 @@
 //!
 //! The binary (`src/main.rs`) only parses the command line, sets up logging,
 //! takes its sockets ([`listeners`]: systemd's, or bound) and calls
-//! [`run_all`]; tests drive the very same [`bind`] and [`run`].
+//! [`run`]; tests drive the very same [`bind`] and [`run`].
 
 // `deny`, not `forbid`: exactly one function opts out, with a SAFETY
 // comment (`activation::claim_descriptor`, which takes a socket inherited
@@ -100,6 +101,6 @@ pub use access::{AccessRules, NetList};
 pub use config::Config;
 pub use error::Error;
 pub use rate_limit::Rate;
-pub use server::{bind, listeners, run, run_all};
+pub use server::{bind, listeners, run};
 pub use shutdown::Shutdown;
 pub use stats::Summary;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use prompt_server::cli::{self, Cli};
-use prompt_server::{Shutdown, Summary, listeners, logging, run_all};
+use prompt_server::{Shutdown, Summary, listeners, logging, run};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse().and_then(Cli::validate) {
@@ -44,5 +44,5 @@ fn serve(cli: &Cli) -> anyhow::Result<Summary> {
     let stop = Shutdown::new();
     stop.trigger_on_signals()
         .context("cannot install signal handlers")?;
-    Ok(run_all(listeners, config, stop)?)
+    Ok(run(listeners, config, stop)?)
 }

@@ -567,6 +567,30 @@ impl MetricsSnapshot<'_> {
     }
 }
 
+/// The unit of times in `/proc`: `USER_HZ`, which is 100 on every Linux
+/// architecture in use (what `sysconf(_SC_CLK_TCK)` returns).
+const PROC_TICKS_PER_SECOND: u64 = 100;
+
+/// When this process started, as Prometheus's own process collector works
+/// it out: `/proc/self/stat`'s start time (field 22, in ticks since boot)
+/// after `/proc/stat`'s boot time. `None` where they cannot be read.
+pub(crate) fn process_start_time() -> Option<SystemTime> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Field 2, the command name, is in parentheses and may hold spaces:
+    // count from after it, where field 3 comes first.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let ticks: u64 = after_name.split_whitespace().nth(22 - 3)?.parse().ok()?;
+    let boot: u64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    let since_boot = Duration::from_millis(ticks.saturating_mul(1000) / PROC_TICKS_PER_SECOND);
+    Some(UNIX_EPOCH + Duration::from_secs(boot) + since_boot)
+}
+
 /// `time` as seconds since the Unix epoch (negative before it).
 pub(crate) fn seconds_since_epoch(time: SystemTime) -> f64 {
     match time.duration_since(UNIX_EPOCH) {
@@ -615,7 +639,10 @@ pub(crate) fn serve_metrics(
                     }
                     Progress::Done(result) => {
                         if let Err(e) = result {
-                            log::debug!("metrics scrape from {} failed: {e}", scrape.peer);
+                            log::debug!(
+                                event = "metrics_scrape_failed";
+                                "metrics scrape from {} failed: {e}", scrape.peer
+                            );
                         }
                         progressed = true;
                         false
@@ -1293,5 +1320,16 @@ mod tests {
             thread.join().expect("metrics thread ends cleanly");
         }
         assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_process_start_time_is_in_the_recent_past() {
+        let started = process_start_time().expect("readable on Linux");
+        let age = SystemTime::now()
+            .duration_since(started)
+            .expect("in the past");
+        // This test process started at most a few minutes ago (cargo test
+        // may build for a while first, which is not this process).
+        assert!(age < Duration::from_secs(600), "{age:?}");
     }
 }

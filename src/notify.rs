@@ -236,19 +236,12 @@ impl Inner {
 
     /// Waits until `deadline`; true if the notifier was dropped meanwhile.
     fn wait_until(&self, deadline: Instant) -> bool {
-        let mut finished = lock(&self.finished);
-        while !*finished {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            finished = self
-                .wake
-                .wait_timeout(finished, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-        true
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (finished, _) = self
+            .wake
+            .wait_timeout_while(lock(&self.finished), left, |finished| !*finished)
+            .unwrap_or_else(PoisonError::into_inner);
+        *finished
     }
 
     /// Whether there is an accept loop and every one is healthy: waiting
@@ -307,10 +300,8 @@ impl Inner {
     }
 }
 
-/// One accept loop's sign of life, for the watchdog. The loop wraps its
-/// blocking `accept` in [`Heartbeat::accepting`]; a loop that wakes up by
-/// itself (a listener timeout) may instead call [`Heartbeat::beat`] each
-/// time round.
+/// One accept loop's sign of life, for the watchdog: the loop wraps its
+/// blocking `accept` in [`Heartbeat::accepting`].
 #[derive(Clone, Debug)]
 pub(crate) struct Heartbeat {
     state: Arc<BeatState>,
@@ -349,7 +340,7 @@ impl Heartbeat {
     }
 
     /// A sign of life now.
-    pub(crate) fn beat(&self) {
+    fn beat(&self) {
         let now = self.millis_since_epoch(Instant::now());
         self.state.last.store(now, Ordering::SeqCst);
     }

@@ -183,36 +183,30 @@ struct Accepted {
     open: OpenConnection,
 }
 
-/// Serves connections from `listener` until `shutdown` is triggered, then
-/// serves the clients already queued on the listener, closes it, lets
+/// Serves connections from `listeners` (one, or several such as the IPv4
+/// and IPv6 sockets systemd hands over; each gets its own accept loop, and
+/// all share one connection cap) until `shutdown` is triggered. Then serves
+/// the clients already queued on the listeners, closes them, lets
 /// connected clients finish for up to `config.shutdown_timeout`, cuts off
 /// the ones still connected (each is logged with what it had sent), and
 /// returns what happened once every connection thread is gone.
 ///
-/// Logs `listening on ADDR` with the address actually bound first, so that a
-/// caller who asked for port 0 can find out which port it got.
+/// Logs `listening on ADDR` for each listener with the address actually
+/// bound first, so that a caller who asked for port 0 can find out which
+/// port it got. A single listener is passed as `[listener]`.
 ///
 /// # Errors
 ///
-/// Fails before serving anyone if the listener's address or options cannot
-/// be read or set; once serving, no error stops it (a failing `accept` is
+/// Fails before serving anyone if a listener's address or options cannot
+/// be read or set, the metrics address cannot be bound, or `NOTIFY_SOCKET`
+/// is unusable; once serving, no error stops it (a failing `accept` is
 /// logged and retried).
-pub fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> Result<Summary, Error> {
-    run_all(vec![listener], config, shutdown)
-}
-
-/// [`run`] on several listeners at once (say one IPv4 and one IPv6 socket
-/// handed over by systemd), each with its own accept loop, all sharing one
-/// connection cap; a stop ends every loop.
-///
-/// # Errors
-///
-/// As for [`run`], for any of the listeners.
-pub fn run_all(
-    listeners: Vec<TcpListener>,
+pub fn run(
+    listeners: impl IntoIterator<Item = TcpListener>,
     config: Config,
     shutdown: Shutdown,
 ) -> Result<Summary, Error> {
+    let listeners: Vec<TcpListener> = listeners.into_iter().collect();
     let rate = rate_limit(&config)?;
     let metrics_listener = config.metrics_addr.map(bind_metrics).transpose()?;
     let notifier = if config.notify_service_manager {
@@ -257,10 +251,12 @@ fn prepare_listeners(
         set_connection_options(socket, config)
             .map_err(|e| Error::new("cannot set options on the listening socket", e))?;
         let listener = Arc::new(listener);
-        // A port shared with other processes (--reuseport, which an
-        // inherited socket never gets from us) could hand the wake-up
-        // connection to another process.
-        if config.reuse_port && SockRef::from(&*listener).reuse_port().unwrap_or(false) {
+        // A port shared with other processes (SO_REUSEPORT) could hand the
+        // wake-up connection to another process; an inherited socket is
+        // never shut down, since the service manager listens on it too.
+        if !activation::is_inherited(&listener)
+            && SockRef::from(&*listener).reuse_port().unwrap_or(false)
+        {
             shutdown.add_listener_to_stop(&listener);
         } else {
             shutdown.add_wake_addr(local_addr);
@@ -329,7 +325,7 @@ impl MetricsEndpoint {
     fn start(listener: TcpListener, shared: &Arc<Shared>) -> Result<Self, Error> {
         let addr = listener.local_addr().ok();
         let finished = Arc::new(AtomicBool::new(false));
-        let started = SystemTime::now();
+        let started = metrics::process_start_time().unwrap_or_else(SystemTime::now);
         let render = {
             let shared = Arc::clone(shared);
             move || render_metrics(&shared, started)
@@ -598,7 +594,9 @@ fn connection_thread(first: Accepted, shared: &Shared) {
         debug!(event = "connected", peer:% = peer; "{peer} connected");
         let served = connection::serve(&stream, peer, &shared.serving);
         let duration = accepted_at.elapsed();
-        (shared.stats).record_session(served.outcome, served.reply_bytes, duration);
+        shared
+            .stats
+            .record_session(served.outcome, served.reply_bytes, duration);
         connection::close(stream, (slot, open));
         debug!(event = "disconnected", peer:% = peer; "{peer} disconnected");
         next = shared.thread_cache.park();

@@ -185,7 +185,8 @@ pub struct Summary {
     pub timed_out: u64,
     /// Clients that closed without sending anything.
     pub no_reply: u64,
-    /// Connections that ended in a socket error.
+    /// Connections that ended in a socket error, a bad PROXY header, or a
+    /// thread that could not be started.
     pub failed: u64,
     /// Connections turned away with the busy line by a cap
     /// (`--max-connections`, `--max-per-ip`).

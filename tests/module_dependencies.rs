@@ -29,7 +29,7 @@ fn the_check_finds_a_cycle_and_reads_grouped_imports() {
             "a",
             "use crate::b::X;\n// crate::c in a comment does not count\n",
         ),
-        ("b", "use crate::{c::Y, d};\n"),
+        ("b", "use crate::{\n    c::Y,\n    d,\n};\n"),
         ("c", "fn f() { crate::a::g() }\n"),
         ("d", ""),
     ] {
@@ -62,36 +62,36 @@ fn library_graph(src: &Path) -> Graph {
 }
 
 /// The modules named in `crate::NAME` paths and `use crate::{NAME, ...}`
-/// groups, outside comment lines.
+/// groups (on one line or several), outside comment lines.
 fn dependencies(source: &str) -> BTreeSet<String> {
+    let code: String = source
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n");
     let mut names = BTreeSet::new();
-    for line in source.lines() {
-        if line.trim_start().starts_with("//") {
-            continue;
-        }
-        for (at, _) in line.match_indices("crate::") {
-            let rest = &line[at + "crate::".len()..];
-            if let Some(group) = rest.strip_prefix('{') {
-                // `use crate::{a::X, b, c::{Y, Z}};` on one line: the names
-                // at the group's top level.
-                let mut depth = 0;
-                let mut start = true;
-                for (i, c) in group.char_indices() {
-                    match c {
-                        '{' => depth += 1,
-                        '}' if depth == 0 => break,
-                        '}' => depth -= 1,
-                        ',' if depth == 0 => start = true,
-                        c if start && (c.is_alphanumeric() || c == '_') => {
-                            names.insert(identifier(&group[i..]));
-                            start = false;
-                        }
-                        _ => {}
+    for (at, _) in code.match_indices("crate::") {
+        let rest = &code[at + "crate::".len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            // `use crate::{a::X, b, c::{Y, Z}};`, on one line or several: the names
+            // at the group's top level.
+            let mut depth = 0;
+            let mut start = true;
+            for (i, c) in group.char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => break,
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => start = true,
+                    c if start && (c.is_alphanumeric() || c == '_') => {
+                        names.insert(identifier(&group[i..]));
+                        start = false;
                     }
+                    _ => {}
                 }
-            } else {
-                names.insert(identifier(rest));
             }
+        } else {
+            names.insert(identifier(rest));
         }
     }
     names.retain(|name| !name.is_empty() && name.chars().next().is_some_and(char::is_lowercase));

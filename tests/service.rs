@@ -387,6 +387,32 @@ fn no_client_is_refused_across_a_restart_on_an_inherited_socket() {
     assert!(second.wait_exit().success(), "{:#?}", second.seen);
 }
 
+/// A stop never shuts an inherited socket down, not even one with
+/// SO_REUSEPORT under `--reuseport` (which a stop does shut down when the
+/// server bound it itself): systemd goes on listening on it.
+#[test]
+fn a_stop_leaves_an_inherited_reuseport_socket_listening() {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_reuse_port(true).unwrap();
+    socket
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    socket.listen(16).unwrap();
+    let listener: TcpListener = socket.into();
+    let addr = listener.local_addr().unwrap();
+    let mut server = inheriting_with(&listener, &["--reuseport"]);
+    server.expect_line("listening on");
+    server.signal("TERM");
+    assert!(server.wait_exit().success(), "{:#?}", server.seen);
+    // Still listening: a client is queued for the next process.
+    let _client = connect(addr);
+    listener.set_nonblocking(true).unwrap();
+    assert!(
+        listener.accept().is_ok(),
+        "the inherited socket stopped listening"
+    );
+}
+
 /// A datagram socket standing in for systemd's notification socket.
 struct NotifyReceiver {
     socket: UnixDatagram,
@@ -545,6 +571,11 @@ fn server_lines(activated: &ServerProcess) -> Vec<String> {
 /// The server with a copy of `listener` as fd 3, and LISTEN_PID,
 /// LISTEN_FDS and LISTEN_FDNAMES set for it, as systemd starts it.
 fn inheriting(listener: &TcpListener) -> ServerProcess {
+    inheriting_with(listener, &[])
+}
+
+/// [`inheriting`], with `args` for the server.
+fn inheriting_with(listener: &TcpListener, args: &[&str]) -> ServerProcess {
     let socket: OwnedFd = listener.try_clone().expect("copy the listener").into();
     // stdin is the socket: move it to fd 3, then become the server (exec
     // keeps the shell's pid, which is LISTEN_PID).
@@ -553,6 +584,7 @@ fn inheriting(listener: &TcpListener) -> ServerProcess {
                   exec \"$0\" \"$@\"";
     ServerProcess::builder()
         .wrapper("sh", ["-c", script])
+        .args(args)
         .stdin(socket)
         .start_at(listener.local_addr().unwrap())
 }

@@ -430,7 +430,7 @@ impl LibraryServer {
         thread::Builder::new()
             .name("library-server".into())
             .spawn(move || {
-                let _ = done.send(run(listener, config, handle).map_err(|e| format!("{e:#}")));
+                let _ = done.send(run([listener], config, handle).map_err(|e| format!("{e:#}")));
             })
             .expect("start the server thread");
         LibraryServer {
