@@ -30,37 +30,13 @@ use crate::proxy_protocol::{self, ProxyHeader};
 use crate::rate_limit::{RateLimit, RateLimited};
 use crate::reply::{Reply, ReplyDeadline, ReplyEnd, read_reply};
 use crate::shutdown::{OpenConnection, OpenConnections};
+use crate::stats::Outcome;
 use crate::timed_read::{Prefixed, ReadStep, read_before};
 
 /// Most bytes a lingering close reads and throws away before it gives up.
 const LINGER_MAX_BYTES: usize = 64 * 1024;
 /// Longest a lingering close waits for the client to stop sending.
 const LINGER_MAX_TIME: Duration = Duration::from_secs(1);
-
-/// How a connection ended, for the shutdown summary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Outcome {
-    /// A reply was logged whole.
-    Replied,
-    /// A reply was logged cut at the cap.
-    Truncated,
-    /// The reply deadline passed.
-    TimedOut,
-    /// The client closed without sending anything.
-    NoReply,
-    /// Writing the prompt, reading, or the PROXY header failed.
-    Failed,
-    /// Refused by the access rules, or not a trusted proxy.
-    Denied,
-    /// Turned away with the busy line (`--max-connections`, `--max-per-ip`).
-    Busy,
-    /// Turned away with the busy line: its network connected faster than
-    /// `--max-rate-per-ip`.
-    RateLimited,
-    /// Still connected at the shutdown deadline: cut off, and logged with
-    /// what it had sent.
-    CutOff,
-}
 
 /// What every connection is served with.
 pub(crate) struct Serving {

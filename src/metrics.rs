@@ -359,38 +359,6 @@ fn is_label_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-/// How connections ended, one count per `outcome` label.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct OutcomeCounts {
-    pub(crate) replied: u64,
-    pub(crate) truncated: u64,
-    pub(crate) timed_out: u64,
-    pub(crate) no_reply: u64,
-    pub(crate) failed: u64,
-    pub(crate) denied: u64,
-    /// Turned away by `--max-connections` or `--max-per-ip`.
-    pub(crate) busy: u64,
-    pub(crate) rate_limited: u64,
-    /// Cut off at the shutdown deadline.
-    pub(crate) shutdown: u64,
-}
-
-impl OutcomeCounts {
-    fn labelled(&self) -> [(&'static str, u64); 9] {
-        [
-            ("replied", self.replied),
-            ("truncated", self.truncated),
-            ("timed_out", self.timed_out),
-            ("no_reply", self.no_reply),
-            ("failed", self.failed),
-            ("denied", self.denied),
-            ("busy", self.busy),
-            ("rate_limited", self.rate_limited),
-            ("shutdown", self.shutdown),
-        ]
-    }
-}
-
 /// What an `accept` failure was about, the `kind` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum AcceptErrorKind {
@@ -452,7 +420,8 @@ impl AcceptErrorCounts {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct MetricsSnapshot<'a> {
     pub(crate) connections_accepted: u64,
-    pub(crate) outcomes: OutcomeCounts,
+    /// Connections ended, by `outcome` label.
+    pub(crate) outcomes: &'a [(&'static str, u64)],
     pub(crate) reply_bytes: u64,
     pub(crate) accept_errors: AcceptErrorCounts,
     pub(crate) log_lines_dropped: u64,
@@ -480,7 +449,7 @@ impl MetricsSnapshot<'_> {
             &[],
             self.connections_accepted,
         );
-        for (outcome, count) in self.outcomes.labelled() {
+        for &(outcome, count) in self.outcomes {
             text.counter(
                 "prompt_server_connections_total",
                 "Connections ended, by outcome.",
@@ -880,12 +849,17 @@ mod tests {
         reply_size.observe(1024.0);
         MetricsSnapshot {
             connections_accepted: 7,
-            outcomes: OutcomeCounts {
-                replied: 2,
-                rate_limited: 3,
-                shutdown: 1,
-                ..OutcomeCounts::default()
-            },
+            outcomes: &[
+                ("replied", 2),
+                ("truncated", 0),
+                ("timed_out", 0),
+                ("no_reply", 0),
+                ("failed", 0),
+                ("denied", 0),
+                ("busy", 0),
+                ("rate_limited", 3),
+                ("shutdown", 1),
+            ],
             reply_bytes: 1036,
             accept_errors: AcceptErrorCounts {
                 descriptors: 4,

@@ -21,7 +21,7 @@ use crate::access::canonical;
 use crate::activation::{self, InheritedListener};
 use crate::capacity;
 use crate::config::{BUSY_MESSAGE, Config};
-use crate::connection::{self, Outcome, Serving};
+use crate::connection::{self, Serving};
 use crate::error::{Error, describe_io_error};
 use crate::limits::{ConnectionLimit, ConnectionSlot, LiveCount, PerIpLimit};
 use crate::logging::{self, BUSY_LINES, LISTENING_TARGET, LogEvery, held_back_note};
@@ -29,7 +29,7 @@ use crate::metrics::{self, AcceptErrorKind, MetricsSnapshot};
 use crate::notify::{Heartbeat, Notifier};
 use crate::rate_limit::{PrefixLengths, RateLimit, RateLimited};
 use crate::shutdown::{OpenConnection, OpenConnections, Shutdown};
-use crate::stats::{Stats, Summary};
+use crate::stats::{Outcome, Stats, Summary};
 use crate::thread_cache::{PARKED_THREAD_IDLE_TIMEOUT, ThreadCache};
 
 /// First pause after an `accept` failure about the process; it doubles with
@@ -362,7 +362,7 @@ fn render_metrics(shared: &Shared, started: SystemTime) -> String {
     let parked = shared.thread_cache.parked() as u64;
     MetricsSnapshot {
         connections_accepted: stats.accepted(),
-        outcomes: stats.outcomes(),
+        outcomes: &stats.outcomes(),
         reply_bytes: stats.reply_bytes(),
         accept_errors: stats.accept_errors(),
         log_lines_dropped: logging::lines_dropped(),

@@ -7,11 +7,65 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::connection::Outcome;
 use crate::metrics::{
-    AcceptErrorCounts, AcceptErrorKind, Histogram, OutcomeCounts, REPLY_SIZE_BUCKETS,
-    SESSION_DURATION_BUCKETS,
+    AcceptErrorCounts, AcceptErrorKind, Histogram, REPLY_SIZE_BUCKETS, SESSION_DURATION_BUCKETS,
 };
+
+/// How a connection ended: one count each in the summary, and the
+/// metrics' `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// A reply was logged whole.
+    Replied,
+    /// A reply was logged cut at the cap.
+    Truncated,
+    /// The reply deadline passed.
+    TimedOut,
+    /// The client closed without sending anything.
+    NoReply,
+    /// Writing the prompt, reading, or the PROXY header failed.
+    Failed,
+    /// Refused by the access rules, or not a trusted proxy.
+    Denied,
+    /// Turned away with the busy line (`--max-connections`, `--max-per-ip`).
+    Busy,
+    /// Turned away with the busy line: its network connected faster than
+    /// `--max-rate-per-ip`.
+    RateLimited,
+    /// Still connected at the shutdown deadline: cut off, and logged with
+    /// what it had sent.
+    CutOff,
+}
+
+impl Outcome {
+    /// Every outcome, in the order of the metrics.
+    pub(crate) const ALL: [Outcome; 9] = [
+        Outcome::Replied,
+        Outcome::Truncated,
+        Outcome::TimedOut,
+        Outcome::NoReply,
+        Outcome::Failed,
+        Outcome::Denied,
+        Outcome::Busy,
+        Outcome::RateLimited,
+        Outcome::CutOff,
+    ];
+
+    /// Its value of the metrics' `outcome` label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Outcome::Replied => "replied",
+            Outcome::Truncated => "truncated",
+            Outcome::TimedOut => "timed_out",
+            Outcome::NoReply => "no_reply",
+            Outcome::Failed => "failed",
+            Outcome::Denied => "denied",
+            Outcome::Busy => "busy",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::CutOff => "shutdown",
+        }
+    }
+}
 
 /// Running totals, shared by the accept loops and every connection thread.
 #[derive(Debug)]
@@ -20,15 +74,8 @@ pub(crate) struct Stats {
     accepted: AtomicU64,
     /// Connections given a thread.
     connections: AtomicU64,
-    replies: AtomicU64,
-    truncated: AtomicU64,
-    timed_out: AtomicU64,
-    no_reply: AtomicU64,
-    failed: AtomicU64,
-    rejected_busy: AtomicU64,
-    rate_limited: AtomicU64,
-    denied: AtomicU64,
-    cut_off: AtomicU64,
+    /// How connections ended, indexed by [`Outcome`].
+    outcomes: [AtomicU64; Outcome::ALL.len()],
     reply_bytes: AtomicU64,
     /// `accept` failures, indexed by [`AcceptErrorKind`].
     accept_errors: [AtomicU64; 4],
@@ -43,15 +90,7 @@ impl Default for Stats {
         Stats {
             accepted: AtomicU64::new(0),
             connections: AtomicU64::new(0),
-            replies: AtomicU64::new(0),
-            truncated: AtomicU64::new(0),
-            timed_out: AtomicU64::new(0),
-            no_reply: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-            rejected_busy: AtomicU64::new(0),
-            rate_limited: AtomicU64::new(0),
-            denied: AtomicU64::new(0),
-            cut_off: AtomicU64::new(0),
+            outcomes: Default::default(),
             reply_bytes: AtomicU64::new(0),
             accept_errors: Default::default(),
             session_duration: Histogram::new(SESSION_DURATION_BUCKETS),
@@ -81,18 +120,11 @@ impl Stats {
 
     /// Counts how a connection ended (served, or turned away).
     pub(crate) fn record(&self, outcome: Outcome) {
-        let counter = match outcome {
-            Outcome::Replied => &self.replies,
-            Outcome::Truncated => &self.truncated,
-            Outcome::TimedOut => &self.timed_out,
-            Outcome::NoReply => &self.no_reply,
-            Outcome::Failed => &self.failed,
-            Outcome::Busy => &self.rejected_busy,
-            Outcome::RateLimited => &self.rate_limited,
-            Outcome::Denied => &self.denied,
-            Outcome::CutOff => &self.cut_off,
-        };
-        add(counter, 1);
+        add(&self.outcomes[outcome as usize], 1);
+    }
+
+    fn count(&self, outcome: Outcome) -> u64 {
+        get(&self.outcomes[outcome as usize])
     }
 
     /// Counts a served connection: how it ended, the size of its logged
@@ -125,18 +157,8 @@ impl Stats {
     }
 
     /// How connections ended so far, by metrics label.
-    pub(crate) fn outcomes(&self) -> OutcomeCounts {
-        OutcomeCounts {
-            replied: get(&self.replies),
-            truncated: get(&self.truncated),
-            timed_out: get(&self.timed_out),
-            no_reply: get(&self.no_reply),
-            failed: get(&self.failed),
-            denied: get(&self.denied),
-            busy: get(&self.rejected_busy),
-            rate_limited: get(&self.rate_limited),
-            shutdown: get(&self.cut_off),
-        }
+    pub(crate) fn outcomes(&self) -> [(&'static str, u64); Outcome::ALL.len()] {
+        Outcome::ALL.map(|outcome| (outcome.label(), self.count(outcome)))
     }
 
     /// `accept` failures so far, by kind.
@@ -152,18 +174,17 @@ impl Stats {
 
     /// The totals now, with `still_connected` clients not yet done.
     pub(crate) fn summary(&self, still_connected: usize) -> Summary {
-        let outcomes = self.outcomes();
         Summary {
             connections: get(&self.connections),
-            replies: outcomes.replied,
-            truncated: outcomes.truncated,
-            timed_out: outcomes.timed_out,
-            no_reply: outcomes.no_reply,
-            failed: outcomes.failed,
-            rejected_busy: outcomes.busy,
-            rate_limited: outcomes.rate_limited,
-            denied: outcomes.denied,
-            cut_off: outcomes.shutdown,
+            replies: self.count(Outcome::Replied),
+            truncated: self.count(Outcome::Truncated),
+            timed_out: self.count(Outcome::TimedOut),
+            no_reply: self.count(Outcome::NoReply),
+            failed: self.count(Outcome::Failed),
+            rejected_busy: self.count(Outcome::Busy),
+            rate_limited: self.count(Outcome::RateLimited),
+            denied: self.count(Outcome::Denied),
+            cut_off: self.count(Outcome::CutOff),
             still_connected,
             unwritten_log_lines: 0,
         }
