@@ -24,6 +24,8 @@ use std::time::Duration;
 use log::warn;
 use rlimit::Resource;
 
+use crate::logging::event;
+
 /// Descriptors kept free besides those open at start-up (stdio, the
 /// listeners, the metrics listener, the signal pipe) and one per
 /// connection: a client being turned away, a metrics scrape, a stop's
@@ -272,7 +274,7 @@ pub(crate) fn effective_max_connections(
     );
     if let Some(limit) = &budget.bound_by {
         warn!(
-            event = "capacity", requested = budget.requested,
+            event = event::CAPACITY, requested = budget.requested,
             max_connections = budget.max_connections, bound_by = limit.name();
             "{budget}"
         );
@@ -295,7 +297,7 @@ fn open_files() -> Option<Limit> {
     let limit = match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => limit,
         Err(e) => {
-            warn!(event = "fd_limit"; "cannot raise the file descriptor limit: {e}");
+            warn!(event = event::FD_LIMIT; "cannot raise the file descriptor limit: {e}");
             rlimit::getrlimit(Resource::NOFILE).ok()?.0
         }
     };

@@ -23,8 +23,8 @@ use crate::config::{BUSY_MESSAGE, Config};
 use crate::error::describe_io_error;
 use crate::limits::{ConnectionSlot, IpSlot, PerIpLimit};
 use crate::logging::{
-    self, BUSY_LINES, DENIED_LINES, Escaped, RATE_LIMITED_LINES, ServingPeer, held_back_note,
-    reply_text,
+    self, BUSY_LINES, DENIED_LINES, Escaped, RATE_LIMITED_LINES, ServingPeer, event,
+    held_back_note, reply_text,
 };
 use crate::proxy_protocol::{self, ProxyHeader};
 use crate::rate_limit::{RateLimit, RateLimited};
@@ -168,7 +168,7 @@ fn admit_client<'a>(
     if !serving.config.access.permits(addr.ip()) {
         if let Some(held_back) = DENIED_LINES.due() {
             warn!(
-                event = "denied", peer:% = addr, proxy = proxy, held_back = held_back;
+                event = event::DENIED, peer:% = addr, proxy = proxy, held_back = held_back;
                 "{addr} refused by the access rules{}", held_back_note(held_back)
             );
         }
@@ -187,7 +187,7 @@ fn admit_client<'a>(
     let Some(ip_slot) = serving.per_ip.try_acquire(addr.ip()) else {
         if let Some(held_back) = BUSY_LINES.due() {
             warn!(
-                event = "busy", peer:% = addr, proxy = proxy, held_back = held_back;
+                event = event::BUSY, peer:% = addr, proxy = proxy, held_back = held_back;
                 "{addr} turned away: already {} connections from {}{}",
                 serving.config.max_per_ip.unwrap_or_default(),
                 addr.ip(),
@@ -210,7 +210,7 @@ pub(crate) fn log_rate_limited(
 ) {
     if let Some(held_back) = RATE_LIMITED_LINES.due() {
         warn!(
-            event = "rate_limited", peer:% = addr, proxy = proxy,
+            event = event::RATE_LIMITED, peer:% = addr, proxy = proxy,
             network:% = limited.network, held_back = held_back;
             "{addr} turned away: its network {}/{} connects faster than {} \
              (next connection in {:.2}s){}",
@@ -228,7 +228,7 @@ fn log_prompt_failed(client: Client, error: &std::io::Error) {
     let addr = client.addr;
     let proxy = client.proxy_field();
     warn!(
-        event = "prompt_failed", peer:% = addr, proxy = proxy.as_deref();
+        event = event::PROMPT_FAILED, peer:% = addr, proxy = proxy.as_deref();
         "{addr} could not be sent the prompt: {}",
         describe_io_error(error)
     );
@@ -252,7 +252,7 @@ fn read_proxy_header(
     if !trusted.is_empty() && !trusted.contains(peer.ip()) {
         if let Some(held_back) = DENIED_LINES.due() {
             warn!(
-                event = "denied", peer:% = peer, held_back = held_back;
+                event = event::DENIED, peer:% = peer, held_back = held_back;
                 "{peer} refused: not a trusted proxy{}", held_back_note(held_back)
             );
         }
@@ -275,7 +275,7 @@ fn read_proxy_header(
             rest,
         )),
         Err(e) => {
-            warn!(event = "proxy_header", peer:% = peer; "{peer} closed: bad PROXY protocol header: {e}");
+            warn!(event = event::PROXY_HEADER, peer:% = peer; "{peer} closed: bad PROXY protocol header: {e}");
             Err(Outcome::Failed)
         }
     }
@@ -315,12 +315,14 @@ fn log_reply(
 fn judge(reply: &Reply, cut_off: bool) -> (Level, &'static str, Outcome) {
     match &reply.end {
         // The server shut the read side down itself at the deadline.
-        ReplyEnd::Closed if cut_off => (Level::Warn, "cut_off", Outcome::CutOff),
-        ReplyEnd::Closed if reply.bytes.is_empty() => (Level::Info, "no_reply", Outcome::NoReply),
-        ReplyEnd::Line | ReplyEnd::Closed => (Level::Info, "reply", Outcome::Replied),
-        ReplyEnd::Truncated => (Level::Warn, "truncated", Outcome::Truncated),
-        ReplyEnd::TimedOut => (Level::Warn, "timeout", Outcome::TimedOut),
-        ReplyEnd::Failed(_) => (Level::Warn, "read_error", Outcome::Failed),
+        ReplyEnd::Closed if cut_off => (Level::Warn, event::CUT_OFF, Outcome::CutOff),
+        ReplyEnd::Closed if reply.bytes.is_empty() => {
+            (Level::Info, event::NO_REPLY, Outcome::NoReply)
+        }
+        ReplyEnd::Line | ReplyEnd::Closed => (Level::Info, event::REPLY, Outcome::Replied),
+        ReplyEnd::Truncated => (Level::Warn, event::TRUNCATED, Outcome::Truncated),
+        ReplyEnd::TimedOut => (Level::Warn, event::TIMEOUT, Outcome::TimedOut),
+        ReplyEnd::Failed(_) => (Level::Warn, event::READ_ERROR, Outcome::Failed),
     }
 }
 

@@ -87,7 +87,7 @@ pub fn init(format: LogFormat) -> io::Result<()> {
     let sink = SINK.get_or_init(|| LogSink::new(LOG_QUEUE_LINES, io::stderr()));
     LogSink::start_writer(sink, |dropped| {
         warn!(
-            event = "log_dropped", dropped = dropped;
+            event = event::LOG_DROPPED, dropped = dropped;
             "{dropped} log lines about turned-away clients and errors were dropped while the log was stalled"
         )
     })?;
@@ -177,18 +177,101 @@ impl log::Log for QueuedLogger {
     fn flush(&self) {}
 }
 
+/// The `event` field of every log line, each name once, so that a call
+/// and [`class_of`] cannot disagree on its spelling.
+pub(crate) mod event {
+    /// An `accept` failed (rate-limited).
+    pub(crate) const ACCEPT_ERROR: &str = "accept_error";
+    /// `accept` works again after failures.
+    pub(crate) const ACCEPT_RESUMED: &str = "accept_resumed";
+    /// A client turned away: no connection slot, or its address holds `--max-per-ip`.
+    pub(crate) const BUSY: &str = "busy";
+    /// `--max-connections` lowered at start-up to what the process can hold.
+    pub(crate) const CAPACITY: &str = "capacity";
+    /// A client connected (debug).
+    pub(crate) const CONNECTED: &str = "connected";
+    /// A client cut off at the shutdown deadline, with what it had sent.
+    pub(crate) const CUT_OFF: &str = "cut_off";
+    /// A client refused by the access rules, or not a trusted proxy.
+    pub(crate) const DENIED: &str = "denied";
+    /// A client's connection closed (debug).
+    pub(crate) const DISCONNECTED: &str = "disconnected";
+    /// The descriptor limit could not be raised.
+    pub(crate) const FD_LIMIT: &str = "fd_limit";
+    /// A socket passed down by the service manager is served.
+    pub(crate) const INHERITED: &str = "inherited";
+    /// The address a listener is bound to.
+    pub(crate) const LISTENING: &str = "listening";
+    /// How many housekeeping lines the full log queue dropped.
+    pub(crate) const LOG_DROPPED: &str = "log_dropped";
+    /// Where the metrics endpoint listens.
+    pub(crate) const METRICS: &str = "metrics";
+    /// A metrics scrape failed (debug).
+    pub(crate) const METRICS_SCRAPE_FAILED: &str = "metrics_scrape_failed";
+    /// A client closed without replying.
+    pub(crate) const NO_REPLY: &str = "no_reply";
+    /// The service manager could not be notified.
+    pub(crate) const NOTIFY_FAILED: &str = "notify_failed";
+    /// A thread panicked.
+    pub(crate) const PANIC: &str = "panic";
+    /// The prompt could not be sent.
+    pub(crate) const PROMPT_FAILED: &str = "prompt_failed";
+    /// A bad PROXY protocol header.
+    pub(crate) const PROXY_HEADER: &str = "proxy_header";
+    /// A client turned away by `--max-rate-per-ip`.
+    pub(crate) const RATE_LIMITED: &str = "rate_limited";
+    /// Bytes read from a client (trace).
+    pub(crate) const READ: &str = "read";
+    /// Reading a reply failed.
+    pub(crate) const READ_ERROR: &str = "read_error";
+    /// A client's reply.
+    pub(crate) const REPLY: &str = "reply";
+    /// A stop began, or reached its deadline.
+    pub(crate) const SHUTDOWN: &str = "shutdown";
+    /// SIGINT or SIGTERM received.
+    pub(crate) const SIGNAL: &str = "signal";
+    /// No thread could be started for a client.
+    pub(crate) const SPAWN_FAILED: &str = "spawn_failed";
+    /// The summary at the end of a stop.
+    pub(crate) const STOPPED: &str = "stopped";
+    /// A finished connection thread parked (trace).
+    pub(crate) const THREAD_PARKED: &str = "thread_parked";
+    /// A reply not complete by its deadline.
+    pub(crate) const TIMEOUT: &str = "timeout";
+    /// A reply cut at `--max-reply-bytes`.
+    pub(crate) const TRUNCATED: &str = "truncated";
+    /// A stop could not wake an accept loop.
+    pub(crate) const WAKE_FAILED: &str = "wake_failed";
+}
+
 /// Which queue class a record's `event` puts it in.
 fn class_of(record: &log::Record<'_>) -> Class {
-    let event = record.key_values().get(Key::from("event"));
-    let event = event.as_ref().and_then(Value::to_borrowed_str);
-    match event {
+    let value = record.key_values().get(Key::from("event"));
+    let name = value.as_ref().and_then(Value::to_borrowed_str);
+    match name {
         Some(
-            "reply" | "no_reply" | "truncated" | "timeout" | "read_error" | "cut_off"
-            | "prompt_failed" | "proxy_header",
+            event::REPLY
+            | event::NO_REPLY
+            | event::TRUNCATED
+            | event::TIMEOUT
+            | event::READ_ERROR
+            | event::CUT_OFF
+            | event::PROMPT_FAILED
+            | event::PROXY_HEADER,
         ) => Class::Reply,
         Some(
-            "listening" | "signal" | "shutdown" | "stopped" | "capacity" | "fd_limit" | "panic"
-            | "log_dropped" | "wake_failed" | "metrics" | "inherited" | "notify_failed",
+            event::LISTENING
+            | event::SIGNAL
+            | event::SHUTDOWN
+            | event::STOPPED
+            | event::CAPACITY
+            | event::FD_LIMIT
+            | event::PANIC
+            | event::LOG_DROPPED
+            | event::WAKE_FAILED
+            | event::METRICS
+            | event::INHERITED
+            | event::NOTIFY_FAILED,
         ) => Class::Lifecycle,
         _ => Class::Housekeeping,
     }
@@ -318,12 +401,12 @@ pub fn log_panics() {
             .unwrap_or_default();
         match SERVING.with(Cell::get) {
             Some(peer) => error!(
-                event = "panic", peer:% = peer;
+                event = event::PANIC, peer:% = peer;
                 "thread {thread} panicked at {location} serving {peer}: {}",
                 Escaped(message.as_bytes())
             ),
             None => error!(
-                event = "panic";
+                event = event::PANIC;
                 "thread {thread} panicked at {location}: {}",
                 Escaped(message.as_bytes())
             ),

@@ -50,6 +50,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::logging::event;
+
 /// The whole time one scraper may take: reading its request and taking the
 /// response. A silent scraper is dropped after this.
 pub(crate) const SCRAPE_DEADLINE: Duration = Duration::from_secs(2);
@@ -609,7 +611,7 @@ pub(crate) fn serve_metrics(
                     Progress::Done(result) => {
                         if let Err(e) = result {
                             log::debug!(
-                                event = "metrics_scrape_failed";
+                                event = event::METRICS_SCRAPE_FAILED;
                                 "metrics scrape from {} failed: {e}", scrape.peer
                             );
                         }

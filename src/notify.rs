@@ -42,6 +42,7 @@ use log::warn;
 use sd_notify::NotifyState;
 
 use crate::error::describe_io_error;
+use crate::logging::event;
 
 /// The variable that names the service manager's notification socket.
 const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
@@ -291,7 +292,7 @@ impl Inner {
             && !self.send_failure_logged.swap(true, Ordering::SeqCst)
         {
             warn!(
-                event = "notify_failed";
+                event = event::NOTIFY_FAILED;
                 "cannot notify the service manager ({NOTIFY_SOCKET}): {}",
                 describe_io_error(e)
             );

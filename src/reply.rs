@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use log::trace;
 
+use crate::logging::event;
 use crate::timed_read::{DeadlineRead, ReadStep, read_before};
 
 /// Most bytes asked of the socket in one read. Reads land in a buffer of
@@ -84,7 +85,7 @@ pub(crate) fn read_reply<S: DeadlineRead>(
             ReadStep::TimedOut => return finish(buf, max_reply_bytes, ReplyEnd::TimedOut),
             ReadStep::Failed(e) => return finish(buf, max_reply_bytes, ReplyEnd::Failed(e)),
         };
-        trace!(event = "read", peer:% = peer, bytes = n; "{peer}: read {n} bytes");
+        trace!(event = event::READ, peer:% = peer, bytes = n; "{peer}: read {n} bytes");
         let start = buf.len();
         buf.extend_from_slice(&chunk[..n]);
         if let Some(newline) = buf[start..].iter().position(|&b| b == b'\n') {

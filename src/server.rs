@@ -24,7 +24,7 @@ use crate::config::{BUSY_MESSAGE, Config};
 use crate::connection::{self, Serving};
 use crate::error::{Error, describe_io_error};
 use crate::limits::{ConnectionLimit, ConnectionSlot, LiveCount, PerIpLimit};
-use crate::logging::{self, BUSY_LINES, LISTENING_TARGET, LogEvery, held_back_note};
+use crate::logging::{self, BUSY_LINES, LISTENING_TARGET, LogEvery, event, held_back_note};
 use crate::metrics::{self, AcceptErrorKind, MetricsSnapshot};
 use crate::notify::{Heartbeat, Notifier};
 use crate::rate_limit::{PrefixLengths, RateLimit, RateLimited};
@@ -86,7 +86,7 @@ pub fn listeners(config: &Config) -> Result<Vec<TcpListener>, Error> {
             .local_addr()
             .map_err(|e| Error::new("cannot read the address of an inherited socket", e))?;
         info!(
-            event = "inherited", addr:% = addr, name = name.as_deref();
+            event = event::INHERITED, addr:% = addr, name = name.as_deref();
             "serving the socket passed down by the service manager on {addr}{}",
             name.as_ref().map(|name| format!(" (named {name:?})")).unwrap_or_default()
         );
@@ -244,7 +244,7 @@ fn prepare_listeners(
             .local_addr()
             .map_err(|e| Error::new("cannot read the address the listener is bound to", e))?;
         info!(
-            target: LISTENING_TARGET, event = "listening", addr:% = local_addr;
+            target: LISTENING_TARGET, event = event::LISTENING, addr:% = local_addr;
             "listening on {local_addr}"
         );
         let socket = SockRef::from(&listener);
@@ -337,7 +337,7 @@ impl MetricsEndpoint {
         let thread = metrics::serve_metrics(listener, render, is_finished)
             .map_err(|e| Error::new("cannot start the metrics endpoint", e))?;
         if let Some(addr) = addr {
-            info!(event = "metrics", addr:% = addr; "metrics at http://{addr}/metrics");
+            info!(event = event::METRICS, addr:% = addr; "metrics at http://{addr}/metrics");
         }
         Ok(MetricsEndpoint {
             finished,
@@ -387,7 +387,7 @@ fn report_to_service_manager(notifier: &Notifier, addrs: &[SocketAddr], shared: 
     let shared = Arc::clone(shared);
     if let Err(e) = notifier.start_reporting(move || shared.limit.active()) {
         warn!(
-            event = "notify_failed";
+            event = event::NOTIFY_FAILED;
             "cannot start reporting to the service manager: {}", describe_io_error(&e)
         );
     }
@@ -487,14 +487,14 @@ fn stop(shared: &Shared) -> Summary {
     let timeout = shared.serving.config.shutdown_timeout;
     let connected = shared.limit.active();
     info!(
-        event = "shutdown", connected = connected;
+        event = event::SHUTDOWN, connected = connected;
         "shutting down: no longer accepting; {connected} still connected, waiting up to {}s for them",
         timeout.as_secs_f64()
     );
     let still_connected = shared.limit.wait_until_idle(Instant::now() + timeout);
     if still_connected > 0 {
         info!(
-            event = "shutdown", connected = still_connected;
+            event = event::SHUTDOWN, connected = still_connected;
             "shutdown timeout: cutting off {still_connected} still connected"
         );
     }
@@ -512,7 +512,7 @@ fn stop(shared: &Shared) -> Summary {
     }
     let mut summary = shared.stats.summary(threads_left);
     info!(
-        event = "stopped", connections = summary.connections, replies = summary.replies,
+        event = event::STOPPED, connections = summary.connections, replies = summary.replies,
         truncated = summary.truncated, timed_out = summary.timed_out, no_reply = summary.no_reply,
         failed = summary.failed, rejected_busy = summary.rejected_busy,
         rate_limited = summary.rate_limited, denied = summary.denied,
@@ -572,7 +572,7 @@ fn admit(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
         let _ = SockRef::from(&*stream).set_linger(None);
         shared.stats.record(Outcome::Failed);
         warn!(
-            event = "spawn_failed", peer:% = peer;
+            event = event::SPAWN_FAILED, peer:% = peer;
             "{peer} closed: cannot start a thread for it: {}",
             describe_io_error(&e)
         );
@@ -591,14 +591,14 @@ fn connection_thread(first: Accepted, shared: &Shared) {
         open,
     }) = next
     {
-        debug!(event = "connected", peer:% = peer; "{peer} connected");
+        debug!(event = event::CONNECTED, peer:% = peer; "{peer} connected");
         let served = connection::serve(&stream, peer, &shared.serving);
         let duration = accepted_at.elapsed();
         shared
             .stats
             .record_session(served.outcome, served.reply_bytes, duration);
         connection::close(stream, (slot, open));
-        debug!(event = "disconnected", peer:% = peer; "{peer} disconnected");
+        debug!(event = event::DISCONNECTED, peer:% = peer; "{peer} disconnected");
         next = shared.thread_cache.park();
     }
 }
@@ -631,7 +631,7 @@ fn turn_away(stream: TcpStream, peer: SocketAddr, why: TurnedAway, shared: &Shar
             shared.stats.record(Outcome::Busy);
             if let Some(held_back) = BUSY_LINES.due() {
                 warn!(
-                    event = "busy", peer:% = peer, held_back = held_back;
+                    event = event::BUSY, peer:% = peer, held_back = held_back;
                     "{peer} turned away: all {} connection slots are taken{}",
                     shared.serving.config.max_connections,
                     held_back_note(held_back)
@@ -690,7 +690,7 @@ impl AcceptFailures {
     /// Notes a successful accept, ending any backoff.
     fn recovered(&mut self) {
         if !self.pause.is_zero() {
-            info!(event = "accept_resumed"; "accepting connections again");
+            info!(event = event::ACCEPT_RESUMED; "accepting connections again");
             self.pause = Duration::ZERO;
         }
     }
@@ -698,7 +698,7 @@ impl AcceptFailures {
     fn log(&self, error: &io::Error, action: &str) {
         if let Some(held_back) = self.log.due() {
             warn!(
-                event = "accept_error", held_back = held_back;
+                event = event::ACCEPT_ERROR, held_back = held_back;
                 "accept failed: {}; {action} ({} failures since the last report)",
                 describe_io_error(error),
                 held_back + 1

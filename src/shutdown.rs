@@ -32,6 +32,8 @@ use log::{info, warn};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use crate::logging::event;
+
 /// How long [`Shutdown::trigger`] tries to reach the listener to wake it.
 const WAKE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a second signal lets the log take the lines before the exit.
@@ -93,7 +95,7 @@ impl Shutdown {
                 },
             };
             if let Err(e) = woken {
-                warn!(event = "wake_failed"; "could not wake an accept loop ({target:?}): {e}");
+                warn!(event = event::WAKE_FAILED; "could not wake an accept loop ({target:?}): {e}");
             }
         }
     }
@@ -175,14 +177,14 @@ impl Shutdown {
                         "SIGTERM"
                     };
                     if shutdown.is_triggered() {
-                        warn!(event = "signal", signal = name; "{name} again: exiting now without waiting for clients");
+                        warn!(event = event::SIGNAL, signal = name; "{name} again: exiting now without waiting for clients");
                         // Connections still open are reset by the exit (their
                         // sockets linger zero), so no client mistakes it for a
                         // clean close; only the log gets a moment.
                         crate::logging::flush(EXIT_LOG_FLUSH_TIMEOUT);
                         process::exit(128 + signal);
                     }
-                    info!(event = "signal", signal = name; "{name} received: stopping (send it again to exit at once)");
+                    info!(event = event::SIGNAL, signal = name; "{name} received: stopping (send it again to exit at once)");
                     shutdown.trigger();
                 }
             })?;

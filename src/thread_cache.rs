@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use log::trace;
 
+use crate::logging::event;
+
 /// How long a parked thread waits for a connection before it exits.
 pub(crate) const PARKED_THREAD_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -85,7 +87,7 @@ impl<T> ThreadCache<T> {
             return None;
         }
         state.parked += 1;
-        trace!(event = "thread_parked"; "thread parked, {} parked now", state.parked);
+        trace!(event = event::THREAD_PARKED; "thread parked, {} parked now", state.parked);
         let (mut state, _) = self
             .handed_over
             .wait_timeout_while(state, self.idle_timeout, |state| {
