@@ -28,10 +28,10 @@ use crate::logging::{
 };
 use crate::proxy_protocol::{self, ProxyHeader};
 use crate::rate_limit::{RateLimit, RateLimited};
-use crate::reply::{Reply, ReplyDeadline, ReplyEnd, read_reply};
+use crate::reply::{Reply, ReplyEnd, read_reply};
 use crate::shutdown::{OpenConnection, OpenConnections};
 use crate::stats::Outcome;
-use crate::timed_read::{Prefixed, ReadStep, read_before};
+use crate::timed_read::{Deadline, Prefixed, ReadStep, read_before};
 
 /// Most bytes a lingering close reads and throws away before it gives up.
 const LINGER_MAX_BYTES: usize = 64 * 1024;
@@ -144,11 +144,15 @@ fn read_client_reply(
     client: Client,
     config: &Config,
 ) -> Reply {
-    let deadline = config.reply_timeout.map(|timeout| ReplyDeadline {
-        at: Instant::now() + timeout,
+    let deadline = config.reply_timeout.map(|timeout| {
+        let at = Instant::now() + timeout;
         // The socket's read timeout is the whole budget, inherited from the
         // listener, unless reading a PROXY header has set its own.
-        first_read_timeout_is_set: !config.proxy_protocol,
+        if config.proxy_protocol {
+            Deadline::new(at)
+        } else {
+            Deadline::with_timeout_already_set(at)
+        }
     });
     let mut source = Prefixed::new(early_bytes, stream);
     read_reply(&mut source, client.addr, config.max_reply_bytes, deadline)
@@ -409,11 +413,11 @@ fn linger(mut stream: &TcpStream) {
     if stream.shutdown(Shutdown::Write).is_err() {
         return;
     }
-    let deadline = Instant::now() + LINGER_MAX_TIME;
+    let mut deadline = Deadline::new(Instant::now() + LINGER_MAX_TIME);
     let mut discard = [0u8; 2048];
     let mut discarded = 0;
     while discarded < LINGER_MAX_BYTES {
-        match read_before(&mut stream, &mut discard, Some(deadline), true) {
+        match read_before(&mut stream, &mut discard, Some(&mut deadline)) {
             ReadStep::Data(n) => discarded += n,
             ReadStep::Closed | ReadStep::TimedOut | ReadStep::Failed(_) => return,
         }

@@ -15,7 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Instant;
 
 use crate::error::describe_io_error;
-use crate::timed_read::{DeadlineRead, ReadStep, read_before};
+use crate::timed_read::{Deadline, DeadlineRead, ReadStep, read_before};
 
 /// The longest version 1 header, CRLF included.
 pub(crate) const V1_MAX_LEN: usize = 107;
@@ -203,6 +203,7 @@ pub(crate) fn read_header<S: DeadlineRead>(
     source: &mut S,
     deadline: Option<Instant>,
 ) -> Result<(ProxyHeader, Vec<u8>), HeaderError> {
+    let mut deadline = deadline.map(Deadline::new);
     let mut buf = Vec::with_capacity(V1_MAX_LEN);
     let mut chunk = [0u8; 512];
     loop {
@@ -211,7 +212,7 @@ pub(crate) fn read_header<S: DeadlineRead>(
             Parsed::Invalid(why) => return Err(HeaderError::Invalid(why)),
             Parsed::Incomplete => {}
         }
-        match read_before(source, &mut chunk, deadline, true) {
+        match read_before(source, &mut chunk, deadline.as_mut()) {
             ReadStep::Data(n) => buf.extend_from_slice(&chunk[..n]),
             ReadStep::Closed => return Err(HeaderError::Closed),
             ReadStep::TimedOut => return Err(HeaderError::TimedOut),

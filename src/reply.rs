@@ -9,12 +9,11 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::time::Instant;
 
 use log::trace;
 
 use crate::logging::event;
-use crate::timed_read::{DeadlineRead, ReadStep, read_before};
+use crate::timed_read::{Deadline, DeadlineRead, ReadStep, read_before};
 
 /// Most bytes asked of the socket in one read. Reads land in a buffer of
 /// this size on the stack, and the reply's heap buffer is only allocated
@@ -48,16 +47,6 @@ pub(crate) struct Reply {
     pub(crate) end: ReplyEnd,
 }
 
-/// When a reply must be complete, and whether the socket's read timeout
-/// already stands at (about) the whole budget, so that the first read needs
-/// no `setsockopt` (the server sets it once on the listening socket, and
-/// accepted sockets inherit it).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ReplyDeadline {
-    pub(crate) at: Instant,
-    pub(crate) first_read_timeout_is_set: bool,
-}
-
 /// Reads one reply line from `source`, keeping at most `max_reply_bytes` of
 /// it, and giving up at `deadline` (if any) however the bytes trickle in.
 ///
@@ -66,20 +55,16 @@ pub(crate) fn read_reply<S: DeadlineRead>(
     source: &mut S,
     peer: SocketAddr,
     max_reply_bytes: usize,
-    deadline: Option<ReplyDeadline>,
+    mut deadline: Option<Deadline>,
 ) -> Reply {
     // Room for a full-length reply and its "\r\n": only past that is a reply
     // known to be too long.
     let limit = max_reply_bytes.saturating_add(2);
     let mut chunk = [0u8; READ_CHUNK];
     let mut buf = Vec::new();
-    let mut timeout_is_set = deadline.is_some_and(|d| d.first_read_timeout_is_set);
     loop {
         let want = (limit - buf.len()).min(READ_CHUNK);
-        let at = deadline.map(|d| d.at);
-        let step = read_before(source, &mut chunk[..want], at, !timeout_is_set);
-        timeout_is_set = false;
-        let n = match step {
+        let n = match read_before(source, &mut chunk[..want], deadline.as_mut()) {
             ReadStep::Data(n) => n,
             ReadStep::Closed => return finish(buf, max_reply_bytes, ReplyEnd::Closed),
             ReadStep::TimedOut => return finish(buf, max_reply_bytes, ReplyEnd::TimedOut),
@@ -120,7 +105,7 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::VecDeque;
     use std::io::Read;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     /// Hands out a byte string in the given pieces, then EOF.
     struct Chunked {
@@ -216,10 +201,7 @@ mod tests {
     fn expired_deadline_times_out_without_reading() {
         let peer = "127.0.0.1:9".parse().unwrap();
         let mut source = Chunked::new([b"yes\n".to_vec()]);
-        let deadline = ReplyDeadline {
-            at: Instant::now(),
-            first_read_timeout_is_set: true,
-        };
+        let deadline = Deadline::with_timeout_already_set(Instant::now());
         let reply = read_reply(&mut source, peer, 1024, Some(deadline));
         assert!(matches!(reply.end, ReplyEnd::TimedOut));
         assert!(reply.bytes.is_empty());

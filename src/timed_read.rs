@@ -66,21 +66,53 @@ pub(crate) enum ReadStep {
     Failed(io::Error),
 }
 
-/// Reads once into `buf`, giving up at `deadline`. With `set_timeout`, the
-/// socket's read timeout is first set to the time left; without, the caller
-/// knows it already stands at about that.
+/// When reading must be done by.
+///
+/// Before each read the socket's read timeout is set to the time left,
+/// except for a first read whose timeout already stands at about that: an
+/// accepted socket inherits the whole reply budget from the listener (see
+/// `server`), which saves one `setsockopt` per connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Deadline {
+    at: Instant,
+    /// The socket's read timeout stands at about the time left.
+    timeout_set: bool,
+}
+
+impl Deadline {
+    /// A deadline at `at`, the socket's timeout to be set for each read.
+    pub(crate) fn new(at: Instant) -> Self {
+        Deadline {
+            at,
+            timeout_set: false,
+        }
+    }
+
+    /// A deadline at `at` whose first read relies on the read timeout the
+    /// socket already has.
+    pub(crate) fn with_timeout_already_set(at: Instant) -> Self {
+        Deadline {
+            at,
+            timeout_set: true,
+        }
+    }
+}
+
+/// Reads once into `buf`, giving up at `deadline` (if any).
 pub(crate) fn read_before<S: DeadlineRead>(
     source: &mut S,
     buf: &mut [u8],
-    deadline: Option<Instant>,
-    set_timeout: bool,
+    deadline: Option<&mut Deadline>,
 ) -> ReadStep {
     if let Some(deadline) = deadline {
-        let remaining = deadline.saturating_duration_since(Instant::now());
+        let remaining = deadline.at.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             return ReadStep::TimedOut;
         }
-        if set_timeout && let Err(e) = source.set_read_timeout_for_next_read(remaining) {
+        // Only the first read can find the timeout already right.
+        if !std::mem::replace(&mut deadline.timeout_set, false)
+            && let Err(e) = source.set_read_timeout_for_next_read(remaining)
+        {
             return ReadStep::Failed(e);
         }
     }
