@@ -1,25 +1,17 @@
 //! The command line of the `prompt-server` binary: [`Cli`], its checks, and
 //! the one-line form of its errors.
 //!
-//! Only this module knows clap: it turns arguments into a [`Config`], and
-//! the rest of the library never sees a flag.
+//! A module of the binary (declared in `main.rs`), not of the library: only
+//! the binary knows clap. It fills in the library's [`Config`], whose
+//! defaults are the flags' defaults.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use clap::builder::PossibleValue;
 use clap::{CommandFactory, Parser, ValueEnum};
-
-use crate::access::{AccessRules, NetList, parse_net};
-use crate::config::{
-    Config, DEFAULT_BIND, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_REPLY_BYTES, DEFAULT_PORT,
-    DEFAULT_PROMPT, DEFAULT_REPLY_TIMEOUT_SECS, DEFAULT_SHUTDOWN_TIMEOUT_SECS,
-    DEFAULT_WRITE_TIMEOUT_SECS, prompt_bytes,
-};
-use crate::logging::LogFormat;
-use crate::rate_limit::{
-    DEFAULT_PREFIX_V4, DEFAULT_PREFIX_V6, Rate, parse_prefix_v4, parse_prefix_v6,
-};
+use ipnet::IpNet;
+use prompt_server::logging::LogFormat;
+use prompt_server::{AccessRules, Config, NetList, Rate};
 
 /// What `--help` says after the options.
 const AFTER_HELP: &str = "\
@@ -41,43 +33,43 @@ Logging goes to stderr at level info; RUST_LOG changes it, e.g. RUST_LOG=debug
 )]
 pub struct Cli {
     /// TCP port to listen on (0 lets the OS pick one; the log says which).
-    #[arg(long, value_name = "PORT", default_value_t = DEFAULT_PORT)]
+    #[arg(long, value_name = "PORT", default_value_t = defaults().listen_addr.port())]
     pub port: u16,
 
     /// Address to listen on, e.g. 0.0.0.0, ::, 127.0.0.1 or ::1.
-    #[arg(long, value_name = "ADDR", default_value_t = DEFAULT_BIND)]
+    #[arg(long, value_name = "ADDR", default_value_t = defaults().listen_addr.ip())]
     pub bind: IpAddr,
 
     /// Prompt sent to every client; a missing trailing newline is added.
-    #[arg(long, value_name = "TEXT", default_value = DEFAULT_PROMPT.trim_end())]
+    #[arg(long, value_name = "TEXT", default_value_t = default_prompt())]
     pub prompt: String,
 
     /// Longest reply kept, in bytes; a longer one is logged truncated and the
     /// connection closed.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_REPLY_BYTES,
+    #[arg(long, value_name = "N", default_value_t = defaults().max_reply_bytes,
           value_parser = parse_at_least_one)]
     pub max_reply_bytes: usize,
 
     /// Seconds a client has for its whole reply, however slowly it sends;
     /// 0 waits forever.
-    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_REPLY_TIMEOUT_SECS,
+    #[arg(long, value_name = "SECS", default_value_t = defaults().reply_timeout.map_or(0.0, |t| t.as_secs_f64()),
           value_parser = parse_seconds)]
     pub reply_timeout: f64,
 
     /// Seconds sending the prompt may take before the client is dropped.
-    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_WRITE_TIMEOUT_SECS,
+    #[arg(long, value_name = "SECS", default_value_t = defaults().write_timeout.as_secs_f64(),
           value_parser = parse_positive_seconds)]
     pub write_timeout: f64,
 
     /// Clients served at once; one more is sent "server busy, try again
     /// later" and closed.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONNECTIONS,
+    #[arg(long, value_name = "N", default_value_t = defaults().max_connections,
           value_parser = parse_at_least_one)]
     pub max_connections: usize,
 
     /// Seconds a stopping server (SIGINT, SIGTERM) lets connected clients
     /// finish before it exits.
-    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+    #[arg(long, value_name = "SECS", default_value_t = defaults().shutdown_timeout.as_secs_f64(),
           value_parser = parse_seconds)]
     pub shutdown_timeout: f64,
 
@@ -96,16 +88,16 @@ pub struct Cli {
     /// With --proxy-protocol: only connections from this address or network
     /// may carry a header; others are refused. Repeatable.
     #[arg(long, value_name = "CIDR", value_parser = parse_net, requires = "proxy_protocol")]
-    pub trusted_proxy: Vec<ipnet::IpNet>,
+    pub trusted_proxy: Vec<IpNet>,
 
     /// Serve only clients from this address or network. Repeatable.
     #[arg(long, value_name = "CIDR", value_parser = parse_net)]
-    pub allow: Vec<ipnet::IpNet>,
+    pub allow: Vec<IpNet>,
 
     /// Refuse clients from this address or network; wins over --allow.
     /// Repeatable.
     #[arg(long, value_name = "CIDR", value_parser = parse_net)]
-    pub deny: Vec<ipnet::IpNet>,
+    pub deny: Vec<IpNet>,
 
     /// Connections one client address may hold at once; one more is sent the
     /// busy line.
@@ -124,14 +116,14 @@ pub struct Cli {
 
     /// With --max-rate-per-ip: leading bits of an IPv4 client address that
     /// make its network (32: each address on its own).
-    #[arg(long, value_name = "BITS", default_value_t = DEFAULT_PREFIX_V4,
+    #[arg(long, value_name = "BITS", default_value_t = defaults().rate_prefix_v4,
           value_parser = parse_prefix_v4, requires = "max_rate_per_ip")]
     pub rate_prefix_v4: u8,
 
     /// With --max-rate-per-ip: leading bits of an IPv6 client address that
     /// make its network (64: a host's usual allocation, so changing
     /// addresses within it gains nothing).
-    #[arg(long, value_name = "BITS", default_value_t = DEFAULT_PREFIX_V6,
+    #[arg(long, value_name = "BITS", default_value_t = defaults().rate_prefix_v6,
           value_parser = parse_prefix_v6, requires = "max_rate_per_ip")]
     pub rate_prefix_v6: u8,
 
@@ -146,8 +138,37 @@ pub struct Cli {
     pub reuseport: bool,
 
     /// Log lines as text, or as one JSON object per line.
-    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormatArg::Text)]
+    pub log_format: LogFormatArg,
+}
+
+/// `--log-format`: the library's [`LogFormat`], as a flag value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormatArg {
+    Text,
+    Json,
+}
+
+impl From<LogFormatArg> for LogFormat {
+    fn from(format: LogFormatArg) -> Self {
+        match format {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        }
+    }
+}
+
+/// The library's defaults, which are the flags' defaults.
+fn defaults() -> Config {
+    Config::default()
+}
+
+/// The default prompt as a flag value: without the newline every prompt
+/// gets.
+fn default_prompt() -> String {
+    String::from_utf8_lossy(&defaults().prompt)
+        .trim_end()
+        .to_string()
 }
 
 impl Cli {
@@ -247,17 +268,43 @@ fn parse_at_least_one(text: &str) -> Result<usize, String> {
     }
 }
 
-/// `--log-format text|json`, for the [`LogFormat`] that `logging` owns.
-impl ValueEnum for LogFormat {
-    fn value_variants<'a>() -> &'a [Self] {
-        &[LogFormat::Text, LogFormat::Json]
-    }
-
-    fn to_possible_value(&self) -> Option<PossibleValue> {
-        Some(match self {
-            LogFormat::Text => PossibleValue::new("text"),
-            LogFormat::Json => PossibleValue::new("json"),
+/// Parses `ADDR/PREFIX`, or a bare address meaning that one host.
+fn parse_net(text: &str) -> Result<IpNet, String> {
+    if text.contains('/') {
+        text.parse::<IpNet>().map(|net| net.trunc()).map_err(|_| {
+            "must be an address or a network such as 10.0.0.0/8 or ::1/128".to_string()
         })
+    } else {
+        text.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
+            "must be an address or a network such as 10.0.0.0/8 or ::1/128".to_string()
+        })
+    }
+}
+
+/// Turns prompt text into the bytes sent, adding the newline a line-based
+/// client (netcat, telnet) needs to show it.
+fn prompt_bytes(text: &str) -> Vec<u8> {
+    let mut prompt = text.as_bytes().to_vec();
+    if !prompt.ends_with(b"\n") {
+        prompt.push(b'\n');
+    }
+    prompt
+}
+
+/// `--rate-prefix-v4` as a clap value parser: a prefix length 0..=32.
+fn parse_prefix_v4(text: &str) -> Result<u8, String> {
+    parse_prefix(text, 32)
+}
+
+/// `--rate-prefix-v6` as a clap value parser: a prefix length 0..=128.
+fn parse_prefix_v6(text: &str) -> Result<u8, String> {
+    parse_prefix(text, 128)
+}
+
+fn parse_prefix(text: &str, max: u8) -> Result<u8, String> {
+    match text.parse::<u8>() {
+        Ok(bits) if bits <= max => Ok(bits),
+        _ => Err(format!("must be a prefix length from 0 to {max}")),
     }
 }
 
@@ -266,13 +313,45 @@ mod tests {
     use super::*;
 
     #[test]
+    fn prompt_gets_exactly_one_trailing_newline() {
+        assert_eq!(prompt_bytes("hi"), b"hi\n");
+        assert_eq!(prompt_bytes("hi\n"), b"hi\n");
+        assert_eq!(prompt_bytes(""), b"\n");
+    }
+
+    #[test]
+    fn networks_parse_with_or_without_prefix() {
+        assert_eq!(parse_net("192.0.2.7").unwrap().to_string(), "192.0.2.7/32");
+        assert_eq!(parse_net("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(
+            parse_net("2001:db8::/32").unwrap().to_string(),
+            "2001:db8::/32"
+        );
+        for bad in ["10.0.0.0/33", "nonsense", "10.0.0/8", ""] {
+            assert!(parse_net(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn prefix_lengths_are_checked() {
+        assert_eq!(parse_prefix_v4("0"), Ok(0));
+        assert_eq!(parse_prefix_v4("32"), Ok(32));
+        assert_eq!(parse_prefix_v6("128"), Ok(128));
+        for bad in ["33", "-1", "", "x", "1000"] {
+            let error = parse_prefix_v4(bad).expect_err(bad);
+            assert_eq!(error, "must be a prefix length from 0 to 32");
+        }
+        assert!(parse_prefix_v6("129").is_err());
+    }
+
+    #[test]
     fn defaults_match_the_classic_example() {
         let config = Cli::parse_from(["prompt-server"]).to_config();
         assert_eq!(config.listen_addr, "0.0.0.0:1337".parse().unwrap());
         assert_eq!(config.prompt, b"Do you want to play a game?\n");
         assert_eq!(config.max_reply_bytes, 1024);
         assert_eq!(config.reply_timeout, Some(Duration::from_secs(60)));
-        assert_eq!(config.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(config.max_connections, 1024);
         assert_eq!(config.shutdown_timeout, Duration::from_secs(10));
     }
 

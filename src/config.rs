@@ -111,25 +111,3 @@ impl Default for Config {
         }
     }
 }
-
-/// Turns prompt text into the bytes sent, adding the newline a line-based
-/// client (netcat, telnet) needs to show it.
-pub(crate) fn prompt_bytes(text: &str) -> Vec<u8> {
-    let mut prompt = text.as_bytes().to_vec();
-    if !prompt.ends_with(b"\n") {
-        prompt.push(b'\n');
-    }
-    prompt
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prompt_gets_exactly_one_trailing_newline() {
-        assert_eq!(prompt_bytes("hi"), b"hi\n");
-        assert_eq!(prompt_bytes("hi\n"), b"hi\n");
-        assert_eq!(prompt_bytes(""), b"\n");
-    }
-}

@@ -9,8 +9,9 @@
 //! [`bind`] a listener for a [`Config`] (or take the sockets systemd passes
 //! down with [`listeners`]), then [`run`] it until a [`Shutdown`] handle is
 //! triggered; `run` returns a [`Summary`] of how the connections ended. The
-//! binary does exactly this, with the [`cli`] and [`logging`] modules around
-//! it. Linux only (see the README).
+//! binary does exactly this, with its command line (`src/cli.rs`, the
+//! binary's own module: the library does not know clap) and the
+//! [`logging`] set-up around it. Linux only (see the README).
 //!
 //! # Layout
 //!
@@ -54,7 +55,6 @@
 //! - `log_sink`: the bounded queue between log calls and stderr, so that a
 //!   stalled log never blocks the accept loop or the signal handling, and a
 //!   reply's connection is closed only once its line is written.
-//! - [`cli`]: the binary's command line, the only module that knows clap.
 //! - `config`: the [`Config`] the server runs with, and its defaults.
 //! - `rate_limit`: `--max-rate-per-ip`, token buckets per client network
 //!   in a table whose size stays bounded.
@@ -79,7 +79,6 @@ compile_error!(
 mod access;
 mod activation;
 mod capacity;
-pub mod cli;
 mod config;
 mod connection;
 mod error;

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use prompt_server::cli::{self, Cli};
+mod cli;
+
+use cli::Cli;
 use prompt_server::{Shutdown, Summary, listeners, logging, run};
 
 fn main() -> ExitCode {
@@ -19,7 +21,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = logging::init(cli.log_format) {
+    if let Err(e) = logging::init(cli.log_format.into()) {
         eprintln!("error: cannot set up logging: {e}");
         return ExitCode::FAILURE;
     }
