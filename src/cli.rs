@@ -53,12 +53,12 @@ pub struct Cli {
     /// Seconds a client has for its whole reply, however slowly it sends;
     /// 0 waits forever.
     #[arg(long, value_name = "SECS", default_value_t = defaults().reply_timeout.map_or(0.0, |t| t.as_secs_f64()),
-          value_parser = parse_seconds)]
+          value_parser = parse_seconds, allow_negative_numbers = true)]
     pub reply_timeout: f64,
 
     /// Seconds sending the prompt may take before the client is dropped.
     #[arg(long, value_name = "SECS", default_value_t = defaults().write_timeout.as_secs_f64(),
-          value_parser = parse_positive_seconds)]
+          value_parser = parse_positive_seconds, allow_negative_numbers = true)]
     pub write_timeout: f64,
 
     /// Clients served at once; one more is sent "server busy, try again
@@ -70,7 +70,7 @@ pub struct Cli {
     /// Seconds a stopping server (SIGINT, SIGTERM) lets connected clients
     /// finish before it exits.
     #[arg(long, value_name = "SECS", default_value_t = defaults().shutdown_timeout.as_secs_f64(),
-          value_parser = parse_seconds)]
+          value_parser = parse_seconds, allow_negative_numbers = true)]
     pub shutdown_timeout: f64,
 
     /// Finished connection threads kept parked (up to 10 s) to serve the next
@@ -369,12 +369,14 @@ mod tests {
             ("--reply-timeout", "-1"),
             ("--reply-timeout", "NaN"),
             ("--shutdown-timeout", "1e30"),
+            ("--shutdown-timeout", "-2"),
             ("--write-timeout", "0"),
         ] {
-            assert!(
-                Cli::try_parse_from(["prompt-server", flag, value]).is_err(),
-                "{flag} {value}"
-            );
+            let error = Cli::try_parse_from(["prompt-server", flag, value])
+                .expect_err(value)
+                .to_string();
+            // The error names the option, even for a negative number.
+            assert!(error.contains(flag), "{flag} {value}: {error}");
         }
     }
 
