@@ -7,7 +7,7 @@
 //! the process (out of descriptors or memory) pause it with a growing backoff
 //! instead of spinning, and serving resumes by itself.
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -646,6 +646,31 @@ fn turn_away(stream: TcpStream, peer: SocketAddr, why: TurnedAway, shared: &Shar
     let _ = SockRef::from(&stream).set_linger(None);
     let _ = stream.set_nonblocking(true);
     let _ = (&stream).write(BUSY_MESSAGE);
+    // A client that sent its reply at once (`echo yes | nc`) has bytes
+    // waiting: closing over them would reset the connection, and the
+    // client would lose the busy line. End the stream after the line, and
+    // throw away what has arrived, without waiting for more.
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    discard_arrived_bytes(&stream);
+}
+
+/// Most bytes [`discard_arrived_bytes`] reads: a turned-away client's reply,
+/// with room to spare; the accept loop spends no more on it.
+const TURNED_AWAY_DISCARD_BYTES: usize = 16 * 1024;
+
+/// Reads and drops what a non-blocking socket already holds, up to
+/// [`TURNED_AWAY_DISCARD_BYTES`].
+fn discard_arrived_bytes(mut stream: &TcpStream) {
+    let mut discard = [0u8; 4096];
+    let mut discarded = 0;
+    while discarded < TURNED_AWAY_DISCARD_BYTES {
+        match stream.read(&mut discard) {
+            Ok(n) if n > 0 => discarded += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // Nothing more waiting (WouldBlock), closed, or failed.
+            _ => return,
+        }
+    }
 }
 
 /// Why the accept loop turns a client away.

@@ -167,6 +167,22 @@ fn bytes_after_the_reply_line_get_a_clean_close_not_a_reset() {
     server.expect_line("said: \"first line\"");
 }
 
+/// `echo yes | nc HOST 1337` sends its reply before reading anything: when
+/// the server is full, that client must still read the busy line and a
+/// clean end of stream (closing over its unread reply would reset the
+/// connection, and the busy line would be lost with it).
+#[test]
+fn a_busy_client_that_already_sent_its_reply_reads_the_busy_line_and_a_clean_close() {
+    let server = ServerProcess::start(&["--max-connections", "1"]);
+    let mut held = server.connect();
+    expect_prompt(&mut held);
+    for _ in 0..20 {
+        let mut client = server.connect();
+        client.write_all(b"yes\n").unwrap();
+        assert_eq!(read_clean_eof(&mut client), BUSY);
+    }
+}
+
 #[test]
 fn a_client_that_keeps_sending_is_closed_within_the_linger_bound() {
     let mut server = ServerProcess::start(&["--max-reply-bytes", "16"]);
