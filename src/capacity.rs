@@ -471,8 +471,10 @@ fn count_mappings() -> Option<u64> {
 /// `None` if probes cannot be started or mappings cannot be counted.
 ///
 /// Another thread of the process that starts or ends between the two counts
-/// skews one measurement (in a test binary, other tests' threads do): the
-/// largest of three is taken, which errs towards a lower cap.
+/// skews one measurement (in a test binary, other tests' threads do), and
+/// later measurements may find stacks glibc cached from earlier probes,
+/// which cost no new mapping: the largest of three is taken, which errs
+/// towards a lower cap.
 fn measure_mappings_per_thread() -> Option<u64> {
     (0..MEASUREMENTS).filter_map(|_| measure_once()).max()
 }
@@ -853,6 +855,7 @@ mod tests {
     /// allows, checked against values read here independently.
     #[test]
     fn the_budget_fits_this_machines_limits() {
+        let _measuring = MEASURING.lock().unwrap_or_else(PoisonError::into_inner);
         let limits = read_limits();
         let budget = plan(&limits, u64::MAX, 0, 0);
         let threads = budget.max_connections + RESERVED_THREADS;
@@ -894,8 +897,14 @@ mod tests {
         assert!(budget.max_connections > 0, "{limits:?}");
     }
 
+    /// Held by the tests that measure what a thread costs: one's probe
+    /// threads ending (their stacks cached by glibc) would skew the other's
+    /// counts.
+    static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn a_thread_costs_a_few_mappings() {
+        let _measuring = MEASURING.lock().unwrap_or_else(PoisonError::into_inner);
         let per_thread = measure_mappings_per_thread().expect("measurable on Linux");
         eprintln!("one thread costs {per_thread} mappings");
         // Other tests' threads, starting meanwhile, may add to the count.

@@ -172,7 +172,8 @@ fn admit_client<'a>(
     if !serving.config.access.permits(addr.ip()) {
         if let Some(held_back) = DENIED_LINES.due() {
             warn!(
-                event = event::DENIED, peer:% = addr, proxy = proxy, held_back = held_back;
+                event = event::DENIED, reason = "access_rules", peer:% = addr, proxy = proxy,
+                held_back = held_back;
                 "{addr} refused by the access rules{}", held_back_note(held_back)
             );
         }
@@ -191,7 +192,8 @@ fn admit_client<'a>(
     let Some(ip_slot) = serving.per_ip.try_acquire(addr.ip()) else {
         if let Some(held_back) = BUSY_LINES.due() {
             warn!(
-                event = event::BUSY, peer:% = addr, proxy = proxy, held_back = held_back;
+                event = event::BUSY, reason = "max_per_ip", peer:% = addr, proxy = proxy,
+                held_back = held_back;
                 "{addr} turned away: already {} connections from {}{}",
                 serving.config.max_per_ip.unwrap_or_default(),
                 addr.ip(),
@@ -256,7 +258,8 @@ fn read_proxy_header(
     if !trusted.is_empty() && !trusted.contains(peer.ip()) {
         if let Some(held_back) = DENIED_LINES.due() {
             warn!(
-                event = event::DENIED, peer:% = peer, held_back = held_back;
+                event = event::DENIED, reason = "untrusted_proxy", peer:% = peer,
+                held_back = held_back;
                 "{peer} refused: not a trusted proxy{}", held_back_note(held_back)
             );
         }

@@ -631,7 +631,8 @@ fn turn_away(stream: TcpStream, peer: SocketAddr, why: TurnedAway, shared: &Shar
             shared.stats.record(Outcome::Busy);
             if let Some(held_back) = BUSY_LINES.due() {
                 warn!(
-                    event = event::BUSY, peer:% = peer, held_back = held_back;
+                    event = event::BUSY, reason = "max_connections", peer:% = peer,
+                    held_back = held_back;
                     "{peer} turned away: all {} connection slots are taken{}",
                     shared.serving.config.max_connections,
                     held_back_note(held_back)

@@ -44,7 +44,7 @@ fn outcome(metrics: &Exposition, outcome: &str) -> Option<f64> {
 
 #[test]
 fn counters_move_as_clients_are_served() {
-    let (server, endpoint) = start_with_metrics(&["--max-connections", "2"]);
+    let (mut server, endpoint) = start_with_metrics(&["--max-connections", "2"]);
     let before = metrics_of(endpoint);
     assert_eq!(outcome(&before, "replied"), Some(0.0));
     assert_eq!(
@@ -81,6 +81,7 @@ fn counters_move_as_clients_are_served() {
     }
     let mut third = connect(server.addr);
     assert_eq!(read_line(&mut third), BUSY);
+    server.expect_logged_event("busy", |record| record["reason"] == "max_connections");
     let busy = metrics_of(endpoint);
     assert_eq!(busy.value("prompt_server_connections_open", &[]), Some(2.0));
     let serving = busy.value("prompt_server_threads", &[("state", "serving")]);
