@@ -145,7 +145,11 @@ impl Notifier {
 
     /// A new heartbeat for one accept loop to report through. The
     /// watchdog pings only while every heartbeat handed out is healthy.
+    /// Without a watchdog it is inert: the accept loop pays nothing for it.
     pub(crate) fn heartbeat(&self) -> Heartbeat {
+        if !self.is_enabled() || self.inner.watchdog.is_none() {
+            return Heartbeat { state: None };
+        }
         let heartbeat = Heartbeat::new();
         lock(&self.inner.loops).push(heartbeat.clone());
         heartbeat
@@ -305,7 +309,8 @@ impl Inner {
 /// blocking `accept` in [`Heartbeat::accepting`].
 #[derive(Clone, Debug)]
 pub(crate) struct Heartbeat {
-    state: Arc<BeatState>,
+    /// `None`: nobody watches (no watchdog), so nothing is recorded.
+    state: Option<Arc<BeatState>>,
 }
 
 #[derive(Debug)]
@@ -324,17 +329,20 @@ const IN_ACCEPT: u64 = u64::MAX;
 impl Heartbeat {
     fn new() -> Heartbeat {
         Heartbeat {
-            state: Arc::new(BeatState {
+            state: Some(Arc::new(BeatState {
                 epoch: Instant::now(),
                 last: AtomicU64::new(0),
-            }),
+            })),
         }
     }
 
     /// Runs `accept` (the loop's blocking call) as "waiting, healthy", and
     /// counts its return as a sign of life.
     pub(crate) fn accepting<T>(&self, accept: impl FnOnce() -> T) -> T {
-        self.state.last.store(IN_ACCEPT, Ordering::SeqCst);
+        let Some(state) = &self.state else {
+            return accept();
+        };
+        state.last.store(IN_ACCEPT, Ordering::SeqCst);
         let result = accept();
         self.beat();
         result
@@ -342,23 +350,31 @@ impl Heartbeat {
 
     /// A sign of life now.
     fn beat(&self) {
-        let now = self.millis_since_epoch(Instant::now());
-        self.state.last.store(now, Ordering::SeqCst);
+        if let Some(state) = &self.state {
+            state
+                .last
+                .store(state.millis_since_epoch(Instant::now()), Ordering::SeqCst);
+        }
     }
 
     /// Whether the loop is outside `accept` and gave no sign of life for
     /// `stall_limit` or longer.
     fn stalled(&self, stall_limit: Duration) -> bool {
-        let last = self.state.last.load(Ordering::SeqCst);
+        let Some(state) = &self.state else {
+            return false;
+        };
+        let last = state.last.load(Ordering::SeqCst);
         if last == IN_ACCEPT {
             return false;
         }
-        let now = self.millis_since_epoch(Instant::now());
+        let now = state.millis_since_epoch(Instant::now());
         Duration::from_millis(now.saturating_sub(last)) >= stall_limit
     }
+}
 
+impl BeatState {
     fn millis_since_epoch(&self, at: Instant) -> u64 {
-        let millis = at.saturating_duration_since(self.state.epoch).as_millis();
+        let millis = at.saturating_duration_since(self.epoch).as_millis();
         u64::try_from(millis).unwrap_or(IN_ACCEPT - 1)
     }
 }
