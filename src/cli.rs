@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use clap::{CommandFactory, Parser, ValueEnum};
 use ipnet::IpNet;
-use prompt_server::logging::LogFormat;
+use std::path::PathBuf;
+
+use prompt_server::logging::{DEFAULT_RECORD_TIMEOUT, LogFormat, LogSettings};
 use prompt_server::{AccessRules, Config, NetList, Rate};
 
 /// What `--help` says after the options.
@@ -140,6 +142,23 @@ pub struct Cli {
     /// Log lines as text, or as one JSON object per line.
     #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormatArg::Text)]
     pub log_format: LogFormatArg,
+
+    /// Write the log to this file (appended, created if missing) instead of
+    /// stderr; SIGHUP reopens it (logrotate). stderr keeps start-up errors
+    /// and reports of a failing log file.
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+
+    /// Do not fdatasync the log after each batch of replies: faster, but a
+    /// power loss may lose replies whose clients saw a clean close.
+    #[arg(long)]
+    pub no_log_sync: bool,
+
+    /// Seconds a reply may wait for a stalled or failing log before it is
+    /// given up (its client is then reset).
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_RECORD_TIMEOUT.as_secs_f64(),
+          value_parser = parse_positive_seconds, allow_negative_numbers = true)]
+    pub record_timeout: f64,
 }
 
 /// `--log-format`: the library's [`LogFormat`], as a flag value.
@@ -185,6 +204,16 @@ impl Cli {
         Ok(self)
     }
 
+    /// How the log is written.
+    pub fn log_settings(&self) -> LogSettings {
+        LogSettings {
+            format: self.log_format.into(),
+            file: self.log_file.clone(),
+            sync: !self.no_log_sync,
+            record_timeout: Duration::from_secs_f64(self.record_timeout),
+        }
+    }
+
     /// The [`Config`] this command line asks for.
     pub fn to_config(&self) -> Config {
         Config {
@@ -211,6 +240,7 @@ impl Cli {
             rate_prefix_v4: self.rate_prefix_v4,
             rate_prefix_v6: self.rate_prefix_v6,
             metrics_addr: self.metrics_addr,
+            ..Config::default()
         }
     }
 }

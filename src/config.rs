@@ -7,8 +7,12 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use crate::access::{AccessRules, NetList};
+use crate::logging::LogReplies;
 use crate::rate_limit::{DEFAULT_PREFIX_V4, DEFAULT_PREFIX_V6, Rate};
+use crate::record::ReplySink;
 
 /// The prompt of the classic example.
 pub(crate) const DEFAULT_PROMPT: &str = "Do you want to play a game?\n";
@@ -84,6 +88,9 @@ pub struct Config {
     /// Where to serve `GET /metrics` (Prometheus text format); `None`: not
     /// at all.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where replies are recorded; a client sees a clean close only once
+    /// its sink has taken its reply. The log by default.
+    pub reply_sink: Arc<dyn ReplySink>,
 }
 
 impl Default for Config {
@@ -108,6 +115,7 @@ impl Default for Config {
             rate_prefix_v4: DEFAULT_PREFIX_V4,
             rate_prefix_v6: DEFAULT_PREFIX_V6,
             metrics_addr: None,
+            reply_sink: Arc::new(LogReplies),
         }
     }
 }

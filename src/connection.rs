@@ -8,14 +8,13 @@
 //! line (a stopping server stops waiting after its drain timeout). Nothing
 //! else waits on this thread.
 
-use std::fmt;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::mem::MaybeUninit;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{Level, log, warn};
+use log::warn;
 use socket2::SockRef;
 
 use crate::access::canonical;
@@ -23,12 +22,12 @@ use crate::config::{BUSY_MESSAGE, Config};
 use crate::error::describe_io_error;
 use crate::limits::{ConnectionSlot, IpSlot, PerIpLimit};
 use crate::logging::{
-    self, BUSY_LINES, DENIED_LINES, Escaped, RATE_LIMITED_LINES, ServingPeer, event,
-    held_back_note, reply_text,
+    BUSY_LINES, DENIED_LINES, NOT_RECORDED_LINES, RATE_LIMITED_LINES, ServingPeer, event, log_every,
 };
 use crate::proxy_protocol::{self, ProxyHeader};
 use crate::rate_limit::{RateLimit, RateLimited};
-use crate::reply::{Reply, ReplyEnd, read_reply};
+use crate::record::{Record, ReplyEnd};
+use crate::reply::{Reply, read_reply};
 use crate::shutdown::{OpenConnection, OpenConnections};
 use crate::stats::Outcome;
 use crate::timed_read::{Deadline, Prefixed, ReadStep, read_before};
@@ -50,19 +49,41 @@ pub(crate) struct Serving {
     pub(crate) rate: Option<RateLimit>,
 }
 
-/// How a served connection went: its outcome, and the size of the reply
-/// logged (none if it was turned away or failed before reading).
+/// How a served connection went: its outcome, the size of the reply
+/// recorded (none if it was turned away or failed before reading), and how
+/// to close it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Served {
     pub(crate) outcome: Outcome,
     pub(crate) reply_bytes: Option<usize>,
+    pub(crate) close: Close,
 }
 
-impl From<Outcome> for Served {
-    fn from(outcome: Outcome) -> Self {
+/// How a connection is closed: what its client may conclude.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Close {
+    /// An end of stream: its whole reply is recorded, or it was told in
+    /// words (the busy line) that it is not served.
+    Clean,
+    /// A reset: nothing it sent after the point where the server stopped
+    /// reading is recorded, or its reply is not recorded at all.
+    Reset,
+}
+
+impl Served {
+    fn reset(outcome: Outcome) -> Self {
         Served {
             outcome,
             reply_bytes: None,
+            close: Close::Reset,
+        }
+    }
+
+    fn told(outcome: Outcome) -> Self {
+        Served {
+            outcome,
+            reply_bytes: None,
+            close: Close::Clean,
         }
     }
 }
@@ -84,31 +105,69 @@ impl Client {
 }
 
 /// Serves one connection to the end: identify the client, admit it, send
-/// the prompt, read the reply, log it. The caller closes the connection.
+/// the prompt, read the reply, record it. The caller closes the connection
+/// as the result says.
 ///
 /// The socket carries the listener's options (see `server`): the prompt's
 /// write timeout, and the whole reply budget as its read timeout.
-pub(crate) fn serve(stream: &TcpStream, peer: SocketAddr, serving: &Serving) -> Served {
-    let started = Instant::now();
+pub(crate) fn serve(
+    stream: &TcpStream,
+    peer: SocketAddr,
+    accepted_at: Instant,
+    serving: &Serving,
+) -> Served {
     let _named_in_panics = ServingPeer::set(peer);
     let config = &serving.config;
     let mut stream = stream;
-    let (client, early_bytes) = match identify_client(&mut stream, peer, config, started) {
+    let (client, early_bytes) = match identify_client(&mut stream, peer, config, accepted_at) {
         Ok(identified) => identified,
-        Err(outcome) => return outcome.into(),
+        Err(served) => return served,
     };
-    let _ip_slot = match admit_client(&mut stream, client, serving) {
+    let _ip_slot = match admit_client(stream, client, serving) {
         Ok(ip_slot) => ip_slot,
-        Err(outcome) => return outcome.into(),
+        Err(served) => return served,
     };
     if let Err(e) = stream.write_all(&config.prompt) {
         log_prompt_failed(client, &e);
-        return Outcome::Failed.into();
+        return Served::reset(Outcome::Failed);
     }
     let reply = read_client_reply(&mut stream, &early_bytes, client, config);
-    Served {
-        outcome: log_reply(client, &reply, config, started, serving.open.cutting_off()),
-        reply_bytes: Some(reply.bytes.len()),
+    record(client, reply, accepted_at, serving)
+}
+
+/// Hands the reply to the reply sink, and says how to close: cleanly only
+/// if the sink kept it and it is whole.
+#[inline(never)]
+fn record(client: Client, mut reply: Reply, accepted_at: Instant, serving: &Serving) -> Served {
+    // The server shut the read side down itself at the stop's deadline.
+    if matches!(reply.end, ReplyEnd::Closed) && serving.open.cutting_off() {
+        reply.end = ReplyEnd::CutOff;
+    }
+    let record = Record {
+        peer: client.addr,
+        proxy: client.proxy,
+        reply: &reply.bytes,
+        end: &reply.end,
+        duration: accepted_at.elapsed(),
+    };
+    match serving.config.reply_sink.record(&record) {
+        Ok(()) => Served {
+            outcome: Outcome::of(&record),
+            reply_bytes: Some(reply.bytes.len()),
+            close: if record.is_whole() {
+                Close::Clean
+            } else {
+                Close::Reset
+            },
+        },
+        Err(e) => {
+            let addr = client.addr;
+            log_every!(
+                NOT_RECORDED_LINES, warn, [peer:% = addr,],
+                "{addr} reset: its reply was not recorded: {}", describe_io_error(&e)
+            );
+            Served::reset(Outcome::NotRecorded)
+        }
     }
 }
 
@@ -118,10 +177,10 @@ fn identify_client(
     stream: &mut &TcpStream,
     peer: SocketAddr,
     config: &Config,
-    started: Instant,
-) -> Result<(Client, Vec<u8>), Outcome> {
+    accepted_at: Instant,
+) -> Result<(Client, Vec<u8>), Served> {
     if config.proxy_protocol {
-        return read_proxy_header(stream, peer, config, started);
+        return read_proxy_header(stream, peer, config, accepted_at);
     }
     let client = Client {
         addr: peer,
@@ -145,13 +204,12 @@ fn read_client_reply(
     config: &Config,
 ) -> Reply {
     let deadline = config.reply_timeout.map(|timeout| {
-        let at = Instant::now() + timeout;
         // The socket's read timeout is the whole budget, inherited from the
         // listener, unless reading a PROXY header has set its own.
         if config.proxy_protocol {
-            Deadline::new(at)
+            Deadline::after(timeout)
         } else {
-            Deadline::with_timeout_already_set(at)
+            Deadline::after_with_timeout_already_set(timeout)
         }
     });
     let mut source = Prefixed::new(early_bytes, stream);
@@ -159,25 +217,23 @@ fn read_client_reply(
 }
 
 /// Checks the access rules, the rate limit for a client behind a balancer,
-/// and takes the client's per-address slot, or turns it away. Not inlined, for the reason given at [`read_proxy_header`].
+/// and takes the client's per-address slot, or turns it away. Not inlined,
+/// for the reason given at [`read_proxy_header`].
 #[inline(never)]
 fn admit_client<'a>(
-    stream: &mut &TcpStream,
+    stream: &TcpStream,
     client: Client,
     serving: &'a Serving,
-) -> Result<IpSlot<'a>, Outcome> {
+) -> Result<IpSlot<'a>, Served> {
     let addr = client.addr;
     let proxy = client.proxy_field();
     let proxy = proxy.as_deref();
     if !serving.config.access.permits(addr.ip()) {
-        if let Some(held_back) = DENIED_LINES.due() {
-            warn!(
-                event = event::DENIED, reason = "access_rules", peer:% = addr, proxy = proxy,
-                held_back = held_back;
-                "{addr} refused by the access rules{}", held_back_note(held_back)
-            );
-        }
-        return Err(Outcome::Denied);
+        log_every!(
+            DENIED_LINES, warn, [reason = "access_rules", peer:% = addr, proxy = proxy,],
+            "{addr} refused by the access rules"
+        );
+        return Err(Served::reset(Outcome::Denied));
     }
     // Behind a balancer the accept loop could not know the client yet; a
     // header that names none (UNKNOWN, LOCAL) leaves the TCP peer to count.
@@ -186,22 +242,18 @@ fn admit_client<'a>(
         && let Err(limited) = rate.try_acquire(addr.ip(), Instant::now())
     {
         log_rate_limited(addr, proxy, &limited, rate);
-        let _ = stream.write(BUSY_MESSAGE);
-        return Err(Outcome::RateLimited);
+        turn_away(stream);
+        return Err(Served::told(Outcome::RateLimited));
     }
     let Some(ip_slot) = serving.per_ip.try_acquire(addr.ip()) else {
-        if let Some(held_back) = BUSY_LINES.due() {
-            warn!(
-                event = event::BUSY, reason = "max_per_ip", peer:% = addr, proxy = proxy,
-                held_back = held_back;
-                "{addr} turned away: already {} connections from {}{}",
-                serving.config.max_per_ip.unwrap_or_default(),
-                addr.ip(),
-                held_back_note(held_back)
-            );
-        }
-        let _ = stream.write(BUSY_MESSAGE);
-        return Err(Outcome::Busy);
+        log_every!(
+            BUSY_LINES, warn, [reason = "max_per_ip", peer:% = addr, proxy = proxy,],
+            "{addr} turned away: already {} connections from {}",
+            serving.config.max_per_ip.unwrap_or_default(),
+            addr.ip()
+        );
+        turn_away(stream);
+        return Err(Served::told(Outcome::Busy));
     };
     Ok(ip_slot)
 }
@@ -214,19 +266,14 @@ pub(crate) fn log_rate_limited(
     limited: &RateLimited,
     rate: &RateLimit,
 ) {
-    if let Some(held_back) = RATE_LIMITED_LINES.due() {
-        warn!(
-            event = event::RATE_LIMITED, peer:% = addr, proxy = proxy,
-            network:% = limited.network, held_back = held_back;
-            "{addr} turned away: its network {}/{} connects faster than {} \
-             (next connection in {:.2}s){}",
-            limited.network,
-            rate.prefixes().length_of(limited.network),
-            rate.rate(),
-            limited.retry_after.as_secs_f64(),
-            held_back_note(held_back)
-        );
-    }
+    log_every!(
+        RATE_LIMITED_LINES, warn, [peer:% = addr, proxy = proxy, network:% = limited.network,],
+        "{addr} turned away: its network {}/{} connects faster than {} (next connection in {:.2}s)",
+        limited.network,
+        rate.prefixes().length_of(limited.network),
+        rate.rate(),
+        limited.retry_after.as_secs_f64()
+    );
 }
 
 #[inline(never)]
@@ -241,9 +288,9 @@ fn log_prompt_failed(client: Client, error: &std::io::Error) {
 }
 
 /// Reads the PROXY header, if the peer may send one at all. On failure the
-/// connection is logged and must be closed without a prompt.
+/// connection is logged and reset without a prompt.
 ///
-/// Not inlined, like [`log_reply`]: their buffers and log records would
+/// Not inlined, like [`record`]: their buffers and log records would
 /// otherwise widen `serve`'s stack frame, and every idle client's thread
 /// would touch one more page of stack while it waits (+4 KiB each,
 /// measured with 10,000 idle clients).
@@ -252,20 +299,19 @@ fn read_proxy_header(
     stream: &mut &TcpStream,
     peer: SocketAddr,
     config: &Config,
-    started: Instant,
-) -> Result<(Client, Vec<u8>), Outcome> {
+    accepted_at: Instant,
+) -> Result<(Client, Vec<u8>), Served> {
     let trusted = &config.trusted_proxies;
     if !trusted.is_empty() && !trusted.contains(peer.ip()) {
-        if let Some(held_back) = DENIED_LINES.due() {
-            warn!(
-                event = event::DENIED, reason = "untrusted_proxy", peer:% = peer,
-                held_back = held_back;
-                "{peer} refused: not a trusted proxy{}", held_back_note(held_back)
-            );
-        }
-        return Err(Outcome::Denied);
+        log_every!(
+            DENIED_LINES, warn, [reason = "untrusted_proxy", peer:% = peer,],
+            "{peer} refused: not a trusted proxy"
+        );
+        return Err(Served::reset(Outcome::Denied));
     }
-    let deadline = config.reply_timeout.map(|timeout| started + timeout);
+    let deadline = config
+        .reply_timeout
+        .map(|timeout| Deadline::from(accepted_at, timeout));
     match proxy_protocol::read_header(stream, deadline) {
         Ok((ProxyHeader::Proxied { source, .. }, rest)) => Ok((
             Client {
@@ -283,121 +329,67 @@ fn read_proxy_header(
         )),
         Err(e) => {
             warn!(event = event::PROXY_HEADER, peer:% = peer; "{peer} closed: bad PROXY protocol header: {e}");
-            Err(Outcome::Failed)
+            Err(Served::reset(Outcome::Failed))
         }
     }
 }
 
-/// The one log line that says how a client's reply went; returns how the
-/// connection ended, for the summary.
-#[inline(never)]
-fn log_reply(
-    client: Client,
-    reply: &Reply,
-    config: &Config,
-    started: Instant,
-    cut_off: bool,
-) -> Outcome {
-    let (level, event, outcome) = judge(reply, cut_off);
-    let proxy = client.proxy_field();
-    let (text, lossy) = reply_text(&reply.bytes);
-    let text: &str = &text;
-    let message = ReplyMessage {
-        addr: client.addr,
-        reply,
-        outcome,
-        config,
-    };
-    log!(
-        level,
-        event = event, peer:% = client.addr, proxy = proxy.as_deref(), reply = text,
-        reply_lossy = lossy, bytes = reply.bytes.len(),
-        duration_ms = started.elapsed().as_millis() as u64;
-        "{message}"
-    );
-    outcome
-}
-
-/// How a reply went: its log line's level and event, and the outcome.
-fn judge(reply: &Reply, cut_off: bool) -> (Level, &'static str, Outcome) {
-    match &reply.end {
-        // The server shut the read side down itself at the deadline.
-        ReplyEnd::Closed if cut_off => (Level::Warn, event::CUT_OFF, Outcome::CutOff),
-        ReplyEnd::Closed if reply.bytes.is_empty() => {
-            (Level::Info, event::NO_REPLY, Outcome::NoReply)
-        }
-        ReplyEnd::Line | ReplyEnd::Closed => (Level::Info, event::REPLY, Outcome::Replied),
-        ReplyEnd::Truncated => (Level::Warn, event::TRUNCATED, Outcome::Truncated),
-        ReplyEnd::TimedOut => (Level::Warn, event::TIMEOUT, Outcome::TimedOut),
-        ReplyEnd::Failed(_) => (Level::Warn, event::READ_ERROR, Outcome::Failed),
-    }
-}
-
-/// The text of a reply's log line, written straight into the log record.
-struct ReplyMessage<'a> {
-    addr: SocketAddr,
-    reply: &'a Reply,
-    outcome: Outcome,
-    config: &'a Config,
-}
-
-impl fmt::Display for ReplyMessage<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let addr = self.addr;
-        let bytes = Escaped(&self.reply.bytes);
-        match (self.outcome, &self.reply.end) {
-            (Outcome::CutOff, _) => write!(
-                f,
-                "{addr} cut off by shutdown before a full reply; got {bytes}"
-            ),
-            (Outcome::NoReply, _) => write!(f, "{addr} closed without replying"),
-            (Outcome::Replied, ReplyEnd::Closed) => {
-                write!(f, "{addr} said: {bytes} (closed before newline)")
-            }
-            (Outcome::Truncated, _) => {
-                let cap = self.config.max_reply_bytes;
-                write!(f, "{addr} said: {bytes} (truncated at {cap} bytes)")
-            }
-            (Outcome::TimedOut, _) => {
-                let secs = self.config.reply_timeout.unwrap_or_default().as_secs_f64();
-                write!(
-                    f,
-                    "{addr} timed out after {secs}s without a full reply; got {bytes}"
-                )
-            }
-            (_, ReplyEnd::Failed(e)) => {
-                let error = describe_io_error(e);
-                write!(f, "{addr} read error: {error}; got {bytes}")
-            }
-            _ => write!(f, "{addr} said: {bytes}"),
-        }
-    }
-}
-
-/// Ends a served connection so that the client reads a clean end of stream.
+/// Sends the busy line and ends the stream, without ever waiting on the
+/// client: the one way a client is told it is not served (busy, rate
+/// limited, no thread for it).
 ///
-/// Linux answers a close with unread bytes in the receive queue (the rest of
-/// an over-long reply, anything sent after the reply line) with a reset, and
-/// the client may lose the close or even the busy line. So when bytes are
-/// waiting, the close lingers as nginx's `lingering_close` does: shut down
-/// the write side (the client sees the end of stream), read and discard
-/// for at most [`LINGER_MAX_TIME`] or [`LINGER_MAX_BYTES`], then close.
+/// A client that sent its reply at once (`echo yes | nc`) has bytes
+/// waiting: closing over them would reset the connection, and the client
+/// would lose the busy line. So the stream is ended after the line, and
+/// what has arrived is thrown away, without waiting for more; the close
+/// that follows is then clean.
+pub(crate) fn turn_away(mut stream: &TcpStream) {
+    let _ = SockRef::from(stream).set_linger(None);
+    let _ = stream.set_nonblocking(true);
+    let _ = stream.write(BUSY_MESSAGE);
+    let _ = stream.shutdown(Shutdown::Write);
+    discard_arrived_bytes(stream);
+}
+
+/// Most bytes [`discard_arrived_bytes`] reads: a turned-away client's reply,
+/// with room to spare; nobody spends more on it.
+const TURNED_AWAY_DISCARD_BYTES: usize = 16 * 1024;
+
+/// Reads and drops what a non-blocking socket already holds, up to
+/// [`TURNED_AWAY_DISCARD_BYTES`].
+fn discard_arrived_bytes(mut stream: &TcpStream) {
+    let mut discard = [0u8; 4096];
+    let mut discarded = 0;
+    while discarded < TURNED_AWAY_DISCARD_BYTES {
+        match stream.read(&mut discard) {
+            Ok(n) if n > 0 => discarded += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // Nothing more waiting (WouldBlock), closed, or failed.
+            _ => return,
+        }
+    }
+}
+
+/// Ends a served connection as `close` says.
+///
+/// A reset is what the zero linger time set on every socket gives. A
+/// clean close restores the normal linger first; and since Linux answers
+/// a close with unread bytes in the receive queue (anything sent after the
+/// reply line) with a reset, when bytes are waiting the close lingers as
+/// nginx's `lingering_close` does: shut down the write side (the client
+/// sees the end of stream), read and discard for at most
+/// [`LINGER_MAX_TIME`] or [`LINGER_MAX_BYTES`], then close.
 ///
 /// Otherwise the slot (and the rest of `held`) is released before the
 /// socket is closed, so that a client that sees its connection close can
 /// connect again at once; a lingering connection keeps its slot until it
 /// is done, so that lingering threads never outnumber the connection cap.
-pub(crate) fn close(stream: Arc<TcpStream>, held: (ConnectionSlot, OpenConnection)) {
-    if !logging::reply_was_logged() {
-        // The log never took this client's reply (the server is stopping
-        // with the log stalled): the zero linger time set on every socket
-        // makes the close a reset, so the client knows.
-        return;
-    }
-    // The reply is in the log: close normally from now on.
-    let _ = SockRef::from(&*stream).set_linger(None);
-    if has_unread_bytes(&stream) {
-        linger(&stream);
+pub(crate) fn close(stream: Arc<TcpStream>, close: Close, held: (ConnectionSlot, OpenConnection)) {
+    if close == Close::Clean {
+        let _ = SockRef::from(&*stream).set_linger(None);
+        if has_unread_bytes(&stream) {
+            linger(&stream);
+        }
     }
     drop(held);
     drop(stream);
@@ -416,7 +408,7 @@ fn linger(mut stream: &TcpStream) {
     if stream.shutdown(Shutdown::Write).is_err() {
         return;
     }
-    let mut deadline = Deadline::new(Instant::now() + LINGER_MAX_TIME);
+    let mut deadline = Deadline::after(LINGER_MAX_TIME);
     let mut discard = [0u8; 2048];
     let mut discarded = 0;
     while discarded < LINGER_MAX_BYTES {

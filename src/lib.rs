@@ -83,12 +83,11 @@ mod config;
 mod connection;
 mod error;
 mod limits;
-mod log_sink;
-pub mod logging;
 mod metrics;
 mod notify;
 mod proxy_protocol;
 mod rate_limit;
+mod record;
 mod reply;
 mod server;
 mod shutdown;
@@ -100,6 +99,16 @@ pub use access::{AccessRules, NetList};
 pub use config::Config;
 pub use error::Error;
 pub use rate_limit::Rate;
+pub use record::{Record, ReplyEnd, ReplySink, logging};
 pub use server::{bind, listeners, run};
 pub use shutdown::Shutdown;
 pub use stats::Summary;
+
+/// Locks `mutex`, whether or not a thread panicked while holding it: every
+/// value the server keeps under a lock is whole after any single update,
+/// and one connection's panic must not stop the others.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -21,13 +21,24 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = logging::init(cli.log_format.into()) {
+    if let Err(e) = logging::init(&cli.log_settings()) {
         eprintln!("error: cannot set up logging: {e}");
         return ExitCode::FAILURE;
     }
     logging::log_panics();
     match serve(&cli) {
-        Ok(summary) if summary.unwritten_log_lines > 0 => ExitCode::from(LOG_LINES_UNWRITTEN),
+        Ok(summary) if summary.unwritten_log_lines > 0 || summary.not_recorded > 0 => {
+            // stderr says it when it is not the log that failed: written to
+            // a stalled stderr, the line would never let the process exit.
+            if cli.log_file.is_some() {
+                eprintln!(
+                    "error: the log did not take everything: {} replies were not recorded \
+                     (their clients were reset), {} log lines were left unwritten",
+                    summary.not_recorded, summary.unwritten_log_lines
+                );
+            }
+            ExitCode::from(RECORD_INCOMPLETE)
+        }
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -36,9 +47,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// Exit status of a stop that left log lines unwritten: the log sink did
-/// not take them in time (the count cannot be told through that sink).
-const LOG_LINES_UNWRITTEN: u8 = 3;
+/// Exit status of a server whose log did not take everything: replies not
+/// recorded, or log lines left unwritten at the stop.
+const RECORD_INCOMPLETE: u8 = 3;
 
 fn serve(cli: &Cli) -> anyhow::Result<Summary> {
     let config = cli.to_config();

@@ -33,6 +33,7 @@
 //! | `prompt_server_reply_bytes_total` | counter | reply bytes logged |
 //! | `prompt_server_accept_errors_total{kind}` | counter | `accept` failures: `connection` (about one connection, skipped), `descriptors` (EMFILE, ENFILE), `memory` (ENOBUFS, ENOMEM), `other` |
 //! | `prompt_server_log_lines_dropped_total` | counter | housekeeping log lines the full log queue dropped |
+//! | `prompt_server_log_write_errors_total{kind}` | counter | failed writes and syncs of the log, by errno: `ENOSPC`, `EDQUOT`, `EFBIG`, `EIO`, `EPIPE`, `other` |
 //! | `prompt_server_connections_open` | gauge | connections open now |
 //! | `prompt_server_threads{state}` | gauge | connection threads alive: `serving` a client, or `parked` in the thread cache |
 //! | `prompt_server_max_connections` | gauge | the effective connection cap (after any lowering at start-up) |
@@ -427,6 +428,8 @@ pub(crate) struct MetricsSnapshot<'a> {
     pub(crate) reply_bytes: u64,
     pub(crate) accept_errors: AcceptErrorCounts,
     pub(crate) log_lines_dropped: u64,
+    /// Failed writes and syncs of the log, by `kind` label.
+    pub(crate) log_write_errors: &'a [(&'static str, u64)],
     pub(crate) connections_open: u64,
     pub(crate) threads_serving: u64,
     pub(crate) threads_parked: u64,
@@ -479,6 +482,14 @@ impl MetricsSnapshot<'_> {
             &[],
             self.log_lines_dropped,
         );
+        for &(kind, count) in self.log_write_errors {
+            text.counter(
+                "prompt_server_log_write_errors_total",
+                "Failed writes and syncs of the log, by errno.",
+                &[("kind", kind)],
+                count,
+            );
+        }
         text.gauge(
             "prompt_server_connections_open",
             "Connections open now.",
@@ -868,6 +879,7 @@ mod tests {
                 ..AcceptErrorCounts::default()
             },
             log_lines_dropped: 0,
+            log_write_errors: &[],
             connections_open: 1,
             threads_serving: 1,
             threads_parked: 3,

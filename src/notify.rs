@@ -42,7 +42,8 @@ use log::warn;
 use sd_notify::NotifyState;
 
 use crate::error::describe_io_error;
-use crate::logging::event;
+use crate::lock;
+use crate::logging::{self, event};
 
 /// The variable that names the service manager's notification socket.
 const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
@@ -257,11 +258,15 @@ impl Inner {
     }
 
     fn send_status_if_changed(&self, connected: usize) {
-        let status = status_text(
+        let mut status = status_text(
             &lock(&self.serving),
             connected,
             self.stopping.load(Ordering::SeqCst),
         );
+        if let Some(failure) = logging::failure() {
+            status.push_str("; ");
+            status.push_str(&failure);
+        }
         let mut last = lock(&self.last_status);
         if last.as_deref() == Some(status.as_str()) {
             return;
@@ -422,12 +427,6 @@ fn status_text(serving: &str, connected: usize, stopping: bool) -> String {
     } else {
         format!("{serving}; {connected} {clients} connected")
     }
-}
-
-/// A lock that a panicked holder did not poison for us: every value kept
-/// under these locks is whole after any single store.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -12,7 +12,6 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::time::Instant;
 
 use crate::error::describe_io_error;
 use crate::timed_read::{Deadline, DeadlineRead, ReadStep, read_before};
@@ -201,9 +200,8 @@ impl std::fmt::Display for HeaderError {
 /// the client's own data.
 pub(crate) fn read_header<S: DeadlineRead>(
     source: &mut S,
-    deadline: Option<Instant>,
+    mut deadline: Option<Deadline>,
 ) -> Result<(ProxyHeader, Vec<u8>), HeaderError> {
-    let mut deadline = deadline.map(Deadline::new);
     let mut buf = Vec::with_capacity(V1_MAX_LEN);
     let mut chunk = [0u8; 512];
     loop {

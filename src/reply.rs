@@ -7,12 +7,12 @@
 //! is passed, the deadline passes, or the socket fails. Whatever happens, the
 //! bytes that did arrive are returned so that they can be logged.
 
-use std::io;
 use std::net::SocketAddr;
 
 use log::trace;
 
 use crate::logging::event;
+use crate::record::ReplyEnd;
 use crate::timed_read::{Deadline, DeadlineRead, ReadStep, read_before};
 
 /// Most bytes asked of the socket in one read. Reads land in a buffer of
@@ -21,21 +21,6 @@ use crate::timed_read::{Deadline, DeadlineRead, ReadStep, read_before};
 /// heap memory (it matters with thousands of idle clients). It holds a
 /// default-cap reply with its "\r\n" in one read.
 const READ_CHUNK: usize = 1026;
-
-/// How a reply ended.
-#[derive(Debug)]
-pub(crate) enum ReplyEnd {
-    /// A whole line arrived; its terminator is not part of the reply.
-    Line,
-    /// The client closed its side before sending a newline.
-    Closed,
-    /// The reply was longer than the cap; only the first bytes are kept.
-    Truncated,
-    /// The reply deadline passed before the line was complete.
-    TimedOut,
-    /// Reading failed, for example because the client reset the connection.
-    Failed(io::Error),
-}
 
 /// One client's reply: the bytes that arrived (at most the cap) and why
 /// reading stopped.
@@ -67,7 +52,10 @@ pub(crate) fn read_reply<S: DeadlineRead>(
         let n = match read_before(source, &mut chunk[..want], deadline.as_mut()) {
             ReadStep::Data(n) => n,
             ReadStep::Closed => return finish(buf, max_reply_bytes, ReplyEnd::Closed),
-            ReadStep::TimedOut => return finish(buf, max_reply_bytes, ReplyEnd::TimedOut),
+            ReadStep::TimedOut => {
+                let after = deadline.map(|d| d.budget()).unwrap_or_default();
+                return finish(buf, max_reply_bytes, ReplyEnd::TimedOut { after });
+            }
             ReadStep::Failed(e) => return finish(buf, max_reply_bytes, ReplyEnd::Failed(e)),
         };
         trace!(event = event::READ, peer:% = peer, bytes = n; "{peer}: read {n} bytes");
@@ -104,8 +92,8 @@ mod tests {
     use crate::timed_read::Prefixed;
     use proptest::prelude::*;
     use std::collections::VecDeque;
-    use std::io::Read;
-    use std::time::{Duration, Instant};
+    use std::io::{self, Read};
+    use std::time::Duration;
 
     /// Hands out a byte string in the given pieces, then EOF.
     struct Chunked {
@@ -201,9 +189,9 @@ mod tests {
     fn expired_deadline_times_out_without_reading() {
         let peer = "127.0.0.1:9".parse().unwrap();
         let mut source = Chunked::new([b"yes\n".to_vec()]);
-        let deadline = Deadline::with_timeout_already_set(Instant::now());
+        let deadline = Deadline::after_with_timeout_already_set(Duration::ZERO);
         let reply = read_reply(&mut source, peer, 1024, Some(deadline));
-        assert!(matches!(reply.end, ReplyEnd::TimedOut));
+        assert!(matches!(reply.end, ReplyEnd::TimedOut { .. }));
         assert!(reply.bytes.is_empty());
     }
 

@@ -7,7 +7,7 @@
 //! the process (out of descriptors or memory) pause it with a growing backoff
 //! instead of spinning, and serving resumes by itself.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,11 +20,13 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use crate::access::canonical;
 use crate::activation::{self, InheritedListener};
 use crate::capacity;
-use crate::config::{BUSY_MESSAGE, Config};
+use crate::config::Config;
 use crate::connection::{self, Serving};
 use crate::error::{Error, describe_io_error};
 use crate::limits::{ConnectionLimit, ConnectionSlot, LiveCount, PerIpLimit};
-use crate::logging::{self, BUSY_LINES, LISTENING_TARGET, LogEvery, event, held_back_note};
+use crate::logging::{
+    self, ACCEPT_ERROR_LINES, BUSY_LINES, LISTENING_TARGET, LogEvery, event, log_every,
+};
 use crate::metrics::{self, AcceptErrorKind, MetricsSnapshot};
 use crate::notify::{Heartbeat, Notifier};
 use crate::rate_limit::{PrefixLengths, RateLimit, RateLimited};
@@ -36,12 +38,6 @@ use crate::thread_cache::{PARKED_THREAD_IDLE_TIMEOUT, ThreadCache};
 /// each further failure up to [`MAX_ACCEPT_PAUSE`] (Go's net/http does the same).
 const FIRST_ACCEPT_PAUSE: Duration = Duration::from_millis(5);
 const MAX_ACCEPT_PAUSE: Duration = Duration::from_secs(1);
-/// At most one log line per this interval about failing accepts, so that a
-/// storm of failures does not become a storm of log lines.
-const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
-/// Lines about failing accepts, shared by every accept loop: out of
-/// descriptors, all of them fail at once.
-static ACCEPT_ERROR_LINES: LogEvery = LogEvery::new(ACCEPT_ERROR_LOG_INTERVAL);
 
 /// Where the default listen backlog comes from: the most the kernel accepts
 /// (`net.core.somaxconn`), as Go does, so that a burst of clients waits in
@@ -222,7 +218,11 @@ pub fn run(
         .transpose()?;
     let addrs: Vec<SocketAddr> = listeners.iter().map(|(_, addr)| *addr).collect();
     report_to_service_manager(&notifier, &addrs, &shared);
-    accept_on_all(listeners, &shared, &shutdown, &notifier)?;
+    let counters = Arc::clone(&shared);
+    shutdown.on_counters_request(Some(Arc::new(move || log_counters(&counters))));
+    let accepted = accept_on_all(listeners, &shared, &shutdown, &notifier);
+    shutdown.on_counters_request(None);
+    accepted?;
     // A failure to send is logged by the notifier itself, once.
     let _ = notifier.stopping();
     shared.thread_cache.close();
@@ -366,6 +366,7 @@ fn render_metrics(shared: &Shared, started: SystemTime) -> String {
         reply_bytes: stats.reply_bytes(),
         accept_errors: stats.accept_errors(),
         log_lines_dropped: logging::lines_dropped(),
+        log_write_errors: &logging::write_errors(),
         connections_open: shared.limit.active() as u64,
         threads_serving: alive.saturating_sub(parked),
         threads_parked: parked,
@@ -510,18 +511,34 @@ fn stop(shared: &Shared) -> Summary {
             .threads
             .wait_until_zero(Instant::now() + RELEASE_TIMEOUT);
     }
+    logging::report_held_back();
     let mut summary = shared.stats.summary(threads_left);
     info!(
         event = event::STOPPED, connections = summary.connections, replies = summary.replies,
         truncated = summary.truncated, timed_out = summary.timed_out, no_reply = summary.no_reply,
         failed = summary.failed, rejected_busy = summary.rejected_busy,
         rate_limited = summary.rate_limited, denied = summary.denied,
-        cut_off = summary.cut_off, still_connected = summary.still_connected;
+        cut_off = summary.cut_off, not_recorded = summary.not_recorded,
+        still_connected = summary.still_connected;
         "shutdown complete: {summary}"
     );
     summary.unwritten_log_lines =
         logging::flush(drain_deadline.saturating_duration_since(Instant::now()));
     summary
+}
+
+/// The counters so far, as one line (SIGUSR1).
+fn log_counters(shared: &Shared) {
+    let summary = shared.stats.summary(shared.limit.active());
+    info!(
+        event = event::COUNTERS, connections = summary.connections, replies = summary.replies,
+        truncated = summary.truncated, timed_out = summary.timed_out, no_reply = summary.no_reply,
+        failed = summary.failed, rejected_busy = summary.rejected_busy,
+        rate_limited = summary.rate_limited, denied = summary.denied,
+        cut_off = summary.cut_off, not_recorded = summary.not_recorded,
+        connected = summary.still_connected;
+        "counters so far: {}", summary.to_string().replace(" still connected", " connected now")
+    );
 }
 
 /// Gives the connection a thread if a slot is free (a parked one if there
@@ -567,9 +584,8 @@ fn admit(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
         });
     if let Err(e) = spawned {
         // The closure, with the slot, is dropped: the slot is free again,
-        // and the client, which has sent nothing that was read, sees a
-        // clean close.
-        let _ = SockRef::from(&*stream).set_linger(None);
+        // and the client is told it is not served.
+        connection::turn_away(&stream);
         shared.stats.record(Outcome::Failed);
         warn!(
             event = event::SPAWN_FAILED, peer:% = peer;
@@ -592,12 +608,12 @@ fn connection_thread(first: Accepted, shared: &Shared) {
     }) = next
     {
         debug!(event = event::CONNECTED, peer:% = peer; "{peer} connected");
-        let served = connection::serve(&stream, peer, &shared.serving);
+        let served = connection::serve(&stream, peer, accepted_at, &shared.serving);
         let duration = accepted_at.elapsed();
         shared
             .stats
             .record_session(served.outcome, served.reply_bytes, duration);
-        connection::close(stream, (slot, open));
+        connection::close(stream, served.close, (slot, open));
         debug!(event = event::DISCONNECTED, peer:% = peer; "{peer} disconnected");
         next = shared.thread_cache.park();
     }
@@ -622,56 +638,25 @@ fn set_connection_options(socket: SockRef<'_>, config: &Config) -> io::Result<()
     socket.set_linger(Some(Duration::ZERO))
 }
 
-/// Sends the busy line and closes. The socket is made non-blocking first,
-/// so that the accept loop can never wait on this client, and the log line
-/// is rate-limited, so that a flood of clients is not a flood of lines.
+/// Turns a client away with the busy line (see [`connection::turn_away`]),
+/// never waiting on it, and logs it (rate-limited, so that a flood of
+/// clients is not a flood of lines).
 fn turn_away(stream: TcpStream, peer: SocketAddr, why: TurnedAway, shared: &Shared) {
     match why {
         TurnedAway::Full => {
             shared.stats.record(Outcome::Busy);
-            if let Some(held_back) = BUSY_LINES.due() {
-                warn!(
-                    event = event::BUSY, reason = "max_connections", peer:% = peer,
-                    held_back = held_back;
-                    "{peer} turned away: all {} connection slots are taken{}",
-                    shared.serving.config.max_connections,
-                    held_back_note(held_back)
-                );
-            }
+            log_every!(
+                BUSY_LINES, warn, [reason = "max_connections", peer:% = peer,],
+                "{peer} turned away: all {} connection slots are taken",
+                shared.serving.config.max_connections
+            );
         }
         TurnedAway::RateLimited(limited, rate) => {
             shared.stats.record(Outcome::RateLimited);
             connection::log_rate_limited(peer, None, &limited, rate);
         }
     }
-    let _ = SockRef::from(&stream).set_linger(None);
-    let _ = stream.set_nonblocking(true);
-    let _ = (&stream).write(BUSY_MESSAGE);
-    // A client that sent its reply at once (`echo yes | nc`) has bytes
-    // waiting: closing over them would reset the connection, and the
-    // client would lose the busy line. End the stream after the line, and
-    // throw away what has arrived, without waiting for more.
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-    discard_arrived_bytes(&stream);
-}
-
-/// Most bytes [`discard_arrived_bytes`] reads: a turned-away client's reply,
-/// with room to spare; the accept loop spends no more on it.
-const TURNED_AWAY_DISCARD_BYTES: usize = 16 * 1024;
-
-/// Reads and drops what a non-blocking socket already holds, up to
-/// [`TURNED_AWAY_DISCARD_BYTES`].
-fn discard_arrived_bytes(mut stream: &TcpStream) {
-    let mut discard = [0u8; 4096];
-    let mut discarded = 0;
-    while discarded < TURNED_AWAY_DISCARD_BYTES {
-        match stream.read(&mut discard) {
-            Ok(n) if n > 0 => discarded += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            // Nothing more waiting (WouldBlock), closed, or failed.
-            _ => return,
-        }
-    }
+    connection::turn_away(&stream);
 }
 
 /// Why the accept loop turns a client away.
@@ -722,14 +707,13 @@ impl AcceptFailures {
     }
 
     fn log(&self, error: &io::Error, action: &str) {
-        if let Some(held_back) = self.log.due() {
-            warn!(
-                event = event::ACCEPT_ERROR, held_back = held_back;
-                "accept failed: {}; {action} ({} failures since the last report)",
-                describe_io_error(error),
-                held_back + 1
-            );
-        }
+        log_every!(
+            self.log,
+            warn,
+            [],
+            "accept failed: {}; {action}",
+            describe_io_error(error)
+        );
     }
 }
 

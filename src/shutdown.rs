@@ -10,8 +10,13 @@
 //! listening, as closing it would. An inherited socket is never shut down:
 //! systemd keeps listening on its copy.
 //!
-//! [`Shutdown::trigger_on_signals`] is how the binary uses it: the first SIGINT or
-//! SIGTERM starts a graceful stop, a second one ends the process at once.
+//! [`Shutdown::trigger_on_signals`] is how the binary uses it: the first
+//! SIGINT, SIGTERM or SIGQUIT starts a graceful stop, a second one ends the
+//! process at once. SIGHUP reopens the log file (logrotate), SIGUSR1 logs
+//! the counters so far, and every other signal whose default would end the
+//! process (SIGUSR2, SIGALRM, SIGXFSZ, real-time signals, ...) is logged and
+//! ignored: no signal an operator may send ends the server without its
+//! drain, but SIGKILL and a second stop signal.
 //!
 //! `OpenConnections` is what a stop ends at its deadline: a handle to
 //! every open connection, so that the server can cut off the ones still
@@ -22,17 +27,33 @@ use std::io;
 use std::net::{self, IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::process;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread;
 use std::time::Duration;
 
 use socket2::{Domain, SockRef, Socket, Type};
 
+use libc::{SIGPWR, SIGSTKFLT};
 use log::{info, warn};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{
+    SIGALRM, SIGHUP, SIGINT, SIGIO, SIGPROF, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGVTALRM,
+    SIGXCPU, SIGXFSZ,
+};
 use signal_hook::iterator::Signals;
+use signal_hook::low_level::signal_name;
 
-use crate::logging::event;
+use crate::lock;
+use crate::logging::{self, event};
+
+/// Signals that start a graceful stop (a second one exits at once).
+const STOP_SIGNALS: [i32; 3] = [SIGINT, SIGTERM, SIGQUIT];
+/// Signals whose default action would end the process, that mean nothing
+/// here: logged and ignored. SIGXFSZ among them, so that a log file at
+/// its size limit fails its writes (which the log reports and retries)
+/// instead of killing the server.
+const IGNORED_SIGNALS: [i32; 9] = [
+    SIGUSR2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO, SIGPWR, SIGXCPU, SIGXFSZ, SIGSTKFLT,
+];
 
 /// How long [`Shutdown::trigger`] tries to reach the listener to wake it.
 const WAKE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -57,7 +78,7 @@ pub struct Shutdown {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Inner {
     /// Set once, never cleared.
     requested: AtomicBool,
@@ -67,6 +88,8 @@ struct Inner {
     /// The addresses the wake-up connections come from, so that the accept
     /// loops do not serve them as clients.
     wake_from: Mutex<Vec<SocketAddr>>,
+    /// What SIGUSR1 logs: set by a running server.
+    counters: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
 }
 
 impl Shutdown {
@@ -79,12 +102,7 @@ impl Shutdown {
     /// is harmless.
     pub fn trigger(&self) {
         self.inner.requested.store(true, Ordering::SeqCst);
-        let targets = self
-            .inner
-            .wake_targets
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let targets = lock(&self.inner.wake_targets).clone();
         for target in targets {
             let woken = match &target {
                 WakeTarget::Connect(addr) => self.wake(*addr),
@@ -106,11 +124,7 @@ impl Shutdown {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
         socket.bind(&SocketAddr::new(addr.ip(), 0).into())?;
         if let Some(from) = socket.local_addr()?.as_socket() {
-            self.inner
-                .wake_from
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(crate::access::canonical(from));
+            lock(&self.inner.wake_from).push(crate::access::canonical(from));
         }
         socket.connect_timeout(&addr.into(), WAKE_TIMEOUT)
     }
@@ -118,11 +132,7 @@ impl Shutdown {
     /// Whether an accepted connection from `peer` is [`trigger`](Self::trigger)'s
     /// wake-up call rather than a client.
     pub(crate) fn is_wake_connection(&self, peer: SocketAddr) -> bool {
-        self.inner
-            .wake_from
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(&peer)
+        lock(&self.inner.wake_from).contains(&peer)
     }
 
     /// Whether [`trigger`](Self::trigger) has been called.
@@ -145,19 +155,29 @@ impl Shutdown {
     }
 
     fn add_wake_target(&self, target: WakeTarget) {
-        self.inner
-            .wake_targets
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(target);
+        lock(&self.inner.wake_targets).push(target);
     }
 
-    /// Starts a thread that triggers this handle on the first SIGINT or
-    /// SIGTERM, and exits the process at once (status 128 + signal number) on a
-    /// second.
+    /// Sets what SIGUSR1 logs (the counters of the server running now), or
+    /// clears it.
+    pub(crate) fn on_counters_request(&self, log_counters: Option<Arc<dyn Fn() + Send + Sync>>) {
+        *lock(&self.inner.counters) = log_counters;
+    }
+
+    /// Starts a thread that handles the signals an operator sends:
     ///
-    /// signal-hook does the async-signal-safe part (a self-pipe written from the
-    /// handler), so the reaction runs on an ordinary thread that may log and lock.
+    /// - SIGINT, SIGTERM, SIGQUIT: the first triggers this handle (a
+    ///   graceful stop); a second exits the process at once, with status
+    ///   128 + the signal's number;
+    /// - SIGHUP: reopens the log file (after logrotate renamed it); without
+    ///   one it is logged and ignored;
+    /// - SIGUSR1: logs one line with the counters so far;
+    /// - SIGUSR2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO, SIGPWR, SIGXCPU,
+    ///   SIGXFSZ, SIGSTKFLT and the real-time signals: logged and ignored.
+    ///
+    /// signal-hook does the async-signal-safe part (a self-pipe written from
+    /// the handler), so the reaction runs on an ordinary thread that may
+    /// log and lock; it never waits for the log.
     ///
     /// # Errors
     ///
@@ -165,30 +185,63 @@ impl Shutdown {
     /// be started.
     pub fn trigger_on_signals(&self) -> io::Result<()> {
         let shutdown = self.clone();
-        let mut signals = Signals::new([SIGINT, SIGTERM])?;
+        let real_time = libc::SIGRTMIN()..=libc::SIGRTMAX();
+        let handled = STOP_SIGNALS
+            .into_iter()
+            .chain([SIGHUP, SIGUSR1])
+            .chain(IGNORED_SIGNALS)
+            .chain(real_time);
+        let mut signals = Signals::new(handled)?;
         thread::Builder::new()
             .name("signals".to_string())
             .stack_size(SIGNAL_THREAD_STACK)
             .spawn(move || {
                 for signal in signals.forever() {
-                    let name = if signal == SIGINT {
-                        "SIGINT"
-                    } else {
-                        "SIGTERM"
-                    };
-                    if shutdown.is_triggered() {
-                        warn!(event = event::SIGNAL, signal = name; "{name} again: exiting now without waiting for clients");
-                        // Connections still open are reset by the exit (their
-                        // sockets linger zero), so no client mistakes it for a
-                        // clean close; only the log gets a moment.
-                        crate::logging::flush(EXIT_LOG_FLUSH_TIMEOUT);
-                        process::exit(128 + signal);
-                    }
-                    info!(event = event::SIGNAL, signal = name; "{name} received: stopping (send it again to exit at once)");
-                    shutdown.trigger();
+                    shutdown.on_signal(signal);
                 }
             })?;
         Ok(())
+    }
+
+    fn on_signal(&self, signal: i32) {
+        let number = signal.to_string();
+        let name = signal_name(signal).unwrap_or(&number);
+        if STOP_SIGNALS.contains(&signal) {
+            if self.is_triggered() {
+                warn!(event = event::SIGNAL, signal = name; "{name} again: exiting now without waiting for clients");
+                // Connections still open are reset by the exit (their
+                // sockets linger zero), so no client mistakes it for a
+                // clean close; only the log gets a moment.
+                logging::flush(EXIT_LOG_FLUSH_TIMEOUT);
+                process::exit(128 + signal);
+            }
+            info!(event = event::SIGNAL, signal = name; "{name} received: stopping (send it again to exit at once)");
+            self.trigger();
+        } else if signal == SIGHUP {
+            if logging::reopen() {
+                info!(event = event::SIGNAL, signal = name; "{name} received: reopening the log file");
+            } else {
+                info!(event = event::SIGNAL, signal = name; "{name} received: no log file to reopen; ignored");
+            }
+        } else if signal == SIGUSR1 {
+            let log_counters = lock(&self.inner.counters).clone();
+            match log_counters {
+                Some(log_counters) => log_counters(),
+                None => {
+                    info!(event = event::SIGNAL, signal = name; "{name} received: no server running")
+                }
+            }
+        } else {
+            info!(event = event::SIGNAL, signal = name; "{name} received: ignored");
+        }
+    }
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shutdown")
+            .field("requested", &self.requested)
+            .finish_non_exhaustive()
     }
 }
 
@@ -213,10 +266,7 @@ impl OpenConnections {
     /// Notes `stream` as open until the returned entry is dropped.
     pub(crate) fn register(self: &Arc<Self>, stream: &Arc<TcpStream>) -> OpenConnection {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.streams
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, Arc::clone(stream));
+        lock(&self.streams).insert(id, Arc::clone(stream));
         OpenConnection {
             connections: Arc::clone(self),
             id,
@@ -227,7 +277,7 @@ impl OpenConnections {
     /// for a reply sees the end of it at once and logs what it had.
     pub(crate) fn cut_off_all(&self) {
         self.cut_off.store(true, Ordering::SeqCst);
-        let streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        let streams = lock(&self.streams);
         for stream in streams.values() {
             let _ = stream.shutdown(std::net::Shutdown::Read);
         }
@@ -241,11 +291,7 @@ impl OpenConnections {
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.connections
-            .streams
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.id);
+        lock(&self.connections.streams).remove(&self.id);
     }
 }
 

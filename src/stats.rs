@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::metrics::{
     AcceptErrorCounts, AcceptErrorKind, Histogram, REPLY_SIZE_BUCKETS, SESSION_DURATION_BUCKETS,
 };
+use crate::record::{Record, ReplyEnd};
 
 /// How a connection ended: one count each in the summary, and the
 /// metrics' `outcome` label.
@@ -35,11 +36,13 @@ pub(crate) enum Outcome {
     /// Still connected at the shutdown deadline: cut off, and logged with
     /// what it had sent.
     CutOff,
+    /// The reply sink did not take its record: the client was reset.
+    NotRecorded,
 }
 
 impl Outcome {
     /// Every outcome, in the order of the metrics.
-    pub(crate) const ALL: [Outcome; 9] = [
+    pub(crate) const ALL: [Outcome; 10] = [
         Outcome::Replied,
         Outcome::Truncated,
         Outcome::TimedOut,
@@ -49,7 +52,20 @@ impl Outcome {
         Outcome::Busy,
         Outcome::RateLimited,
         Outcome::CutOff,
+        Outcome::NotRecorded,
     ];
+
+    /// How a recorded connection ended.
+    pub(crate) fn of(record: &Record<'_>) -> Outcome {
+        match record.end {
+            ReplyEnd::Closed if record.reply.is_empty() => Outcome::NoReply,
+            ReplyEnd::Line | ReplyEnd::Closed => Outcome::Replied,
+            ReplyEnd::Truncated => Outcome::Truncated,
+            ReplyEnd::TimedOut { .. } => Outcome::TimedOut,
+            ReplyEnd::CutOff => Outcome::CutOff,
+            ReplyEnd::Failed(_) => Outcome::Failed,
+        }
+    }
 
     /// Its value of the metrics' `outcome` label.
     pub(crate) fn label(self) -> &'static str {
@@ -63,6 +79,7 @@ impl Outcome {
             Outcome::Busy => "busy",
             Outcome::RateLimited => "rate_limited",
             Outcome::CutOff => "shutdown",
+            Outcome::NotRecorded => "not_recorded",
         }
     }
 }
@@ -185,6 +202,7 @@ impl Stats {
             rate_limited: self.count(Outcome::RateLimited),
             denied: self.count(Outcome::Denied),
             cut_off: self.count(Outcome::CutOff),
+            not_recorded: self.count(Outcome::NotRecorded),
             still_connected,
             unwritten_log_lines: 0,
         }
@@ -220,6 +238,9 @@ pub struct Summary {
     /// Clients still connected at the shutdown deadline, cut off by the
     /// server and logged with what they had sent.
     pub cut_off: u64,
+    /// Replies the reply sink did not take (a failing or stalled log):
+    /// their clients were reset.
+    pub not_recorded: u64,
     /// Connections whose thread had not finished when the server stopped
     /// waiting for it (only when the log is stalled; they are reset).
     pub still_connected: usize,
@@ -237,7 +258,7 @@ impl fmt::Display for Summary {
             f,
             "{} {}, {} {}, {} truncated, {} timed out, {} without reply, \
              {} failed, {} rejected busy, {} rate limited, {} denied, {} cut off by shutdown, \
-             {} still connected",
+             {} not recorded, {} still connected",
             self.connections,
             plural(self.connections, "connection", "connections"),
             self.replies,
@@ -250,6 +271,7 @@ impl fmt::Display for Summary {
             self.rate_limited,
             self.denied,
             self.cut_off,
+            self.not_recorded,
             self.still_connected
         )
     }
@@ -268,7 +290,7 @@ mod tests {
             summary.to_string(),
             "1 connection, 1 reply, 0 truncated, 0 timed out, 0 without reply, \
              0 failed, 0 rejected busy, 0 rate limited, 0 denied, 0 cut off by shutdown, \
-             0 still connected"
+             0 not recorded, 0 still connected"
         );
         summary.connections = 2;
         summary.replies = 0;

@@ -75,26 +75,40 @@ pub(crate) enum ReadStep {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Deadline {
     at: Instant,
+    /// The whole time allowed, from the start.
+    budget: Duration,
     /// The socket's read timeout stands at about the time left.
     timeout_set: bool,
 }
 
 impl Deadline {
-    /// A deadline at `at`, the socket's timeout to be set for each read.
-    pub(crate) fn new(at: Instant) -> Self {
+    /// A deadline `budget` from now, the socket's timeout to be set for
+    /// each read.
+    pub(crate) fn after(budget: Duration) -> Self {
+        Self::from(Instant::now(), budget)
+    }
+
+    /// A deadline `budget` after `start`.
+    pub(crate) fn from(start: Instant, budget: Duration) -> Self {
         Deadline {
-            at,
+            at: start + budget,
+            budget,
             timeout_set: false,
         }
     }
 
-    /// A deadline at `at` whose first read relies on the read timeout the
-    /// socket already has.
-    pub(crate) fn with_timeout_already_set(at: Instant) -> Self {
+    /// A deadline `budget` from now whose first read relies on the read
+    /// timeout the socket already has.
+    pub(crate) fn after_with_timeout_already_set(budget: Duration) -> Self {
         Deadline {
-            at,
             timeout_set: true,
+            ..Self::after(budget)
         }
+    }
+
+    /// The whole time allowed.
+    pub(crate) fn budget(&self) -> Duration {
+        self.budget
     }
 }
 

@@ -135,15 +135,20 @@ fn logs_at_info_when_rust_log_is_unset() {
 }
 
 #[test]
-fn listening_line_shows_at_warn_level() {
+fn listening_line_and_replies_show_at_warn_level() {
     // start waits for the `listening on` line and fails the test without it.
     let mut server = ServerProcess::builder().env("RUST_LOG", "warn").start();
     session(server.addr, b"hushed\n");
     server.signal("TERM");
     assert!(server.wait_exit().success());
     assert!(
-        !server.seen.iter().any(|l| l.contains("said:")),
-        "info lines other than `listening on` at warn: {:?}",
+        server.seen.iter().any(|l| l.contains("said: \"hushed\"")),
+        "a reply is data, not a diagnostic: {:?}",
+        server.seen
+    );
+    assert!(
+        !server.seen.iter().any(|l| l.contains("SIGTERM received")),
+        "info diagnostics at warn: {:?}",
         server.seen
     );
 }

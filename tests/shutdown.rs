@@ -63,7 +63,8 @@ fn sigterm_lets_clients_finish_then_exits_zero_with_a_summary() {
     assert!(
         summary.ends_with(
             "4 connections, 3 replies, 0 truncated, 0 timed out, 0 without reply, \
-             0 failed, 0 rejected busy, 0 rate limited, 0 denied, 1 cut off by shutdown, 0 still connected"
+             0 failed, 0 rejected busy, 0 rate limited, 0 denied, 1 cut off by shutdown, \
+             0 not recorded, 0 still connected"
         ),
         "{summary}"
     );

@@ -1,0 +1,273 @@
+//! How a log line looks: the text of a record, one JSON object per line,
+//! and the escaping that keeps client bytes from forging or breaking a line.
+//!
+//! The `log` facade passes messages through untouched, so every client byte
+//! that reaches a text line goes through [`Escaped`]: control characters
+//! (CR, LF, ESC, ...), quotes, backslashes and invalid UTF-8 all come out as
+//! visible escapes, and one log record stays one line. In JSON, serde_json
+//! escapes what JSON requires and [`escape_line_breakers`] the rest.
+
+use std::fmt;
+
+use log::kv::{self, Key, Value, VisitSource};
+use serde_json::{Map, Value as Json};
+
+use super::{Record, ReplyEnd};
+use crate::error::describe_io_error;
+
+/// The text of a record's line, written straight into the log record:
+/// `127.0.0.1:50312 said: "yes"`.
+pub(crate) struct RecordText<'a>(pub(crate) &'a Record<'a>);
+
+impl fmt::Display for RecordText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Record {
+            peer, reply, end, ..
+        } = self.0;
+        let bytes = Escaped(reply);
+        match end {
+            ReplyEnd::CutOff => write!(
+                f,
+                "{peer} cut off by shutdown before a full reply; got {bytes}"
+            ),
+            ReplyEnd::Closed if reply.is_empty() => write!(f, "{peer} closed without replying"),
+            ReplyEnd::Closed => write!(f, "{peer} said: {bytes} (closed before newline)"),
+            ReplyEnd::Truncated => {
+                write!(
+                    f,
+                    "{peer} said: {bytes} (truncated at {} bytes)",
+                    reply.len()
+                )
+            }
+            ReplyEnd::TimedOut { after } => write!(
+                f,
+                "{peer} timed out after {}s without a full reply; got {bytes}",
+                after.as_secs_f64()
+            ),
+            ReplyEnd::Failed(e) => {
+                write!(
+                    f,
+                    "{peer} read error: {}; got {bytes}",
+                    describe_io_error(e)
+                )
+            }
+            ReplyEnd::Line => write!(f, "{peer} said: {bytes}"),
+        }
+    }
+}
+
+/// One record as a JSON object: `ts`, `level`, `event` (`log` if the call
+/// named none), the record's other fields, and `message`.
+pub(crate) fn json_line(ts: &str, record: &log::Record<'_>) -> Json {
+    let mut object = Map::new();
+    object.insert("ts".into(), ts.into());
+    object.insert(
+        "level".into(),
+        record.level().as_str().to_lowercase().into(),
+    );
+    object.insert("event".into(), "log".into());
+    let mut fields = JsonFields(&mut object);
+    // Visiting our own fields cannot fail.
+    let _ = record.key_values().visit(&mut fields);
+    object.insert("message".into(), record.args().to_string().into());
+    Json::Object(object)
+}
+
+/// JSON needs only C0 controls escaped, and serde_json escapes no more;
+/// but DEL, C1 controls (NEL among them) and the Unicode line and paragraph
+/// separators end a line for some log tools, or drive terminals. They can
+/// only stand inside JSON strings here, where `\uXXXX` means the same.
+pub(crate) fn escape_line_breakers(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        if c.is_control() || c == '\u{2028}' || c == '\u{2029}' {
+            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+struct JsonFields<'a>(&'a mut Map<String, Json>);
+
+/// Tells a null value (a `None` field) apart, so that it can be left out.
+struct IsNull(bool);
+
+impl<'v> kv::VisitValue<'v> for IsNull {
+    fn visit_any(&mut self, _: Value<'_>) -> Result<(), kv::Error> {
+        Ok(())
+    }
+
+    fn visit_null(&mut self) -> Result<(), kv::Error> {
+        self.0 = true;
+        Ok(())
+    }
+}
+
+impl<'kvs> VisitSource<'kvs> for JsonFields<'_> {
+    fn visit_pair(&mut self, key: Key<'kvs>, value: Value<'kvs>) -> Result<(), kv::Error> {
+        let mut null = IsNull(false);
+        value.visit(&mut null)?;
+        if null.0 {
+            return Ok(());
+        }
+        let json = if let Some(b) = value.to_bool() {
+            Json::from(b)
+        } else if let Some(n) = value.to_u64() {
+            Json::from(n)
+        } else if let Some(n) = value.to_i64() {
+            Json::from(n)
+        } else if let Some(n) = value.to_f64() {
+            Json::from(n)
+        } else {
+            Json::from(value.to_string())
+        };
+        self.0.insert(key.as_str().to_string(), json);
+        Ok(())
+    }
+}
+
+/// A reply as JSON can carry it: the text, decoded lossily if it is not
+/// UTF-8, and whether it had to be.
+pub(crate) fn reply_text(bytes: &[u8]) -> (std::borrow::Cow<'_, str>, bool) {
+    let text = String::from_utf8_lossy(bytes);
+    let lossy = matches!(text, std::borrow::Cow::Owned(_));
+    (text, lossy)
+}
+
+/// Client bytes shown in double quotes with Rust-style escapes, for example
+/// `"yes\r\u{1b}[31m\xFF"`: valid UTF-8 text stays readable, everything that
+/// could affect a terminal or a log parser becomes visible.
+pub(crate) struct Escaped<'a>(pub(crate) &'a [u8]);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"")?;
+        for chunk in self.0.utf8_chunks() {
+            for c in chunk.valid().chars() {
+                match c {
+                    // Debug-escaping would turn ' into \' inside double quotes.
+                    '\'' => f.write_str("'")?,
+                    c => write!(f, "{}", c.escape_debug())?,
+                }
+            }
+            for byte in chunk.invalid() {
+                write!(f, "\\x{byte:02X}")?;
+            }
+        }
+        f.write_str("\"")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn escaped(bytes: &[u8]) -> String {
+        Escaped(bytes).to_string()
+    }
+
+    #[test]
+    fn plain_text_is_quoted_as_is() {
+        assert_eq!(escaped(b"yes"), r#""yes""#);
+        assert_eq!(
+            escaped("don't, caf\u{e9}".as_bytes()),
+            "\"don't, caf\u{e9}\""
+        );
+    }
+
+    #[test]
+    fn control_characters_and_quotes_are_escaped() {
+        assert_eq!(
+            escaped(b"a\r\nb\t\x1b[31m\0\"\\"),
+            r#""a\r\nb\t\u{1b}[31m\0\"\\""#
+        );
+        // Right-to-left override, which reorders what a terminal shows.
+        assert_eq!(escaped("x\u{202e}y".as_bytes()), r#""x\u{202e}y""#);
+    }
+
+    #[test]
+    fn invalid_utf8_is_shown_as_hex() {
+        assert_eq!(escaped(b"ok\xff\xfe!"), r#""ok\xFF\xFE!""#);
+    }
+
+    #[test]
+    fn escaped_output_never_holds_a_control_byte() {
+        let all: Vec<u8> = (0..=255).collect();
+        let text = escaped(&all);
+        assert!(!text.chars().any(char::is_control), "{text}");
+    }
+
+    fn record_json(args: fmt::Arguments<'_>, fields: &[(&str, Value<'_>)]) -> Json {
+        let fields: Vec<(&str, Value<'_>)> = fields.to_vec();
+        let record = log::Record::builder()
+            .args(args)
+            .level(log::Level::Warn)
+            .key_values(&fields)
+            .build();
+        json_line("2026-11-25T12:00:00.000Z", &record)
+    }
+
+    #[test]
+    fn json_line_has_the_fields_and_stays_one_line() {
+        let json = record_json(
+            format_args!("line one\nline two"),
+            &[
+                ("event", Value::from("reply")),
+                ("peer", Value::from("127.0.0.1:5")),
+                ("reply", Value::from("a\n\u{1b}[31m\"b")),
+                ("bytes", Value::from(9u64)),
+                ("reply_lossy", Value::from(false)),
+            ],
+        );
+        assert_eq!(json["ts"], "2026-11-25T12:00:00.000Z");
+        assert_eq!(json["level"], "warn");
+        assert_eq!(json["event"], "reply");
+        assert_eq!(json["reply"], "a\n\u{1b}[31m\"b");
+        assert_eq!(json["bytes"], 9);
+        assert_eq!(json["reply_lossy"], false);
+        let line = json.to_string();
+        assert!(!line.chars().any(char::is_control), "{line}");
+        let back: Json = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, json);
+    }
+
+    #[test]
+    fn json_leaves_out_absent_fields() {
+        let none: Option<&str> = None;
+        let json = record_json(
+            format_args!("x"),
+            &[("proxy", log::kv::ToValue::to_value(&none))],
+        );
+        assert!(json.get("proxy").is_none(), "{json}");
+    }
+
+    #[test]
+    fn json_lines_escape_every_line_breaker() {
+        let json = record_json(
+            format_args!("m"),
+            &[("reply", Value::from("a\u{85}b\u{2028}c\u{7f}"))],
+        );
+        let line = escape_line_breakers(&json.to_string());
+        assert!(
+            !line.chars().any(|c| c.is_control() || c == '\u{2028}'),
+            "{line}"
+        );
+        let back: Json = serde_json::from_str(&line).unwrap();
+        assert_eq!(back["reply"], "a\u{85}b\u{2028}c\u{7f}");
+    }
+
+    #[test]
+    fn json_event_defaults_to_log() {
+        assert_eq!(record_json(format_args!("plain"), &[])["event"], "log");
+    }
+
+    #[test]
+    fn invalid_utf8_replies_are_flagged_lossy() {
+        assert_eq!(reply_text(b"yes"), ("yes".into(), false));
+        let (text, lossy) = reply_text(b"y\xffs");
+        assert_eq!(text, "y\u{fffd}s");
+        assert!(lossy);
+    }
+}

@@ -1,0 +1,779 @@
+//! The log: its set-up ([`init`]), the default [`ReplySink`]
+//! ([`LogReplies`]), the `log` facade's diagnostic lines, and the names of
+//! every line's `event`.
+//!
+//! Records and diagnostics go through one queue to one output (stderr, or
+//! `--log-file`), so the log reads in order. Only diagnostics are filtered
+//! by `RUST_LOG`: a record is a served connection's data and is always
+//! written; its caller waits until it is (and synced, where the output is a
+//! file). Diagnostic lines never make anyone wait: lifecycle lines (start,
+//! signals, stop) are always queued, housekeeping lines (busy, denied,
+//! accept errors, debug) are dropped and counted when the queue is full.
+
+use std::cell::{Cell, RefCell};
+use std::io::{self, IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, SyncSender};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use std::{panic, thread};
+
+use log::kv::{Key, Value};
+use log::{Level, Log as _, error, info, warn};
+
+use super::format::{RecordText, escape_line_breakers, json_line};
+use super::output::Output;
+use super::queue::{self, Class, NotWritten, Observer, Queue};
+use super::{Escaped, Record, ReplyEnd, ReplySink, reply_text};
+use crate::error::describe_io_error;
+use crate::lock;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// `[2026-11-25T12:41:26Z INFO  prompt_server::connection] 127.0.0.1:50312 said: "yes"`
+    #[default]
+    Text,
+    /// `{"ts":"2026-11-25T12:41:26.123Z","level":"info","event":"reply",...}`
+    Json,
+}
+
+/// How long a record may wait for the log by default before it is given
+/// up (and its client reset): long enough to ride out a slow disk or a
+/// rotation, short enough that a failing one is noticed by the clients.
+pub const DEFAULT_RECORD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How the log is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSettings {
+    /// Text lines, or one JSON object per line.
+    pub format: LogFormat,
+    /// Write the log to this file (appended, created if missing) instead of
+    /// stderr; [`reopen`] (SIGHUP) opens the path again.
+    pub file: Option<PathBuf>,
+    /// `fdatasync` after every batch that holds a record, when the log is a
+    /// regular file (`file`, or stderr redirected to one), so that a
+    /// record is on disk before its client sees a clean close.
+    pub sync: bool,
+    /// How long a record may wait for the log before it is given up: its
+    /// client is then reset, and the reply counted as not recorded.
+    pub record_timeout: Duration,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: LogFormat::Text,
+            file: None,
+            sync: true,
+            record_timeout: DEFAULT_RECORD_TIMEOUT,
+        }
+    }
+}
+
+/// The target of the `listening on ADDR` line. It is logged at info whatever
+/// `RUST_LOG` says (unless `RUST_LOG` names this target itself), since it is
+/// the only place that says which port `--port 0` got.
+pub(crate) const LISTENING_TARGET: &str = "prompt_server::listening";
+/// The target of every record line.
+const RECORD_TARGET: &str = "prompt_server::connection";
+
+/// Lines the log queue holds while the output is slow: enough for a burst
+/// of replies, small enough that a stalled output is noticed soon.
+const LOG_QUEUE_LINES: usize = 1024;
+
+/// The process's log, made by [`init`] (or, for a sink used without it, on
+/// first use with the default settings).
+static LOG: OnceLock<Log> = OnceLock::new();
+
+struct Log {
+    queue: &'static Queue,
+    /// Formats records, unfiltered.
+    records: env_logger::Logger,
+    record_timeout: Duration,
+    health: &'static Health,
+}
+
+/// Starts the log as `settings` say and installs it as the `log` facade's
+/// logger: diagnostics at level info, unless `RUST_LOG` says otherwise;
+/// records always.
+///
+/// `env_logger` filters and formats each line on the calling thread; the
+/// line then goes through the log's queue instead of straight to the
+/// output, so that a stalled output never blocks the accept loop or the
+/// signal thread.
+///
+/// # Errors
+///
+/// Fails if the log file cannot be opened, a logger is already installed,
+/// or the thread that writes the log cannot be started.
+pub fn init(settings: &LogSettings) -> io::Result<()> {
+    let mut diagnostics = builder(settings.format);
+    // Before RUST_LOG is read, so that a RUST_LOG directive for this very
+    // target replaces it; any other directive is less specific and loses.
+    diagnostics.filter_module(LISTENING_TARGET, log::LevelFilter::Info);
+    diagnostics.parse_env(env_logger::Env::default().default_filter_or("info"));
+    let diagnostics = diagnostics.build();
+    let log = install(settings)?;
+    log::set_max_level(diagnostics.filter());
+    log::set_boxed_logger(Box::new(QueuedLogger {
+        diagnostics,
+        queue: log.queue,
+    }))
+    .map_err(|e| io::Error::other(e.to_string()))
+}
+
+/// An `env_logger` builder for `format` whose lines land in [`FORMATTED`].
+fn builder(format: LogFormat) -> env_logger::Builder {
+    let mut builder = env_logger::Builder::new();
+    if format == LogFormat::Json {
+        builder.format(|buf, record| {
+            let line = json_line(&buf.timestamp_millis().to_string(), record);
+            writeln!(buf, "{}", escape_line_breakers(&line.to_string()))
+        });
+    }
+    if std::env::var_os("RUST_LOG_STYLE").is_none() && io::stderr().is_terminal() {
+        builder.write_style(env_logger::WriteStyle::Always);
+    }
+    builder.target(env_logger::Target::Pipe(Box::new(Captured)));
+    builder
+}
+
+/// Makes the process's log with `settings`; fails if it exists already.
+fn install(settings: &LogSettings) -> io::Result<&'static Log> {
+    let output = match &settings.file {
+        Some(path) => Output::file(path, settings.sync).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot open {}: {}", path.display(), describe_io_error(&e)),
+            )
+        })?,
+        None => Output::stderr(settings.sync)?,
+    };
+    let health: &'static Health = Box::leak(Box::new(Health::new(output.path().is_some())));
+    let queue: &'static Queue = Box::leak(Box::new(Queue::new(
+        LOG_QUEUE_LINES,
+        output,
+        Box::new(health),
+    )));
+    let mut records = builder(settings.format);
+    records.filter_level(log::LevelFilter::Trace);
+    let log = Log {
+        queue,
+        records: records.build(),
+        record_timeout: settings.record_timeout,
+        health,
+    };
+    LOG.set(log)
+        .map_err(|_| io::Error::new(io::ErrorKind::AlreadyExists, "the log is set up already"))?;
+    queue::start_writer(queue)?;
+    LOG.get()
+        .ok_or_else(|| io::Error::other("the log vanished"))
+}
+
+/// The process's log: the one [`init`] made, or else one on stderr with the
+/// default settings, made now.
+fn log() -> io::Result<&'static Log> {
+    if let Some(log) = LOG.get() {
+        return Ok(log);
+    }
+    install(&LogSettings::default()).or_else(|e| LOG.get().ok_or(e))
+}
+
+/// The default [`ReplySink`]: each record is a line in the log, written
+/// (and synced, where the log is a file) before the client sees its clean
+/// close, whatever `RUST_LOG` says. Without [`init`], the log is stderr
+/// with the default [`LogSettings`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogReplies;
+
+impl ReplySink for LogReplies {
+    fn record(&self, record: &Record<'_>) -> io::Result<()> {
+        let log = log()?;
+        let (level, event) = level_and_event(record);
+        let proxy = record.proxy.map(|proxy| proxy.to_string());
+        let proxy = proxy.as_deref();
+        let (text, lossy) = reply_text(record.reply);
+        let text: &str = &text;
+        let fields: [(&str, Value<'_>); 7] = [
+            ("event", Value::from(event)),
+            ("peer", Value::from_display(&record.peer)),
+            ("proxy", log::kv::ToValue::to_value(&proxy)),
+            ("reply", Value::from(text)),
+            ("reply_lossy", Value::from(lossy)),
+            ("bytes", Value::from(record.reply.len())),
+            (
+                "duration_ms",
+                Value::from(record.duration.as_millis() as u64),
+            ),
+        ];
+        let message = RecordText(record);
+        log.records.log(
+            &log::Record::builder()
+                .args(format_args!("{message}"))
+                .level(level)
+                .target(RECORD_TARGET)
+                .key_values(&fields)
+                .build(),
+        );
+        let line = FORMATTED.with(|line| std::mem::take(&mut *line.borrow_mut()));
+        let deadline = Instant::now() + log.record_timeout;
+        log.queue
+            .push_and_wait(line, deadline)
+            .map_err(|why| match why {
+                NotWritten::TimedOut => io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the log did not take it within {}s",
+                        log.record_timeout.as_secs_f64()
+                    ),
+                ),
+                NotWritten::Abandoned => io::Error::other("the server stopped waiting for the log"),
+            })
+    }
+}
+
+/// A record line's level and event.
+fn level_and_event(record: &Record<'_>) -> (Level, &'static str) {
+    match record.end {
+        ReplyEnd::Line => (Level::Info, event::REPLY),
+        ReplyEnd::Closed if record.reply.is_empty() => (Level::Info, event::NO_REPLY),
+        ReplyEnd::Closed => (Level::Info, event::REPLY),
+        ReplyEnd::Truncated => (Level::Warn, event::TRUNCATED),
+        ReplyEnd::TimedOut { .. } => (Level::Warn, event::TIMEOUT),
+        ReplyEnd::CutOff => (Level::Warn, event::CUT_OFF),
+        ReplyEnd::Failed(_) => (Level::Warn, event::READ_ERROR),
+    }
+}
+
+/// Waits up to `timeout` for every queued log line to be written, and
+/// returns how many were not (0 without a log).
+pub(crate) fn flush(timeout: Duration) -> u64 {
+    LOG.get().map_or(0, |log| log.queue.flush(timeout))
+}
+
+/// Makes records that wait for the log stop waiting: a stopping server
+/// gives up on a log that does not take them.
+pub(crate) fn stop_waiting_for_the_log() {
+    if let Some(log) = LOG.get() {
+        log.queue.stop_waiting();
+    }
+}
+
+/// Opens the log file again (SIGHUP, after logrotate renamed it); its first
+/// line says so. Returns false when the log is not a file.
+pub(crate) fn reopen() -> bool {
+    let Some(log) = LOG.get() else {
+        return false;
+    };
+    if !log.health.to_file {
+        return false;
+    }
+    let fields = [("event", Value::from(event::LOG_REOPENED))];
+    log.records.log(
+        &log::Record::builder()
+            .args(format_args!(
+                "log file reopened (SIGHUP): the lines before this one are in the file it was renamed to"
+            ))
+            .level(Level::Info)
+            .target("prompt_server::logging")
+            .key_values(&fields)
+            .build(),
+    );
+    let line = FORMATTED.with(|line| std::mem::take(&mut *line.borrow_mut()));
+    log.queue.reopen(line);
+    true
+}
+
+/// Housekeeping log lines dropped because the log queue was full.
+pub(crate) fn lines_dropped() -> u64 {
+    LOG.get().map_or(0, |log| log.queue.dropped_total())
+}
+
+/// Failed writes and syncs of the log, by kind (`ENOSPC`, `EIO`, ...).
+pub(crate) fn write_errors() -> Vec<(&'static str, u64)> {
+    LOG.get().map_or_else(Vec::new, |log| log.health.errors())
+}
+
+/// What is wrong with the log now, for the service manager's status:
+/// "log failing: no space left on device", or `None` while it works.
+pub(crate) fn failure() -> Option<String> {
+    let log = LOG.get()?;
+    if !log.queue.failing() {
+        return None;
+    }
+    let why = lock(&log.health.last_error).clone()?;
+    Some(format!(
+        "log failing: {why} ({} lines waiting)",
+        log.queue.unwritten()
+    ))
+}
+
+/// What the queue's failures are told to: counters by kind, the failing
+/// state for the status, and a line on stderr at most once per kind per
+/// second when the log is a file (stderr is a channel that still works).
+struct Health {
+    to_file: bool,
+    counts: [AtomicU64; ERROR_KINDS.len()],
+    last_error: Mutex<Option<String>>,
+    /// When a line about each kind last went to stderr.
+    reported: Mutex<[Option<Instant>; ERROR_KINDS.len()]>,
+    /// Lines for stderr, written by a thread of their own, so that a
+    /// stalled stderr never holds up the log file.
+    stderr: Mutex<Option<SyncSender<String>>>,
+}
+
+/// The `kind` label of the log's write errors, by errno.
+const ERROR_KINDS: [(&str, Option<i32>); 6] = [
+    ("ENOSPC", Some(libc::ENOSPC)),
+    ("EDQUOT", Some(libc::EDQUOT)),
+    ("EFBIG", Some(libc::EFBIG)),
+    ("EIO", Some(libc::EIO)),
+    ("EPIPE", Some(libc::EPIPE)),
+    ("other", None),
+];
+
+impl Health {
+    fn new(to_file: bool) -> Health {
+        Health {
+            to_file,
+            counts: Default::default(),
+            last_error: Mutex::new(None),
+            reported: Mutex::new([None; ERROR_KINDS.len()]),
+            stderr: Mutex::new(None),
+        }
+    }
+
+    fn errors(&self) -> Vec<(&'static str, u64)> {
+        ERROR_KINDS
+            .iter()
+            .zip(&self.counts)
+            .map(|((kind, _), count)| (*kind, count.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Writes `line` to stderr from a thread of its own (started on first
+    /// use); dropped if that thread is behind.
+    fn to_stderr(&self, line: String) {
+        let mut sender = lock(&self.stderr);
+        if sender.is_none() {
+            let (send, receive) = mpsc::sync_channel::<String>(16);
+            let started = thread::Builder::new()
+                .name("log-reports".into())
+                .stack_size(64 * 1024)
+                .spawn(move || {
+                    for line in receive {
+                        let _ = io::stderr().write_all(line.as_bytes());
+                    }
+                });
+            if started.is_err() {
+                return;
+            }
+            *sender = Some(send);
+        }
+        if let Some(sender) = sender.as_ref() {
+            let _ = sender.try_send(line);
+        }
+    }
+}
+
+impl Observer for &'static Health {
+    fn failed(&self, error: &io::Error, output: &Output) {
+        let kind = ERROR_KINDS
+            .iter()
+            .position(|(_, errno)| errno.is_some() && *errno == error.raw_os_error())
+            .unwrap_or(ERROR_KINDS.len() - 1);
+        self.counts[kind].fetch_add(1, Ordering::Relaxed);
+        let why = describe_io_error(error);
+        *lock(&self.last_error) = Some(why.clone());
+        let now = Instant::now();
+        {
+            let mut reported = lock(&self.reported);
+            if reported[kind].is_some_and(|at| now.duration_since(at) < Duration::from_secs(1)) {
+                return;
+            }
+            reported[kind] = Some(now);
+        }
+        if let Some(path) = output.path() {
+            self.to_stderr(format!(
+                "prompt-server: cannot write the log file {}: {why}; replies wait and are retried \
+                 (a client whose reply is not recorded in time is reset)\n",
+                path.display()
+            ));
+        }
+    }
+
+    fn recovered(&self, failures: u64, output: &Output) {
+        let why = lock(&self.last_error).take().unwrap_or_default();
+        let attempts = if failures == 1 { "attempt" } else { "attempts" };
+        if let Some(path) = output.path() {
+            self.to_stderr(format!(
+                "prompt-server: the log file {} takes writes again ({failures} failed {attempts}: {why})\n",
+                path.display()
+            ));
+        }
+        warn!(
+            event = event::LOG_RECOVERED, failures = failures;
+            "the log takes writes again after {failures} failed {attempts} ({why})"
+        );
+    }
+
+    fn dropped(&self, count: u64) {
+        warn!(
+            event = event::LOG_DROPPED, dropped = count;
+            "{count} log lines about turned-away clients and errors were dropped while the log was stalled"
+        );
+    }
+}
+
+/// The logger [`init`] installs: `env_logger` filters and formats, the
+/// queue delivers.
+struct QueuedLogger {
+    diagnostics: env_logger::Logger,
+    queue: &'static Queue,
+}
+
+thread_local! {
+    /// The line `env_logger` just formatted on this thread.
+    static FORMATTED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `env_logger`'s target: keeps the formatted line for the queue.
+struct Captured;
+
+impl Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        FORMATTED.with(|line| line.borrow_mut().extend_from_slice(bytes));
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl log::Log for QueuedLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        self.diagnostics.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.diagnostics.matches(record) {
+            return;
+        }
+        let class = class_of(record);
+        if class == Class::Housekeeping && self.queue.drops_housekeeping() {
+            return;
+        }
+        self.diagnostics.log(record);
+        let line = FORMATTED.with(|line| std::mem::take(&mut *line.borrow_mut()));
+        if !line.is_empty() {
+            self.queue.push(line, class);
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// The `event` field of every log line, each name once, so that a call
+/// and [`class_of`] cannot disagree on its spelling.
+pub(crate) mod event {
+    /// An `accept` failed (rate-limited).
+    pub(crate) const ACCEPT_ERROR: &str = "accept_error";
+    /// `accept` works again after failures.
+    pub(crate) const ACCEPT_RESUMED: &str = "accept_resumed";
+    /// A client turned away: no connection slot, or its address holds `--max-per-ip`.
+    pub(crate) const BUSY: &str = "busy";
+    /// `--max-connections` lowered at start-up to what the process can hold.
+    pub(crate) const CAPACITY: &str = "capacity";
+    /// A client connected (debug).
+    pub(crate) const CONNECTED: &str = "connected";
+    /// The counters so far (SIGUSR1).
+    pub(crate) const COUNTERS: &str = "counters";
+    /// A client cut off at the shutdown deadline, with what it had sent.
+    pub(crate) const CUT_OFF: &str = "cut_off";
+    /// A client refused by the access rules, or not a trusted proxy.
+    pub(crate) const DENIED: &str = "denied";
+    /// A client's connection closed (debug).
+    pub(crate) const DISCONNECTED: &str = "disconnected";
+    /// The descriptor limit could not be raised.
+    pub(crate) const FD_LIMIT: &str = "fd_limit";
+    /// A socket passed down by the service manager is served.
+    pub(crate) const INHERITED: &str = "inherited";
+    /// The address a listener is bound to.
+    pub(crate) const LISTENING: &str = "listening";
+    /// How many housekeeping lines the full log queue dropped.
+    pub(crate) const LOG_DROPPED: &str = "log_dropped";
+    /// The log takes writes again after failures.
+    pub(crate) const LOG_RECOVERED: &str = "log_recovered";
+    /// The first line of a reopened log file.
+    pub(crate) const LOG_REOPENED: &str = "log_reopened";
+    /// Where the metrics endpoint listens.
+    pub(crate) const METRICS: &str = "metrics";
+    /// A metrics scrape failed (debug).
+    pub(crate) const METRICS_SCRAPE_FAILED: &str = "metrics_scrape_failed";
+    /// A client closed without replying.
+    pub(crate) const NO_REPLY: &str = "no_reply";
+    /// The service manager could not be notified.
+    pub(crate) const NOTIFY_FAILED: &str = "notify_failed";
+    /// A reply the reply sink did not take: its client was reset.
+    pub(crate) const NOT_RECORDED: &str = "not_recorded";
+    /// A thread panicked.
+    pub(crate) const PANIC: &str = "panic";
+    /// The prompt could not be sent.
+    pub(crate) const PROMPT_FAILED: &str = "prompt_failed";
+    /// A bad PROXY protocol header.
+    pub(crate) const PROXY_HEADER: &str = "proxy_header";
+    /// A client turned away by `--max-rate-per-ip`.
+    pub(crate) const RATE_LIMITED: &str = "rate_limited";
+    /// Bytes read from a client (trace).
+    pub(crate) const READ: &str = "read";
+    /// Reading a reply failed.
+    pub(crate) const READ_ERROR: &str = "read_error";
+    /// A client's reply.
+    pub(crate) const REPLY: &str = "reply";
+    /// A stop began, or reached its deadline.
+    pub(crate) const SHUTDOWN: &str = "shutdown";
+    /// A signal received.
+    pub(crate) const SIGNAL: &str = "signal";
+    /// No thread could be started for a client.
+    pub(crate) const SPAWN_FAILED: &str = "spawn_failed";
+    /// The summary at the end of a stop.
+    pub(crate) const STOPPED: &str = "stopped";
+    /// A finished connection thread parked (trace).
+    pub(crate) const THREAD_PARKED: &str = "thread_parked";
+    /// A reply not complete by its deadline.
+    pub(crate) const TIMEOUT: &str = "timeout";
+    /// A reply cut at `--max-reply-bytes`.
+    pub(crate) const TRUNCATED: &str = "truncated";
+    /// A stop could not wake an accept loop.
+    pub(crate) const WAKE_FAILED: &str = "wake_failed";
+}
+
+/// Which queue class a diagnostic's `event` puts it in.
+fn class_of(record: &log::Record<'_>) -> Class {
+    let value = record.key_values().get(Key::from("event"));
+    let name = value.as_ref().and_then(Value::to_borrowed_str);
+    match name {
+        Some(
+            event::LISTENING
+            | event::SIGNAL
+            | event::SHUTDOWN
+            | event::STOPPED
+            | event::COUNTERS
+            | event::CAPACITY
+            | event::FD_LIMIT
+            | event::PANIC
+            | event::LOG_DROPPED
+            | event::LOG_RECOVERED
+            | event::WAKE_FAILED
+            | event::METRICS
+            | event::INHERITED
+            | event::NOTIFY_FAILED,
+        ) => Class::Lifecycle,
+        _ => Class::Housekeeping,
+    }
+}
+
+thread_local! {
+    /// The client this thread is serving, for the panic log line; set by a
+    /// [`ServingPeer`] guard for as long as the connection lasts.
+    static SERVING: Cell<Option<SocketAddr>> = const { Cell::new(None) };
+}
+
+/// Names, while it lives, the client the current thread serves in any
+/// panic line it logs. Dropped when the connection ends, so a thread
+/// parked in the thread cache never reports a client it no longer serves.
+#[must_use = "the peer is named only while the guard lives"]
+pub(crate) struct ServingPeer(());
+
+impl ServingPeer {
+    pub(crate) fn set(peer: SocketAddr) -> Self {
+        SERVING.with(|current| current.set(Some(peer)));
+        ServingPeer(())
+    }
+}
+
+impl Drop for ServingPeer {
+    fn drop(&mut self) {
+        SERVING.with(|current| current.set(None));
+    }
+}
+
+/// Reports panics as one escaped error line in the log instead of the
+/// default multi-line message on bare stderr. A panic ends only the thread it
+/// happens on; for a connection thread, that one connection.
+pub fn log_panics() {
+    panic::set_hook(Box::new(|info| {
+        let thread = thread::current();
+        let thread = thread.name().unwrap_or("unnamed");
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        let location = info
+            .location()
+            .map(|at| format!("{}:{}", at.file(), at.line()))
+            .unwrap_or_default();
+        match SERVING.with(Cell::get) {
+            Some(peer) => error!(
+                event = event::PANIC, peer:% = peer;
+                "thread {thread} panicked at {location} serving {peer}: {}",
+                Escaped(message.as_bytes())
+            ),
+            None => error!(
+                event = event::PANIC;
+                "thread {thread} panicked at {location}: {}",
+                Escaped(message.as_bytes())
+            ),
+        }
+    }));
+}
+
+/// At most one log line per interval about one kind of thing (busy,
+/// denied, rate limited, accept failures, replies not recorded), so that a
+/// flood is not a flood of log lines. Each line that does go out says how
+/// many were held back since the last one; [`report_held_back`] logs what
+/// is still held back when the server stops.
+#[derive(Debug)]
+pub(crate) struct LogEvery {
+    /// The `event` of its lines.
+    event: &'static str,
+    interval: Duration,
+    /// When a line last went out, and how many were held back since.
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl LogEvery {
+    pub(crate) const fn new(event: &'static str, interval: Duration) -> Self {
+        LogEvery {
+            event,
+            interval,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(held back since the last line)` if a line may go out now;
+    /// `None` (and one more held back) otherwise.
+    pub(crate) fn due(&self) -> Option<u64> {
+        let mut state = lock(&self.state);
+        let (last, held_back) = &mut *state;
+        if last.is_some_and(|at| at.elapsed() < self.interval) {
+            *held_back += 1;
+            return None;
+        }
+        *last = Some(Instant::now());
+        Some(std::mem::take(held_back))
+    }
+
+    /// Takes the count held back since the last line.
+    fn take_held_back(&self) -> u64 {
+        std::mem::take(&mut lock(&self.state).1)
+    }
+}
+
+/// Logs a `$level` line through `$every` ([`LogEvery`]) if one is due:
+/// its `event`, the fields in brackets (each followed by a comma), the
+/// count held back since the last line, and the message with a note of
+/// that count.
+macro_rules! log_every {
+    ($every:expr, $level:ident, [$($kv:tt)*], $($arg:tt)+) => {
+        if let Some(held_back) = $every.due() {
+            log::$level!(
+                event = $every.event(), $($kv)* held_back = held_back;
+                "{}{}", format_args!($($arg)+), $crate::logging::held_back_note(held_back)
+            );
+        }
+    };
+}
+pub(crate) use log_every;
+
+impl LogEvery {
+    /// Its lines' `event`.
+    pub(crate) fn event(&self) -> &'static str {
+        self.event
+    }
+}
+
+/// Lines about clients turned away busy (`--max-connections`, `--max-per-ip`).
+pub(crate) static BUSY_LINES: LogEvery = LogEvery::new(event::BUSY, Duration::from_secs(1));
+/// Lines about clients turned away by `--max-rate-per-ip`.
+pub(crate) static RATE_LIMITED_LINES: LogEvery =
+    LogEvery::new(event::RATE_LIMITED, Duration::from_secs(1));
+/// Lines about clients refused (access rules, untrusted proxies).
+pub(crate) static DENIED_LINES: LogEvery = LogEvery::new(event::DENIED, Duration::from_secs(1));
+/// Lines about replies the reply sink did not take.
+pub(crate) static NOT_RECORDED_LINES: LogEvery =
+    LogEvery::new(event::NOT_RECORDED, Duration::from_secs(1));
+/// Lines about failing accepts, shared by every accept loop: out of
+/// descriptors, all of them fail at once.
+pub(crate) static ACCEPT_ERROR_LINES: LogEvery =
+    LogEvery::new(event::ACCEPT_ERROR, Duration::from_secs(5));
+
+/// Logs, for each kind of rate-limited line, how many were held back since
+/// its last line: a stopping server says them before its summary.
+pub(crate) fn report_held_back() {
+    for every in [
+        &BUSY_LINES,
+        &RATE_LIMITED_LINES,
+        &DENIED_LINES,
+        &NOT_RECORDED_LINES,
+        &ACCEPT_ERROR_LINES,
+    ] {
+        let held_back = every.take_held_back();
+        if held_back > 0 {
+            info!(
+                event = every.event(), held_back = held_back;
+                "{held_back} more {} lines were held back since the last one",
+                every.event()
+            );
+        }
+    }
+}
+
+/// " (N more since the last report)", or nothing when none were held back.
+pub(crate) fn held_back_note(held_back: u64) -> String {
+    if held_back == 0 {
+        String::new()
+    } else {
+        format!(" ({held_back} more since the last report)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_every_lets_one_line_through_per_interval_and_counts_the_rest() {
+        let every = LogEvery::new("x", Duration::from_secs(3600));
+        assert_eq!(every.due(), Some(0));
+        assert_eq!(every.due(), None);
+        assert_eq!(every.due(), None);
+        assert_eq!(every.take_held_back(), 2);
+        assert_eq!(every.take_held_back(), 0);
+        let now = LogEvery::new("x", Duration::ZERO);
+        assert_eq!(now.due(), Some(0));
+        assert_eq!(now.due(), Some(0));
+        assert_eq!(held_back_note(0), "");
+        assert_eq!(held_back_note(2), " (2 more since the last report)");
+    }
+
+    #[test]
+    fn the_served_peer_is_named_only_while_the_connection_lasts() {
+        let peer: SocketAddr = "192.0.2.7:4000".parse().unwrap();
+        assert_eq!(SERVING.with(Cell::get), None);
+        let guard = ServingPeer::set(peer);
+        assert_eq!(SERVING.with(Cell::get), Some(peer));
+        drop(guard);
+        assert_eq!(
+            SERVING.with(Cell::get),
+            None,
+            "a parked thread names nobody"
+        );
+    }
+}

@@ -1,0 +1,155 @@
+//! The record: where every served connection's reply goes, and the log it
+//! shares with the server's diagnostics.
+//!
+//! Replies are the server's data. A connection thread hands its [`Record`]
+//! to the [`ReplySink`] of its [`Config`](crate::Config) before it closes
+//! the connection, and the sink's answer decides the close: `Ok` means the
+//! reply is kept, and the client may see a clean close; an error means it
+//! is not, and the client is reset (and the reply counted as not recorded).
+//! The default sink is the log ([`logging::LogReplies`]), whatever
+//! `RUST_LOG` says: `RUST_LOG` filters diagnostics only.
+//!
+//! - [`logging`]: logger set-up, the default sink, the `log` facade's
+//!   lines, and the log's event names.
+//! - `queue`: the bounded queue in front of the log's output, group commit,
+//!   retries of failed writes.
+//! - `output`: stderr or the log file, its sync and its reopening.
+//! - `format`: text and JSON lines, and the escaping of client bytes.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+mod format;
+pub mod logging;
+mod output;
+mod queue;
+
+pub(crate) use format::{Escaped, reply_text};
+
+/// Where a server's replies are recorded: the log by default
+/// ([`logging::LogReplies`]), or an embedder's own store.
+///
+/// [`record`](ReplySink::record) is called on the connection's own thread,
+/// once per served connection, before the connection is closed. Its `Ok`
+/// is the acknowledgement: only then does the client see a clean close. An
+/// error (or a panic) means the reply is not kept: the client is reset, the
+/// reply is counted as not recorded, and the error is logged. A sink may
+/// block (a slow disk, a database); every other client is served meanwhile,
+/// but it must not block forever: a stopping server waits for it only so
+/// long.
+///
+/// # Examples
+///
+/// Replies kept in memory (a database would go here):
+///
+/// ```
+/// use std::io::{self, Read, Write};
+/// use std::net::{SocketAddr, TcpStream};
+/// use std::sync::{Arc, Mutex};
+/// use prompt_server::{Config, Record, ReplySink, Shutdown};
+///
+/// #[derive(Default)]
+/// struct Replies(Mutex<Vec<(SocketAddr, Vec<u8>)>>);
+///
+/// impl ReplySink for Replies {
+///     fn record(&self, record: &Record<'_>) -> io::Result<()> {
+///         let mut replies = self.0.lock().map_err(|_| io::Error::other("poisoned"))?;
+///         replies.push((record.peer, record.reply.to_vec()));
+///         Ok(())
+///     }
+/// }
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let replies = Arc::new(Replies::default());
+/// let config = Config {
+///     listen_addr: "127.0.0.1:0".parse()?,
+///     reply_sink: replies.clone(),
+///     ..Config::default()
+/// };
+/// let listener = prompt_server::bind(&config)?;
+/// let addr = listener.local_addr()?;
+/// let shutdown = Shutdown::new();
+/// let server = {
+///     let shutdown = shutdown.clone();
+///     std::thread::spawn(move || prompt_server::run([listener], config, shutdown))
+/// };
+///
+/// let mut client = TcpStream::connect(addr)?;
+/// let mut prompt = [0; 28];
+/// client.read_exact(&mut prompt)?;
+/// client.write_all(b"yes\n")?;
+/// client.read_to_end(&mut Vec::new())?; // a clean close: the reply is kept
+///
+/// shutdown.trigger();
+/// let summary = server.join().expect("the server thread")?;
+/// assert_eq!(summary.replies, 1);
+/// assert_eq!(replies.0.lock().unwrap()[0].1, b"yes");
+/// # Ok(())
+/// # }
+/// ```
+pub trait ReplySink: Send + Sync {
+    /// Records one served connection's reply; `Ok` once it is kept.
+    ///
+    /// # Errors
+    ///
+    /// Any error means the reply is not kept, and the client is reset.
+    fn record(&self, record: &Record<'_>) -> io::Result<()>;
+}
+
+impl fmt::Debug for dyn ReplySink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ReplySink")
+    }
+}
+
+/// What a served connection left: who the client was, what it replied,
+/// and how the reply ended.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Record<'a> {
+    /// The real client: the socket's peer, or the client a PROXY header
+    /// named.
+    pub peer: SocketAddr,
+    /// The balancer that relayed the connection, if one did.
+    pub proxy: Option<SocketAddr>,
+    /// The reply without its line terminator, at most `max_reply_bytes`.
+    pub reply: &'a [u8],
+    /// How the reply ended.
+    pub end: &'a ReplyEnd,
+    /// From the accept to now.
+    pub duration: Duration,
+}
+
+/// How a reply ended.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ReplyEnd {
+    /// A whole line arrived; its terminator is not part of the reply.
+    Line,
+    /// The client closed its side before a newline (an empty reply: it
+    /// closed without replying).
+    Closed,
+    /// Longer than `max_reply_bytes`: the reply holds the first ones.
+    Truncated,
+    /// The reply deadline passed first.
+    TimedOut {
+        /// The reply deadline (`reply_timeout`).
+        after: Duration,
+    },
+    /// A stopping server cut the connection off at its deadline.
+    CutOff,
+    /// Reading failed, for example because the client reset the connection.
+    Failed(io::Error),
+}
+
+impl Record<'_> {
+    /// Whether every byte the client sent for its reply is in
+    /// [`reply`](Record::reply): a whole line, or all it sent before it
+    /// closed. Otherwise the server ended the reply itself (or reading
+    /// failed), and bytes the client sent after that are in no record.
+    pub fn is_whole(&self) -> bool {
+        matches!(self.end, ReplyEnd::Line | ReplyEnd::Closed)
+    }
+}

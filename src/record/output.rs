@@ -1,0 +1,84 @@
+//! Where the log's bytes go: stderr, or the `--log-file`, which SIGHUP
+//! reopens (logrotate's `create` mode), and which is synced after every
+//! batch that holds a record, so that a record is on disk before its
+//! client is told it is kept.
+//!
+//! stderr is synced too when it is a regular file (`2>server.log`): a
+//! record there is just as much data. A pipe, a terminal or journald's
+//! socket cannot be synced and is not.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+/// The log's destination, written by one thread at a time (the queue's
+/// writer role).
+#[derive(Debug)]
+pub(crate) struct Output {
+    file: File,
+    /// `None`: stderr.
+    path: Option<PathBuf>,
+    /// `fdatasync` after each batch that holds a record.
+    sync: bool,
+}
+
+impl Output {
+    /// stderr (a duplicate of descriptor 2), synced if `sync` is asked for
+    /// and it is a regular file.
+    pub(crate) fn stderr(sync: bool) -> io::Result<Output> {
+        let file = File::from(io::stderr().as_fd().try_clone_to_owned()?);
+        let regular = file.metadata().is_ok_and(|meta| meta.is_file());
+        Ok(Output {
+            file,
+            path: None,
+            sync: sync && regular,
+        })
+    }
+
+    /// The file at `path`, appended to and created if missing, synced if
+    /// `sync` is asked for.
+    pub(crate) fn file(path: &Path, sync: bool) -> io::Result<Output> {
+        Ok(Output {
+            file: open_log_file(path)?,
+            path: Some(path.to_path_buf()),
+            sync,
+        })
+    }
+
+    /// One `write`: how many bytes of `bytes` it took.
+    pub(crate) fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.file.write(bytes)
+    }
+
+    /// `fdatasync`, if this output is synced.
+    pub(crate) fn sync(&mut self) -> io::Result<()> {
+        if self.sync {
+            self.file.sync_data()
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Opens the log file's path again (after logrotate renamed it) and
+    /// writes `first_line` there first; the old file is kept on failure.
+    /// stderr has nothing to reopen.
+    pub(crate) fn reopen(&mut self, first_line: &[u8]) -> io::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let mut file = open_log_file(path)?;
+        file.write_all(first_line)?;
+        self.file = file;
+        Ok(())
+    }
+
+    /// The log file's path; `None` for stderr.
+    pub(crate) fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+}
+
+fn open_log_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new().append(true).create(true).open(path)
+}

@@ -1,0 +1,512 @@
+//! The bounded queue between whoever logs and the log's [`Output`], and the
+//! one writer at a time that empties it: group commit.
+//!
+//! A line is a record (a served connection's: its caller waits until the
+//! line is written, and synced where the output is a file), a
+//! [`Class::Lifecycle`] line (queued at once, even past the bound:
+//! a handful over the server's life) or a [`Class::Housekeeping`] line
+//! (dropped and counted when the queue is full).
+//!
+//! Whoever waits for its line and finds nobody writing takes the writer
+//! role itself and writes everything waiting in one batch, with one
+//! `fdatasync` for the batch: on an idle server a record costs its own
+//! thread one `write` and one sync, and under load batches grow by
+//! themselves (PostgreSQL's WAL flush does the same). Lines of callers that
+//! do not wait are written by the writer thread.
+//!
+//! A batch whose write fails is not delivered: it stays, and the writer
+//! thread retries it with a growing pause (a full disk often recovers), from
+//! the byte where the failure left it, so that no line is cut or written
+//! twice. A failed sync writes the whole batch again: a line may then appear
+//! twice, but none is lost. Meanwhile its callers wait as for a stalled
+//! output, up to their own deadline; one who gives up has its line taken
+//! out of what is still to be written, if no byte of it is written yet.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::output::Output;
+use crate::lock;
+
+/// What a line nobody waits for is, which decides what happens to it when
+/// the queue is full. (A record is pushed with [`Queue::push_and_wait`].)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Class {
+    /// About the server's life: never dropped.
+    Lifecycle,
+    /// About turned-away clients, errors, debugging: dropped when full.
+    Housekeeping,
+}
+
+/// Why a record line was not written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NotWritten {
+    /// Its deadline passed first: the output is stalled or failing.
+    TimedOut,
+    /// The server stopped waiting for the output (a stop's drain ran out).
+    Abandoned,
+}
+
+/// The first pause before a failed batch is written again; it doubles up
+/// to [`MAX_RETRY_PAUSE`].
+const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(10);
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// The writer thread only moves bytes: a small fixed stack.
+const WRITER_THREAD_STACK: usize = 256 * 1024;
+
+/// What the queue tells about its output: failures, recoveries, dropped
+/// lines. Called without the queue's lock, by whoever holds the writer role.
+pub(crate) trait Observer: Send + Sync {
+    /// A write or sync failed (`retrying` lines wait to be written again).
+    fn failed(&self, error: &io::Error, output: &Output);
+    /// A write went through after failures.
+    fn recovered(&self, failures: u64, output: &Output);
+    /// `count` housekeeping lines were dropped while the queue was full.
+    fn dropped(&self, count: u64);
+}
+
+/// A bounded queue of formatted lines in front of one [`Output`].
+pub(crate) struct Queue {
+    capacity: usize,
+    state: Mutex<State>,
+    /// Callers waiting for room or for their line: signalled after a batch,
+    /// when room is made, and when waiting stops.
+    changed: Condvar,
+    /// The writer thread, waiting for work.
+    work: Condvar,
+    /// Used only by the thread holding the writer role.
+    output: Mutex<Output>,
+    observer: Box<dyn Observer>,
+}
+
+struct State {
+    /// Lines not yet in a batch, numbered in order.
+    waiting: VecDeque<Line>,
+    /// A batch whose write or sync failed, to be finished first.
+    retry: Option<Batch>,
+    /// The number of the last line queued; lines are numbered from 1.
+    queued: u64,
+    /// Every line numbered at most this is written (or was given up).
+    done: u64,
+    /// A thread holds the writer role.
+    writing: bool,
+    /// Lines given up while their batch was out being written.
+    given_up: Vec<u64>,
+    /// Callers waiting on `changed`, so that nobody is woken for nothing.
+    callers_waiting: usize,
+    /// The writer thread waits on `work`.
+    writer_idle: bool,
+    /// Failed attempts in a row, for the retry pause.
+    failures: u64,
+    /// Housekeeping lines dropped since the last report, and ever.
+    dropped: u64,
+    dropped_total: u64,
+    /// Set by a stopping server: record lines stop waiting.
+    abandoned: bool,
+    /// A reopen asked for (SIGHUP), with the line that opens the new file.
+    reopen: Option<Vec<u8>>,
+}
+
+impl State {
+    /// Whether the writer thread has something to do now.
+    fn has_writer_work(&self) -> bool {
+        !self.writing
+            && (!self.waiting.is_empty()
+                || self.retry.is_some()
+                || self.reopen.is_some()
+                || self.dropped > 0)
+    }
+}
+
+struct Line {
+    number: u64,
+    bytes: Vec<u8>,
+    /// Written in a batch that is synced.
+    record: bool,
+}
+
+/// Lines taken out of the queue to be written together.
+#[derive(Default)]
+struct Batch {
+    lines: Vec<Line>,
+    /// The first line not wholly written, and how much of it is.
+    next: usize,
+    partial: usize,
+}
+
+impl Batch {
+    fn last(&self) -> u64 {
+        self.lines.last().map_or(0, |line| line.number)
+    }
+
+    fn needs_sync(&self) -> bool {
+        self.lines.iter().any(|line| line.record)
+    }
+
+    /// Empties a given-up line that has no byte written yet.
+    fn give_up(&mut self, number: u64) {
+        let unstarted = (self.next + usize::from(self.partial > 0)).min(self.lines.len());
+        if let Some(line) = self.lines[unstarted..]
+            .iter_mut()
+            .find(|line| line.number == number)
+        {
+            line.bytes.clear();
+        }
+    }
+
+    /// Writes what is left, then syncs if a record is in it. On an error,
+    /// the batch says how far it got.
+    fn write_to(&mut self, output: &mut Output) -> io::Result<()> {
+        let mut pending = Vec::new();
+        while self.next < self.lines.len() {
+            pending.clear();
+            pending.extend_from_slice(&self.lines[self.next].bytes[self.partial..]);
+            for line in &self.lines[self.next + 1..] {
+                pending.extend_from_slice(&line.bytes);
+            }
+            if pending.is_empty() {
+                self.next = self.lines.len();
+                break;
+            }
+            let written = match output.write(&pending) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(written) => written,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+                Err(e) => return Err(e),
+            };
+            self.advance(written);
+        }
+        if self.needs_sync()
+            && let Err(e) = output.sync()
+        {
+            // What the failed sync covered may be lost: write it all again.
+            self.next = 0;
+            self.partial = 0;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn advance(&mut self, mut written: usize) {
+        while written > 0 && self.next < self.lines.len() {
+            let left = self.lines[self.next].bytes.len() - self.partial;
+            if written < left {
+                self.partial += written;
+                return;
+            }
+            written -= left;
+            self.next += 1;
+            self.partial = 0;
+        }
+    }
+}
+
+impl Queue {
+    /// A queue of at most `capacity` waiting lines (at least one) in front
+    /// of `output`.
+    pub(crate) fn new(capacity: usize, output: Output, observer: Box<dyn Observer>) -> Self {
+        Queue {
+            capacity: capacity.max(1),
+            state: Mutex::new(State {
+                waiting: VecDeque::new(),
+                retry: None,
+                queued: 0,
+                done: 0,
+                writing: false,
+                given_up: Vec::new(),
+                callers_waiting: 0,
+                writer_idle: false,
+                failures: 0,
+                dropped: 0,
+                dropped_total: 0,
+                abandoned: false,
+                reopen: None,
+            }),
+            changed: Condvar::new(),
+            work: Condvar::new(),
+            output: Mutex::new(output),
+            observer,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// Whether a housekeeping line would be dropped now (and counts it if
+    /// so), so that a caller can skip formatting it.
+    pub(crate) fn drops_housekeeping(&self) -> bool {
+        let mut state = self.lock();
+        if state.waiting.len() < self.capacity {
+            return false;
+        }
+        state.dropped += 1;
+        state.dropped_total += 1;
+        true
+    }
+
+    /// Housekeeping lines dropped since the queue was made.
+    pub(crate) fn dropped_total(&self) -> u64 {
+        self.lock().dropped_total
+    }
+
+    /// Queues a line that nobody waits for (lifecycle or housekeeping).
+    pub(crate) fn push(&self, bytes: Vec<u8>, class: Class) {
+        let mut state = self.lock();
+        if class == Class::Housekeeping && state.waiting.len() >= self.capacity {
+            state.dropped += 1;
+            state.dropped_total += 1;
+            return;
+        }
+        self.enqueue(&mut state, bytes, false);
+        self.wake_writer_if_needed(&state);
+    }
+
+    /// Queues a record line and waits until it is written and synced,
+    /// writing the queue itself if nobody else is; gives up at `deadline`.
+    pub(crate) fn push_and_wait(
+        &self,
+        bytes: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<(), NotWritten> {
+        let mut state = self.lock();
+        while state.waiting.len() >= self.capacity && !state.abandoned {
+            state = self.wait(state, deadline).ok_or(NotWritten::TimedOut)?;
+        }
+        let number = self.enqueue(&mut state, bytes, true);
+        loop {
+            if state.done >= number {
+                return Ok(());
+            }
+            if state.abandoned {
+                self.give_up(&mut state, number);
+                return Err(NotWritten::Abandoned);
+            }
+            if !state.writing && state.retry.is_none() {
+                state = self.write_batch(state);
+                continue;
+            }
+            state = match self.wait(state, deadline) {
+                Some(state) => state,
+                None => {
+                    let mut state = self.lock();
+                    if state.done >= number {
+                        return Ok(());
+                    }
+                    self.give_up(&mut state, number);
+                    return Err(NotWritten::TimedOut);
+                }
+            };
+        }
+    }
+
+    fn enqueue(&self, state: &mut State, bytes: Vec<u8>, record: bool) -> u64 {
+        state.queued += 1;
+        let number = state.queued;
+        state.waiting.push_back(Line {
+            number,
+            bytes,
+            record,
+        });
+        number
+    }
+
+    /// Waits on `changed` until signalled or `deadline`; `None` once the
+    /// deadline has passed (the lock is released then).
+    fn wait<'a>(
+        &'a self,
+        mut state: MutexGuard<'a, State>,
+        deadline: Instant,
+    ) -> Option<MutexGuard<'a, State>> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        state.callers_waiting += 1;
+        let (mut state, _) = self
+            .changed
+            .wait_timeout(state, left)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.callers_waiting -= 1;
+        Some(state)
+    }
+
+    /// Takes line `number` out of what is still to be written, if none of
+    /// it is written yet.
+    fn give_up(&self, state: &mut State, number: u64) {
+        if let Some(line) = state.waiting.iter_mut().find(|l| l.number == number) {
+            line.bytes.clear();
+        } else if let Some(batch) = &mut state.retry {
+            batch.give_up(number);
+        } else if state.writing {
+            state.given_up.push(number);
+        }
+    }
+
+    fn wake_writer_if_needed(&self, state: &State) {
+        if state.writer_idle && state.has_writer_work() {
+            self.work.notify_one();
+        }
+    }
+
+    /// Takes the writer role and writes the batch to retry, or else every
+    /// waiting line, in one go; returns with the lock held again.
+    fn write_batch<'a>(&'a self, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        state.writing = true;
+        let mut batch = state.retry.take().unwrap_or_default();
+        if batch.lines.is_empty() {
+            let was_full = state.waiting.len() >= self.capacity;
+            batch.lines.extend(state.waiting.drain(..));
+            if was_full && state.callers_waiting > 0 {
+                self.changed.notify_all();
+            }
+        }
+        drop(state);
+        let result = batch.write_to(&mut lock(&self.output));
+        let mut state = self.lock();
+        state.writing = false;
+        match result {
+            Ok(()) => {
+                state.done = state.done.max(batch.last());
+                let done = state.done;
+                state.given_up.retain(|&n| n > done);
+                let failures = std::mem::take(&mut state.failures);
+                if failures > 0 {
+                    drop(state);
+                    self.observer.recovered(failures, &lock(&self.output));
+                    state = self.lock();
+                }
+            }
+            Err(e) => {
+                for number in std::mem::take(&mut state.given_up) {
+                    batch.give_up(number);
+                }
+                state.retry = Some(batch);
+                state.failures += 1;
+                drop(state);
+                self.observer.failed(&e, &lock(&self.output));
+                state = self.lock();
+            }
+        }
+        if state.callers_waiting > 0 {
+            self.changed.notify_all();
+        }
+        self.wake_writer_if_needed(&state);
+        state
+    }
+
+    /// The writer thread: writes lines nobody waits for, retries failed
+    /// batches with a growing pause, reopens the output when asked, and
+    /// reports dropped lines once there is room again.
+    fn serve(&self) {
+        let mut state = self.lock();
+        loop {
+            state.writer_idle = true;
+            state = self
+                .work
+                .wait_while(state, |s| !s.has_writer_work())
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            state.writer_idle = false;
+            if state.retry.is_some() {
+                let pause = retry_pause(state.failures);
+                state.writing = true;
+                drop(state);
+                thread::sleep(pause);
+                state = self.lock();
+                state.writing = false;
+                state = self.write_batch(state);
+                continue;
+            }
+            if let Some(first_line) = state.reopen.take() {
+                state.writing = true;
+                drop(state);
+                let reopened = lock(&self.output).reopen(&first_line);
+                state = self.lock();
+                state.writing = false;
+                if let Err(e) = reopened {
+                    drop(state);
+                    self.observer.failed(&e, &lock(&self.output));
+                    state = self.lock();
+                }
+            }
+            if !state.waiting.is_empty() {
+                state = self.write_batch(state);
+            }
+            if state.dropped > 0 && state.waiting.len() < self.capacity {
+                let dropped = std::mem::take(&mut state.dropped);
+                drop(state);
+                self.observer.dropped(dropped);
+                state = self.lock();
+            }
+        }
+    }
+
+    /// Asks the writer to reopen the output (a log file renamed by
+    /// logrotate) between two batches; `first_line` opens the new file.
+    pub(crate) fn reopen(&self, first_line: Vec<u8>) {
+        let mut state = self.lock();
+        state.reopen = Some(first_line);
+        self.wake_writer_if_needed(&state);
+    }
+
+    /// Waits up to `timeout` for every queued line to be written; returns
+    /// how many were not.
+    pub(crate) fn flush(&self, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        loop {
+            if state.done >= state.queued {
+                return 0;
+            }
+            if !state.writing && state.retry.is_none() {
+                state = self.write_batch(state);
+                continue;
+            }
+            match self.wait(state, deadline) {
+                Some(next) => state = next,
+                None => {
+                    let state = self.lock();
+                    return state.queued - state.done;
+                }
+            }
+        }
+    }
+
+    /// Makes record lines stop waiting, now and from now on: a stopping
+    /// server gives up on an output that does not take them.
+    pub(crate) fn stop_waiting(&self) {
+        self.lock().abandoned = true;
+        self.changed.notify_all();
+    }
+
+    /// Whether a write or sync is failing now.
+    pub(crate) fn failing(&self) -> bool {
+        self.lock().failures > 0
+    }
+
+    /// Lines queued and not yet written.
+    pub(crate) fn unwritten(&self) -> u64 {
+        let state = self.lock();
+        state.queued - state.done
+    }
+}
+
+/// The pause before attempt `failures + 1` of a failed batch.
+fn retry_pause(failures: u64) -> Duration {
+    let doublings = u32::try_from(failures.saturating_sub(1))
+        .unwrap_or(u32::MAX)
+        .min(16);
+    (FIRST_RETRY_PAUSE * 2u32.pow(doublings)).min(MAX_RETRY_PAUSE)
+}
+
+/// Starts the writer thread for a queue that lives as long as the process.
+pub(crate) fn start_writer(queue: &'static Queue) -> io::Result<()> {
+    thread::Builder::new()
+        .name("log-writer".to_string())
+        .stack_size(WRITER_THREAD_STACK)
+        .spawn(move || queue.serve())
+        .map(drop)
+}
