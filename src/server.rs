@@ -144,11 +144,8 @@ impl Shared {
     /// Works out how many connections this process can really hold (one
     /// warn line if fewer than asked), and sets up what is shared.
     fn new(mut config: Config, rate: Option<RateLimit>, accept_loops: usize) -> Self {
-        config.max_connections = capacity::effective_max_connections(
-            config.max_connections,
-            config.thread_cache,
-            accept_loops,
-        );
+        config.max_connections =
+            capacity::effective_max_connections(config.max_connections, accept_loops);
         Shared {
             thread_cache: ThreadCache::new(
                 config.thread_cache.min(config.max_connections),
