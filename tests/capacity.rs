@@ -143,11 +143,11 @@ const THREADLESS: usize = 3;
 
 /// `RLIMIT_NPROC`, `kernel.threads-max` and a cgroup's `pids.max` are not
 /// read at start-up: reaching one makes starting a thread fail, which costs
-/// that client a clean close and nothing else. Tried with a `pids.max` of
+/// that client the busy line and a clean close, and nothing else. Tried with a `pids.max` of
 /// the test's own (root ignores `RLIMIT_NPROC`), set to the server's threads
 /// once it holds a few clients.
 #[test]
-fn clients_past_a_thread_limit_get_a_clean_close_and_the_server_goes_on() {
+fn clients_past_a_thread_limit_get_the_busy_line_and_the_server_goes_on() {
     let Some(cgroup) = PidsCgroup::create("thread-limit") else {
         return;
     };
@@ -159,7 +159,7 @@ fn clients_past_a_thread_limit_get_a_clean_close_and_the_server_goes_on() {
 
     for _ in 0..THREADLESS {
         let mut client = server.connect();
-        assert_eq!(read_until_closed(&mut client), b"", "a close, no prompt");
+        assert_eq!(read_until_closed(&mut client), BUSY, "the busy line, no prompt");
         server.expect_line(&format!(
             "{} closed: cannot start a thread for it",
             local(&client)
