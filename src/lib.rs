@@ -50,11 +50,12 @@
 //!   the metrics.
 //! - `metrics`: the Prometheus text format, histograms, and the
 //!   `--metrics-addr` endpoint.
-//! - [`logging`]: logger set-up (text or JSON lines) and escaping of client
-//!   bytes, so that nothing a client sends can forge or break a log line.
-//! - `log_sink`: the bounded queue between log calls and stderr, so that a
-//!   stalled log never blocks the accept loop or the signal handling, and a
-//!   reply's connection is closed only once its line is written.
+//! - `record`: the [`ReplySink`] every served connection's reply goes to
+//!   before its close, and the log ([`logging`]) that is the default sink:
+//!   a bounded queue with group commit in front of stderr or the log file,
+//!   so that a stalled or failing log never blocks the accept loop or the
+//!   signal handling, and a client sees a clean close only once its reply
+//!   is kept; text and JSON lines, and the escaping of client bytes.
 //! - `config`: the [`Config`] the server runs with, and its defaults.
 //! - `rate_limit`: `--max-rate-per-ip`, token buckets per client network
 //!   in a table whose size stays bounded.

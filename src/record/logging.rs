@@ -51,7 +51,8 @@ pub struct LogSettings {
     /// Text lines, or one JSON object per line.
     pub format: LogFormat,
     /// Write the log to this file (appended, created if missing) instead of
-    /// stderr; [`reopen`] (SIGHUP) opens the path again.
+    /// stderr; SIGHUP (see [`Shutdown::trigger_on_signals`](crate::Shutdown::trigger_on_signals))
+    /// opens the path again.
     pub file: Option<PathBuf>,
     /// `fdatasync` after every batch that holds a record, when the log is a
     /// regular file (`file`, or stderr redirected to one), so that a

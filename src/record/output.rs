@@ -10,13 +10,26 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+
+/// What the log's bytes are written to: a file (stderr's descriptor, or
+/// the log file), or, in the queue's tests, a writer that fails on cue.
+pub(crate) trait Sink: Write + Send {
+    /// `fdatasync`.
+    fn sync_data(&mut self) -> io::Result<()>;
+}
+
+impl Sink for File {
+    fn sync_data(&mut self) -> io::Result<()> {
+        File::sync_data(self)
+    }
+}
 
 /// The log's destination, written by one thread at a time (the queue's
 /// writer role).
-#[derive(Debug)]
 pub(crate) struct Output {
-    file: File,
+    file: Box<dyn Sink>,
     /// `None`: stderr.
     path: Option<PathBuf>,
     /// `fdatasync` after each batch that holds a record.
@@ -30,7 +43,7 @@ impl Output {
         let file = File::from(io::stderr().as_fd().try_clone_to_owned()?);
         let regular = file.metadata().is_ok_and(|meta| meta.is_file());
         Ok(Output {
-            file,
+            file: Box::new(file),
             path: None,
             sync: sync && regular,
         })
@@ -40,10 +53,20 @@ impl Output {
     /// `sync` is asked for.
     pub(crate) fn file(path: &Path, sync: bool) -> io::Result<Output> {
         Ok(Output {
-            file: open_log_file(path)?,
+            file: Box::new(open_log_file(path)?),
             path: Some(path.to_path_buf()),
             sync,
         })
+    }
+
+    /// Any sink, synced if `sync` (the queue's tests).
+    #[cfg(test)]
+    pub(crate) fn to_sink(sink: impl Sink + 'static, sync: bool) -> Output {
+        Output {
+            file: Box::new(sink),
+            path: None,
+            sync,
+        }
     }
 
     /// One `write`: how many bytes of `bytes` it took.
@@ -69,7 +92,7 @@ impl Output {
         };
         let mut file = open_log_file(path)?;
         file.write_all(first_line)?;
-        self.file = file;
+        self.file = Box::new(file);
         Ok(())
     }
 
@@ -79,6 +102,12 @@ impl Output {
     }
 }
 
+/// Appended to (so that a writer never leaves holes), created if missing,
+/// readable by its owner and group only: it holds what clients sent.
 fn open_log_file(path: &Path) -> io::Result<File> {
-    OpenOptions::new().append(true).create(true).open(path)
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o640)
+        .open(path)
 }

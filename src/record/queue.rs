@@ -510,3 +510,231 @@ pub(crate) fn start_writer(queue: &'static Queue) -> io::Result<()> {
         .spawn(move || queue.serve())
         .map(drop)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    const LONG: Duration = Duration::from_secs(20);
+
+    /// A sink that fails, stalls or takes part of a write on cue.
+    #[derive(Clone, Default)]
+    struct Cued(Arc<Mutex<Cues>>, Arc<AtomicBool>);
+
+    #[derive(Default)]
+    struct Cues {
+        written: Vec<u8>,
+        /// Writes to fail (ENOSPC) from now on.
+        failing_writes: usize,
+        /// Syncs to fail (EIO) from now on.
+        failing_syncs: usize,
+        /// The next write takes at most this many bytes.
+        short_write: Option<usize>,
+        /// What happened, in order: "write", "sync", "fail".
+        events: Vec<&'static str>,
+    }
+
+    impl Cued {
+        fn cues(&self) -> MutexGuard<'_, Cues> {
+            lock(&self.0)
+        }
+
+        fn stall(&self, stalled: bool) {
+            self.1.store(stalled, Ordering::SeqCst);
+        }
+
+        fn text(&self) -> String {
+            String::from_utf8(self.cues().written.clone()).unwrap()
+        }
+    }
+
+    impl Write for Cued {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            while self.1.load(Ordering::SeqCst) {
+                thread::sleep(Duration::from_millis(1));
+            }
+            let mut cues = self.cues();
+            let short = cues.short_write.take();
+            if short.is_none() && cues.failing_writes > 0 {
+                cues.failing_writes -= 1;
+                cues.events.push("fail");
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            let n = short.unwrap_or(bytes.len()).min(bytes.len());
+            cues.written.extend_from_slice(&bytes[..n]);
+            cues.events.push("write");
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl super::super::output::Sink for Cued {
+        fn sync_data(&mut self) -> io::Result<()> {
+            let mut cues = self.cues();
+            if cues.failing_syncs > 0 {
+                cues.failing_syncs -= 1;
+                cues.events.push("fail");
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            cues.events.push("sync");
+            Ok(())
+        }
+    }
+
+    /// Counts what the queue reports.
+    #[derive(Clone, Default)]
+    struct Seen(Arc<Mutex<(u64, u64, u64)>>);
+
+    impl Observer for Seen {
+        fn failed(&self, _: &io::Error, _: &Output) {
+            lock(&self.0).0 += 1;
+        }
+        fn recovered(&self, _: u64, _: &Output) {
+            lock(&self.0).1 += 1;
+        }
+        fn dropped(&self, count: u64) {
+            lock(&self.0).2 += count;
+        }
+    }
+
+    fn queue(capacity: usize, sink: &Cued, seen: &Seen) -> &'static Queue {
+        let output = Output::to_sink(sink.clone(), true);
+        let queue = Box::leak(Box::new(Queue::new(capacity, output, Box::new(seen.clone()))));
+        start_writer(queue).unwrap();
+        queue
+    }
+
+    fn soon() -> Instant {
+        Instant::now() + LONG
+    }
+
+    fn wait_for(what: &str, done: impl Fn() -> bool) {
+        let deadline = soon();
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_record_is_written_and_synced_before_its_caller_returns() {
+        let (sink, seen) = (Cued::default(), Seen::default());
+        let queue = queue(4, &sink, &seen);
+        assert_eq!(queue.push_and_wait(b"one\n".to_vec(), soon()), Ok(()));
+        assert_eq!(sink.text(), "one\n");
+        assert_eq!(sink.cues().events, ["write", "sync"]);
+        // A line nobody waits for is not synced on its own.
+        queue.push(b"two\n".to_vec(), Class::Lifecycle);
+        assert_eq!(queue.flush(LONG), 0);
+        assert_eq!(sink.cues().events, ["write", "sync", "write"]);
+    }
+
+    #[test]
+    fn records_that_wait_together_share_one_write_and_one_sync() {
+        let (sink, seen) = (Cued::default(), Seen::default());
+        let queue = queue(64, &sink, &seen);
+        sink.stall(true);
+        // The first caller takes the writer role and stalls in the sink;
+        // the others queue up behind it.
+        let callers: Vec<_> = (0..8)
+            .map(|i| thread::spawn(move || queue.push_and_wait(format!("{i}\n").into(), soon())))
+            .collect();
+        wait_for("lines queued", || queue.lock().queued == 8);
+        sink.stall(false);
+        for caller in callers {
+            assert_eq!(caller.join().unwrap(), Ok(()));
+        }
+        let syncs = sink.cues().events.iter().filter(|e| **e == "sync").count();
+        assert_eq!(syncs, 2, "{:?}", sink.cues().events);
+        let mut lines: Vec<&str> = Vec::new();
+        let text = sink.text();
+        lines.extend(text.lines());
+        lines.sort_unstable();
+        assert_eq!(lines, ["0", "1", "2", "3", "4", "5", "6", "7"]);
+    }
+
+    #[test]
+    fn a_failed_write_is_retried_from_where_it_stopped_and_then_acknowledged() {
+        let (sink, seen) = (Cued::default(), Seen::default());
+        let queue = queue(4, &sink, &seen);
+        {
+            // Three bytes go in, then the disk is full for three attempts.
+            let mut cues = sink.cues();
+            cues.short_write = Some(3);
+            cues.failing_writes = 3;
+        }
+        assert_eq!(queue.push_and_wait(b"a reply\n".to_vec(), soon()), Ok(()));
+        assert_eq!(
+            sink.cues().events,
+            ["write", "fail", "fail", "fail", "write", "sync"]
+        );
+        assert_eq!(sink.text(), "a reply\n", "whole, and once");
+        assert!(queue.flush(LONG) == 0 && !queue.failing());
+        let (failed, recovered, _) = *lock(&seen.0);
+        assert!(failed >= 1 && recovered == 1, "{failed} {recovered}");
+    }
+
+    #[test]
+    fn a_failed_sync_writes_the_batch_again_so_nothing_is_lost() {
+        let (sink, seen) = (Cued::default(), Seen::default());
+        let queue = queue(4, &sink, &seen);
+        sink.cues().failing_syncs = 1;
+        assert_eq!(queue.push_and_wait(b"kept\n".to_vec(), soon()), Ok(()));
+        assert_eq!(sink.text(), "kept\nkept\n");
+        assert_eq!(sink.cues().events, ["write", "fail", "write", "sync"]);
+    }
+
+    #[test]
+    fn a_record_not_taken_in_time_is_given_up_and_never_written() {
+        let (sink, seen) = (Cued::default(), Seen::default());
+        let queue = queue(4, &sink, &seen);
+        sink.cues().failing_writes = usize::MAX;
+        let given_up = queue.push_and_wait(b"lost\n".to_vec(), Instant::now() + Duration::from_millis(50));
+        assert_eq!(given_up, Err(NotWritten::TimedOut));
+        sink.cues().failing_writes = 0;
+        assert_eq!(queue.push_and_wait(b"later\n".to_vec(), soon()), Ok(()));
+        assert_eq!(sink.text(), "later\n");
+    }
+
+    #[test]
+    fn with_the_sink_stalled_housekeeping_is_dropped_and_lifecycle_queued() {
+        let (sink, seen) = (Cued::default(), Seen::default());
+        let queue = queue(2, &sink, &seen);
+        sink.stall(true);
+        queue.push(b"a\n".to_vec(), Class::Housekeeping);
+        wait_for("the writer took the line", || queue.lock().writing);
+        for line in ["b\n", "c\n", "busy\n"] {
+            queue.push(line.into(), Class::Housekeeping);
+        }
+        assert!(queue.drops_housekeeping());
+        queue.push(b"stopping\n".to_vec(), Class::Lifecycle);
+        sink.stall(false);
+        assert_eq!(queue.flush(LONG), 0);
+        assert_eq!(sink.text(), "a\nb\nc\nstopping\n");
+        wait_for("a drop report", || lock(&seen.0).2 == 2);
+        assert_eq!(queue.dropped_total(), 2);
+    }
+
+    #[test]
+    fn stopping_releases_records_waiting_on_a_stalled_sink() {
+        let (sink, seen) = (Cued::default(), Seen::default());
+        let queue = queue(1, &sink, &seen);
+        sink.stall(true);
+        let first = thread::spawn(move || queue.push_and_wait(b"first\n".to_vec(), soon()));
+        let second = thread::spawn(move || queue.push_and_wait(b"second\n".to_vec(), soon()));
+        wait_for("lines queued", || queue.lock().queued == 2);
+        assert_eq!(queue.flush(Duration::from_millis(50)), 2);
+        queue.stop_waiting();
+        // The one blocked inside the sink stays there; the other returns.
+        wait_for("nobody released", || first.is_finished() || second.is_finished());
+        sink.stall(false);
+        let results = [first.join().unwrap(), second.join().unwrap()];
+        assert!(results.contains(&Err(NotWritten::Abandoned)), "{results:?}");
+    }
+}
