@@ -1,28 +1,30 @@
-//! The command line of the `prompt-server` binary: [`Cli`], its checks, and
-//! the one-line form of its errors.
+//! The command line of the `prompt-server` binary: [`Cli`], and the
+//! one-line form of its errors.
 //!
 //! A module of the binary (declared in `main.rs`), not of the library: only
-//! the binary knows clap. It fills in the library's [`Config`], whose
-//! defaults are the flags' defaults.
+//! the binary knows clap. It parses each flag into its type and maps the
+//! flags onto the library's [`Config`], whose defaults are the flags'
+//! defaults; every rule about values is the library's
+//! ([`Config::validate`]), reported here as a bad value of its flag.
 
 use std::net::{IpAddr, SocketAddr};
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser, ValueEnum};
 use ipnet::IpNet;
-use std::path::PathBuf;
-
 use prompt_server::logging::{DEFAULT_RECORD_TIMEOUT, LogFormat, LogSettings};
-use prompt_server::{AccessRules, Config, NetList, Rate};
+use prompt_server::{AccessRules, Config, ConfigError, NetList, Rate, RateLimit};
 
 /// What `--help` says after the options.
 const AFTER_HELP: &str = "\
 Example:
   prompt-server --port 1337     then, from another terminal: nc 127.0.0.1 1337
 
-Logging goes to stderr at level info; RUST_LOG changes it, e.g. RUST_LOG=debug
-(a line per connect and disconnect) or RUST_LOG=warn (problems only; the
-`listening on` line is always shown).";
+Replies are always logged (to stderr, or --log-file); RUST_LOG filters the
+other lines, e.g. RUST_LOG=debug (a line per connect and disconnect) or
+RUST_LOG=warn (problems only; the `listening on` line is always shown).";
 
 /// The command line of `prompt-server`.
 #[derive(Debug, Parser)]
@@ -35,11 +37,13 @@ Logging goes to stderr at level info; RUST_LOG changes it, e.g. RUST_LOG=debug
 )]
 pub struct Cli {
     /// TCP port to listen on (0 lets the OS pick one; the log says which).
-    #[arg(long, value_name = "PORT", default_value_t = defaults().listen_addr.port())]
+    #[arg(long, value_name = "PORT", default_value_t = defaults().listen_addr.port(),
+          value_parser = parse_port, allow_negative_numbers = true)]
     pub port: u16,
 
     /// Address to listen on, e.g. 0.0.0.0, ::, 127.0.0.1 or ::1.
-    #[arg(long, value_name = "ADDR", default_value_t = defaults().listen_addr.ip())]
+    #[arg(long, value_name = "ADDR", default_value_t = defaults().listen_addr.ip(),
+          value_parser = parse_ip)]
     pub bind: IpAddr,
 
     /// Prompt sent to every client; a missing trailing newline is added.
@@ -47,38 +51,38 @@ pub struct Cli {
     pub prompt: String,
 
     /// Longest reply kept, in bytes; a longer one is logged truncated and the
-    /// connection closed.
+    /// connection reset.
     #[arg(long, value_name = "N", default_value_t = defaults().max_reply_bytes,
-          value_parser = parse_at_least_one)]
-    pub max_reply_bytes: usize,
+          value_parser = parse_at_least_one::<NonZeroUsize>, allow_negative_numbers = true)]
+    pub max_reply_bytes: NonZeroUsize,
 
     /// Seconds a client has for its whole reply, however slowly it sends;
     /// 0 waits forever.
-    #[arg(long, value_name = "SECS", default_value_t = defaults().reply_timeout.map_or(0.0, |t| t.as_secs_f64()),
+    #[arg(long, value_name = "SECS", default_value = seconds(defaults().reply_timeout),
           value_parser = parse_seconds, allow_negative_numbers = true)]
-    pub reply_timeout: f64,
+    pub reply_timeout: Duration,
 
-    /// Seconds sending the prompt may take before the client is dropped.
-    #[arg(long, value_name = "SECS", default_value_t = defaults().write_timeout.as_secs_f64(),
-          value_parser = parse_positive_seconds, allow_negative_numbers = true)]
-    pub write_timeout: f64,
+    /// Seconds sending the whole prompt may take before the client is dropped.
+    #[arg(long, value_name = "SECS", default_value = seconds(Some(defaults().write_timeout)),
+          value_parser = parse_seconds, allow_negative_numbers = true)]
+    pub write_timeout: Duration,
 
     /// Clients served at once; one more is sent "server busy, try again
     /// later" and closed.
     #[arg(long, value_name = "N", default_value_t = defaults().max_connections,
-          value_parser = parse_at_least_one)]
-    pub max_connections: usize,
+          value_parser = parse_at_least_one::<NonZeroUsize>, allow_negative_numbers = true)]
+    pub max_connections: NonZeroUsize,
 
     /// Seconds a stopping server (SIGINT, SIGTERM) lets connected clients
     /// finish before it exits.
-    #[arg(long, value_name = "SECS", default_value_t = defaults().shutdown_timeout.as_secs_f64(),
+    #[arg(long, value_name = "SECS", default_value = seconds(Some(defaults().shutdown_timeout)),
           value_parser = parse_seconds, allow_negative_numbers = true)]
-    pub shutdown_timeout: f64,
+    pub shutdown_timeout: Duration,
 
-    /// Finished connection threads kept parked (up to 10 s) to serve the next
-    /// connection instead of starting a new thread; 0 disables it; at most
-    /// --max-connections.
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    /// Finished connection threads kept to serve the next connection instead
+    /// of starting a new thread; 0 disables it; at most --max-connections.
+    #[arg(long, value_name = "N", default_value_t = 0,
+          value_parser = parse_whole::<usize>, allow_negative_numbers = true)]
     pub thread_cache: usize,
 
     /// Expect a PROXY protocol header (v1 or v2, as HAProxy's send-proxy
@@ -103,13 +107,15 @@ pub struct Cli {
 
     /// Connections one client address may hold at once; one more is sent the
     /// busy line.
-    #[arg(long, value_name = "N", value_parser = parse_at_least_one)]
-    pub max_per_ip: Option<usize>,
+    #[arg(long, value_name = "N",
+          value_parser = parse_at_least_one::<NonZeroUsize>, allow_negative_numbers = true)]
+    pub max_per_ip: Option<NonZeroUsize>,
 
     /// Connections the kernel queues for the server before it accepts them
     /// [default: net.core.somaxconn, 4096 on current kernels]
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i32::MAX as i64))]
-    pub backlog: Option<u32>,
+    #[arg(long, value_name = "N",
+          value_parser = parse_at_least_one::<NonZeroU32>, allow_negative_numbers = true)]
+    pub backlog: Option<NonZeroU32>,
 
     /// Connections one client network may open per period, e.g. 5/s,
     /// 100/min or 1000/h (also the burst); one more gets the busy line.
@@ -118,15 +124,17 @@ pub struct Cli {
 
     /// With --max-rate-per-ip: leading bits of an IPv4 client address that
     /// make its network (32: each address on its own).
-    #[arg(long, value_name = "BITS", default_value_t = defaults().rate_prefix_v4,
-          value_parser = parse_prefix_v4, requires = "max_rate_per_ip")]
+    #[arg(long, value_name = "BITS", default_value_t = RateLimit::DEFAULT_PREFIX_V4,
+          value_parser = parse_whole::<u8>, allow_negative_numbers = true,
+          requires = "max_rate_per_ip")]
     pub rate_prefix_v4: u8,
 
     /// With --max-rate-per-ip: leading bits of an IPv6 client address that
     /// make its network (64: a host's usual allocation, so changing
     /// addresses within it gains nothing).
-    #[arg(long, value_name = "BITS", default_value_t = defaults().rate_prefix_v6,
-          value_parser = parse_prefix_v6, requires = "max_rate_per_ip")]
+    #[arg(long, value_name = "BITS", default_value_t = RateLimit::DEFAULT_PREFIX_V6,
+          value_parser = parse_whole::<u8>, allow_negative_numbers = true,
+          requires = "max_rate_per_ip")]
     pub rate_prefix_v6: u8,
 
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics, e.g.
@@ -156,9 +164,9 @@ pub struct Cli {
 
     /// Seconds a reply may wait for a stalled or failing log before it is
     /// given up (its client is then reset).
-    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_RECORD_TIMEOUT.as_secs_f64(),
-          value_parser = parse_positive_seconds, allow_negative_numbers = true)]
-    pub record_timeout: f64,
+    #[arg(long, value_name = "SECS", default_value = seconds(Some(DEFAULT_RECORD_TIMEOUT)),
+          value_parser = parse_seconds, allow_negative_numbers = true)]
+    pub record_timeout: Duration,
 }
 
 /// `--log-format`: the library's [`LogFormat`], as a flag value.
@@ -190,44 +198,29 @@ fn default_prompt() -> String {
         .to_string()
 }
 
+/// A duration as a `SECS` flag's default (`None`, waiting forever, is 0);
+/// made once per flag when the command is built.
+fn seconds(duration: Option<Duration>) -> &'static str {
+    let text = duration.map_or(0.0, |duration| duration.as_secs_f64());
+    Box::leak(text.to_string().into_boxed_str())
+}
+
 impl Cli {
-    /// Checks what one option's parser cannot: how options relate. The
-    /// error is clap's, so it is reported like any other bad argument.
-    pub fn validate(self) -> Result<Self, clap::Error> {
-        if self.thread_cache > self.max_connections {
-            let message = format!(
-                "invalid value '{}' for '--thread-cache <N>': must be at most --max-connections ({})",
-                self.thread_cache, self.max_connections
-            );
-            return Err(Self::command().error(clap::error::ErrorKind::ValueValidation, message));
-        }
-        Ok(self)
-    }
-
-    /// How the log is written.
-    pub fn log_settings(&self) -> LogSettings {
-        LogSettings {
-            format: self.log_format.into(),
-            file: self.log_file.clone(),
-            sync: !self.no_log_sync,
-            record_timeout: Duration::from_secs_f64(self.record_timeout),
-        }
-    }
-
-    /// The [`Config`] this command line asks for.
-    pub fn to_config(&self) -> Config {
-        Config {
+    /// The [`Config`] this command line asks for, checked by the library's
+    /// rules; a rule that does not hold is an error about its flag.
+    pub fn to_config(&self) -> Result<Config, clap::Error> {
+        let config = Config {
             listen_addr: SocketAddr::new(self.bind, self.port),
             prompt: prompt_bytes(&self.prompt),
             max_reply_bytes: self.max_reply_bytes,
-            reply_timeout: (self.reply_timeout > 0.0)
-                .then(|| Duration::from_secs_f64(self.reply_timeout)),
-            write_timeout: Duration::from_secs_f64(self.write_timeout),
+            reply_timeout: Some(self.reply_timeout).filter(|timeout| !timeout.is_zero()),
+            write_timeout: self.write_timeout,
             max_connections: self.max_connections,
-            shutdown_timeout: Duration::from_secs_f64(self.shutdown_timeout),
+            shutdown_timeout: self.shutdown_timeout,
             thread_cache: self.thread_cache,
-            proxy_protocol: self.proxy_protocol,
-            trusted_proxies: NetList(self.trusted_proxy.clone()),
+            proxy_protocol: self
+                .proxy_protocol
+                .then(|| NetList(self.trusted_proxy.clone())),
             access: AccessRules {
                 allow: NetList(self.allow.clone()),
                 deny: NetList(self.deny.clone()),
@@ -236,13 +229,62 @@ impl Cli {
             backlog: self.backlog,
             reuse_port: self.reuseport,
             notify_service_manager: true,
-            max_rate_per_ip: self.max_rate_per_ip,
-            rate_prefix_v4: self.rate_prefix_v4,
-            rate_prefix_v6: self.rate_prefix_v6,
+            rate_limit: self.max_rate_per_ip.map(|rate| RateLimit {
+                rate,
+                prefix_v4: self.rate_prefix_v4,
+                prefix_v6: self.rate_prefix_v6,
+            }),
             metrics_addr: self.metrics_addr,
             ..Config::default()
+        };
+        config.validate().map_err(|e| flag_error(&e))?;
+        if self.record_timeout.is_zero() {
+            return Err(flag_error(&ConfigError {
+                field: "record_timeout",
+                value: "0".into(),
+                rule: "must be more than 0 seconds".into(),
+            }));
+        }
+        Ok(config)
+    }
+
+    /// How the log is written.
+    pub fn log_settings(&self) -> LogSettings {
+        LogSettings {
+            format: self.log_format.into(),
+            file: self.log_file.clone(),
+            sync: !self.no_log_sync,
+            record_timeout: self.record_timeout,
         }
     }
+}
+
+/// A broken [`Config`] rule as clap's error about the flag that set the
+/// field: "invalid value '2000' for '--thread-cache <N>': must be at most
+/// the connection cap (1024)".
+fn flag_error(error: &ConfigError) -> clap::Error {
+    let id = match error.field {
+        "rate_limit.prefix_v4" => "rate_prefix_v4",
+        "rate_limit.prefix_v6" => "rate_prefix_v6",
+        field => field,
+    };
+    let command = Cli::command();
+    let flag = command
+        .get_arguments()
+        .find(|arg| arg.get_id() == id)
+        .map(|arg| {
+            let long = arg.get_long().unwrap_or(id);
+            match arg.get_value_names() {
+                Some([name, ..]) => format!("--{long} <{name}>"),
+                _ => format!("--{long}"),
+            }
+        })
+        .unwrap_or_else(|| error.field.to_string());
+    let message = format!(
+        "invalid value '{}' for '{flag}': {}",
+        error.value, error.rule
+    );
+    Cli::command().error(clap::error::ErrorKind::ValueValidation, message)
 }
 
 /// A command-line error as one line for stderr: clap's whole message (the
@@ -272,43 +314,64 @@ pub fn error_line(error: &clap::Error) -> String {
     line
 }
 
-/// Seconds as a number that makes a [`Duration`]: finite, not negative, and
-/// not absurdly large (at most a year).
-fn parse_seconds(text: &str) -> Result<f64, String> {
-    const YEAR: f64 = 365.0 * 24.0 * 3600.0;
-    match text.parse::<f64>() {
-        Ok(secs) if (0.0..=YEAR).contains(&secs) => Ok(secs),
-        Ok(_) => Err(format!("must be between 0 and {YEAR} seconds")),
-        Err(_) => Err("must be a number of seconds".to_string()),
-    }
+/// Seconds as a number (`0.5`, `10`, `1e3`) that makes a [`Duration`]:
+/// finite and not negative. How long it may be is the library's rule.
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    text.parse::<f64>()
+        .ok()
+        .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+        .ok_or_else(|| "must be a number of seconds, 0 or more".to_string())
 }
 
-fn parse_positive_seconds(text: &str) -> Result<f64, String> {
-    match parse_seconds(text)? {
-        0.0 => Err("must be more than 0 seconds".to_string()),
-        secs => Ok(secs),
-    }
+/// A whole number, 0 or more, that fits `T`.
+fn parse_whole<T: std::str::FromStr>(text: &str) -> Result<T, String> {
+    text.parse()
+        .map_err(|_| format!("must be a whole number from 0 to {}", max_of::<T>()))
 }
 
-fn parse_at_least_one(text: &str) -> Result<usize, String> {
-    match text.parse::<usize>() {
+/// A whole number, 1 or more, that fits `T` (a `NonZero` type).
+fn parse_at_least_one<T: std::str::FromStr>(text: &str) -> Result<T, String> {
+    match text.parse::<u128>() {
         Ok(0) => Err("must be at least 1".to_string()),
-        Ok(n) => Ok(n),
-        Err(e) => Err(e.to_string()),
+        _ => text
+            .parse()
+            .map_err(|_| format!("must be a whole number from 1 to {}", max_of::<T>())),
     }
+}
+
+/// The largest value of the integer type `T`, for error messages.
+fn max_of<T>() -> String {
+    match std::any::type_name::<T>() {
+        name if name.ends_with("u8") => u8::MAX.to_string(),
+        name if name.ends_with("u16") => u16::MAX.to_string(),
+        name if name.ends_with("u32") || name.ends_with("NonZero<u32>") => u32::MAX.to_string(),
+        _ => usize::MAX.to_string(),
+    }
+}
+
+fn parse_port(text: &str) -> Result<u16, String> {
+    parse_whole(text)
+}
+
+/// An IP address; a host name is not looked up, so that the address served
+/// is the one the operator wrote.
+fn parse_ip(text: &str) -> Result<IpAddr, String> {
+    text.parse().map_err(|_| {
+        "must be an IP address such as 0.0.0.0, ::, 127.0.0.1 or ::1 \
+         (host names such as localhost are not looked up)"
+            .to_string()
+    })
 }
 
 /// Parses `ADDR/PREFIX`, or a bare address meaning that one host.
 fn parse_net(text: &str) -> Result<IpNet, String> {
-    if text.contains('/') {
-        text.parse::<IpNet>().map(|net| net.trunc()).map_err(|_| {
-            "must be an address or a network such as 10.0.0.0/8 or ::1/128".to_string()
-        })
+    let parsed = if text.contains('/') {
+        text.parse::<IpNet>().map(|net| net.trunc()).ok()
     } else {
-        text.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
-            "must be an address or a network such as 10.0.0.0/8 or ::1/128".to_string()
-        })
-    }
+        text.parse::<IpAddr>().map(IpNet::from).ok()
+    };
+    parsed
+        .ok_or_else(|| "must be an address or a network such as 10.0.0.0/8 or ::1/128".to_string())
 }
 
 /// Turns prompt text into the bytes sent, adding the newline a line-based
@@ -321,26 +384,21 @@ fn prompt_bytes(text: &str) -> Vec<u8> {
     prompt
 }
 
-/// `--rate-prefix-v4` as a clap value parser: a prefix length 0..=32.
-fn parse_prefix_v4(text: &str) -> Result<u8, String> {
-    parse_prefix(text, 32)
-}
-
-/// `--rate-prefix-v6` as a clap value parser: a prefix length 0..=128.
-fn parse_prefix_v6(text: &str) -> Result<u8, String> {
-    parse_prefix(text, 128)
-}
-
-fn parse_prefix(text: &str, max: u8) -> Result<u8, String> {
-    match text.parse::<u8>() {
-        Ok(bits) if bits <= max => Ok(bits),
-        _ => Err(format!("must be a prefix length from 0 to {max}")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The config these arguments ask for, or the one-line error.
+    fn config(args: &[&str]) -> Result<Config, String> {
+        let args = std::iter::once("prompt-server").chain(args.iter().copied());
+        Cli::try_parse_from(args)
+            .and_then(|cli| cli.to_config())
+            .map_err(|e| error_line(&e))
+    }
+
+    fn error_for(args: &[&str]) -> String {
+        config(args).expect_err("an error")
+    }
 
     #[test]
     fn prompt_gets_exactly_one_trailing_newline() {
@@ -363,63 +421,84 @@ mod tests {
     }
 
     #[test]
-    fn prefix_lengths_are_checked() {
-        assert_eq!(parse_prefix_v4("0"), Ok(0));
-        assert_eq!(parse_prefix_v4("32"), Ok(32));
-        assert_eq!(parse_prefix_v6("128"), Ok(128));
-        for bad in ["33", "-1", "", "x", "1000"] {
-            let error = parse_prefix_v4(bad).expect_err(bad);
-            assert_eq!(error, "must be a prefix length from 0 to 32");
-        }
-        assert!(parse_prefix_v6("129").is_err());
-    }
-
-    #[test]
     fn defaults_match_the_classic_example() {
-        let config = Cli::parse_from(["prompt-server"]).to_config();
+        let config = config(&[]).unwrap();
         assert_eq!(config.listen_addr, "0.0.0.0:1337".parse().unwrap());
         assert_eq!(config.prompt, b"Do you want to play a game?\n");
-        assert_eq!(config.max_reply_bytes, 1024);
+        assert_eq!(config.max_reply_bytes.get(), 1024);
         assert_eq!(config.reply_timeout, Some(Duration::from_secs(60)));
-        assert_eq!(config.max_connections, 1024);
+        assert_eq!(config.write_timeout, Duration::from_secs(10));
+        assert_eq!(config.max_connections.get(), 1024);
         assert_eq!(config.shutdown_timeout, Duration::from_secs(10));
+        assert_eq!(config.backlog, None);
     }
 
     #[test]
     fn zero_reply_timeout_waits_forever() {
-        let config = Cli::parse_from(["prompt-server", "--reply-timeout", "0"]).to_config();
-        assert_eq!(config.reply_timeout, None);
-        let config = Cli::parse_from(["prompt-server", "--reply-timeout", "0.5"]).to_config();
-        assert_eq!(config.reply_timeout, Some(Duration::from_millis(500)));
+        assert_eq!(
+            config(&["--reply-timeout", "0"]).unwrap().reply_timeout,
+            None
+        );
+        let half = config(&["--reply-timeout", "0.5"]).unwrap();
+        assert_eq!(half.reply_timeout, Some(Duration::from_millis(500)));
     }
 
     #[test]
-    fn nonsense_durations_are_refused() {
+    fn nonsense_values_name_their_option() {
         for (flag, value) in [
             ("--reply-timeout", "-1"),
             ("--reply-timeout", "NaN"),
             ("--shutdown-timeout", "1e30"),
             ("--shutdown-timeout", "-2"),
             ("--write-timeout", "0"),
+            ("--record-timeout", "0"),
+            ("--port", "-1"),
+            ("--port", "65536"),
+            ("--max-reply-bytes", "-1"),
+            ("--max-reply-bytes", "0"),
+            ("--backlog", "-1"),
+            ("--backlog", "0"),
+            ("--backlog", "4294967296"),
+            ("--max-per-ip", "-1"),
+            ("--max-connections", "-5"),
+            ("--thread-cache", "-1"),
+            ("--bind", "localhost"),
         ] {
-            let error = Cli::try_parse_from(["prompt-server", flag, value])
-                .expect_err(value)
-                .to_string();
-            // The error names the option, even for a negative number.
-            assert!(error.contains(flag), "{flag} {value}: {error}");
+            let error = error_for(&[flag, value]);
+            // One line that names the option, even for a negative number.
+            assert!(
+                error.starts_with(&format!("error: invalid value '{value}' for '{flag}")),
+                "{flag} {value}: {error}"
+            );
         }
+        assert!(error_for(&["--bind", "localhost"]).contains("not looked up"));
+        assert!(error_for(&["--max-reply-bytes", "0"]).contains("must be at least 1"));
     }
 
     #[test]
-    fn zero_reply_cap_is_refused() {
-        let err = Cli::try_parse_from(["prompt-server", "--max-reply-bytes", "0"]).unwrap_err();
-        assert!(err.to_string().contains("must be at least 1"), "{err}");
+    fn the_librarys_rules_speak_as_errors_about_their_flags() {
+        assert_eq!(
+            error_for(&["--thread-cache", "2000"]),
+            "error: invalid value '2000' for '--thread-cache <N>': must be at most the \
+             connection cap (1024) (see --help)"
+        );
+        assert!(config(&["--max-connections", "8", "--thread-cache", "8"]).is_ok());
+        assert_eq!(
+            error_for(&["--max-rate-per-ip", "5/s", "--rate-prefix-v4", "33"]),
+            "error: invalid value '33' for '--rate-prefix-v4 <BITS>': must be a prefix \
+             length from 0 to 32 (see --help)"
+        );
+        assert!(
+            error_for(&["--max-rate-per-ip", "5/s", "--rate-prefix-v6", "129"])
+                .contains("from 0 to 128")
+        );
+        assert!(error_for(&["--backlog", "2147483648"]).contains("must be at most 2147483647"));
+        assert!(error_for(&["--reply-timeout", "40000000"]).contains("a year"));
     }
 
     #[test]
     fn access_options_repeat_and_trusted_proxy_needs_proxy_protocol() {
-        let cli = Cli::parse_from([
-            "prompt-server",
+        let config = config(&[
             "--allow",
             "10.0.0.0/8",
             "--allow",
@@ -428,27 +507,19 @@ mod tests {
             "10.9.0.0/16",
             "--max-per-ip",
             "3",
-        ]);
-        let config = cli.to_config();
+        ])
+        .unwrap();
         assert_eq!(config.access.allow.0.len(), 2);
         assert!(!config.access.permits("10.9.1.1".parse().unwrap()));
-        assert_eq!(config.max_per_ip, Some(3));
-        assert!(Cli::try_parse_from(["prompt-server", "--trusted-proxy", "127.0.0.1"]).is_err());
-        assert!(
-            Cli::try_parse_from([
-                "prompt-server",
-                "--proxy-protocol",
-                "--trusted-proxy",
-                "127.0.0.1"
-            ])
-            .is_ok()
+        assert_eq!(config.max_per_ip.map(NonZeroUsize::get), Some(3));
+        assert_eq!(config.proxy_protocol, None);
+        assert!(error_for(&["--trusted-proxy", "127.0.0.1"]).contains("--proxy-protocol"));
+        let proxied = super::tests::config(&["--proxy-protocol", "--trusted-proxy", "127.0.0.1"]);
+        assert_eq!(
+            proxied.unwrap().proxy_protocol.map(|list| list.0.len()),
+            Some(1)
         );
-        assert!(Cli::try_parse_from(["prompt-server", "--log-format", "xml"]).is_err());
-    }
-
-    fn error_for(args: &[&str]) -> String {
-        let args = std::iter::once("prompt-server").chain(args.iter().copied());
-        error_line(&Cli::try_parse_from(args).unwrap_err())
+        assert!(error_for(&["--log-format", "xml"]).contains("[possible values: text, json]"));
     }
 
     #[test]
@@ -481,47 +552,24 @@ mod tests {
     }
 
     #[test]
-    fn thread_cache_beyond_the_connection_cap_is_refused() {
-        let parse = |args: &[&str]| {
-            Cli::try_parse_from(["prompt-server"].iter().chain(args)).and_then(Cli::validate)
-        };
-        let err = parse(&["--thread-cache", "1000000000"]).unwrap_err();
-        assert!(
-            err.to_string().contains("at most --max-connections (1024)"),
-            "{err}"
-        );
-        assert!(parse(&["--thread-cache", "18446744073709551616"]).is_err());
-        assert!(parse(&["--max-connections", "8", "--thread-cache", "8"]).is_ok());
-    }
-
-    #[test]
     fn rate_prefixes_need_a_rate_and_default_to_32_and_64() {
-        let config = Cli::parse_from(["prompt-server", "--max-rate-per-ip", "5/s"]).to_config();
-        assert_eq!((config.rate_prefix_v4, config.rate_prefix_v6), (32, 64));
-        assert_eq!(config.max_rate_per_ip.map(|rate| rate.count()), Some(5));
+        let limit = config(&["--max-rate-per-ip", "5/s"])
+            .unwrap()
+            .rate_limit
+            .unwrap();
+        assert_eq!((limit.prefix_v4, limit.prefix_v6), (32, 64));
+        assert_eq!(limit.rate.count(), 5);
         for flag in ["--rate-prefix-v4", "--rate-prefix-v6"] {
             assert!(
-                Cli::try_parse_from(["prompt-server", flag, "24"]).is_err(),
+                error_for(&[flag, "24"]).contains("--max-rate-per-ip"),
                 "{flag}"
             );
         }
-        assert!(
-            Cli::try_parse_from([
-                "prompt-server",
-                "--max-rate-per-ip",
-                "5/s",
-                "--rate-prefix-v4",
-                "33"
-            ])
-            .is_err()
-        );
     }
 
     #[test]
     fn backlog_defaults_to_the_kernel_maximum_and_can_be_set() {
-        assert_eq!(Cli::parse_from(["prompt-server"]).to_config().backlog, None);
-        let config = Cli::parse_from(["prompt-server", "--backlog", "64"]).to_config();
-        assert_eq!(config.backlog, Some(64));
-        assert!(Cli::try_parse_from(["prompt-server", "--backlog", "0"]).is_err());
+        let config = config(&["--backlog", "64"]).unwrap();
+        assert_eq!(config.backlog.map(NonZeroU32::get), Some(64));
     }
 }

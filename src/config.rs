@@ -1,18 +1,21 @@
-//! What the server runs with: [`Config`] and its documented defaults.
+//! What the server runs with: [`Config`], its documented defaults, and the
+//! one place its rules are checked ([`Config::validate`]).
 //!
-//! Plain data: the library takes a [`Config`] and never reads the command
-//! line itself, so tests and embedders build one directly; the binary's
-//! command line (the `cli` module) only validates and converts.
+//! The library takes a [`Config`] and never reads the command line itself,
+//! so tests and embedders build one directly; the binary's command line (the
+//! `cli` module) only maps its flags onto one and lets [`run`](crate::run)'s
+//! validation speak for every rule, so that each rule is written once.
 
+use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::sync::Arc;
 use std::time::Duration;
 
-use std::sync::Arc;
-
 use crate::access::{AccessRules, NetList};
-use crate::logging::LogReplies;
 use crate::rate_limit::{DEFAULT_PREFIX_V4, DEFAULT_PREFIX_V6, Rate};
 use crate::record::ReplySink;
+use crate::record::logging::LogReplies;
 
 /// The prompt of the classic example.
 pub(crate) const DEFAULT_PROMPT: &str = "Do you want to play a game?\n";
@@ -21,21 +24,23 @@ pub(crate) const DEFAULT_PORT: u16 = 1337;
 /// Every IPv4 interface, as the classic example listens.
 pub(crate) const DEFAULT_BIND: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 /// The classic example reads one 1024-byte buffer; a longer reply is cut there.
-pub(crate) const DEFAULT_MAX_REPLY_BYTES: usize = 1024;
+pub(crate) const DEFAULT_MAX_REPLY_BYTES: NonZeroUsize = NonZeroUsize::new(1024).unwrap();
 /// A minute is long enough for a person to type an answer, short enough
 /// that abandoned connections do not pile up.
-pub(crate) const DEFAULT_REPLY_TIMEOUT_SECS: f64 = 60.0;
+pub(crate) const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 /// The prompt is one small write; a client that has not taken it in this
 /// long is not reading at all.
-pub(crate) const DEFAULT_WRITE_TIMEOUT_SECS: f64 = 10.0;
+pub(crate) const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Each connection costs a thread (a few KiB of memory, 2 MiB of address
 /// space) and a file descriptor: 1024 fits the default descriptor limit of
 /// most systems once raised to the hard limit, and any 64-bit machine.
-pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+pub(crate) const DEFAULT_MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(1024).unwrap();
 /// How long a stopping server lets connected clients finish.
-pub(crate) const DEFAULT_SHUTDOWN_TIMEOUT_SECS: f64 = 10.0;
-/// The line a client gets when every connection slot is taken.
-pub(crate) const BUSY_MESSAGE: &[u8] = b"server busy, try again later\n";
+pub(crate) const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest duration a setting may have: every deadline is an `Instant`
+/// plus one of them, which must not overflow, and a year is no limit at all
+/// for a prompt.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Everything the server needs to know to serve connections.
 #[derive(Debug, Clone)]
@@ -46,30 +51,31 @@ pub struct Config {
     /// adds a missing final `\n`).
     pub prompt: Vec<u8>,
     /// Longest reply kept, not counting its line terminator; more is truncated.
-    pub max_reply_bytes: usize,
+    pub max_reply_bytes: NonZeroUsize,
     /// Budget for the whole reply, however it trickles in; `None` waits forever.
     pub reply_timeout: Option<Duration>,
-    /// How long sending the prompt may block on a client that does not read.
+    /// Budget for sending the whole prompt to a client that reads slowly or
+    /// not at all; more than zero.
     pub write_timeout: Duration,
     /// Connections served at once; more are sent the busy line and closed.
-    pub max_connections: usize,
+    pub max_connections: NonZeroUsize,
     /// How long a stopping server waits for connected clients to finish.
     pub shutdown_timeout: Duration,
     /// Finished connection threads kept parked for the next connection
-    /// (0: every connection gets a new thread).
+    /// (0: every connection gets a new thread); at most `max_connections`.
     pub thread_cache: usize,
-    /// Every connection starts with a PROXY protocol header (v1 or v2) that
-    /// names the real client.
-    pub proxy_protocol: bool,
-    /// With `proxy_protocol`: if not empty, only these may send a header.
-    pub trusted_proxies: NetList,
+    /// `Some(trusted)`: every connection starts with a PROXY protocol header
+    /// (v1 or v2) that names the real client, sent by one of the `trusted`
+    /// proxies (any, if the list is empty).
+    pub proxy_protocol: Option<NetList>,
     /// Which client addresses are served.
     pub access: AccessRules,
     /// Connections one client address may hold at once; `None`: no limit.
-    pub max_per_ip: Option<usize>,
-    /// Connections the kernel may queue before the server accepts them;
-    /// `None`: the most it allows (`net.core.somaxconn`).
-    pub backlog: Option<u32>,
+    pub max_per_ip: Option<NonZeroUsize>,
+    /// Connections the kernel may queue before the server accepts them
+    /// (at most `i32::MAX`); `None`: the most it allows
+    /// (`net.core.somaxconn`).
+    pub backlog: Option<NonZeroU32>,
     /// Set `SO_REUSEPORT` before binding, so that several processes can
     /// listen on one port and the kernel spreads connections among them.
     pub reuse_port: bool,
@@ -78,13 +84,7 @@ pub struct Config {
     pub notify_service_manager: bool,
     /// How fast one client network may open connections; `None`: no limit.
     /// One over it gets the busy line.
-    pub max_rate_per_ip: Option<Rate>,
-    /// Leading bits of an IPv4 client address that make its network for
-    /// `max_rate_per_ip` (32: each address on its own).
-    pub rate_prefix_v4: u8,
-    /// Leading bits of an IPv6 client address that make its network for
-    /// `max_rate_per_ip` (64: a host's usual allocation).
-    pub rate_prefix_v6: u8,
+    pub rate_limit: Option<RateLimit>,
     /// Where to serve `GET /metrics` (Prometheus text format); `None`: not
     /// at all.
     pub metrics_addr: Option<SocketAddr>,
@@ -93,29 +93,148 @@ pub struct Config {
     pub reply_sink: Arc<dyn ReplySink>,
 }
 
+/// `--max-rate-per-ip`: how fast one client network may connect, and how
+/// client addresses are grouped into networks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Connections per period, which is also the burst.
+    pub rate: Rate,
+    /// Leading bits of an IPv4 client address that make its network (0 to
+    /// 32; 32: each address on its own).
+    pub prefix_v4: u8,
+    /// Leading bits of an IPv6 client address that make its network (0 to
+    /// 128; 64: a host's usual allocation).
+    pub prefix_v6: u8,
+}
+
+impl RateLimit {
+    /// The default IPv4 prefix: each address on its own.
+    pub const DEFAULT_PREFIX_V4: u8 = DEFAULT_PREFIX_V4;
+    /// The default IPv6 prefix: a /64, the smallest network an IPv6 host is
+    /// usually given (RFC 6177), so changing addresses within it buys
+    /// nothing.
+    pub const DEFAULT_PREFIX_V6: u8 = DEFAULT_PREFIX_V6;
+
+    /// `rate` per network, with the default prefixes (/32 and /64).
+    pub fn new(rate: Rate) -> Self {
+        RateLimit {
+            rate,
+            prefix_v4: Self::DEFAULT_PREFIX_V4,
+            prefix_v6: Self::DEFAULT_PREFIX_V6,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
             listen_addr: SocketAddr::new(DEFAULT_BIND, DEFAULT_PORT),
             prompt: DEFAULT_PROMPT.as_bytes().to_vec(),
             max_reply_bytes: DEFAULT_MAX_REPLY_BYTES,
-            reply_timeout: Some(Duration::from_secs_f64(DEFAULT_REPLY_TIMEOUT_SECS)),
-            write_timeout: Duration::from_secs_f64(DEFAULT_WRITE_TIMEOUT_SECS),
+            reply_timeout: Some(DEFAULT_REPLY_TIMEOUT),
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
-            shutdown_timeout: Duration::from_secs_f64(DEFAULT_SHUTDOWN_TIMEOUT_SECS),
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             thread_cache: 0,
-            proxy_protocol: false,
-            trusted_proxies: NetList::default(),
+            proxy_protocol: None,
             access: AccessRules::default(),
             max_per_ip: None,
             backlog: None,
             reuse_port: false,
             notify_service_manager: false,
-            max_rate_per_ip: None,
-            rate_prefix_v4: DEFAULT_PREFIX_V4,
-            rate_prefix_v6: DEFAULT_PREFIX_V6,
+            rate_limit: None,
             metrics_addr: None,
             reply_sink: Arc::new(LogReplies),
         }
+    }
+}
+
+/// A [`Config`] rule that does not hold: which field, and what it must be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The field, as [`Config`] names it (`thread_cache`, or
+    /// `rate_limit.prefix_v4` for a part of one).
+    pub field: &'static str,
+    /// Its value as given.
+    pub value: String,
+    /// What it must be: "must be at most the connection cap (1024)".
+    pub rule: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} = {}: {}", self.field, self.value, self.rule)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Checks every rule that the fields' types cannot express; [`run`]
+    /// calls it first.
+    ///
+    /// [`run`]: crate::run
+    ///
+    /// # Errors
+    ///
+    /// The first rule that does not hold.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let error = |field, value: String, rule: String| ConfigError { field, value, rule };
+        let durations = [
+            ("reply_timeout", self.reply_timeout),
+            ("write_timeout", Some(self.write_timeout)),
+            ("shutdown_timeout", Some(self.shutdown_timeout)),
+        ];
+        for (field, duration) in durations {
+            if let Some(duration) = duration.filter(|d| *d > MAX_DURATION) {
+                return Err(error(
+                    field,
+                    duration.as_secs_f64().to_string(),
+                    format!(
+                        "must be at most {} seconds (a year)",
+                        MAX_DURATION.as_secs()
+                    ),
+                ));
+            }
+        }
+        if self.write_timeout.is_zero() {
+            return Err(error(
+                "write_timeout",
+                "0".into(),
+                "must be more than 0 seconds".into(),
+            ));
+        }
+        if self.thread_cache > self.max_connections.get() {
+            return Err(error(
+                "thread_cache",
+                self.thread_cache.to_string(),
+                format!(
+                    "must be at most the connection cap ({})",
+                    self.max_connections
+                ),
+            ));
+        }
+        if let Some(backlog) = self.backlog.filter(|b| i32::try_from(b.get()).is_err()) {
+            return Err(error(
+                "backlog",
+                backlog.to_string(),
+                format!("must be at most {}", i32::MAX),
+            ));
+        }
+        if let Some(limit) = &self.rate_limit {
+            for (field, bits, max) in [
+                ("rate_limit.prefix_v4", limit.prefix_v4, 32),
+                ("rate_limit.prefix_v6", limit.prefix_v6, 128),
+            ] {
+                if bits > max {
+                    return Err(error(
+                        field,
+                        bits.to_string(),
+                        format!("must be a prefix length from 0 to {max}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }

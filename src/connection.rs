@@ -17,20 +17,25 @@ use std::time::{Duration, Instant};
 use log::warn;
 use socket2::SockRef;
 
-use crate::access::canonical;
-use crate::config::{BUSY_MESSAGE, Config};
+use crate::access::{NetList, canonical};
+use crate::config::Config;
 use crate::error::describe_io_error;
 use crate::limits::{ConnectionSlot, IpSlot, PerIpLimit};
 use crate::logging::{
     BUSY_LINES, DENIED_LINES, NOT_RECORDED_LINES, RATE_LIMITED_LINES, ServingPeer, event, log_every,
 };
 use crate::proxy_protocol::{self, ProxyHeader};
-use crate::rate_limit::{RateLimit, RateLimited};
+use crate::rate_limit::{RateBuckets, RateLimited};
 use crate::record::{Record, ReplyEnd};
 use crate::reply::{Reply, read_reply};
 use crate::shutdown::{OpenConnection, OpenConnections};
 use crate::stats::Outcome;
 use crate::timed_read::{Deadline, Prefixed, ReadStep, read_before};
+
+/// The line a client gets when it is not served: every connection slot is
+/// taken, its address or network is over its limit, or no thread could be
+/// started for it.
+pub(crate) const BUSY_MESSAGE: &[u8] = b"server busy, try again later\n";
 
 /// Most bytes a lingering close reads and throws away before it gives up.
 const LINGER_MAX_BYTES: usize = 64 * 1024;
@@ -46,7 +51,7 @@ pub(crate) struct Serving {
     pub(crate) open: Arc<OpenConnections>,
     /// `--max-rate-per-ip`: checked here for the client a PROXY header
     /// names, and by the accept loop for a direct client.
-    pub(crate) rate: Option<RateLimit>,
+    pub(crate) rate: Option<RateBuckets>,
 }
 
 /// How a served connection went: its outcome, the size of the reply
@@ -68,6 +73,10 @@ pub(crate) enum Close {
     /// A reset: nothing it sent after the point where the server stopped
     /// reading is recorded, or its reply is not recorded at all.
     Reset,
+    /// Refused before the prompt, with nothing of it read: the kernel's
+    /// plain close, an end of stream if it sent nothing (nothing is lost),
+    /// a reset if bytes of it are waiting unread.
+    Refused,
 }
 
 impl Served {
@@ -76,6 +85,14 @@ impl Served {
             outcome,
             reply_bytes: None,
             close: Close::Reset,
+        }
+    }
+
+    fn refused(outcome: Outcome) -> Self {
+        Served {
+            outcome,
+            reply_bytes: None,
+            close: Close::Refused,
         }
     }
 
@@ -179,8 +196,8 @@ fn identify_client(
     config: &Config,
     accepted_at: Instant,
 ) -> Result<(Client, Vec<u8>), Served> {
-    if config.proxy_protocol {
-        return read_proxy_header(stream, peer, config, accepted_at);
+    if let Some(trusted) = &config.proxy_protocol {
+        return read_proxy_header(stream, peer, trusted, config, accepted_at);
     }
     let client = Client {
         addr: peer,
@@ -206,14 +223,19 @@ fn read_client_reply(
     let deadline = config.reply_timeout.map(|timeout| {
         // The socket's read timeout is the whole budget, inherited from the
         // listener, unless reading a PROXY header has set its own.
-        if config.proxy_protocol {
+        if config.proxy_protocol.is_some() {
             Deadline::after(timeout)
         } else {
             Deadline::after_with_timeout_already_set(timeout)
         }
     });
     let mut source = Prefixed::new(early_bytes, stream);
-    read_reply(&mut source, client.addr, config.max_reply_bytes, deadline)
+    read_reply(
+        &mut source,
+        client.addr,
+        config.max_reply_bytes.get(),
+        deadline,
+    )
 }
 
 /// Checks the access rules, the rate limit for a client behind a balancer,
@@ -233,12 +255,12 @@ fn admit_client<'a>(
             DENIED_LINES, warn, [reason = "access_rules", peer:% = addr, proxy = proxy,],
             "{addr} refused by the access rules"
         );
-        return Err(Served::reset(Outcome::Denied));
+        return Err(Served::refused(Outcome::Denied));
     }
     // Behind a balancer the accept loop could not know the client yet; a
     // header that names none (UNKNOWN, LOCAL) leaves the TCP peer to count.
     if let Some(rate) = &serving.rate
-        && serving.config.proxy_protocol
+        && serving.config.proxy_protocol.is_some()
         && let Err(limited) = rate.try_acquire(addr.ip(), Instant::now())
     {
         log_rate_limited(addr, proxy, &limited, rate);
@@ -249,7 +271,7 @@ fn admit_client<'a>(
         log_every!(
             BUSY_LINES, warn, [reason = "max_per_ip", peer:% = addr, proxy = proxy,],
             "{addr} turned away: already {} connections from {}",
-            serving.config.max_per_ip.unwrap_or_default(),
+            serving.config.max_per_ip.map_or(0, |max| max.get()),
             addr.ip()
         );
         turn_away(stream);
@@ -264,7 +286,7 @@ pub(crate) fn log_rate_limited(
     addr: SocketAddr,
     proxy: Option<&str>,
     limited: &RateLimited,
-    rate: &RateLimit,
+    rate: &RateBuckets,
 ) {
     log_every!(
         RATE_LIMITED_LINES, warn, [peer:% = addr, proxy = proxy, network:% = limited.network,],
@@ -298,16 +320,16 @@ fn log_prompt_failed(client: Client, error: &std::io::Error) {
 fn read_proxy_header(
     stream: &mut &TcpStream,
     peer: SocketAddr,
+    trusted: &NetList,
     config: &Config,
     accepted_at: Instant,
 ) -> Result<(Client, Vec<u8>), Served> {
-    let trusted = &config.trusted_proxies;
     if !trusted.is_empty() && !trusted.contains(peer.ip()) {
         log_every!(
             DENIED_LINES, warn, [reason = "untrusted_proxy", peer:% = peer,],
             "{peer} refused: not a trusted proxy"
         );
-        return Err(Served::reset(Outcome::Denied));
+        return Err(Served::refused(Outcome::Denied));
     }
     let deadline = config
         .reply_timeout
@@ -385,11 +407,11 @@ fn discard_arrived_bytes(mut stream: &TcpStream) {
 /// connect again at once; a lingering connection keeps its slot until it
 /// is done, so that lingering threads never outnumber the connection cap.
 pub(crate) fn close(stream: Arc<TcpStream>, close: Close, held: (ConnectionSlot, OpenConnection)) {
-    if close == Close::Clean {
+    if close != Close::Reset {
         let _ = SockRef::from(&*stream).set_linger(None);
-        if has_unread_bytes(&stream) {
-            linger(&stream);
-        }
+    }
+    if close == Close::Clean && has_unread_bytes(&stream) {
+        linger(&stream);
     }
     drop(held);
     drop(stream);

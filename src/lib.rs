@@ -97,7 +97,7 @@ mod thread_cache;
 mod timed_read;
 
 pub use access::{AccessRules, NetList};
-pub use config::Config;
+pub use config::{Config, ConfigError, RateLimit};
 pub use error::Error;
 pub use rate_limit::Rate;
 pub use record::{Record, ReplyEnd, ReplySink, logging};

@@ -2,6 +2,7 @@
 //! run the library's server until a signal stops it, and turn the outcome
 //! into an exit code.
 
+use std::io::ErrorKind;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -9,11 +10,15 @@ use clap::Parser;
 mod cli;
 
 use cli::Cli;
-use prompt_server::{Shutdown, Summary, listeners, logging, run};
+use prompt_server::{Config, Shutdown, Summary, listeners, logging, run};
+
+/// Exit status of a server whose log did not take everything: replies not
+/// recorded, or log lines left unwritten at the stop.
+const RECORD_INCOMPLETE: u8 = 3;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse().and_then(Cli::validate) {
-        Ok(cli) => cli,
+    let (cli, config) = match Cli::try_parse().and_then(|cli| Ok((cli.to_config()?, cli))) {
+        Ok((config, cli)) => (cli, config),
         // --help and --version are not errors; clap prints them and exits 0.
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
@@ -26,7 +31,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     logging::log_panics();
-    match serve(&cli) {
+    match serve(config) {
         Ok(summary) if summary.unwritten_log_lines > 0 || summary.not_recorded > 0 => {
             // stderr says it when it is not the log that failed: written to
             // a stalled stderr, the line would never let the process exit.
@@ -41,21 +46,39 @@ fn main() -> ExitCode {
         }
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {e:#}{}", hint(&e, &cli));
             ExitCode::FAILURE
         }
     }
 }
 
-/// Exit status of a server whose log did not take everything: replies not
-/// recorded, or log lines left unwritten at the stop.
-const RECORD_INCOMPLETE: u8 = 3;
-
-fn serve(cli: &Cli) -> anyhow::Result<Summary> {
-    let config = cli.to_config();
+fn serve(config: Config) -> anyhow::Result<Summary> {
     let listeners = listeners(&config)?;
     let stop = Shutdown::new();
     stop.trigger_on_signals()
         .context("cannot install signal handlers")?;
     Ok(run(listeners, config, stop)?)
+}
+
+/// What to do about a start-up error, where there is something to say.
+fn hint(error: &anyhow::Error, cli: &Cli) -> String {
+    let in_use = error
+        .downcast_ref::<prompt_server::Error>()
+        .is_some_and(|e| e.kind() == ErrorKind::AddrInUse);
+    let (port, what) = match cli.metrics_addr {
+        Some(metrics) if error.to_string().contains("for metrics") => {
+            (metrics.port(), "--metrics-addr")
+        }
+        _ => (
+            cli.port,
+            "--port, or --port 0 for a free one; --reuseport shares a port",
+        ),
+    };
+    if !in_use {
+        return String::new();
+    }
+    format!(
+        " (another process listens there: `ss -ltnp 'sport = :{port}'` shows which; \
+         choose another {what})"
+    )
 }

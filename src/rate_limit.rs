@@ -47,13 +47,12 @@ use std::str::FromStr;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-/// Default `--rate-prefix-v4`: one bucket per IPv4 address.
+/// The default IPv4 prefix of a client network: each address on its own.
 pub(crate) const DEFAULT_PREFIX_V4: u8 = 32;
-/// Default `--rate-prefix-v6`: one bucket per /64, the smallest network an
-/// IPv6 host is usually given (RFC 6177), so changing addresses within it
-/// buys nothing.
+/// The default IPv6 prefix: a /64, the smallest network an IPv6 host is
+/// usually given (RFC 6177), so changing addresses within it buys nothing.
 pub(crate) const DEFAULT_PREFIX_V6: u8 = 64;
-/// Most buckets a [`RateLimit`] holds: about 4 MiB of table at most (see the
+/// Most buckets a [`RateBuckets`] holds: about 4 MiB of table at most (see the
 /// module doc), far more than the networks a thread-per-connection server
 /// sees within one period.
 pub(crate) const DEFAULT_MAX_BUCKETS: usize = 100_000;
@@ -152,23 +151,19 @@ pub(crate) struct PrefixLengths {
 
 impl Default for PrefixLengths {
     fn default() -> Self {
-        PrefixLengths {
-            v4: DEFAULT_PREFIX_V4,
-            v6: DEFAULT_PREFIX_V6,
-        }
+        PrefixLengths::new(DEFAULT_PREFIX_V4, DEFAULT_PREFIX_V6)
     }
 }
 
 impl PrefixLengths {
-    /// Prefix lengths, checked: `v4` at most 32, `v6` at most 128.
-    pub(crate) fn new(v4: u8, v6: u8) -> Result<Self, String> {
-        if v4 > 32 {
-            return Err(format!("IPv4 prefix /{v4} is longer than 32 bits"));
+    /// Prefix lengths, `v4` at most 32 and `v6` at most 128 (longer ones,
+    /// which [`Config::validate`](crate::Config::validate) refuses, count
+    /// as the whole address).
+    pub(crate) fn new(v4: u8, v6: u8) -> Self {
+        PrefixLengths {
+            v4: v4.min(32),
+            v6: v6.min(128),
         }
-        if v6 > 128 {
-            return Err(format!("IPv6 prefix /{v6} is longer than 128 bits"));
-        }
-        Ok(PrefixLengths { v4, v6 })
     }
 
     /// The prefix length used for `ip`'s family.
@@ -195,7 +190,7 @@ impl PrefixLengths {
     }
 }
 
-/// A connection refused by a [`RateLimit`].
+/// A connection refused by a [`RateBuckets`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct RateLimited {
     /// The network whose bucket was empty, for the log line.
@@ -212,7 +207,7 @@ pub(crate) struct RateLimited {
 /// less than the `accept` and thread hand-off around it, so sharding would
 /// buy nothing measurable.
 #[derive(Debug)]
-pub(crate) struct RateLimit {
+pub(crate) struct RateBuckets {
     rate: Rate,
     prefixes: PrefixLengths,
     /// `Rate::emission_interval_nanos`: how long one token takes to return.
@@ -235,14 +230,14 @@ struct Table {
     sweep_at_len: usize,
 }
 
-impl RateLimit {
+impl RateBuckets {
     /// A limit of `rate` per network, networks being `prefixes` long, with at
     /// most [`DEFAULT_MAX_BUCKETS`] buckets.
     pub(crate) fn new(rate: Rate, prefixes: PrefixLengths) -> Self {
         Self::with_max_buckets(rate, prefixes, DEFAULT_MAX_BUCKETS)
     }
 
-    /// As [`RateLimit::new`], holding at most `max_buckets` (at least 8).
+    /// As [`RateBuckets::new`], holding at most `max_buckets` (at least 8).
     pub(crate) fn with_max_buckets(
         rate: Rate,
         prefixes: PrefixLengths,
@@ -250,7 +245,7 @@ impl RateLimit {
     ) -> Self {
         let token_nanos = rate.emission_interval_nanos();
         let max_buckets = max_buckets.max(8);
-        RateLimit {
+        RateBuckets {
             rate,
             prefixes,
             token_nanos,
@@ -371,10 +366,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn prefix_lengths_are_checked() {
-        assert!(PrefixLengths::new(33, 64).is_err());
-        assert!(PrefixLengths::new(32, 129).is_err());
-        assert!(PrefixLengths::new(0, 0).is_ok());
+    fn prefix_lengths_longer_than_the_address_count_as_the_address() {
+        assert_eq!(PrefixLengths::new(33, 200), PrefixLengths::new(32, 128));
     }
 
     fn rate(text: &str) -> Rate {
@@ -385,12 +378,12 @@ mod tests {
         text.parse().expect("a valid address")
     }
 
-    fn limit(text: &str) -> RateLimit {
-        RateLimit::new(rate(text), PrefixLengths::default())
+    fn limit(text: &str) -> RateBuckets {
+        RateBuckets::new(rate(text), PrefixLengths::default())
     }
 
     /// How many of `tries` connections from `addr` at `now` are admitted.
-    fn admitted(limit: &RateLimit, addr: &str, now: Instant, tries: usize) -> usize {
+    fn admitted(limit: &RateBuckets, addr: &str, now: Instant, tries: usize) -> usize {
         (0..tries)
             .filter(|_| limit.try_acquire(ip(addr), now).is_ok())
             .count()
@@ -432,17 +425,17 @@ mod tests {
 
     #[test]
     fn addresses_are_masked_to_their_network() {
-        let prefixes = PrefixLengths::new(24, 48).expect("valid prefixes");
+        let prefixes = PrefixLengths::new(24, 48);
         assert_eq!(prefixes.network_of(ip("10.1.2.3")), ip("10.1.2.0"));
         assert_eq!(prefixes.network_of(ip("::ffff:10.1.2.3")), ip("10.1.2.0"));
         assert_eq!(
             prefixes.network_of(ip("2001:db8:1:2:3:4:5:6")),
             ip("2001:db8:1::")
         );
-        let all = PrefixLengths::new(0, 0).expect("valid prefixes");
+        let all = PrefixLengths::new(0, 0);
         assert_eq!(all.network_of(ip("10.1.2.3")), ip("0.0.0.0"));
         assert_eq!(all.network_of(ip("2001:db8::1")), ip("::"));
-        let exact = PrefixLengths::new(32, 128).expect("valid prefixes");
+        let exact = PrefixLengths::new(32, 128);
         assert_eq!(exact.network_of(ip("10.1.2.3")), ip("10.1.2.3"));
         assert_eq!(exact.network_of(ip("2001:db8::1")), ip("2001:db8::1"));
     }
@@ -498,8 +491,8 @@ mod tests {
 
     #[test]
     fn ipv4_addresses_in_one_prefix_share_a_bucket() {
-        let prefixes = PrefixLengths::new(24, 64).expect("valid prefixes");
-        let limit = RateLimit::new(rate("3/s"), prefixes);
+        let prefixes = PrefixLengths::new(24, 64);
+        let limit = RateBuckets::new(rate("3/s"), prefixes);
         let now = Instant::now();
         assert_eq!(admitted(&limit, "192.0.2.1", now, 1), 1);
         assert_eq!(admitted(&limit, "192.0.2.200", now, 1), 1);
@@ -559,7 +552,7 @@ mod tests {
     fn spraying_a_million_addresses_stays_within_the_cap() {
         let max_buckets = 10_000;
         let limit =
-            RateLimit::with_max_buckets(rate("10/h"), PrefixLengths::default(), max_buckets);
+            RateBuckets::with_max_buckets(rate("10/h"), PrefixLengths::default(), max_buckets);
         let start = Instant::now();
         // An abuser empties its bucket first (ten tokens owed, an hour to
         // refill); then a million addresses connect once each (one token
@@ -579,7 +572,7 @@ mod tests {
 
     #[test]
     fn eviction_picks_the_fullest_buckets() {
-        let limit = RateLimit::with_max_buckets(rate("10/s"), PrefixLengths::default(), 16);
+        let limit = RateBuckets::with_max_buckets(rate("10/s"), PrefixLengths::default(), 16);
         let start = Instant::now();
         // 15 networks with one connection each, one with ten.
         for host in 0..15u32 {

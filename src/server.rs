@@ -9,6 +9,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
@@ -29,7 +30,7 @@ use crate::logging::{
 };
 use crate::metrics::{self, AcceptErrorKind, MetricsSnapshot};
 use crate::notify::{Heartbeat, Notifier};
-use crate::rate_limit::{PrefixLengths, RateLimit, RateLimited};
+use crate::rate_limit::{PrefixLengths, RateBuckets, RateLimited};
 use crate::shutdown::{OpenConnection, OpenConnections, Shutdown};
 use crate::stats::{Outcome, Stats, Summary};
 use crate::thread_cache::{PARKED_THREAD_IDLE_TIMEOUT, ThreadCache};
@@ -57,7 +58,7 @@ const FALLBACK_BACKLOG: u32 = 4096;
 /// the address.
 pub fn bind(config: &Config) -> Result<TcpListener, Error> {
     let addr = config.listen_addr;
-    let backlog = config.backlog.unwrap_or_else(default_backlog);
+    let backlog = config.backlog.map_or_else(default_backlog, |n| n.get());
     listen(addr, backlog, config.reuse_port)
         .map_err(|e| Error::new(format!("cannot listen on {addr}"), e))
 }
@@ -143,18 +144,19 @@ struct Shared {
 impl Shared {
     /// Works out how many connections this process can really hold (one
     /// warn line if fewer than asked), and sets up what is shared.
-    fn new(mut config: Config, rate: Option<RateLimit>, accept_loops: usize) -> Self {
-        config.max_connections =
-            capacity::effective_max_connections(config.max_connections, accept_loops);
+    fn new(mut config: Config, rate: Option<RateBuckets>, accept_loops: usize) -> Self {
+        let cap = capacity::effective_max_connections(config.max_connections.get(), accept_loops);
+        config.max_connections = NonZeroUsize::new(cap).unwrap_or(NonZeroUsize::MIN);
+        let cap = config.max_connections.get();
         Shared {
             thread_cache: ThreadCache::new(
-                config.thread_cache.min(config.max_connections),
+                config.thread_cache.min(cap),
                 PARKED_THREAD_IDLE_TIMEOUT,
             ),
-            limit: ConnectionLimit::new(config.max_connections),
+            limit: ConnectionLimit::new(cap),
             threads: LiveCount::new(),
             serving: Serving {
-                per_ip: PerIpLimit::new(config.max_per_ip),
+                per_ip: PerIpLimit::new(config.max_per_ip.map(NonZeroUsize::get)),
                 open: Arc::new(OpenConnections::default()),
                 rate,
                 config,
@@ -200,7 +202,18 @@ pub fn run(
     shutdown: Shutdown,
 ) -> Result<Summary, Error> {
     let listeners: Vec<TcpListener> = listeners.into_iter().collect();
-    let rate = rate_limit(&config)?;
+    config.validate().map_err(|e| {
+        Error::new(
+            "invalid configuration",
+            io::Error::new(io::ErrorKind::InvalidInput, e),
+        )
+    })?;
+    let rate = config.rate_limit.map(|limit| {
+        RateBuckets::new(
+            limit.rate,
+            PrefixLengths::new(limit.prefix_v4, limit.prefix_v6),
+        )
+    });
     let metrics_listener = config.metrics_addr.map(bind_metrics).transpose()?;
     let notifier = if config.notify_service_manager {
         Notifier::from_env()
@@ -296,21 +309,6 @@ fn bind_metrics(addr: SocketAddr) -> Result<TcpListener, Error> {
         .map_err(|e| Error::new(format!("cannot listen for metrics on {addr}"), e))
 }
 
-/// `--max-rate-per-ip`'s buckets, if it is set.
-fn rate_limit(config: &Config) -> Result<Option<RateLimit>, Error> {
-    let Some(rate) = config.max_rate_per_ip else {
-        return Ok(None);
-    };
-    let prefixes =
-        PrefixLengths::new(config.rate_prefix_v4, config.rate_prefix_v6).map_err(|why| {
-            Error::new(
-                "invalid rate limit",
-                io::Error::new(io::ErrorKind::InvalidInput, why),
-            )
-        })?;
-    Ok(Some(RateLimit::new(rate, prefixes)))
-}
-
 /// The `--metrics-addr` thread, serving until the server has stopped (the
 /// drain included, so that it can be watched); dropping it stops it.
 struct MetricsEndpoint {
@@ -367,7 +365,7 @@ fn render_metrics(shared: &Shared, started: SystemTime) -> String {
         connections_open: shared.limit.active() as u64,
         threads_serving: alive.saturating_sub(parked),
         threads_parked: parked,
-        max_connections: shared.serving.config.max_connections as u64,
+        max_connections: shared.serving.config.max_connections.get() as u64,
         open_fds: metrics::count_open_fds(),
         rate_limit_networks: shared.serving.rate.as_ref().map(|rate| rate.len() as u64),
         start_time: started,
@@ -548,7 +546,7 @@ fn admit(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
     let accepted_at = Instant::now();
     let serving = &shared.serving;
     if let Some(rate) = &serving.rate
-        && !serving.config.proxy_protocol
+        && serving.config.proxy_protocol.is_none()
         && let Err(limited) = rate.try_acquire(peer.ip(), accepted_at)
     {
         turn_away(stream, peer, TurnedAway::RateLimited(limited, rate), shared);
@@ -661,7 +659,7 @@ enum TurnedAway<'a> {
     /// Every connection slot is taken (`--max-connections`).
     Full,
     /// Its network connects faster than `--max-rate-per-ip`.
-    RateLimited(RateLimited, &'a RateLimit),
+    RateLimited(RateLimited, &'a RateBuckets),
 }
 
 /// The accept loop's memory of recent failures: how long to pause, and

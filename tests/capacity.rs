@@ -159,7 +159,11 @@ fn clients_past_a_thread_limit_get_the_busy_line_and_the_server_goes_on() {
 
     for _ in 0..THREADLESS {
         let mut client = server.connect();
-        assert_eq!(read_until_closed(&mut client), BUSY, "the busy line, no prompt");
+        assert_eq!(
+            read_until_closed(&mut client),
+            BUSY,
+            "the busy line, no prompt"
+        );
         server.expect_line(&format!(
             "{} closed: cannot start a thread for it",
             local(&client)

@@ -137,10 +137,14 @@ fn a_taken_metrics_address_is_a_one_line_start_up_error() {
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(
-        errors,
-        [format!(
-            "error: cannot listen for metrics on {addr}: address already in use"
-        )]
+    assert_eq!(errors.len(), 1, "{stderr}");
+    let port = addr.rsplit(':').next().unwrap();
+    assert!(
+        errors[0].starts_with(&format!(
+            "error: cannot listen for metrics on {addr}: address already in use (another \
+             process listens there: `ss -ltnp 'sport = :{port}'` shows which; choose another \
+             --metrics-addr)"
+        )),
+        "{stderr}"
     );
 }

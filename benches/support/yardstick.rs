@@ -64,7 +64,7 @@ async fn handle(mut stream: TcpStream, peer: SocketAddr, prompt: &[u8], config: 
             return;
         }
     }
-    let max = config.max_reply_bytes;
+    let max = config.max_reply_bytes.get();
     let limit = max + 2;
     let mut buf = vec![0u8; limit];
     let mut len = 0;

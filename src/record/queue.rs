@@ -605,7 +605,11 @@ mod tests {
 
     fn queue(capacity: usize, sink: &Cued, seen: &Seen) -> &'static Queue {
         let output = Output::to_sink(sink.clone(), true);
-        let queue = Box::leak(Box::new(Queue::new(capacity, output, Box::new(seen.clone()))));
+        let queue = Box::leak(Box::new(Queue::new(
+            capacity,
+            output,
+            Box::new(seen.clone()),
+        )));
         start_writer(queue).unwrap();
         queue
     }
@@ -695,7 +699,10 @@ mod tests {
         let (sink, seen) = (Cued::default(), Seen::default());
         let queue = queue(4, &sink, &seen);
         sink.cues().failing_writes = usize::MAX;
-        let given_up = queue.push_and_wait(b"lost\n".to_vec(), Instant::now() + Duration::from_millis(50));
+        let given_up = queue.push_and_wait(
+            b"lost\n".to_vec(),
+            Instant::now() + Duration::from_millis(50),
+        );
         assert_eq!(given_up, Err(NotWritten::TimedOut));
         sink.cues().failing_writes = 0;
         assert_eq!(queue.push_and_wait(b"later\n".to_vec(), soon()), Ok(()));
@@ -732,7 +739,9 @@ mod tests {
         assert_eq!(queue.flush(Duration::from_millis(50)), 2);
         queue.stop_waiting();
         // The one blocked inside the sink stays there; the other returns.
-        wait_for("nobody released", || first.is_finished() || second.is_finished());
+        wait_for("nobody released", || {
+            first.is_finished() || second.is_finished()
+        });
         sink.stall(false);
         let results = [first.join().unwrap(), second.join().unwrap()];
         assert!(results.contains(&Err(NotWritten::Abandoned)), "{results:?}");
