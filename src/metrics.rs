@@ -1,56 +1,33 @@
-//! `--metrics-addr`: the server's numbers in the Prometheus text exposition
-//! format (version 0.0.4), served over HTTP from one std thread.
+//! `--metrics-addr`: the server's numbers over HTTP (the README's Metrics
+//! section has the table). [`Metrics`] is a `prometheus-client` registry of
+//! the counters and histograms in [`Stats`] and of gauges set from
+//! [`ServerState`] as each scrape is answered; the crate writes the text, in
+//! the Prometheus format 0.0.4 rather than its OpenMetrics, because that is
+//! what `promtool check metrics` reads (OpenMetrics' `x_total` samples are
+//! untyped families without help to it) and what Go's client serves unless
+//! told otherwise.
 //!
-//! Three parts:
-//! - [`Histogram`]: fixed buckets of atomic counters, observed from any
-//!   thread without a lock.
-//! - [`MetricsText`]: the encoder. It groups samples by metric family, so
-//!   each family gets one `# HELP` and one `# TYPE` line before all its
-//!   samples however the calls were ordered, escapes HELP text and label
-//!   values, and writes numbers the way Prometheus parses them (`+Inf`,
-//!   integers without a decimal point). [`MetricsSnapshot::render`] uses it
-//!   for the metrics below, so the server only fills in numbers.
-//! - [`serve_metrics`]: the HTTP endpoint. `GET /metrics` (or `HEAD`, any
-//!   query string ignored, as Prometheus's `params` adds one) gets the text;
-//!   another path 404, another method 405, anything unparseable 400. Every
-//!   response closes the connection. Every waiting scraper's request is
-//!   read as its bytes come, so a silent one holds up nobody; each has
-//!   [`SCRAPE_DEADLINE`] for the whole exchange and [`MAX_REQUEST_BYTES`]
-//!   for its request, and serving clients never wait on any of them.
-//!
-//! The encoder is hand-written because the format is a few lines of text
-//! per metric and the server's numbers already live in its own atomics: the
-//! `prometheus-client` crate would add a registry and a second copy of each
-//! counter for no gain (it needs no async runtime, but brings its own types
-//! to keep in step with ours).
-//!
-//! # Metrics
-//!
-//! | name | type | meaning |
-//! |---|---|---|
-//! | `prompt_server_connections_accepted_total` | counter | connections `accept` returned |
-//! | `prompt_server_connections_total{outcome}` | counter | how connections ended: `replied`, `truncated`, `timed_out`, `no_reply`, `failed`, `denied`, `busy`, `rate_limited`, `shutdown` |
-//! | `prompt_server_reply_bytes_total` | counter | reply bytes logged |
-//! | `prompt_server_accept_errors_total{kind}` | counter | `accept` failures: `connection` (about one connection, skipped), `descriptors` (EMFILE, ENFILE), `memory` (ENOBUFS, ENOMEM), `other` |
-//! | `prompt_server_log_lines_dropped_total` | counter | housekeeping log lines the full log queue dropped |
-//! | `prompt_server_connections_open` | gauge | connections open now |
-//! | `prompt_server_threads{state}` | gauge | connection threads alive: `serving` a client, or `parked` in the thread cache |
-//! | `prompt_server_max_connections` | gauge | the effective connection cap (after any lowering at start-up) |
-//! | `prompt_server_rate_limit_networks` | gauge | client networks the rate limit holds a bucket for; refilled ones are dropped at the next sweep (absent without `--max-rate-per-ip`) |
-//! | `process_open_fds` | gauge | entries of `/proc/self/fd` (absent where it cannot be read) |
-//! | `process_start_time_seconds` | gauge | when the process started, in seconds since the Unix epoch |
-//! | `prompt_server_session_duration_seconds` | histogram | accept to log line, per connection |
-//! | `prompt_server_reply_size_bytes` | histogram | size of each logged reply |
+//! [`serve_metrics`] is the HTTP endpoint, on one thread. `GET /metrics`
+//! (or `HEAD`, any query string ignored) gets the text; another path 404,
+//! another method 405, anything unparseable 400. Every response closes the
+//! connection. Every waiting scraper's request is read as its bytes come,
+//! so a silent one holds up nobody; each has [`SCRAPE_DEADLINE`] for the
+//! whole exchange and [`MAX_REQUEST_BYTES`] for its request.
 
 use std::collections::VecDeque;
-use std::fmt::Write as _;
+use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use prometheus_client::encoding::{EncodeLabelSet, prometheus_text};
+use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+use prometheus_client::registry::{Metric, Registry};
+
 use crate::logging::event;
+use crate::stats::Stats;
 
 /// The whole time one scraper may take: reading its request and taking the
 /// response. A silent scraper is dropped after this.
@@ -65,477 +42,113 @@ const PENDING_POLL_INTERVAL: Duration = Duration::from_millis(5);
 pub(crate) const MAX_PENDING_SCRAPES: usize = 16;
 /// The metrics thread reads a request and formats a few kilobytes of text.
 const METRICS_THREAD_STACK: usize = 256 * 1024;
-/// The media type of the text format, version 0.0.4.
-pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
-/// Bucket bounds for `prompt_server_session_duration_seconds`: 1 ms to the
-/// default reply deadline (60 s) and beyond.
-pub(crate) const SESSION_DURATION_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    120.0, 300.0,
-];
-/// Bucket bounds for `prompt_server_reply_size_bytes`: powers of four around
-/// the default 1024-byte reply cap.
-pub(crate) const REPLY_SIZE_BUCKETS: &[f64] = &[
-    16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0,
-];
+/// A gauge of a count.
+type Count = Gauge<u64, AtomicU64>;
 
-/// A Prometheus histogram with fixed bucket bounds.
-#[derive(Debug)]
-pub(crate) struct Histogram {
-    /// Upper bounds, strictly ascending and finite; `+Inf` is implied.
-    bounds: &'static [f64],
-    /// Observations per bucket, not cumulative: `counts[i]` holds those
-    /// above `bounds[i - 1]` and at most `bounds[i]`; the last one those
-    /// above every bound.
-    counts: Box<[AtomicU64]>,
-    /// The sum of the observations, as `f64` bits.
-    sum_bits: AtomicU64,
+/// The `state` label of `prompt_server_threads`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
 }
 
-/// What a [`Histogram`] holds at one moment.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct HistogramSnapshot {
-    /// `(upper bound, observations at or below it)`, the last bound `+Inf`.
-    pub(crate) cumulative: Vec<(f64, u64)>,
-    pub(crate) sum: f64,
-}
-
-impl HistogramSnapshot {
-    /// Observations in all: the `+Inf` bucket.
-    pub(crate) fn count(&self) -> u64 {
-        self.cumulative.last().map_or(0, |&(_, count)| count)
-    }
-}
-
-impl Histogram {
-    /// An empty histogram with these bucket bounds.
-    ///
-    /// # Panics
-    ///
-    /// If `bounds` are not finite and strictly ascending: they are
-    /// constants, so that is a programming error.
-    pub(crate) fn new(bounds: &'static [f64]) -> Self {
-        assert!(
-            bounds.iter().all(|b| b.is_finite()) && bounds.windows(2).all(|w| w[0] < w[1]),
-            "histogram bounds must be finite and strictly ascending: {bounds:?}"
-        );
-        Histogram {
-            bounds,
-            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum_bits: AtomicU64::new(0.0f64.to_bits()),
-        }
-    }
-
-    /// Counts one observation; NaN is ignored.
-    pub(crate) fn observe(&self, value: f64) {
-        if value.is_nan() {
-            return;
-        }
-        let bucket = self.bounds.partition_point(|&bound| bound < value);
-        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
-        let add = |bits: u64| Some((f64::from_bits(bits) + value).to_bits());
-        // `add` never returns None, so this never fails.
-        let _ = self
-            .sum_bits
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, add);
-    }
-
-    /// The counts now. The `+Inf` bucket (the count) is the total of the
-    /// buckets read, so the buckets are always consistent with it; the sum
-    /// may include an observation made while reading (as in the official
-    /// clients, which accept the same race).
-    pub(crate) fn snapshot(&self) -> HistogramSnapshot {
-        let mut total = 0;
-        let bounds = self.bounds.iter().copied().chain([f64::INFINITY]);
-        let cumulative = bounds
-            .zip(self.counts.iter())
-            .map(|(bound, count)| {
-                total += count.load(Ordering::Relaxed);
-                (bound, total)
-            })
-            .collect();
-        HistogramSnapshot {
-            cumulative,
-            sum: f64::from_bits(self.sum_bits.load(Ordering::Relaxed)),
-        }
-    }
-}
-
-/// A Prometheus text exposition (version 0.0.4) being written.
-///
-/// Metric and label names are the server's constants, not client data; a
-/// malformed one, or one name used with two types, is a programming error
-/// caught by debug assertions (a release build drops such a sample rather
-/// than write invalid text).
-#[derive(Debug, Default)]
-pub(crate) struct MetricsText {
-    /// In order of first use.
-    families: Vec<Family>,
-}
-
-#[derive(Debug)]
-struct Family {
-    name: String,
-    help: String,
-    kind: Kind,
-    /// Sample lines, each ending in `\n`.
-    samples: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Counter,
-    Gauge,
-    Histogram,
-}
-
-impl Kind {
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Counter => "counter",
-            Kind::Gauge => "gauge",
-            Kind::Histogram => "histogram",
-        }
-    }
-}
-
-impl MetricsText {
-    pub(crate) fn new() -> Self {
-        Self::default()
-    }
-
-    /// A counter sample. `name` must end in `_total`; samples with the same
-    /// name and other labels join the same family.
-    pub(crate) fn counter(
-        &mut self,
-        name: &str,
-        help: &str,
-        labels: &[(&str, &str)],
-        value: u64,
-    ) -> &mut Self {
-        debug_assert!(
-            name.ends_with("_total"),
-            "counter {name} must end in _total"
-        );
-        if let Some(samples) = self.family(name, help, Kind::Counter) {
-            write_sample(samples, name, labels, &value.to_string());
-        }
-        self
-    }
-
-    /// A gauge sample.
-    pub(crate) fn gauge(
-        &mut self,
-        name: &str,
-        help: &str,
-        labels: &[(&str, &str)],
-        value: f64,
-    ) -> &mut Self {
-        if let Some(samples) = self.family(name, help, Kind::Gauge) {
-            write_sample(samples, name, labels, &format_value(value));
-        }
-        self
-    }
-
-    /// A histogram: its `_bucket` samples (cumulative, `le` ascending, the
-    /// last `+Inf`), `_sum` and `_count`.
-    pub(crate) fn histogram(&mut self, name: &str, help: &str, histogram: &Histogram) -> &mut Self {
-        let snapshot = histogram.snapshot();
-        let Some(samples) = self.family(name, help, Kind::Histogram) else {
-            return self;
-        };
-        let bucket = format!("{name}_bucket");
-        for &(bound, count) in &snapshot.cumulative {
-            let le = format_value(bound);
-            write_sample(samples, &bucket, &[("le", &le)], &count.to_string());
-        }
-        let sum = format_value(snapshot.sum);
-        write_sample(samples, &format!("{name}_sum"), &[], &sum);
-        let count = snapshot.count().to_string();
-        write_sample(samples, &format!("{name}_count"), &[], &count);
-        self
-    }
-
-    /// The exposition text: each family's HELP, TYPE and samples, families
-    /// in the order they were first written.
-    pub(crate) fn finish(self) -> String {
-        let mut text = String::new();
-        for family in self.families {
-            let help = escape(&family.help, false);
-            // Writing to a String cannot fail.
-            let _ = writeln!(text, "# HELP {} {help}", family.name);
-            let _ = writeln!(text, "# TYPE {} {}", family.name, family.kind.name());
-            text.push_str(&family.samples);
-        }
-        text
-    }
-
-    /// Where the samples of the family `name` go, created on first use;
-    /// `None` if `name` already is a family of another type.
-    fn family(&mut self, name: &str, help: &str, kind: Kind) -> Option<&mut String> {
-        debug_assert!(is_metric_name(name), "bad metric name {name:?}");
-        let index = match self.families.iter().position(|f| f.name == name) {
-            Some(index) => index,
-            None => {
-                self.families.push(Family {
-                    name: name.to_string(),
-                    help: help.to_string(),
-                    kind,
-                    samples: String::new(),
-                });
-                self.families.len() - 1
-            }
-        };
-        let family = &mut self.families[index];
-        debug_assert_eq!(family.kind, kind, "{name} written as two types");
-        (family.kind == kind).then_some(&mut family.samples)
-    }
-}
-
-/// `name{label="value",...} value\n`, label values escaped.
-fn write_sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: &str) {
-    out.push_str(name);
-    if !labels.is_empty() {
-        out.push('{');
-        for (i, (label, label_value)) in labels.iter().enumerate() {
-            debug_assert!(is_label_name(label), "bad label name {label:?}");
-            if i > 0 {
-                out.push(',');
-            }
-            let _ = write!(out, "{label}=\"{}\"", escape(label_value, true));
-        }
-        out.push('}');
-    }
-    out.push(' ');
-    out.push_str(value);
-    out.push('\n');
-}
-
-/// The text format's escaping: backslash and newline always, the double
-/// quote in label values only.
-fn escape(text: &str, quote: bool) -> String {
-    let mut escaped = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '\\' => escaped.push_str("\\\\"),
-            '\n' => escaped.push_str("\\n"),
-            '"' if quote => escaped.push_str("\\\""),
-            c => escaped.push(c),
-        }
-    }
-    escaped
-}
-
-/// A sample value or `le` bound as Prometheus (Go's `ParseFloat`) reads it:
-/// `+Inf`, `-Inf`, `NaN`, whole numbers without a decimal point, others in
-/// Rust's shortest round-trip form (`0.005`, `1e-7`).
-fn format_value(value: f64) -> String {
-    if value.is_nan() {
-        "NaN".to_string()
-    } else if value.is_infinite() {
-        if value > 0.0 { "+Inf" } else { "-Inf" }.to_string()
-    } else if value.fract() == 0.0 && value.abs() < 1e15 {
-        format!("{value:.0}")
-    } else {
-        format!("{value:?}")
-    }
-}
-
-/// `[a-zA-Z_:][a-zA-Z0-9_:]*`
-fn is_metric_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-}
-
-/// `[a-zA-Z_][a-zA-Z0-9_]*`, not starting with the reserved `__`.
-fn is_label_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    !name.starts_with("__")
-        && chars
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-/// What an `accept` failure was about, the `kind` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum AcceptErrorKind {
-    /// About the one connection being accepted; skipped.
-    Connection,
-    /// Out of file descriptors (EMFILE, ENFILE).
-    Descriptors,
-    /// Out of kernel memory (ENOBUFS, ENOMEM).
-    Memory,
-    Other,
-}
-
-impl AcceptErrorKind {
-    /// The kind of an error `accept` returned (accept(2)'s list).
-    pub(crate) fn of(error: &io::Error) -> Self {
-        match error.raw_os_error() {
-            Some(libc::EMFILE | libc::ENFILE) => AcceptErrorKind::Descriptors,
-            Some(libc::ENOBUFS | libc::ENOMEM) => AcceptErrorKind::Memory,
-            Some(
-                libc::ECONNABORTED
-                | libc::EINTR
-                | libc::EPERM
-                | libc::EPROTO
-                | libc::ENETDOWN
-                | libc::ENOPROTOOPT
-                | libc::EHOSTDOWN
-                | libc::ENONET
-                | libc::EHOSTUNREACH
-                | libc::EOPNOTSUPP
-                | libc::ENETUNREACH,
-            ) => AcceptErrorKind::Connection,
-            _ => AcceptErrorKind::Other,
-        }
-    }
-}
-
-/// `accept` failures by kind.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct AcceptErrorCounts {
-    pub(crate) connection: u64,
-    pub(crate) descriptors: u64,
-    pub(crate) memory: u64,
-    pub(crate) other: u64,
-}
-
-impl AcceptErrorCounts {
-    fn labelled(&self) -> [(&'static str, u64); 4] {
-        [
-            ("connection", self.connection),
-            ("descriptors", self.descriptors),
-            ("memory", self.memory),
-            ("other", self.other),
-        ]
-    }
-}
-
-/// Everything the server exposes, as plain numbers read from its own
-/// counters at scrape time.
+/// What the gauges show: the server's state when a scrape is answered.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct MetricsSnapshot<'a> {
-    pub(crate) connections_accepted: u64,
-    /// Connections ended, by `outcome` label.
-    pub(crate) outcomes: &'a [(&'static str, u64)],
-    pub(crate) reply_bytes: u64,
-    pub(crate) accept_errors: AcceptErrorCounts,
-    pub(crate) log_lines_dropped: u64,
+pub(crate) struct ServerState {
     pub(crate) connections_open: u64,
     pub(crate) threads_serving: u64,
     pub(crate) threads_parked: u64,
     pub(crate) max_connections: u64,
-    /// [`count_open_fds`]; `None` leaves the metric out.
-    pub(crate) open_fds: Option<u64>,
-    /// Client networks the rate limit holds a bucket for; `None` (no
-    /// `--max-rate-per-ip`) leaves the metric out.
+    /// `None` without `--max-rate-per-ip`.
     pub(crate) rate_limit_networks: Option<u64>,
-    pub(crate) start_time: SystemTime,
-    pub(crate) session_duration: &'a Histogram,
-    pub(crate) reply_size: &'a Histogram,
+    /// The log's own count, which only grows.
+    pub(crate) log_lines_dropped: u64,
 }
 
-impl MetricsSnapshot<'_> {
-    /// The exposition text of every metric in the module's table.
-    pub(crate) fn render(&self) -> String {
-        let mut text = MetricsText::new();
-        text.counter(
-            "prompt_server_connections_accepted_total",
-            "Connections accepted.",
-            &[],
-            self.connections_accepted,
-        );
-        for &(outcome, count) in self.outcomes {
-            text.counter(
-                "prompt_server_connections_total",
-                "Connections ended, by outcome.",
-                &[("outcome", outcome)],
-                count,
-            );
+/// Every metric the endpoint serves, in one registry.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    registry: Registry,
+    /// Follows [`ServerState::log_lines_dropped`].
+    log_lines_dropped: Counter,
+    connections_open: Count,
+    threads: Family<StateLabel, Count>,
+    max_connections: Count,
+    /// Registered only with `--max-rate-per-ip`.
+    rate_limit_networks: Option<Count>,
+    /// Registered only where `/proc/self/fd` can be read at start-up; a
+    /// later failed read leaves the last count.
+    open_fds: Option<Count>,
+}
+
+impl Metrics {
+    pub(crate) fn new(stats: &Stats, with_rate_limit: bool) -> Self {
+        let mut registry = Registry::default();
+        let started = process_start_time().unwrap_or_else(SystemTime::now);
+        let start_time = Gauge::<f64, AtomicU64>::default();
+        start_time.set(seconds_since_epoch(started));
+        let help = "Start time of the process since the Unix epoch in seconds";
+        registry.register("process_start_time_seconds", help, start_time);
+        let open_fds = count_open_fds().map(|_| {
+            let help = "Open file descriptors";
+            registered(&mut registry, "process_open_fds", help, Count::default())
+        });
+        let r = registry.sub_registry_with_prefix("prompt_server");
+        stats.register(r);
+        let help = "Housekeeping log lines dropped because the log queue was full";
+        let log_lines_dropped = registered(r, "log_lines_dropped", help, Counter::default());
+        let help = "Connections open now";
+        let connections_open = registered(r, "connections_open", help, Count::default());
+        let help = "Connection threads alive, serving a client or parked in the thread cache";
+        let threads = registered(r, "threads", help, Family::default());
+        let help = "The effective cap on open connections";
+        let max_connections = registered(r, "max_connections", help, Count::default());
+        let rate_limit_networks = with_rate_limit.then(|| {
+            let help = "Client networks the rate limit holds a bucket for \
+                        (refilled ones go at the next sweep)";
+            registered(r, "rate_limit_networks", help, Count::default())
+        });
+        Metrics {
+            registry,
+            log_lines_dropped,
+            connections_open,
+            threads,
+            max_connections,
+            rate_limit_networks,
+            open_fds,
         }
-        text.counter(
-            "prompt_server_reply_bytes_total",
-            "Reply bytes logged.",
-            &[],
-            self.reply_bytes,
-        );
-        for (kind, count) in self.accept_errors.labelled() {
-            text.counter(
-                "prompt_server_accept_errors_total",
-                "Failed accept calls, by kind.",
-                &[("kind", kind)],
-                count,
-            );
-        }
-        text.counter(
-            "prompt_server_log_lines_dropped_total",
-            "Housekeeping log lines dropped because the log queue was full.",
-            &[],
-            self.log_lines_dropped,
-        );
-        text.gauge(
-            "prompt_server_connections_open",
-            "Connections open now.",
-            &[],
-            self.connections_open as f64,
-        );
-        for (state, count) in [
-            ("serving", self.threads_serving),
-            ("parked", self.threads_parked),
-        ] {
-            text.gauge(
-                "prompt_server_threads",
-                "Connection threads alive, serving a client or parked in the thread cache.",
-                &[("state", state)],
-                count as f64,
-            );
-        }
-        text.gauge(
-            "prompt_server_max_connections",
-            "The effective cap on open connections.",
-            &[],
-            self.max_connections as f64,
-        );
-        if let Some(networks) = self.rate_limit_networks {
-            text.gauge(
-                "prompt_server_rate_limit_networks",
-                "Client networks the rate limit holds a bucket for (refilled ones go at the next sweep).",
-                &[],
-                networks as f64,
-            );
-        }
-        if let Some(open_fds) = self.open_fds {
-            text.gauge(
-                "process_open_fds",
-                "Open file descriptors.",
-                &[],
-                open_fds as f64,
-            );
-        }
-        text.gauge(
-            "process_start_time_seconds",
-            "Start time of the process since the Unix epoch in seconds.",
-            &[],
-            seconds_since_epoch(self.start_time),
-        );
-        text.histogram(
-            "prompt_server_session_duration_seconds",
-            "Time from accept to the log line, per connection.",
-            self.session_duration,
-        );
-        text.histogram(
-            "prompt_server_reply_size_bytes",
-            "Size of each logged reply.",
-            self.reply_size,
-        );
-        text.finish()
     }
+
+    /// Sets the gauges from `state` and writes every metric's text.
+    pub(crate) fn render(&self, state: &ServerState) -> Result<String, fmt::Error> {
+        // `fetch_max`: two scrapes at once never set the count back.
+        let dropped = self.log_lines_dropped.inner();
+        dropped.fetch_max(state.log_lines_dropped, Ordering::Relaxed);
+        self.connections_open.set(state.connections_open);
+        let threads = |state| self.threads.get_or_create(&StateLabel { state });
+        threads("serving").set(state.threads_serving);
+        threads("parked").set(state.threads_parked);
+        self.max_connections.set(state.max_connections);
+        if let (Some(gauge), Some(networks)) =
+            (&self.rate_limit_networks, state.rate_limit_networks)
+        {
+            gauge.set(networks);
+        }
+        if let (Some(gauge), Some(open_fds)) = (&self.open_fds, count_open_fds()) {
+            gauge.set(open_fds);
+        }
+        let mut text = String::new();
+        prometheus_text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+/// `metric`, after registering a handle to it. The registry adds `_total`
+/// to a counter's name, and a full stop to the help.
+fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 /// The unit of times in `/proc`: `USER_HZ`, which is 100 on every Linux
@@ -545,7 +158,7 @@ const PROC_TICKS_PER_SECOND: u64 = 100;
 /// When this process started, as Prometheus's own process collector works
 /// it out: `/proc/self/stat`'s start time (field 22, in ticks since boot)
 /// after `/proc/stat`'s boot time. `None` where they cannot be read.
-pub(crate) fn process_start_time() -> Option<SystemTime> {
+fn process_start_time() -> Option<SystemTime> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     // Field 2, the command name, is in parentheses and may hold spaces:
     // count from after it, where field 3 comes first.
@@ -563,7 +176,7 @@ pub(crate) fn process_start_time() -> Option<SystemTime> {
 }
 
 /// `time` as seconds since the Unix epoch (negative before it).
-pub(crate) fn seconds_since_epoch(time: SystemTime) -> f64 {
+fn seconds_since_epoch(time: SystemTime) -> f64 {
     match time.duration_since(UNIX_EPOCH) {
         Ok(since) => since.as_secs_f64(),
         Err(before) => -before.duration().as_secs_f64(),
@@ -571,9 +184,8 @@ pub(crate) fn seconds_since_epoch(time: SystemTime) -> f64 {
 }
 
 /// Open descriptors: the entries of `/proc/self/fd`, counting the one used
-/// to list them, as the official Go client does; `None` where there is no
-/// such directory.
-pub(crate) fn count_open_fds() -> Option<u64> {
+/// to list them, as the official Go client does.
+fn count_open_fds() -> Option<u64> {
     let entries = std::fs::read_dir("/proc/self/fd").ok()?;
     Some(entries.filter(Result::is_ok).count() as u64)
 }
@@ -589,7 +201,7 @@ pub(crate) fn count_open_fds() -> Option<u64> {
 /// [`MAX_PENDING_SCRAPES`] wait at once (the oldest goes first).
 pub(crate) fn serve_metrics(
     listener: TcpListener,
-    render: impl Fn() -> String + Send + 'static,
+    render: impl Fn() -> Result<String, fmt::Error> + Send + 'static,
     is_stopping: impl Fn() -> bool + Send + 'static,
 ) -> io::Result<JoinHandle<()>> {
     // A blocking accept could not see the stop; polling costs ten wake-ups
@@ -680,7 +292,7 @@ enum Progress {
 impl PendingScrape {
     /// Reads what the scraper has sent; once the request is whole (or
     /// cannot be), answers it and closes.
-    fn advance(&mut self, render: &impl Fn() -> String) -> Progress {
+    fn advance(&mut self, render: &impl Fn() -> Result<String, fmt::Error>) -> Progress {
         let mut chunk = [0u8; 1024];
         let mut progress = Progress::Waiting;
         loop {
@@ -787,7 +399,7 @@ fn header_end(bytes: &[u8]) -> Option<usize> {
 }
 
 /// The response to a whole request: only its request line matters.
-fn respond(request: &[u8], render: &impl Fn() -> String) -> Response {
+fn respond(request: &[u8], render: &impl Fn() -> Result<String, fmt::Error>) -> Response {
     let line_end = request
         .iter()
         .position(|&b| b == b'\n')
@@ -809,279 +421,118 @@ fn respond(request: &[u8], render: &impl Fn() -> String) -> Response {
     if path != "/metrics" {
         return Response::error("404 Not Found");
     }
-    match method {
-        "GET" | "HEAD" => Response {
+    if !matches!(method, "GET" | "HEAD") {
+        return Response {
+            extra_headers: "Allow: GET, HEAD\r\n",
+            ..Response::error("405 Method Not Allowed")
+        };
+    }
+    match render() {
+        Ok(body) => Response {
             status: "200 OK",
             content_type: CONTENT_TYPE,
             extra_headers: "",
-            body: render(),
+            body,
             head_only: method == "HEAD",
         },
-        _ => Response {
-            extra_headers: "Allow: GET, HEAD\r\n",
-            ..Response::error("405 Method Not Allowed")
-        },
+        Err(fmt::Error) => Response::error("500 Internal Server Error"),
     }
 }
 
 #[cfg(test)]
-#[path = "../tests/prometheus_format/mod.rs"]
+#[path = "../tests/metrics_scrape/mod.rs"]
 #[allow(unreachable_pub)] // written for tests/, where `pub` is needed
-mod prometheus_format;
+mod metrics_scrape;
 
 #[cfg(test)]
 mod tests {
+    use super::metrics_scrape::sample;
     use super::*;
+    use crate::stats::AcceptErrorKind;
+    use crate::stats::Outcome;
     use std::collections::HashSet;
-    use std::net::{Shutdown, SocketAddr};
-    use std::sync::Arc;
-    use std::sync::Mutex;
+    use std::net::Shutdown;
     use std::sync::atomic::AtomicBool;
+    use std::sync::{Arc, Mutex};
 
     /// Every test client's reads and writes give up after this.
     const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
-    fn sample_snapshot_text() -> String {
-        let session_duration = Histogram::new(SESSION_DURATION_BUCKETS);
-        for secs in [0.0004, 0.003, 0.003, 0.2, 59.0, 600.0] {
-            session_duration.observe(secs);
+    const STATE: ServerState = ServerState {
+        connections_open: 1,
+        threads_serving: 1,
+        threads_parked: 3,
+        max_connections: 1024,
+        rate_limit_networks: Some(2),
+        log_lines_dropped: 5,
+    };
+
+    #[test]
+    fn a_scrape_shows_what_the_summary_reads_and_the_state_now() {
+        let stats = Stats::default();
+        let metrics = Metrics::new(&stats, true);
+        for _ in 0..7 {
+            stats.record_accepted();
         }
-        let reply_size = Histogram::new(REPLY_SIZE_BUCKETS);
-        reply_size.observe(12.0);
-        reply_size.observe(1024.0);
-        MetricsSnapshot {
-            connections_accepted: 7,
-            outcomes: &[
-                ("replied", 2),
-                ("truncated", 0),
-                ("timed_out", 0),
-                ("no_reply", 0),
-                ("failed", 0),
-                ("denied", 0),
-                ("busy", 0),
-                ("rate_limited", 3),
-                ("shutdown", 1),
-            ],
-            reply_bytes: 1036,
-            accept_errors: AcceptErrorCounts {
-                descriptors: 4,
-                ..AcceptErrorCounts::default()
-            },
-            log_lines_dropped: 0,
-            connections_open: 1,
-            threads_serving: 1,
-            threads_parked: 3,
-            max_connections: 1024,
-            open_fds: count_open_fds(),
-            rate_limit_networks: Some(2),
-            start_time: SystemTime::now(),
-            session_duration: &session_duration,
-            reply_size: &reply_size,
+        for (secs, reply) in [(0.0004, Some(12)), (0.003, Some(1024)), (600.0, None)] {
+            let duration = Duration::from_secs_f64(secs);
+            stats.record_session(Outcome::Replied, reply, duration);
         }
-        .render()
-    }
-
-    /// Not a pass/fail test: prints the cost of one render and one
-    /// observation, for the README.
-    #[test]
-    fn render_and_observe_cost() {
-        let renders = 200u32;
-        let timer = Instant::now();
-        let bytes: usize = (0..renders).map(|_| sample_snapshot_text().len()).sum();
-        let render = timer.elapsed() / renders;
-        let histogram = Histogram::new(SESSION_DURATION_BUCKETS);
-        let observations = 1_000_000u32;
-        let timer = Instant::now();
-        for i in 0..observations {
-            histogram.observe(f64::from(i % 1000) * 0.001);
-        }
-        let observe = timer.elapsed() / observations;
-        eprintln!(
-            "metrics: {} us per render of {} bytes, {} ns per observe",
-            render.as_micros(),
-            bytes / renders as usize,
-            observe.as_nanos()
-        );
-    }
-
-    #[test]
-    fn histograms_count_cumulatively_with_le_inclusive() {
-        let histogram = Histogram::new(&[1.0, 2.0]);
-        for value in [0.5, 1.0, 1.5, 2.0, 3.0, f64::NAN] {
-            histogram.observe(value);
-        }
-        let snapshot = histogram.snapshot();
-        assert_eq!(
-            snapshot.cumulative,
-            vec![(1.0, 2), (2.0, 4), (f64::INFINITY, 5)]
-        );
-        assert_eq!(snapshot.count(), 5);
-        assert_eq!(snapshot.sum, 8.0);
-    }
-
-    #[test]
-    fn histograms_are_shared_between_threads() {
-        let histogram = Arc::new(Histogram::new(&[1.0]));
-        let threads: Vec<_> = (0..4)
-            .map(|_| {
-                let histogram = Arc::clone(&histogram);
-                thread::spawn(move || (0..10_000).for_each(|_| histogram.observe(0.5)))
-            })
-            .collect();
-        for thread in threads {
-            thread.join().expect("observer thread");
-        }
-        let snapshot = histogram.snapshot();
-        assert_eq!(snapshot.count(), 40_000);
-        assert_eq!(snapshot.sum, 20_000.0);
-    }
-
-    #[test]
-    fn values_are_written_as_prometheus_reads_them() {
-        assert_eq!(format_value(f64::INFINITY), "+Inf");
-        assert_eq!(format_value(f64::NEG_INFINITY), "-Inf");
-        assert_eq!(format_value(f64::NAN), "NaN");
-        assert_eq!(format_value(3.0), "3");
-        assert_eq!(format_value(-2.0), "-2");
-        assert_eq!(format_value(0.0), "0");
-        assert_eq!(format_value(0.005), "0.005");
-        assert_eq!(format_value(2.5), "2.5");
-        assert_eq!(format_value(1e-7), "1e-7");
-        assert_eq!(format_value(1e20), "1e20");
-        assert_eq!(format_value(1_700_000_000.25), "1700000000.25");
-    }
-
-    #[test]
-    fn families_get_one_help_and_type_however_samples_are_interleaved() {
-        let mut text = MetricsText::new();
-        text.counter("a_total", "A.", &[("k", "1")], 1);
-        text.gauge("b", "B.", &[], 2.0);
-        text.counter("a_total", "A.", &[("k", "2")], 3);
-        assert_eq!(
-            text.finish(),
-            "# HELP a_total A.\n# TYPE a_total counter\na_total{k=\"1\"} 1\na_total{k=\"2\"} 3\n\
-             # HELP b B.\n# TYPE b gauge\nb 2\n"
-        );
-    }
-
-    #[test]
-    fn help_and_label_values_are_escaped() {
-        let mut text = MetricsText::new();
-        text.gauge(
-            "g",
-            "back\\slash \"quoted\"\nnext",
-            &[("path", "C:\\x \"y\"\nz")],
-            1.0,
-        );
-        assert_eq!(
-            text.finish(),
-            "# HELP g back\\\\slash \"quoted\"\\nnext\n# TYPE g gauge\n\
-             g{path=\"C:\\\\x \\\"y\\\"\\nz\"} 1\n"
-        );
-    }
-
-    #[test]
-    fn histograms_are_written_with_buckets_sum_and_count() {
-        let histogram = Histogram::new(&[0.5, 1.0]);
-        histogram.observe(0.25);
-        histogram.observe(2.0);
-        let mut text = MetricsText::new();
-        text.histogram("h_seconds", "H.", &histogram);
-        assert_eq!(
-            text.finish(),
-            "# HELP h_seconds H.\n# TYPE h_seconds histogram\n\
-             h_seconds_bucket{le=\"0.5\"} 1\nh_seconds_bucket{le=\"1\"} 1\n\
-             h_seconds_bucket{le=\"+Inf\"} 2\nh_seconds_sum 2.25\nh_seconds_count 2\n"
-        );
-    }
-
-    #[test]
-    fn names_are_checked() {
-        assert!(is_metric_name("prompt_server:x_total"));
-        assert!(!is_metric_name("1x"));
-        assert!(!is_metric_name("a-b"));
-        assert!(!is_metric_name(""));
-        assert!(is_label_name("outcome"));
-        assert!(!is_label_name("__name__"));
-        assert!(!is_label_name("a:b"));
-    }
-
-    #[test]
-    fn accept_errors_are_classified() {
-        let kind = |errno| AcceptErrorKind::of(&io::Error::from_raw_os_error(errno));
-        assert_eq!(kind(libc::EMFILE), AcceptErrorKind::Descriptors);
-        assert_eq!(kind(libc::ENFILE), AcceptErrorKind::Descriptors);
-        assert_eq!(kind(libc::ENOBUFS), AcceptErrorKind::Memory);
-        assert_eq!(kind(libc::ECONNABORTED), AcceptErrorKind::Connection);
-        assert_eq!(kind(libc::EINVAL), AcceptErrorKind::Other);
-    }
-
-    #[test]
-    fn the_server_metrics_pass_the_format_check() {
-        let text = sample_snapshot_text();
-        let exposition = prometheus_format::check(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        stats.record(Outcome::RateLimited);
+        stats.record(Outcome::CutOff);
+        stats.record_accept_error(AcceptErrorKind::Descriptors);
+        let text = metrics.render(&STATE).expect("rendered");
         let value = |name: &str, labels: &[(&str, &str)]| {
-            exposition
-                .value(name, labels)
-                .unwrap_or_else(|| panic!("no {name} {labels:?} in\n{text}"))
+            sample(&text, name, labels).unwrap_or_else(|| panic!("no {name} {labels:?} in\n{text}"))
         };
+        let summary = stats.summary(0);
         assert_eq!(value("prompt_server_connections_accepted_total", &[]), 7.0);
         let outcome = |o| value("prompt_server_connections_total", &[("outcome", o)]);
-        assert_eq!(outcome("rate_limited"), 3.0);
-        assert_eq!(outcome("shutdown"), 1.0);
-        assert_eq!(outcome("timed_out"), 0.0);
-        assert_eq!(
-            value(
-                "prompt_server_accept_errors_total",
-                &[("kind", "descriptors")]
-            ),
-            4.0
-        );
-        assert_eq!(value("prompt_server_threads", &[("state", "parked")]), 3.0);
-        assert!(value("process_open_fds", &[]) >= 3.0);
-        let count = "prompt_server_session_duration_seconds_count";
-        assert_eq!(value(count, &[]), 6.0);
+        assert_eq!(outcome("replied"), summary.replies as f64);
+        assert_eq!(outcome("rate_limited"), 1.0);
+        assert_eq!(outcome("shutdown"), summary.cut_off as f64);
+        assert_eq!(outcome("timed_out"), 0.0, "present before it happens");
+        let errors = "prompt_server_accept_errors_total";
+        assert_eq!(value(errors, &[("kind", "descriptors")]), 1.0);
+        assert_eq!(value(errors, &[("kind", "memory")]), 0.0);
+        assert_eq!(value("prompt_server_reply_bytes_total", &[]), 1036.0);
         let bucket = "prompt_server_session_duration_seconds_bucket";
-        assert_eq!(value(bucket, &[("le", "0.005")]), 3.0);
-        assert_eq!(value(bucket, &[("le", "+Inf")]), 6.0);
-        assert_eq!(value("prompt_server_reply_size_bytes_sum", &[]), 1036.0);
+        assert_eq!(value(bucket, &[("le", "0.001")]), 1.0);
+        assert_eq!(value(bucket, &[("le", "0.005")]), 2.0);
+        assert_eq!(value(bucket, &[("le", "+Inf")]), 3.0);
+        assert_eq!(value("prompt_server_reply_size_bytes_count", &[]), 2.0);
+        assert_eq!(value("prompt_server_threads", &[("state", "parked")]), 3.0);
+        assert_eq!(value("prompt_server_threads", &[("state", "serving")]), 1.0);
+        assert_eq!(value("prompt_server_max_connections", &[]), 1024.0);
+        assert_eq!(value("prompt_server_rate_limit_networks", &[]), 2.0);
+        assert!(value("process_open_fds", &[]) >= 3.0);
         let started = value("process_start_time_seconds", &[]);
         assert!(started > 1.7e9, "{started}");
+        assert_eq!(value("prompt_server_log_lines_dropped_total", &[]), 5.0);
+        // A scrape that read the log's count a moment earlier does not set
+        // the counter back.
+        let earlier = ServerState {
+            log_lines_dropped: 4,
+            rate_limit_networks: None,
+            ..STATE
+        };
+        let text = metrics.render(&earlier).expect("rendered");
+        let dropped = sample(&text, "prompt_server_log_lines_dropped_total", &[]);
+        assert_eq!(dropped, Some(5.0));
     }
 
     #[test]
-    fn the_format_check_catches_what_it_should() {
-        for (bad, why) in [
-            ("x_total 1\n", "before its HELP"),
-            ("# HELP x X.\n# TYPE x counter\nx 1\n", "_total"),
-            ("# HELP 1x X.\n# TYPE 1x gauge\n1x 1\n", "name"),
-            (
-                "# HELP a A.\n# TYPE a gauge\na 1\n# HELP b B.\n# TYPE b gauge\nb 1\na{x=\"1\"} 2\n",
-                "not together",
-            ),
-            (
-                "# HELP h H.\n# TYPE h histogram\nh_bucket{le=\"1\"} 2\n\
-                 h_bucket{le=\"+Inf\"} 1\nh_sum 1\nh_count 1\n",
-                "decrease",
-            ),
-            (
-                "# HELP h H.\n# TYPE h histogram\nh_bucket{le=\"+Inf\"} 2\nh_sum 1\nh_count 3\n",
-                "_count",
-            ),
-            (
-                "# HELP h H.\n# TYPE h histogram\nh_bucket{le=\"+Inf\"} 2\nh_count 2\n",
-                "_sum",
-            ),
-            (
-                "# HELP h H.\n# TYPE h histogram\nh_bucket{le=\"2\"} 1\n\
-                 h_bucket{le=\"1\"} 1\nh_bucket{le=\"+Inf\"} 1\nh_sum 1\nh_count 1\n",
-                "ascending",
-            ),
-            ("# HELP g G.\n# TYPE g gauge\ng{a=\"x\\q\"} 1\n", "escape"),
-        ] {
-            let error = prometheus_format::check(bad).expect_err(bad);
-            assert!(error.contains(why), "{bad:?}: {error}");
-        }
+    fn without_a_rate_limit_there_is_no_rate_limit_gauge() {
+        let text = Metrics::new(&Stats::default(), false).render(&STATE);
+        let text = text.expect("rendered");
+        assert!(
+            !text.contains("prompt_server_rate_limit_networks"),
+            "{text}"
+        );
+        assert!(
+            text.contains("prompt_server_max_connections 1024\n"),
+            "{text}"
+        );
     }
 
     /// A running endpoint and how to stop it.
@@ -1099,7 +550,7 @@ mod tests {
             let flag = Arc::clone(&stopping);
             let thread = serve_metrics(
                 listener,
-                move || body.to_string(),
+                move || Ok(body.to_string()),
                 move || flag.load(Ordering::Relaxed),
             )
             .expect("metrics thread");
@@ -1160,7 +611,7 @@ mod tests {
             let response = endpoint.exchange(request.as_bytes());
             let (status, headers, body) = split_response(&response);
             assert_eq!(status, "HTTP/1.1 200 OK", "{request:?}");
-            assert!(headers.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8"));
+            assert!(headers.contains(format!("Content-Type: {CONTENT_TYPE}").as_str()));
             assert!(headers.contains("Content-Length: 4"), "{headers:?}");
             assert!(headers.contains("Connection: close"));
             assert_eq!(body, "x 1\n");

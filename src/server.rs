@@ -12,7 +12,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
@@ -25,11 +25,11 @@ use crate::connection::{self, Serving};
 use crate::error::{Error, describe_io_error};
 use crate::limits::{ConnectionLimit, ConnectionSlot, LiveCount, PerIpLimit};
 use crate::logging::{self, BUSY_LINES, LISTENING_TARGET, LogEvery, event, held_back_note};
-use crate::metrics::{self, AcceptErrorKind, MetricsSnapshot};
+use crate::metrics::{self, Metrics, ServerState};
 use crate::notify::{Heartbeat, Notifier};
 use crate::rate_limit::{PrefixLengths, RateLimit, RateLimited};
 use crate::shutdown::{OpenConnection, OpenConnections, Shutdown};
-use crate::stats::{Outcome, Stats, Summary};
+use crate::stats::{AcceptErrorKind, Outcome, Stats, Summary};
 use crate::thread_cache::{PARKED_THREAD_IDLE_TIMEOUT, ThreadCache};
 
 /// First pause after an `accept` failure about the process; it doubles with
@@ -325,10 +325,10 @@ impl MetricsEndpoint {
     fn start(listener: TcpListener, shared: &Arc<Shared>) -> Result<Self, Error> {
         let addr = listener.local_addr().ok();
         let finished = Arc::new(AtomicBool::new(false));
-        let started = metrics::process_start_time().unwrap_or_else(SystemTime::now);
+        let metrics = Metrics::new(&shared.stats, shared.serving.rate.is_some());
         let render = {
             let shared = Arc::clone(shared);
-            move || render_metrics(&shared, started)
+            move || metrics.render(&server_state(&shared))
         };
         let is_finished = {
             let finished = Arc::clone(&finished);
@@ -355,28 +355,18 @@ impl Drop for MetricsEndpoint {
     }
 }
 
-/// The metrics text of a scrape: the counters, and the gauges read now.
-fn render_metrics(shared: &Shared, started: SystemTime) -> String {
-    let stats = &shared.stats;
+/// What the metrics' gauges show, read as a scrape is answered.
+fn server_state(shared: &Shared) -> ServerState {
     let alive = shared.threads.get() as u64;
     let parked = shared.thread_cache.parked() as u64;
-    MetricsSnapshot {
-        connections_accepted: stats.accepted(),
-        outcomes: &stats.outcomes(),
-        reply_bytes: stats.reply_bytes(),
-        accept_errors: stats.accept_errors(),
-        log_lines_dropped: logging::lines_dropped(),
+    ServerState {
         connections_open: shared.limit.active() as u64,
         threads_serving: alive.saturating_sub(parked),
         threads_parked: parked,
         max_connections: shared.serving.config.max_connections as u64,
-        open_fds: metrics::count_open_fds(),
         rate_limit_networks: shared.serving.rate.as_ref().map(|rate| rate.len() as u64),
-        start_time: started,
-        session_duration: &stats.session_duration,
-        reply_size: &stats.reply_size,
+        log_lines_dropped: logging::lines_dropped(),
     }
-    .render()
 }
 
 /// Tells the service manager (if there is one) that the server is ready,
