@@ -7,17 +7,16 @@
 //! untyped families without help to it) and what Go's client serves unless
 //! told otherwise.
 //!
-//! [`serve_metrics`] is the HTTP endpoint, on one thread. `GET /metrics`
-//! (or `HEAD`, any query string ignored) gets the text; another path 404,
-//! another method 405, anything unparseable 400. Every response closes the
-//! connection. Every waiting scraper's request is read as its bytes come,
-//! so a silent one holds up nobody; each has [`SCRAPE_DEADLINE`] for the
-//! whole exchange and [`MAX_REQUEST_BYTES`] for its request.
+//! [`Endpoint`] answers `GET` or `HEAD /metrics` (a query string is ignored)
+//! and closes. An accept thread gives each scrape a thread of its own, at
+//! most [`MAX_SCRAPES`] at once and [`MAX_SCRAPES_PER_SOURCE`] from one
+//! address, so that one client holding sockets open cannot starve the
+//! others; a scrape beyond a cap is closed at once.
 
-use std::collections::VecDeque;
 use std::fmt;
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{self, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -25,24 +24,31 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use prometheus_client::encoding::{EncodeLabelSet, prometheus_text};
 use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
 use prometheus_client::registry::{Metric, Registry};
+use socket2::SockRef;
 
-use crate::logging::event;
-use crate::stats::Stats;
+use crate::limits::{ConnectionLimit, PerIpLimit};
+use crate::logging::{LogEvery, event, held_back_note};
+use crate::shutdown::OpenConnections;
+use crate::stats::{AcceptErrorKind, Stats};
+use crate::timed_read::{Deadline, ReadStep, read_before};
 
 /// The whole time one scraper may take: reading its request and taking the
 /// response. A silent scraper is dropped after this.
 pub(crate) const SCRAPE_DEADLINE: Duration = Duration::from_secs(2);
 /// The largest request read; a bigger one gets a 431 and is closed.
 pub(crate) const MAX_REQUEST_BYTES: usize = 8 * 1024;
-/// How often the idle metrics thread checks whether the server is stopping.
-const STOP_POLL_INTERVAL: Duration = Duration::from_millis(100);
-/// How often the metrics thread looks at scrapers while some are waiting.
-const PENDING_POLL_INTERVAL: Duration = Duration::from_millis(5);
-/// The most scrapes whose requests are read at once.
-pub(crate) const MAX_PENDING_SCRAPES: usize = 16;
-/// The metrics thread reads a request and formats a few kilobytes of text.
-const METRICS_THREAD_STACK: usize = 256 * 1024;
+/// The most scrapes served at once.
+pub(crate) const MAX_SCRAPES: usize = 16;
+/// The most scrapes served at once from one client address.
+pub(crate) const MAX_SCRAPES_PER_SOURCE: usize = 4;
+/// A scrape's thread reads a request and formats a few kilobytes of text.
+const SCRAPE_THREAD_STACK: usize = 256 * 1024;
+/// The pause after an `accept` failure about the process (out of
+/// descriptors or memory), so that the accept thread does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 pub(crate) const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+/// Lines about scrapes closed at a cap.
+static REFUSED_LINES: LogEvery = LogEvery::new(Duration::from_secs(5));
 
 /// A gauge of a count.
 type Count = Gauge<u64, AtomicU64>;
@@ -190,253 +196,188 @@ fn count_open_fds() -> Option<u64> {
     Some(entries.filter(Result::is_ok).count() as u64)
 }
 
-/// Starts the metrics thread: it answers scrapes on `listener` with
-/// `render()` until `is_stopping()` returns true, which it checks at least
-/// every [`STOP_POLL_INTERVAL`]. Errors only if the thread cannot be started
-/// or the listener made non-blocking.
-///
-/// The thread reads every waiting scrape's request as its bytes come, so a
-/// scraper that sends nothing holds up neither the others nor the thread;
-/// each is dropped at its own [`SCRAPE_DEADLINE`], and at most
-/// [`MAX_PENDING_SCRAPES`] wait at once (the oldest goes first).
-pub(crate) fn serve_metrics(
-    listener: TcpListener,
-    render: impl Fn() -> Result<String, fmt::Error> + Send + 'static,
-    is_stopping: impl Fn() -> bool + Send + 'static,
-) -> io::Result<JoinHandle<()>> {
-    // A blocking accept could not see the stop; polling costs ten wake-ups
-    // a second when idle, and a scrape waits at most one interval.
-    listener.set_nonblocking(true)?;
-    thread::Builder::new()
-        .name("metrics".to_string())
-        .stack_size(METRICS_THREAD_STACK)
-        .spawn(move || {
-            let mut pending = VecDeque::new();
-            while !is_stopping() {
-                let mut progressed = accept_scrapes(&listener, &mut pending);
-                pending.retain_mut(|scrape: &mut PendingScrape| match scrape.advance(&render) {
-                    Progress::Waiting => true,
-                    Progress::Read => {
-                        progressed = true;
-                        true
-                    }
-                    Progress::Done(result) => {
-                        if let Err(e) = result {
-                            log::debug!(
-                                event = event::METRICS_SCRAPE_FAILED;
-                                "metrics scrape from {} failed: {e}", scrape.peer
-                            );
-                        }
-                        progressed = true;
-                        false
-                    }
-                });
-                if !progressed {
-                    thread::sleep(if pending.is_empty() {
-                        STOP_POLL_INTERVAL
-                    } else {
-                        PENDING_POLL_INTERVAL
-                    });
-                }
-            }
-        })
+/// What a scrape is answered with: the text, or why there is none.
+type Render = dyn Fn() -> Result<String, fmt::Error> + Send + Sync;
+
+/// The running endpoint. Dropping it stops it: no scrape is accepted any
+/// more, the ones still sending their request are cut off, and the drop
+/// returns once their threads are gone.
+#[derive(Debug)]
+pub(crate) struct Endpoint {
+    listener: Arc<TcpListener>,
+    accepting: Option<JoinHandle<()>>,
 }
 
-/// Accepts every scraper waiting on `listener`; true if there was one.
-fn accept_scrapes(listener: &TcpListener, pending: &mut VecDeque<PendingScrape>) -> bool {
-    let mut accepted = false;
-    loop {
-        match listener.accept() {
-            Ok((stream, peer)) => {
-                if stream.set_nonblocking(true).is_err() {
+impl Endpoint {
+    /// Answers scrapes on `listener` with `render()`. Fails only if the
+    /// accept thread cannot be started.
+    pub(crate) fn start(
+        listener: TcpListener,
+        render: impl Fn() -> Result<String, fmt::Error> + Send + Sync + 'static,
+    ) -> io::Result<Self> {
+        let listener = Arc::new(listener);
+        let accepted = Arc::clone(&listener);
+        let accepting = thread::Builder::new()
+            .name("metrics".to_string())
+            .stack_size(SCRAPE_THREAD_STACK)
+            .spawn(move || accept_scrapes(&accepted, &render))?;
+        let accepting = Some(accepting);
+        Ok(Endpoint {
+            listener,
+            accepting,
+        })
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        // The blocked `accept`, and every later one, fails with EINVAL.
+        let _ = SockRef::from(&*self.listener).shutdown(Shutdown::Read);
+        if let Some(accepting) = self.accepting.take() {
+            let _ = accepting.join();
+        }
+    }
+}
+
+/// The accept thread: gives each scrape under the caps a thread and closes
+/// the others at once; once the listener is shut down, cuts off the scrapes
+/// still reading and waits for their threads.
+fn accept_scrapes(listener: &TcpListener, render: &Render) {
+    let scrapes = ConnectionLimit::new(MAX_SCRAPES);
+    let per_source = PerIpLimit::new(Some(MAX_SCRAPES_PER_SOURCE));
+    let open = Arc::new(OpenConnections::default());
+    thread::scope(|scope| {
+        loop {
+            let (stream, peer) = match listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
+                Err(e) if AcceptErrorKind::of(&e) == AcceptErrorKind::Connection => continue,
+                Err(_) => {
+                    thread::sleep(ACCEPT_ERROR_PAUSE);
                     continue;
                 }
-                if pending.len() >= MAX_PENDING_SCRAPES {
-                    pending.pop_front();
+            };
+            let (Some(source_slot), Some(slot)) =
+                (per_source.try_acquire(peer.ip()), scrapes.try_acquire())
+            else {
+                if let Some(held_back) = REFUSED_LINES.due() {
+                    let why = format!("{MAX_SCRAPES} open, or {MAX_SCRAPES_PER_SOURCE} from it");
+                    scrape_failed(peer, &format!("closed: {why}{}", held_back_note(held_back)));
                 }
-                pending.push_back(PendingScrape {
-                    stream,
-                    peer,
-                    request: Vec::new(),
-                    deadline: Instant::now() + SCRAPE_DEADLINE,
-                });
-                accepted = true;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            // None waiting, or out of descriptors: try again later.
-            Err(_) => return accepted,
-        }
-    }
-}
-
-/// A scraper whose request is being read.
-struct PendingScrape {
-    /// Non-blocking while its request is read.
-    stream: TcpStream,
-    peer: SocketAddr,
-    request: Vec<u8>,
-    /// When it is dropped, answered or not.
-    deadline: Instant,
-}
-
-/// What one look at a pending scrape gave.
-enum Progress {
-    /// Nothing new from the scraper.
-    Waiting,
-    /// More of its request arrived.
-    Read,
-    /// Answered (or dropped): it is finished.
-    Done(io::Result<()>),
-}
-
-impl PendingScrape {
-    /// Reads what the scraper has sent; once the request is whole (or
-    /// cannot be), answers it and closes.
-    fn advance(&mut self, render: &impl Fn() -> Result<String, fmt::Error>) -> Progress {
-        let mut chunk = [0u8; 1024];
-        let mut progress = Progress::Waiting;
-        loop {
-            match self.stream.read(&mut chunk) {
-                Ok(0) => return Progress::Done(self.answer(Response::error("400 Bad Request"))),
-                Ok(read) => {
-                    self.request.extend_from_slice(&chunk[..read]);
-                    if let Some(end) = header_end(&self.request) {
-                        let response = respond(&self.request[..end], render);
-                        return Progress::Done(self.answer(response));
-                    }
-                    if self.request.len() > MAX_REQUEST_BYTES {
-                        let too_large = Response::error("431 Request Header Fields Too Large");
-                        return Progress::Done(self.answer(too_large));
-                    }
-                    progress = Progress::Read;
+                continue;
+            };
+            let stream = Arc::new(stream);
+            let held = (slot, source_slot, open.register(&stream));
+            let open = &open;
+            let scrape = move || {
+                let _held = held;
+                if let Err(e) = answer(&stream, render, open) {
+                    scrape_failed(peer, &format!("failed: {e}"));
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= self.deadline {
-                        let timed_out =
-                            io::Error::new(io::ErrorKind::TimedOut, "no request in time");
-                        return Progress::Done(Err(timed_out));
-                    }
-                    return progress;
-                }
-                Err(e) => return Progress::Done(Err(e)),
+            };
+            let thread = thread::Builder::new().stack_size(SCRAPE_THREAD_STACK);
+            if let Err(e) = thread.spawn_scoped(scope, scrape) {
+                scrape_failed(peer, &format!("closed: cannot start a thread for it: {e}"));
             }
         }
-    }
-
-    /// Writes `response` within what is left of the deadline, and closes.
-    fn answer(&mut self, response: Response) -> io::Result<()> {
-        self.stream.set_nonblocking(false)?;
-        self.stream
-            .set_write_timeout(Some(remaining(self.deadline)?))?;
-        self.stream.write_all(&response.to_bytes())?;
-        self.stream.shutdown(std::net::Shutdown::Write)
-    }
+        open.cut_off_all();
+    });
 }
 
-/// One HTTP response, before it is written.
-#[derive(Debug, PartialEq, Eq)]
-struct Response {
-    status: &'static str,
-    content_type: &'static str,
-    /// Extra header lines, each ending in CRLF.
-    extra_headers: &'static str,
-    body: String,
-    /// `HEAD`: the headers of the body, without it.
-    head_only: bool,
+fn scrape_failed(peer: SocketAddr, what: &str) {
+    log::debug!(event = event::METRICS_SCRAPE_FAILED; "metrics scrape from {peer} {what}");
 }
 
-impl Response {
-    fn error(status: &'static str) -> Self {
-        Response {
-            status,
-            content_type: "text/plain; charset=utf-8",
-            extra_headers: "",
-            body: format!("{status}\n"),
-            head_only: false,
-        }
-    }
-
-    fn to_bytes(&self) -> Vec<u8> {
-        let mut bytes = format!(
-            "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{}Connection: close\r\n\r\n",
-            self.status,
-            self.content_type,
-            self.body.len(),
-            self.extra_headers
-        )
-        .into_bytes();
-        if !self.head_only {
-            bytes.extend_from_slice(self.body.as_bytes());
-        }
-        bytes
-    }
-}
-
-/// The time left before `deadline`, or a timeout error once it has passed.
-fn remaining(deadline: Instant) -> io::Result<Duration> {
+/// Reads the request within [`SCRAPE_DEADLINE`], answers it, and closes.
+fn answer(stream: &TcpStream, render: &Render, open: &OpenConnections) -> io::Result<()> {
+    let deadline = Instant::now() + SCRAPE_DEADLINE;
+    let (status, headers, body) = read_request(stream, deadline, render, open)?;
+    let response = format!("HTTP/1.1 {status}\r\n{headers}Connection: close\r\n\r\n{body}");
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
-        return Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "scrape deadline passed",
-        ));
+        return Err(io::ErrorKind::TimedOut.into());
     }
-    Ok(left)
+    stream.set_write_timeout(Some(left))?;
+    (&*stream).write_all(response.as_bytes())?;
+    stream.shutdown(Shutdown::Write)
 }
 
-/// Where the blank line ending the headers ends (CRLF or bare LF lines).
-fn header_end(bytes: &[u8]) -> Option<usize> {
-    let crlf = bytes
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| i + 4);
-    let lf = bytes.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    match (crlf, lf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+/// Reads a request's headers by `deadline`, and the response to them.
+fn read_request(
+    mut stream: &TcpStream,
+    deadline: Instant,
+    render: &Render,
+    open: &OpenConnections,
+) -> io::Result<Response> {
+    let mut deadline = Deadline::new(deadline);
+    let mut request = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        match read_before(&mut stream, &mut chunk, Some(&mut deadline)) {
+            ReadStep::Data(read) => request.extend_from_slice(&chunk[..read]),
+            ReadStep::Closed if open.cutting_off() => {
+                return Err(io::Error::other("cut off: the server is stopping"));
+            }
+            ReadStep::Closed => return Ok(error("400 Bad Request")),
+            ReadStep::TimedOut => return Err(io::ErrorKind::TimedOut.into()),
+            ReadStep::Failed(e) => return Err(e),
+        }
+        // An empty line, after CRLF or bare LF lines, ends the headers.
+        if request.windows(2).any(|w| w == b"\n\n") || request.windows(3).any(|w| w == b"\n\r\n") {
+            return Ok(respond(&request, render));
+        }
+        if request.len() > MAX_REQUEST_BYTES {
+            return Ok(error("431 Request Header Fields Too Large"));
+        }
     }
+}
+
+/// A response's status, its header lines (each ending in CRLF) and its
+/// body.
+type Response = (&'static str, String, String);
+
+fn error(status: &'static str) -> Response {
+    let headers = format!(
+        "Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n",
+        status.len() + 1
+    );
+    (status, headers, format!("{status}\n"))
 }
 
 /// The response to a whole request: only its request line matters.
-fn respond(request: &[u8], render: &impl Fn() -> Result<String, fmt::Error>) -> Response {
-    let line_end = request
-        .iter()
-        .position(|&b| b == b'\n')
-        .unwrap_or(request.len());
-    let Ok(line) = std::str::from_utf8(&request[..line_end]) else {
-        return Response::error("400 Bad Request");
+fn respond(request: &[u8], render: &Render) -> Response {
+    let line = request.split(|&b| b == b'\n').next().unwrap_or_default();
+    let Ok(line) = std::str::from_utf8(line) else {
+        return error("400 Bad Request");
     };
-    let line = line.strip_suffix('\r').unwrap_or(line);
-    let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Response::error("400 Bad Request");
+    let parts: Vec<&str> = line.strip_suffix('\r').unwrap_or(line).split(' ').collect();
+    let [method, target, "HTTP/1.0" | "HTTP/1.1"] = parts[..] else {
+        return error("400 Bad Request");
     };
-    if !matches!(version, "HTTP/1.0" | "HTTP/1.1") || !target.starts_with('/') {
-        return Response::error("400 Bad Request");
+    if !target.starts_with('/') {
+        return error("400 Bad Request");
     }
-    let path = target.split_once('?').map_or(target, |(path, _query)| path);
-    if path != "/metrics" {
-        return Response::error("404 Not Found");
+    if target.split('?').next() != Some("/metrics") {
+        return error("404 Not Found");
     }
     if !matches!(method, "GET" | "HEAD") {
-        return Response {
-            extra_headers: "Allow: GET, HEAD\r\n",
-            ..Response::error("405 Method Not Allowed")
-        };
+        let (status, headers, body) = error("405 Method Not Allowed");
+        return (status, headers + "Allow: GET, HEAD\r\n", body);
     }
-    match render() {
-        Ok(body) => Response {
-            status: "200 OK",
-            content_type: CONTENT_TYPE,
-            extra_headers: "",
-            body,
-            head_only: method == "HEAD",
-        },
-        Err(fmt::Error) => Response::error("500 Internal Server Error"),
-    }
+    let Ok(body) = render() else {
+        return error("500 Internal Server Error");
+    };
+    let headers = format!(
+        "Content-Type: {CONTENT_TYPE}\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    // `HEAD`: the headers of the body, without it.
+    let body = if method == "HEAD" {
+        String::new()
+    } else {
+        body
+    };
+    ("200 OK", headers, body)
 }
 
 #[cfg(test)]
@@ -446,14 +387,11 @@ mod metrics_scrape;
 
 #[cfg(test)]
 mod tests {
-    use super::metrics_scrape::sample;
+    use super::metrics_scrape::{Response, exchange, sample};
     use super::*;
-    use crate::stats::AcceptErrorKind;
     use crate::stats::Outcome;
-    use std::collections::HashSet;
-    use std::net::Shutdown;
-    use std::sync::atomic::AtomicBool;
-    use std::sync::{Arc, Mutex};
+    use std::io::Read;
+    use std::net::IpAddr;
 
     /// Every test client's reads and writes give up after this.
     const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -535,97 +473,70 @@ mod tests {
         );
     }
 
-    /// A running endpoint and how to stop it.
-    struct Endpoint {
-        addr: SocketAddr,
-        stopping: Arc<AtomicBool>,
-        thread: Option<JoinHandle<()>>,
+    /// An endpoint on loopback that answers `x 1`.
+    fn endpoint() -> (Endpoint, SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind on loopback");
+        let addr = listener.local_addr().expect("local address");
+        let endpoint = Endpoint::start(listener, || Ok("x 1\n".to_string())).expect("started");
+        (endpoint, addr)
     }
 
-    impl Endpoint {
-        fn start(body: &'static str) -> Self {
-            let listener = TcpListener::bind("127.0.0.1:0").expect("bind on loopback");
-            let addr = listener.local_addr().expect("local address");
-            let stopping = Arc::new(AtomicBool::new(false));
-            let flag = Arc::clone(&stopping);
-            let thread = serve_metrics(
-                listener,
-                move || Ok(body.to_string()),
-                move || flag.load(Ordering::Relaxed),
-            )
-            .expect("metrics thread");
-            Endpoint {
-                addr,
-                stopping,
-                thread: Some(thread),
-            }
-        }
-
-        fn client(&self) -> TcpStream {
-            let stream = TcpStream::connect(self.addr).expect("connect");
-            stream
-                .set_read_timeout(Some(CLIENT_TIMEOUT))
-                .expect("timeout");
-            stream
-                .set_write_timeout(Some(CLIENT_TIMEOUT))
-                .expect("timeout");
-            stream
-        }
-
-        /// Sends `request` and reads the whole response.
-        fn exchange(&self, request: &[u8]) -> String {
-            let mut stream = self.client();
-            stream.write_all(request).expect("send request");
-            let mut response = Vec::new();
-            stream.read_to_end(&mut response).expect("read response");
-            String::from_utf8(response).expect("a UTF-8 response")
-        }
+    /// A client of `addr` from `source`, with timeouts.
+    fn client_from(source: [u8; 4], addr: SocketAddr) -> TcpStream {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        let source = SocketAddr::new(IpAddr::from(source), 0);
+        socket.bind(&source.into()).expect("bind the source");
+        socket
+            .connect_timeout(&addr.into(), CLIENT_TIMEOUT)
+            .expect("connect");
+        let stream = TcpStream::from(socket);
+        stream
+            .set_read_timeout(Some(CLIENT_TIMEOUT))
+            .expect("timeout");
+        stream
+            .set_write_timeout(Some(CLIENT_TIMEOUT))
+            .expect("timeout");
+        stream
     }
 
-    impl Drop for Endpoint {
-        fn drop(&mut self) {
-            self.stopping.store(true, Ordering::Relaxed);
-            if let Some(thread) = self.thread.take() {
-                let _ = thread.join();
-            }
-        }
+    /// How long until the endpoint closes `stream`, and what it sent first.
+    fn closed_after(mut stream: TcpStream, started: Instant) -> (Duration, Vec<u8>) {
+        let mut sent = Vec::new();
+        // A reset is a close too.
+        let _ = stream.read_to_end(&mut sent);
+        (started.elapsed(), sent)
     }
 
-    /// The status line, the header lines, and the body of a response.
-    fn split_response(response: &str) -> (&str, HashSet<&str>, &str) {
-        let (head, body) = response.split_once("\r\n\r\n").expect("a blank line");
-        let mut lines = head.split("\r\n");
-        let status = lines.next().expect("a status line");
-        (status, lines.collect(), body)
+    fn get(addr: SocketAddr, request: &str) -> Response {
+        exchange(addr, request.as_bytes(), CLIENT_TIMEOUT).expect("a response")
     }
 
     #[test]
     fn a_scrape_gets_the_text_with_the_format_headers() {
-        let endpoint = Endpoint::start("x 1\n");
+        let (_endpoint, addr) = endpoint();
         for request in [
             "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n",
             "GET /metrics HTTP/1.0\r\n\r\n",
             "GET /metrics?target=a HTTP/1.1\r\n\r\n",
             "GET /metrics HTTP/1.0\n\n",
         ] {
-            let response = endpoint.exchange(request.as_bytes());
-            let (status, headers, body) = split_response(&response);
-            assert_eq!(status, "HTTP/1.1 200 OK", "{request:?}");
-            assert!(headers.contains(format!("Content-Type: {CONTENT_TYPE}").as_str()));
-            assert!(headers.contains("Content-Length: 4"), "{headers:?}");
-            assert!(headers.contains("Connection: close"));
-            assert_eq!(body, "x 1\n");
+            let response = get(addr, request);
+            assert_eq!(response.status, "HTTP/1.1 200 OK", "{request:?}");
+            assert_eq!(response.header("content-type"), Some(CONTENT_TYPE));
+            assert_eq!(response.header("content-length"), Some("4"));
+            assert_eq!(response.header("connection"), Some("close"));
+            assert_eq!(response.body, "x 1\n");
         }
-        let response = endpoint.exchange(b"HEAD /metrics HTTP/1.1\r\n\r\n");
-        let (status, headers, body) = split_response(&response);
-        assert_eq!(status, "HTTP/1.1 200 OK");
-        assert!(headers.contains("Content-Length: 4"));
-        assert_eq!(body, "");
+        let response = get(addr, "HEAD /metrics HTTP/1.1\r\n\r\n");
+        assert_eq!(response.status, "HTTP/1.1 200 OK");
+        assert_eq!(response.header("content-length"), Some("4"));
+        assert_eq!(response.body, "");
     }
 
     #[test]
     fn other_requests_are_refused_and_closed() {
-        let endpoint = Endpoint::start("x 1\n");
+        let (_endpoint, addr) = endpoint();
         for (request, expected) in [
             ("GET / HTTP/1.1\r\n\r\n", "HTTP/1.1 404 Not Found"),
             ("GET /metricsx HTTP/1.1\r\n\r\n", "HTTP/1.1 404 Not Found"),
@@ -638,22 +549,21 @@ mod tests {
             ("hello\n\n", "HTTP/1.1 400 Bad Request"),
             ("\u{1b}[2J\r\n\r\n", "HTTP/1.1 400 Bad Request"),
         ] {
-            let response = endpoint.exchange(request.as_bytes());
-            let (status, headers, _) = split_response(&response);
-            assert_eq!(status, expected, "{request:?}");
-            assert!(headers.contains("Connection: close"));
+            let response = get(addr, request);
+            assert_eq!(response.status, expected, "{request:?}");
+            assert_eq!(response.header("connection"), Some("close"));
             if expected.contains("405") {
-                assert!(headers.contains("Allow: GET, HEAD"));
+                assert_eq!(response.header("allow"), Some("GET, HEAD"));
             }
         }
         // Half a request, then the client closes its side.
-        let mut stream = endpoint.client();
+        let mut stream = client_from([127, 0, 0, 1], addr);
         stream
             .write_all(b"GET /metrics HTTP/1.1\r\n")
             .expect("send");
         stream.shutdown(Shutdown::Write).expect("half-close");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).expect("read response");
+        let (_, response) = closed_after(stream, Instant::now());
+        let response = String::from_utf8_lossy(&response);
         assert!(
             response.starts_with("HTTP/1.1 400 Bad Request\r\n"),
             "{response}"
@@ -661,92 +571,104 @@ mod tests {
     }
 
     #[test]
-    fn silent_scrapers_hold_up_nobody_and_are_dropped_at_the_deadline() {
-        let endpoint = Endpoint::start("x 1\n");
-        let others: Vec<TcpStream> = (0..5).map(|_| endpoint.client()).collect();
+    fn a_silent_scraper_holds_up_nobody_and_is_dropped_at_the_deadline() {
+        let (_endpoint, addr) = endpoint();
         let started = Instant::now();
-        let response = endpoint.exchange(b"GET /metrics HTTP/1.1\r\n\r\n");
-        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+        let silent = client_from([127, 0, 0, 1], addr);
+        let response = get(addr, "GET /metrics HTTP/1.1\r\n\r\n");
+        assert_eq!(response.status, "HTTP/1.1 200 OK");
         assert!(
             started.elapsed() < Duration::from_secs(1),
             "{:?}",
             started.elapsed()
         );
-        drop(others);
-    }
-
-    #[test]
-    fn a_silent_scraper_is_dropped_and_the_next_is_served() {
-        let endpoint = Endpoint::start("x 1\n");
-        let started = Instant::now();
-        let mut silent = endpoint.client();
-        let second = Mutex::new(None);
-        thread::scope(|scope| {
-            scope.spawn(|| {
-                // Answered while the silent one still waits.
-                let response = endpoint.exchange(b"GET /metrics HTTP/1.1\r\n\r\n");
-                *second.lock().expect("lock") = Some((response, started.elapsed()));
-            });
-            let mut buffer = [0u8; 16];
-            // The silent client is closed with nothing sent.
-            let read = silent.read(&mut buffer);
-            assert!(matches!(read, Ok(0)) || read.is_err(), "{read:?}");
-            let dropped_after = started.elapsed();
-            assert!(
-                dropped_after >= SCRAPE_DEADLINE - Duration::from_millis(200),
-                "{dropped_after:?}"
-            );
-            assert!(
-                dropped_after < SCRAPE_DEADLINE + Duration::from_secs(1),
-                "{dropped_after:?}"
-            );
-        });
-        let (response, waited) = second.into_inner().expect("lock").expect("second scrape");
-        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+        let (dropped_after, sent) = closed_after(silent, started);
+        assert_eq!(sent, b"", "closed with nothing sent");
         assert!(
-            waited < SCRAPE_DEADLINE + Duration::from_secs(1),
-            "{waited:?}"
+            dropped_after >= SCRAPE_DEADLINE - Duration::from_millis(200),
+            "{dropped_after:?}"
+        );
+        assert!(
+            dropped_after < SCRAPE_DEADLINE + Duration::from_secs(1),
+            "{dropped_after:?}"
         );
     }
 
     #[test]
     fn a_huge_request_is_cut_short() {
-        let endpoint = Endpoint::start("x 1\n");
+        let (_endpoint, addr) = endpoint();
         let started = Instant::now();
-        let mut stream = endpoint.client();
-        // Far more than the cap, with no end of headers: the server stops
+        let mut stream = client_from([127, 0, 0, 1], addr);
+        // Far more than the cap, with no end of headers: the endpoint stops
         // reading at the cap, answers 431 and closes; the rest of the write
         // may then fail with a reset.
-        let huge = vec![b'a'; 4 * 1024 * 1024];
-        let _ = stream.write_all(&huge);
-        let mut response = Vec::new();
-        let _ = stream.read_to_end(&mut response);
-        assert!(started.elapsed() < SCRAPE_DEADLINE + Duration::from_secs(1));
-        let response = endpoint.exchange(b"GET /metrics HTTP/1.1\r\n\r\n");
-        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+        let _ = stream.write_all(&vec![b'a'; 4 * 1024 * 1024]);
+        let (took, _) = closed_after(stream, started);
+        assert!(took < SCRAPE_DEADLINE + Duration::from_secs(1), "{took:?}");
         // Just over the cap, read in full by the client: a 431.
-        let mut stream = endpoint.client();
         let mut request = b"GET /metrics HTTP/1.1\r\n".to_vec();
         request.extend(std::iter::repeat_n(b'h', MAX_REQUEST_BYTES));
+        let mut stream = client_from([127, 0, 0, 1], addr);
         stream.write_all(&request).expect("send");
-        let mut response = Vec::new();
-        let _ = stream.read_to_end(&mut response);
+        let (_, response) = closed_after(stream, Instant::now());
         let response = String::from_utf8_lossy(&response);
+        let too_large = "HTTP/1.1 431 Request Header Fields Too Large\r\n";
+        assert!(response.starts_with(too_large), "{response}");
+    }
+
+    #[test]
+    fn scrapes_beyond_a_cap_are_closed_at_once_and_others_are_served() {
+        let (_endpoint, addr) = endpoint();
+        // Accepted in order, so each holds its slot before the next is
+        // accepted.
+        let mut held: Vec<TcpStream> = (0..MAX_SCRAPES_PER_SOURCE)
+            .map(|_| client_from([127, 0, 0, 2], addr))
+            .collect();
+        let started = Instant::now();
+        let (took, sent) = closed_after(client_from([127, 0, 0, 2], addr), started);
         assert!(
-            response.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
-            "{response}"
+            took < Duration::from_secs(1) && sent.is_empty(),
+            "{took:?} {sent:?}"
+        );
+        assert_eq!(
+            get(addr, "GET /metrics HTTP/1.0\r\n\r\n").status,
+            "HTTP/1.1 200 OK"
+        );
+        // The rest of the total cap, from other sources.
+        for n in 0..MAX_SCRAPES - MAX_SCRAPES_PER_SOURCE {
+            let source = [127, 0, 0, 3 + (n / MAX_SCRAPES_PER_SOURCE) as u8];
+            held.push(client_from(source, addr));
+        }
+        let started = Instant::now();
+        let (took, sent) = closed_after(client_from([127, 0, 0, 1], addr), started);
+        assert!(
+            took < Duration::from_secs(1) && sent.is_empty(),
+            "{took:?} {sent:?}"
         );
     }
 
     #[test]
-    fn the_thread_stops_when_asked() {
-        let mut endpoint = Endpoint::start("x 1\n");
-        endpoint.stopping.store(true, Ordering::Relaxed);
+    fn the_endpoint_stops_at_once_with_a_silent_scraper_open() {
+        let (endpoint, addr) = endpoint();
+        let silent = client_from([127, 0, 0, 1], addr);
+        // Accepted after the silent one, which is being read by now.
+        assert_eq!(
+            get(addr, "GET /metrics HTTP/1.0\r\n\r\n").status,
+            "HTTP/1.1 200 OK"
+        );
         let started = Instant::now();
-        if let Some(thread) = endpoint.thread.take() {
-            thread.join().expect("metrics thread ends cleanly");
-        }
-        assert!(started.elapsed() < Duration::from_secs(1));
+        drop(endpoint);
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
+        let (_, sent) = closed_after(silent, started);
+        assert_eq!(sent, b"", "cut off with nothing sent");
+        assert!(
+            TcpStream::connect_timeout(&addr, CLIENT_TIMEOUT).is_err(),
+            "still listening"
+        );
     }
 
     #[test]

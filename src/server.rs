@@ -10,7 +10,6 @@
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -218,7 +217,7 @@ pub fn run(
     let listeners = prepare_listeners(listeners, &config, &shutdown)?;
     let shared = Arc::new(Shared::new(config, rate, listeners.len()));
     let metrics = metrics_listener
-        .map(|listener| MetricsEndpoint::start(listener, &shared))
+        .map(|listener| start_metrics(listener, &shared))
         .transpose()?;
     let addrs: Vec<SocketAddr> = listeners.iter().map(|(_, addr)| *addr).collect();
     report_to_service_manager(&notifier, &addrs, &shared);
@@ -293,9 +292,11 @@ fn accept_on_all(
     })
 }
 
-/// The `--metrics-addr` listener.
+/// The `--metrics-addr` listener, with the kernel's largest backlog, so
+/// that a client reconnecting in a loop does not fill the queue and have
+/// other scrapers' handshakes dropped.
 fn bind_metrics(addr: SocketAddr) -> Result<TcpListener, Error> {
-    TcpListener::bind(addr)
+    listen(addr, default_backlog(), false)
         .map_err(|e| Error::new(format!("cannot listen for metrics on {addr}"), e))
 }
 
@@ -314,45 +315,20 @@ fn rate_limit(config: &Config) -> Result<Option<RateLimit>, Error> {
     Ok(Some(RateLimit::new(rate, prefixes)))
 }
 
-/// The `--metrics-addr` thread, serving until the server has stopped (the
-/// drain included, so that it can be watched); dropping it stops it.
-struct MetricsEndpoint {
-    finished: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl MetricsEndpoint {
-    fn start(listener: TcpListener, shared: &Arc<Shared>) -> Result<Self, Error> {
-        let addr = listener.local_addr().ok();
-        let finished = Arc::new(AtomicBool::new(false));
-        let metrics = Metrics::new(&shared.stats, shared.serving.rate.is_some());
-        let render = {
-            let shared = Arc::clone(shared);
-            move || metrics.render(&server_state(&shared))
-        };
-        let is_finished = {
-            let finished = Arc::clone(&finished);
-            move || finished.load(Ordering::SeqCst)
-        };
-        let thread = metrics::serve_metrics(listener, render, is_finished)
+/// Starts the `--metrics-addr` endpoint, which serves until it is dropped
+/// once the server has stopped (the drain included, so that it can be
+/// watched).
+fn start_metrics(listener: TcpListener, shared: &Arc<Shared>) -> Result<metrics::Endpoint, Error> {
+    let addr = listener.local_addr().ok();
+    let metrics = Metrics::new(&shared.stats, shared.serving.rate.is_some());
+    let shared = Arc::clone(shared);
+    let endpoint =
+        metrics::Endpoint::start(listener, move || metrics.render(&server_state(&shared)))
             .map_err(|e| Error::new("cannot start the metrics endpoint", e))?;
-        if let Some(addr) = addr {
-            info!(event = event::METRICS, addr:% = addr; "metrics at http://{addr}/metrics");
-        }
-        Ok(MetricsEndpoint {
-            finished,
-            thread: Some(thread),
-        })
+    if let Some(addr) = addr {
+        info!(event = event::METRICS, addr:% = addr; "metrics at http://{addr}/metrics");
     }
-}
-
-impl Drop for MetricsEndpoint {
-    fn drop(&mut self) {
-        self.finished.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
+    Ok(endpoint)
 }
 
 /// What the metrics' gauges show, read as a scrape is answered.

@@ -1,17 +1,22 @@
 //! `--metrics-addr`: the real binary's Prometheus endpoint. A scrape passes
 //! `promtool check metrics` (the format check: nothing on the test side
 //! parses more than a sample's value), its counters move as clients are
-//! served, and anything but `GET /metrics` gets a 404.
+//! served, anything but `GET /metrics` gets a 404, and one client holding
+//! many sockets open starves no other scraper.
 
 mod common;
 mod metrics_scrape;
 
-use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
+use std::sync::Barrier;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Duration;
 
 use common::*;
-use metrics_scrape::{sample, scrape};
+use metrics_scrape::{exchange, sample, scrape};
 
 /// The binary with a metrics endpoint on a free loopback port, and that
 /// endpoint's address (from its `metrics` log event).
@@ -199,4 +204,86 @@ fn a_taken_metrics_address_is_a_one_line_start_up_error() {
             "error: cannot listen for metrics on {addr}: address already in use"
         )]
     );
+}
+
+/// 200 sockets from 127.0.0.2, each held open and opened again as soon as
+/// the endpoint closes it, while 127.0.0.1 scrapes 40 times in a row: every
+/// one of the 40 is answered.
+#[test]
+fn a_client_holding_many_sockets_starves_no_other_scraper() {
+    const HELD: usize = 200;
+    const SCRAPES: usize = 40;
+    let (_server, endpoint) = start_with_metrics(&[]);
+    let attacker: IpAddr = "127.0.0.2".parse().unwrap();
+    let stop = AtomicBool::new(false);
+    let all_connected = Barrier::new(HELD + 1);
+    let answered = thread::scope(|scope| {
+        for _ in 0..HELD {
+            thread::Builder::new()
+                .stack_size(64 * 1024)
+                .spawn_scoped(scope, || {
+                    hold_open(attacker, endpoint, &stop, &all_connected)
+                })
+                .expect("attacker thread");
+        }
+        all_connected.wait();
+        let request = format!("GET /metrics HTTP/1.1\r\nHost: {endpoint}\r\n\r\n");
+        let outcomes: Vec<String> = (0..SCRAPES)
+            .map(
+                |_| match exchange(endpoint, request.as_bytes(), Duration::from_secs(10)) {
+                    Ok(response) => response.status,
+                    Err(e) => e.to_string(),
+                },
+            )
+            .collect();
+        stop.store(true, Ordering::Relaxed);
+        outcomes
+    });
+    let failed: Vec<&String> = answered
+        .iter()
+        .filter(|s| *s != "HTTP/1.1 200 OK")
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {SCRAPES} scrapes failed while {attacker} held {HELD} sockets: {failed:?}",
+        failed.len()
+    );
+}
+
+/// One of the attacker's sockets: connected from `source`, held until the
+/// endpoint closes it, then connected again, until `stop`. Waits at
+/// `connected` once, after its first connect.
+fn hold_open(source: IpAddr, endpoint: SocketAddr, stop: &AtomicBool, connected: &Barrier) {
+    let mut first = true;
+    while !stop.load(Ordering::Relaxed) {
+        let stream = connect_quietly(source, endpoint);
+        if std::mem::take(&mut first) {
+            connected.wait();
+        }
+        let Ok(mut stream) = stream else { continue };
+        let mut buffer = [0u8; 256];
+        while !stop.load(Ordering::Relaxed) {
+            match stream.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// A socket from `source` to `endpoint` that reads with a short timeout, so
+/// that its holder sees `stop` soon; an error instead of a panic.
+fn connect_quietly(source: IpAddr, endpoint: SocketAddr) -> io::Result<TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    socket.connect_timeout(&endpoint.into(), Duration::from_secs(5))?;
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(Duration::from_millis(100)))?;
+    Ok(stream)
 }
