@@ -1,8 +1,9 @@
 //! `--metrics-addr`: the real binary's Prometheus endpoint. A scrape passes
 //! `promtool check metrics` (the format check: nothing on the test side
 //! parses more than a sample's value), its counters move as clients are
-//! served, anything but `GET /metrics` gets a 404, and one client holding
-//! many sockets open starves no other scraper.
+//! served, requests other than `GET` or `HEAD /metrics` are refused as
+//! HTTP says, and one client holding many sockets open starves no other
+//! scraper.
 
 mod common;
 mod metrics_scrape;
@@ -13,10 +14,10 @@ use std::process::{Command, Stdio};
 use std::sync::Barrier;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
-use metrics_scrape::{exchange, sample, scrape};
+use metrics_scrape::{Response, exchange, sample, scrape};
 
 /// The binary with a metrics endpoint on a free loopback port, and that
 /// endpoint's address (from its `metrics` log event).
@@ -172,13 +173,111 @@ fn promtool_check(text: &str) -> Result<(), String> {
     }
 }
 
+/// Sends `request` to the endpoint and reads the response to the close.
+fn send(endpoint: SocketAddr, request: &[u8]) -> Response {
+    exchange(endpoint, request, TIMEOUT).unwrap_or_else(|e| panic!("{request:?}: {e}"))
+}
+
 #[test]
-fn other_paths_get_a_404_and_the_endpoint_keeps_serving() {
+fn get_and_head_of_metrics_are_answered_and_the_rest_refused() {
     let (_server, endpoint) = start_with_metrics(&[]);
-    assert_eq!(scrape(endpoint, "/").status, "HTTP/1.1 404 Not Found");
-    let status = scrape(endpoint, "/metrics?debug=1").status;
-    assert_eq!(status, "HTTP/1.1 200 OK", "a query string is ignored");
+    for request in [
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n",
+        "GET /metrics HTTP/1.0\r\n\r\n",
+        "GET /metrics?target=a HTTP/1.1\r\n\r\n",
+        "GET /metrics HTTP/1.0\n\n",
+    ] {
+        let response = send(endpoint, request.as_bytes());
+        assert_eq!(response.status, "HTTP/1.1 200 OK", "{request:?}");
+        let length = response.body.len().to_string();
+        assert_eq!(response.header("content-length"), Some(length.as_str()));
+        assert_eq!(response.header("connection"), Some("close"));
+        assert!(
+            response
+                .body
+                .contains("# TYPE prompt_server_threads gauge\n")
+        );
+    }
+    let head = send(endpoint, b"HEAD /metrics HTTP/1.1\r\n\r\n");
+    assert_eq!(head.status, "HTTP/1.1 200 OK");
+    assert!(head.header("content-length").is_some_and(|n| n != "0"));
+    assert_eq!(head.body, "");
+    for (request, expected) in [
+        ("GET / HTTP/1.1\r\n\r\n", "HTTP/1.1 404 Not Found"),
+        ("GET /metricsx HTTP/1.1\r\n\r\n", "HTTP/1.1 404 Not Found"),
+        (
+            "POST /metrics HTTP/1.1\r\n\r\n",
+            "HTTP/1.1 405 Method Not Allowed",
+        ),
+        ("GET /metrics HTTP/2.0\r\n\r\n", "HTTP/1.1 400 Bad Request"),
+        ("GET /metrics\r\n\r\n", "HTTP/1.1 400 Bad Request"),
+        ("hello\n\n", "HTTP/1.1 400 Bad Request"),
+        ("\u{1b}[2J\r\n\r\n", "HTTP/1.1 400 Bad Request"),
+    ] {
+        let response = send(endpoint, request.as_bytes());
+        assert_eq!(response.status, expected, "{request:?}");
+        assert_eq!(response.header("connection"), Some("close"));
+        if expected.contains("405") {
+            assert_eq!(response.header("allow"), Some("GET, HEAD"));
+        }
+    }
+    // Just over the cap without an end of headers, read in full: a 431.
+    let mut request = b"GET /metrics HTTP/1.1\r\n".to_vec();
+    request.extend(std::iter::repeat_n(b'h', 8 * 1024));
+    let too_large = send(endpoint, &request).status;
+    assert_eq!(too_large, "HTTP/1.1 431 Request Header Fields Too Large");
+    // Half a request, then the client closes its side.
+    let mut client = connect(endpoint);
+    client.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    let response = String::from_utf8(read_until_closed(&mut client)).unwrap();
+    assert!(
+        response.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{response}"
+    );
+}
+
+#[test]
+fn a_huge_request_is_cut_short_and_the_endpoint_keeps_serving() {
+    let (_server, endpoint) = start_with_metrics(&[]);
+    let started = Instant::now();
+    let mut client = connect(endpoint);
+    // Far more than the cap, with no end of headers: the endpoint stops
+    // reading at the cap, answers 431 and closes; the rest of the write may
+    // then fail with a reset.
+    let _ = client.write_all(&vec![b'a'; 4 * 1024 * 1024]);
+    let _ = client.read_to_end(&mut Vec::new());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
     metrics_of(endpoint);
+}
+
+#[test]
+fn a_silent_scraper_holds_up_nobody_and_is_closed_at_its_deadline() {
+    let (_server, endpoint) = start_with_metrics(&[]);
+    let started = Instant::now();
+    let mut silent = connect(endpoint);
+    metrics_of(endpoint);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        read_until_closed(&mut silent),
+        b"",
+        "closed with nothing sent"
+    );
+    // The endpoint gives each scrape 2 s for the whole exchange.
+    let closed_after = started.elapsed();
+    assert!(
+        closed_after >= Duration::from_millis(1800),
+        "{closed_after:?}"
+    );
+    assert!(closed_after < Duration::from_secs(3), "{closed_after:?}");
 }
 
 #[test]
