@@ -11,9 +11,8 @@ use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::num::NonZeroUsize;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
@@ -28,11 +27,11 @@ use crate::limits::{ConnectionLimit, ConnectionSlot, LiveCount, PerIpLimit};
 use crate::logging::{
     self, ACCEPT_ERROR_LINES, BUSY_LINES, LISTENING_TARGET, LogEvery, event, log_every,
 };
-use crate::metrics::{self, AcceptErrorKind, MetricsSnapshot};
+use crate::metrics::{self, Metrics, ServerState};
 use crate::notify::{Heartbeat, Notifier};
 use crate::rate_limit::{PrefixLengths, RateBuckets, RateLimited};
 use crate::shutdown::{OpenConnection, OpenConnections, Shutdown};
-use crate::stats::{Outcome, Stats, Summary};
+use crate::stats::{AcceptErrorKind, Outcome, Stats, Summary};
 use crate::thread_cache::{PARKED_THREAD_IDLE_TIMEOUT, ThreadCache};
 
 /// First pause after an `accept` failure about the process; it doubles with
@@ -224,7 +223,7 @@ pub fn run(
     let listeners = prepare_listeners(listeners, &config, &shutdown)?;
     let shared = Arc::new(Shared::new(config, rate, listeners.len()));
     let metrics = metrics_listener
-        .map(|listener| MetricsEndpoint::start(listener, &shared))
+        .map(|listener| start_metrics(listener, &shared))
         .transpose()?;
     let addrs: Vec<SocketAddr> = listeners.iter().map(|(_, addr)| *addr).collect();
     report_to_service_manager(&notifier, &addrs, &shared);
@@ -303,76 +302,43 @@ fn accept_on_all(
     })
 }
 
-/// The `--metrics-addr` listener.
+/// The `--metrics-addr` listener, with the kernel's largest backlog, so
+/// that a client reconnecting in a loop does not fill the queue and have
+/// other scrapers' handshakes dropped.
 fn bind_metrics(addr: SocketAddr) -> Result<TcpListener, Error> {
-    TcpListener::bind(addr)
+    listen(addr, default_backlog(), false)
         .map_err(|e| Error::new(format!("cannot listen for metrics on {addr}"), e))
 }
 
-/// The `--metrics-addr` thread, serving until the server has stopped (the
-/// drain included, so that it can be watched); dropping it stops it.
-struct MetricsEndpoint {
-    finished: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl MetricsEndpoint {
-    fn start(listener: TcpListener, shared: &Arc<Shared>) -> Result<Self, Error> {
-        let addr = listener.local_addr().ok();
-        let finished = Arc::new(AtomicBool::new(false));
-        let started = metrics::process_start_time().unwrap_or_else(SystemTime::now);
-        let render = {
-            let shared = Arc::clone(shared);
-            move || render_metrics(&shared, started)
-        };
-        let is_finished = {
-            let finished = Arc::clone(&finished);
-            move || finished.load(Ordering::SeqCst)
-        };
-        let thread = metrics::serve_metrics(listener, render, is_finished)
+/// Starts the `--metrics-addr` endpoint, which serves until it is dropped
+/// once the server has stopped (the drain included, so that it can be
+/// watched).
+fn start_metrics(listener: TcpListener, shared: &Arc<Shared>) -> Result<metrics::Endpoint, Error> {
+    let addr = listener.local_addr().ok();
+    let metrics = Metrics::new(&shared.stats, shared.serving.rate.is_some());
+    let shared = Arc::clone(shared);
+    let endpoint =
+        metrics::Endpoint::start(listener, move || metrics.render(&server_state(&shared)))
             .map_err(|e| Error::new("cannot start the metrics endpoint", e))?;
-        if let Some(addr) = addr {
-            info!(event = event::METRICS, addr:% = addr; "metrics at http://{addr}/metrics");
-        }
-        Ok(MetricsEndpoint {
-            finished,
-            thread: Some(thread),
-        })
+    if let Some(addr) = addr {
+        info!(event = event::METRICS, addr:% = addr; "metrics at http://{addr}/metrics");
     }
+    Ok(endpoint)
 }
 
-impl Drop for MetricsEndpoint {
-    fn drop(&mut self) {
-        self.finished.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// The metrics text of a scrape: the counters, and the gauges read now.
-fn render_metrics(shared: &Shared, started: SystemTime) -> String {
-    let stats = &shared.stats;
+/// What the metrics' gauges show, read as a scrape is answered.
+fn server_state(shared: &Shared) -> ServerState {
     let alive = shared.threads.get() as u64;
     let parked = shared.thread_cache.parked() as u64;
-    MetricsSnapshot {
-        connections_accepted: stats.accepted(),
-        outcomes: &stats.outcomes(),
-        reply_bytes: stats.reply_bytes(),
-        accept_errors: stats.accept_errors(),
-        log_lines_dropped: logging::lines_dropped(),
-        log_write_errors: &logging::write_errors(),
+    ServerState {
         connections_open: shared.limit.active() as u64,
         threads_serving: alive.saturating_sub(parked),
         threads_parked: parked,
         max_connections: shared.serving.config.max_connections.get() as u64,
-        open_fds: metrics::count_open_fds(),
         rate_limit_networks: shared.serving.rate.as_ref().map(|rate| rate.len() as u64),
-        start_time: started,
-        session_duration: &stats.session_duration,
-        reply_size: &stats.reply_size,
+        log_lines_dropped: logging::lines_dropped(),
+        log_write_errors: logging::write_errors(),
     }
-    .render()
 }
 
 /// Tells the service manager (if there is one) that the server is ready,

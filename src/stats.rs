@@ -1,17 +1,24 @@
 //! Counters of what happened to connections: for the summary line at
-//! shutdown, and for the metrics endpoint while the server runs. Plain
-//! relaxed atomics and lock-free histograms: each is a count on its own,
-//! and a scrape or the summary may see one a moment behind another.
+//! shutdown, and for the metrics endpoint while the server runs. They are
+//! `prometheus-client`'s counters and histograms, so the summary and a
+//! scrape read the very same numbers; each is a count on its own, and a
+//! scrape or the summary may see one a moment behind another.
+//!
+//! Adding a counter: a field, its line in `Default` and in
+//! [`Stats::register`], and a `record_*` method; a labelled one is a
+//! `Family` of a label struct such as [`KindLabel`].
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io;
 use std::time::Duration;
 
-use crate::metrics::{
-    AcceptErrorCounts, AcceptErrorKind, Histogram, REPLY_SIZE_BUCKETS, SESSION_DURATION_BUCKETS,
-};
-use crate::record::{Record, ReplyEnd};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
+use crate::record::{Record, ReplyEnd};
 /// How a connection ended: one count each in the summary, and the
 /// metrics' `outcome` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,64 +91,128 @@ impl Outcome {
     }
 }
 
+/// Bucket bounds for `prompt_server_session_duration_seconds`: 1 ms to the
+/// default reply deadline (60 s) and beyond.
+const SESSION_DURATION_BUCKETS: [f64; 17] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0,
+];
+/// Bucket bounds for `prompt_server_reply_size_bytes`: powers of four around
+/// the default 1024-byte reply cap.
+const REPLY_SIZE_BUCKETS: [f64; 9] = [
+    16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0,
+];
+
+/// The `outcome` label of `prompt_server_connections_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+/// A `kind` label, as of `prompt_server_accept_errors_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(crate) struct KindLabel {
+    pub(crate) kind: &'static str,
+}
+
 /// Running totals, shared by the accept loops and every connection thread.
 #[derive(Debug)]
 pub(crate) struct Stats {
     /// Connections `accept` returned (the stop's own wake-up aside).
-    accepted: AtomicU64,
-    /// Connections given a thread.
-    connections: AtomicU64,
-    /// How connections ended, indexed by [`Outcome`].
-    outcomes: [AtomicU64; Outcome::ALL.len()],
-    reply_bytes: AtomicU64,
-    /// `accept` failures, indexed by [`AcceptErrorKind`].
-    accept_errors: [AtomicU64; 4],
+    accepted: Counter,
+    /// Connections given a thread: the summary's count, not a metric (the
+    /// metrics have `accepted` and the outcomes).
+    connections: Counter,
+    /// How connections ended, every [`Outcome`] present from the start.
+    outcomes: Family<OutcomeLabel, Counter>,
+    reply_bytes: Counter,
+    /// `accept` failures, every [`AcceptErrorKind`] present from the start.
+    accept_errors: Family<KindLabel, Counter>,
     /// Accept to log line, per served connection.
-    pub(crate) session_duration: Histogram,
+    session_duration: Histogram,
     /// Bytes of each logged reply.
-    pub(crate) reply_size: Histogram,
+    reply_size: Histogram,
 }
 
 impl Default for Stats {
     fn default() -> Self {
-        Stats {
-            accepted: AtomicU64::new(0),
-            connections: AtomicU64::new(0),
-            outcomes: Default::default(),
-            reply_bytes: AtomicU64::new(0),
-            accept_errors: Default::default(),
+        let stats = Stats {
+            accepted: Counter::default(),
+            connections: Counter::default(),
+            outcomes: Family::default(),
+            reply_bytes: Counter::default(),
+            accept_errors: Family::default(),
             session_duration: Histogram::new(SESSION_DURATION_BUCKETS),
             reply_size: Histogram::new(REPLY_SIZE_BUCKETS),
+        };
+        // Every label value is exposed at 0 until it happens, so that
+        // `rate()` and alerts see a series from the start.
+        for outcome in Outcome::ALL {
+            stats.outcome(outcome);
         }
+        for kind in AcceptErrorKind::ALL {
+            stats.accept_error(kind);
+        }
+        stats
     }
 }
 
-fn get(counter: &AtomicU64) -> u64 {
-    counter.load(Ordering::Relaxed)
-}
-
-fn add(counter: &AtomicU64, n: u64) {
-    counter.fetch_add(n, Ordering::Relaxed);
-}
-
 impl Stats {
+    /// Registers every counter and histogram that is a metric, under the
+    /// names the registry gets its prefix (`prompt_server`) and `_total`
+    /// added to.
+    pub(crate) fn register(&self, r: &mut Registry) {
+        r.register(
+            "connections_accepted",
+            "Connections accepted",
+            self.accepted.clone(),
+        );
+        let help = "Connections ended, by outcome";
+        r.register("connections", help, self.outcomes.clone());
+        r.register(
+            "reply_bytes",
+            "Reply bytes logged",
+            self.reply_bytes.clone(),
+        );
+        let help = "Failed accept calls, by kind";
+        r.register("accept_errors", help, self.accept_errors.clone());
+        let help = "Time from accept to the log line, per connection";
+        r.register(
+            "session_duration_seconds",
+            help,
+            self.session_duration.clone(),
+        );
+        let help = "Size of each logged reply";
+        r.register("reply_size_bytes", help, self.reply_size.clone());
+    }
+
+    fn outcome(&self, outcome: Outcome) -> Counter {
+        let outcome = outcome.label();
+        self.outcomes.get_or_create_owned(&OutcomeLabel { outcome })
+    }
+
+    fn accept_error(&self, kind: AcceptErrorKind) -> Counter {
+        let kind = kind.label();
+        self.accept_errors.get_or_create_owned(&KindLabel { kind })
+    }
+
     /// Counts a connection `accept` returned.
     pub(crate) fn record_accepted(&self) {
-        add(&self.accepted, 1);
+        self.accepted.inc();
     }
 
     /// Counts a connection that got a thread of its own.
     pub(crate) fn record_connection(&self) {
-        add(&self.connections, 1);
+        self.connections.inc();
     }
 
     /// Counts how a connection ended (served, or turned away).
     pub(crate) fn record(&self, outcome: Outcome) {
-        add(&self.outcomes[outcome as usize], 1);
+        self.outcome(outcome).inc();
     }
 
     fn count(&self, outcome: Outcome) -> u64 {
-        get(&self.outcomes[outcome as usize])
+        self.outcome(outcome).get()
     }
 
     /// Counts a served connection: how it ended, the size of its logged
@@ -154,7 +225,7 @@ impl Stats {
     ) {
         self.record(outcome);
         if let Some(bytes) = reply_bytes {
-            add(&self.reply_bytes, bytes as u64);
+            self.reply_bytes.inc_by(bytes as u64);
             self.reply_size.observe(bytes as f64);
         }
         self.session_duration.observe(duration.as_secs_f64());
@@ -162,37 +233,13 @@ impl Stats {
 
     /// Counts a failed `accept`.
     pub(crate) fn record_accept_error(&self, kind: AcceptErrorKind) {
-        add(&self.accept_errors[kind as usize], 1);
-    }
-
-    pub(crate) fn accepted(&self) -> u64 {
-        get(&self.accepted)
-    }
-
-    pub(crate) fn reply_bytes(&self) -> u64 {
-        get(&self.reply_bytes)
-    }
-
-    /// How connections ended so far, by metrics label.
-    pub(crate) fn outcomes(&self) -> [(&'static str, u64); Outcome::ALL.len()] {
-        Outcome::ALL.map(|outcome| (outcome.label(), self.count(outcome)))
-    }
-
-    /// `accept` failures so far, by kind.
-    pub(crate) fn accept_errors(&self) -> AcceptErrorCounts {
-        let kind = |kind: AcceptErrorKind| get(&self.accept_errors[kind as usize]);
-        AcceptErrorCounts {
-            connection: kind(AcceptErrorKind::Connection),
-            descriptors: kind(AcceptErrorKind::Descriptors),
-            memory: kind(AcceptErrorKind::Memory),
-            other: kind(AcceptErrorKind::Other),
-        }
+        self.accept_error(kind).inc();
     }
 
     /// The totals now, with `still_connected` clients not yet done.
     pub(crate) fn summary(&self, still_connected: usize) -> Summary {
         Summary {
-            connections: get(&self.connections),
+            connections: self.connections.get(),
             replies: self.count(Outcome::Replied),
             truncated: self.count(Outcome::Truncated),
             timed_out: self.count(Outcome::TimedOut),
@@ -205,6 +252,59 @@ impl Stats {
             not_recorded: self.count(Outcome::NotRecorded),
             still_connected,
             unwritten_log_lines: 0,
+        }
+    }
+}
+
+/// What an `accept` failure was about, the `kind` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AcceptErrorKind {
+    /// About the one connection being accepted; skipped.
+    Connection,
+    /// Out of file descriptors (EMFILE, ENFILE).
+    Descriptors,
+    /// Out of kernel memory (ENOBUFS, ENOMEM).
+    Memory,
+    Other,
+}
+
+impl AcceptErrorKind {
+    const ALL: [AcceptErrorKind; 4] = [
+        AcceptErrorKind::Connection,
+        AcceptErrorKind::Descriptors,
+        AcceptErrorKind::Memory,
+        AcceptErrorKind::Other,
+    ];
+
+    /// The kind of an error `accept` returned (accept(2)'s list).
+    pub(crate) fn of(error: &io::Error) -> Self {
+        match error.raw_os_error() {
+            Some(libc::EMFILE | libc::ENFILE) => AcceptErrorKind::Descriptors,
+            Some(libc::ENOBUFS | libc::ENOMEM) => AcceptErrorKind::Memory,
+            Some(
+                libc::ECONNABORTED
+                | libc::EINTR
+                | libc::EPERM
+                | libc::EPROTO
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH,
+            ) => AcceptErrorKind::Connection,
+            _ => AcceptErrorKind::Other,
+        }
+    }
+
+    /// Its value of the `kind` label.
+    fn label(self) -> &'static str {
+        match self {
+            AcceptErrorKind::Connection => "connection",
+            AcceptErrorKind::Descriptors => "descriptors",
+            AcceptErrorKind::Memory => "memory",
+            AcceptErrorKind::Other => "other",
         }
     }
 }
@@ -299,5 +399,15 @@ mod tests {
                 .to_string()
                 .starts_with("2 connections, 0 replies, ")
         );
+    }
+
+    #[test]
+    fn accept_errors_are_classified() {
+        let kind = |errno| AcceptErrorKind::of(&io::Error::from_raw_os_error(errno));
+        assert_eq!(kind(libc::EMFILE), AcceptErrorKind::Descriptors);
+        assert_eq!(kind(libc::ENFILE), AcceptErrorKind::Descriptors);
+        assert_eq!(kind(libc::ENOBUFS), AcceptErrorKind::Memory);
+        assert_eq!(kind(libc::ECONNABORTED), AcceptErrorKind::Connection);
+        assert_eq!(kind(libc::EINVAL), AcceptErrorKind::Other);
     }
 }

@@ -88,6 +88,11 @@ impl Deadline {
         Self::from(Instant::now(), budget)
     }
 
+    /// A deadline at `at`.
+    pub(crate) fn at(at: Instant) -> Self {
+        Self::from(Instant::now(), at.saturating_duration_since(Instant::now()))
+    }
+
     /// A deadline `budget` after `start`.
     pub(crate) fn from(start: Instant, budget: Duration) -> Self {
         Deadline {

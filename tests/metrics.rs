@@ -1,15 +1,23 @@
-//! `--metrics-addr`: the real binary's Prometheus endpoint. A scrape is well
-//! formed (checked by the test-side parser and, when installed, by
-//! `promtool check metrics`), its counters move as clients are served, and
-//! anything but `GET /metrics` gets a 404.
+//! `--metrics-addr`: the real binary's Prometheus endpoint. A scrape passes
+//! `promtool check metrics` (the format check: nothing on the test side
+//! parses more than a sample's value), its counters move as clients are
+//! served, requests other than `GET` or `HEAD /metrics` are refused as
+//! HTTP says, and one client holding many sockets open starves no other
+//! scraper.
 
 mod common;
-mod prometheus_format;
+mod metrics_scrape;
 
-use std::net::{SocketAddr, TcpListener};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::Barrier;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
 
 use common::*;
-use prometheus_format::{Exposition, check, promtool_check, scrape};
+use metrics_scrape::{Response, exchange, sample, scrape};
 
 /// The binary with a metrics endpoint on a free loopback port, and that
 /// endpoint's address (from its `metrics` log event).
@@ -27,19 +35,23 @@ fn start_with_metrics(args: &[&str]) -> (ServerProcess, SocketAddr) {
     (server, addr)
 }
 
-fn metrics_of(endpoint: SocketAddr) -> Exposition {
-    let (status, headers, body) = scrape(endpoint, "/metrics");
-    assert_eq!(status, "HTTP/1.1 200 OK");
-    let content_type = headers.iter().find(|(name, _)| name == "content-type");
+/// A scrape's text, after checking its status and content type.
+fn metrics_of(endpoint: SocketAddr) -> String {
+    let response = scrape(endpoint, "/metrics");
+    assert_eq!(response.status, "HTTP/1.1 200 OK");
     assert_eq!(
-        content_type.map(|(_, value)| value.as_str()),
+        response.header("content-type"),
         Some("text/plain; version=0.0.4; charset=utf-8")
     );
-    check(&body).unwrap_or_else(|e| panic!("{e}\n{body}"))
+    response.body
 }
 
-fn outcome(metrics: &Exposition, outcome: &str) -> Option<f64> {
-    metrics.value("prompt_server_connections_total", &[("outcome", outcome)])
+fn outcome(metrics: &str, outcome: &str) -> Option<f64> {
+    sample(
+        metrics,
+        "prompt_server_connections_total",
+        &[("outcome", outcome)],
+    )
 }
 
 #[test]
@@ -48,7 +60,7 @@ fn counters_move_as_clients_are_served() {
     let before = metrics_of(endpoint);
     assert_eq!(outcome(&before, "replied"), Some(0.0));
     assert_eq!(
-        before.value("prompt_server_max_connections", &[]),
+        sample(&before, "prompt_server_max_connections", &[]),
         Some(2.0)
     );
 
@@ -59,18 +71,18 @@ fn counters_move_as_clients_are_served() {
     // seen its close finds itself counted.
     let served = metrics_of(endpoint);
     assert_eq!(outcome(&served, "replied"), Some(3.0));
-    let accepted = served.value("prompt_server_connections_accepted_total", &[]);
+    let accepted = sample(&served, "prompt_server_connections_accepted_total", &[]);
     assert_eq!(accepted, Some(3.0));
     assert_eq!(
-        served.value("prompt_server_reply_bytes_total", &[]),
+        sample(&served, "prompt_server_reply_bytes_total", &[]),
         Some(10.0)
     );
-    let sessions = served.value("prompt_server_session_duration_seconds_count", &[]);
+    let sessions = sample(&served, "prompt_server_session_duration_seconds_count", &[]);
     assert_eq!(sessions, Some(3.0));
-    let replies = served.value("prompt_server_reply_size_bytes_count", &[]);
+    let replies = sample(&served, "prompt_server_reply_size_bytes_count", &[]);
     assert_eq!(replies, Some(3.0));
     assert_eq!(
-        served.value("prompt_server_connections_open", &[]),
+        sample(&served, "prompt_server_connections_open", &[]),
         Some(0.0)
     );
 
@@ -83,41 +95,189 @@ fn counters_move_as_clients_are_served() {
     assert_eq!(read_line(&mut third), BUSY);
     server.expect_logged_event("busy", |record| record["reason"] == "max_connections");
     let busy = metrics_of(endpoint);
-    assert_eq!(busy.value("prompt_server_connections_open", &[]), Some(2.0));
-    let serving = busy.value("prompt_server_threads", &[("state", "serving")]);
+    assert_eq!(
+        sample(&busy, "prompt_server_connections_open", &[]),
+        Some(2.0)
+    );
+    let serving = sample(&busy, "prompt_server_threads", &[("state", "serving")]);
     assert_eq!(serving, Some(2.0));
     assert_eq!(outcome(&busy, "busy"), Some(1.0));
-    assert!(
-        busy.value("process_open_fds", &[])
-            .is_some_and(|fds| fds > 4.0)
-    );
-    assert!(
-        busy.value("process_start_time_seconds", &[])
-            .is_some_and(|t| t > 1.7e9)
-    );
+    assert!(sample(&busy, "process_open_fds", &[]).is_some_and(|fds| fds > 4.0));
+    assert!(sample(&busy, "process_start_time_seconds", &[]).is_some_and(|t| t > 1.7e9));
 }
 
+/// Every metric of the table in `src/metrics.rs`, as a scrape names it.
+const EVERY_METRIC: &[&str] = &[
+    "prompt_server_connections_accepted_total",
+    "prompt_server_connections_total",
+    "prompt_server_reply_bytes_total",
+    "prompt_server_accept_errors_total",
+    "prompt_server_log_lines_dropped_total",
+    "prompt_server_connections_open",
+    "prompt_server_threads",
+    "prompt_server_max_connections",
+    "prompt_server_rate_limit_networks",
+    "process_open_fds",
+    "process_start_time_seconds",
+    "prompt_server_session_duration_seconds",
+    "prompt_server_reply_size_bytes",
+];
+
 #[test]
-fn promtool_accepts_a_real_scrape() {
+fn promtool_accepts_a_real_scrape_of_every_metric() {
     if !require_program("promtool", "apt-get install prometheus") {
         return;
     }
     let (server, endpoint) = start_with_metrics(&["--max-rate-per-ip", "5/s"]);
     session(server.addr, b"for promtool\n");
-    let (_, _, body) = scrape(endpoint, "/metrics");
-    if let Err(e) = promtool_check(&body) {
-        panic!("{e}\n{body}");
+    let text = metrics_of(endpoint);
+    // promtool passes an empty text: every family must be there first.
+    for name in EVERY_METRIC {
+        let declared = format!("# TYPE {name} ");
+        assert!(text.contains(&declared), "no {name} in\n{text}");
+    }
+    if let Err(e) = promtool_check(&text) {
+        panic!("{e}\n{text}");
     }
 }
 
+/// `promtool check metrics < text`: `Err` with its output if it finds any
+/// problem (it exits non-zero for lint warnings too, such as a counter
+/// without `_total` or a metric without help), or if it cannot be run.
+fn promtool_check(text: &str) -> Result<(), String> {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run promtool: {e}"))?;
+    let mut stdin = child.stdin.take().ok_or("promtool has no stdin")?;
+    // The text is small; promtool reads all of it before writing anything.
+    stdin
+        .write_all(text.as_bytes())
+        .map_err(|e| format!("cannot write to promtool: {e}"))?;
+    drop(stdin);
+    let output = child
+        .wait_with_output()
+        .map_err(|e| format!("promtool did not finish: {e}"))?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    if output.status.success() && said.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(format!("promtool check metrics: {}: {said}", output.status))
+    }
+}
+
+/// Sends `request` to the endpoint and reads the response to the close.
+fn send(endpoint: SocketAddr, request: &[u8]) -> Response {
+    exchange(endpoint, request, TIMEOUT).unwrap_or_else(|e| panic!("{request:?}: {e}"))
+}
+
 #[test]
-fn other_paths_get_a_404_and_the_endpoint_keeps_serving() {
+fn get_and_head_of_metrics_are_answered_and_the_rest_refused() {
     let (_server, endpoint) = start_with_metrics(&[]);
-    let (status, _, _) = scrape(endpoint, "/");
-    assert_eq!(status, "HTTP/1.1 404 Not Found");
-    let (status, _, _) = scrape(endpoint, "/metrics?debug=1");
-    assert_eq!(status, "HTTP/1.1 200 OK", "a query string is ignored");
+    for request in [
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n",
+        "GET /metrics HTTP/1.0\r\n\r\n",
+        "GET /metrics?target=a HTTP/1.1\r\n\r\n",
+        "GET /metrics HTTP/1.0\n\n",
+    ] {
+        let response = send(endpoint, request.as_bytes());
+        assert_eq!(response.status, "HTTP/1.1 200 OK", "{request:?}");
+        let length = response.body.len().to_string();
+        assert_eq!(response.header("content-length"), Some(length.as_str()));
+        assert_eq!(response.header("connection"), Some("close"));
+        assert!(
+            response
+                .body
+                .contains("# TYPE prompt_server_threads gauge\n")
+        );
+    }
+    let head = send(endpoint, b"HEAD /metrics HTTP/1.1\r\n\r\n");
+    assert_eq!(head.status, "HTTP/1.1 200 OK");
+    assert!(head.header("content-length").is_some_and(|n| n != "0"));
+    assert_eq!(head.body, "");
+    for (request, expected) in [
+        ("GET / HTTP/1.1\r\n\r\n", "HTTP/1.1 404 Not Found"),
+        ("GET /metricsx HTTP/1.1\r\n\r\n", "HTTP/1.1 404 Not Found"),
+        (
+            "POST /metrics HTTP/1.1\r\n\r\n",
+            "HTTP/1.1 405 Method Not Allowed",
+        ),
+        ("GET /metrics HTTP/2.0\r\n\r\n", "HTTP/1.1 400 Bad Request"),
+        ("GET /metrics\r\n\r\n", "HTTP/1.1 400 Bad Request"),
+        ("hello\n\n", "HTTP/1.1 400 Bad Request"),
+        ("\u{1b}[2J\r\n\r\n", "HTTP/1.1 400 Bad Request"),
+    ] {
+        let response = send(endpoint, request.as_bytes());
+        assert_eq!(response.status, expected, "{request:?}");
+        assert_eq!(response.header("connection"), Some("close"));
+        if expected.contains("405") {
+            assert_eq!(response.header("allow"), Some("GET, HEAD"));
+        }
+    }
+    // Just over the cap without an end of headers, read in full: a 431.
+    let mut request = b"GET /metrics HTTP/1.1\r\n".to_vec();
+    request.extend(std::iter::repeat_n(b'h', 8 * 1024));
+    let too_large = send(endpoint, &request).status;
+    assert_eq!(too_large, "HTTP/1.1 431 Request Header Fields Too Large");
+    // Half a request, then the client closes its side.
+    let mut client = connect(endpoint);
+    client.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    let response = String::from_utf8(read_until_closed(&mut client)).unwrap();
+    assert!(
+        response.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{response}"
+    );
+}
+
+#[test]
+fn a_huge_request_is_cut_short_and_the_endpoint_keeps_serving() {
+    let (_server, endpoint) = start_with_metrics(&[]);
+    let started = Instant::now();
+    let mut client = connect(endpoint);
+    // Far more than the cap, with no end of headers: the endpoint stops
+    // reading at the cap, answers 431 and closes; the rest of the write may
+    // then fail with a reset.
+    let _ = client.write_all(&vec![b'a'; 4 * 1024 * 1024]);
+    let _ = client.read_to_end(&mut Vec::new());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
     metrics_of(endpoint);
+}
+
+#[test]
+fn a_silent_scraper_holds_up_nobody_and_is_closed_at_its_deadline() {
+    let (_server, endpoint) = start_with_metrics(&[]);
+    let started = Instant::now();
+    let mut silent = connect(endpoint);
+    metrics_of(endpoint);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        read_until_closed(&mut silent),
+        b"",
+        "closed with nothing sent"
+    );
+    // The endpoint gives each scrape 2 s for the whole exchange.
+    let closed_after = started.elapsed();
+    assert!(
+        closed_after >= Duration::from_millis(1800),
+        "{closed_after:?}"
+    );
+    assert!(closed_after < Duration::from_secs(3), "{closed_after:?}");
 }
 
 #[test]
@@ -147,4 +307,86 @@ fn a_taken_metrics_address_is_a_one_line_start_up_error() {
         )),
         "{stderr}"
     );
+}
+
+/// 200 sockets from 127.0.0.2, each held open and opened again as soon as
+/// the endpoint closes it, while 127.0.0.1 scrapes 40 times in a row: every
+/// one of the 40 is answered.
+#[test]
+fn a_client_holding_many_sockets_starves_no_other_scraper() {
+    const HELD: usize = 200;
+    const SCRAPES: usize = 40;
+    let (_server, endpoint) = start_with_metrics(&[]);
+    let attacker: IpAddr = "127.0.0.2".parse().unwrap();
+    let stop = AtomicBool::new(false);
+    let all_connected = Barrier::new(HELD + 1);
+    let answered = thread::scope(|scope| {
+        for _ in 0..HELD {
+            thread::Builder::new()
+                .stack_size(64 * 1024)
+                .spawn_scoped(scope, || {
+                    hold_open(attacker, endpoint, &stop, &all_connected)
+                })
+                .expect("attacker thread");
+        }
+        all_connected.wait();
+        let request = format!("GET /metrics HTTP/1.1\r\nHost: {endpoint}\r\n\r\n");
+        let outcomes: Vec<String> = (0..SCRAPES)
+            .map(
+                |_| match exchange(endpoint, request.as_bytes(), Duration::from_secs(10)) {
+                    Ok(response) => response.status,
+                    Err(e) => e.to_string(),
+                },
+            )
+            .collect();
+        stop.store(true, Ordering::Relaxed);
+        outcomes
+    });
+    let failed: Vec<&String> = answered
+        .iter()
+        .filter(|s| *s != "HTTP/1.1 200 OK")
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {SCRAPES} scrapes failed while {attacker} held {HELD} sockets: {failed:?}",
+        failed.len()
+    );
+}
+
+/// One of the attacker's sockets: connected from `source`, held until the
+/// endpoint closes it, then connected again, until `stop`. Waits at
+/// `connected` once, after its first connect.
+fn hold_open(source: IpAddr, endpoint: SocketAddr, stop: &AtomicBool, connected: &Barrier) {
+    let mut first = true;
+    while !stop.load(Ordering::Relaxed) {
+        let stream = connect_quietly(source, endpoint);
+        if std::mem::take(&mut first) {
+            connected.wait();
+        }
+        let Ok(mut stream) = stream else { continue };
+        let mut buffer = [0u8; 256];
+        while !stop.load(Ordering::Relaxed) {
+            match stream.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// A socket from `source` to `endpoint` that reads with a short timeout, so
+/// that its holder sees `stop` soon; an error instead of a panic.
+fn connect_quietly(source: IpAddr, endpoint: SocketAddr) -> io::Result<TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    socket.connect_timeout(&endpoint.into(), Duration::from_secs(5))?;
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(Duration::from_millis(100)))?;
+    Ok(stream)
 }
