@@ -1,6 +1,7 @@
-//! Load benchmark: the real `prompt-server` binary (release build, logging
-//! to a file) against a tokio server speaking the same protocol, driven by
-//! the same load generator in the same run.
+//! Load benchmark: the real `prompt-server` binary (release build) against
+//! a tokio server speaking the same protocol, driven by the same load
+//! generator in the same run. Every server's stderr is a pipe the benchmark
+//! drains, as journald would.
 //!
 //! Every figure is reported for each server and as a ratio to the tokio
 //! yardstick, because these machines are shared and noisy: absolute numbers
@@ -19,6 +20,8 @@
 mod child;
 #[path = "support/client.rs"]
 mod client;
+#[path = "support/lines.rs"]
+mod lines;
 #[path = "support/report.rs"]
 mod report;
 #[path = "support/server.rs"]
@@ -53,7 +56,7 @@ fn main() {
     let settings = settings_from_env();
     let out_dir = target_dir().join("bench");
     fs::create_dir_all(&out_dir).expect("create target/bench");
-    let servers = start_servers(&settings, &out_dir);
+    let servers = start_servers(&settings);
 
     let mut report = Report::new(servers.iter().map(|s| s.name.clone()).collect());
     measure_sessions(&servers, settings.secs, &mut report);
@@ -78,11 +81,11 @@ fn settings_from_env() -> Settings {
 
 /// The project's server in its modes, then the yardstick (last, as the
 /// report expects).
-fn start_servers(settings: &Settings, out_dir: &Path) -> Vec<Server> {
+fn start_servers(settings: &Settings) -> Vec<Server> {
     let max_connections = (settings.idle + 1024).to_string();
     let cache = settings.thread_cache.to_string();
     vec![
-        Server::start_project("threads", &["--max-connections", &max_connections], out_dir),
+        Server::start_project("threads", &["--max-connections", &max_connections]),
         Server::start_project(
             "thread-cache",
             &[
@@ -91,7 +94,6 @@ fn start_servers(settings: &Settings, out_dir: &Path) -> Vec<Server> {
                 "--thread-cache",
                 &cache,
             ],
-            out_dir,
         ),
         // The thread cache with both operator features on: the metrics
         // endpoint idle, and a rate limit every client (all from
@@ -109,9 +111,8 @@ fn start_servers(settings: &Settings, out_dir: &Path) -> Vec<Server> {
                 "--max-rate-per-ip",
                 "1000000/s",
             ],
-            out_dir,
         ),
-        Server::start_yardstick("tokio", out_dir),
+        Server::start_yardstick("tokio"),
     ]
 }
 
