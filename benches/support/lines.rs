@@ -63,3 +63,19 @@ pub fn wait_for(
         }
     }
 }
+
+/// Every line until the pipe closes, within `timeout`.
+pub fn rest(lines: &Receiver<String>, timeout: Duration) -> Result<Vec<String>, String> {
+    let deadline = Instant::now() + timeout;
+    let mut rest = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => rest.push(line),
+            Err(RecvTimeoutError::Disconnected) => return Ok(rest),
+            Err(RecvTimeoutError::Timeout) => {
+                return Err(format!("stderr still open after {timeout:?}"));
+            }
+        }
+    }
+}
