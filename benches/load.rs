@@ -12,9 +12,10 @@
 //! drains, as journald would.
 //!
 //! Settings (environment): `PROMPT_BENCH_SECS` (seconds per session
-//! workload, default 3), `PROMPT_BENCH_IDLE` (idle clients held, default
-//! 10000), `PROMPT_BENCH_THREAD_CACHE` (the `--thread-cache` of the cached
-//! modes, default 256).
+//! workload, default 3), `PROMPT_BENCH_ROUNDS` (the rounds each workload is
+//! split into, taking the servers in turn, default 3), `PROMPT_BENCH_IDLE`
+//! (idle clients held, default 10000), `PROMPT_BENCH_THREAD_CACHE` (the
+//! `--thread-cache` of the cached modes, default 256).
 //!
 //! Run with `cargo bench --bench load`; the tables go to stdout and the same
 //! figures as JSON to `target/bench/load.json`.
@@ -41,6 +42,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use client::LoadResult;
 use report::{IdleFigures, Latency, Report, SessionFigures, Settings, SyscallFigures};
 use server::Server;
 
@@ -87,7 +89,7 @@ fn main() {
         TOKIO,
         NAIVE_STD,
     );
-    measure_sessions(&servers, settings.secs, &mut report);
+    measure_sessions(&servers, &settings, &mut report);
     measure_syscalls(&servers, &mut report);
     measure_idle(&servers, settings.idle, &mut report);
 
@@ -103,6 +105,7 @@ fn settings_from_env() -> Settings {
     let idle = env_number("PROMPT_BENCH_IDLE", 10_000);
     Settings {
         secs: env_number("PROMPT_BENCH_SECS", 3) as u64,
+        rounds: env_number("PROMPT_BENCH_ROUNDS", 3).max(1),
         idle: idle.min(fd_limit.saturating_sub(256) as usize),
         thread_cache: env_number("PROMPT_BENCH_THREAD_CACHE", 256),
         out_dir: target_dir().join("bench"),
@@ -158,22 +161,30 @@ fn start_servers(settings: &Settings) -> Vec<Server> {
     servers
 }
 
-/// Sessions back to back at each concurrency, the servers interleaved so
-/// that drift in the machine hits them alike, with the CPU time each
-/// server used over its workload.
-fn measure_sessions(servers: &[Server], secs: u64, report: &mut Report) {
-    let duration = Duration::from_secs(secs);
+/// Sessions back to back at each concurrency, in rounds that take the
+/// servers in turn, so that drift in the machine (other builds, other
+/// tenants) hits them alike; with the CPU time each server used over its
+/// rounds.
+fn measure_sessions(servers: &[Server], settings: &Settings, report: &mut Report) {
+    let round_time = Duration::from_secs_f64(settings.secs as f64 / settings.rounds as f64);
     for c in CONCURRENCY {
-        for server in servers {
-            client::run_sessions(server.addr, c, WARM_UP);
-            let cpu_before = server.cpu_time();
-            let result = client::run_sessions(server.addr, c, duration);
-            let cpu = server.cpu_time().saturating_sub(cpu_before);
-            report.add_sessions(
-                &format!("C={c}"),
-                &server.name,
-                SessionFigures::of(&result, cpu),
-            );
+        let mut totals: Vec<(LoadResult, Duration)> = servers
+            .iter()
+            .map(|_| (LoadResult::new(), Duration::ZERO))
+            .collect();
+        for round in 0..settings.rounds {
+            for (server, (result, cpu)) in servers.iter().zip(&mut totals) {
+                if round == 0 {
+                    client::run_sessions(server.addr, c, WARM_UP);
+                }
+                let cpu_before = server.cpu_time();
+                result.extend(client::run_sessions(server.addr, c, round_time));
+                *cpu += server.cpu_time().saturating_sub(cpu_before);
+            }
+        }
+        for (server, (result, cpu)) in servers.iter().zip(&totals) {
+            let figures = SessionFigures::of(result, *cpu);
+            report.add_sessions(&format!("C={c}"), &server.name, figures);
         }
     }
 }

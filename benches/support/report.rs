@@ -22,6 +22,8 @@ use crate::strace::SyscallCounts;
 pub struct Settings {
     /// Seconds per session workload.
     pub secs: u64,
+    /// Rounds each session workload is split into, the servers in turn.
+    pub rounds: usize,
     /// Idle clients held (after the descriptor limit is taken into account).
     pub idle: usize,
     /// The `--thread-cache` of the cached modes.
@@ -492,7 +494,7 @@ impl Report {
         let workload = match &self.syscall_workload {
             Ok(workload) => workload,
             Err(reason) => {
-                println!("\nsystem calls per session: left out ({reason})");
+                println!("\nsystem calls per session: left out: {reason}");
                 return;
             }
         };
@@ -607,6 +609,7 @@ impl Report {
             "cpu_target": self.cpu_target,
             "settings": {
                 "secs": settings.secs,
+                "rounds": settings.rounds,
                 "idle": settings.idle,
                 "thread_cache": settings.thread_cache,
             },
