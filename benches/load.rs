@@ -4,8 +4,8 @@
 //!
 //! Every figure is reported for each server and as a ratio to the tokio
 //! yardstick, because these machines are shared and noisy: absolute numbers
-//! drift between runs, ratios from one run hold. Workloads are interleaved
-//! across servers so that drift hits all of them alike. Beside sessions/s
+//! drift between runs, ratios from one run hold. Workloads run in rounds
+//! that take the servers in turn, so that drift hits all of them alike. Beside sessions/s
 //! and latency: the server's CPU per session (from /proc/PID/stat), its
 //! system calls per session (from `strace -c`, when installed) and what
 //! idle clients cost it. Every server's stderr is a pipe the benchmark
@@ -48,8 +48,8 @@ use server::Server;
 
 const CONCURRENCY: [usize; 3] = [1, 16, 128];
 const FRESH_SESSIONS_WHILE_IDLE: usize = 200;
-/// Warm-up before each measured session workload, so that page faults and
-/// caches are not measured.
+/// Warm-up before a server's first round of each session workload (and
+/// before strace's), so that page faults and caches are not measured.
 const WARM_UP: Duration = Duration::from_millis(200);
 /// The workload strace counts system calls over: short, as a traced server
 /// is slow, and concurrent, so that contention shows.
