@@ -1,28 +1,39 @@
-//! Load benchmark: the real `prompt-server` binary (release build, logging
-//! to a file) against a tokio server speaking the same protocol, driven by
-//! the same load generator in the same run.
+//! Load benchmark: the real `prompt-server` binary (release build) in its
+//! modes against two yardsticks speaking the same protocol, a tokio server
+//! and the naive std one, driven by the same load generator in the same run.
 //!
 //! Every figure is reported for each server and as a ratio to the tokio
 //! yardstick, because these machines are shared and noisy: absolute numbers
-//! drift between runs, ratios from one run hold. Workloads are interleaved
-//! across servers so that drift hits all of them alike.
+//! drift between runs, ratios from one run hold. Workloads run in rounds
+//! that take the servers in turn, so that drift hits all of them alike. Beside sessions/s
+//! and latency: the server's CPU per session (from /proc/PID/stat), its
+//! system calls per session (from `strace -c`, when installed) and what
+//! idle clients cost it. Every server's stderr is a pipe the benchmark
+//! drains, as journald would.
 //!
 //! Settings (environment): `PROMPT_BENCH_SECS` (seconds per session
-//! workload, default 3), `PROMPT_BENCH_IDLE` (idle clients held, default
-//! 10000), `PROMPT_BENCH_THREAD_CACHE` (the `--thread-cache` of the cached
-//! mode, default 256).
+//! workload, default 3), `PROMPT_BENCH_ROUNDS` (the rounds each workload is
+//! split into, taking the servers in turn, default 3), `PROMPT_BENCH_IDLE`
+//! (idle clients held, default 10000), `PROMPT_BENCH_THREAD_CACHE` (the
+//! `--thread-cache` of the cached modes, default 256).
 //!
-//! Run with `cargo bench --bench load`; a table goes to stdout and the same
+//! Run with `cargo bench --bench load`; the tables go to stdout and the same
 //! figures as JSON to `target/bench/load.json`.
 
 #[path = "../tests/common/child.rs"]
 mod child;
 #[path = "support/client.rs"]
 mod client;
+#[path = "support/lines.rs"]
+mod lines;
+#[path = "support/naive.rs"]
+mod naive;
 #[path = "support/report.rs"]
 mod report;
 #[path = "support/server.rs"]
 mod server;
+#[path = "support/strace.rs"]
+mod strace;
 #[path = "support/yardstick.rs"]
 mod yardstick;
 
@@ -31,18 +42,34 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use report::{IdleFigures, Latency, Report, SessionFigures, Settings};
+use client::LoadResult;
+use report::{IdleFigures, Latency, Report, SessionFigures, Settings, SyscallFigures};
 use server::Server;
 
 const CONCURRENCY: [usize; 3] = [1, 16, 128];
 const FRESH_SESSIONS_WHILE_IDLE: usize = 200;
-/// Warm-up before each measured session workload, so that page faults and
-/// caches are not measured.
+/// Warm-up before a server's first round of each session workload (and
+/// before strace's), so that page faults and caches are not measured.
 const WARM_UP: Duration = Duration::from_millis(200);
+/// The workload strace counts system calls over: short, as a traced server
+/// is slow, and concurrent, so that contention shows.
+const SYSCALL_CONCURRENCY: usize = 16;
+const SYSCALL_WORKLOAD: Duration = Duration::from_secs(2);
+
+/// The yardstick every figure is shown as a ratio to.
+const TOKIO: &str = "tokio";
+/// The yardstick whose CPU per session the default mode aims at.
+const NAIVE_STD: &str = "naive-std";
+/// The yardsticks: this executable re-executed in the role of that name.
+const YARDSTICKS: [(&str, fn()); 2] = [(TOKIO, yardstick::serve), (NAIVE_STD, naive::serve)];
 
 fn main() {
-    if std::env::var(yardstick::ROLE_VAR).as_deref() == Ok(yardstick::ROLE) {
-        yardstick::serve();
+    if let Ok(role) = std::env::var(server::ROLE_VAR) {
+        let (_, serve) = YARDSTICKS
+            .iter()
+            .find(|(name, _)| *name == role)
+            .unwrap_or_else(|| panic!("no yardstick {role:?}"));
+        serve();
         return;
     }
     if let Ok(target) = std::env::var("PROMPT_BENCH_TARGET") {
@@ -51,16 +78,23 @@ fn main() {
     }
     // cargo bench passes --bench; nothing else is expected.
     let settings = settings_from_env();
-    let out_dir = target_dir().join("bench");
-    fs::create_dir_all(&out_dir).expect("create target/bench");
-    let servers = start_servers(&settings, &out_dir);
+    fs::create_dir_all(&settings.out_dir).expect("create target/bench");
+    let servers = start_servers(&settings);
 
-    let mut report = Report::new(servers.iter().map(|s| s.name.clone()).collect());
-    measure_sessions(&servers, settings.secs, &mut report);
+    let mut report = Report::new(
+        servers
+            .iter()
+            .map(|s| (s.name.clone(), s.args.clone()))
+            .collect(),
+        TOKIO,
+        NAIVE_STD,
+    );
+    measure_sessions(&servers, &settings, &mut report);
+    measure_syscalls(&servers, &mut report);
     measure_idle(&servers, settings.idle, &mut report);
 
     report.print();
-    write_json(&report, &settings, &out_dir.join("load.json"));
+    write_json(&report, &settings, &settings.out_dir.join("load.json"));
     println!("machine: {}", report::machine());
 }
 
@@ -71,37 +105,30 @@ fn settings_from_env() -> Settings {
     let idle = env_number("PROMPT_BENCH_IDLE", 10_000);
     Settings {
         secs: env_number("PROMPT_BENCH_SECS", 3) as u64,
+        rounds: env_number("PROMPT_BENCH_ROUNDS", 3).max(1),
         idle: idle.min(fd_limit.saturating_sub(256) as usize),
         thread_cache: env_number("PROMPT_BENCH_THREAD_CACHE", 256),
+        out_dir: target_dir().join("bench"),
     }
 }
 
-/// The project's server in its modes, then the yardstick (last, as the
-/// report expects).
-fn start_servers(settings: &Settings, out_dir: &Path) -> Vec<Server> {
-    let max_connections = (settings.idle + 1024).to_string();
+/// The project's server modes, one entry each: its name in the report and
+/// its flags beside `--bind 127.0.0.1 --port 0 --max-connections N` (N
+/// room for every idle client). A file a mode writes goes in
+/// `settings.out_dir`.
+fn project_modes(settings: &Settings) -> Vec<(&'static str, Vec<String>)> {
     let cache = settings.thread_cache.to_string();
+    let mode = |name, args: &[&str]| (name, args.iter().map(|a| a.to_string()).collect());
     vec![
-        Server::start_project("threads", &["--max-connections", &max_connections], out_dir),
-        Server::start_project(
-            "thread-cache",
-            &[
-                "--max-connections",
-                &max_connections,
-                "--thread-cache",
-                &cache,
-            ],
-            out_dir,
-        ),
+        mode("threads", &[]),
+        mode("thread-cache", &["--thread-cache", &cache]),
         // The thread cache with both operator features on: the metrics
         // endpoint idle, and a rate limit every client (all from
         // 127.0.0.1, one network) stays under, so that its cost is the
         // bucket check on every connection.
-        Server::start_project(
+        mode(
             "watched",
             &[
-                "--max-connections",
-                &max_connections,
                 "--thread-cache",
                 &cache,
                 "--metrics-addr",
@@ -109,22 +136,79 @@ fn start_servers(settings: &Settings, out_dir: &Path) -> Vec<Server> {
                 "--max-rate-per-ip",
                 "1000000/s",
             ],
-            out_dir,
         ),
-        Server::start_yardstick("tokio", out_dir),
     ]
 }
 
-/// Sessions back to back at each concurrency, the servers interleaved so
-/// that drift in the machine hits them alike.
-fn measure_sessions(servers: &[Server], secs: u64, report: &mut Report) {
-    let duration = Duration::from_secs(secs);
+/// The project's modes, then the yardsticks.
+fn start_servers(settings: &Settings) -> Vec<Server> {
+    let max_connections = (settings.idle + 1024).to_string();
+    let mut servers: Vec<Server> = project_modes(settings)
+        .into_iter()
+        .map(|(name, args)| {
+            let args: Vec<String> = ["--max-connections".to_string(), max_connections.clone()]
+                .into_iter()
+                .chain(args)
+                .collect();
+            Server::start_project(name, &args)
+        })
+        .collect();
+    servers.extend(
+        YARDSTICKS
+            .iter()
+            .map(|(name, _)| Server::start_yardstick(name)),
+    );
+    servers
+}
+
+/// Sessions back to back at each concurrency, in rounds that take the
+/// servers in turn, so that drift in the machine (other builds, other
+/// tenants) hits them alike; with the CPU time each server used over its
+/// rounds.
+fn measure_sessions(servers: &[Server], settings: &Settings, report: &mut Report) {
+    let round_time = Duration::from_secs_f64(settings.secs as f64 / settings.rounds as f64);
     for c in CONCURRENCY {
-        for server in servers {
-            client::run_sessions(server.addr, c, WARM_UP);
-            let result = client::run_sessions(server.addr, c, duration);
-            report.add_sessions(&format!("C={c}"), &server.name, SessionFigures::of(&result));
+        let mut totals: Vec<(LoadResult, Duration)> = servers
+            .iter()
+            .map(|_| (LoadResult::new(), Duration::ZERO))
+            .collect();
+        for round in 0..settings.rounds {
+            for (server, (result, cpu)) in servers.iter().zip(&mut totals) {
+                if round == 0 {
+                    client::run_sessions(server.addr, c, WARM_UP);
+                }
+                let cpu_before = server.cpu_time();
+                result.extend(client::run_sessions(server.addr, c, round_time));
+                *cpu += server.cpu_time().saturating_sub(cpu_before);
+            }
         }
+        for (server, (result, cpu)) in servers.iter().zip(&totals) {
+            let figures = SessionFigures::of(result, *cpu);
+            report.add_sessions(&format!("C={c}"), &server.name, figures);
+        }
+    }
+}
+
+/// A short workload per server with strace attached, when strace can run.
+fn measure_syscalls(servers: &[Server], report: &mut Report) {
+    if let Some(reason) = strace::unavailable() {
+        report.leave_out_syscalls(&reason);
+        return;
+    }
+    let workload = format!(
+        "strace -f -c, C={SYSCALL_CONCURRENCY} for {}s",
+        SYSCALL_WORKLOAD.as_secs()
+    );
+    for server in servers {
+        client::run_sessions(server.addr, SYSCALL_CONCURRENCY, WARM_UP);
+        let counted = strace::count_during(server.pid(), || {
+            client::run_sessions(server.addr, SYSCALL_CONCURRENCY, SYSCALL_WORKLOAD)
+        })
+        .map(|(counts, result)| SyscallFigures {
+            sessions: result.sessions,
+            counts,
+        });
+        report.add_syscalls(&workload, &server.name, counted);
     }
 }
 

@@ -25,7 +25,7 @@ pub struct LoadResult {
 }
 
 impl LoadResult {
-    fn new() -> Self {
+    pub fn new() -> Self {
         LoadResult {
             sessions: 0,
             elapsed: Duration::ZERO,
@@ -40,6 +40,14 @@ impl LoadResult {
         for (kind, n) in other.errors {
             *self.errors.entry(kind).or_default() += n;
         }
+    }
+
+    /// Adds `other`, a later run of the same workload: its sessions,
+    /// errors, latencies and time.
+    pub fn extend(&mut self, other: LoadResult) {
+        let elapsed = other.elapsed;
+        self.merge(other);
+        self.elapsed += elapsed;
     }
 
     pub fn sessions_per_sec(&self) -> f64 {

@@ -1,23 +1,35 @@
-//! The benchmark's figures as typed structs, and the two things made from
-//! them: the table on stdout (each figure per server and as a ratio to the
-//! yardstick) and the JSON document, serialised once at the end.
+//! The benchmark's figures as typed structs, per server, and the two things
+//! made from them: tables on stdout and the JSON document, serialised once
+//! at the end.
+//!
+//! One table per figure, a row per server (so any number of servers fits),
+//! each figure beside its ratio to a yardstick of the same run: the tokio
+//! server for every figure, and also the naive std server for CPU and
+//! system calls per session, the targets of the project's default mode.
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::path::PathBuf;
 use std::thread;
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use crate::client::LoadResult;
+use crate::strace::SyscallCounts;
 
 /// What the run was asked to do.
 pub struct Settings {
     /// Seconds per session workload.
     pub secs: u64,
+    /// Rounds each session workload is split into, the servers in turn.
+    pub rounds: usize,
     /// Idle clients held (after the descriptor limit is taken into account).
     pub idle: usize,
-    /// The `--thread-cache` of the cached mode.
+    /// The `--thread-cache` of the cached modes.
     pub thread_cache: usize,
+    /// Where the JSON goes, and any file a server is told to write.
+    pub out_dir: PathBuf,
 }
 
 /// Session latency, connect to close, in microseconds.
@@ -42,7 +54,8 @@ impl Latency {
     }
 }
 
-/// What clients doing sessions back to back got from one server.
+/// What clients doing sessions back to back got from one server, and what
+/// they cost it.
 pub struct SessionFigures {
     pub sessions: u64,
     pub sessions_per_sec: f64,
@@ -50,17 +63,24 @@ pub struct SessionFigures {
     pub errors: BTreeMap<String, u64>,
     pub errors_total: u64,
     pub latency: Latency,
+    /// The server's CPU time (utime + stime, all threads) over the workload.
+    pub server_cpu_us: u64,
 }
 
 impl SessionFigures {
-    pub fn of(result: &LoadResult) -> Self {
+    pub fn of(result: &LoadResult, server_cpu: Duration) -> Self {
         SessionFigures {
             sessions: result.sessions,
             sessions_per_sec: result.sessions_per_sec(),
             errors: result.errors.clone(),
             errors_total: result.error_count(),
             latency: Latency::of(result),
+            server_cpu_us: server_cpu.as_micros() as u64,
         }
+    }
+
+    fn cpu_us_per_session(&self) -> Option<f64> {
+        (self.sessions > 0).then(|| self.server_cpu_us as f64 / self.sessions as f64)
     }
 
     fn to_json(&self) -> Value {
@@ -70,6 +90,47 @@ impl SessionFigures {
             "errors": self.errors,
             "errors_total": self.errors_total,
             "latency": self.latency.to_json(),
+            "server_cpu_us": self.server_cpu_us,
+            "cpu_us_per_session": self.cpu_us_per_session(),
+        })
+    }
+}
+
+/// strace's counts over a workload of `sessions` sessions.
+pub struct SyscallFigures {
+    pub sessions: u64,
+    pub counts: SyscallCounts,
+}
+
+impl SyscallFigures {
+    fn per_session(&self, calls: u64) -> Option<f64> {
+        (self.sessions > 0).then(|| calls as f64 / self.sessions as f64)
+    }
+
+    fn to_json(&self) -> Value {
+        let total = &self.counts.total;
+        let futex = self.counts.futex_calls();
+        let by_call: Vec<Value> = self
+            .counts
+            .by_call
+            .iter()
+            .map(|row| {
+                json!({
+                    "name": row.name,
+                    "calls": row.calls,
+                    "errors": row.errors,
+                    "calls_per_session": self.per_session(row.calls),
+                })
+            })
+            .collect();
+        json!({
+            "sessions": self.sessions,
+            "calls": total.calls,
+            "errors": total.errors,
+            "futex_calls": futex,
+            "calls_per_session": self.per_session(total.calls),
+            "futex_per_session": self.per_session(futex),
+            "by_call": by_call,
         })
     }
 }
@@ -113,154 +174,482 @@ impl IdleFigures {
     }
 }
 
-/// A table row: its label and how to read its figure.
-type Metric<F> = (&'static str, fn(&F) -> f64);
-
-const SESSION_METRICS: [Metric<SessionFigures>; 5] = [
-    ("sessions/s", |f| f.sessions_per_sec),
-    ("p50 us", |f| f.latency.p50_us as f64),
-    ("p99 us", |f| f.latency.p99_us as f64),
-    ("max us", |f| f.latency.max_us as f64),
-    ("errors", |f| f.errors_total as f64),
-];
-
-const IDLE_METRICS: [Metric<IdleFigures>; 9] = [
-    ("established", |f| f.established as f64),
-    ("RSS before KiB", |f| f.rss_before_kib as f64),
-    ("RSS held KiB", |f| f.rss_held_kib as f64),
-    ("KiB per idle", IdleFigures::rss_per_idle_kib),
-    ("threads before", |f| f.threads_before as f64),
-    ("threads held", |f| f.threads_held as f64),
-    ("fresh p50 us", |f| f.fresh_latency.p50_us as f64),
-    ("fresh p99 us", |f| f.fresh_latency.p99_us as f64),
-    ("fresh errors", |f| f.fresh_errors as f64),
-];
-
-/// One workload's figures, by server name.
-struct Workload<F> {
-    name: String,
-    by_server: BTreeMap<String, F>,
+/// Which yardsticks a figure is shown as a ratio to.
+#[derive(Clone, Copy)]
+enum Ratios {
+    None,
+    /// The ratio base (tokio).
+    Base,
+    /// The ratio base and the CPU target (naive std).
+    BaseAndTarget,
 }
 
-/// Figures by workload (in the order measured), then by server.
+/// A figure: its label, how to read it, its decimals, its ratios.
+struct Figure<F> {
+    label: &'static str,
+    read: fn(&F) -> Option<f64>,
+    decimals: usize,
+    ratios: Ratios,
+}
+
+const fn figure<F>(
+    label: &'static str,
+    read: fn(&F) -> Option<f64>,
+    decimals: usize,
+    ratios: Ratios,
+) -> Figure<F> {
+    Figure {
+        label,
+        read,
+        decimals,
+        ratios,
+    }
+}
+
+/// A table each, its columns the session workloads.
+const SESSION_FIGURES: [Figure<SessionFigures>; 6] = [
+    figure("sessions/s", |f| Some(f.sessions_per_sec), 0, Ratios::Base),
+    figure(
+        "server CPU us per session (utime + stime of all threads, /proc/PID/stat)",
+        SessionFigures::cpu_us_per_session,
+        1,
+        Ratios::BaseAndTarget,
+    ),
+    figure(
+        "session latency p50 us",
+        |f| Some(f.latency.p50_us as f64),
+        0,
+        Ratios::Base,
+    ),
+    figure(
+        "session latency p99 us",
+        |f| Some(f.latency.p99_us as f64),
+        0,
+        Ratios::Base,
+    ),
+    figure(
+        "session latency max us",
+        |f| Some(f.latency.max_us as f64),
+        0,
+        Ratios::Base,
+    ),
+    figure(
+        "failed sessions",
+        |f| Some(f.errors_total as f64),
+        0,
+        Ratios::None,
+    ),
+];
+
+/// The columns of the system call table.
+const SYSCALL_FIGURES: [Figure<SyscallFigures>; 4] = [
+    figure(
+        "calls",
+        |f| f.per_session(f.counts.total.calls),
+        1,
+        Ratios::BaseAndTarget,
+    ),
+    figure(
+        "futex",
+        |f| f.per_session(f.counts.futex_calls()),
+        1,
+        Ratios::BaseAndTarget,
+    ),
+    figure(
+        "failed",
+        |f| f.per_session(f.counts.total.errors),
+        1,
+        Ratios::None,
+    ),
+    figure("sessions", |f| Some(f.sessions as f64), 0, Ratios::None),
+];
+
+/// Calls in the per-call table: those some server makes at least this
+/// often per session (rarer ones are the servers' own background work).
+const LEAST_CALLS_PER_SESSION: f64 = 0.05;
+
+/// The columns of the two idle tables.
+const IDLE_MEMORY_FIGURES: [Figure<IdleFigures>; 6] = [
+    figure(
+        "established",
+        |f| Some(f.established as f64),
+        0,
+        Ratios::None,
+    ),
+    figure(
+        "RSS before KiB",
+        |f| Some(f.rss_before_kib as f64),
+        0,
+        Ratios::None,
+    ),
+    figure(
+        "RSS held KiB",
+        |f| Some(f.rss_held_kib as f64),
+        0,
+        Ratios::Base,
+    ),
+    figure(
+        "KiB per idle",
+        |f| Some(f.rss_per_idle_kib()),
+        1,
+        Ratios::Base,
+    ),
+    figure(
+        "threads before",
+        |f| Some(f.threads_before as f64),
+        0,
+        Ratios::None,
+    ),
+    figure(
+        "threads held",
+        |f| Some(f.threads_held as f64),
+        0,
+        Ratios::None,
+    ),
+];
+const IDLE_FRESH_FIGURES: [Figure<IdleFigures>; 3] = [
+    figure(
+        "p50 us",
+        |f| Some(f.fresh_latency.p50_us as f64),
+        0,
+        Ratios::Base,
+    ),
+    figure(
+        "p99 us",
+        |f| Some(f.fresh_latency.p99_us as f64),
+        0,
+        Ratios::Base,
+    ),
+    figure("errors", |f| Some(f.fresh_errors as f64), 0, Ratios::None),
+];
+
+/// Everything measured on one server.
+struct ServerFigures {
+    name: String,
+    args: Vec<String>,
+    /// By session workload.
+    sessions: BTreeMap<String, SessionFigures>,
+    /// strace's counts, or why there are none.
+    syscalls: Option<Result<SyscallFigures, String>>,
+    idle: Option<IdleFigures>,
+}
+
+impl ServerFigures {
+    fn syscall_figures(&self) -> Option<&SyscallFigures> {
+        self.syscalls.as_ref().and_then(|r| r.as_ref().ok())
+    }
+}
+
+/// How a column reads its figure for a server.
+type Reader<'r> = Box<dyn Fn(&ServerFigures) -> Option<f64> + 'r>;
+
+/// A column of a printed table: its heading, how to read its figure for a
+/// server, and the yardsticks it is shown as a ratio to.
+struct Column<'r> {
+    heading: String,
+    read: Reader<'r>,
+    decimals: usize,
+    ratios: Vec<&'r str>,
+}
+
+/// Figures by server (in table order), then by workload.
 pub struct Report {
-    /// Server names in table order; the last is the yardstick.
-    servers: Vec<String>,
-    sessions: Vec<Workload<SessionFigures>>,
-    idle: Vec<Workload<IdleFigures>>,
+    servers: Vec<ServerFigures>,
+    /// The yardstick every figure is shown as a ratio to.
+    ratio_base: String,
+    /// The yardstick CPU and system calls per session are also shown as a
+    /// ratio to.
+    cpu_target: String,
+    /// Session workloads in the order measured.
+    workloads: Vec<String>,
+    /// The workload strace counted, or why system calls were left out.
+    syscall_workload: Result<String, String>,
+    idle_workload: String,
 }
 
 impl Report {
-    /// A report on `servers`, the yardstick last.
-    pub fn new(servers: Vec<String>) -> Self {
-        assert!(servers.len() >= 2, "servers and a yardstick");
+    /// A report on `servers` (name and arguments), in this order; two of
+    /// them are the yardsticks.
+    pub fn new(servers: Vec<(String, Vec<String>)>, ratio_base: &str, cpu_target: &str) -> Self {
+        for yardstick in [ratio_base, cpu_target] {
+            assert!(
+                servers.iter().any(|(name, _)| name == yardstick),
+                "no server {yardstick}"
+            );
+        }
         Report {
-            servers,
-            sessions: Vec::new(),
-            idle: Vec::new(),
+            servers: servers
+                .into_iter()
+                .map(|(name, args)| ServerFigures {
+                    name,
+                    args,
+                    sessions: BTreeMap::new(),
+                    syscalls: None,
+                    idle: None,
+                })
+                .collect(),
+            ratio_base: ratio_base.to_string(),
+            cpu_target: cpu_target.to_string(),
+            workloads: Vec::new(),
+            syscall_workload: Err("not measured".to_string()),
+            idle_workload: String::new(),
         }
     }
 
     pub fn add_sessions(&mut self, workload: &str, server: &str, figures: SessionFigures) {
-        add(&mut self.sessions, workload, server, figures);
+        if !self.workloads.iter().any(|w| w == workload) {
+            self.workloads.push(workload.to_string());
+        }
+        self.server_mut(server)
+            .sessions
+            .insert(workload.to_string(), figures);
+    }
+
+    pub fn add_syscalls(
+        &mut self,
+        workload: &str,
+        server: &str,
+        figures: Result<SyscallFigures, String>,
+    ) {
+        self.syscall_workload = Ok(workload.to_string());
+        self.server_mut(server).syscalls = Some(figures);
+    }
+
+    /// System calls are not counted in this run, for `reason`.
+    pub fn leave_out_syscalls(&mut self, reason: &str) {
+        self.syscall_workload = Err(reason.to_string());
     }
 
     pub fn add_idle(&mut self, workload: &str, server: &str, figures: IdleFigures) {
-        add(&mut self.idle, workload, server, figures);
+        self.idle_workload = workload.to_string();
+        self.server_mut(server).idle = Some(figures);
     }
 
-    fn yardstick(&self) -> &str {
-        self.servers.last().expect("servers")
+    fn server_mut(&mut self, name: &str) -> &mut ServerFigures {
+        self.servers
+            .iter_mut()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no server {name} in the report"))
     }
 
-    /// The table: a row per workload and metric, a column per server, then
-    /// a column per measured server as a ratio to the yardstick.
+    fn server(&self, name: &str) -> Option<&ServerFigures> {
+        self.servers.iter().find(|s| s.name == name)
+    }
+
+    fn yardsticks(&self, ratios: Ratios) -> Vec<&str> {
+        match ratios {
+            Ratios::None => vec![],
+            Ratios::Base => vec![&self.ratio_base],
+            Ratios::BaseAndTarget => vec![&self.ratio_base, &self.cpu_target],
+        }
+    }
+
+    /// Columns for `figures`, each read from what `part` picks of a server.
+    fn columns<'r, F: 'r>(
+        &'r self,
+        figures: &'r [Figure<F>],
+        part: fn(&ServerFigures) -> Option<&F>,
+    ) -> Vec<Column<'r>> {
+        figures
+            .iter()
+            .map(|figure| Column {
+                heading: figure.label.to_string(),
+                read: Box::new(move |server| part(server).and_then(figure.read)),
+                decimals: figure.decimals,
+                ratios: self.yardsticks(figure.ratios),
+            })
+            .collect()
+    }
+
+    /// The tables, one per figure.
     pub fn print(&self) {
-        let yardstick = self.yardstick();
-        let measured = &self.servers[..self.servers.len() - 1];
-        print!("{:<12} {:<18}", "workload", "metric");
-        for name in &self.servers {
-            print!(" {name:>14}");
+        for figure in &SESSION_FIGURES {
+            let columns: Vec<Column> = self
+                .workloads
+                .iter()
+                .map(|workload| Column {
+                    heading: workload.clone(),
+                    read: Box::new(move |server| {
+                        server.sessions.get(workload).and_then(figure.read)
+                    }),
+                    decimals: figure.decimals,
+                    ratios: self.yardsticks(figure.ratios),
+                })
+                .collect();
+            self.print_table(figure.label, &columns);
         }
-        for name in measured {
-            print!(" {:>14}", format!("{name}/{yardstick}"));
-        }
-        println!();
-        for workload in &self.sessions {
-            for metric in &SESSION_METRICS {
-                self.print_row(workload, metric);
-            }
-        }
-        for workload in &self.idle {
-            for metric in &IDLE_METRICS {
-                self.print_row(workload, metric);
-            }
-        }
+        self.print_syscalls();
+        let idle = &self.idle_workload;
+        self.print_table(
+            &format!("{idle} clients held: memory and threads"),
+            &self.columns(&IDLE_MEMORY_FIGURES, |s| s.idle.as_ref()),
+        );
+        self.print_table(
+            &format!("fresh sessions while {idle} clients are held"),
+            &self.columns(&IDLE_FRESH_FIGURES, |s| s.idle.as_ref()),
+        );
     }
 
-    fn print_row<F>(&self, workload: &Workload<F>, &(label, read): &Metric<F>) {
-        let value = |name: &str| workload.by_server.get(name).map(read);
-        print!("{:<12} {label:<18}", workload.name);
-        for name in &self.servers {
-            match value(name) {
-                Some(figure) => print!(" {figure:>14.1}"),
-                None => print!(" {:>14}", "-"),
+    fn print_syscalls(&self) {
+        let workload = match &self.syscall_workload {
+            Ok(workload) => workload,
+            Err(reason) => {
+                println!("\nsystem calls per session: left out: {reason}");
+                return;
+            }
+        };
+        let counted = ServerFigures::syscall_figures;
+        self.print_table(
+            &format!("system calls per session ({workload})"),
+            &self.columns(&SYSCALL_FIGURES, counted),
+        );
+        for server in &self.servers {
+            if let Some(Err(why)) = &server.syscalls {
+                println!("{}: no counts: {why}", server.name);
             }
         }
-        let base = value(self.yardstick());
-        for name in &self.servers[..self.servers.len() - 1] {
-            match (value(name), base) {
-                (Some(figure), Some(base)) if base != 0.0 => print!(" {:>13.2}x", figure / base),
-                _ => print!(" {:>14}", "-"),
+        let mut calls: Vec<(String, f64)> = Vec::new();
+        for figures in self.servers.iter().filter_map(counted) {
+            for row in &figures.counts.by_call {
+                let per_session = figures.per_session(row.calls).unwrap_or(0.0);
+                match calls.iter_mut().find(|(name, _)| *name == row.name) {
+                    Some((_, most)) => *most = most.max(per_session),
+                    None => calls.push((row.name.clone(), per_session)),
+                }
             }
         }
-        println!();
+        calls.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let mut headings = vec!["call".to_string()];
+        headings.extend(self.servers.iter().map(|s| s.name.clone()));
+        let rows: Vec<Vec<String>> = calls
+            .iter()
+            .take_while(|(_, most)| *most >= LEAST_CALLS_PER_SESSION)
+            .map(|(call, _)| {
+                let mut row = vec![call.clone()];
+                row.extend(self.servers.iter().map(|server| match counted(server) {
+                    Some(figures) => {
+                        let calls = figures.counts.by_call.iter().find(|r| r.name == *call);
+                        let per_session = figures.per_session(calls.map_or(0, |r| r.calls));
+                        per_session.map_or("-".to_string(), |n| format!("{n:.2}"))
+                    }
+                    None => "-".to_string(),
+                }));
+                row
+            })
+            .collect();
+        print_text_table("system calls per session by call", &headings, &rows);
+    }
+
+    /// A row per server: each column's figure, then its ratio to each of
+    /// the column's yardsticks.
+    fn print_table(&self, title: &str, columns: &[Column]) {
+        let mut headings = vec!["server".to_string()];
+        for column in columns {
+            headings.push(column.heading.clone());
+            headings.extend(column.ratios.iter().map(|base| format!("/{base}")));
+        }
+        let rows: Vec<Vec<String>> = self
+            .servers
+            .iter()
+            .map(|server| {
+                let mut row = vec![server.name.clone()];
+                for column in columns {
+                    let figure = (column.read)(server);
+                    row.push(
+                        figure.map_or("-".to_string(), |f| format!("{f:.*}", column.decimals)),
+                    );
+                    for &base in &column.ratios {
+                        let base_figure = self.server(base).and_then(|b| (column.read)(b));
+                        row.push(match (figure, base_figure) {
+                            (Some(f), Some(b)) if b != 0.0 && server.name != base => {
+                                format!("{:.2}x", f / b)
+                            }
+                            _ => "-".to_string(),
+                        });
+                    }
+                }
+                row
+            })
+            .collect();
+        print_text_table(title, &headings, &rows);
     }
 
     /// The whole report as one JSON document.
     pub fn to_json(&self, settings: &Settings) -> Value {
+        let servers: serde_json::Map<String, Value> = self
+            .servers
+            .iter()
+            .map(|server| {
+                let sessions: serde_json::Map<String, Value> = self
+                    .workloads
+                    .iter()
+                    .filter_map(|w| server.sessions.get(w).map(|f| (w.clone(), f.to_json())))
+                    .collect();
+                let syscalls = match &server.syscalls {
+                    Some(Ok(figures)) => figures.to_json(),
+                    Some(Err(why)) => json!({"error": why}),
+                    None => Value::Null,
+                };
+                let figures = json!({
+                    "args": server.args,
+                    "sessions": sessions,
+                    "syscalls": syscalls,
+                    "idle": server.idle.as_ref().map(IdleFigures::to_json),
+                });
+                (server.name.clone(), figures)
+            })
+            .collect();
+        let (syscall_workload, syscalls_left_out) = match &self.syscall_workload {
+            Ok(workload) => (Some(workload), None),
+            Err(reason) => (None, Some(reason)),
+        };
         json!({
             "machine": machine(),
-            "yardstick": self.yardstick(),
+            "ratio_base": self.ratio_base,
+            "cpu_target": self.cpu_target,
             "settings": {
                 "secs": settings.secs,
+                "rounds": settings.rounds,
                 "idle": settings.idle,
                 "thread_cache": settings.thread_cache,
             },
-            "sessions": table(&self.sessions, SessionFigures::to_json),
-            "idle": table(&self.idle, IdleFigures::to_json),
+            "session_workloads": self.workloads,
+            "syscall_workload": syscall_workload,
+            "syscalls_left_out": syscalls_left_out,
+            "idle_workload": self.idle_workload,
+            "servers": servers,
         })
     }
 }
 
-fn add<F>(rows: &mut Vec<Workload<F>>, workload: &str, server: &str, figures: F) {
-    let at = match rows.iter().position(|row| row.name == workload) {
-        Some(at) => at,
-        None => {
-            rows.push(Workload {
-                name: workload.to_string(),
-                by_server: BTreeMap::new(),
-            });
-            rows.len() - 1
-        }
-    };
-    rows[at].by_server.insert(server.to_string(), figures);
-}
-
-/// `{workload: {server: figures}}`, workloads in the order measured.
-fn table<F>(rows: &[Workload<F>], to_json: fn(&F) -> Value) -> Value {
-    let table: serde_json::Map<String, Value> = rows
-        .iter()
-        .map(|row| {
-            let by_server: serde_json::Map<String, Value> = row
-                .by_server
-                .iter()
-                .map(|(server, figures)| (server.clone(), to_json(figures)))
-                .collect();
-            (row.name.clone(), Value::Object(by_server))
+/// `title`, then the cells in columns as wide as their widest cell: the
+/// first left-aligned, the others right-aligned.
+fn print_text_table(title: &str, headings: &[String], rows: &[Vec<String>]) {
+    let widths: Vec<usize> = (0..headings.len())
+        .map(|at| {
+            rows.iter()
+                .map(|row| row[at].len())
+                .chain([headings[at].len()])
+                .max()
+                .unwrap_or(0)
         })
         .collect();
-    Value::Object(table)
+    let line = |cells: &[String]| {
+        let mut text = String::new();
+        for (at, cell) in cells.iter().enumerate() {
+            if at == 0 {
+                text.push_str(&format!("{cell:<width$}", width = widths[0]));
+            } else {
+                text.push_str(&format!("  {cell:>width$}", width = widths[at]));
+            }
+        }
+        println!("{}", text.trim_end());
+    };
+    println!("\n{title}");
+    line(headings);
+    for row in rows {
+        line(row);
+    }
 }
 
 /// Cores, CPU model and kernel of this machine.

@@ -1,86 +1,115 @@
-//! The servers under test, as child processes: the project's binary and the
-//! tokio yardstick (this benchmark re-executed in its yardstick role). Each
-//! logs to a file, as an operator would run it, and is killed (by its PID)
-//! when dropped.
+//! The servers under test, as child processes: the project's binary in its
+//! modes and the yardsticks (this benchmark re-executed in a yardstick's
+//! role). Each one's stderr is a pipe read by a thread of the benchmark, as
+//! journald would read a service's: the address comes from the `listening
+//! on` line, and the rest is drained so the pipe never fills. A log file
+//! would measure the file system too (the project's server is to sync a
+//! log that is a regular file). Each server is killed (by its PID) when
+//! dropped.
 
-use std::fs::{self, File};
+use std::fs;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::{Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::child::KillOnDrop;
-use crate::yardstick;
+use crate::lines;
+
+/// Set in the environment of a child that should be a yardstick; its value
+/// is the yardstick's name.
+pub const ROLE_VAR: &str = "PROMPT_BENCH_ROLE";
 
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
-/// How often the log file is read for the `listening on` line.
-const STARTUP_POLL: Duration = Duration::from_millis(10);
+/// Clock ticks per second of the times in /proc/PID/stat (USER_HZ, which
+/// the kernel keeps at 100 in what it shows user space).
+const USER_HZ: u64 = 100;
+const LISTENING: &str = "listening on ";
 
 /// A server process under test.
 pub struct Server {
     pub name: String,
+    /// What it was started with beside its address, for the record.
+    pub args: Vec<String>,
     child: KillOnDrop,
     pub addr: SocketAddr,
 }
 
 impl Server {
     /// The project's binary on 127.0.0.1, port 0, with extra `args`.
-    pub fn start_project(name: &str, args: &[&str], out_dir: &Path) -> Server {
+    pub fn start_project(name: &str, args: &[String]) -> Server {
         let mut command = Command::new(env!("CARGO_BIN_EXE_prompt-server"));
         command
             .args(["--bind", "127.0.0.1", "--port", "0"])
             .args(args)
             .env("RUST_LOG", "info");
-        Server::spawn(name, command, out_dir)
+        Server::spawn(name, args.to_vec(), command)
     }
 
-    /// The tokio yardstick.
-    pub fn start_yardstick(name: &str, out_dir: &Path) -> Server {
+    /// This executable in the role of the yardstick called `name`.
+    pub fn start_yardstick(name: &str) -> Server {
         let mut command = Command::new(std::env::current_exe().expect("bench executable"));
-        command
-            .env(yardstick::ROLE_VAR, yardstick::ROLE)
-            .env("RUST_LOG", "info");
-        Server::spawn(name, command, out_dir)
+        command.env(ROLE_VAR, name).env("RUST_LOG", "info");
+        Server::spawn(name, Vec::new(), command)
     }
 
-    /// Starts `command` with stderr to `out_dir/NAME.log` and waits for its
-    /// `listening on` line there. A file gives no event to wait on, so the
-    /// file is read again until the line is in it.
-    fn spawn(name: &str, mut command: Command, out_dir: &Path) -> Server {
-        let log_path = out_dir.join(format!("{name}.log"));
-        let log = File::create(&log_path).expect("create log file");
-        let child = command
+    /// Starts `command` with its stderr to a pipe and waits for its
+    /// `listening on ADDR` line.
+    fn spawn(name: &str, args: Vec<String>, mut command: Command) -> Server {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start server");
+        let stderr = child.stderr.take().expect("piped stderr");
         let child = KillOnDrop(child);
-        let started = Instant::now();
-        let addr = loop {
-            let text = fs::read_to_string(&log_path).unwrap_or_default();
-            if let Some(rest) = text.split("listening on ").nth(1) {
-                let addr = rest.lines().next().unwrap_or("").trim();
-                break addr.parse().expect("address after 'listening on'");
-            }
-            assert!(
-                started.elapsed() < STARTUP_TIMEOUT,
-                "{name} did not start: {text}"
-            );
-            thread::sleep(STARTUP_POLL);
-        };
+        let lines = lines::forward(stderr, |line| line.contains(LISTENING));
+        let line = lines::wait_for(&lines, STARTUP_TIMEOUT, |line| line.contains(LISTENING))
+            .unwrap_or_else(|why| panic!("{name} did not start: {why}"));
+        let addr = line
+            .split(LISTENING)
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("{name}: no address in {line:?}"));
         Server {
             name: name.to_string(),
+            args,
             child,
             addr,
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU time the whole process has used so far, every thread, live or
+    /// exited: utime + stime, fields 14 and 15 of /proc/PID/stat.
+    pub fn cpu_time(&self) -> Duration {
+        let path = format!("/proc/{}/stat", self.pid());
+        let stat = fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: cannot read {path}: {e}", self.name));
+        // Field 2, the command name, is in parentheses and may hold spaces:
+        // fields are counted after its closing one, which is field 3.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .collect();
+        let field = |number: usize| -> u64 {
+            fields
+                .get(number - 3)
+                .and_then(|value| value.parse().ok())
+                .unwrap_or_else(|| panic!("{path}: no field {number} in {stat:?}"))
+        };
+        let ticks = field(14) + field(15);
+        Duration::from_micros(ticks * 1_000_000 / USER_HZ)
+    }
+
     /// (RSS in KiB, thread count) from /proc.
     pub fn memory_and_threads(&self) -> (u64, u64) {
-        let status =
-            fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         let field = |name: &str| {
             status
                 .lines()

@@ -20,10 +20,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 
-/// Set in the environment of the child that should be the yardstick.
-pub const ROLE_VAR: &str = "PROMPT_BENCH_ROLE";
-pub const ROLE: &str = "tokio-yardstick";
-
 /// Runs the yardstick server on 127.0.0.1, port 0, until killed.
 pub fn serve() {
     // Plain env_logger straight to stderr, as such a server would log.
