@@ -119,9 +119,18 @@ fn settings_from_env() -> Settings {
 fn project_modes(settings: &Settings) -> Vec<(&'static str, Vec<String>)> {
     let cache = settings.thread_cache.to_string();
     let mode = |name, args: &[&str]| (name, args.iter().map(|a| a.to_string()).collect());
+    let log_file = target_dir().join("bench").join("log-file.log");
+    let _ = fs::remove_file(&log_file);
+    let log_file = log_file.to_string_lossy().into_owned();
     vec![
         mode("threads", &[]),
         mode("thread-cache", &["--thread-cache", &cache]),
+        // The thread cache with its log in a file, synced after each batch
+        // of replies (group commit): what durable replies cost.
+        mode(
+            "log-file",
+            &["--thread-cache", &cache, "--log-file", &log_file],
+        ),
         // The thread cache with both operator features on: the metrics
         // endpoint idle, and a rate limit every client (all from
         // 127.0.0.1, one network) stays under, so that its cost is the
