@@ -122,6 +122,7 @@ pub fn init(settings: &LogSettings) -> io::Result<()> {
     log::set_boxed_logger(Box::new(QueuedLogger {
         diagnostics,
         queue: log.queue,
+        health: log.health,
     }))
     .map_err(|e| io::Error::other(e.to_string()))
 }
@@ -434,6 +435,8 @@ impl Observer for &'static Health {
 struct QueuedLogger {
     diagnostics: env_logger::Logger,
     queue: &'static Queue,
+    /// Where a log file's `listening on` line is shown too.
+    health: &'static Health,
 }
 
 thread_local! {
@@ -470,9 +473,16 @@ impl log::Log for QueuedLogger {
         }
         self.diagnostics.log(record);
         let line = FORMATTED.with(|line| std::mem::take(&mut *line.borrow_mut()));
-        if !line.is_empty() {
-            self.queue.push(line, class);
+        if line.is_empty() {
+            return;
         }
+        // With a log file, stderr (a terminal, the journal) still says
+        // where the server listens: `--port 0` is found out there.
+        if self.health.to_file && record.target() == LISTENING_TARGET {
+            self.health
+                .to_stderr(String::from_utf8_lossy(&line).into_owned());
+        }
+        self.queue.push(line, class);
     }
 
     fn flush(&self) {}
