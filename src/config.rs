@@ -12,8 +12,8 @@ use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::access::{AccessRules, NetList};
-use crate::rate_limit::{DEFAULT_PREFIX_V4, DEFAULT_PREFIX_V6, Rate};
+use crate::limits::rate::{DEFAULT_PREFIX_V4, DEFAULT_PREFIX_V6, Rate};
+use crate::limits::{AccessRules, NetList};
 use crate::record::ReplySink;
 use crate::record::logging::LogReplies;
 

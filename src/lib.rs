@@ -77,31 +77,21 @@ compile_error!(
      listener's timeouts and linger time, and on Linux's accept(2) errors and /proc files"
 );
 
-mod access;
-mod activation;
-mod capacity;
 mod config;
-mod connection;
 mod error;
 mod limits;
-mod metrics;
-mod notify;
-mod proxy_protocol;
-mod rate_limit;
 mod record;
-mod reply;
-mod server;
+mod serve;
+mod service;
 mod shutdown;
 mod stats;
-mod thread_cache;
-mod timed_read;
 
-pub use access::{AccessRules, NetList};
 pub use config::{Config, ConfigError, RateLimit};
 pub use error::Error;
-pub use rate_limit::Rate;
+pub use limits::rate::Rate;
+pub use limits::{AccessRules, NetList};
 pub use record::{Record, ReplyEnd, ReplySink, logging};
-pub use server::{bind, listeners, run};
+pub use serve::{bind, listeners, run};
 pub use shutdown::Shutdown;
 pub use stats::Summary;
 

@@ -18,18 +18,18 @@
 //! ignored: no signal an operator may send ends the server without its
 //! drain, but SIGKILL and a second stop signal.
 //!
-//! `OpenConnections` is what a stop ends at its deadline: a handle to
-//! every open connection, so that the server can cut off the ones still
-//! open itself, and each connection thread logs what it had read.
+//! [`drain`] is the stop itself, once the accept loops have ended: connected
+//! clients get until the deadline, the rest are cut off (each connection
+//! thread records what it had), and the log gets a few seconds to take the
+//! last lines.
 
-use std::collections::HashMap;
 use std::io;
-use std::net::{self, IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{self, IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::process;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, SockRef, Socket, Type};
 
@@ -42,8 +42,10 @@ use signal_hook::consts::{
 use signal_hook::iterator::Signals;
 use signal_hook::low_level::signal_name;
 
+use crate::limits::{ConnectionLimit, LiveCount, canonical};
 use crate::lock;
 use crate::logging::{self, event};
+use crate::stats::{Stats, Summary};
 
 /// Signals that start a graceful stop (a second one exits at once).
 const STOP_SIGNALS: [i32; 3] = [SIGINT, SIGTERM, SIGQUIT];
@@ -124,7 +126,7 @@ impl Shutdown {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
         socket.bind(&SocketAddr::new(addr.ip(), 0).into())?;
         if let Some(from) = socket.local_addr()?.as_socket() {
-            lock(&self.inner.wake_from).push(crate::access::canonical(from));
+            lock(&self.inner.wake_from).push(canonical(from));
         }
         socket.connect_timeout(&addr.into(), WAKE_TIMEOUT)
     }
@@ -245,56 +247,6 @@ impl std::fmt::Debug for Inner {
     }
 }
 
-/// Every open connection, by a handle shared with its thread, so that a
-/// stopping server can end the ones still open at its deadline.
-#[derive(Debug, Default)]
-pub(crate) struct OpenConnections {
-    streams: Mutex<HashMap<u64, Arc<TcpStream>>>,
-    next_id: AtomicU64,
-    /// Set when the deadline has come and connections are being cut off.
-    cut_off: AtomicBool,
-}
-
-/// A connection's entry in [`OpenConnections`]; removed on drop.
-#[derive(Debug)]
-pub(crate) struct OpenConnection {
-    connections: Arc<OpenConnections>,
-    id: u64,
-}
-
-impl OpenConnections {
-    /// Notes `stream` as open until the returned entry is dropped.
-    pub(crate) fn register(self: &Arc<Self>, stream: &Arc<TcpStream>) -> OpenConnection {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        lock(&self.streams).insert(id, Arc::clone(stream));
-        OpenConnection {
-            connections: Arc::clone(self),
-            id,
-        }
-    }
-
-    /// Shuts down the read side of every open connection: a thread waiting
-    /// for a reply sees the end of it at once and logs what it had.
-    pub(crate) fn cut_off_all(&self) {
-        self.cut_off.store(true, Ordering::SeqCst);
-        let streams = lock(&self.streams);
-        for stream in streams.values() {
-            let _ = stream.shutdown(std::net::Shutdown::Read);
-        }
-    }
-
-    /// Whether connections are being cut off by a stopping server.
-    pub(crate) fn cutting_off(&self) -> bool {
-        self.cut_off.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        lock(&self.connections.streams).remove(&self.id);
-    }
-}
-
 /// An address that reaches a listener bound to `addr`: a listener on "every
 /// interface" is reached through the loopback of its family.
 fn reachable(addr: SocketAddr) -> SocketAddr {
@@ -304,4 +256,60 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
         ip => ip,
     };
     SocketAddr::new(ip, addr.port())
+}
+
+/// How long, after `--shutdown-timeout`, a stopping server waits for the
+/// connections it cut off to log what they had, and for the log to drain.
+pub(crate) const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a stopping server still waits for connection threads once it
+/// has stopped waiting for the log on their behalf.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The stop after the accept loops: waits for connected clients up to
+/// `timeout`, cuts off the rest, waits for every connection thread to
+/// record and finish (up to [`LOG_DRAIN_TIMEOUT`]), logs what was held back
+/// and the summary, and waits for the log to take it.
+pub(crate) fn drain(
+    limit: &ConnectionLimit,
+    threads: &LiveCount,
+    stats: &Stats,
+    timeout: Duration,
+) -> Summary {
+    let connected = limit.active();
+    info!(
+        event = event::SHUTDOWN, connected = connected;
+        "shutting down: no longer accepting; {connected} still connected, waiting up to {}s for them",
+        timeout.as_secs_f64()
+    );
+    let still_connected = limit.wait_until_idle(Instant::now() + timeout);
+    if still_connected > 0 {
+        info!(
+            event = event::SHUTDOWN, connected = still_connected;
+            "shutdown timeout: cutting off {still_connected} still connected"
+        );
+    }
+    limit.cut_off_all();
+    let drain_deadline = Instant::now() + LOG_DRAIN_TIMEOUT;
+    let mut threads_left = threads.wait_until_zero(drain_deadline);
+    if threads_left > 0 {
+        // The log is stalled: connection threads waiting to have their
+        // reply written give up and reset their connection instead of
+        // closing it cleanly; their lines stay queued, and unwritten.
+        logging::stop_waiting_for_the_log();
+        threads_left = threads.wait_until_zero(Instant::now() + RELEASE_TIMEOUT);
+    }
+    logging::report_held_back();
+    let mut summary = stats.summary(threads_left);
+    info!(
+        event = event::STOPPED, connections = summary.connections, replies = summary.replies,
+        truncated = summary.truncated, timed_out = summary.timed_out, no_reply = summary.no_reply,
+        failed = summary.failed, rejected_busy = summary.rejected_busy,
+        rate_limited = summary.rate_limited, denied = summary.denied,
+        cut_off = summary.cut_off, not_recorded = summary.not_recorded,
+        still_connected = summary.still_connected;
+        "shutdown complete: {summary}"
+    );
+    summary.unwritten_log_lines =
+        logging::flush(drain_deadline.saturating_duration_since(Instant::now()));
+    summary
 }

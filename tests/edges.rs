@@ -137,7 +137,7 @@ fn ipv4_clients_of_a_dual_stack_listener_are_counted_per_ipv4_address() {
     let line = server.expect_line("turned away");
     assert!(
         line.ends_with(&format!(
-            "{} turned away: already 1 connections from 127.0.0.1",
+            "{} turned away: already 1 connection from 127.0.0.1",
             local(&second)
         )),
         "{line}"

@@ -1,6 +1,8 @@
 //! The library's modules depend on each other one way only: this test reads
-//! every `crate::` path in `src/` and fails on any cycle between files, so
-//! that a new import that closes a loop is caught when it is written.
+//! every `crate::` and `super::` path in `src/` (folders included) and fails
+//! on any cycle between files, so that a new import that closes a loop is
+//! caught when it is written. A module is named by its path: `serve/accept`,
+//! `limits` (for `limits/mod.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -8,6 +10,31 @@ use std::path::Path;
 
 /// Module name (file stem) to the modules it names through `crate::`.
 type Graph = BTreeMap<String, BTreeSet<String>>;
+
+#[test]
+fn paths_resolve_to_the_module_files_they_name() {
+    let modules: BTreeSet<String> = ["limits", "limits/rate", "serve", "serve/read"]
+        .map(String::from)
+        .into();
+    let path = |text: &str| segments(text);
+    assert_eq!(
+        resolve("", &path("limits::rate::Rate"), &modules),
+        "limits/rate"
+    );
+    assert_eq!(resolve("", &path("limits::Refusal"), &modules), "limits");
+    assert_eq!(
+        resolve("serve", &path("read::Deadline"), &modules),
+        "serve/read"
+    );
+    assert_eq!(super_of("serve"), "");
+    assert_eq!(super_of("serve/accept"), "serve");
+    let graph = library_graph(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"));
+    assert!(
+        graph["serve/connection"].contains("serve/read"),
+        "{graph:?}"
+    );
+    assert!(graph["serve/connection"].contains("limits"), "{graph:?}");
+}
 
 #[test]
 fn modules_depend_on_each_other_one_way() {
@@ -33,7 +60,11 @@ fn the_check_finds_a_cycle_and_reads_grouped_imports() {
         ("c", "fn f() { crate::a::g() }\n"),
         ("d", ""),
     ] {
-        graph.insert(module.to_string(), dependencies(source));
+        let names = dependencies(source, "crate::")
+            .into_iter()
+            .filter_map(|path| path.first().cloned())
+            .collect();
+        graph.insert(module.to_string(), names);
     }
     assert_eq!(graph["b"], ["c", "d"].map(String::from).into());
     let cycle = find_cycle(&graph).expect("a -> b -> c -> a");
@@ -42,40 +73,97 @@ fn the_check_finds_a_cycle_and_reads_grouped_imports() {
     assert_eq!(find_cycle(&graph), None);
 }
 
-/// Every `.rs` file directly in `src/` except the binary's own (`main.rs`
-/// and its `cli.rs`).
+/// Every `.rs` file under `src/` except the binary's own (`main.rs` and
+/// its `cli.rs`), with the modules its paths name.
 fn library_graph(src: &Path) -> Graph {
+    let mut files = Vec::new();
+    collect(src, src, &mut files);
+    let modules: BTreeSet<String> = files.iter().map(|(module, _)| module.clone()).collect();
     let mut graph = Graph::new();
-    for entry in fs::read_dir(src).expect("src/ is readable") {
-        let path = entry.expect("src/ entry").path();
-        let Some(module) = path.file_stem().and_then(|s| s.to_str()) else {
-            continue;
-        };
-        if path.extension().is_none_or(|ext| ext != "rs") || ["main", "cli"].contains(&module) {
+    for (module, path) in files {
+        if ["main", "cli"].contains(&module.as_str()) {
             continue;
         }
         let source = fs::read_to_string(&path).expect("source file is readable");
-        let mut names = dependencies(&source);
-        names.remove(module);
-        graph.insert(module.to_string(), names);
+        let mut names: BTreeSet<String> = dependencies(&source, "crate::")
+            .into_iter()
+            .map(|path| resolve("", &path, &modules))
+            .chain(
+                dependencies(&source, "super::")
+                    .into_iter()
+                    .map(|path| resolve(super_of(&module), &path, &modules)),
+            )
+            .filter(|name| !name.is_empty())
+            .collect();
+        names.remove(&module);
+        graph.insert(module, names);
     }
     graph
 }
 
-/// The modules named in `crate::NAME` paths and `use crate::{NAME, ...}`
-/// groups (on one line or several), outside comment lines.
-fn dependencies(source: &str) -> BTreeSet<String> {
+/// The module `super::` names in `module`'s file: its parent (the crate
+/// root for a top-level module).
+fn super_of(module: &str) -> &str {
+    module.rsplit_once('/').map_or("", |(parent, _)| parent)
+}
+
+/// The longest module named by `path` (segments `a::b::C`) from `base`.
+fn resolve(base: &str, path: &[String], modules: &BTreeSet<String>) -> String {
+    let mut best = String::new();
+    let mut name = base.to_string();
+    for segment in path {
+        name = if name.is_empty() {
+            segment.clone()
+        } else {
+            format!("{name}/{segment}")
+        };
+        if modules.contains(&name) {
+            best = name.clone();
+        }
+    }
+    best
+}
+
+/// (module, file) for every `.rs` file under `dir`.
+fn collect(src: &Path, dir: &Path, files: &mut Vec<(String, std::path::PathBuf)>) {
+    for entry in fs::read_dir(dir).expect("src/ is readable") {
+        let path = entry.expect("src/ entry").path();
+        if path.is_dir() {
+            collect(src, &path, files);
+            continue;
+        }
+        if path.extension().is_none_or(|ext| ext != "rs") {
+            continue;
+        }
+        let relative = path
+            .strip_prefix(src)
+            .expect("under src/")
+            .with_extension("");
+        let mut module = relative.to_string_lossy().into_owned();
+        if let Some(folder) = module.strip_suffix("/mod") {
+            module = folder.to_string();
+        }
+        files.push((module, path));
+    }
+}
+
+/// The paths after `prefix` (`crate::` or `super::`), as segments, in
+/// plain paths and in `use prefix{a::X, b, c::{Y, Z}};` groups (on one line
+/// or several), outside comment lines.
+fn dependencies(source: &str, prefix: &str) -> BTreeSet<Vec<String>> {
     let code: String = source
         .lines()
         .filter(|line| !line.trim_start().starts_with("//"))
         .collect::<Vec<_>>()
         .join("\n");
-    let mut names = BTreeSet::new();
-    for (at, _) in code.match_indices("crate::") {
-        let rest = &code[at + "crate::".len()..];
+    let mut paths = BTreeSet::new();
+    for (at, _) in code.match_indices(prefix) {
+        // `super::super::` is read from its first `super::`.
+        if code[..at].ends_with("super::") {
+            continue;
+        }
+        let rest = &code[at + prefix.len()..];
         if let Some(group) = rest.strip_prefix('{') {
-            // `use crate::{a::X, b, c::{Y, Z}};`, on one line or several: the names
-            // at the group's top level.
             let mut depth = 0;
             let mut start = true;
             for (i, c) in group.char_indices() {
@@ -85,24 +173,40 @@ fn dependencies(source: &str) -> BTreeSet<String> {
                     '}' => depth -= 1,
                     ',' if depth == 0 => start = true,
                     c if start && (c.is_alphanumeric() || c == '_') => {
-                        names.insert(identifier(&group[i..]));
+                        paths.insert(segments(&group[i..]));
                         start = false;
                     }
                     _ => {}
                 }
             }
         } else {
-            names.insert(identifier(rest));
+            paths.insert(segments(rest));
         }
     }
-    names.retain(|name| !name.is_empty() && name.chars().next().is_some_and(char::is_lowercase));
-    names
+    paths.retain(|path| !path.is_empty());
+    paths
 }
 
-fn identifier(text: &str) -> String {
-    text.chars()
-        .take_while(|c| c.is_alphanumeric() || *c == '_')
-        .collect()
+/// `a::b::C` at the start of `text`, as its lower-case segments (module
+/// names) up to the first item name.
+fn segments(text: &str) -> Vec<String> {
+    let mut path = Vec::new();
+    let mut rest = text;
+    loop {
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        if name.is_empty() || !name.chars().next().is_some_and(char::is_lowercase) {
+            return path;
+        }
+        rest = &rest[name.len()..];
+        path.push(name);
+        match rest.strip_prefix("::") {
+            Some(after) => rest = after,
+            None => return path,
+        }
+    }
 }
 
 /// A cycle as the path that closes it (`a -> b -> a`), if there is one.

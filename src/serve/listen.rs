@@ -1,9 +1,9 @@
-//! Socket activation: the listening sockets a service manager (systemd, or
-//! `systemd-socket-activate`) opened for this process and passed down, so
-//! that the server serves on them instead of binding its own.
+//! The sockets a server listens on: bound here ([`bind`], with the
+//! kernel's largest backlog), or passed down by a service manager (socket
+//! activation), and the options every accepted socket inherits from them.
 //!
-//! The convention is sd_listen_fds(3): when `LISTEN_PID` is this process's
-//! id, `LISTEN_FDS` descriptors starting at 3 are ours, and
+//! Socket activation follows sd_listen_fds(3): when `LISTEN_PID` is this
+//! process's id, `LISTEN_FDS` descriptors starting at 3 are ours, and
 //! `LISTEN_FDNAMES` (optional, colon-separated) names them. The `sd-notify`
 //! crate reads those variables and marks the descriptors close-on-exec;
 //! this module turns each descriptor into a [`TcpListener`] after checking
@@ -11,36 +11,30 @@
 //! us a UDP or Unix socket by mistake must stop the start-up with a clear
 //! line, not turn into an accept loop failing forever.
 //!
-//! Why the inherited sockets are owned here, once: taking a raw descriptor
-//! as a socket is the one `unsafe` operation of the crate
-//! ([`claim_descriptor`]), and it is sound only if nothing else in the
-//! process owns that descriptor. [`inherited_listeners`] therefore claims
-//! them at most once per process, and should be called first thing in
-//! `main`, before anything else opens descriptors.
-//!
-//! The variables are left in the environment: unsetting them
-//! (`sd_listen_fds(unset = true)`) exists so that child processes do not
-//! mistake them for their own, but this server starts no child processes,
-//! a child could not match `LISTEN_PID` anyway, and the descriptors are
-//! close-on-exec. `std::env::remove_var` is `unsafe` in this edition
-//! because another thread may read the environment at the same time, which
-//! is not worth a second exception for nothing gained.
-//!
-//! Inherited sockets must never be `shutdown()` on stop: the service
-//! manager keeps its own copy to serve the next process with, and a
-//! `shutdown` would act on that shared socket. Dropping the listener only
-//! closes our descriptor, which is what a stop should do.
+//! Taking a raw descriptor as a socket is the one `unsafe` operation of the
+//! crate ([`claim_descriptor`]), sound only if nothing else in the process
+//! owns that descriptor: [`listeners`] claims them at most once per
+//! process, and should be called first thing in `main`. The variables are
+//! left in the environment (`env::remove_var` is `unsafe` in this edition;
+//! the server starts no child processes, and the descriptors are
+//! close-on-exec). Inherited sockets are never `shutdown()` on stop: the
+//! service manager keeps its own copy to serve the next process with.
 
 use std::env;
 use std::io;
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockRef, Type};
+use log::info;
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
+use crate::config::Config;
 use crate::error::Error;
+use crate::logging::{LISTENING_TARGET, event};
+use crate::shutdown::Shutdown;
 
 /// The variable that names the inherited descriptors; without it every
 /// descriptor is unnamed.
@@ -55,7 +49,7 @@ static CLAIMED: AtomicBool = AtomicBool::new(false);
 static INHERITED: OnceLock<Vec<RawFd>> = OnceLock::new();
 
 /// Whether `listener` is one the service manager passed down.
-pub(crate) fn is_inherited(listener: &TcpListener) -> bool {
+fn is_inherited(listener: &TcpListener) -> bool {
     INHERITED
         .get()
         .is_some_and(|fds| fds.contains(&listener.as_raw_fd()))
@@ -63,12 +57,12 @@ pub(crate) fn is_inherited(listener: &TcpListener) -> bool {
 
 /// A listening socket passed down by the service manager.
 #[derive(Debug)]
-pub(crate) struct InheritedListener {
-    pub(crate) listener: TcpListener,
+struct InheritedListener {
+    listener: TcpListener,
     /// The descriptor's name from `LISTEN_FDNAMES` (`FileDescriptorName=`
     /// in a socket unit, `--fdname` of `systemd-socket-activate`), if the
     /// manager gave names.
-    pub(crate) name: Option<String>,
+    name: Option<String>,
 }
 
 /// The listening sockets the service manager passed to this process, in
@@ -79,7 +73,7 @@ pub(crate) struct InheritedListener {
 /// the first one that is not is an error naming it, and no listener is
 /// returned. The descriptors are claimed at most once per process: call
 /// this first thing in `main`, before anything else opens descriptors.
-pub(crate) fn inherited_listeners() -> Result<Option<Vec<InheritedListener>>, Error> {
+fn inherited_listeners() -> Result<Option<Vec<InheritedListener>>, Error> {
     let descriptors = sd_notify::listen_fds_with_names()
         .map_err(|e| Error::new("cannot use the inherited sockets (LISTEN_FDS)", e))?;
     if descriptors.len() == 0 {
@@ -204,6 +198,135 @@ fn kind_name(kind: Type) -> String {
     }
 }
 
+/// Where the default listen backlog comes from: the most the kernel accepts
+/// (`net.core.somaxconn`), as Go does, so that a burst of clients waits in
+/// the kernel's queue instead of having its handshakes dropped.
+const SOMAXCONN_PATH: &str = "/proc/sys/net/core/somaxconn";
+/// The backlog when `SOMAXCONN_PATH` cannot be read: Linux's default
+/// `somaxconn` since 5.4.
+const FALLBACK_BACKLOG: u32 = 4096;
+
+/// Binds the listening socket for `config.listen_addr`, with
+/// `config.backlog` (or the kernel's maximum) as its backlog.
+///
+/// # Errors
+///
+/// Fails if the socket cannot be bound or listen, for example because the
+/// address is in use ([`std::io::ErrorKind::AddrInUse`]); the message names
+/// the address.
+pub fn bind(config: &Config) -> Result<TcpListener, Error> {
+    let addr = config.listen_addr;
+    let backlog = config.backlog.map_or_else(default_backlog, |n| n.get());
+    listen(addr, backlog, config.reuse_port)
+        .map_err(|e| Error::new(format!("cannot listen on {addr}"), e))
+}
+
+/// The sockets to serve: the ones a service manager passed down (socket
+/// activation: `LISTEN_PID` is this process and `LISTEN_FDS` is set), each
+/// logged with its name, or else one bound by [`bind`]. With inherited
+/// sockets, `config.listen_addr` and `config.backlog` play no part.
+///
+/// Call it before anything else in the process opens descriptors.
+///
+/// # Errors
+///
+/// Fails if an inherited descriptor is not a listening TCP socket, or as
+/// [`bind`] does.
+pub fn listeners(config: &Config) -> Result<Vec<TcpListener>, Error> {
+    let Some(inherited) = inherited_listeners()? else {
+        return Ok(vec![bind(config)?]);
+    };
+    for InheritedListener { listener, name } in &inherited {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::new("cannot read the address of an inherited socket", e))?;
+        info!(
+            event = event::INHERITED, addr:% = addr, name = name.as_deref();
+            "serving the socket passed down by the service manager on {addr}{}",
+            name.as_ref().map(|name| format!(" (named {name:?})")).unwrap_or_default()
+        );
+    }
+    Ok(inherited
+        .into_iter()
+        .map(|inherited| inherited.listener)
+        .collect())
+}
+
+/// What `TcpListener::bind` does (`SO_REUSEADDR`, bind, listen), with a
+/// backlog of our choosing instead of std's fixed 128, and `SO_REUSEPORT`
+/// if asked for.
+pub(crate) fn listen(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    Ok(socket.into())
+}
+
+/// `net.core.somaxconn`, the largest backlog the kernel grants by default.
+pub(crate) fn default_backlog() -> u32 {
+    std::fs::read_to_string(SOMAXCONN_PATH)
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(FALLBACK_BACKLOG)
+}
+
+/// Logs `listening on` for each listener, gives it the options accepted
+/// sockets inherit, and registers how a stop wakes its accept loop.
+pub(crate) fn prepare_listeners(
+    listeners: Vec<TcpListener>,
+    config: &Config,
+    shutdown: &Shutdown,
+) -> Result<Vec<(Arc<TcpListener>, SocketAddr)>, Error> {
+    let mut prepared = Vec::with_capacity(listeners.len());
+    for listener in listeners {
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| Error::new("cannot read the address the listener is bound to", e))?;
+        info!(
+            target: LISTENING_TARGET, event = event::LISTENING, addr:% = local_addr;
+            "listening on {local_addr}"
+        );
+        let socket = SockRef::from(&listener);
+        set_connection_options(socket, config)
+            .map_err(|e| Error::new("cannot set options on the listening socket", e))?;
+        let listener = Arc::new(listener);
+        // A port shared with other processes (SO_REUSEPORT) could hand the
+        // wake-up connection to another process; an inherited socket is
+        // never shut down, since the service manager listens on it too.
+        if !is_inherited(&listener) && SockRef::from(&*listener).reuse_port().unwrap_or(false) {
+            shutdown.add_listener_to_stop(&listener);
+        } else {
+            shutdown.add_wake_addr(local_addr);
+        }
+        prepared.push((listener, local_addr));
+    }
+    Ok(prepared)
+}
+
+/// Sets, on the listening socket, what every accepted socket inherits
+/// (Linux copies them when a handshake completes, which saves each
+/// connection its own `setsockopt` calls; a connection already queued
+/// before gets them set on its own socket): the prompt's write timeout, the whole reply budget
+/// as the read timeout, and a zero linger time. (As a side effect an idle
+/// `accept` returns `WouldBlock` once per reply timeout; the loop just goes
+/// round again.)
+///
+/// With a zero linger time, closing a socket resets the connection. A
+/// connection is closed cleanly only once its reply line has been written
+/// to the log (`connection::close` restores the normal close then), so
+/// if the process dies before that, by a signal or a crash, the kernel
+/// resets the connection and the client knows its reply was not kept.
+pub(crate) fn set_connection_options(socket: SockRef<'_>, config: &Config) -> io::Result<()> {
+    socket.set_read_timeout(config.reply_timeout)?;
+    socket.set_write_timeout(Some(config.write_timeout))?;
+    socket.set_linger(Some(Duration::ZERO))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,5 +424,26 @@ mod tests {
         }
         assert!(inherited_listeners().unwrap().is_none());
         assert!(inherited_listeners().unwrap().is_none());
+    }
+
+    #[test]
+    fn accepted_sockets_inherit_the_listeners_options() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let config = Config {
+            reply_timeout: Some(Duration::from_secs(7)),
+            ..Config::default()
+        };
+        set_connection_options(SockRef::from(&listener), &config).unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert_eq!(accepted.read_timeout().unwrap(), config.reply_timeout);
+        assert_eq!(
+            accepted.write_timeout().unwrap(),
+            Some(config.write_timeout)
+        );
+        assert_eq!(
+            SockRef::from(&accepted).linger().unwrap(),
+            Some(Duration::ZERO)
+        );
     }
 }

@@ -1,41 +1,33 @@
-//! One client's life on its own thread: read the PROXY header if the server
-//! sits behind a balancer, check who the client is, send the prompt, read
-//! one reply, log what happened with the client's address.
+//! One connection's life on its own thread, from the thread taking it to
+//! the thread parking again: identify the client (its PROXY header, behind a
+//! balancer), admit it (access rules, per-address cap, a proxied client's
+//! rate), send the prompt, read one reply, record it, and close the
+//! connection as the record allows: cleanly only once its whole reply is
+//! kept.
 //!
-//! Everything here may block: for the write timeout, the header and reply
-//! deadlines, up to a second more for a lingering close, and, to keep a
-//! reply from being lost, for as long as a stalled log takes to write its
-//! line (a stopping server stops waiting after its drain timeout). Nothing
-//! else waits on this thread.
+//! Everything here may block: for the prompt's write deadline, the header
+//! and reply deadlines, up to a second more for a lingering close, and for
+//! as long as the reply sink takes (the log gives up after
+//! `--record-timeout`). Nothing else waits on this thread.
 
-use std::io::{Read, Write};
 use std::mem::MaybeUninit;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::warn;
+use log::{debug, warn};
 use socket2::SockRef;
 
-use crate::access::{NetList, canonical};
+use super::proxy_protocol::{self, ProxyHeader};
+use super::read::{Deadline, Prefixed, ReadStep, Reply, read_before, read_reply, write_before};
 use crate::config::Config;
 use crate::error::describe_io_error;
-use crate::limits::{ConnectionSlot, IpSlot, PerIpLimit};
-use crate::logging::{
-    BUSY_LINES, DENIED_LINES, NOT_RECORDED_LINES, RATE_LIMITED_LINES, ServingPeer, event, log_every,
-};
-use crate::proxy_protocol::{self, ProxyHeader};
-use crate::rate_limit::{RateBuckets, RateLimited};
+use crate::limits::rate::RateBuckets;
+use crate::limits::{ConnectionLimit, ConnectionSlot, IpSlot, NetList, PerIpLimit, Refusal};
+use crate::limits::{canonical, refuse};
+use crate::logging::{NOT_RECORDED_LINES, ServingPeer, event, log_every};
 use crate::record::{Record, ReplyEnd};
-use crate::reply::{Reply, read_reply};
-use crate::shutdown::{OpenConnection, OpenConnections};
-use crate::stats::Outcome;
-use crate::timed_read::{Deadline, Prefixed, ReadStep, read_before};
-
-/// The line a client gets when it is not served: every connection slot is
-/// taken, its address or network is over its limit, or no thread could be
-/// started for it.
-pub(crate) const BUSY_MESSAGE: &[u8] = b"server busy, try again later\n";
+use crate::stats::{Outcome, Stats};
 
 /// Most bytes a lingering close reads and throws away before it gives up.
 const LINGER_MAX_BYTES: usize = 64 * 1024;
@@ -45,13 +37,52 @@ const LINGER_MAX_TIME: Duration = Duration::from_secs(1);
 /// What every connection is served with.
 pub(crate) struct Serving {
     pub(crate) config: Config,
+    /// The connection cap, whose slots also let a stop cut connections off.
+    pub(crate) limit: ConnectionLimit,
     /// Connections held per client address (`--max-per-ip`).
     pub(crate) per_ip: PerIpLimit,
-    /// Every open connection, for a stopping server to cut off.
-    pub(crate) open: Arc<OpenConnections>,
     /// `--max-rate-per-ip`: checked here for the client a PROXY header
     /// names, and by the accept loop for a direct client.
     pub(crate) rate: Option<RateBuckets>,
+    pub(crate) stats: Stats,
+}
+
+/// An admitted connection: what a connection thread serves.
+pub(crate) struct Accepted {
+    /// Shared with its slot, so that a stopping server can cut it off.
+    pub(crate) stream: Arc<TcpStream>,
+    pub(crate) peer: SocketAddr,
+    /// When `accept` returned it, for the session's duration.
+    pub(crate) accepted_at: Instant,
+    /// Held until the connection is closed, however it ends.
+    pub(crate) slot: ConnectionSlot,
+}
+
+/// A connection thread's life: serve `first`, then each connection that
+/// `park` hands over (a parked thread's next one) until it hands none.
+pub(crate) fn run_thread(
+    first: Accepted,
+    serving: &Serving,
+    mut park: impl FnMut() -> Option<Accepted>,
+) {
+    let mut next = Some(first);
+    while let Some(Accepted {
+        stream,
+        peer,
+        accepted_at,
+        slot,
+    }) = next
+    {
+        debug!(event = event::CONNECTED, peer:% = peer; "{peer} connected");
+        let served = serve(&stream, peer, accepted_at, serving);
+        let duration = accepted_at.elapsed();
+        serving
+            .stats
+            .record_session(served.outcome, served.reply_bytes, duration);
+        close(stream, served.close, slot);
+        debug!(event = event::DISCONNECTED, peer:% = peer; "{peer} disconnected");
+        next = park();
+    }
 }
 
 /// How a served connection went: its outcome, the size of the reply
@@ -88,19 +119,16 @@ impl Served {
         }
     }
 
-    fn refused(outcome: Outcome) -> Self {
+    /// A refused client: told in words, or closed without them.
+    fn refused(outcome: Outcome, refusal: &Refusal<'_>) -> Self {
         Served {
             outcome,
             reply_bytes: None,
-            close: Close::Refused,
-        }
-    }
-
-    fn told(outcome: Outcome) -> Self {
-        Served {
-            outcome,
-            reply_bytes: None,
-            close: Close::Clean,
+            close: if refusal.tells() {
+                Close::Clean
+            } else {
+                Close::Refused
+            },
         }
     }
 }
@@ -144,7 +172,8 @@ pub(crate) fn serve(
         Ok(ip_slot) => ip_slot,
         Err(served) => return served,
     };
-    if let Err(e) = stream.write_all(&config.prompt) {
+    let mut deadline = Deadline::after_with_timeout_already_set(config.write_timeout);
+    if let Err(e) = write_before(stream, &config.prompt, &mut deadline) {
         log_prompt_failed(client, &e);
         return Served::reset(Outcome::Failed);
     }
@@ -157,7 +186,7 @@ pub(crate) fn serve(
 #[inline(never)]
 fn record(client: Client, mut reply: Reply, accepted_at: Instant, serving: &Serving) -> Served {
     // The server shut the read side down itself at the stop's deadline.
-    if matches!(reply.end, ReplyEnd::Closed) && serving.open.cutting_off() {
+    if matches!(reply.end, ReplyEnd::Closed) && serving.limit.cutting_off() {
         reply.end = ReplyEnd::CutOff;
     }
     let record = Record {
@@ -239,7 +268,7 @@ fn read_client_reply(
 }
 
 /// Checks the access rules, the rate limit for a client behind a balancer,
-/// and takes the client's per-address slot, or turns it away. Not inlined,
+/// and takes the client's per-address slot, or refuses it. Not inlined,
 /// for the reason given at [`read_proxy_header`].
 #[inline(never)]
 fn admit_client<'a>(
@@ -248,54 +277,25 @@ fn admit_client<'a>(
     serving: &'a Serving,
 ) -> Result<IpSlot<'a>, Served> {
     let addr = client.addr;
-    let proxy = client.proxy_field();
-    let proxy = proxy.as_deref();
-    if !serving.config.access.permits(addr.ip()) {
-        log_every!(
-            DENIED_LINES, warn, [reason = "access_rules", peer:% = addr, proxy = proxy,],
-            "{addr} refused by the access rules"
-        );
-        return Err(Served::refused(Outcome::Denied));
-    }
-    // Behind a balancer the accept loop could not know the client yet; a
-    // header that names none (UNKNOWN, LOCAL) leaves the TCP peer to count.
-    if let Some(rate) = &serving.rate
+    let refusal = if !serving.config.access.permits(addr.ip()) {
+        Refusal::Denied
+    } else if let Some(rate) = &serving.rate
         && serving.config.proxy_protocol.is_some()
         && let Err(limited) = rate.try_acquire(addr.ip(), Instant::now())
     {
-        log_rate_limited(addr, proxy, &limited, rate);
-        turn_away(stream);
-        return Err(Served::told(Outcome::RateLimited));
-    }
-    let Some(ip_slot) = serving.per_ip.try_acquire(addr.ip()) else {
-        log_every!(
-            BUSY_LINES, warn, [reason = "max_per_ip", peer:% = addr, proxy = proxy,],
-            "{addr} turned away: already {} connections from {}",
-            serving.config.max_per_ip.map_or(0, |max| max.get()),
-            addr.ip()
-        );
-        turn_away(stream);
-        return Err(Served::told(Outcome::Busy));
+        // Behind a balancer the accept loop could not know the client yet;
+        // a header that names none (UNKNOWN, LOCAL) leaves the TCP peer.
+        Refusal::RateLimited(limited, rate)
+    } else if let Some(ip_slot) = serving.per_ip.try_acquire(addr.ip()) {
+        return Ok(ip_slot);
+    } else {
+        let max = serving.config.max_per_ip.map_or(0, |max| max.get());
+        Refusal::PerIp { max }
     };
-    Ok(ip_slot)
-}
-
-/// The (rate-limited) line about a client turned away by
-/// `--max-rate-per-ip`, at the accept loop or after its PROXY header.
-pub(crate) fn log_rate_limited(
-    addr: SocketAddr,
-    proxy: Option<&str>,
-    limited: &RateLimited,
-    rate: &RateBuckets,
-) {
-    log_every!(
-        RATE_LIMITED_LINES, warn, [peer:% = addr, proxy = proxy, network:% = limited.network,],
-        "{addr} turned away: its network {}/{} connects faster than {} (next connection in {:.2}s)",
-        limited.network,
-        rate.prefixes().length_of(limited.network),
-        rate.rate(),
-        limited.retry_after.as_secs_f64()
-    );
+    Err(Served::refused(
+        refuse(stream, addr, client.proxy, &refusal),
+        &refusal,
+    ))
 }
 
 #[inline(never)]
@@ -325,11 +325,11 @@ fn read_proxy_header(
     accepted_at: Instant,
 ) -> Result<(Client, Vec<u8>), Served> {
     if !trusted.is_empty() && !trusted.contains(peer.ip()) {
-        log_every!(
-            DENIED_LINES, warn, [reason = "untrusted_proxy", peer:% = peer,],
-            "{peer} refused: not a trusted proxy"
-        );
-        return Err(Served::refused(Outcome::Denied));
+        let refusal = Refusal::UntrustedProxy;
+        return Err(Served::refused(
+            refuse(stream, peer, None, &refusal),
+            &refusal,
+        ));
     }
     let deadline = config
         .reply_timeout
@@ -356,42 +356,6 @@ fn read_proxy_header(
     }
 }
 
-/// Sends the busy line and ends the stream, without ever waiting on the
-/// client: the one way a client is told it is not served (busy, rate
-/// limited, no thread for it).
-///
-/// A client that sent its reply at once (`echo yes | nc`) has bytes
-/// waiting: closing over them would reset the connection, and the client
-/// would lose the busy line. So the stream is ended after the line, and
-/// what has arrived is thrown away, without waiting for more; the close
-/// that follows is then clean.
-pub(crate) fn turn_away(mut stream: &TcpStream) {
-    let _ = SockRef::from(stream).set_linger(None);
-    let _ = stream.set_nonblocking(true);
-    let _ = stream.write(BUSY_MESSAGE);
-    let _ = stream.shutdown(Shutdown::Write);
-    discard_arrived_bytes(stream);
-}
-
-/// Most bytes [`discard_arrived_bytes`] reads: a turned-away client's reply,
-/// with room to spare; nobody spends more on it.
-const TURNED_AWAY_DISCARD_BYTES: usize = 16 * 1024;
-
-/// Reads and drops what a non-blocking socket already holds, up to
-/// [`TURNED_AWAY_DISCARD_BYTES`].
-fn discard_arrived_bytes(mut stream: &TcpStream) {
-    let mut discard = [0u8; 4096];
-    let mut discarded = 0;
-    while discarded < TURNED_AWAY_DISCARD_BYTES {
-        match stream.read(&mut discard) {
-            Ok(n) if n > 0 => discarded += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            // Nothing more waiting (WouldBlock), closed, or failed.
-            _ => return,
-        }
-    }
-}
-
 /// Ends a served connection as `close` says.
 ///
 /// A reset is what the zero linger time set on every socket gives. A
@@ -402,18 +366,18 @@ fn discard_arrived_bytes(mut stream: &TcpStream) {
 /// sees the end of stream), read and discard for at most
 /// [`LINGER_MAX_TIME`] or [`LINGER_MAX_BYTES`], then close.
 ///
-/// Otherwise the slot (and the rest of `held`) is released before the
+/// Otherwise the slot is released before the
 /// socket is closed, so that a client that sees its connection close can
 /// connect again at once; a lingering connection keeps its slot until it
 /// is done, so that lingering threads never outnumber the connection cap.
-pub(crate) fn close(stream: Arc<TcpStream>, close: Close, held: (ConnectionSlot, OpenConnection)) {
+fn close(stream: Arc<TcpStream>, close: Close, slot: ConnectionSlot) {
     if close != Close::Reset {
         let _ = SockRef::from(&*stream).set_linger(None);
     }
     if close == Close::Clean && has_unread_bytes(&stream) {
         linger(&stream);
     }
-    drop(held);
+    drop(slot);
     drop(stream);
 }
 

@@ -28,9 +28,8 @@ use socket2::SockRef;
 
 use crate::limits::{ConnectionLimit, PerIpLimit};
 use crate::logging::{LogEvery, event, held_back_note};
-use crate::shutdown::OpenConnections;
+use crate::serve::read::{Deadline, ReadStep, read_before};
 use crate::stats::{AcceptErrorKind, KindLabel, Stats};
-use crate::timed_read::{Deadline, ReadStep, read_before};
 
 /// The whole time one scraper may take: reading its request and taking the
 /// response. A silent scraper is dropped after this.
@@ -257,7 +256,6 @@ impl Drop for Endpoint {
 fn accept_scrapes(listener: &TcpListener, render: &Render) {
     let scrapes = ConnectionLimit::new(MAX_SCRAPES);
     let per_source = PerIpLimit::new(Some(MAX_SCRAPES_PER_SOURCE));
-    let open = Arc::new(OpenConnections::default());
     thread::scope(|scope| {
         loop {
             let (stream, peer) = match listener.accept() {
@@ -269,21 +267,22 @@ fn accept_scrapes(listener: &TcpListener, render: &Render) {
                     continue;
                 }
             };
-            let (Some(source_slot), Some(slot)) =
-                (per_source.try_acquire(peer.ip()), scrapes.try_acquire())
-            else {
+            let stream = Arc::new(stream);
+            let (Some(source_slot), Some(slot)) = (
+                per_source.try_acquire(peer.ip()),
+                scrapes.try_acquire(&stream),
+            ) else {
                 if let Some(held_back) = REFUSED_LINES.due() {
                     let why = format!("{MAX_SCRAPES} open, or {MAX_SCRAPES_PER_SOURCE} from it");
                     scrape_failed(peer, &format!("closed: {why}{}", held_back_note(held_back)));
                 }
                 continue;
             };
-            let stream = Arc::new(stream);
-            let held = (slot, source_slot, open.register(&stream));
-            let open = &open;
+            let held = (slot, source_slot);
+            let scrapes = &scrapes;
             let scrape = move || {
                 let _held = held;
-                if let Err(e) = answer(&stream, render, open) {
+                if let Err(e) = answer(&stream, render, scrapes) {
                     scrape_failed(peer, &format!("failed: {e}"));
                 }
             };
@@ -292,7 +291,7 @@ fn accept_scrapes(listener: &TcpListener, render: &Render) {
                 scrape_failed(peer, &format!("closed: cannot start a thread for it: {e}"));
             }
         }
-        open.cut_off_all();
+        scrapes.cut_off_all();
     });
 }
 
@@ -301,7 +300,7 @@ fn scrape_failed(peer: SocketAddr, what: &str) {
 }
 
 /// Reads the request within [`SCRAPE_DEADLINE`], answers it, and closes.
-fn answer(stream: &TcpStream, render: &Render, open: &OpenConnections) -> io::Result<()> {
+fn answer(stream: &TcpStream, render: &Render, open: &ConnectionLimit) -> io::Result<()> {
     let deadline = Instant::now() + SCRAPE_DEADLINE;
     let (status, headers, body) = read_request(stream, deadline, render, open)?;
     let response = format!("HTTP/1.1 {status}\r\n{headers}Connection: close\r\n\r\n{body}");
@@ -319,7 +318,7 @@ fn read_request(
     mut stream: &TcpStream,
     deadline: Instant,
     render: &Render,
-    open: &OpenConnections,
+    open: &ConnectionLimit,
 ) -> io::Result<Response> {
     let mut deadline = Deadline::at(deadline);
     let mut request = Vec::new();
@@ -393,7 +392,7 @@ fn respond(request: &[u8], render: &Render) -> Response {
 }
 
 #[cfg(test)]
-#[path = "../tests/metrics_scrape/mod.rs"]
+#[path = "../../tests/metrics_scrape/mod.rs"]
 #[allow(unreachable_pub)] // written for tests/, where `pub` is needed
 mod metrics_scrape;
 

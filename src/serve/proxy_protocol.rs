@@ -13,8 +13,8 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use super::read::{Deadline, DeadlineRead, ReadStep, read_before};
 use crate::error::describe_io_error;
-use crate::timed_read::{Deadline, DeadlineRead, ReadStep, read_before};
 
 /// The longest version 1 header, CRLF included.
 pub(crate) const V1_MAX_LEN: usize = 107;

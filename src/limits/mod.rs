@@ -1,0 +1,614 @@
+//! Limits on what clients can hold, who may connect at all, and the one way
+//! a client is refused.
+//!
+//! - [`ConnectionLimit`]: the connection cap, as slots that each connection
+//!   owns from the accept to the close and releases however it ends (even
+//!   by a panic), so that a slot can never leak. A slot also makes its
+//!   connection one a stopping server can cut off at its deadline.
+//! - [`PerIpLimit`]: `--max-per-ip` (like xinetd's `per_source`), the same
+//!   way per client address, once the real client address is known.
+//! - [`AccessRules`]: `--allow`/`--deny`, and the [`NetList`] of trusted
+//!   proxies, checked against the real client address.
+//! - [`refuse`]: busy, rate-limited and denied clients, from the accept loop
+//!   and from a connection thread alike: the log line, at most once a
+//!   second per kind, and the busy line for those told in words.
+//! - `rate`: `--max-rate-per-ip`, token buckets per client network.
+//! - `capacity`: how high the cap can go on this machine.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+use ipnet::IpNet;
+use log::warn;
+use socket2::SockRef;
+
+use crate::error::describe_io_error;
+use crate::lock;
+use crate::logging::{BUSY_LINES, DENIED_LINES, RATE_LIMITED_LINES, event, log_every};
+use crate::stats::Outcome;
+
+pub(crate) mod capacity;
+pub(crate) mod rate;
+
+use rate::{RateBuckets, RateLimited};
+
+/// How many of something are alive now (connections holding a slot,
+/// connection threads), with a wait for the count to reach zero: what a
+/// stopping server waits on.
+#[derive(Debug, Default)]
+pub(crate) struct LiveCount {
+    count: Mutex<usize>,
+    /// Signalled when the count reaches zero.
+    zero: Condvar,
+}
+
+/// One member of a [`LiveCount`]; leaves it on drop, however its owner ends
+/// (even by a panic).
+#[derive(Debug)]
+pub(crate) struct Live {
+    count: Arc<LiveCount>,
+}
+
+impl LiveCount {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(LiveCount::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, usize> {
+        lock(&self.count)
+    }
+
+    /// Joins the count if it is below `max`, without waiting.
+    pub(crate) fn try_enter(self: &Arc<Self>, max: usize) -> Option<Live> {
+        let mut count = self.lock();
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(Live {
+            count: Arc::clone(self),
+        })
+    }
+
+    /// Joins the count.
+    pub(crate) fn enter(self: &Arc<Self>) -> Live {
+        *self.lock() += 1;
+        Live {
+            count: Arc::clone(self),
+        }
+    }
+
+    /// How many are alive now.
+    pub(crate) fn get(&self) -> usize {
+        *self.lock()
+    }
+
+    /// Waits until none is alive or `deadline` passes; returns how many
+    /// still are.
+    pub(crate) fn wait_until_zero(&self, deadline: Instant) -> usize {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        *self
+            .zero
+            .wait_timeout_while(self.lock(), timeout, |count| *count > 0)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        let mut count = self.count.lock();
+        *count -= 1;
+        if *count == 0 {
+            self.count.zero.notify_all();
+        }
+    }
+}
+
+/// At most `max` connections at once. A connection holds a
+/// [`ConnectionSlot`] from the accept loop until it is closed; the slot
+/// names its stream, so that a stopping server can cut off every
+/// connection still open ([`ConnectionLimit::cut_off_all`]).
+#[derive(Debug, Clone)]
+pub(crate) struct ConnectionLimit {
+    max: usize,
+    slots: Arc<LiveCount>,
+    open: Arc<OpenStreams>,
+}
+
+/// Every open connection's stream, by slot.
+#[derive(Debug, Default)]
+struct OpenStreams {
+    streams: Mutex<HashMap<u64, Arc<TcpStream>>>,
+    next_id: AtomicU64,
+    /// Set when the deadline has come and connections are being cut off.
+    cutting_off: AtomicBool,
+}
+
+/// One connection's share of a [`ConnectionLimit`]; released on drop.
+#[derive(Debug)]
+pub(crate) struct ConnectionSlot {
+    _live: Live,
+    open: Arc<OpenStreams>,
+    id: u64,
+}
+
+impl ConnectionLimit {
+    /// A limit of `max` connections at once.
+    pub(crate) fn new(max: usize) -> Self {
+        ConnectionLimit {
+            max,
+            slots: LiveCount::new(),
+            open: Arc::default(),
+        }
+    }
+
+    /// A slot for `stream` if fewer than `max` are taken, without waiting.
+    pub(crate) fn try_acquire(&self, stream: &Arc<TcpStream>) -> Option<ConnectionSlot> {
+        let live = self.slots.try_enter(self.max)?;
+        let id = self.open.next_id.fetch_add(1, Ordering::Relaxed);
+        lock(&self.open.streams).insert(id, Arc::clone(stream));
+        Some(ConnectionSlot {
+            _live: live,
+            open: Arc::clone(&self.open),
+            id,
+        })
+    }
+
+    /// The cap.
+    pub(crate) fn max(&self) -> usize {
+        self.max
+    }
+
+    /// How many slots are taken now.
+    pub(crate) fn active(&self) -> usize {
+        self.slots.get()
+    }
+
+    /// Waits until every slot is released or `deadline` passes; returns how
+    /// many are still taken.
+    pub(crate) fn wait_until_idle(&self, deadline: Instant) -> usize {
+        self.slots.wait_until_zero(deadline)
+    }
+
+    /// Shuts down the read side of every open connection: a thread waiting
+    /// for a reply sees the end of it at once and records what it had.
+    pub(crate) fn cut_off_all(&self) {
+        self.open.cutting_off.store(true, Ordering::SeqCst);
+        for stream in lock(&self.open.streams).values() {
+            let _ = stream.shutdown(Shutdown::Read);
+        }
+    }
+
+    /// Whether a stopping server is cutting connections off.
+    pub(crate) fn cutting_off(&self) -> bool {
+        self.open.cutting_off.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        lock(&self.open.streams).remove(&self.id);
+    }
+}
+
+/// At most `max` connections at once from one client address.
+#[derive(Debug)]
+pub(crate) struct PerIpLimit {
+    /// `None`: no limit, and no bookkeeping.
+    max: Option<usize>,
+    /// Connections held now, by client address; addresses at 0 are removed.
+    held: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One connection's share of a [`PerIpLimit`]; released on drop.
+#[derive(Debug)]
+pub(crate) struct IpSlot<'a> {
+    limit: &'a PerIpLimit,
+    /// `None` when there is no limit to release.
+    ip: Option<IpAddr>,
+}
+
+impl PerIpLimit {
+    pub(crate) fn new(max: Option<usize>) -> Self {
+        PerIpLimit {
+            max,
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn held(&self) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
+        lock(&self.held)
+    }
+
+    /// A slot for `ip`, or `None` if it already holds `max` connections.
+    pub(crate) fn try_acquire(&self, ip: IpAddr) -> Option<IpSlot<'_>> {
+        let Some(max) = self.max else {
+            return Some(IpSlot {
+                limit: self,
+                ip: None,
+            });
+        };
+        let ip = ip.to_canonical();
+        let mut held = self.held();
+        let count = held.entry(ip).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(IpSlot {
+            limit: self,
+            ip: Some(ip),
+        })
+    }
+}
+
+impl Drop for IpSlot<'_> {
+    fn drop(&mut self) {
+        if let Some(ip) = self.ip {
+            let mut held = self.limit.held();
+            if let Some(count) = held.get_mut(&ip) {
+                *count -= 1;
+                if *count == 0 {
+                    held.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+/// A list of networks, such as `10.0.0.0/8`, `::1/128` or a bare address.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetList(pub Vec<IpNet>);
+
+impl NetList {
+    /// Whether `ip` is in any of the networks. An IPv4 client also matches
+    /// a rule written for its IPv4-mapped form (`::ffff:127.0.0.1`,
+    /// `::ffff:0:0/96`, `::/0`).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        let mapped = match ip {
+            IpAddr::V4(v4) => Some(IpAddr::V6(v4.to_ipv6_mapped())),
+            IpAddr::V6(_) => None,
+        };
+        self.0
+            .iter()
+            .any(|net| net.contains(&ip) || mapped.is_some_and(|m| net.contains(&m)))
+    }
+
+    /// Whether the list has no networks at all.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// A client address in the one form the server uses everywhere: an
+/// IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]:50312`, how a dual-stack
+/// listener sees IPv4 clients) becomes the IPv4 address it is
+/// (`127.0.0.1:50312`).
+pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// `--allow` and `--deny`: a client is refused if any deny rule matches
+/// it, or if allow rules exist and none matches it (deny wins).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccessRules {
+    /// `--allow`: when not empty, only these clients are served.
+    pub allow: NetList,
+    /// `--deny`: these clients are refused, whatever `allow` says.
+    pub deny: NetList,
+}
+
+impl AccessRules {
+    /// Whether a client at `ip` may be served.
+    pub fn permits(&self, ip: IpAddr) -> bool {
+        !self.deny.contains(ip) && (self.allow.is_empty() || self.allow.contains(ip))
+    }
+}
+
+/// The line a client gets when it is not served: every connection slot is
+/// taken, its address or network is over its limit, or no thread could be
+/// started for it.
+pub(crate) const BUSY_MESSAGE: &[u8] = b"server busy, try again later\n";
+
+/// Why a client is not served.
+pub(crate) enum Refusal<'a> {
+    /// Every connection slot is taken (`--max-connections`).
+    Full { cap: usize },
+    /// Its address holds `--max-per-ip` connections already.
+    PerIp { max: usize },
+    /// Its network connects faster than `--max-rate-per-ip`.
+    RateLimited(RateLimited, &'a RateBuckets),
+    /// The access rules do not admit it.
+    Denied,
+    /// It sent a PROXY header but is not a trusted proxy.
+    UntrustedProxy,
+    /// No thread could be started for it.
+    NoThread(io::Error),
+}
+
+impl Refusal<'_> {
+    /// Whether the client is told it is not served (the busy line, then a
+    /// clean close); a denied one is closed without a word.
+    pub(crate) fn tells(&self) -> bool {
+        !matches!(self, Refusal::Denied | Refusal::UntrustedProxy)
+    }
+}
+
+/// Refuses `peer` (behind `proxy`, if one relayed it): logs why, at most
+/// once a second per kind (every one for a missing thread), and sends the
+/// busy line to those it [tells](Refusal::tells). Returns how it counts.
+/// The caller closes the stream.
+pub(crate) fn refuse(
+    stream: &TcpStream,
+    peer: SocketAddr,
+    proxy: Option<SocketAddr>,
+    why: &Refusal<'_>,
+) -> Outcome {
+    let proxy = proxy.map(|proxy| proxy.to_string());
+    let proxy = proxy.as_deref();
+    let outcome = match why {
+        Refusal::Full { cap } => {
+            log_every!(
+                BUSY_LINES, warn, [reason = "max_connections", peer:% = peer,],
+                "{peer} turned away: all {cap} connection slots are taken"
+            );
+            Outcome::Busy
+        }
+        Refusal::PerIp { max } => {
+            let connections = if *max == 1 {
+                "connection"
+            } else {
+                "connections"
+            };
+            log_every!(
+                BUSY_LINES, warn, [reason = "max_per_ip", peer:% = peer, proxy = proxy,],
+                "{peer} turned away: already {max} {connections} from {}", peer.ip()
+            );
+            Outcome::Busy
+        }
+        Refusal::RateLimited(limited, rate) => {
+            log_every!(
+                RATE_LIMITED_LINES, warn,
+                [peer:% = peer, proxy = proxy, network:% = limited.network,],
+                "{peer} turned away: its network {}/{} connects faster than {} \
+                 (next connection in {:.2}s)",
+                limited.network,
+                rate.prefixes().length_of(limited.network),
+                rate.rate(),
+                limited.retry_after.as_secs_f64()
+            );
+            Outcome::RateLimited
+        }
+        Refusal::Denied => {
+            log_every!(
+                DENIED_LINES, warn, [reason = "access_rules", peer:% = peer, proxy = proxy,],
+                "{peer} refused by the access rules"
+            );
+            Outcome::Denied
+        }
+        Refusal::UntrustedProxy => {
+            log_every!(
+                DENIED_LINES, warn, [reason = "untrusted_proxy", peer:% = peer,],
+                "{peer} refused: not a trusted proxy"
+            );
+            Outcome::Denied
+        }
+        Refusal::NoThread(e) => {
+            warn!(
+                event = event::SPAWN_FAILED, peer:% = peer;
+                "{peer} closed: cannot start a thread for it: {}", describe_io_error(e)
+            );
+            Outcome::Failed
+        }
+    };
+    if why.tells() {
+        turn_away(stream);
+    }
+    outcome
+}
+
+/// Sends the busy line and ends the stream, without ever waiting on the
+/// client.
+///
+/// A client that sent its reply at once (`echo yes | nc`) has bytes
+/// waiting: closing over them would reset the connection, and the client
+/// would lose the busy line. So the stream is ended after the line, and
+/// what has arrived (up to [`TURNED_AWAY_DISCARD_BYTES`]) is thrown away,
+/// without waiting for more; the close that follows is then clean.
+fn turn_away(mut stream: &TcpStream) {
+    let _ = SockRef::from(stream).set_linger(None);
+    let _ = stream.set_nonblocking(true);
+    let _ = stream.write(BUSY_MESSAGE);
+    let _ = stream.shutdown(Shutdown::Write);
+    let mut discard = [0u8; 4096];
+    let mut discarded = 0;
+    while discarded < TURNED_AWAY_DISCARD_BYTES {
+        match stream.read(&mut discard) {
+            Ok(n) if n > 0 => discarded += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // Nothing more waiting (WouldBlock), closed, or failed.
+            _ => return,
+        }
+    }
+}
+
+/// Most bytes [`turn_away`] reads: a turned-away client's reply, with room
+/// to spare; nobody spends more on it.
+const TURNED_AWAY_DISCARD_BYTES: usize = 16 * 1024;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::thread;
+    use std::time::Duration;
+
+    /// A connected stream to hold slots with.
+    fn stream() -> Arc<TcpStream> {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Arc::new(TcpStream::connect(listener.local_addr().unwrap()).unwrap())
+    }
+
+    #[test]
+    fn slots_are_capped_and_come_back_on_drop() {
+        let (limit, stream) = (ConnectionLimit::new(2), stream());
+        let a = limit.try_acquire(&stream).expect("first");
+        let _b = limit.try_acquire(&stream).expect("second");
+        assert!(limit.try_acquire(&stream).is_none());
+        drop(a);
+        assert_eq!(limit.active(), 1);
+        assert!(limit.try_acquire(&stream).is_some());
+    }
+
+    #[test]
+    fn slot_is_released_when_its_thread_panics() {
+        let (limit, stream) = (ConnectionLimit::new(1), stream());
+        let slot = limit.try_acquire(&stream).expect("slot");
+        let panicked = thread::spawn(move || {
+            let _slot = slot;
+            panic!("handler bug");
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert_eq!(limit.active(), 0);
+        assert!(limit.try_acquire(&stream).is_some());
+    }
+
+    #[test]
+    fn wait_until_idle_returns_when_the_last_slot_goes() {
+        let (limit, stream) = (ConnectionLimit::new(4), stream());
+        let slot = limit.try_acquire(&stream).expect("slot");
+        let holder = thread::spawn(move || drop(slot));
+        assert_eq!(
+            limit.wait_until_idle(Instant::now() + Duration::from_secs(20)),
+            0
+        );
+        holder.join().unwrap();
+    }
+
+    #[test]
+    fn per_ip_slots_are_counted_per_address() {
+        let limit = PerIpLimit::new(Some(2));
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let first = limit.try_acquire(a).expect("first");
+        let _second = limit.try_acquire(a).expect("second");
+        assert!(limit.try_acquire(a).is_none());
+        // The same client seen through an IPv6 socket counts as itself.
+        assert!(
+            limit
+                .try_acquire("::ffff:192.0.2.1".parse().unwrap())
+                .is_none()
+        );
+        assert!(limit.try_acquire(b).is_some());
+        drop(first);
+        assert!(limit.try_acquire(a).is_some());
+    }
+
+    #[test]
+    fn no_per_ip_limit_admits_everyone_without_bookkeeping() {
+        let limit = PerIpLimit::new(None);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let _slots: Vec<_> = (0..100)
+            .map(|_| limit.try_acquire(ip).expect("slot"))
+            .collect();
+        assert!(limit.held().is_empty());
+    }
+
+    #[test]
+    fn wait_until_idle_gives_up_at_the_timeout() {
+        let (limit, stream) = (ConnectionLimit::new(4), stream());
+        let _held = limit.try_acquire(&stream).expect("slot");
+        assert_eq!(
+            limit.wait_until_idle(Instant::now() + Duration::from_millis(50)),
+            1
+        );
+    }
+
+    fn nets(list: &[&str]) -> NetList {
+        let net = |text: &&str| {
+            text.parse::<IpNet>()
+                .unwrap_or_else(|_| IpNet::from(text.parse::<IpAddr>().unwrap()))
+        };
+        NetList(list.iter().map(net).collect())
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn no_rules_permit_everyone() {
+        assert!(AccessRules::default().permits(ip("203.0.113.9")));
+    }
+
+    #[test]
+    fn allow_rules_admit_only_their_networks() {
+        let rules = AccessRules {
+            allow: nets(&["10.0.0.0/8", "::1"]),
+            deny: NetList::default(),
+        };
+        assert!(rules.permits(ip("10.1.2.3")));
+        assert!(rules.permits(ip("::1")));
+        assert!(!rules.permits(ip("11.0.0.1")));
+        assert!(!rules.permits(ip("::2")));
+    }
+
+    #[test]
+    fn deny_wins_over_allow() {
+        let rules = AccessRules {
+            allow: nets(&["10.0.0.0/8"]),
+            deny: nets(&["10.9.0.0/16"]),
+        };
+        assert!(rules.permits(ip("10.1.0.1")));
+        assert!(!rules.permits(ip("10.9.0.1")));
+    }
+
+    #[test]
+    fn ipv4_mapped_clients_match_ipv4_rules() {
+        let rules = AccessRules {
+            allow: NetList::default(),
+            deny: nets(&["127.0.0.0/8"]),
+        };
+        assert!(!rules.permits(ip("::ffff:127.0.0.1")));
+        assert!(rules.permits(ip("::ffff:192.0.2.1")));
+    }
+
+    #[test]
+    fn rules_in_mapped_form_match_ipv4_clients() {
+        for rule in [
+            "::ffff:127.0.0.1",
+            "::ffff:0:0/96",
+            "::ffff:127.0.0.0/104",
+            "::/0",
+        ] {
+            let rules = AccessRules {
+                allow: NetList::default(),
+                deny: nets(&[rule]),
+            };
+            assert!(!rules.permits(ip("127.0.0.1")), "{rule}");
+            assert!(!rules.permits(ip("::ffff:127.0.0.1")), "{rule}");
+        }
+        let allow_mapped = AccessRules {
+            allow: nets(&["::ffff:127.0.0.1"]),
+            deny: NetList::default(),
+        };
+        assert!(allow_mapped.permits(ip("127.0.0.1")));
+        assert!(!allow_mapped.permits(ip("127.0.0.2")));
+        assert!(!allow_mapped.permits(ip("::1")));
+    }
+
+    #[test]
+    fn mapped_client_addresses_become_ipv4() {
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:50312".parse().unwrap();
+        assert_eq!(canonical(mapped).to_string(), "127.0.0.1:50312");
+        let v6: SocketAddr = "[::1]:5".parse().unwrap();
+        assert_eq!(canonical(v6), v6);
+    }
+}

@@ -1,0 +1,189 @@
+//! Serving connections: [`run`] sets a server up on its listeners, runs an
+//! accept loop on each, and stops it.
+//!
+//! - `listen`: the sockets to serve, bound or passed down by the service
+//!   manager, and the options accepted sockets inherit;
+//! - `accept`: the accept loop, admission, the thread cache, and the one
+//!   place a connection thread starts;
+//! - `connection`: one connection's life, from the thread taking it to the
+//!   thread parking again;
+//! - `read`: reading client bytes and writing the prompt under deadlines;
+//! - `proxy_protocol`: the PROXY header a balancer sends first.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+use log::{info, warn};
+
+use crate::config::Config;
+use crate::error::{Error, describe_io_error};
+use crate::limits::rate::{PrefixLengths, RateBuckets};
+use crate::limits::{ConnectionLimit, PerIpLimit, capacity};
+use crate::logging::{self, event};
+use crate::service::metrics::{self, Metrics, ServerState};
+use crate::service::notify::Notifier;
+use crate::shutdown::{self, Shutdown};
+use crate::stats::{Stats, Summary};
+
+mod accept;
+mod connection;
+mod listen;
+mod proxy_protocol;
+pub(crate) mod read;
+
+use accept::Shared;
+use connection::Serving;
+pub use listen::{bind, listeners};
+
+/// Serves connections from `listeners` (one, or several such as the IPv4
+/// and IPv6 sockets systemd hands over; each gets its own accept loop, and
+/// all share one connection cap) until `shutdown` is triggered. Then serves
+/// the clients already queued on the listeners, closes them, lets
+/// connected clients finish for up to `config.shutdown_timeout`, cuts off
+/// the ones still connected (each is logged with what it had sent), and
+/// returns what happened once every connection thread is gone.
+///
+/// Logs `listening on ADDR` for each listener with the address actually
+/// bound first, so that a caller who asked for port 0 can find out which
+/// port it got. A single listener is passed as `[listener]`.
+///
+/// # Errors
+///
+/// Fails before serving anyone if a listener's address or options cannot
+/// be read or set, the metrics address cannot be bound, or `NOTIFY_SOCKET`
+/// is unusable; once serving, no error stops it (a failing `accept` is
+/// logged and retried).
+pub fn run(
+    listeners: impl IntoIterator<Item = TcpListener>,
+    config: Config,
+    shutdown: Shutdown,
+) -> Result<Summary, Error> {
+    let listeners: Vec<TcpListener> = listeners.into_iter().collect();
+    config.validate().map_err(|e| {
+        Error::new(
+            "invalid configuration",
+            io::Error::new(io::ErrorKind::InvalidInput, e),
+        )
+    })?;
+    let metrics_listener = config.metrics_addr.map(bind_metrics).transpose()?;
+    let notifier = if config.notify_service_manager {
+        Notifier::from_env()
+            .map_err(|e| Error::new("cannot reach the service manager (NOTIFY_SOCKET)", e))?
+    } else {
+        Notifier::disabled()
+    };
+    let listeners = listen::prepare_listeners(listeners, &config, &shutdown)?;
+    let shared = Arc::new(shared(config, listeners.len()));
+    let metrics = metrics_listener
+        .map(|listener| start_metrics(listener, &shared))
+        .transpose()?;
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|(_, addr)| *addr).collect();
+    report_to_service_manager(&notifier, &addrs, &shared);
+    let counters = Arc::clone(&shared);
+    shutdown.on_counters_request(Some(Arc::new(move || log_counters(&counters))));
+    let accepted = accept::accept_on_all(listeners, &shared, &shutdown, &notifier);
+    shutdown.on_counters_request(None);
+    accepted?;
+    // A failure to send is logged by the notifier itself, once.
+    let _ = notifier.stopping();
+    shared.thread_cache.close();
+    let serving = &shared.serving;
+    let summary = shutdown::drain(
+        &serving.limit,
+        &shared.threads,
+        &serving.stats,
+        serving.config.shutdown_timeout,
+    );
+    drop(metrics);
+    Ok(summary)
+}
+
+/// What the accept loops and connection threads share, for `config` and
+/// `accept_loops` listeners: the connection cap is lowered to what this
+/// process can really hold, with one warn line if that is less than asked.
+fn shared(mut config: Config, accept_loops: usize) -> Shared {
+    let cap = capacity::effective_max_connections(config.max_connections.get(), accept_loops);
+    config.max_connections = NonZeroUsize::new(cap).unwrap_or(NonZeroUsize::MIN);
+    let rate = config.rate_limit.map(|limit| {
+        let prefixes = PrefixLengths::new(limit.prefix_v4, limit.prefix_v6);
+        RateBuckets::new(limit.rate, prefixes)
+    });
+    let thread_cache = config.thread_cache;
+    let serving = Serving {
+        limit: ConnectionLimit::new(config.max_connections.get()),
+        per_ip: PerIpLimit::new(config.max_per_ip.map(NonZeroUsize::get)),
+        rate,
+        stats: Stats::default(),
+        config,
+    };
+    Shared::new(serving, thread_cache)
+}
+
+/// The `--metrics-addr` listener, with the kernel's largest backlog, so
+/// that a client reconnecting in a loop does not fill the queue and have
+/// other scrapers' handshakes dropped.
+fn bind_metrics(addr: SocketAddr) -> Result<TcpListener, Error> {
+    listen::listen(addr, listen::default_backlog(), false)
+        .map_err(|e| Error::new(format!("cannot listen for metrics on {addr}"), e))
+}
+
+/// Starts the `--metrics-addr` endpoint, which serves until it is dropped
+/// once the server has stopped (the drain included, so that it can be
+/// watched).
+fn start_metrics(listener: TcpListener, shared: &Arc<Shared>) -> Result<metrics::Endpoint, Error> {
+    let addr = listener.local_addr().ok();
+    let metrics = Metrics::new(&shared.serving.stats, shared.serving.rate.is_some());
+    let shared = Arc::clone(shared);
+    let endpoint =
+        metrics::Endpoint::start(listener, move || metrics.render(&server_state(&shared)))
+            .map_err(|e| Error::new("cannot start the metrics endpoint", e))?;
+    if let Some(addr) = addr {
+        info!(event = event::METRICS, addr:% = addr; "metrics at http://{addr}/metrics");
+    }
+    Ok(endpoint)
+}
+
+/// What the metrics' gauges show, read as a scrape is answered.
+fn server_state(shared: &Shared) -> ServerState {
+    let alive = shared.threads.get() as u64;
+    let parked = shared.thread_cache.parked() as u64;
+    ServerState {
+        connections_open: shared.serving.limit.active() as u64,
+        threads_serving: alive.saturating_sub(parked),
+        threads_parked: parked,
+        max_connections: shared.serving.config.max_connections.get() as u64,
+        rate_limit_networks: shared.serving.rate.as_ref().map(|rate| rate.len() as u64),
+        log_lines_dropped: logging::lines_dropped(),
+        log_write_errors: logging::write_errors(),
+    }
+}
+
+/// Tells the service manager (if there is one) that the server is ready,
+/// and starts the status reports and watchdog pings. A failure to send is
+/// logged by the notifier itself, once; serving goes on either way.
+fn report_to_service_manager(notifier: &Notifier, addrs: &[SocketAddr], shared: &Arc<Shared>) {
+    let _ = notifier.ready(addrs);
+    let shared = Arc::clone(shared);
+    if let Err(e) = notifier.start_reporting(move || shared.serving.limit.active()) {
+        warn!(
+            event = event::NOTIFY_FAILED;
+            "cannot start reporting to the service manager: {}", describe_io_error(&e)
+        );
+    }
+}
+
+/// The counters so far, as one line (SIGUSR1).
+fn log_counters(shared: &Shared) {
+    let summary = shared.serving.stats.summary(shared.serving.limit.active());
+    info!(
+        event = event::COUNTERS, connections = summary.connections, replies = summary.replies,
+        truncated = summary.truncated, timed_out = summary.timed_out, no_reply = summary.no_reply,
+        failed = summary.failed, rejected_busy = summary.rejected_busy,
+        rate_limited = summary.rate_limited, denied = summary.denied,
+        cut_off = summary.cut_off, not_recorded = summary.not_recorded,
+        connected = summary.still_connected;
+        "counters so far: {}", summary.to_string().replace(" still connected", " connected now")
+    );
+}
