@@ -15,58 +15,39 @@
 //!
 //! # Layout
 //!
-//! Modules depend on each other one way (a test checks it), roughly in this
-//! order from the top:
+//! `ls src` shows the parts; each folder's `mod.rs` says what it owns, and
+//! modules depend on each other one way (a test checks it).
 //!
-//! - `server`: binding the listener and the accept loop: where a connection
-//!   is admitted or turned away busy, the one place where a connection thread
-//!   is started, and how the loop survives `accept` failures.
-//! - `activation`: the listening sockets a service manager passed down
-//!   (socket activation), checked to be listening TCP sockets.
-//! - `notify`: readiness, status and watchdog messages to the service
-//!   manager (`Type=notify`), the watchdog fed by each accept loop.
-//! - `capacity`: how many connections this process can really hold
-//!   (descriptors, memory mappings, thread limits), worked out at start-up,
-//!   so that a too-high cap is lowered with a warning instead of aborting
-//!   the process when a thread cannot be started.
-//! - `thread_cache`: finished connection threads parked to serve the next
-//!   connection (`--thread-cache`), instead of a new thread for each.
-//! - `connection`: one client's life: identify the client, admit it, send the
-//!   prompt, read the reply, log the outcome, close.
-//! - `proxy_protocol`: the PROXY protocol header (v1 and v2) a load
-//!   balancer sends first, which names the real client.
-//! - `reply`: reading one reply line, where the size cap and the reply
-//!   deadline are enforced.
-//! - `timed_read`: one read under a deadline, the step that both the PROXY
-//!   header and the reply are read with.
-//! - `limits`: the connection cap and the per-address cap, as slots each
-//!   connection owns and releases however it ends.
-//! - `access`: `--allow`/`--deny` rules and trusted proxies, checked
-//!   against the real client address.
-//! - `shutdown`: the [`Shutdown`] handle, the signal handling (SIGINT,
-//!   SIGTERM) that triggers it, and the open connections a stop cuts off at
-//!   its deadline.
-//! - `stats`: counters of how connections ended, for the [`Summary`] and
-//!   the metrics.
-//! - `metrics`: the Prometheus text format, histograms, and the
-//!   `--metrics-addr` endpoint.
-//! - `record`: the [`ReplySink`] every served connection's reply goes to
-//!   before its close, and the log ([`logging`]) that is the default sink:
-//!   a bounded queue with group commit in front of stderr or the log file,
-//!   so that a stalled or failing log never blocks the accept loop or the
-//!   signal handling, and a client sees a clean close only once its reply
-//!   is kept; text and JSON lines, and the escaping of client bytes.
-//! - `config`: the [`Config`] the server runs with, and its defaults.
-//! - `rate_limit`: `--max-rate-per-ip`, token buckets per client network
-//!   in a table whose size stays bounded.
-//! - `error`: the library's [`Error`], and how an I/O error is worded.
+//! - `serve/`: [`run`], the listeners ([`bind`], [`listeners`]), the accept
+//!   loop, and one connection's life (`serve/connection.rs`: identify,
+//!   admit, prompt, read, record, close, park).
+//! - `limits/`: what clients may hold (the connection cap, per address, per
+//!   network's rate), who may connect, the one way a client is refused, and
+//!   how many connections this machine can hold.
+//! - `record/`: the [`ReplySink`] every reply goes to before its close, and
+//!   the log ([`logging`]), its default: a queue with group commit in front
+//!   of stderr or the log file.
+//! - `service/`: the service manager (readiness, status, watchdog) and the
+//!   metrics endpoint.
+//! - `shutdown.rs`: the [`Shutdown`] handle, the signals an operator sends,
+//!   and the stop's drain.
+//! - `config.rs`, `stats.rs`, `error.rs`: the [`Config`] and its rules, the
+//!   counters behind the [`Summary`] and the metrics, the library's
+//!   [`Error`].
+//!
+//! One connection, accept to park, reads through `serve/accept.rs`,
+//! `serve/connection.rs`, `serve/read.rs`, `limits/mod.rs`, the reply sink
+//! (`record/logging.rs` by default, over `record/format.rs` and
+//! `record/queue.rs`) and `stats.rs`; `serve/proxy_protocol.rs` behind a
+//! balancer, `limits/rate.rs` with a rate limit. `docs/ARCHITECTURE.md`
+//! follows it step by step.
 //!
 //! The binary (`src/main.rs`) only parses the command line, sets up logging,
 //! takes its sockets ([`listeners`]: systemd's, or bound) and calls
 //! [`run`]; tests drive the very same [`bind`] and [`run`].
 
 // `deny`, not `forbid`: exactly one function opts out, with a SAFETY
-// comment (`activation::claim_descriptor`, which takes a socket inherited
+// comment (`serve::listen::claim_descriptor`, which takes a socket inherited
 // by number from the service manager; there is no safe API for that).
 #![deny(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]

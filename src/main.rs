@@ -3,6 +3,7 @@
 //! into an exit code.
 
 use std::io::ErrorKind;
+use std::net::TcpListener;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -26,12 +27,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Before anything opens a descriptor that could take a number the
+    // service manager's LISTEN_FDS names.
+    let listeners = match listeners(&config) {
+        Ok(listeners) => listeners,
+        Err(e) => {
+            eprintln!("error: {e}{}", hint(&e, &cli));
+            return ExitCode::FAILURE;
+        }
+    };
     if let Err(e) = logging::init(&cli.log_settings()) {
         eprintln!("error: cannot set up logging: {e}");
         return ExitCode::FAILURE;
     }
     logging::log_panics();
-    match serve(config) {
+    match serve(listeners, config) {
         Ok(summary) if summary.unwritten_log_lines > 0 || summary.not_recorded > 0 => {
             // stderr says it when it is not the log that failed: written to
             // a stalled stderr, the line would never let the process exit.
@@ -46,14 +56,14 @@ fn main() -> ExitCode {
         }
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}{}", hint(&e, &cli));
+            let hint = e.downcast_ref().map(|e| hint(e, &cli)).unwrap_or_default();
+            eprintln!("error: {e:#}{hint}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn serve(config: Config) -> anyhow::Result<Summary> {
-    let listeners = listeners(&config)?;
+fn serve(listeners: Vec<TcpListener>, config: Config) -> anyhow::Result<Summary> {
     let stop = Shutdown::new();
     stop.trigger_on_signals()
         .context("cannot install signal handlers")?;
@@ -61,10 +71,8 @@ fn serve(config: Config) -> anyhow::Result<Summary> {
 }
 
 /// What to do about a start-up error, where there is something to say.
-fn hint(error: &anyhow::Error, cli: &Cli) -> String {
-    let in_use = error
-        .downcast_ref::<prompt_server::Error>()
-        .is_some_and(|e| e.kind() == ErrorKind::AddrInUse);
+fn hint(error: &prompt_server::Error, cli: &Cli) -> String {
+    let in_use = error.kind() == ErrorKind::AddrInUse;
     let (port, what) = match cli.metrics_addr {
         Some(metrics) if error.to_string().contains("for metrics") => {
             (metrics.port(), "--metrics-addr")

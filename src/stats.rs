@@ -120,9 +120,6 @@ pub(crate) struct KindLabel {
 pub(crate) struct Stats {
     /// Connections `accept` returned (the stop's own wake-up aside).
     accepted: Counter,
-    /// Connections given a thread: the summary's count, not a metric (the
-    /// metrics have `accepted` and the outcomes).
-    connections: Counter,
     /// How connections ended, every [`Outcome`] present from the start.
     outcomes: Family<OutcomeLabel, Counter>,
     reply_bytes: Counter,
@@ -138,7 +135,6 @@ impl Default for Stats {
     fn default() -> Self {
         let stats = Stats {
             accepted: Counter::default(),
-            connections: Counter::default(),
             outcomes: Family::default(),
             reply_bytes: Counter::default(),
             accept_errors: Family::default(),
@@ -201,11 +197,6 @@ impl Stats {
         self.accepted.inc();
     }
 
-    /// Counts a connection that got a thread of its own.
-    pub(crate) fn record_connection(&self) {
-        self.connections.inc();
-    }
-
     /// Counts how a connection ended (served, or turned away).
     pub(crate) fn record(&self, outcome: Outcome) {
         self.outcome(outcome).inc();
@@ -239,7 +230,7 @@ impl Stats {
     /// The totals now, with `still_connected` clients not yet done.
     pub(crate) fn summary(&self, still_connected: usize) -> Summary {
         Summary {
-            connections: self.connections.get(),
+            connections: self.accepted.get(),
             replies: self.count(Outcome::Replied),
             truncated: self.count(Outcome::Truncated),
             timed_out: self.count(Outcome::TimedOut),
@@ -312,9 +303,9 @@ impl AcceptErrorKind {
 /// What a server did over its life, returned by [`run`](crate::run).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
-    /// Connections given a thread (not counting those the accept loop
-    /// turned away: busy at `--max-connections`, or a direct client over
-    /// `--max-rate-per-ip`).
+    /// Connections accepted, whatever became of them (the stop's own
+    /// wake-up connections aside): each counts in one of the fields below
+    /// or is still connected.
     pub connections: u64,
     /// Replies logged whole (a line, or what came before the client closed).
     pub replies: u64,

@@ -202,3 +202,26 @@ fn resets_early_closes_and_garbage_are_each_logged_once() {
     server.expect_event("reply", |reply| reply["reply"] == "fine");
     assert!(!server.seen.iter().any(|l| l.contains("panicked")));
 }
+
+/// The summary's connection count is every connection accepted, so that
+/// its outcomes add up to it: busy clients at the cap are in it too.
+#[test]
+fn the_summary_counts_every_accepted_connection_whatever_became_of_it() {
+    let mut server = ServerProcess::start(&["--max-connections", "1"]);
+    let mut held = server.connect();
+    expect_prompt(&mut held);
+    for _ in 0..2 {
+        let mut busy = server.connect();
+        assert_eq!(read_until_closed(&mut busy), BUSY);
+    }
+    held.write_all(b"held\n").unwrap();
+    assert_eq!(read_until_closed(&mut held), b"");
+    server.signal("TERM");
+    assert_eq!(server.wait_exit().code(), Some(0));
+    let summary = server.expect_logged("shutdown complete: ");
+    assert!(
+        summary.contains("shutdown complete: 3 connections, 1 reply, ")
+            && summary.contains(" 2 rejected busy, "),
+        "{summary}"
+    );
+}

@@ -84,3 +84,43 @@ fn a_client_that_never_reads_is_dropped_at_the_write_timeout() {
     );
     drop(client);
 }
+
+/// `write_timeout` is one budget for the whole prompt: a client that takes
+/// it a little at a time, each write making progress, is still dropped
+/// when the budget is spent (a budget per write never ran out).
+#[test]
+fn a_client_that_reads_the_prompt_slowly_is_dropped_at_the_write_timeout() {
+    let server = LibraryServer::start(Config {
+        prompt: vec![b'p'; 4 << 20],
+        write_timeout: Duration::from_secs(1),
+        ..Config::default()
+    });
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket
+        .connect_timeout(&server.addr.into(), TIMEOUT)
+        .unwrap();
+    let mut client: TcpStream = socket.into();
+    client.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let started = Instant::now();
+    let mut chunk = [0u8; 512];
+    let dropped_after = loop {
+        // A reader, but a slow one: some 50 KiB a second.
+        std::thread::sleep(Duration::from_millis(10));
+        match std::io::Read::read(&mut client, &mut chunk) {
+            Ok(0) | Err(_) => break started.elapsed(),
+            Ok(_) => assert!(
+                started.elapsed() < Duration::from_secs(8),
+                "still being fed the prompt after {:?}",
+                started.elapsed()
+            ),
+        }
+    };
+    assert!(
+        dropped_after >= Duration::from_millis(900),
+        "{dropped_after:?}"
+    );
+    server.shutdown.trigger();
+    let summary = server.result(TIMEOUT).unwrap();
+    assert_eq!(summary.failed, 1, "{summary}");
+}

@@ -176,6 +176,19 @@ fn cargo_deb_packages_the_binary_units_readme_and_licence() {
         .find(|line| line.ends_with(" ./usr/bin/prompt-server"))
         .unwrap();
     assert!(binary.starts_with("-rwxr-xr-x"), "executable: {binary}");
+    let maintainer = Command::new("dpkg-deb")
+        .arg("--field")
+        .arg(&deb)
+        .arg("Maintainer")
+        .output()
+        .expect("run dpkg-deb --field");
+    let maintainer = String::from_utf8_lossy(&maintainer.stdout);
+    assert!(
+        maintainer.contains(" <")
+            && maintainer.trim_end().ends_with('>')
+            && maintainer.contains('@'),
+        "Maintainer: needs a name and an address: {maintainer:?}"
+    );
 }
 
 /// Runs `command` to its end or until `timeout` (then kills it, by its
@@ -330,6 +343,23 @@ fn an_inherited_udp_socket_is_a_one_line_start_up_error() {
         "{line}"
     );
     assert!(notify.all_within(Duration::from_millis(200)).is_empty());
+}
+
+/// A closed descriptor that LISTEN_FDS names is named in the one error
+/// line (before, the server's own log took that number first and the error
+/// blamed the log's descriptor for not being a socket).
+#[test]
+fn a_closed_inherited_descriptor_is_named_in_a_one_line_error() {
+    let script = "exec 3<&- 4<&-; export LISTEN_PID=$$ LISTEN_FDS=2; exec \"$0\" \"$@\"";
+    let output = ServerProcess::builder()
+        .wrapper("sh", ["-c", script])
+        .output();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.trim_end(),
+        "error: inherited descriptor 3 (LISTEN_FDS) cannot be used: it is not open"
+    );
 }
 
 /// What a restart under systemd looks like, without systemd: the test

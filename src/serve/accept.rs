@@ -219,7 +219,6 @@ fn admit(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
         accepted_at,
         slot,
     };
-    serving.stats.record_connection();
     if let Err(accepted) = shared.thread_cache.offer(accepted) {
         start_thread(accepted, shared);
     }

@@ -46,23 +46,17 @@ static CLAIMED: AtomicBool = AtomicBool::new(false);
 
 /// The descriptors claimed, so that a stop can tell an inherited listener
 /// (never to be shut down) from one of the process's own.
-static INHERITED: OnceLock<Vec<RawFd>> = OnceLock::new();
+/// Each with its name from `LISTEN_FDNAMES`, if the manager gave names.
+static INHERITED: OnceLock<Vec<(RawFd, Option<String>)>> = OnceLock::new();
 
-/// Whether `listener` is one the service manager passed down.
-fn is_inherited(listener: &TcpListener) -> bool {
-    INHERITED
-        .get()
-        .is_some_and(|fds| fds.contains(&listener.as_raw_fd()))
-}
-
-/// A listening socket passed down by the service manager.
-#[derive(Debug)]
-struct InheritedListener {
-    listener: TcpListener,
-    /// The descriptor's name from `LISTEN_FDNAMES` (`FileDescriptorName=`
-    /// in a socket unit, `--fdname` of `systemd-socket-activate`), if the
-    /// manager gave names.
-    name: Option<String>,
+/// Whether `listener` is one the service manager passed down, and its name.
+fn inherited(listener: &TcpListener) -> Option<Option<&'static str>> {
+    let fd = listener.as_raw_fd();
+    let inherited = INHERITED
+        .get()?
+        .iter()
+        .find(|(claimed, _)| *claimed == fd)?;
+    Some(inherited.1.as_deref())
 }
 
 /// The listening sockets the service manager passed to this process, in
@@ -73,9 +67,15 @@ struct InheritedListener {
 /// the first one that is not is an error naming it, and no listener is
 /// returned. The descriptors are claimed at most once per process: call
 /// this first thing in `main`, before anything else opens descriptors.
-fn inherited_listeners() -> Result<Option<Vec<InheritedListener>>, Error> {
-    let descriptors = sd_notify::listen_fds_with_names()
-        .map_err(|e| Error::new("cannot use the inherited sockets (LISTEN_FDS)", e))?;
+fn inherited_listeners() -> Result<Option<Vec<TcpListener>>, Error> {
+    let descriptors =
+        sd_notify::listen_fds_with_names().map_err(|e| match closed_descriptor() {
+            Some(fd) => Error::new(
+                format!("inherited descriptor {fd} (LISTEN_FDS) cannot be used"),
+                io::Error::new(io::ErrorKind::NotFound, "it is not open"),
+            ),
+            None => Error::new("cannot use the inherited sockets (LISTEN_FDS)", e),
+        })?;
     if descriptors.len() == 0 {
         return Ok(None);
     }
@@ -88,17 +88,22 @@ fn inherited_listeners() -> Result<Option<Vec<InheritedListener>>, Error> {
     // The crate names every descriptor "unknown" when the variable is
     // missing; a name nobody gave is no name.
     let named = env::var_os(LISTEN_FDNAMES).is_some();
-    let descriptors: Vec<(RawFd, String)> = descriptors.collect();
-    let _ = INHERITED.set(descriptors.iter().map(|(fd, _)| *fd).collect());
-    let mut listeners = Vec::with_capacity(descriptors.len());
-    for (fd, name) in descriptors {
-        let listener = claim_listener(fd)?;
-        listeners.push(InheritedListener {
-            listener,
-            name: named.then_some(name),
-        });
-    }
-    Ok(Some(listeners))
+    let descriptors: Vec<(RawFd, Option<String>)> = descriptors
+        .map(|(fd, name)| (fd, named.then_some(name)))
+        .collect();
+    let fds: Vec<RawFd> = descriptors.iter().map(|(fd, _)| *fd).collect();
+    let _ = INHERITED.set(descriptors);
+    fds.into_iter()
+        .map(claim_listener)
+        .collect::<Result<_, _>>()
+        .map(Some)
+}
+
+/// The first descriptor `LISTEN_FDS` names that is not open (read from
+/// `/proc/self/fd`, which needs no descriptor number to be trusted).
+fn closed_descriptor() -> Option<RawFd> {
+    let count: RawFd = env::var("LISTEN_FDS").ok()?.parse().ok()?;
+    (3..3 + count).find(|fd| std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")).is_err())
 }
 
 /// Takes ownership of inherited descriptor `fd` as a listener, if it is
@@ -222,34 +227,25 @@ pub fn bind(config: &Config) -> Result<TcpListener, Error> {
 }
 
 /// The sockets to serve: the ones a service manager passed down (socket
-/// activation: `LISTEN_PID` is this process and `LISTEN_FDS` is set), each
-/// logged with its name, or else one bound by [`bind`]. With inherited
+/// activation: `LISTEN_PID` is this process and `LISTEN_FDS` is set; [`run`]
+/// logs each with its name), or else one bound by [`bind`]. With inherited
 /// sockets, `config.listen_addr` and `config.backlog` play no part.
 ///
-/// Call it before anything else in the process opens descriptors.
+/// Call it first thing, before anything else in the process opens
+/// descriptors (logging set-up included): a descriptor opened before could
+/// land on a number `LISTEN_FDS` names.
+///
+/// [`run`]: crate::run
 ///
 /// # Errors
 ///
 /// Fails if an inherited descriptor is not a listening TCP socket, or as
 /// [`bind`] does.
 pub fn listeners(config: &Config) -> Result<Vec<TcpListener>, Error> {
-    let Some(inherited) = inherited_listeners()? else {
-        return Ok(vec![bind(config)?]);
-    };
-    for InheritedListener { listener, name } in &inherited {
-        let addr = listener
-            .local_addr()
-            .map_err(|e| Error::new("cannot read the address of an inherited socket", e))?;
-        info!(
-            event = event::INHERITED, addr:% = addr, name = name.as_deref();
-            "serving the socket passed down by the service manager on {addr}{}",
-            name.as_ref().map(|name| format!(" (named {name:?})")).unwrap_or_default()
-        );
+    match inherited_listeners()? {
+        Some(inherited) => Ok(inherited),
+        None => Ok(vec![bind(config)?]),
     }
-    Ok(inherited
-        .into_iter()
-        .map(|inherited| inherited.listener)
-        .collect())
 }
 
 /// What `TcpListener::bind` does (`SO_REUSEADDR`, bind, listen), with a
@@ -287,6 +283,16 @@ pub(crate) fn prepare_listeners(
         let local_addr = listener
             .local_addr()
             .map_err(|e| Error::new("cannot read the address the listener is bound to", e))?;
+        let inherited = inherited(&listener);
+        if let Some(name) = inherited {
+            let named = name
+                .map(|name| format!(" (named {name:?})"))
+                .unwrap_or_default();
+            info!(
+                event = event::INHERITED, addr:% = local_addr, name = name;
+                "serving the socket passed down by the service manager on {local_addr}{named}"
+            );
+        }
         info!(
             target: LISTENING_TARGET, event = event::LISTENING, addr:% = local_addr;
             "listening on {local_addr}"
@@ -298,7 +304,7 @@ pub(crate) fn prepare_listeners(
         // A port shared with other processes (SO_REUSEPORT) could hand the
         // wake-up connection to another process; an inherited socket is
         // never shut down, since the service manager listens on it too.
-        if !is_inherited(&listener) && SockRef::from(&*listener).reuse_port().unwrap_or(false) {
+        if inherited.is_none() && SockRef::from(&*listener).reuse_port().unwrap_or(false) {
             shutdown.add_listener_to_stop(&listener);
         } else {
             shutdown.add_wake_addr(local_addr);
