@@ -23,6 +23,11 @@ const SHIPPED_CONFIG: &str = concat!(
     "/contrib/logrotate/prompt-server"
 );
 const SHIPPED_LOG_PATH: &str = "/var/log/prompt-server/prompt-server.log";
+/// The unit whose log it rotates.
+const SHIPPED_UNIT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/contrib/systemd/prompt-server.service"
+);
 
 /// A session a client finished: its address, its reply, how it ended.
 struct Finished {
@@ -245,7 +250,7 @@ fn the_shipped_logrotate_config_rotates_under_load_without_losing_a_reply() {
 }
 
 #[test]
-fn the_shipped_logrotate_config_renames_and_reloads_the_service() {
+fn the_shipped_logrotate_config_renames_and_reloads_the_service_that_writes_the_file() {
     let shipped = fs::read_to_string(SHIPPED_CONFIG).expect("read the shipped config");
     let directives: Vec<&str> = shipped
         .lines()
@@ -290,6 +295,24 @@ fn the_shipped_logrotate_config_renames_and_reloads_the_service() {
         ],
         "postrotate reloads the service only if it runs"
     );
+
+    // The unit writes the file the config rotates, and reloads by SIGHUP.
+    let unit = fs::read_to_string(SHIPPED_UNIT).expect("read the shipped unit");
+    let unit_lines: Vec<&str> = unit.lines().map(str::trim).collect();
+    let exec_start = unit_lines
+        .iter()
+        .find(|line| line.starts_with("ExecStart="))
+        .unwrap_or_else(|| panic!("no ExecStart= in {unit}"));
+    assert!(
+        exec_start.contains(&format!("--log-file {SHIPPED_LOG_PATH}")),
+        "{exec_start}"
+    );
+    for setting in [
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "LogsDirectory=prompt-server",
+    ] {
+        assert!(unit_lines.contains(&setting), "no {setting:?} in {unit}");
+    }
 
     if require_program("logrotate", "apt-get install logrotate") {
         // logrotate's own reading of it (-d: nothing is done).
