@@ -4,8 +4,11 @@
 //! run on sockets the test made or knows, as under `systemd-socket-activate`,
 //! [`ServerBuilder::start_at`]), and lets a test wait for log lines or,
 //! with `--log-format json`, for log events; or runs the library's server in
-//! this process ([`LibraryServer`]). Every client socket it makes has read
-//! and write timeouts.
+//! this process ([`LibraryServer`]). A server can be given a listener the
+//! test made, as systemd passes one down ([`ServerBuilder::inherit`]), its
+//! stderr sent elsewhere ([`ServerBuilder::stderr_to`]), and its log written
+//! to a file the test reads ([`ServerBuilder::log_file`], [`LogFile`]).
+//! Every client socket it makes has read and write timeouts.
 
 #![allow(dead_code)] // each test file uses its own part of the harness
 
@@ -17,8 +20,9 @@ use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
 use std::sync::Mutex;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -51,6 +55,12 @@ pub struct ServerBuilder {
     stall_log: bool,
     /// The started process's stdin; `None` is /dev/null.
     stdin: Option<Stdio>,
+    /// Shell commands run before the binary (or its wrapper) is exec'd,
+    /// such as `exec 2>/dev/full`: the command is then run by `sh -c`.
+    shell_steps: Vec<String>,
+    /// `--log-file`: where [`ServerBuilder::start`] reads the `listening
+    /// on` line from.
+    log_file: Option<PathBuf>,
 }
 
 impl Default for ServerBuilder {
@@ -62,6 +72,8 @@ impl Default for ServerBuilder {
             wrapper: None,
             stall_log: false,
             stdin: None,
+            shell_steps: Vec::new(),
+            log_file: None,
         }
     }
 }
@@ -118,6 +130,53 @@ impl ServerBuilder {
         self
     }
 
+    /// Serves `listener`, a socket the test made, as a service manager
+    /// passes one down: it becomes descriptor 3, with `LISTEN_PID` and
+    /// `LISTEN_FDS=1` set by a `sh -c` wrapper that then execs the binary
+    /// (so its PID is `LISTEN_PID`). Clients may connect at once: the
+    /// kernel queues them until the server accepts. Start it with
+    /// [`ServerBuilder::start_at`] and the listener's address, or with
+    /// `start` when the `listening on` line can be read. A
+    /// [`ServerBuilder::wrapper`] must then exec the binary, as `prlimit`
+    /// does, for the server's PID to be `LISTEN_PID`.
+    pub fn inherit(mut self, listener: &std::net::TcpListener) -> Self {
+        let socket: OwnedFd = listener.try_clone().expect("copy the listener").into();
+        self.stdin = Some(socket.into());
+        self.shell_steps
+            .push("exec 3<&0 0</dev/null; export LISTEN_PID=$$ LISTEN_FDS=1".into());
+        self
+    }
+
+    /// Sends the server's stderr to `target` (appended to; `/dev/full`
+    /// fails every write) instead of the test's pipe: a shell redirection
+    /// before the exec. The test then sees no stderr line, so the server is
+    /// started with [`ServerBuilder::start_at`], or with `start` and a
+    /// [`ServerBuilder::log_file`] (or `target` itself given to
+    /// [`ServerBuilder::log_read_from`]), and its exit waited for with
+    /// [`ServerProcess::exit_status_by`].
+    pub fn stderr_to(mut self, target: impl AsRef<Path>) -> Self {
+        let target = shell_quote(target.as_ref());
+        self.shell_steps.push(format!("exec 2>>{target}"));
+        self
+    }
+
+    /// `--log-file PATH`; `start` then waits for the `listening on` line
+    /// there, and [`ServerProcess::log_file`] reads it.
+    pub fn log_file(mut self, path: impl AsRef<Path>) -> Self {
+        let path = path.as_ref().to_path_buf();
+        self = self.arg("--log-file").arg(&path);
+        self.log_file = Some(path);
+        self
+    }
+
+    /// Where the test reads the log the server writes to a file without
+    /// asking for `--log-file`, such as its stderr sent there with
+    /// [`ServerBuilder::stderr_to`].
+    pub fn log_read_from(mut self, path: impl AsRef<Path>) -> Self {
+        self.log_file = Some(path.as_ref().to_path_buf());
+        self
+    }
+
     /// The test reads the log only up to the `listening on` line, until
     /// [`ServerProcess::resume_log`]: the server's stderr pipe fills up.
     pub fn stall_log(mut self) -> Self {
@@ -129,14 +188,14 @@ impl ServerBuilder {
     /// added).
     pub fn command(&self) -> Command {
         let binary = env!("CARGO_BIN_EXE_prompt-server");
-        let mut command = match &self.wrapper {
-            Some(wrapper) => {
-                let mut command = Command::new(&wrapper[0]);
-                command.args(&wrapper[1..]).arg(binary);
-                command
-            }
-            None => Command::new(binary),
-        };
+        let mut program: Vec<OsString> = self.wrapper.clone().unwrap_or_default();
+        program.push(binary.into());
+        if !self.shell_steps.is_empty() {
+            let script = format!("{}; exec \"$0\" \"$@\"", self.shell_steps.join("; "));
+            program.splice(0..0, ["sh".into(), "-c".into(), script.into()]);
+        }
+        let mut command = Command::new(&program[0]);
+        command.args(&program[1..]);
         command.args(&self.args);
         for (name, value) in &self.env {
             match value {
@@ -158,6 +217,8 @@ impl ServerBuilder {
 
     /// Starts the server on 127.0.0.1 and port 0, unless the arguments have
     /// a `--bind` or a `--port`, and waits for its `listening on` line.
+    ///
+    /// With a [`ServerBuilder::log_file`], the line is read from that file.
     pub fn start(self) -> ServerProcess {
         let mut builder = self;
         if !builder.args.iter().any(|arg| arg == "--bind") {
@@ -167,7 +228,10 @@ impl ServerBuilder {
             builder = builder.args(["--port", "0"]);
         }
         let mut server = ServerProcess::spawn(builder, "0.0.0.0:0".parse().unwrap());
-        let line = server.expect_line("listening on ");
+        let line = match &server.log_file {
+            Some(_) => server.expect_file_line("listening on "),
+            None => server.expect_line("listening on "),
+        };
         server.addr = listening_addr(&line).expect("an address after 'listening on'");
         server
     }
@@ -192,6 +256,8 @@ pub struct ServerProcess {
     resume: Option<Sender<()>>,
     /// Every stderr line seen so far, for failure messages.
     pub seen: Vec<String>,
+    /// The log file the server writes, if it was told to write one.
+    log_file: Option<LogFile>,
 }
 
 impl ServerProcess {
@@ -220,6 +286,7 @@ impl ServerProcess {
         let (sender, lines) = mpsc::channel();
         let (resume, resumed) = mpsc::channel();
         let stall_log = builder.stall_log;
+        let log_file = builder.log_file.take().map(LogFile::new);
         thread::spawn(move || {
             let mut reader = BufReader::new(stderr);
             let mut line = Vec::new();
@@ -245,6 +312,53 @@ impl ServerProcess {
             lines,
             resume: stall_log.then_some(resume),
             seen: Vec::new(),
+            log_file,
+        }
+    }
+
+    /// The log file it writes ([`ServerBuilder::log_file`]).
+    pub fn log_file(&self) -> &LogFile {
+        self.log_file
+            .as_ref()
+            .expect("a server started with a log file")
+    }
+
+    /// Waits for a whole line containing `needle` in the log file, and
+    /// returns the first; fails the test (with its stderr) if the server
+    /// exits or none comes within [`TIMEOUT`].
+    pub fn expect_file_line(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(line) = self
+                .log_file()
+                .lines()
+                .into_iter()
+                .find(|l| l.contains(needle))
+            {
+                return line;
+            }
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                self.drain_stderr();
+                panic!(
+                    "server exited ({status}) before writing {needle:?} to {}; stderr:\n{}",
+                    self.log_file().path.display(),
+                    self.seen.join("\n")
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no line with {needle:?} in {} within {TIMEOUT:?}",
+                self.log_file().path.display()
+            );
+            // Nothing tells when a file grows: poll it.
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Moves the stderr lines that have come so far into `seen`.
+    pub fn drain_stderr(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
         }
     }
 
@@ -658,4 +772,147 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
     }
+}
+
+/// Quotes `path` for `sh`.
+fn shell_quote(path: &Path) -> String {
+    let text = path.to_str().expect("a UTF-8 path");
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+/// A log file the server writes (`--log-file`, or stderr sent to a file),
+/// read by the test.
+#[derive(Debug, Clone)]
+pub struct LogFile {
+    pub path: PathBuf,
+}
+
+impl LogFile {
+    pub fn new(path: impl AsRef<Path>) -> LogFile {
+        LogFile {
+            path: path.as_ref().to_path_buf(),
+        }
+    }
+
+    /// Its whole lines (each ended by a newline) so far, without the
+    /// newline; none if the file does not exist. A line still being
+    /// written is left out.
+    pub fn lines(&self) -> Vec<String> {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Vec::new(),
+            Err(e) => panic!("cannot read {}: {e}", self.path.display()),
+        };
+        let whole = match bytes.iter().rposition(|&b| b == b'\n') {
+            Some(last) => &bytes[..last],
+            None => return Vec::new(),
+        };
+        String::from_utf8_lossy(whole)
+            .split('\n')
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Its whole lines that are JSON records (`--log-format json`).
+    pub fn records(&self) -> Vec<Value> {
+        self.lines()
+            .iter()
+            .filter_map(|line| record(line))
+            .collect()
+    }
+
+    /// Waits (polling: nothing tells when a file grows) for a whole line
+    /// that contains `needle`, up to [`TIMEOUT`], and returns it.
+    pub fn wait_for(&self, needle: &str) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(line) = self.lines().into_iter().find(|l| l.contains(needle)) {
+                return line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no line with {needle:?} in {} within {TIMEOUT:?}; it holds:\n{}",
+                self.path.display(),
+                self.lines().join("\n")
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// How the server ended a connection, as its client sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// An end of stream: the reply is recorded (or the client was told
+    /// in words it is not served).
+    Clean,
+    /// A reset: the client cannot count on its reply being recorded.
+    Reset,
+}
+
+/// Reads until the server ends the stream, and says how it ended; fails
+/// the test on any byte, another error, or no end within the read timeout.
+pub fn end_of(stream: &mut TcpStream) -> End {
+    let mut rest = Vec::new();
+    match stream.read_to_end(&mut rest) {
+        Ok(_) if rest.is_empty() => End::Clean,
+        Ok(_) => panic!("unexpected bytes before the end of stream: {rest:?}"),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => End::Reset,
+        Err(e) => panic!("waiting for the end of stream failed: {e} (after {rest:?})"),
+    }
+}
+
+/// Sends `line` (a reply and its newline, or late bytes) on a stream the
+/// server may have ended already, then reads to the end: a write refused
+/// by a reset, or a reset seen by the read, is [`End::Reset`].
+pub fn send_and_see_end(stream: &mut TcpStream, line: &[u8]) -> End {
+    match stream.write_all(line) {
+        Ok(()) => end_of(stream),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            ) =>
+        {
+            End::Reset
+        }
+        Err(e) => panic!("sending {line:?} failed: {e}"),
+    }
+}
+
+/// A whole session that says how it ended: read the prompt, send `reply`
+/// and a newline, and see the end of stream. Returns the client's address
+/// (as the server logs its peer) with it.
+pub fn session_end(addr: SocketAddr, reply: &str) -> (SocketAddr, End) {
+    let mut stream = connect(addr);
+    expect_prompt(&mut stream);
+    let end = send_and_see_end(&mut stream, format!("{reply}\n").as_bytes());
+    (local(&stream), end)
+}
+
+/// Whether the test runs as root, for a test that needs it (to mount a
+/// file system, say) to start with; if not, the test is [`skipped`].
+#[track_caller]
+pub fn require_root(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    skipped(&format!("needs root to {what}"));
+    false
+}
+
+/// Skips the calling test, which then returns early, for `why` ("needs
+/// root to mount a tmpfs"): one "SKIPPED: a test in FILE WHY" line on the
+/// terminal; with `PROMPT_SERVER_REQUIRE_ALL=1` (CI) it fails instead.
+#[track_caller]
+pub fn skipped(why: &str) {
+    let file = std::panic::Location::caller().file();
+    let required = std::env::var_os("PROMPT_SERVER_REQUIRE_ALL").is_some_and(|value| value == "1");
+    assert!(
+        !required,
+        "a test in {file} {why} (PROMPT_SERVER_REQUIRE_ALL is 1)"
+    );
+    let line = format!("SKIPPED: a test in {file} {why}\n");
+    let _ = io::stderr().write_all(line.as_bytes());
 }
