@@ -206,8 +206,13 @@ impl Shutdown {
     }
 
     fn on_signal(&self, signal: i32) {
-        let number = signal.to_string();
-        let name = signal_name(signal).unwrap_or(&number);
+        let name = match signal {
+            SIGPWR => "SIGPWR".to_string(),
+            SIGSTKFLT => "SIGSTKFLT".to_string(),
+            n if n >= libc::SIGRTMIN() => format!("SIGRTMIN+{}", n - libc::SIGRTMIN()),
+            n => signal_name(n).map_or_else(|| n.to_string(), str::to_string),
+        };
+        let name = name.as_str();
         if STOP_SIGNALS.contains(&signal) {
             if self.is_triggered() {
                 warn!(event = event::SIGNAL, signal = name; "{name} again: exiting now without waiting for clients");

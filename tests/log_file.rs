@@ -597,8 +597,7 @@ fn line_within(file: &LogFile, needle: &str, within: Duration) -> Option<String>
 }
 
 #[test]
-#[ignore = "fails until src/record/queue.rs reopens the log while a write is being retried: \
-            see the record-tests report"]
+
 fn a_log_file_at_its_size_limit_is_rotated_and_replies_are_recorded_again() {
     if !require_program("prlimit", "apt-get install util-linux") {
         return;
@@ -660,8 +659,7 @@ fn a_log_file_at_its_size_limit_is_rotated_and_replies_are_recorded_again() {
 }
 
 #[test]
-#[ignore = "fails until src/record/queue.rs stops reporting a retried batch whose lines were \
-            all given up as a recovery: see the record-tests report"]
+
 fn while_the_log_file_cannot_grow_stderr_never_says_it_takes_writes_again() {
     if !require_program("prlimit", "apt-get install util-linux") {
         return;
@@ -715,8 +713,7 @@ fn while_the_log_file_cannot_grow_stderr_never_says_it_takes_writes_again() {
 }
 
 #[test]
-#[ignore = "fails until a failed reopen (SIGHUP) is reported as one, not as a write that is \
-            retried: see the record-tests report"]
+
 fn a_reopen_that_fails_keeps_the_old_file_and_says_so() {
     let dir = TempDir::new("reopen-fails");
     fs::create_dir(dir.path.join("logs")).unwrap();

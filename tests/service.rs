@@ -118,7 +118,7 @@ fn units_for_the_built_binary(dir: &TempDir) -> (PathBuf, PathBuf) {
 // The Debian package
 
 #[test]
-fn cargo_deb_packages_the_binary_units_readme_and_licence() {
+fn cargo_deb_packages_the_binary_units_logrotate_readme_and_licence() {
     if !require_program("cargo-deb", "cargo install cargo-deb")
         || !require_program("dpkg-deb", "apt-get install dpkg")
     {
@@ -163,6 +163,7 @@ fn cargo_deb_packages_the_binary_units_readme_and_licence() {
         "./usr/bin/prompt-server",
         "./usr/lib/systemd/system/prompt-server.service",
         "./usr/lib/systemd/system/prompt-server.socket",
+        "./etc/logrotate.d/prompt-server",
         "./usr/share/doc/prompt-server/README.md",
         "./usr/share/doc/prompt-server/copyright",
     ] {

@@ -303,14 +303,9 @@ pub(crate) fn write_errors() -> Vec<(&'static str, u64)> {
 /// "log failing: no space left on device", or `None` while it works.
 pub(crate) fn failure() -> Option<String> {
     let log = LOG.get()?;
-    if !log.queue.failing() {
-        return None;
-    }
+    let waiting = log.queue.failing()?;
     let why = lock(&log.health.last_error).clone()?;
-    Some(format!(
-        "log failing: {why} ({} lines waiting)",
-        log.queue.unwritten()
-    ))
+    Some(format!("log failing: {why} ({waiting} lines waiting)"))
 }
 
 /// What the queue's failures are told to: counters by kind, the failing
@@ -422,6 +417,22 @@ impl Observer for &'static Health {
         );
     }
 
+    fn reopen_failed(&self, error: &io::Error, output: &Output) {
+        let path = output
+            .path()
+            .map(|path| path.display().to_string())
+            .unwrap_or_default();
+        let why = describe_io_error(error);
+        self.to_stderr(format!(
+            "prompt-server: cannot reopen the log file {path}: {why}; still writing to the file \
+             it was renamed to\n"
+        ));
+        warn!(
+            event = event::LOG_REOPEN_FAILED;
+            "cannot reopen the log file {path}: {why}; still writing to this file"
+        );
+    }
+
     fn dropped(&self, count: u64) {
         warn!(
             event = event::LOG_DROPPED, dropped = count;
@@ -521,6 +532,8 @@ pub(crate) mod event {
     pub(crate) const LOG_RECOVERED: &str = "log_recovered";
     /// The first line of a reopened log file.
     pub(crate) const LOG_REOPENED: &str = "log_reopened";
+    /// The log file could not be reopened (SIGHUP); the old one is kept.
+    pub(crate) const LOG_REOPEN_FAILED: &str = "log_reopen_failed";
     /// Where the metrics endpoint listens.
     pub(crate) const METRICS: &str = "metrics";
     /// A metrics scrape failed (debug).
@@ -579,6 +592,7 @@ fn class_of(record: &log::Record<'_>) -> Class {
             | event::PANIC
             | event::LOG_DROPPED
             | event::LOG_RECOVERED
+            | event::LOG_REOPEN_FAILED
             | event::WAKE_FAILED
             | event::METRICS
             | event::INHERITED

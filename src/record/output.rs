@@ -10,7 +10,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// What the log's bytes are written to: a file (stderr's descriptor, or
@@ -103,11 +103,20 @@ impl Output {
 }
 
 /// Appended to (so that a writer never leaves holes), created if missing,
-/// readable by its owner and group only: it holds what clients sent.
+/// readable by its owner and group only: it holds what clients sent. A
+/// file whose last line a failing disk left torn gets its newline first, so
+/// that the next line starts a line of its own.
 fn open_log_file(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
+    let mut file = OpenOptions::new()
         .append(true)
+        .read(true)
         .create(true)
         .mode(0o640)
-        .open(path)
+        .open(path)?;
+    let len = file.metadata()?.len();
+    let mut last = [0u8; 1];
+    if len > 0 && file.read_at(&mut last, len - 1)? == 1 && last[0] != b'\n' {
+        file.write_all(b"\n")?;
+    }
+    Ok(file)
 }

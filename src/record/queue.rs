@@ -1,38 +1,35 @@
 //! The bounded queue between whoever logs and the log's [`Output`], and the
 //! one writer at a time that empties it: group commit.
 //!
-//! A line is a record (a served connection's: its caller waits until the
-//! line is written, and synced where the output is a file), a
-//! [`Class::Lifecycle`] line (queued at once, even past the bound:
-//! a handful over the server's life) or a [`Class::Housekeeping`] line
-//! (dropped and counted when the queue is full).
-//!
-//! Whoever waits for its line and finds nobody writing takes the writer
-//! role itself and writes everything waiting in one batch, with one
-//! `fdatasync` for the batch: on an idle server a record costs its own
-//! thread one `write` and one sync, and under load batches grow by
-//! themselves (PostgreSQL's WAL flush does the same). Lines of callers that
-//! do not wait are written by the writer thread.
+//! A record (a served connection's line) waits until it is written, and
+//! synced where the output is a file; a [`Class::Lifecycle`] line is queued
+//! at once, even past the bound (a handful over the server's life); a
+//! [`Class::Housekeeping`] line is dropped and counted when the queue is
+//! full. Whoever waits for its line and finds nobody writing takes the
+//! writer role and writes everything waiting in one batch with one
+//! `fdatasync`, so an idle server's record costs its own thread one `write`
+//! and one sync, and batches grow by themselves under load (PostgreSQL's WAL
+//! flush does the same). Lines nobody waits for are written by the writer
+//! thread.
 //!
 //! A batch whose write fails is not delivered: it stays, and the writer
-//! thread retries it with a growing pause (a full disk often recovers), from
-//! the byte where the failure left it, so that no line is cut or written
-//! twice. A failed sync writes the whole batch again: a line may then appear
-//! twice, but none is lost. Meanwhile its callers wait as for a stalled
-//! output, up to their own deadline; one who gives up has its line taken
-//! out of what is still to be written, if no byte of it is written yet.
+//! thread retries it with a growing pause (a full disk often recovers) from
+//! the byte where the write stopped, so no line is cut or written twice; a
+//! failed sync writes the whole batch again (a line may then appear twice,
+//! none is lost). Its callers wait meanwhile, up to their own deadline; one
+//! who gives up has its line taken out if no byte of it is written yet.
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use super::output::Output;
 use crate::lock;
 
-/// What a line nobody waits for is, which decides what happens to it when
-/// the queue is full. (A record is pushed with [`Queue::push_and_wait`].)
+/// What a line nobody waits for is: what becomes of it when the queue is
+/// full. (A record goes in with [`Queue::push_and_wait`].)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Class {
     /// About the server's life: never dropped.
@@ -41,7 +38,7 @@ pub(crate) enum Class {
     Housekeeping,
 }
 
-/// Why a record line was not written.
+/// Why a record was not written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum NotWritten {
     /// Its deadline passed first: the output is stalled or failing.
@@ -50,20 +47,19 @@ pub(crate) enum NotWritten {
     Abandoned,
 }
 
-/// The first pause before a failed batch is written again; it doubles up
-/// to [`MAX_RETRY_PAUSE`].
+/// The pause before a failed batch is written again, doubling up to
+/// [`MAX_RETRY_PAUSE`].
 const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(10);
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(1);
-/// The writer thread only moves bytes: a small fixed stack.
-const WRITER_THREAD_STACK: usize = 256 * 1024;
 
-/// What the queue tells about its output: failures, recoveries, dropped
-/// lines. Called without the queue's lock, by whoever holds the writer role.
+/// What the queue tells about its output; called without the queue's lock.
 pub(crate) trait Observer: Send + Sync {
-    /// A write or sync failed (`retrying` lines wait to be written again).
+    /// A write or sync failed; its lines wait to be written again.
     fn failed(&self, error: &io::Error, output: &Output);
-    /// A write went through after failures.
+    /// A write went through after `failures` failed ones.
     fn recovered(&self, failures: u64, output: &Output);
+    /// Reopening the log file failed; the old one is still written.
+    fn reopen_failed(&self, error: &io::Error, output: &Output);
     /// `count` housekeeping lines were dropped while the queue was full.
     fn dropped(&self, count: u64);
 }
@@ -72,8 +68,7 @@ pub(crate) trait Observer: Send + Sync {
 pub(crate) struct Queue {
     capacity: usize,
     state: Mutex<State>,
-    /// Callers waiting for room or for their line: signalled after a batch,
-    /// when room is made, and when waiting stops.
+    /// Callers waiting for room or for their line.
     changed: Condvar,
     /// The writer thread, waiting for work.
     work: Condvar,
@@ -82,36 +77,33 @@ pub(crate) struct Queue {
     observer: Box<dyn Observer>,
 }
 
+#[derive(Default)]
 struct State {
-    /// Lines not yet in a batch, numbered in order.
+    /// Lines not yet in a batch, numbered in order from 1.
     waiting: VecDeque<Line>,
     /// A batch whose write or sync failed, to be finished first.
     retry: Option<Batch>,
-    /// The number of the last line queued; lines are numbered from 1.
+    /// The number of the last line queued.
     queued: u64,
     /// Every line numbered at most this is written (or was given up).
     done: u64,
     /// A thread holds the writer role.
     writing: bool,
-    /// Lines given up while their batch was out being written.
-    given_up: Vec<u64>,
     /// Callers waiting on `changed`, so that nobody is woken for nothing.
     callers_waiting: usize,
-    /// The writer thread waits on `work`.
     writer_idle: bool,
-    /// Failed attempts in a row, for the retry pause.
+    /// Failed attempts in a row.
     failures: u64,
     /// Housekeeping lines dropped since the last report, and ever.
     dropped: u64,
     dropped_total: u64,
-    /// Set by a stopping server: record lines stop waiting.
+    /// Set by a stopping server: records stop waiting.
     abandoned: bool,
-    /// A reopen asked for (SIGHUP), with the line that opens the new file.
+    /// A reopen asked for (SIGHUP), with the new file's first line.
     reopen: Option<Vec<u8>>,
 }
 
 impl State {
-    /// Whether the writer thread has something to do now.
     fn has_writer_work(&self) -> bool {
         !self.writing
             && (!self.waiting.is_empty()
@@ -124,7 +116,7 @@ impl State {
 struct Line {
     number: u64,
     bytes: Vec<u8>,
-    /// Written in a batch that is synced.
+    /// A record: its batch is synced.
     record: bool,
 }
 
@@ -138,69 +130,57 @@ struct Batch {
 }
 
 impl Batch {
-    fn last(&self) -> u64 {
-        self.lines.last().map_or(0, |line| line.number)
-    }
-
-    fn needs_sync(&self) -> bool {
-        self.lines.iter().any(|line| line.record)
-    }
-
-    /// Empties a given-up line that has no byte written yet.
+    /// Empties given-up line `number` if no byte of it is written yet.
     fn give_up(&mut self, number: u64) {
         let unstarted = (self.next + usize::from(self.partial > 0)).min(self.lines.len());
         if let Some(line) = self.lines[unstarted..]
             .iter_mut()
-            .find(|line| line.number == number)
+            .find(|l| l.number == number)
         {
             line.bytes.clear();
         }
     }
 
-    /// Writes what is left, then syncs if a record is in it. On an error,
-    /// the batch says how far it got.
-    fn write_to(&mut self, output: &mut Output) -> io::Result<()> {
+    /// Writes what is left, then syncs if a record is in it; returns the
+    /// bytes written. On an error, the batch says how far it got.
+    fn write_to(&mut self, output: &mut Output) -> io::Result<usize> {
+        let mut total = 0;
         let mut pending = Vec::new();
         while self.next < self.lines.len() {
             pending.clear();
             pending.extend_from_slice(&self.lines[self.next].bytes[self.partial..]);
-            for line in &self.lines[self.next + 1..] {
-                pending.extend_from_slice(&line.bytes);
-            }
+            self.lines[self.next + 1..]
+                .iter()
+                .for_each(|line| pending.extend_from_slice(&line.bytes));
             if pending.is_empty() {
-                self.next = self.lines.len();
                 break;
             }
-            let written = match output.write(&pending) {
+            let mut written = match output.write(&pending) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(written) => written,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
                 Err(e) => return Err(e),
             };
-            self.advance(written);
+            total += written;
+            while written > 0 {
+                let left = self.lines[self.next].bytes.len() - self.partial;
+                if written < left {
+                    self.partial += written;
+                    break;
+                }
+                written -= left;
+                (self.next, self.partial) = (self.next + 1, 0);
+            }
         }
-        if self.needs_sync()
+        if total > 0
+            && self.lines.iter().any(|line| line.record)
             && let Err(e) = output.sync()
         {
             // What the failed sync covered may be lost: write it all again.
-            self.next = 0;
-            self.partial = 0;
+            (self.next, self.partial) = (0, 0);
             return Err(e);
         }
-        Ok(())
-    }
-
-    fn advance(&mut self, mut written: usize) {
-        while written > 0 && self.next < self.lines.len() {
-            let left = self.lines[self.next].bytes.len() - self.partial;
-            if written < left {
-                self.partial += written;
-                return;
-            }
-            written -= left;
-            self.next += 1;
-            self.partial = 0;
-        }
+        Ok(total)
     }
 }
 
@@ -210,21 +190,7 @@ impl Queue {
     pub(crate) fn new(capacity: usize, output: Output, observer: Box<dyn Observer>) -> Self {
         Queue {
             capacity: capacity.max(1),
-            state: Mutex::new(State {
-                waiting: VecDeque::new(),
-                retry: None,
-                queued: 0,
-                done: 0,
-                writing: false,
-                given_up: Vec::new(),
-                callers_waiting: 0,
-                writer_idle: false,
-                failures: 0,
-                dropped: 0,
-                dropped_total: 0,
-                abandoned: false,
-                reopen: None,
-            }),
+            state: Mutex::default(),
             changed: Condvar::new(),
             work: Condvar::new(),
             output: Mutex::new(output),
@@ -240,12 +206,12 @@ impl Queue {
     /// so), so that a caller can skip formatting it.
     pub(crate) fn drops_housekeeping(&self) -> bool {
         let mut state = self.lock();
-        if state.waiting.len() < self.capacity {
-            return false;
+        let full = state.waiting.len() >= self.capacity;
+        if full {
+            state.dropped += 1;
+            state.dropped_total += 1;
         }
-        state.dropped += 1;
-        state.dropped_total += 1;
-        true
+        full
     }
 
     /// Housekeeping lines dropped since the queue was made.
@@ -253,7 +219,7 @@ impl Queue {
         self.lock().dropped_total
     }
 
-    /// Queues a line that nobody waits for (lifecycle or housekeeping).
+    /// Queues a line that nobody waits for.
     pub(crate) fn push(&self, bytes: Vec<u8>, class: Class) {
         let mut state = self.lock();
         if class == Class::Housekeeping && state.waiting.len() >= self.capacity {
@@ -261,12 +227,12 @@ impl Queue {
             state.dropped_total += 1;
             return;
         }
-        self.enqueue(&mut state, bytes, false);
+        Self::enqueue(&mut state, bytes, false);
         self.wake_writer_if_needed(&state);
     }
 
-    /// Queues a record line and waits until it is written and synced,
-    /// writing the queue itself if nobody else is; gives up at `deadline`.
+    /// Queues a record and waits until it is written and synced, writing
+    /// the queue itself if nobody else is; gives up at `deadline`.
     pub(crate) fn push_and_wait(
         &self,
         bytes: Vec<u8>,
@@ -276,34 +242,44 @@ impl Queue {
         while state.waiting.len() >= self.capacity && !state.abandoned {
             state = self.wait(state, deadline).ok_or(NotWritten::TimedOut)?;
         }
-        let number = self.enqueue(&mut state, bytes, true);
+        let number = Self::enqueue(&mut state, bytes, true);
         loop {
             if state.done >= number {
                 return Ok(());
             }
-            if state.abandoned {
-                self.give_up(&mut state, number);
-                return Err(NotWritten::Abandoned);
-            }
-            if !state.writing && state.retry.is_none() {
+            let why = if state.abandoned {
+                NotWritten::Abandoned
+            } else if !state.writing && state.retry.is_none() {
                 state = self.write_batch(state);
                 continue;
-            }
-            state = match self.wait(state, deadline) {
-                Some(state) => state,
-                None => {
-                    let mut state = self.lock();
-                    if state.done >= number {
-                        return Ok(());
+            } else {
+                match self.wait(state, deadline) {
+                    Some(next) => {
+                        state = next;
+                        continue;
                     }
-                    self.give_up(&mut state, number);
-                    return Err(NotWritten::TimedOut);
+                    None => {
+                        state = self.lock();
+                        if state.done >= number {
+                            return Ok(());
+                        }
+                        NotWritten::TimedOut
+                    }
                 }
             };
+            // Taken out of what is still to be written, if none of it is.
+            match state.waiting.iter_mut().find(|line| line.number == number) {
+                Some(line) => line.bytes.clear(),
+                None => state
+                    .retry
+                    .iter_mut()
+                    .for_each(|batch| batch.give_up(number)),
+            }
+            return Err(why);
         }
     }
 
-    fn enqueue(&self, state: &mut State, bytes: Vec<u8>, record: bool) -> u64 {
+    fn enqueue(state: &mut State, bytes: Vec<u8>, record: bool) -> u64 {
         state.queued += 1;
         let number = state.queued;
         state.waiting.push_back(Line {
@@ -329,21 +305,9 @@ impl Queue {
         let (mut state, _) = self
             .changed
             .wait_timeout(state, left)
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+            .unwrap_or_else(PoisonError::into_inner);
         state.callers_waiting -= 1;
         Some(state)
-    }
-
-    /// Takes line `number` out of what is still to be written, if none of
-    /// it is written yet.
-    fn give_up(&self, state: &mut State, number: u64) {
-        if let Some(line) = state.waiting.iter_mut().find(|l| l.number == number) {
-            line.bytes.clear();
-        } else if let Some(batch) = &mut state.retry {
-            batch.give_up(number);
-        } else if state.writing {
-            state.given_up.push(number);
-        }
     }
 
     fn wake_writer_if_needed(&self, state: &State) {
@@ -368,28 +332,28 @@ impl Queue {
         let result = batch.write_to(&mut lock(&self.output));
         let mut state = self.lock();
         state.writing = false;
-        match result {
-            Ok(()) => {
-                state.done = state.done.max(batch.last());
-                let done = state.done;
-                state.given_up.retain(|&n| n > done);
-                let failures = std::mem::take(&mut state.failures);
-                if failures > 0 {
-                    drop(state);
-                    self.observer.recovered(failures, &lock(&self.output));
-                    state = self.lock();
-                }
+        let report = match result {
+            Ok(written) => {
+                state.done = state
+                    .done
+                    .max(batch.lines.last().map_or(0, |line| line.number));
+                // A batch whose lines were all given up proves nothing.
+                let recovered = written > 0 && state.failures > 0;
+                recovered.then(|| Err(std::mem::take(&mut state.failures)))
             }
             Err(e) => {
-                for number in std::mem::take(&mut state.given_up) {
-                    batch.give_up(number);
-                }
                 state.retry = Some(batch);
                 state.failures += 1;
-                drop(state);
-                self.observer.failed(&e, &lock(&self.output));
-                state = self.lock();
+                Some(Ok(e))
             }
+        };
+        if let Some(report) = report {
+            drop(state);
+            match report {
+                Ok(error) => self.observer.failed(&error, &lock(&self.output)),
+                Err(failures) => self.observer.recovered(failures, &lock(&self.output)),
+            }
+            state = self.lock();
         }
         if state.callers_waiting > 0 {
             self.changed.notify_all();
@@ -398,8 +362,8 @@ impl Queue {
         state
     }
 
-    /// The writer thread: writes lines nobody waits for, retries failed
-    /// batches with a growing pause, reopens the output when asked, and
+    /// The writer thread: reopens the output when asked, retries a failed
+    /// batch with a growing pause, writes lines nobody waits for, and
     /// reports dropped lines once there is room again.
     fn serve(&self) {
         let mut state = self.lock();
@@ -408,31 +372,35 @@ impl Queue {
             state = self
                 .work
                 .wait_while(state, |s| !s.has_writer_work())
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+                .unwrap_or_else(PoisonError::into_inner);
             state.writer_idle = false;
+            if let Some(first_line) = state.reopen.take() {
+                state.writing = true;
+                drop(state);
+                let mut output = lock(&self.output);
+                let reopened = output.reopen(&first_line);
+                if let Err(e) = &reopened {
+                    self.observer.reopen_failed(e, &output);
+                }
+                drop(output);
+                state = self.lock();
+                state.writing = false;
+                // A line torn by a failed write is written whole again in
+                // the new file.
+                if let (Ok(()), Some(batch)) = (reopened, &mut state.retry) {
+                    batch.partial = 0;
+                }
+            }
             if state.retry.is_some() {
-                let pause = retry_pause(state.failures);
+                let doublings = state.failures.saturating_sub(1).min(16) as u32;
+                let pause = (FIRST_RETRY_PAUSE * 2u32.pow(doublings)).min(MAX_RETRY_PAUSE);
                 state.writing = true;
                 drop(state);
                 thread::sleep(pause);
                 state = self.lock();
                 state.writing = false;
-                state = self.write_batch(state);
-                continue;
             }
-            if let Some(first_line) = state.reopen.take() {
-                state.writing = true;
-                drop(state);
-                let reopened = lock(&self.output).reopen(&first_line);
-                state = self.lock();
-                state.writing = false;
-                if let Err(e) = reopened {
-                    drop(state);
-                    self.observer.failed(&e, &lock(&self.output));
-                    state = self.lock();
-                }
-            }
-            if !state.waiting.is_empty() {
+            if state.retry.is_some() || !state.waiting.is_empty() {
                 state = self.write_batch(state);
             }
             if state.dropped > 0 && state.waiting.len() < self.capacity {
@@ -457,10 +425,7 @@ impl Queue {
     pub(crate) fn flush(&self, timeout: Duration) -> u64 {
         let deadline = Instant::now() + timeout;
         let mut state = self.lock();
-        loop {
-            if state.done >= state.queued {
-                return 0;
-            }
+        while state.done < state.queued {
             if !state.writing && state.retry.is_none() {
                 state = self.write_batch(state);
                 continue;
@@ -473,40 +438,28 @@ impl Queue {
                 }
             }
         }
+        0
     }
 
-    /// Makes record lines stop waiting, now and from now on: a stopping
-    /// server gives up on an output that does not take them.
+    /// Makes records stop waiting, now and from now on: a stopping server
+    /// gives up on an output that does not take them.
     pub(crate) fn stop_waiting(&self) {
         self.lock().abandoned = true;
         self.changed.notify_all();
     }
 
-    /// Whether a write or sync is failing now.
-    pub(crate) fn failing(&self) -> bool {
-        self.lock().failures > 0
-    }
-
-    /// Lines queued and not yet written.
-    pub(crate) fn unwritten(&self) -> u64 {
+    /// Whether writes are failing now, and the lines not yet written.
+    pub(crate) fn failing(&self) -> Option<u64> {
         let state = self.lock();
-        state.queued - state.done
+        (state.failures > 0).then_some(state.queued - state.done)
     }
-}
-
-/// The pause before attempt `failures + 1` of a failed batch.
-fn retry_pause(failures: u64) -> Duration {
-    let doublings = u32::try_from(failures.saturating_sub(1))
-        .unwrap_or(u32::MAX)
-        .min(16);
-    (FIRST_RETRY_PAUSE * 2u32.pow(doublings)).min(MAX_RETRY_PAUSE)
 }
 
 /// Starts the writer thread for a queue that lives as long as the process.
 pub(crate) fn start_writer(queue: &'static Queue) -> io::Result<()> {
     thread::Builder::new()
         .name("log-writer".to_string())
-        .stack_size(WRITER_THREAD_STACK)
+        .stack_size(256 * 1024)
         .spawn(move || queue.serve())
         .map(drop)
 }
@@ -598,6 +551,7 @@ mod tests {
         fn recovered(&self, _: u64, _: &Output) {
             lock(&self.0).1 += 1;
         }
+        fn reopen_failed(&self, _: &io::Error, _: &Output) {}
         fn dropped(&self, count: u64) {
             lock(&self.0).2 += count;
         }
@@ -679,7 +633,7 @@ mod tests {
             ["write", "fail", "fail", "fail", "write", "sync"]
         );
         assert_eq!(sink.text(), "a reply\n", "whole, and once");
-        assert!(queue.flush(LONG) == 0 && !queue.failing());
+        assert!(queue.flush(LONG) == 0 && queue.failing().is_none());
         let (failed, recovered, _) = *lock(&seen.0);
         assert!(failed >= 1 && recovered == 1, "{failed} {recovered}");
     }
