@@ -374,24 +374,25 @@ impl Queue {
                 .wait_while(state, |s| !s.has_writer_work())
                 .unwrap_or_else(PoisonError::into_inner);
             state.writer_idle = false;
+            let mut reopened = false;
             if let Some(first_line) = state.reopen.take() {
                 state.writing = true;
                 drop(state);
                 let mut output = lock(&self.output);
-                let reopened = output.reopen(&first_line);
-                if let Err(e) = &reopened {
-                    self.observer.reopen_failed(e, &output);
+                match output.reopen(&first_line) {
+                    Ok(()) => reopened = true,
+                    Err(e) => self.observer.reopen_failed(&e, &output),
                 }
                 drop(output);
                 state = self.lock();
                 state.writing = false;
                 // A line torn by a failed write is written whole again in
-                // the new file.
-                if let (Ok(()), Some(batch)) = (reopened, &mut state.retry) {
+                // the new file, at once: the new file is why it may work.
+                if let (true, Some(batch)) = (reopened, &mut state.retry) {
                     batch.partial = 0;
                 }
             }
-            if state.retry.is_some() {
+            if state.retry.is_some() && !reopened {
                 let doublings = state.failures.saturating_sub(1).min(16) as u32;
                 let pause = (FIRST_RETRY_PAUSE * 2u32.pow(doublings)).min(MAX_RETRY_PAUSE);
                 state.writing = true;
