@@ -1,40 +1,29 @@
 //! Readiness, status and watchdog messages to the service manager
-//! (`Type=notify` in a systemd unit), so that systemd knows when the server
-//! really serves, when it is draining, how many clients it holds, and that
-//! its accept loop is still alive.
+//! (`Type=notify`, sd_notify(3)): datagrams of `NAME=value` lines to the Unix
+//! socket that `NOTIFY_SOCKET` names. The texts ([`NotifyState`]) and the
+//! watchdog period come from the `sd-notify` crate, but the datagrams are
+//! sent here, to an address read once at start-up: its `notify` (0.5.0)
+//! reads the variable on every call and connects to `@name` as a file name,
+//! not as an abstract socket.
 //!
-//! The protocol is sd_notify(3): datagrams of `NAME=value` lines sent to the
-//! Unix socket named by `NOTIFY_SOCKET`. The message texts come from the
-//! `sd-notify` crate ([`NotifyState`]), and so does the watchdog period
-//! (`WATCHDOG_USEC`, `WATCHDOG_PID`). The datagrams are sent here, to an
-//! address read once at start-up, because the crate's `notify` reads the
-//! variable on every call (so a test could only point it somewhere else by
-//! changing the process's environment) and takes an abstract socket
-//! (`@name`) for a file name.
-//!
-//! What is sent:
-//! - `READY=1` once every listener is set up ([`Notifier::ready`]);
-//! - `STOPPING=1` when the drain starts ([`Notifier::stopping`]);
-//! - `STATUS=` with the number of connected clients, from a reporting
-//!   thread, at most once per [`STATUS_INTERVAL`] and only when it changed;
-//! - `WATCHDOG=1` every half of `WATCHDOG_USEC` from the same thread, but
-//!   only while every accept loop is healthy: waiting in `accept`, or back
-//!   from it less than half a watchdog period ago. An accept loop that is
-//!   stuck (a deadlock, a thread that cannot start and retries forever)
-//!   stops the pings, and systemd restarts the service, which is what the
-//!   watchdog is for. Each loop reports through its own [`Heartbeat`].
-//!
-//! Without `NOTIFY_SOCKET` every call does nothing and no thread starts.
+//! `READY=1` once every listener is set up; `STOPPING=1` when the drain
+//! starts; from a reporting thread, `STATUS=` with the clients connected (at
+//! most once per [`STATUS_INTERVAL`], only when it changed) and `WATCHDOG=1`
+//! every half of `WATCHDOG_USEC`, but only while every accept loop's
+//! [`Heartbeat`] is healthy: in `accept`, or back from it less than half a
+//! period ago. A stuck loop (a deadlock, a thread that cannot start and
+//! retries forever) stops the pings, and systemd restarts the service.
+//! Without `NOTIFY_SOCKET` nothing is sent and no thread starts.
 
 use std::ffi::OsStr;
-use std::fmt::Write as _;
 use std::io;
 use std::net::SocketAddr;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{self, UnixDatagram};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -45,188 +34,152 @@ use crate::error::describe_io_error;
 use crate::lock;
 use crate::logging::{self, event};
 
-/// The variable that names the service manager's notification socket.
 const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 /// At most one `STATUS=` message per this interval.
-pub(crate) const STATUS_INTERVAL: Duration = Duration::from_secs(1);
-/// The shortest time between watchdog pings, however small `WATCHDOG_USEC`
-/// is: a tiny value must not make the reporting thread spin.
-const MIN_WATCHDOG_PING_INTERVAL: Duration = Duration::from_millis(10);
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// However small `WATCHDOG_USEC` is, the reporting thread must not spin.
+const MIN_PING_INTERVAL: Duration = Duration::from_millis(10);
 /// The reporting thread only formats and sends short datagrams.
 const REPORTER_STACK: usize = 256 * 1024;
 
-/// Sends the service manager what it needs to know; a no-op without
-/// `NOTIFY_SOCKET`. Dropping it stops the reporting thread.
+/// Sends the service manager what it needs to know; dropping it stops the
+/// reporting thread.
+#[derive(Default)]
 pub(crate) struct Notifier {
     inner: Arc<Inner>,
-    /// The thread that sends `STATUS=` and `WATCHDOG=1`, once started.
-    reporter: Mutex<Option<JoinHandle<()>>>,
+    /// The reporting thread, and the sender whose drop stops it at once.
+    reporter: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
 }
 
 /// What the notifier and its reporting thread share.
+#[derive(Default)]
 struct Inner {
-    /// Where messages go; `None` without `NOTIFY_SOCKET`.
-    target: Option<Target>,
+    /// The service manager's address, and a socket to send from.
+    target: Option<(UnixDatagram, net::SocketAddr)>,
     /// `WATCHDOG_USEC`, when the watchdog is enabled for this process.
     watchdog: Option<Duration>,
     /// "serving ADDR, ADDR", the start of every status once ready.
     serving: Mutex<String>,
     /// Set by [`Notifier::stopping`]: no more watchdog pings.
     stopping: AtomicBool,
-    /// The last `STATUS=` text sent, so that an unchanged one is not resent.
-    last_status: Mutex<Option<String>>,
     /// One per accept loop.
     loops: Mutex<Vec<Heartbeat>>,
-    /// Set when the notifier is dropped; `wake` tells the thread at once.
-    finished: Mutex<bool>,
-    wake: Condvar,
     /// Whether a failed send has been logged already (one line is enough).
     send_failure_logged: AtomicBool,
 }
 
-/// The service manager's socket and ours to send from.
-struct Target {
-    socket: UnixDatagram,
-    addr: net::SocketAddr,
-}
-
 impl Notifier {
-    /// The notifier `NOTIFY_SOCKET` and `WATCHDOG_USEC` ask for: a no-op
-    /// one when `NOTIFY_SOCKET` is unset. An error when it is set but
-    /// unusable (neither a path nor `@abstract`, or no socket to send
-    /// from): a `Type=notify` service that cannot say it is ready would be
-    /// killed at its start timeout, so better say why at once.
+    /// The notifier `NOTIFY_SOCKET` and `WATCHDOG_USEC` ask for. An error
+    /// when `NOTIFY_SOCKET` is set but unusable: a `Type=notify` service that
+    /// cannot say it is ready is killed at its start timeout, so better say
+    /// why at once.
     pub(crate) fn from_env() -> io::Result<Notifier> {
-        // Empty counts as unset, as it names nothing to send to.
-        let Some(socket) = std::env::var_os(NOTIFY_SOCKET).filter(|socket| !socket.is_empty())
-        else {
-            return Ok(Notifier::disabled());
-        };
-        Notifier::to_socket(&socket, sd_notify::watchdog_enabled())
+        // Empty counts as unset: it names nothing to send to.
+        match std::env::var_os(NOTIFY_SOCKET).filter(|socket| !socket.is_empty()) {
+            Some(socket) => Notifier::to_socket(&socket, sd_notify::watchdog_enabled()),
+            None => Ok(Notifier::disabled()),
+        }
     }
 
-    /// A notifier that sends nothing.
     pub(crate) fn disabled() -> Notifier {
-        Notifier::new(None, None)
+        Notifier::default()
     }
 
-    /// A notifier that sends to `socket` (a file name, or `@name` for an
-    /// abstract socket, as in `NOTIFY_SOCKET`), with watchdog pings every
-    /// half of `watchdog` when that is given.
-    pub(crate) fn to_socket(socket: &OsStr, watchdog: Option<Duration>) -> io::Result<Notifier> {
+    /// Sends to `socket` (a path, or `@name` for an abstract socket), with
+    /// watchdog pings every half of `watchdog`.
+    fn to_socket(socket: &OsStr, watchdog: Option<Duration>) -> io::Result<Notifier> {
         let addr = notify_address(socket)?;
-        let socket = UnixDatagram::unbound()?;
-        Ok(Notifier::new(
-            Some(Target { socket, addr }),
-            watchdog.filter(|period| !period.is_zero()),
-        ))
+        let inner = Inner {
+            target: Some((UnixDatagram::unbound()?, addr)),
+            watchdog: watchdog.filter(|period| !period.is_zero()),
+            ..Inner::default()
+        };
+        let inner = Arc::new(inner);
+        Ok(Notifier {
+            inner,
+            reporter: Mutex::default(),
+        })
     }
 
-    fn new(target: Option<Target>, watchdog: Option<Duration>) -> Notifier {
-        Notifier {
-            inner: Arc::new(Inner {
-                target,
-                watchdog,
-                serving: Mutex::new(String::new()),
-                stopping: AtomicBool::new(false),
-                last_status: Mutex::new(None),
-                loops: Mutex::new(Vec::new()),
-                finished: Mutex::new(false),
-                wake: Condvar::new(),
-                send_failure_logged: AtomicBool::new(false),
-            }),
-            reporter: Mutex::new(None),
-        }
-    }
-
-    /// Whether messages go anywhere (`NOTIFY_SOCKET` was set).
-    pub(crate) fn is_enabled(&self) -> bool {
-        self.inner.target.is_some()
-    }
-
-    /// A new heartbeat for one accept loop to report through. The
-    /// watchdog pings only while every heartbeat handed out is healthy.
-    /// Without a watchdog it is inert: the accept loop pays nothing for it.
+    /// A heartbeat for one more accept loop; inert without a watchdog.
     pub(crate) fn heartbeat(&self) -> Heartbeat {
-        if !self.is_enabled() || self.inner.watchdog.is_none() {
-            return Heartbeat { state: None };
+        if self.inner.watchdog.is_none() {
+            return Heartbeat(None);
         }
-        let heartbeat = Heartbeat::new();
+        let heartbeat = Heartbeat(Some(Arc::new(Mutex::new(Some(Instant::now())))));
         lock(&self.inner.loops).push(heartbeat.clone());
         heartbeat
     }
 
-    /// `READY=1`, with a status naming the addresses served: call it once
-    /// every listener is set up, just before accepting.
+    /// `READY=1`, with a status naming the addresses served.
     pub(crate) fn ready(&self, listening: &[SocketAddr]) -> io::Result<()> {
-        let serving = serving_text(listening);
+        let addrs: Vec<String> = listening.iter().map(SocketAddr::to_string).collect();
+        let serving = format!("serving {}", addrs.join(", "));
         *lock(&self.inner.serving) = serving.clone();
-        *lock(&self.inner.last_status) = Some(serving.clone());
         self.inner
             .send(&[NotifyState::Ready, NotifyState::Status(&serving)])
     }
 
-    /// `STOPPING=1`: call it when the accept loop stops and the drain
-    /// starts. Watchdog pings end (systemd no longer expects them); status
-    /// messages go on until the notifier is dropped.
+    /// `STOPPING=1`, as the drain starts. Watchdog pings end (systemd no
+    /// longer expects them); status messages go on until the drop.
     pub(crate) fn stopping(&self) -> io::Result<()> {
         self.inner.stopping.store(true, Ordering::SeqCst);
         self.inner.send(&[NotifyState::Stopping])
     }
 
-    /// Starts the thread that sends `STATUS=` with `connected()` clients
-    /// (at most once per [`STATUS_INTERVAL`], only when the text changed)
-    /// and the watchdog pings. Does nothing without `NOTIFY_SOCKET`, or if
-    /// the thread runs already. Fails only if the thread cannot start.
+    /// Starts the reporting thread, which counts `connected()` clients for
+    /// the status; does nothing without `NOTIFY_SOCKET` or if it runs
+    /// already. Fails only if the thread cannot start.
     pub(crate) fn start_reporting(
         &self,
         connected: impl Fn() -> usize + Send + 'static,
     ) -> io::Result<()> {
-        if !self.is_enabled() {
-            return Ok(());
-        }
         let mut reporter = lock(&self.reporter);
-        if reporter.is_some() {
+        if self.inner.target.is_none() || reporter.is_some() {
             return Ok(());
         }
+        let (stop, stopped) = mpsc::channel();
         let inner = Arc::clone(&self.inner);
-        *reporter = Some(
-            thread::Builder::new()
-                .name("notify".into())
-                .stack_size(REPORTER_STACK)
-                .spawn(move || inner.report(connected))?,
-        );
+        let thread = thread::Builder::new()
+            .name("notify".into())
+            .stack_size(REPORTER_STACK)
+            .spawn(move || inner.report(connected, &stopped))?;
+        *reporter = Some((stop, thread));
         Ok(())
     }
 }
 
 impl Drop for Notifier {
     fn drop(&mut self) {
-        *lock(&self.inner.finished) = true;
-        self.inner.wake.notify_all();
-        if let Some(reporter) = lock(&self.reporter).take() {
-            let _ = reporter.join();
+        if let Some((stop, thread)) = lock(&self.reporter).take() {
+            drop(stop);
+            let _ = thread.join();
         }
     }
 }
 
 impl Inner {
     /// The reporting thread: status and watchdog, each on its own period,
-    /// until the notifier is dropped.
-    fn report(&self, connected: impl Fn() -> usize) {
+    /// until the notifier drops the sender of `stopped`.
+    fn report(&self, connected: impl Fn() -> usize, stopped: &mpsc::Receiver<()>) {
         let ping_every = self
             .watchdog
-            .map(|period| (period / 2).max(MIN_WATCHDOG_PING_INTERVAL));
+            .map(|period| (period / 2).max(MIN_PING_INTERVAL));
         let mut next_status = Instant::now() + STATUS_INTERVAL;
         let mut next_ping = ping_every.map(|every| Instant::now() + every);
+        let mut last_status = String::new();
         loop {
             let next = next_ping.map_or(next_status, |ping| ping.min(next_status));
-            if self.wait_until(next) {
+            let left = next.saturating_duration_since(Instant::now());
+            if stopped.recv_timeout(left) != Err(RecvTimeoutError::Timeout) {
                 return;
             }
             let now = Instant::now();
             if now >= next_status {
-                self.send_status_if_changed(connected());
+                let status = self.status(connected());
+                if status != last_status && self.send(&[NotifyState::Status(&status)]).is_ok() {
+                    last_status = status;
+                }
                 next_status = now + STATUS_INTERVAL;
             }
             if let (Some(at), Some(every)) = (next_ping, ping_every)
@@ -240,63 +193,44 @@ impl Inner {
         }
     }
 
-    /// Waits until `deadline`; true if the notifier was dropped meanwhile.
-    fn wait_until(&self, deadline: Instant) -> bool {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let (finished, _) = self
-            .wake
-            .wait_timeout_while(lock(&self.finished), left, |finished| !*finished)
-            .unwrap_or_else(PoisonError::into_inner);
-        *finished
-    }
-
-    /// Whether there is an accept loop and every one is healthy: waiting
-    /// in `accept`, or back from it less than `stall_limit` ago.
     fn loops_healthy(&self, stall_limit: Duration) -> bool {
         let loops = lock(&self.loops);
         !loops.is_empty() && loops.iter().all(|beat| !beat.stalled(stall_limit))
     }
 
-    fn send_status_if_changed(&self, connected: usize) {
-        let mut status = status_text(
-            &lock(&self.serving),
-            connected,
-            self.stopping.load(Ordering::SeqCst),
-        );
-        if let Some(failure) = logging::failure() {
-            status.push_str("; ");
-            status.push_str(&failure);
-        }
-        let mut last = lock(&self.last_status);
-        if last.as_deref() == Some(status.as_str()) {
-            return;
-        }
-        if self.send(&[NotifyState::Status(&status)]).is_ok() {
-            *last = Some(status);
+    /// "serving 127.0.0.1:1337; 3 clients connected", or "stopping; 3
+    /// clients still connected" once draining, and what fails in the log.
+    fn status(&self, connected: usize) -> String {
+        let clients = if connected == 1 { "client" } else { "clients" };
+        let serving = lock(&self.serving).clone();
+        let status = if self.stopping.load(Ordering::SeqCst) {
+            format!("stopping; {connected} {clients} still connected")
+        } else if serving.is_empty() {
+            format!("{connected} {clients} connected")
+        } else {
+            format!("{serving}; {connected} {clients} connected")
+        };
+        match logging::failure() {
+            Some(failure) => format!("{status}; {failure}"),
+            None => status,
         }
     }
 
-    /// Sends one datagram with `states`, one per line. The first failure
-    /// is logged; later ones only returned, so that a service manager gone
-    /// away does not fill the log.
+    /// Sends one datagram of `states`, a line each. Only the first failure
+    /// is logged, so that a service manager gone away does not fill the log.
     fn send(&self, states: &[NotifyState]) -> io::Result<()> {
-        let Some(target) = &self.target else {
+        let Some((socket, addr)) = &self.target else {
             return Ok(());
         };
-        let message = message(states);
-        let result = target
-            .socket
-            .send_to_addr(message.as_bytes(), &target.addr)
-            .and_then(|sent| {
-                if sent == message.len() {
-                    Ok(())
-                } else {
-                    Err(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "notification sent in part",
-                    ))
-                }
-            });
+        let message: String = states.iter().map(|state| format!("{state}\n")).collect();
+        let result = match socket.send_to_addr(message.as_bytes(), addr) {
+            Ok(sent) if sent == message.len() => Ok(()),
+            Ok(_) => Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "notification sent in part",
+            )),
+            Err(e) => Err(e),
+        };
         if let Err(e) = &result
             && !self.send_failure_logged.swap(true, Ordering::SeqCst)
         {
@@ -311,81 +245,38 @@ impl Inner {
 }
 
 /// One accept loop's sign of life, for the watchdog: the loop wraps its
-/// blocking `accept` in [`Heartbeat::accepting`].
+/// blocking `accept` in [`Heartbeat::accepting`]. `None` without a watchdog.
+/// Inside: when the loop last came back from `accept`, or `None` while it
+/// waits in it (where only the kernel can keep it, and a queued client
+/// wakes it).
 #[derive(Clone, Debug)]
-pub(crate) struct Heartbeat {
-    /// `None`: nobody watches (no watchdog), so nothing is recorded.
-    state: Option<Arc<BeatState>>,
-}
-
-#[derive(Debug)]
-struct BeatState {
-    /// What the millisecond counts in `last` are counted from.
-    epoch: Instant,
-    /// Milliseconds since `epoch` at the loop's last sign of life, or
-    /// [`IN_ACCEPT`] while it waits in `accept` (where only the kernel can
-    /// keep it, and a queued client wakes it).
-    last: AtomicU64,
-}
-
-/// The value of `BeatState::last` while the loop waits in `accept`.
-const IN_ACCEPT: u64 = u64::MAX;
+pub(crate) struct Heartbeat(Option<Arc<Mutex<Option<Instant>>>>);
 
 impl Heartbeat {
-    fn new() -> Heartbeat {
-        Heartbeat {
-            state: Some(Arc::new(BeatState {
-                epoch: Instant::now(),
-                last: AtomicU64::new(0),
-            })),
-        }
-    }
-
     /// Runs `accept` (the loop's blocking call) as "waiting, healthy", and
     /// counts its return as a sign of life.
     pub(crate) fn accepting<T>(&self, accept: impl FnOnce() -> T) -> T {
-        let Some(state) = &self.state else {
+        let Some(last) = &self.0 else {
             return accept();
         };
-        state.last.store(IN_ACCEPT, Ordering::SeqCst);
+        *lock(last) = None;
         let result = accept();
-        self.beat();
+        *lock(last) = Some(Instant::now());
         result
     }
 
-    /// A sign of life now.
-    fn beat(&self) {
-        if let Some(state) = &self.state {
-            state
-                .last
-                .store(state.millis_since_epoch(Instant::now()), Ordering::SeqCst);
-        }
-    }
-
-    /// Whether the loop is outside `accept` and gave no sign of life for
+    /// Whether the loop is outside `accept` with no sign of life for
     /// `stall_limit` or longer.
     fn stalled(&self, stall_limit: Duration) -> bool {
-        let Some(state) = &self.state else {
+        let Some(last) = &self.0 else {
             return false;
         };
-        let last = state.last.load(Ordering::SeqCst);
-        if last == IN_ACCEPT {
-            return false;
-        }
-        let now = state.millis_since_epoch(Instant::now());
-        Duration::from_millis(now.saturating_sub(last)) >= stall_limit
+        lock(last).is_some_and(|at| at.elapsed() >= stall_limit)
     }
 }
 
-impl BeatState {
-    fn millis_since_epoch(&self, at: Instant) -> u64 {
-        let millis = at.saturating_duration_since(self.epoch).as_millis();
-        u64::try_from(millis).unwrap_or(IN_ACCEPT - 1)
-    }
-}
-
-/// `NOTIFY_SOCKET`'s value as an address: a file name (`/run/...`), or an
-/// abstract name written with a leading `@`.
+/// `NOTIFY_SOCKET`'s value as an address: a path, or `@name` for an
+/// abstract one.
 fn notify_address(socket: &OsStr) -> io::Result<net::SocketAddr> {
     let bytes = socket.as_bytes();
     match bytes.first() {
@@ -398,34 +289,6 @@ fn notify_address(socket: &OsStr) -> io::Result<net::SocketAddr> {
                 socket.to_string_lossy()
             ),
         )),
-    }
-}
-
-/// One datagram: each state on its own line.
-fn message(states: &[NotifyState]) -> String {
-    let mut message = String::new();
-    for state in states {
-        let _ = writeln!(message, "{state}");
-    }
-    message
-}
-
-/// "serving 127.0.0.1:1337, [::1]:1337"
-fn serving_text(listening: &[SocketAddr]) -> String {
-    let addrs: Vec<String> = listening.iter().map(SocketAddr::to_string).collect();
-    format!("serving {}", addrs.join(", "))
-}
-
-/// The status line: "serving 127.0.0.1:1337; 3 clients connected", or
-/// "stopping; 3 clients still connected" once draining.
-fn status_text(serving: &str, connected: usize, stopping: bool) -> String {
-    let clients = if connected == 1 { "client" } else { "clients" };
-    if stopping {
-        format!("stopping; {connected} {clients} still connected")
-    } else if serving.is_empty() {
-        format!("{connected} {clients} connected")
-    } else {
-        format!("{serving}; {connected} {clients} connected")
     }
 }
 
@@ -573,7 +436,7 @@ mod tests {
             "pings every 200 ms while in accept: {received:?}"
         );
         // Back from accept and then stuck: the pings stop within a period.
-        heartbeat.beat();
+        heartbeat.accepting(|| ());
         let _ = receiver.all_within(Duration::from_millis(400));
         let received = receiver.all_within(Duration::from_secs(1));
         assert!(
@@ -583,7 +446,7 @@ mod tests {
         // Alive again (a loop that wakes by itself): pings again.
         let mut received = Vec::new();
         for _ in 0..12 {
-            heartbeat.beat();
+            heartbeat.accepting(|| ());
             received.extend(receiver.all_within(Duration::from_millis(50)));
         }
         assert!(received.iter().any(|m| m == "WATCHDOG=1\n"), "{received:?}");
@@ -600,7 +463,7 @@ mod tests {
             "{received:?}"
         );
         let heartbeat = notifier.heartbeat();
-        heartbeat.beat();
+        heartbeat.accepting(|| ());
         notifier.stopping().unwrap();
         let received = heartbeat.accepting(|| receiver.all_within(Duration::from_millis(600)));
         assert_eq!(received.first().map(String::as_str), Some("STOPPING=1\n"));
@@ -613,7 +476,7 @@ mod tests {
     #[test]
     fn without_a_socket_nothing_is_sent_and_no_thread_starts() {
         let notifier = Notifier::disabled();
-        assert!(!notifier.is_enabled());
+        assert!(notifier.inner.target.is_none());
         notifier
             .ready(&["127.0.0.1:1337".parse().unwrap()])
             .unwrap();
@@ -651,8 +514,9 @@ mod tests {
 
     #[test]
     fn a_heartbeat_in_accept_is_never_stalled() {
-        let heartbeat = Heartbeat::new();
-        heartbeat.beat();
+        let receiver = Receiver::new("stalled");
+        let heartbeat = receiver.notifier(Some(WAIT)).heartbeat();
+        heartbeat.accepting(|| ());
         thread::sleep(Duration::from_millis(30));
         assert!(heartbeat.stalled(Duration::from_millis(20)));
         assert!(!heartbeat.stalled(Duration::from_secs(10)));
