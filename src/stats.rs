@@ -1,65 +1,51 @@
-//! Counters of what happened to connections: for the summary line at
-//! shutdown, and for the metrics endpoint while the server runs. They are
-//! `prometheus-client`'s counters and histograms, so the summary and a
-//! scrape read the very same numbers; each is a count on its own, and a
-//! scrape or the summary may see one a moment behind another.
-//!
-//! Adding a counter: a field, its line in `Default` and in
-//! [`Stats::register`], and a `record_*` method; a labelled one is a
-//! `Family` of a label struct such as [`KindLabel`].
+//! Counters of what happened to connections, for the summary line at
+//! shutdown and for the metrics endpoint. They are `prometheus-client`'s
+//! counters and histograms, so the summary and a scrape read the very same
+//! numbers; each is a count on its own, and a reader may see one a moment
+//! behind another. A new counter needs a field, its line in `Default` and in
+//! [`Stats::register`], and a `record_*` method.
 
 use std::fmt;
 use std::io;
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::record::{Record, ReplyEnd};
-/// How a connection ended: one count each in the summary, and the
+
+/// How a connection ended: one count each in the [`Summary`] (whose field of
+/// the same name says what it counts; `Busy` is `rejected_busy`) and the
 /// metrics' `outcome` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
-    /// A reply was logged whole.
     Replied,
-    /// A reply was logged cut at the cap.
     Truncated,
-    /// The reply deadline passed.
     TimedOut,
-    /// The client closed without sending anything.
     NoReply,
-    /// Writing the prompt, reading, or the PROXY header failed.
     Failed,
-    /// Refused by the access rules, or not a trusted proxy.
     Denied,
-    /// Turned away with the busy line (`--max-connections`, `--max-per-ip`).
     Busy,
-    /// Turned away with the busy line: its network connected faster than
-    /// `--max-rate-per-ip`.
     RateLimited,
-    /// Still connected at the shutdown deadline: cut off, and logged with
-    /// what it had sent.
     CutOff,
-    /// The reply sink did not take its record: the client was reset.
     NotRecorded,
 }
 
 impl Outcome {
-    /// Every outcome, in the order of the metrics.
-    pub(crate) const ALL: [Outcome; 10] = [
-        Outcome::Replied,
-        Outcome::Truncated,
-        Outcome::TimedOut,
-        Outcome::NoReply,
-        Outcome::Failed,
-        Outcome::Denied,
-        Outcome::Busy,
-        Outcome::RateLimited,
-        Outcome::CutOff,
-        Outcome::NotRecorded,
+    /// The `outcome` label of each variant, in their order.
+    const LABELS: [&'static str; 10] = [
+        "replied",
+        "truncated",
+        "timed_out",
+        "no_reply",
+        "failed",
+        "denied",
+        "busy",
+        "rate_limited",
+        "shutdown",
+        "not_recorded",
     ];
 
     /// How a recorded connection ended.
@@ -71,22 +57,6 @@ impl Outcome {
             ReplyEnd::TimedOut { .. } => Outcome::TimedOut,
             ReplyEnd::CutOff => Outcome::CutOff,
             ReplyEnd::Failed(_) => Outcome::Failed,
-        }
-    }
-
-    /// Its value of the metrics' `outcome` label.
-    pub(crate) fn label(self) -> &'static str {
-        match self {
-            Outcome::Replied => "replied",
-            Outcome::Truncated => "truncated",
-            Outcome::TimedOut => "timed_out",
-            Outcome::NoReply => "no_reply",
-            Outcome::Failed => "failed",
-            Outcome::Denied => "denied",
-            Outcome::Busy => "busy",
-            Outcome::RateLimited => "rate_limited",
-            Outcome::CutOff => "shutdown",
-            Outcome::NotRecorded => "not_recorded",
         }
     }
 }
@@ -103,31 +73,21 @@ const REPLY_SIZE_BUCKETS: [f64; 9] = [
     16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0,
 ];
 
-/// The `outcome` label of `prompt_server_connections_total`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct OutcomeLabel {
-    outcome: &'static str,
-}
-
-/// A `kind` label, as of `prompt_server_accept_errors_total`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub(crate) struct KindLabel {
-    pub(crate) kind: &'static str,
-}
+/// One label of a metric family, as `[("outcome", "replied")]`.
+pub(crate) type Label = [(&'static str, &'static str); 1];
 
 /// Running totals, shared by the accept loops and every connection thread.
 #[derive(Debug)]
 pub(crate) struct Stats {
     /// Connections `accept` returned (the stop's own wake-up aside).
     accepted: Counter,
-    /// How connections ended, every [`Outcome`] present from the start.
-    outcomes: Family<OutcomeLabel, Counter>,
+    /// By [`Outcome`], every label present from the start.
+    outcomes: Family<Label, Counter>,
     reply_bytes: Counter,
-    /// `accept` failures, every [`AcceptErrorKind`] present from the start.
-    accept_errors: Family<KindLabel, Counter>,
+    /// By [`AcceptErrorKind`], every label present from the start.
+    accept_errors: Family<Label, Counter>,
     /// Accept to log line, per served connection.
     session_duration: Histogram,
-    /// Bytes of each logged reply.
     reply_size: Histogram,
 }
 
@@ -143,56 +103,42 @@ impl Default for Stats {
         };
         // Every label value is exposed at 0 until it happens, so that
         // `rate()` and alerts see a series from the start.
-        for outcome in Outcome::ALL {
-            stats.outcome(outcome);
+        for outcome in Outcome::LABELS {
+            stats.outcomes.get_or_create_owned(&[("outcome", outcome)]);
         }
-        for kind in AcceptErrorKind::ALL {
-            stats.accept_error(kind);
+        for kind in AcceptErrorKind::LABELS {
+            stats.accept_errors.get_or_create_owned(&[("kind", kind)]);
         }
         stats
     }
 }
 
 impl Stats {
-    /// Registers every counter and histogram that is a metric, under the
-    /// names the registry gets its prefix (`prompt_server`) and `_total`
-    /// added to.
+    /// Registers every metric here under `r`, which adds its prefix
+    /// (`prompt_server_`) and a counter's `_total`.
     pub(crate) fn register(&self, r: &mut Registry) {
-        r.register(
-            "connections_accepted",
-            "Connections accepted",
-            self.accepted.clone(),
-        );
+        let help = "Connections accepted";
+        r.register("connections_accepted", help, self.accepted.clone());
         let help = "Connections ended, by outcome";
         r.register("connections", help, self.outcomes.clone());
-        r.register(
-            "reply_bytes",
-            "Reply bytes logged",
-            self.reply_bytes.clone(),
-        );
+        let help = "Reply bytes logged";
+        r.register("reply_bytes", help, self.reply_bytes.clone());
         let help = "Failed accept calls, by kind";
         r.register("accept_errors", help, self.accept_errors.clone());
-        let help = "Time from accept to the log line, per connection";
-        r.register(
+        let (name, help) = (
             "session_duration_seconds",
-            help,
-            self.session_duration.clone(),
+            "Time from accept to the log line, per connection",
         );
+        r.register(name, help, self.session_duration.clone());
         let help = "Size of each logged reply";
         r.register("reply_size_bytes", help, self.reply_size.clone());
     }
 
     fn outcome(&self, outcome: Outcome) -> Counter {
-        let outcome = outcome.label();
-        self.outcomes.get_or_create_owned(&OutcomeLabel { outcome })
+        let label = Outcome::LABELS[outcome as usize];
+        self.outcomes.get_or_create_owned(&[("outcome", label)])
     }
 
-    fn accept_error(&self, kind: AcceptErrorKind) -> Counter {
-        let kind = kind.label();
-        self.accept_errors.get_or_create_owned(&KindLabel { kind })
-    }
-
-    /// Counts a connection `accept` returned.
     pub(crate) fn record_accepted(&self) {
         self.accepted.inc();
     }
@@ -202,12 +148,8 @@ impl Stats {
         self.outcome(outcome).inc();
     }
 
-    fn count(&self, outcome: Outcome) -> u64 {
-        self.outcome(outcome).get()
-    }
-
-    /// Counts a served connection: how it ended, the size of its logged
-    /// reply (if it got as far as a reply), and its time from accept on.
+    /// Counts a served connection: how it ended, its logged reply's size
+    /// (if it got as far as a reply), and its time from accept on.
     pub(crate) fn record_session(
         &self,
         outcome: Outcome,
@@ -222,25 +164,26 @@ impl Stats {
         self.session_duration.observe(duration.as_secs_f64());
     }
 
-    /// Counts a failed `accept`.
     pub(crate) fn record_accept_error(&self, kind: AcceptErrorKind) {
-        self.accept_error(kind).inc();
+        let label = AcceptErrorKind::LABELS[kind as usize];
+        self.accept_errors.get_or_create(&[("kind", label)]).inc();
     }
 
     /// The totals now, with `still_connected` clients not yet done.
     pub(crate) fn summary(&self, still_connected: usize) -> Summary {
+        let count = |outcome| self.outcome(outcome).get();
         Summary {
             connections: self.accepted.get(),
-            replies: self.count(Outcome::Replied),
-            truncated: self.count(Outcome::Truncated),
-            timed_out: self.count(Outcome::TimedOut),
-            no_reply: self.count(Outcome::NoReply),
-            failed: self.count(Outcome::Failed),
-            rejected_busy: self.count(Outcome::Busy),
-            rate_limited: self.count(Outcome::RateLimited),
-            denied: self.count(Outcome::Denied),
-            cut_off: self.count(Outcome::CutOff),
-            not_recorded: self.count(Outcome::NotRecorded),
+            replies: count(Outcome::Replied),
+            truncated: count(Outcome::Truncated),
+            timed_out: count(Outcome::TimedOut),
+            no_reply: count(Outcome::NoReply),
+            failed: count(Outcome::Failed),
+            rejected_busy: count(Outcome::Busy),
+            rate_limited: count(Outcome::RateLimited),
+            denied: count(Outcome::Denied),
+            cut_off: count(Outcome::CutOff),
+            not_recorded: count(Outcome::NotRecorded),
             still_connected,
             unwritten_log_lines: 0,
         }
@@ -260,12 +203,7 @@ pub(crate) enum AcceptErrorKind {
 }
 
 impl AcceptErrorKind {
-    const ALL: [AcceptErrorKind; 4] = [
-        AcceptErrorKind::Connection,
-        AcceptErrorKind::Descriptors,
-        AcceptErrorKind::Memory,
-        AcceptErrorKind::Other,
-    ];
+    const LABELS: [&'static str; 4] = ["connection", "descriptors", "memory", "other"];
 
     /// The kind of an error `accept` returned (accept(2)'s list).
     pub(crate) fn of(error: &io::Error) -> Self {
@@ -286,16 +224,6 @@ impl AcceptErrorKind {
                 | libc::ENETUNREACH,
             ) => AcceptErrorKind::Connection,
             _ => AcceptErrorKind::Other,
-        }
-    }
-
-    /// Its value of the `kind` label.
-    fn label(self) -> &'static str {
-        match self {
-            AcceptErrorKind::Connection => "connection",
-            AcceptErrorKind::Descriptors => "descriptors",
-            AcceptErrorKind::Memory => "memory",
-            AcceptErrorKind::Other => "other",
         }
     }
 }
@@ -336,35 +264,30 @@ pub struct Summary {
     /// waiting for it (only when the log is stalled; they are reset).
     pub still_connected: usize,
     /// Log lines the log had not taken when the server stopped waiting for
-    /// it (5 s after
-    /// the shutdown timeout).
+    /// it (5 s after the shutdown timeout).
     pub unwritten_log_lines: u64,
 }
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let plural =
-            |n: u64, one: &'static str, many: &'static str| if n == 1 { one } else { many };
-        write!(
-            f,
-            "{} {}, {} {}, {} truncated, {} timed out, {} without reply, \
-             {} failed, {} rejected busy, {} rate limited, {} denied, {} cut off by shutdown, \
-             {} not recorded, {} still connected",
-            self.connections,
-            plural(self.connections, "connection", "connections"),
-            self.replies,
-            plural(self.replies, "reply", "replies"),
-            self.truncated,
-            self.timed_out,
-            self.no_reply,
-            self.failed,
-            self.rejected_busy,
-            self.rate_limited,
-            self.denied,
-            self.cut_off,
-            self.not_recorded,
-            self.still_connected
-        )
+        let (connections, replies) = (self.connections, self.replies);
+        let s = if connections == 1 { "" } else { "s" };
+        let replies_word = if replies == 1 { "reply" } else { "replies" };
+        write!(f, "{connections} connection{s}, {replies} {replies_word}")?;
+        [
+            (self.truncated, "truncated"),
+            (self.timed_out, "timed out"),
+            (self.no_reply, "without reply"),
+            (self.failed, "failed"),
+            (self.rejected_busy, "rejected busy"),
+            (self.rate_limited, "rate limited"),
+            (self.denied, "denied"),
+            (self.cut_off, "cut off by shutdown"),
+            (self.not_recorded, "not recorded"),
+            (self.still_connected as u64, "still connected"),
+        ]
+        .iter()
+        .try_for_each(|(count, what)| write!(f, ", {count} {what}"))
     }
 }
 

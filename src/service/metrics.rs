@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use prometheus_client::encoding::{EncodeLabelSet, prometheus_text};
+use prometheus_client::encoding::prometheus_text::{self, CONTENT_TYPE};
 use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
 use prometheus_client::registry::{Metric, Registry};
 use socket2::SockRef;
@@ -29,35 +29,25 @@ use socket2::SockRef;
 use crate::limits::{ConnectionLimit, PerIpLimit};
 use crate::logging::{LogEvery, event, held_back_note};
 use crate::serve::read::{Deadline, ReadStep, read_before};
-use crate::stats::{AcceptErrorKind, KindLabel, Stats};
+use crate::stats::{AcceptErrorKind, Label, Stats};
 
-/// The whole time one scraper may take: reading its request and taking the
-/// response. A silent scraper is dropped after this.
-pub(crate) const SCRAPE_DEADLINE: Duration = Duration::from_secs(2);
-/// The largest request read; a bigger one gets a 431 and is closed.
-pub(crate) const MAX_REQUEST_BYTES: usize = 8 * 1024;
-/// The most scrapes served at once.
-pub(crate) const MAX_SCRAPES: usize = 16;
-/// The most scrapes served at once from one client address.
-pub(crate) const MAX_SCRAPES_PER_SOURCE: usize = 4;
+/// The whole time one scraper may take, to send its request and to take
+/// the response.
+const SCRAPE_DEADLINE: Duration = Duration::from_secs(2);
+/// The largest request read; a bigger one gets a 431.
+const MAX_REQUEST_BYTES: usize = 8 * 1024;
+const MAX_SCRAPES: usize = 16;
+const MAX_SCRAPES_PER_SOURCE: usize = 4;
 /// A scrape's thread reads a request and formats a few kilobytes of text.
 const SCRAPE_THREAD_STACK: usize = 256 * 1024;
 /// The pause after an `accept` failure about the process (out of
 /// descriptors or memory), so that the accept thread does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
-pub(crate) const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
-/// Lines about scrapes closed at a cap.
 static REFUSED_LINES: LogEvery =
     LogEvery::new(event::METRICS_SCRAPE_FAILED, Duration::from_secs(5));
 
 /// A gauge of a count.
 type Count = Gauge<u64, AtomicU64>;
-
-/// The `state` label of `prompt_server_threads`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct StateLabel {
-    state: &'static str,
-}
 
 /// What the gauges show: the server's state when a scrape is answered.
 #[derive(Debug, Clone)]
@@ -78,12 +68,10 @@ pub(crate) struct ServerState {
 #[derive(Debug)]
 pub(crate) struct Metrics {
     registry: Registry,
-    /// Follows [`ServerState::log_lines_dropped`].
     log_lines_dropped: Counter,
-    /// Follows [`ServerState::log_write_errors`].
-    log_write_errors: Family<KindLabel, Counter>,
+    log_write_errors: Family<Label, Counter>,
     connections_open: Count,
-    threads: Family<StateLabel, Count>,
+    threads: Family<Label, Count>,
     max_connections: Count,
     /// Registered only with `--max-rate-per-ip`.
     rate_limit_networks: Option<Count>,
@@ -95,32 +83,32 @@ pub(crate) struct Metrics {
 impl Metrics {
     pub(crate) fn new(stats: &Stats, with_rate_limit: bool) -> Self {
         let mut registry = Registry::default();
-        let started = process_start_time().unwrap_or_else(SystemTime::now);
         let start_time = Gauge::<f64, AtomicU64>::default();
-        start_time.set(seconds_since_epoch(started));
+        let now = || {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+        };
+        start_time.set(process_start_time().unwrap_or_else(|| now().as_secs_f64()));
         let help = "Start time of the process since the Unix epoch in seconds";
         registry.register("process_start_time_seconds", help, start_time);
-        let open_fds = count_open_fds().map(|_| {
-            let help = "Open file descriptors";
-            registered(&mut registry, "process_open_fds", help, Count::default())
-        });
+        let open_fds = count_open_fds()
+            .map(|_| registered(&mut registry, "process_open_fds", "Open file descriptors"));
         let r = registry.sub_registry_with_prefix("prompt_server");
         stats.register(r);
         let help = "Housekeeping log lines dropped because the log queue was full";
-        let log_lines_dropped = registered(r, "log_lines_dropped", help, Counter::default());
+        let log_lines_dropped = registered(r, "log_lines_dropped", help);
         let help = "Failed writes and syncs of the log, by errno";
-        let log_write_errors = registered(r, "log_write_errors", help, Family::default());
-        let help = "Connections open now";
-        let connections_open = registered(r, "connections_open", help, Count::default());
+        let log_write_errors = registered(r, "log_write_errors", help);
+        let connections_open = registered(r, "connections_open", "Connections open now");
         let help = "Connection threads alive, serving a client or parked in the thread cache";
-        let threads = registered(r, "threads", help, Family::default());
+        let threads = registered(r, "threads", help);
         let help = "The effective cap on open connections";
-        let max_connections = registered(r, "max_connections", help, Count::default());
-        let rate_limit_networks = with_rate_limit.then(|| {
-            let help = "Client networks the rate limit holds a bucket for \
-                        (refilled ones go at the next sweep)";
-            registered(r, "rate_limit_networks", help, Count::default())
-        });
+        let max_connections = registered(r, "max_connections", help);
+        let help = "Client networks the rate limit holds a bucket for \
+                    (refilled ones go at the next sweep)";
+        let rate_limit_networks =
+            with_rate_limit.then(|| registered(r, "rate_limit_networks", help));
         Metrics {
             registry,
             log_lines_dropped,
@@ -135,15 +123,15 @@ impl Metrics {
 
     /// Sets the gauges from `state` and writes every metric's text.
     pub(crate) fn render(&self, state: &ServerState) -> Result<String, fmt::Error> {
-        // `fetch_max`: two scrapes at once never set the count back.
+        // `fetch_max`: two scrapes at once never set a count back.
         let dropped = self.log_lines_dropped.inner();
         dropped.fetch_max(state.log_lines_dropped, Ordering::Relaxed);
         for &(kind, count) in &state.log_write_errors {
-            let errors = self.log_write_errors.get_or_create(&KindLabel { kind });
+            let errors = self.log_write_errors.get_or_create(&[("kind", kind)]);
             errors.inner().fetch_max(count, Ordering::Relaxed);
         }
         self.connections_open.set(state.connections_open);
-        let threads = |state| self.threads.get_or_create(&StateLabel { state });
+        let threads = |state| self.threads.get_or_create(&[("state", state)]);
         threads("serving").set(state.threads_serving);
         threads("parked").set(state.threads_parked);
         self.max_connections.set(state.max_connections);
@@ -161,21 +149,22 @@ impl Metrics {
     }
 }
 
-/// `metric`, after registering a handle to it. The registry adds `_total`
-/// to a counter's name, and a full stop to the help.
-fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+/// A new metric, registered. The registry adds `_total` to a counter's
+/// name, and a full stop to the help.
+fn registered<M: Metric + Clone + Default>(registry: &mut Registry, name: &str, help: &str) -> M {
+    let metric = M::default();
     registry.register(name, help, metric.clone());
     metric
 }
 
 /// The unit of times in `/proc`: `USER_HZ`, which is 100 on every Linux
 /// architecture in use (what `sysconf(_SC_CLK_TCK)` returns).
-const PROC_TICKS_PER_SECOND: u64 = 100;
+const PROC_TICKS_PER_SECOND: f64 = 100.0;
 
-/// When this process started, as Prometheus's own process collector works
-/// it out: `/proc/self/stat`'s start time (field 22, in ticks since boot)
-/// after `/proc/stat`'s boot time. `None` where they cannot be read.
-fn process_start_time() -> Option<SystemTime> {
+/// When this process started, in seconds since the Unix epoch, as
+/// Prometheus's own process collector works it out: `/proc/self/stat`'s start
+/// time (field 22, in ticks since boot) after `/proc/stat`'s boot time.
+fn process_start_time() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     // Field 2, the command name, is in parentheses and may hold spaces:
     // count from after it, where field 3 comes first.
@@ -188,24 +177,17 @@ fn process_start_time() -> Option<SystemTime> {
         .trim()
         .parse()
         .ok()?;
-    let since_boot = Duration::from_millis(ticks.saturating_mul(1000) / PROC_TICKS_PER_SECOND);
-    Some(UNIX_EPOCH + Duration::from_secs(boot) + since_boot)
+    Some(boot as f64 + ticks as f64 / PROC_TICKS_PER_SECOND)
 }
 
-/// `time` as seconds since the Unix epoch (negative before it).
-fn seconds_since_epoch(time: SystemTime) -> f64 {
-    match time.duration_since(UNIX_EPOCH) {
-        Ok(since) => since.as_secs_f64(),
-        Err(before) => -before.duration().as_secs_f64(),
-    }
-}
-
-/// Open descriptors: the entries of `/proc/self/fd`, counting the one used
-/// to list them, as the official Go client does.
+/// The entries of `/proc/self/fd`, counting the one used to list them, as
+/// the official Go client does.
 fn count_open_fds() -> Option<u64> {
     let entries = std::fs::read_dir("/proc/self/fd").ok()?;
     Some(entries.filter(Result::is_ok).count() as u64)
 }
+
+const PLAIN_TEXT: &str = "text/plain; charset=utf-8";
 
 /// What a scrape is answered with: the text, or why there is none.
 type Render = dyn Fn() -> Result<String, fmt::Error> + Send + Sync;
@@ -278,10 +260,9 @@ fn accept_scrapes(listener: &TcpListener, render: &Render) {
                 }
                 continue;
             };
-            let held = (slot, source_slot);
             let scrapes = &scrapes;
             let scrape = move || {
-                let _held = held;
+                let _held = (slot, source_slot);
                 if let Err(e) = answer(&stream, render, scrapes) {
                     scrape_failed(peer, &format!("failed: {e}"));
                 }
@@ -302,8 +283,7 @@ fn scrape_failed(peer: SocketAddr, what: &str) {
 /// Reads the request within [`SCRAPE_DEADLINE`], answers it, and closes.
 fn answer(stream: &TcpStream, render: &Render, open: &ConnectionLimit) -> io::Result<()> {
     let deadline = Instant::now() + SCRAPE_DEADLINE;
-    let (status, headers, body) = read_request(stream, deadline, render, open)?;
-    let response = format!("HTTP/1.1 {status}\r\n{headers}Connection: close\r\n\r\n{body}");
+    let response = read_request(stream, deadline, render, open)?;
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
         return Err(io::ErrorKind::TimedOut.into());
@@ -319,7 +299,7 @@ fn read_request(
     deadline: Instant,
     render: &Render,
     open: &ConnectionLimit,
-) -> io::Result<Response> {
+) -> io::Result<String> {
     let mut deadline = Deadline::at(deadline);
     let mut request = Vec::new();
     let mut chunk = [0u8; 1024];
@@ -329,7 +309,7 @@ fn read_request(
             ReadStep::Closed if open.cutting_off() => {
                 return Err(io::Error::other("cut off: the server is stopping"));
             }
-            ReadStep::Closed => return Ok(error("400 Bad Request")),
+            ReadStep::Closed => return Ok(error("400 Bad Request", "")),
             ReadStep::TimedOut => return Err(io::ErrorKind::TimedOut.into()),
             ReadStep::Failed(e) => return Err(e),
         }
@@ -338,57 +318,49 @@ fn read_request(
             return Ok(respond(&request, render));
         }
         if request.len() > MAX_REQUEST_BYTES {
-            return Ok(error("431 Request Header Fields Too Large"));
+            return Ok(error("431 Request Header Fields Too Large", ""));
         }
     }
 }
 
-/// A response's status, its header lines (each ending in CRLF) and its
-/// body.
-type Response = (&'static str, String, String);
-
-fn error(status: &'static str) -> Response {
-    let headers = format!(
-        "Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n",
-        status.len() + 1
-    );
-    (status, headers, format!("{status}\n"))
-}
-
 /// The response to a whole request: only its request line matters.
-fn respond(request: &[u8], render: &Render) -> Response {
+fn respond(request: &[u8], render: &Render) -> String {
     let line = request.split(|&b| b == b'\n').next().unwrap_or_default();
-    let Ok(line) = std::str::from_utf8(line) else {
-        return error("400 Bad Request");
-    };
+    // Not UTF-8: empty, so a 400.
+    let line = std::str::from_utf8(line).unwrap_or_default();
     let parts: Vec<&str> = line.strip_suffix('\r').unwrap_or(line).split(' ').collect();
     let [method, target, "HTTP/1.0" | "HTTP/1.1"] = parts[..] else {
-        return error("400 Bad Request");
+        return error("400 Bad Request", "");
     };
     if !target.starts_with('/') {
-        return error("400 Bad Request");
+        return error("400 Bad Request", "");
     }
     if target.split('?').next() != Some("/metrics") {
-        return error("404 Not Found");
+        return error("404 Not Found", "");
     }
     if !matches!(method, "GET" | "HEAD") {
-        let (status, headers, body) = error("405 Method Not Allowed");
-        return (status, headers + "Allow: GET, HEAD\r\n", body);
+        return error("405 Method Not Allowed", "Allow: GET, HEAD\r\n");
     }
     let Ok(body) = render() else {
-        return error("500 Internal Server Error");
+        return error("500 Internal Server Error", "");
     };
-    let headers = format!(
-        "Content-Type: {CONTENT_TYPE}\r\nContent-Length: {}\r\n",
-        body.len()
-    );
     // `HEAD`: the headers of the body, without it.
-    let body = if method == "HEAD" {
-        String::new()
-    } else {
-        body
-    };
-    ("200 OK", headers, body)
+    let sent = if method == "HEAD" { "" } else { &body };
+    response("200 OK", CONTENT_TYPE, body.len(), "", sent)
+}
+
+/// A plain-text response naming `status`, with `headers` (lines ending in
+/// CRLF) after the usual ones.
+fn error(status: &str, headers: &str) -> String {
+    let body = format!("{status}\n");
+    response(status, PLAIN_TEXT, body.len(), headers, &body)
+}
+
+fn response(status: &str, content_type: &str, length: usize, headers: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\n\
+         {headers}Connection: close\r\n\r\n{body}"
+    )
 }
 
 #[cfg(test)]
@@ -576,11 +548,10 @@ mod tests {
     #[test]
     fn the_process_start_time_is_in_the_recent_past() {
         let started = process_start_time().expect("readable on Linux");
-        let age = SystemTime::now()
-            .duration_since(started)
-            .expect("in the past");
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        let age = now.as_secs_f64() - started;
         // This test process started at most a few minutes ago (cargo test
         // may build for a while first, which is not this process).
-        assert!(age < Duration::from_secs(600), "{age:?}");
+        assert!((0.0..600.0).contains(&age), "{age}");
     }
 }
