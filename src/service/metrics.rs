@@ -19,7 +19,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use prometheus_client::encoding::prometheus_text::{self, CONTENT_TYPE};
 use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
@@ -84,12 +84,8 @@ impl Metrics {
     pub(crate) fn new(stats: &Stats, with_rate_limit: bool) -> Self {
         let mut registry = Registry::default();
         let start_time = Gauge::<f64, AtomicU64>::default();
-        let now = || {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-        };
-        start_time.set(process_start_time().unwrap_or_else(|| now().as_secs_f64()));
+        let now = UNIX_EPOCH.elapsed().unwrap_or_default().as_secs_f64();
+        start_time.set(process_start_time().unwrap_or(now));
         let help = "Start time of the process since the Unix epoch in seconds";
         registry.register("process_start_time_seconds", help, start_time);
         let open_fds = count_open_fds()
@@ -280,47 +276,38 @@ fn scrape_failed(peer: SocketAddr, what: &str) {
     log::debug!(event = event::METRICS_SCRAPE_FAILED; "metrics scrape from {peer} {what}");
 }
 
-/// Reads the request within [`SCRAPE_DEADLINE`], answers it, and closes.
-fn answer(stream: &TcpStream, render: &Render, open: &ConnectionLimit) -> io::Result<()> {
+/// Reads a request's headers within [`SCRAPE_DEADLINE`], answers them, and
+/// closes.
+fn answer(mut stream: &TcpStream, render: &Render, open: &ConnectionLimit) -> io::Result<()> {
     let deadline = Instant::now() + SCRAPE_DEADLINE;
-    let response = read_request(stream, deadline, render, open)?;
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(io::ErrorKind::TimedOut.into());
-    }
-    stream.set_write_timeout(Some(left))?;
-    (&*stream).write_all(response.as_bytes())?;
-    stream.shutdown(Shutdown::Write)
-}
-
-/// Reads a request's headers by `deadline`, and the response to them.
-fn read_request(
-    mut stream: &TcpStream,
-    deadline: Instant,
-    render: &Render,
-    open: &ConnectionLimit,
-) -> io::Result<String> {
-    let mut deadline = Deadline::at(deadline);
+    let mut reading = Deadline::at(deadline);
     let mut request = Vec::new();
     let mut chunk = [0u8; 1024];
-    loop {
-        match read_before(&mut stream, &mut chunk, Some(&mut deadline)) {
+    let response = loop {
+        match read_before(&mut stream, &mut chunk, Some(&mut reading)) {
             ReadStep::Data(read) => request.extend_from_slice(&chunk[..read]),
             ReadStep::Closed if open.cutting_off() => {
                 return Err(io::Error::other("cut off: the server is stopping"));
             }
-            ReadStep::Closed => return Ok(error("400 Bad Request", "")),
+            ReadStep::Closed => break error("400 Bad Request", ""),
             ReadStep::TimedOut => return Err(io::ErrorKind::TimedOut.into()),
             ReadStep::Failed(e) => return Err(e),
         }
         // An empty line, after CRLF or bare LF lines, ends the headers.
         if request.windows(2).any(|w| w == b"\n\n") || request.windows(3).any(|w| w == b"\n\r\n") {
-            return Ok(respond(&request, render));
+            break respond(&request, render);
         }
         if request.len() > MAX_REQUEST_BYTES {
-            return Ok(error("431 Request Header Fields Too Large", ""));
+            break error("431 Request Header Fields Too Large", "");
         }
+    };
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(io::ErrorKind::TimedOut.into());
     }
+    stream.set_write_timeout(Some(left))?;
+    stream.write_all(response.as_bytes())?;
+    stream.shutdown(Shutdown::Write)
 }
 
 /// The response to a whole request: only its request line matters.
@@ -548,8 +535,7 @@ mod tests {
     #[test]
     fn the_process_start_time_is_in_the_recent_past() {
         let started = process_start_time().expect("readable on Linux");
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-        let age = now.as_secs_f64() - started;
+        let age = UNIX_EPOCH.elapsed().unwrap().as_secs_f64() - started;
         // This test process started at most a few minutes ago (cargo test
         // may build for a while first, which is not this process).
         assert!((0.0..600.0).contains(&age), "{age}");

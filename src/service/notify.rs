@@ -223,14 +223,8 @@ impl Inner {
             return Ok(());
         };
         let message: String = states.iter().map(|state| format!("{state}\n")).collect();
-        let result = match socket.send_to_addr(message.as_bytes(), addr) {
-            Ok(sent) if sent == message.len() => Ok(()),
-            Ok(_) => Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "notification sent in part",
-            )),
-            Err(e) => Err(e),
-        };
+        // A datagram is sent whole or not at all.
+        let result = socket.send_to_addr(message.as_bytes(), addr).map(drop);
         if let Err(e) = &result
             && !self.send_failure_logged.swap(true, Ordering::SeqCst)
         {
@@ -244,11 +238,10 @@ impl Inner {
     }
 }
 
-/// One accept loop's sign of life, for the watchdog: the loop wraps its
-/// blocking `accept` in [`Heartbeat::accepting`]. `None` without a watchdog.
-/// Inside: when the loop last came back from `accept`, or `None` while it
-/// waits in it (where only the kernel can keep it, and a queued client
-/// wakes it).
+/// One accept loop's sign of life for the watchdog (`None` without one): the
+/// loop wraps its blocking `accept` in [`Heartbeat::accepting`]. It holds
+/// when the loop last came back from `accept`, or `None` while it waits
+/// there (where only the kernel can keep it, and a queued client wakes it).
 #[derive(Clone, Debug)]
 pub(crate) struct Heartbeat(Option<Arc<Mutex<Option<Instant>>>>);
 
@@ -282,13 +275,11 @@ fn notify_address(socket: &OsStr) -> io::Result<net::SocketAddr> {
     match bytes.first() {
         Some(b'/') => net::SocketAddr::from_pathname(socket),
         Some(b'@') => net::SocketAddr::from_abstract_name(&bytes[1..]),
-        _ => Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "{NOTIFY_SOCKET}={} is neither a path nor @name",
-                socket.to_string_lossy()
-            ),
-        )),
+        _ => {
+            let socket = socket.to_string_lossy();
+            let why = format!("{NOTIFY_SOCKET}={socket} is neither a path nor @name");
+            Err(io::Error::new(io::ErrorKind::InvalidInput, why))
+        }
     }
 }
 
