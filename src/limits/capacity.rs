@@ -1,27 +1,21 @@
 //! How many connections this process can hold, worked out once at start-up
 //! from the two limits the accept loop cannot absorb as one failed
-//! connection: descriptors (`RLIMIT_NOFILE`) and memory mappings
-//! (`vm.max_map_count`). Out of mappings, std cannot map a new thread's
-//! signal stack and aborts the process; out of descriptors, `accept` fails
-//! and clients wait unanswered. So the cap is lowered below both before the
-//! first client arrives, with one warning naming the limit that bound it
-//! and how to raise it. Thread-count limits (`kernel.threads-max`,
-//! `RLIMIT_NPROC`, `pids.max`) are not read: they make
-//! `thread::Builder::spawn` fail, and the accept loop closes that one
-//! client cleanly and counts it.
+//! connection. Out of memory mappings (`vm.max_map_count`), std cannot map a
+//! new thread's signal stack and aborts the process; out of descriptors
+//! (`RLIMIT_NOFILE`), `accept` fails and clients wait unanswered. So the cap
+//! is lowered below both before the first client, with one warning naming
+//! the limit and how to raise it. Thread-count limits (`kernel.threads-max`,
+//! `RLIMIT_NPROC`, `pids.max`) only make `thread::Builder::spawn` fail, and
+//! the accept loop closes that one client cleanly.
 //!
-//! A thread costs [`MAPPINGS_PER_THREAD`], fixed rather than measured:
-//! glibc maps its stack with a guard page and protects the guard (two
-//! mappings), std its signal stack likewise (two). Nothing else is mapped
-//! per thread (static TLS is in the stack block; malloc arenas, at most 8
-//! per CPU, are a one-off cost in the reserve) and neighbours can only
+//! A thread costs [`MAPPINGS_PER_THREAD`], fixed rather than measured: glibc
+//! maps its stack with a protected guard page, std its signal stack likewise.
+//! Nothing else is mapped per thread (static TLS is in the stack block;
+//! malloc arenas are a one-off cost in the reserve) and neighbours can only
 //! merge, so 4 is an upper bound; tests/capacity.rs checks it on the server.
-//!
-//! Parked threads (`--thread-cache`) add nothing: a thread serves one
-//! connection at a time, parks only after giving up its slot, and a new one
-//! starts only when no parked one is free, so the cap bounds connection
-//! threads, parked or serving (one between its slot and parking or exiting
-//! fits in the reserve). The arithmetic ([`plan`]) is pure, for tests.
+//! Parked threads (`--thread-cache`) add nothing: a thread parks only after
+//! giving up its slot, and a new one starts only when none is parked, so the
+//! cap bounds connection threads, parked or serving.
 
 use std::fmt;
 use std::fs;
@@ -31,37 +25,28 @@ use rlimit::Resource;
 
 use crate::logging::event;
 
-/// Descriptors kept free besides those open at start-up (stdio, the
-/// listeners, the metrics listener, the signal pipe) and one per
+/// Descriptors kept free besides those open at start-up and one per
 /// connection: a client being turned away, a metrics scrape, a stop's
 /// wake-up connection, a read of `/proc`, and slack.
 const RESERVED_FDS: u64 = 8;
-/// Threads the process runs besides connection threads and accept loops:
-/// main, the signal thread, a log writer, a metrics thread, a notify
-/// thread, and slack.
+/// Threads besides connection threads and accept loops: main, signals, the
+/// log writer, metrics, notify, and slack.
 const RESERVED_THREADS: u64 = 8;
-/// Mappings a thread costs: its stack and guard page, std's signal stack
-/// and its guard page (see the module doc).
 const MAPPINGS_PER_THREAD: u64 = 4;
-/// Mappings kept free beyond the threads' own: heap growth, large
-/// allocations (each its own mapping while it lives), stacks glibc keeps
-/// cached after their threads exit, late-loaded libraries.
+/// Mappings kept free for heap growth, large allocations, stacks glibc
+/// keeps cached after their threads exit, late-loaded libraries.
 const MAPPINGS_SLACK: u64 = 1024;
-/// glibc makes up to 8 malloc arenas per CPU on 64-bit systems, each of
-/// two mappings, as threads start allocating.
+/// glibc's malloc arenas on 64-bit systems, two mappings each.
 const MALLOC_ARENAS_PER_CPU: u64 = 8;
 /// The largest `vm.max_map_count` the kernel accepts: the sysctl is an `int`.
 const MAX_MAP_COUNT_CEILING: u64 = i32::MAX as u64;
 
 /// One limit on connections, with what was read about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Limit {
-    /// `RLIMIT_NOFILE` (soft, after raising it to the hard limit): each
-    /// connection holds a descriptor; `in_use` are open at start-up.
+enum Limit {
+    /// Soft, after raising it to the hard limit; `in_use` at start-up.
     OpenFiles { limit: u64, in_use: u64 },
-    /// `vm.max_map_count`, per process: each thread costs
-    /// [`MAPPINGS_PER_THREAD`]; `reserved` are kept for the rest of the
-    /// process.
+    /// `reserved` are kept for the rest of the process.
     MapCount {
         limit: u64,
         in_use: u64,
@@ -86,8 +71,7 @@ impl Limit {
         }
     }
 
-    /// The value this limit would need for `connections` to fit, with
-    /// `process_threads` threads besides them.
+    /// The value this limit would need for `connections` to fit.
     fn needed_for(&self, connections: u64, process_threads: u64) -> u64 {
         match *self {
             Limit::OpenFiles { in_use, .. } => connections
@@ -103,7 +87,6 @@ impl Limit {
         }
     }
 
-    /// A short name, for the log line's `bound_by` field.
     fn name(&self) -> &'static str {
         match self {
             Limit::OpenFiles { .. } => "RLIMIT_NOFILE",
@@ -114,23 +97,19 @@ impl Limit {
 
 /// The connection cap the process runs with, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Budget {
-    /// `--max-connections` as asked for.
+struct Budget {
     requested: u64,
-    /// Threads besides connection threads: the process's own and one
-    /// accept loop per listener.
+    /// The process's own threads and one accept loop per listener.
     process_threads: u64,
-    /// The cap to run with: `requested`, or less if a limit bound it.
     max_connections: u64,
     /// The limit that lowered the cap, if one did.
     bound_by: Option<Limit>,
 }
 
-/// The cap for `requested` connections, with `accept_loops` accept threads,
-/// under `limits`: `requested` itself if every limit has room for it, else
-/// what the tightest one allows, but never 0: a server that turns every
-/// client away serves no one, and one connection fits in the reserves.
-pub(crate) fn plan(limits: &[Limit], requested: u64, accept_loops: u64) -> Budget {
+/// `requested` if every limit has room for it, else what the tightest one
+/// allows, but never 0: a server that turns every client away serves no
+/// one, and one connection fits in the reserves.
+fn plan(limits: &[Limit], requested: u64, accept_loops: u64) -> Budget {
     let process_threads = RESERVED_THREADS.saturating_add(accept_loops);
     let tightest = limits
         .iter()
@@ -204,12 +183,9 @@ impl fmt::Display for Budget {
 }
 
 /// Raises the descriptor limit, reads the mapping limit, and returns the
-/// connection cap to run with: `requested`, or less if it would not fit,
-/// in which case one warning says why. `accept_loops` threads are counted
-/// besides the connection threads.
-///
-/// Call it once the listeners are open: they count among the descriptors
-/// in use.
+/// cap to run with: `requested`, or less (with one warning) if it would not
+/// fit beside `accept_loops` threads. Call it once the listeners are open:
+/// they count among the descriptors in use.
 pub(crate) fn effective_max_connections(requested: usize, accept_loops: usize) -> usize {
     let budget = plan(&read_limits(), requested as u64, accept_loops as u64);
     if let Some(limit) = &budget.bound_by {
@@ -222,13 +198,11 @@ pub(crate) fn effective_max_connections(requested: usize, accept_loops: usize) -
     usize::try_from(budget.max_connections).map_or(requested, |cap| cap.min(requested))
 }
 
-/// Every limit that could be read; a missing or unreadable one (no
-/// `/proc`) is no limit.
-pub(crate) fn read_limits() -> Vec<Limit> {
+/// A limit that cannot be read (no `/proc`) is no limit.
+fn read_limits() -> Vec<Limit> {
     [open_files(), map_count()].into_iter().flatten().collect()
 }
 
-/// `RLIMIT_NOFILE`, after raising the soft limit to the hard one.
 fn open_files() -> Option<Limit> {
     let limit = match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => limit,
@@ -243,8 +217,6 @@ fn open_files() -> Option<Limit> {
     (limit != rlimit::INFINITY).then_some(Limit::OpenFiles { limit, in_use })
 }
 
-/// `vm.max_map_count`, with the mappings in use now (lines of
-/// `/proc/self/maps`) and the reserve for the rest of the process.
 fn map_count() -> Option<Limit> {
     let limit = fs::read_to_string("/proc/sys/vm/max_map_count")
         .ok()?
