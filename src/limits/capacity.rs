@@ -95,58 +95,51 @@ impl Limit {
     }
 }
 
-/// The connection cap the process runs with, and why.
+/// A connection cap lowered below `--max-connections`, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Budget {
+struct Lowered {
     requested: u64,
     /// The process's own threads and one accept loop per listener.
     process_threads: u64,
     max_connections: u64,
-    /// The limit that lowered the cap, if one did.
-    bound_by: Option<Limit>,
+    bound_by: Limit,
 }
 
-/// `requested` if every limit has room for it, else what the tightest one
-/// allows, but never 0: a server that turns every client away serves no
+/// `None` if every limit has room for `requested`, else what the tightest
+/// one allows, but never 0: a server that turns every client away serves no
 /// one, and one connection fits in the reserves.
-fn plan(limits: &[Limit], requested: u64, accept_loops: u64) -> Budget {
+fn plan(limits: &[Limit], requested: u64, accept_loops: u64) -> Option<Lowered> {
     let process_threads = RESERVED_THREADS.saturating_add(accept_loops);
-    let tightest = limits
+    let (max_connections, bound_by) = limits
         .iter()
         .map(|limit| (limit.connections_allowed(process_threads).max(1), limit))
-        .min_by_key(|&(allowed, _)| allowed);
-    let (max_connections, bound_by) = match tightest {
-        Some((allowed, limit)) if allowed < requested => (allowed, Some(limit.clone())),
-        _ => (requested, None),
-    };
-    Budget {
+        .min_by_key(|&(allowed, _)| allowed)
+        .filter(|&(allowed, _)| allowed < requested)?;
+    Some(Lowered {
         requested,
         process_threads,
         max_connections,
-        bound_by,
-    }
+        bound_by: bound_by.clone(),
+    })
 }
 
 /// The warning line: what was lowered to what, which limit bound it (with
 /// the numbers), and how to raise that limit, or, past what the kernel
 /// accepts, to lower `--max-connections` instead.
-impl fmt::Display for Budget {
+impl fmt::Display for Lowered {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let Budget {
+        let Lowered {
             requested,
             process_threads,
             max_connections,
-            ..
+            ref bound_by,
         } = *self;
-        let Some(limit) = &self.bound_by else {
-            return write!(f, "--max-connections {requested} fits");
-        };
-        let needed = limit.needed_for(requested, process_threads);
+        let needed = bound_by.needed_for(requested, process_threads);
         write!(
             f,
             "--max-connections {requested} lowered to {max_connections}: it needs about {needed} "
         )?;
-        match *limit {
+        match *bound_by {
             Limit::OpenFiles { limit, in_use } => write!(
                 f,
                 "file descriptors but the limit is {limit} ({in_use} open at start-up, \
@@ -187,15 +180,16 @@ impl fmt::Display for Budget {
 /// fit beside `accept_loops` threads. Call it once the listeners are open:
 /// they count among the descriptors in use.
 pub(crate) fn effective_max_connections(requested: usize, accept_loops: usize) -> usize {
-    let budget = plan(&read_limits(), requested as u64, accept_loops as u64);
-    if let Some(limit) = &budget.bound_by {
-        warn!(
-            event = event::CAPACITY, requested = budget.requested,
-            max_connections = budget.max_connections, bound_by = limit.name();
-            "{budget}"
-        );
-    }
-    usize::try_from(budget.max_connections).map_or(requested, |cap| cap.min(requested))
+    let Some(lowered) = plan(&read_limits(), requested as u64, accept_loops as u64) else {
+        return requested;
+    };
+    warn!(
+        event = event::CAPACITY, requested = lowered.requested,
+        max_connections = lowered.max_connections, bound_by = lowered.bound_by.name();
+        "{lowered}"
+    );
+    // Below `requested`, so it fits.
+    usize::try_from(lowered.max_connections).unwrap_or(requested)
 }
 
 /// A limit that cannot be read (no `/proc`) is no limit.
@@ -237,6 +231,17 @@ fn map_count() -> Option<Limit> {
 mod tests {
     use super::*;
 
+    /// The cap `plan` runs with.
+    fn cap(limits: &[Limit], requested: u64, accept_loops: u64) -> u64 {
+        plan(limits, requested, accept_loops).map_or(requested, |lowered| lowered.max_connections)
+    }
+
+    fn warning(limits: &[Limit], requested: u64, accept_loops: u64) -> String {
+        plan(limits, requested, accept_loops)
+            .expect("a lowered cap")
+            .to_string()
+    }
+
     fn files(limit: u64, in_use: u64) -> Limit {
         Limit::OpenFiles { limit, in_use }
     }
@@ -251,13 +256,11 @@ mod tests {
 
     #[test]
     fn fitting_requests_are_left_alone() {
-        let budget = plan(&[files(20_000, 8), maps(65_530, 100)], 1024, 1);
-        assert_eq!((budget.max_connections, budget.bound_by), (1024, None));
+        assert_eq!(plan(&[files(20_000, 8), maps(65_530, 100)], 1024, 1), None);
         // Exactly what a limit allows still fits.
-        let exact = plan(&[files(1040, 8)], 1024, 0);
-        assert_eq!((exact.max_connections, exact.bound_by), (1024, None));
+        assert_eq!(plan(&[files(1040, 8)], 1024, 0), None);
         // No limit read at all: nothing to lower it.
-        assert_eq!(plan(&[], 19_990, 0).max_connections, 19_990);
+        assert_eq!(plan(&[], 19_990, 0), None);
     }
 
     #[test]
@@ -274,21 +277,18 @@ mod tests {
                 Limit::OpenFiles { .. } => [limit.clone(), loose_maps.clone()],
                 Limit::MapCount { .. } => [loose_files.clone(), limit.clone()],
             };
-            let budget = plan(&limits, 19_990, 0);
-            assert_eq!(budget.max_connections, allowed, "{limit:?}");
-            assert_eq!(budget.bound_by, Some(limit));
+            let lowered = plan(&limits, 19_990, 0).expect("lowered");
+            assert_eq!(lowered.max_connections, allowed, "{limit:?}");
+            assert_eq!(lowered.bound_by, limit);
         }
     }
 
     #[test]
     fn open_descriptors_and_accept_loops_are_counted() {
-        assert_eq!(
-            plan(&[files(1000, 30)], 5000, 14).max_connections,
-            1000 - 30 - RESERVED_FDS
-        );
+        assert_eq!(cap(&[files(1000, 30)], 5000, 14), 1000 - 30 - RESERVED_FDS);
         // (40000 - 0 - 1000) / 4 - 8 - 14: accept loops cost mappings, not descriptors.
         assert_eq!(
-            plan(&[maps(40_000, 0)], 50_000, 14).max_connections,
+            cap(&[maps(40_000, 0)], 50_000, 14),
             9750 - RESERVED_THREADS - 14
         );
     }
@@ -299,14 +299,13 @@ mod tests {
     #[test]
     fn a_machine_that_can_hold_connections_never_gets_a_cap_of_zero() {
         let default_machine = [files(20_000, 12), maps(65_530, 120)];
-        let budget = plan(&default_machine, 17_000, 1);
         // (65530 - 120 - 1000) / 4 - 8 - 1
-        assert_eq!(budget.max_connections, 16_093);
+        assert_eq!(cap(&default_machine, 17_000, 1), 16_093);
         for requested in [1, 2, 100, 17_000, 1 << 40, u64::MAX] {
             for limit in [1, 100, 1_100, 1_150, 4_000, 65_530, u64::MAX] {
                 for in_use in [0, 50, 1_100, u64::MAX] {
                     for limits in [[files(limit, in_use)], [maps(limit, in_use)]] {
-                        let cap = plan(&limits, requested, 3).max_connections;
+                        let cap = cap(&limits, requested, 3);
                         assert!(
                             (1..=requested).contains(&cap),
                             "{limits:?} {requested}: {cap}"
@@ -320,19 +319,19 @@ mod tests {
     #[test]
     fn limits_with_no_room_left_give_one_connection_not_an_underflow() {
         for limit in [files(3, 8), maps(10, 100), maps(0, 0), files(0, 0)] {
-            let budget = plan(std::slice::from_ref(&limit), 10, 5);
-            assert_eq!(budget.max_connections, 1, "{limit:?}");
-            assert_eq!(budget.bound_by, Some(limit));
+            let lowered = plan(std::slice::from_ref(&limit), 10, 5).expect("lowered");
+            assert_eq!(lowered.max_connections, 1, "{limit:?}");
+            assert_eq!(lowered.bound_by, limit);
         }
         // One connection asked for and none left: nothing to lower, nothing to warn about.
-        assert_eq!(plan(&[files(3, 8)], 1, 0).bound_by, None);
+        assert_eq!(plan(&[files(3, 8)], 1, 0), None);
         assert_eq!(files(u64::MAX, 0).needed_for(u64::MAX, u64::MAX), u64::MAX);
         assert_eq!(maps(u64::MAX, 0).needed_for(u64::MAX, u64::MAX), u64::MAX);
     }
 
     #[test]
     fn the_warning_names_the_limit_its_numbers_and_the_fix() {
-        let descriptors = plan(&[files(40, 8)], 1000, 0).to_string();
+        let descriptors = warning(&[files(40, 8)], 1000, 0);
         for part in [
             "--max-connections 1000 lowered to 24: ",
             "it needs about 1016 file descriptors but the limit is 40",
@@ -341,7 +340,7 @@ mod tests {
             assert!(descriptors.contains(part), "{part:?} not in {descriptors}");
         }
 
-        let mappings = plan(&[maps(65_530, 1100)], 19_990, 1).to_string();
+        let mappings = warning(&[maps(65_530, 1100)], 19_990, 1);
         for part in [
             "--max-connections 19990 lowered to 15848: ",
             // (19990 + 8 + 1) * 4 + 1100 + 1000
@@ -358,27 +357,27 @@ mod tests {
     #[test]
     fn a_mapping_count_past_what_the_kernel_accepts_is_never_suggested() {
         // 600 million threads would need 2.4 billion mappings: more than an int.
-        let warning = plan(&[maps(65_530, 1100)], 600_000_000, 0).to_string();
+        let line = warning(&[maps(65_530, 1100)], 600_000_000, 0);
         assert!(
-            warning.contains("it needs about 2400002132 memory mappings"),
-            "{warning}"
+            line.contains("it needs about 2400002132 memory mappings"),
+            "{line}"
         );
         // (2147483647 - 1100 - 1000) / 4 - 8
         assert!(
-            warning.ends_with(
+            line.ends_with(
                 "it cannot be raised past 2147483647, so lower --max-connections to at most \
                  536870378"
             ),
-            "{warning}"
+            "{line}"
         );
-        assert!(!warning.contains("sysctl"), "{warning}");
+        assert!(!line.contains("sysctl"), "{line}");
         // At the ceiling it is still a value to suggest; one more is not.
-        let fits = plan(&[maps(65_530, 1100)], 536_870_378, 0).to_string();
+        let fits = warning(&[maps(65_530, 1100)], 536_870_378, 0);
         assert!(
             fits.ends_with("sysctl vm.max_map_count=2147483644"),
             "{fits}"
         );
-        let beyond = plan(&[maps(65_530, 1100)], 536_870_379, 0).to_string();
+        let beyond = warning(&[maps(65_530, 1100)], 536_870_379, 0);
         assert!(beyond.ends_with("at most 536870378"), "{beyond}");
     }
 
@@ -394,8 +393,8 @@ mod tests {
                 .any(|limit| limit.name() == "vm.max_map_count"),
             "vm.max_map_count is readable on Linux: {limits:?}"
         );
-        let budget = plan(&limits, u64::MAX, 1);
-        let threads = budget.max_connections + RESERVED_THREADS + 1;
+        let cap = cap(&limits, u64::MAX, 1);
+        let threads = cap + RESERVED_THREADS + 1;
         let max_map_count: u64 = fs::read_to_string("/proc/sys/vm/max_map_count")
             .unwrap()
             .trim()
@@ -407,10 +406,10 @@ mod tests {
             .count() as u64;
         assert!(
             threads * MAPPINGS_PER_THREAD + mappings_now <= max_map_count,
-            "{budget:?}"
+            "{cap}"
         );
         let (nofile_soft, _) = rlimit::getrlimit(Resource::NOFILE).unwrap();
-        assert!(budget.max_connections <= nofile_soft, "{budget:?}");
-        assert!(budget.max_connections > 1, "{limits:?}");
+        assert!(cap <= nofile_soft, "{cap}");
+        assert!(cap > 1, "{limits:?}");
     }
 }

@@ -33,7 +33,6 @@ use rate::{RateBuckets, RateLimited};
 #[derive(Debug, Default)]
 pub(crate) struct LiveCount {
     count: Mutex<usize>,
-    /// Signalled when the count reaches zero.
     zero: Condvar,
 }
 
@@ -136,7 +135,6 @@ impl ConnectionLimit {
         self.max
     }
 
-    /// Slots taken now.
     pub(crate) fn active(&self) -> usize {
         self.slots.get()
     }
@@ -156,7 +154,6 @@ impl ConnectionLimit {
         }
     }
 
-    /// Whether a stopping server is cutting connections off.
     pub(crate) fn cutting_off(&self) -> bool {
         self.open.cutting_off.load(Ordering::SeqCst)
     }
@@ -245,9 +242,8 @@ impl NetList {
     }
 }
 
-/// A client address in the one form used everywhere: IPv4-mapped
-/// (`[::ffff:127.0.0.1]:50312`, an IPv4 client of a dual-stack listener)
-/// becomes IPv4 (`127.0.0.1:50312`).
+/// The one form of a client address used everywhere: an IPv4 client of a
+/// dual-stack listener is `127.0.0.1:50312`, not `[::ffff:127.0.0.1]:50312`.
 pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
@@ -295,10 +291,9 @@ impl Refusal<'_> {
     }
 }
 
-/// Refuses `peer` (behind `proxy`, if one relayed it): logs why, at most
-/// once a second per kind (every one for a missing thread), and sends the
-/// busy line to those it [tells](Refusal::tells). Returns how it counts.
-/// The caller closes the stream.
+/// Logs why `peer` (behind `proxy`) is refused, at most once a second per
+/// kind (every missing thread), sends the busy line to those it
+/// [tells](Refusal::tells), and returns how it counts; the caller closes.
 pub(crate) fn refuse(
     stream: &TcpStream,
     peer: SocketAddr,

@@ -1,23 +1,19 @@
 //! `--max-rate-per-ip`: a token bucket per client network (an address masked
-//! to `--rate-prefix-v4`/`-v6` bits), `count` tokens refilled at `count` per
-//! period. Grouping by prefix stops a host with a /64 from multiplying its
-//! rate by changing address. Hand-written because governor's keyed limiter
-//! (the same GCRA) can drop refilled keys but has no cap on their number.
+//! to `--rate-prefix-v4`/`-v6` bits), so that a host cannot multiply its rate
+//! by changing address within its /64. Hand-written: governor's keyed
+//! limiter (the same GCRA) has no cap on the keys it holds.
 //!
-//! A bucket is one number, the GCRA's "theoretical arrival time": when it is
-//! full again. With `T = period / count`, a connection at `now` is admitted
-//! if `full_at - now <= (count - 1) * T`, and then `full_at = max(full_at,
-//! now) + T`: exactly the token bucket, with no floating point.
+//! A bucket is one number, the GCRA's "theoretical arrival time" `full_at`.
+//! With `T = period / count`, a connection at `now` is admitted if
+//! `full_at - now <= (count - 1) * T`, then `full_at = max(full_at, now) + T`:
+//! a token bucket of `count` tokens, with no floating point.
 //!
-//! Memory stays bounded under address spraying. A full bucket behaves like
-//! none, so full ones are swept out when the table has doubled since the
-//! last sweep (at least [`MIN_SWEEP_LEN`]): amortised O(1) per insertion.
-//! At `max_buckets` still refilling, the eighth *closest to full* are evicted
-//! in one O(n) pass: that forgives the least and keeps the networks that
-//! hammer (for a one-connection sprayer it is least-recently-used). Refusing
-//! unknown networks instead would let a sprayer lock everybody out, as
-//! xinetd's `cps` does. Keys are hashed with std's seeded SipHash, because
-//! clients choose them.
+//! A full bucket behaves like none, so full ones are swept out once the table
+//! has doubled since the last sweep: amortised O(1) per insertion. At the cap
+//! of buckets still refilling, the eighth *closest to full* are evicted in
+//! one O(n) pass: that forgives the least and keeps the networks hammering.
+//! Refusing unknown networks instead would let a sprayer lock everybody out,
+//! as xinetd's `cps` does. Std's seeded SipHash, because clients choose keys.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -166,8 +162,7 @@ pub(crate) struct RateBuckets {
     pub(crate) prefixes: PrefixLengths,
     /// How long one token takes to come back.
     token_nanos: u64,
-    /// How far ahead of `now` a bucket's `full_at` may be for one more
-    /// connection: `count - 1` tokens' worth.
+    /// `count - 1` tokens' worth.
     burst_nanos: u64,
     /// Times are nanoseconds since this instant (8 bytes a bucket).
     origin: Instant,
@@ -177,7 +172,7 @@ pub(crate) struct RateBuckets {
 
 #[derive(Debug)]
 struct Table {
-    /// When each network's bucket is full again; full ones may be absent.
+    /// Full buckets may be absent.
     full_at: HashMap<IpAddr, u64>,
     /// The size at which the next insertion sweeps out full buckets (or
     /// `max_buckets`, if less).
@@ -202,8 +197,7 @@ impl RateBuckets {
         }
     }
 
-    /// Takes a token from the bucket of `ip`'s network at `now`: the TCP peer
-    /// at accept time, or the client a PROXY header names.
+    /// Takes a token from the bucket of `ip`'s network at `now`.
     pub(crate) fn try_acquire(&self, ip: IpAddr, now: Instant) -> Result<(), RateLimited> {
         let network = self.prefixes.network_of(ip);
         let now = self.nanos_since_origin(now);
@@ -230,7 +224,6 @@ impl RateBuckets {
         Ok(())
     }
 
-    /// Buckets held now.
     pub(crate) fn len(&self) -> usize {
         lock(&self.table).full_at.len()
     }
