@@ -359,29 +359,18 @@ pub(crate) fn refuse(
     outcome
 }
 
-/// Most bytes [`turn_away`] discards: a turned-away client's reply, with
-/// room to spare.
-const TURNED_AWAY_DISCARD_BYTES: usize = 16 * 1024;
-
 /// Sends the busy line and ends the stream, never waiting on the client. A
 /// client that sent its reply at once (`echo yes | nc`) has bytes waiting,
 /// and closing over them would reset the connection and lose the busy line;
-/// so what has arrived is read and thrown away, and the close is clean.
+/// so what has arrived (up to 16 KiB, a reply with room to spare) is read
+/// and thrown away, and the close is clean.
 fn turn_away(mut stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(None);
     let _ = stream.set_nonblocking(true);
     let _ = stream.write(BUSY_MESSAGE);
     let _ = stream.shutdown(Shutdown::Write);
-    let mut discard = [0u8; 4096];
-    let mut discarded = 0;
-    while discarded < TURNED_AWAY_DISCARD_BYTES {
-        match stream.read(&mut discard) {
-            Ok(n) if n > 0 => discarded += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            // Nothing more waiting (WouldBlock), closed, or failed.
-            _ => return,
-        }
-    }
+    // Until nothing more is waiting (WouldBlock), the end, or an error.
+    let _ = io::copy(&mut stream.take(16 * 1024), &mut io::sink());
 }
 
 #[cfg(test)]
