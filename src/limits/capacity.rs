@@ -1,21 +1,17 @@
-//! How many connections this process can hold, worked out once at start-up
-//! from the two limits the accept loop cannot absorb as one failed
-//! connection. Out of memory mappings (`vm.max_map_count`), std cannot map a
-//! new thread's signal stack and aborts the process; out of descriptors
-//! (`RLIMIT_NOFILE`), `accept` fails and clients wait unanswered. So the cap
-//! is lowered below both before the first client, with one warning naming
-//! the limit and how to raise it. Thread-count limits (`kernel.threads-max`,
-//! `RLIMIT_NPROC`, `pids.max`) only make `thread::Builder::spawn` fail, and
-//! the accept loop closes that one client cleanly.
+//! The connection cap this machine can hold, worked out once at start-up
+//! from the two limits the accept loop cannot absorb one client at a time:
+//! out of memory mappings (`vm.max_map_count`), std aborts the process when
+//! it cannot map a new thread's signal stack; out of descriptors
+//! (`RLIMIT_NOFILE`), `accept` fails and clients wait unanswered. Limits on
+//! threads (`kernel.threads-max`, `RLIMIT_NPROC`, `pids.max`) only make
+//! `thread::Builder::spawn` fail, which costs just that client.
 //!
-//! A thread costs [`MAPPINGS_PER_THREAD`], fixed rather than measured: glibc
-//! maps its stack with a protected guard page, std its signal stack likewise.
-//! Nothing else is mapped per thread (static TLS is in the stack block;
-//! malloc arenas are a one-off cost in the reserve) and neighbours can only
-//! merge, so 4 is an upper bound; tests/capacity.rs checks it on the server.
-//! Parked threads (`--thread-cache`) add nothing: a thread parks only after
-//! giving up its slot, and a new one starts only when none is parked, so the
-//! cap bounds connection threads, parked or serving.
+//! [`MAPPINGS_PER_THREAD`] is an upper bound, not a measurement: glibc's
+//! stack and std's signal stack, each with a protected guard page; static
+//! TLS is in the stack block, malloc arenas are in the reserve, neighbours
+//! only merge (tests/capacity.rs checks it). Threads waiting for a
+//! connection (`--thread-cache`) add nothing: one waits only after giving
+//! up its slot, and a new one starts only when none waits.
 
 use std::fmt;
 use std::fs;
@@ -41,7 +37,7 @@ const MALLOC_ARENAS_PER_CPU: u64 = 8;
 /// The largest `vm.max_map_count` the kernel accepts: the sysctl is an `int`.
 const MAX_MAP_COUNT_CEILING: u64 = i32::MAX as u64;
 
-/// One limit on connections, with what was read about it.
+/// One limit on connections, as read at start-up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Limit {
     /// Soft, after raising it to the hard limit; `in_use` at start-up.

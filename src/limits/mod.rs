@@ -265,8 +265,6 @@ impl AccessRules {
     }
 }
 
-const BUSY_MESSAGE: &[u8] = b"server busy, try again later\n";
-
 /// Why a client is not served.
 pub(crate) enum Refusal<'a> {
     /// `--max-connections`.
@@ -367,7 +365,7 @@ pub(crate) fn refuse(
 fn turn_away(mut stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(None);
     let _ = stream.set_nonblocking(true);
-    let _ = stream.write(BUSY_MESSAGE);
+    let _ = stream.write(b"server busy, try again later\n");
     let _ = stream.shutdown(Shutdown::Write);
     // Until nothing more is waiting (WouldBlock), the end, or an error.
     let _ = io::copy(&mut stream.take(16 * 1024), &mut io::sink());

@@ -31,9 +31,9 @@ pub(crate) const DEFAULT_PREFIX_V4: u8 = 32;
 pub(crate) const DEFAULT_PREFIX_V6: u8 = 64;
 /// About 4 MiB of table (13.6 MiB of process memory measured at the cap),
 /// far more networks than a thread-per-connection server sees in a period.
-pub(crate) const DEFAULT_MAX_BUCKETS: usize = 100_000;
+const DEFAULT_MAX_BUCKETS: usize = 100_000;
 /// Sweeping a smaller table often would cost more than the memory it frees.
-pub(crate) const MIN_SWEEP_LEN: usize = 1024;
+const MIN_SWEEP_LEN: usize = 1024;
 /// One connection per microsecond: beyond it the limit would be no limit,
 /// and `period / count` would lose precision.
 const MAX_PER_SECOND: u64 = 1_000_000;
@@ -200,7 +200,7 @@ impl RateBuckets {
     /// Takes a token from the bucket of `ip`'s network at `now`.
     pub(crate) fn try_acquire(&self, ip: IpAddr, now: Instant) -> Result<(), RateLimited> {
         let network = self.prefixes.network_of(ip);
-        let now = self.nanos_since_origin(now);
+        let now = duration_nanos(now.saturating_duration_since(self.origin));
         let mut table = lock(&self.table);
         if let Some(full_at) = table.full_at.get_mut(&network) {
             let start = (*full_at).max(now);
@@ -226,10 +226,6 @@ impl RateBuckets {
 
     pub(crate) fn len(&self) -> usize {
         lock(&self.table).full_at.len()
-    }
-
-    fn nanos_since_origin(&self, now: Instant) -> u64 {
-        duration_nanos(now.saturating_duration_since(self.origin))
     }
 }
 
@@ -281,7 +277,7 @@ mod tests {
 
     /// Drops every bucket that is full at `now`.
     fn sweep(limit: &RateBuckets, now: Instant) {
-        let now = limit.nanos_since_origin(now);
+        let now = duration_nanos(now.saturating_duration_since(limit.origin));
         lock(&limit.table).sweep(now);
     }
 
