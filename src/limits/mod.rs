@@ -287,6 +287,15 @@ impl Refusal<'_> {
     pub(crate) fn tells(&self) -> bool {
         !matches!(self, Refusal::Denied | Refusal::UntrustedProxy)
     }
+
+    fn outcome(&self) -> Outcome {
+        match self {
+            Refusal::Full { .. } | Refusal::PerIp { .. } => Outcome::Busy,
+            Refusal::RateLimited(..) => Outcome::RateLimited,
+            Refusal::Denied | Refusal::UntrustedProxy => Outcome::Denied,
+            Refusal::NoThread(_) => Outcome::Failed,
+        }
+    }
 }
 
 /// Logs why `peer` (behind `proxy`) is refused, at most once a second per
@@ -300,61 +309,45 @@ pub(crate) fn refuse(
 ) -> Outcome {
     let proxy = proxy.map(|proxy| proxy.to_string());
     let proxy = proxy.as_deref();
-    let outcome = match why {
-        Refusal::Full { cap } => {
-            log_every!(
-                BUSY_LINES, warn, [reason = "max_connections", peer:% = peer,],
-                "{peer} turned away: all {cap} connection slots are taken"
-            );
-            Outcome::Busy
-        }
+    match why {
+        Refusal::Full { cap } => log_every!(
+            BUSY_LINES, warn, [reason = "max_connections", peer:% = peer,],
+            "{peer} turned away: all {cap} connection slots are taken"
+        ),
         Refusal::PerIp { max } => {
             let s = if *max == 1 { "" } else { "s" };
             log_every!(
                 BUSY_LINES, warn, [reason = "max_per_ip", peer:% = peer, proxy = proxy,],
                 "{peer} turned away: already {max} connection{s} from {}", peer.ip()
             );
-            Outcome::Busy
         }
-        Refusal::RateLimited(limited, buckets) => {
-            log_every!(
-                RATE_LIMITED_LINES, warn,
-                [peer:% = peer, proxy = proxy, network:% = limited.network,],
-                "{peer} turned away: its network {}/{} connects faster than {} \
-                 (next connection in {:.2}s)",
-                limited.network,
-                buckets.prefixes.length_of(limited.network),
-                buckets.rate,
-                limited.retry_after.as_secs_f64()
-            );
-            Outcome::RateLimited
-        }
-        Refusal::Denied => {
-            log_every!(
-                DENIED_LINES, warn, [reason = "access_rules", peer:% = peer, proxy = proxy,],
-                "{peer} refused by the access rules"
-            );
-            Outcome::Denied
-        }
-        Refusal::UntrustedProxy => {
-            log_every!(
-                DENIED_LINES, warn, [reason = "untrusted_proxy", peer:% = peer,],
-                "{peer} refused: not a trusted proxy"
-            );
-            Outcome::Denied
-        }
-        Refusal::NoThread(e) => {
-            warn!(
-                event = event::SPAWN_FAILED, peer:% = peer;
-                "{peer} closed: cannot start a thread for it: {}", describe_io_error(e)
-            );
-            Outcome::Failed
-        }
-    };
+        Refusal::RateLimited(limited, buckets) => log_every!(
+            RATE_LIMITED_LINES, warn,
+            [peer:% = peer, proxy = proxy, network:% = limited.network,],
+            "{peer} turned away: its network {}/{} connects faster than {} \
+             (next connection in {:.2}s)",
+            limited.network,
+            buckets.prefixes.length_of(limited.network),
+            buckets.rate,
+            limited.retry_after.as_secs_f64()
+        ),
+        Refusal::Denied => log_every!(
+            DENIED_LINES, warn, [reason = "access_rules", peer:% = peer, proxy = proxy,],
+            "{peer} refused by the access rules"
+        ),
+        Refusal::UntrustedProxy => log_every!(
+            DENIED_LINES, warn, [reason = "untrusted_proxy", peer:% = peer,],
+            "{peer} refused: not a trusted proxy"
+        ),
+        Refusal::NoThread(e) => warn!(
+            event = event::SPAWN_FAILED, peer:% = peer;
+            "{peer} closed: cannot start a thread for it: {}", describe_io_error(e)
+        ),
+    }
     if why.tells() {
         turn_away(stream);
     }
-    outcome
+    why.outcome()
 }
 
 /// Sends the busy line and ends the stream, never waiting on the client. A
