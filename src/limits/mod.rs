@@ -267,13 +267,13 @@ impl AccessRules {
 
 /// Why a client is not served.
 pub(crate) enum Refusal<'a> {
-    /// `--max-connections`.
+    /// Every connection slot is taken (`--max-connections`).
     Full { cap: usize },
-    /// `--max-per-ip`.
+    /// Its address holds `--max-per-ip` connections already.
     PerIp { max: usize },
-    /// `--max-rate-per-ip`.
+    /// Its network connects faster than `--max-rate-per-ip`.
     RateLimited(RateLimited, &'a RateBuckets),
-    /// By the access rules.
+    /// The access rules do not admit it.
     Denied,
     /// It sent a PROXY header but is not a trusted proxy.
     UntrustedProxy,
