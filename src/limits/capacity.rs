@@ -1,27 +1,17 @@
-//! How many connections this process can hold, worked out once at start-up
-//! from the two limits the accept loop cannot absorb as one failed
-//! connection: descriptors (`RLIMIT_NOFILE`) and memory mappings
-//! (`vm.max_map_count`). Out of mappings, std cannot map a new thread's
-//! signal stack and aborts the process; out of descriptors, `accept` fails
-//! and clients wait unanswered. So the cap is lowered below both before the
-//! first client arrives, with one warning naming the limit that bound it
-//! and how to raise it. Thread-count limits (`kernel.threads-max`,
-//! `RLIMIT_NPROC`, `pids.max`) are not read: they make
-//! `thread::Builder::spawn` fail, and the accept loop closes that one
-//! client cleanly and counts it.
+//! The connection cap this machine can hold, worked out once at start-up
+//! from the two limits the accept loop cannot absorb one client at a time:
+//! out of memory mappings (`vm.max_map_count`), std aborts the process when
+//! it cannot map a new thread's signal stack; out of descriptors
+//! (`RLIMIT_NOFILE`), `accept` fails and clients wait unanswered. Limits on
+//! threads (`kernel.threads-max`, `RLIMIT_NPROC`, `pids.max`) only make
+//! `thread::Builder::spawn` fail, which costs just that client.
 //!
-//! A thread costs [`MAPPINGS_PER_THREAD`], fixed rather than measured:
-//! glibc maps its stack with a guard page and protects the guard (two
-//! mappings), std its signal stack likewise (two). Nothing else is mapped
-//! per thread (static TLS is in the stack block; malloc arenas, at most 8
-//! per CPU, are a one-off cost in the reserve) and neighbours can only
-//! merge, so 4 is an upper bound; tests/capacity.rs checks it on the server.
-//!
-//! Parked threads (`--thread-cache`) add nothing: a thread serves one
-//! connection at a time, parks only after giving up its slot, and a new one
-//! starts only when no parked one is free, so the cap bounds connection
-//! threads, parked or serving (one between its slot and parking or exiting
-//! fits in the reserve). The arithmetic ([`plan`]) is pure, for tests.
+//! [`MAPPINGS_PER_THREAD`] is an upper bound, not a measurement: glibc's
+//! stack and std's signal stack, each with a protected guard page; static
+//! TLS is in the stack block, malloc arenas are in the reserve, neighbours
+//! only merge (tests/capacity.rs checks it). Threads waiting for a
+//! connection (`--thread-cache`) add nothing: one waits only after giving
+//! up its slot, and a new one starts only when none waits.
 
 use std::fmt;
 use std::fs;
@@ -31,37 +21,28 @@ use rlimit::Resource;
 
 use crate::logging::event;
 
-/// Descriptors kept free besides those open at start-up (stdio, the
-/// listeners, the metrics listener, the signal pipe) and one per
+/// Descriptors kept free besides those open at start-up and one per
 /// connection: a client being turned away, a metrics scrape, a stop's
 /// wake-up connection, a read of `/proc`, and slack.
 const RESERVED_FDS: u64 = 8;
-/// Threads the process runs besides connection threads and accept loops:
-/// main, the signal thread, a log writer, a metrics thread, a notify
-/// thread, and slack.
+/// Threads besides connection threads and accept loops: main, signals, the
+/// log writer, metrics, notify, and slack.
 const RESERVED_THREADS: u64 = 8;
-/// Mappings a thread costs: its stack and guard page, std's signal stack
-/// and its guard page (see the module doc).
 const MAPPINGS_PER_THREAD: u64 = 4;
-/// Mappings kept free beyond the threads' own: heap growth, large
-/// allocations (each its own mapping while it lives), stacks glibc keeps
-/// cached after their threads exit, late-loaded libraries.
+/// Mappings kept free for heap growth, large allocations, stacks glibc
+/// keeps cached after their threads exit, late-loaded libraries.
 const MAPPINGS_SLACK: u64 = 1024;
-/// glibc makes up to 8 malloc arenas per CPU on 64-bit systems, each of
-/// two mappings, as threads start allocating.
+/// glibc's malloc arenas on 64-bit systems, two mappings each.
 const MALLOC_ARENAS_PER_CPU: u64 = 8;
 /// The largest `vm.max_map_count` the kernel accepts: the sysctl is an `int`.
 const MAX_MAP_COUNT_CEILING: u64 = i32::MAX as u64;
 
-/// One limit on connections, with what was read about it.
+/// One limit on connections, as read at start-up.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Limit {
-    /// `RLIMIT_NOFILE` (soft, after raising it to the hard limit): each
-    /// connection holds a descriptor; `in_use` are open at start-up.
+enum Limit {
+    /// Soft, after raising it to the hard limit; `in_use` at start-up.
     OpenFiles { limit: u64, in_use: u64 },
-    /// `vm.max_map_count`, per process: each thread costs
-    /// [`MAPPINGS_PER_THREAD`]; `reserved` are kept for the rest of the
-    /// process.
+    /// `reserved` are kept for the rest of the process.
     MapCount {
         limit: u64,
         in_use: u64,
@@ -86,8 +67,7 @@ impl Limit {
         }
     }
 
-    /// The value this limit would need for `connections` to fit, with
-    /// `process_threads` threads besides them.
+    /// The value this limit would need for `connections` to fit.
     fn needed_for(&self, connections: u64, process_threads: u64) -> u64 {
         match *self {
             Limit::OpenFiles { in_use, .. } => connections
@@ -103,7 +83,6 @@ impl Limit {
         }
     }
 
-    /// A short name, for the log line's `bound_by` field.
     fn name(&self) -> &'static str {
         match self {
             Limit::OpenFiles { .. } => "RLIMIT_NOFILE",
@@ -112,62 +91,51 @@ impl Limit {
     }
 }
 
-/// The connection cap the process runs with, and why.
+/// A connection cap lowered below `--max-connections`, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Budget {
-    /// `--max-connections` as asked for.
+struct Lowered {
     requested: u64,
-    /// Threads besides connection threads: the process's own and one
-    /// accept loop per listener.
+    /// The process's own threads and one accept loop per listener.
     process_threads: u64,
-    /// The cap to run with: `requested`, or less if a limit bound it.
     max_connections: u64,
-    /// The limit that lowered the cap, if one did.
-    bound_by: Option<Limit>,
+    bound_by: Limit,
 }
 
-/// The cap for `requested` connections, with `accept_loops` accept threads,
-/// under `limits`: `requested` itself if every limit has room for it, else
-/// what the tightest one allows, but never 0: a server that turns every
-/// client away serves no one, and one connection fits in the reserves.
-pub(crate) fn plan(limits: &[Limit], requested: u64, accept_loops: u64) -> Budget {
+/// `None` if every limit has room for `requested`, else what the tightest
+/// one allows, but never 0: a server that turns every client away serves no
+/// one, and one connection fits in the reserves.
+fn plan(limits: &[Limit], requested: u64, accept_loops: u64) -> Option<Lowered> {
     let process_threads = RESERVED_THREADS.saturating_add(accept_loops);
-    let tightest = limits
+    let (max_connections, bound_by) = limits
         .iter()
         .map(|limit| (limit.connections_allowed(process_threads).max(1), limit))
-        .min_by_key(|&(allowed, _)| allowed);
-    let (max_connections, bound_by) = match tightest {
-        Some((allowed, limit)) if allowed < requested => (allowed, Some(limit.clone())),
-        _ => (requested, None),
-    };
-    Budget {
+        .min_by_key(|&(allowed, _)| allowed)
+        .filter(|&(allowed, _)| allowed < requested)?;
+    Some(Lowered {
         requested,
         process_threads,
         max_connections,
-        bound_by,
-    }
+        bound_by: bound_by.clone(),
+    })
 }
 
 /// The warning line: what was lowered to what, which limit bound it (with
 /// the numbers), and how to raise that limit, or, past what the kernel
 /// accepts, to lower `--max-connections` instead.
-impl fmt::Display for Budget {
+impl fmt::Display for Lowered {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let Budget {
+        let Lowered {
             requested,
             process_threads,
             max_connections,
-            ..
+            ref bound_by,
         } = *self;
-        let Some(limit) = &self.bound_by else {
-            return write!(f, "--max-connections {requested} fits");
-        };
-        let needed = limit.needed_for(requested, process_threads);
+        let needed = bound_by.needed_for(requested, process_threads);
         write!(
             f,
             "--max-connections {requested} lowered to {max_connections}: it needs about {needed} "
         )?;
-        match *limit {
+        match *bound_by {
             Limit::OpenFiles { limit, in_use } => write!(
                 f,
                 "file descriptors but the limit is {limit} ({in_use} open at start-up, \
@@ -204,31 +172,27 @@ impl fmt::Display for Budget {
 }
 
 /// Raises the descriptor limit, reads the mapping limit, and returns the
-/// connection cap to run with: `requested`, or less if it would not fit,
-/// in which case one warning says why. `accept_loops` threads are counted
-/// besides the connection threads.
-///
-/// Call it once the listeners are open: they count among the descriptors
-/// in use.
+/// cap to run with: `requested`, or less (with one warning) if it would not
+/// fit beside `accept_loops` threads. Call it once the listeners are open:
+/// they count among the descriptors in use.
 pub(crate) fn effective_max_connections(requested: usize, accept_loops: usize) -> usize {
-    let budget = plan(&read_limits(), requested as u64, accept_loops as u64);
-    if let Some(limit) = &budget.bound_by {
-        warn!(
-            event = event::CAPACITY, requested = budget.requested,
-            max_connections = budget.max_connections, bound_by = limit.name();
-            "{budget}"
-        );
-    }
-    usize::try_from(budget.max_connections).map_or(requested, |cap| cap.min(requested))
+    let Some(lowered) = plan(&read_limits(), requested as u64, accept_loops as u64) else {
+        return requested;
+    };
+    warn!(
+        event = event::CAPACITY, requested = lowered.requested,
+        max_connections = lowered.max_connections, bound_by = lowered.bound_by.name();
+        "{lowered}"
+    );
+    // Below `requested`, so it fits.
+    usize::try_from(lowered.max_connections).unwrap_or(requested)
 }
 
-/// Every limit that could be read; a missing or unreadable one (no
-/// `/proc`) is no limit.
-pub(crate) fn read_limits() -> Vec<Limit> {
+/// A limit that cannot be read (no `/proc`) is no limit.
+fn read_limits() -> Vec<Limit> {
     [open_files(), map_count()].into_iter().flatten().collect()
 }
 
-/// `RLIMIT_NOFILE`, after raising the soft limit to the hard one.
 fn open_files() -> Option<Limit> {
     let limit = match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => limit,
@@ -243,8 +207,6 @@ fn open_files() -> Option<Limit> {
     (limit != rlimit::INFINITY).then_some(Limit::OpenFiles { limit, in_use })
 }
 
-/// `vm.max_map_count`, with the mappings in use now (lines of
-/// `/proc/self/maps`) and the reserve for the rest of the process.
 fn map_count() -> Option<Limit> {
     let limit = fs::read_to_string("/proc/sys/vm/max_map_count")
         .ok()?
@@ -265,6 +227,17 @@ fn map_count() -> Option<Limit> {
 mod tests {
     use super::*;
 
+    /// The cap `plan` runs with.
+    fn cap(limits: &[Limit], requested: u64, accept_loops: u64) -> u64 {
+        plan(limits, requested, accept_loops).map_or(requested, |lowered| lowered.max_connections)
+    }
+
+    fn warning(limits: &[Limit], requested: u64, accept_loops: u64) -> String {
+        plan(limits, requested, accept_loops)
+            .expect("a lowered cap")
+            .to_string()
+    }
+
     fn files(limit: u64, in_use: u64) -> Limit {
         Limit::OpenFiles { limit, in_use }
     }
@@ -279,13 +252,11 @@ mod tests {
 
     #[test]
     fn fitting_requests_are_left_alone() {
-        let budget = plan(&[files(20_000, 8), maps(65_530, 100)], 1024, 1);
-        assert_eq!((budget.max_connections, budget.bound_by), (1024, None));
+        assert_eq!(plan(&[files(20_000, 8), maps(65_530, 100)], 1024, 1), None);
         // Exactly what a limit allows still fits.
-        let exact = plan(&[files(1040, 8)], 1024, 0);
-        assert_eq!((exact.max_connections, exact.bound_by), (1024, None));
+        assert_eq!(plan(&[files(1040, 8)], 1024, 0), None);
         // No limit read at all: nothing to lower it.
-        assert_eq!(plan(&[], 19_990, 0).max_connections, 19_990);
+        assert_eq!(plan(&[], 19_990, 0), None);
     }
 
     #[test]
@@ -302,21 +273,18 @@ mod tests {
                 Limit::OpenFiles { .. } => [limit.clone(), loose_maps.clone()],
                 Limit::MapCount { .. } => [loose_files.clone(), limit.clone()],
             };
-            let budget = plan(&limits, 19_990, 0);
-            assert_eq!(budget.max_connections, allowed, "{limit:?}");
-            assert_eq!(budget.bound_by, Some(limit));
+            let lowered = plan(&limits, 19_990, 0).expect("lowered");
+            assert_eq!(lowered.max_connections, allowed, "{limit:?}");
+            assert_eq!(lowered.bound_by, limit);
         }
     }
 
     #[test]
     fn open_descriptors_and_accept_loops_are_counted() {
-        assert_eq!(
-            plan(&[files(1000, 30)], 5000, 14).max_connections,
-            1000 - 30 - RESERVED_FDS
-        );
+        assert_eq!(cap(&[files(1000, 30)], 5000, 14), 1000 - 30 - RESERVED_FDS);
         // (40000 - 0 - 1000) / 4 - 8 - 14: accept loops cost mappings, not descriptors.
         assert_eq!(
-            plan(&[maps(40_000, 0)], 50_000, 14).max_connections,
+            cap(&[maps(40_000, 0)], 50_000, 14),
             9750 - RESERVED_THREADS - 14
         );
     }
@@ -327,14 +295,13 @@ mod tests {
     #[test]
     fn a_machine_that_can_hold_connections_never_gets_a_cap_of_zero() {
         let default_machine = [files(20_000, 12), maps(65_530, 120)];
-        let budget = plan(&default_machine, 17_000, 1);
         // (65530 - 120 - 1000) / 4 - 8 - 1
-        assert_eq!(budget.max_connections, 16_093);
+        assert_eq!(cap(&default_machine, 17_000, 1), 16_093);
         for requested in [1, 2, 100, 17_000, 1 << 40, u64::MAX] {
             for limit in [1, 100, 1_100, 1_150, 4_000, 65_530, u64::MAX] {
                 for in_use in [0, 50, 1_100, u64::MAX] {
                     for limits in [[files(limit, in_use)], [maps(limit, in_use)]] {
-                        let cap = plan(&limits, requested, 3).max_connections;
+                        let cap = cap(&limits, requested, 3);
                         assert!(
                             (1..=requested).contains(&cap),
                             "{limits:?} {requested}: {cap}"
@@ -348,19 +315,19 @@ mod tests {
     #[test]
     fn limits_with_no_room_left_give_one_connection_not_an_underflow() {
         for limit in [files(3, 8), maps(10, 100), maps(0, 0), files(0, 0)] {
-            let budget = plan(std::slice::from_ref(&limit), 10, 5);
-            assert_eq!(budget.max_connections, 1, "{limit:?}");
-            assert_eq!(budget.bound_by, Some(limit));
+            let lowered = plan(std::slice::from_ref(&limit), 10, 5).expect("lowered");
+            assert_eq!(lowered.max_connections, 1, "{limit:?}");
+            assert_eq!(lowered.bound_by, limit);
         }
         // One connection asked for and none left: nothing to lower, nothing to warn about.
-        assert_eq!(plan(&[files(3, 8)], 1, 0).bound_by, None);
+        assert_eq!(plan(&[files(3, 8)], 1, 0), None);
         assert_eq!(files(u64::MAX, 0).needed_for(u64::MAX, u64::MAX), u64::MAX);
         assert_eq!(maps(u64::MAX, 0).needed_for(u64::MAX, u64::MAX), u64::MAX);
     }
 
     #[test]
     fn the_warning_names_the_limit_its_numbers_and_the_fix() {
-        let descriptors = plan(&[files(40, 8)], 1000, 0).to_string();
+        let descriptors = warning(&[files(40, 8)], 1000, 0);
         for part in [
             "--max-connections 1000 lowered to 24: ",
             "it needs about 1016 file descriptors but the limit is 40",
@@ -369,7 +336,7 @@ mod tests {
             assert!(descriptors.contains(part), "{part:?} not in {descriptors}");
         }
 
-        let mappings = plan(&[maps(65_530, 1100)], 19_990, 1).to_string();
+        let mappings = warning(&[maps(65_530, 1100)], 19_990, 1);
         for part in [
             "--max-connections 19990 lowered to 15848: ",
             // (19990 + 8 + 1) * 4 + 1100 + 1000
@@ -386,27 +353,27 @@ mod tests {
     #[test]
     fn a_mapping_count_past_what_the_kernel_accepts_is_never_suggested() {
         // 600 million threads would need 2.4 billion mappings: more than an int.
-        let warning = plan(&[maps(65_530, 1100)], 600_000_000, 0).to_string();
+        let line = warning(&[maps(65_530, 1100)], 600_000_000, 0);
         assert!(
-            warning.contains("it needs about 2400002132 memory mappings"),
-            "{warning}"
+            line.contains("it needs about 2400002132 memory mappings"),
+            "{line}"
         );
         // (2147483647 - 1100 - 1000) / 4 - 8
         assert!(
-            warning.ends_with(
+            line.ends_with(
                 "it cannot be raised past 2147483647, so lower --max-connections to at most \
                  536870378"
             ),
-            "{warning}"
+            "{line}"
         );
-        assert!(!warning.contains("sysctl"), "{warning}");
+        assert!(!line.contains("sysctl"), "{line}");
         // At the ceiling it is still a value to suggest; one more is not.
-        let fits = plan(&[maps(65_530, 1100)], 536_870_378, 0).to_string();
+        let fits = warning(&[maps(65_530, 1100)], 536_870_378, 0);
         assert!(
             fits.ends_with("sysctl vm.max_map_count=2147483644"),
             "{fits}"
         );
-        let beyond = plan(&[maps(65_530, 1100)], 536_870_379, 0).to_string();
+        let beyond = warning(&[maps(65_530, 1100)], 536_870_379, 0);
         assert!(beyond.ends_with("at most 536870378"), "{beyond}");
     }
 
@@ -422,8 +389,8 @@ mod tests {
                 .any(|limit| limit.name() == "vm.max_map_count"),
             "vm.max_map_count is readable on Linux: {limits:?}"
         );
-        let budget = plan(&limits, u64::MAX, 1);
-        let threads = budget.max_connections + RESERVED_THREADS + 1;
+        let cap = cap(&limits, u64::MAX, 1);
+        let threads = cap + RESERVED_THREADS + 1;
         let max_map_count: u64 = fs::read_to_string("/proc/sys/vm/max_map_count")
             .unwrap()
             .trim()
@@ -435,10 +402,10 @@ mod tests {
             .count() as u64;
         assert!(
             threads * MAPPINGS_PER_THREAD + mappings_now <= max_map_count,
-            "{budget:?}"
+            "{cap}"
         );
         let (nofile_soft, _) = rlimit::getrlimit(Resource::NOFILE).unwrap();
-        assert!(budget.max_connections <= nofile_soft, "{budget:?}");
-        assert!(budget.max_connections > 1, "{limits:?}");
+        assert!(cap <= nofile_soft, "{cap}");
+        assert!(cap > 1, "{limits:?}");
     }
 }

@@ -1,25 +1,17 @@
-//! Limits on what clients can hold, who may connect at all, and the one way
-//! a client is refused.
-//!
-//! - [`ConnectionLimit`]: the connection cap, as slots that each connection
-//!   owns from the accept to the close and releases however it ends (even
-//!   by a panic), so that a slot can never leak. A slot also makes its
-//!   connection one a stopping server can cut off at its deadline.
-//! - [`PerIpLimit`]: `--max-per-ip` (like xinetd's `per_source`), the same
-//!   way per client address, once the real client address is known.
-//! - [`AccessRules`]: `--allow`/`--deny`, and the [`NetList`] of trusted
-//!   proxies, checked against the real client address.
-//! - [`refuse`]: busy, rate-limited and denied clients, from the accept loop
-//!   and from a connection thread alike: the log line, at most once a
-//!   second per kind, and the busy line for those told in words.
-//! - `rate`: `--max-rate-per-ip`, token buckets per client network.
-//! - `capacity`: how high the cap can go on this machine.
+//! What clients may hold and who may connect, and the one way a client is
+//! refused. Slots ([`ConnectionLimit`], [`PerIpLimit`]) are RAII guards held
+//! from the accept to the close and freed however it ends, even by a panic,
+//! so none can leak; a connection slot also lets a stopping server cut its
+//! connection off. [`AccessRules`] and the trusted-proxy [`NetList`] are
+//! checked against the real client address. [`refuse`] serves the accept
+//! loop and connection threads alike. `rate`: `--max-rate-per-ip`;
+//! `capacity`: how high the cap can go on this machine.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use ipnet::IpNet;
@@ -36,55 +28,40 @@ pub(crate) mod rate;
 
 use rate::{RateBuckets, RateLimited};
 
-/// How many of something are alive now (connections holding a slot,
-/// connection threads), with a wait for the count to reach zero: what a
-/// stopping server waits on.
+/// How many of something are alive (connections holding a slot, connection
+/// threads), with the wait for none that a stopping server does.
 #[derive(Debug, Default)]
 pub(crate) struct LiveCount {
     count: Mutex<usize>,
-    /// Signalled when the count reaches zero.
     zero: Condvar,
 }
 
-/// One member of a [`LiveCount`]; leaves it on drop, however its owner ends
-/// (even by a panic).
+/// One member of a [`LiveCount`]; leaves it on drop, even by a panic.
 #[derive(Debug)]
-pub(crate) struct Live {
-    count: Arc<LiveCount>,
-}
+pub(crate) struct Live(Arc<LiveCount>);
 
 impl LiveCount {
     pub(crate) fn new() -> Arc<Self> {
-        Arc::new(LiveCount::default())
-    }
-
-    fn lock(&self) -> MutexGuard<'_, usize> {
-        lock(&self.count)
+        Arc::default()
     }
 
     /// Joins the count if it is below `max`, without waiting.
     pub(crate) fn try_enter(self: &Arc<Self>, max: usize) -> Option<Live> {
-        let mut count = self.lock();
+        let mut count = lock(&self.count);
         if *count >= max {
             return None;
         }
         *count += 1;
-        Some(Live {
-            count: Arc::clone(self),
-        })
+        Some(Live(Arc::clone(self)))
     }
 
-    /// Joins the count.
     pub(crate) fn enter(self: &Arc<Self>) -> Live {
-        *self.lock() += 1;
-        Live {
-            count: Arc::clone(self),
-        }
+        *lock(&self.count) += 1;
+        Live(Arc::clone(self))
     }
 
-    /// How many are alive now.
     pub(crate) fn get(&self) -> usize {
-        *self.lock()
+        *lock(&self.count)
     }
 
     /// Waits until none is alive or `deadline` passes; returns how many
@@ -93,7 +70,7 @@ impl LiveCount {
         let timeout = deadline.saturating_duration_since(Instant::now());
         *self
             .zero
-            .wait_timeout_while(self.lock(), timeout, |count| *count > 0)
+            .wait_timeout_while(lock(&self.count), timeout, |count| *count > 0)
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .0
     }
@@ -101,18 +78,17 @@ impl LiveCount {
 
 impl Drop for Live {
     fn drop(&mut self) {
-        let mut count = self.count.lock();
+        let mut count = lock(&self.0.count);
         *count -= 1;
         if *count == 0 {
-            self.count.zero.notify_all();
+            self.0.zero.notify_all();
         }
     }
 }
 
-/// At most `max` connections at once. A connection holds a
-/// [`ConnectionSlot`] from the accept loop until it is closed; the slot
-/// names its stream, so that a stopping server can cut off every
-/// connection still open ([`ConnectionLimit::cut_off_all`]).
+/// At most `max` connections at once, each holding a [`ConnectionSlot`]
+/// that names its stream, so that a stopping server can cut off every one
+/// still open.
 #[derive(Debug, Clone)]
 pub(crate) struct ConnectionLimit {
     max: usize,
@@ -120,16 +96,13 @@ pub(crate) struct ConnectionLimit {
     open: Arc<OpenStreams>,
 }
 
-/// Every open connection's stream, by slot.
 #[derive(Debug, Default)]
 struct OpenStreams {
     streams: Mutex<HashMap<u64, Arc<TcpStream>>>,
     next_id: AtomicU64,
-    /// Set when the deadline has come and connections are being cut off.
     cutting_off: AtomicBool,
 }
 
-/// One connection's share of a [`ConnectionLimit`]; released on drop.
 #[derive(Debug)]
 pub(crate) struct ConnectionSlot {
     _live: Live,
@@ -138,7 +111,6 @@ pub(crate) struct ConnectionSlot {
 }
 
 impl ConnectionLimit {
-    /// A limit of `max` connections at once.
     pub(crate) fn new(max: usize) -> Self {
         ConnectionLimit {
             max,
@@ -159,12 +131,10 @@ impl ConnectionLimit {
         })
     }
 
-    /// The cap.
     pub(crate) fn max(&self) -> usize {
         self.max
     }
 
-    /// How many slots are taken now.
     pub(crate) fn active(&self) -> usize {
         self.slots.get()
     }
@@ -184,7 +154,6 @@ impl ConnectionLimit {
         }
     }
 
-    /// Whether a stopping server is cutting connections off.
     pub(crate) fn cutting_off(&self) -> bool {
         self.open.cutting_off.load(Ordering::SeqCst)
     }
@@ -196,20 +165,19 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// At most `max` connections at once from one client address.
+/// `--max-per-ip` (xinetd's `per_source`): at most `max` connections at
+/// once from one client address; `None`, no limit and no bookkeeping.
 #[derive(Debug)]
 pub(crate) struct PerIpLimit {
-    /// `None`: no limit, and no bookkeeping.
     max: Option<usize>,
-    /// Connections held now, by client address; addresses at 0 are removed.
+    /// Addresses at 0 are removed.
     held: Mutex<HashMap<IpAddr, usize>>,
 }
 
-/// One connection's share of a [`PerIpLimit`]; released on drop.
+/// One connection's share of a [`PerIpLimit`], if it has one.
 #[derive(Debug)]
 pub(crate) struct IpSlot<'a> {
     limit: &'a PerIpLimit,
-    /// `None` when there is no limit to release.
     ip: Option<IpAddr>,
 }
 
@@ -217,45 +185,34 @@ impl PerIpLimit {
     pub(crate) fn new(max: Option<usize>) -> Self {
         PerIpLimit {
             max,
-            held: Mutex::new(HashMap::new()),
+            held: Mutex::default(),
         }
-    }
-
-    fn held(&self) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
-        lock(&self.held)
     }
 
     /// A slot for `ip`, or `None` if it already holds `max` connections.
     pub(crate) fn try_acquire(&self, ip: IpAddr) -> Option<IpSlot<'_>> {
-        let Some(max) = self.max else {
-            return Some(IpSlot {
-                limit: self,
-                ip: None,
-            });
-        };
         let ip = ip.to_canonical();
-        let mut held = self.held();
-        let count = held.entry(ip).or_insert(0);
-        if *count >= max {
-            return None;
+        if let Some(max) = self.max {
+            let mut held = lock(&self.held);
+            let count = held.entry(ip).or_insert(0);
+            if *count >= max {
+                return None;
+            }
+            *count += 1;
         }
-        *count += 1;
-        Some(IpSlot {
-            limit: self,
-            ip: Some(ip),
-        })
+        let ip = self.max.map(|_| ip);
+        Some(IpSlot { limit: self, ip })
     }
 }
 
 impl Drop for IpSlot<'_> {
     fn drop(&mut self) {
-        if let Some(ip) = self.ip {
-            let mut held = self.limit.held();
-            if let Some(count) = held.get_mut(&ip) {
-                *count -= 1;
-                if *count == 0 {
-                    held.remove(&ip);
-                }
+        let Some(ip) = self.ip else { return };
+        let mut held = lock(&self.limit.held);
+        if let Some(count) = held.get_mut(&ip) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&ip);
             }
         }
     }
@@ -272,12 +229,11 @@ impl NetList {
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
         let mapped = match ip {
-            IpAddr::V4(v4) => Some(IpAddr::V6(v4.to_ipv6_mapped())),
-            IpAddr::V6(_) => None,
+            IpAddr::V4(v4) => IpAddr::V6(v4.to_ipv6_mapped()),
+            IpAddr::V6(_) => ip,
         };
-        self.0
-            .iter()
-            .any(|net| net.contains(&ip) || mapped.is_some_and(|m| net.contains(&m)))
+        let contains = |net: &IpNet| net.contains(&ip) || net.contains(&mapped);
+        self.0.iter().any(contains)
     }
 
     /// Whether the list has no networks at all.
@@ -286,10 +242,8 @@ impl NetList {
     }
 }
 
-/// A client address in the one form the server uses everywhere: an
-/// IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]:50312`, how a dual-stack
-/// listener sees IPv4 clients) becomes the IPv4 address it is
-/// (`127.0.0.1:50312`).
+/// The one form of a client address used everywhere: an IPv4 client of a
+/// dual-stack listener is `127.0.0.1:50312`, not `[::ffff:127.0.0.1]:50312`.
 pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
@@ -311,11 +265,6 @@ impl AccessRules {
     }
 }
 
-/// The line a client gets when it is not served: every connection slot is
-/// taken, its address or network is over its limit, or no thread could be
-/// started for it.
-pub(crate) const BUSY_MESSAGE: &[u8] = b"server busy, try again later\n";
-
 /// Why a client is not served.
 pub(crate) enum Refusal<'a> {
     /// Every connection slot is taken (`--max-connections`).
@@ -333,17 +282,25 @@ pub(crate) enum Refusal<'a> {
 }
 
 impl Refusal<'_> {
-    /// Whether the client is told it is not served (the busy line, then a
-    /// clean close); a denied one is closed without a word.
+    /// Whether the client is sent the busy line (then a clean close); a
+    /// denied one is closed without a word.
     pub(crate) fn tells(&self) -> bool {
         !matches!(self, Refusal::Denied | Refusal::UntrustedProxy)
     }
+
+    fn outcome(&self) -> Outcome {
+        match self {
+            Refusal::Full { .. } | Refusal::PerIp { .. } => Outcome::Busy,
+            Refusal::RateLimited(..) => Outcome::RateLimited,
+            Refusal::Denied | Refusal::UntrustedProxy => Outcome::Denied,
+            Refusal::NoThread(_) => Outcome::Failed,
+        }
+    }
 }
 
-/// Refuses `peer` (behind `proxy`, if one relayed it): logs why, at most
-/// once a second per kind (every one for a missing thread), and sends the
-/// busy line to those it [tells](Refusal::tells). Returns how it counts.
-/// The caller closes the stream.
+/// Logs why `peer` (behind `proxy`) is refused, at most once a second per
+/// kind (every missing thread), sends the busy line to those it
+/// [tells](Refusal::tells), and returns how it counts; the caller closes.
 pub(crate) fn refuse(
     stream: &TcpStream,
     peer: SocketAddr,
@@ -352,95 +309,60 @@ pub(crate) fn refuse(
 ) -> Outcome {
     let proxy = proxy.map(|proxy| proxy.to_string());
     let proxy = proxy.as_deref();
-    let outcome = match why {
-        Refusal::Full { cap } => {
-            log_every!(
-                BUSY_LINES, warn, [reason = "max_connections", peer:% = peer,],
-                "{peer} turned away: all {cap} connection slots are taken"
-            );
-            Outcome::Busy
-        }
+    match why {
+        Refusal::Full { cap } => log_every!(
+            BUSY_LINES, warn, [reason = "max_connections", peer:% = peer,],
+            "{peer} turned away: all {cap} connection slots are taken"
+        ),
         Refusal::PerIp { max } => {
-            let connections = if *max == 1 {
-                "connection"
-            } else {
-                "connections"
-            };
+            let s = if *max == 1 { "" } else { "s" };
             log_every!(
                 BUSY_LINES, warn, [reason = "max_per_ip", peer:% = peer, proxy = proxy,],
-                "{peer} turned away: already {max} {connections} from {}", peer.ip()
+                "{peer} turned away: already {max} connection{s} from {}", peer.ip()
             );
-            Outcome::Busy
         }
-        Refusal::RateLimited(limited, rate) => {
-            log_every!(
-                RATE_LIMITED_LINES, warn,
-                [peer:% = peer, proxy = proxy, network:% = limited.network,],
-                "{peer} turned away: its network {}/{} connects faster than {} \
-                 (next connection in {:.2}s)",
-                limited.network,
-                rate.prefixes().length_of(limited.network),
-                rate.rate(),
-                limited.retry_after.as_secs_f64()
-            );
-            Outcome::RateLimited
-        }
-        Refusal::Denied => {
-            log_every!(
-                DENIED_LINES, warn, [reason = "access_rules", peer:% = peer, proxy = proxy,],
-                "{peer} refused by the access rules"
-            );
-            Outcome::Denied
-        }
-        Refusal::UntrustedProxy => {
-            log_every!(
-                DENIED_LINES, warn, [reason = "untrusted_proxy", peer:% = peer,],
-                "{peer} refused: not a trusted proxy"
-            );
-            Outcome::Denied
-        }
-        Refusal::NoThread(e) => {
-            warn!(
-                event = event::SPAWN_FAILED, peer:% = peer;
-                "{peer} closed: cannot start a thread for it: {}", describe_io_error(e)
-            );
-            Outcome::Failed
-        }
-    };
+        Refusal::RateLimited(limited, buckets) => log_every!(
+            RATE_LIMITED_LINES, warn,
+            [peer:% = peer, proxy = proxy, network:% = limited.network,],
+            "{peer} turned away: its network {}/{} connects faster than {} \
+             (next connection in {:.2}s)",
+            limited.network,
+            buckets.prefixes.length_of(limited.network),
+            buckets.rate,
+            limited.retry_after.as_secs_f64()
+        ),
+        Refusal::Denied => log_every!(
+            DENIED_LINES, warn, [reason = "access_rules", peer:% = peer, proxy = proxy,],
+            "{peer} refused by the access rules"
+        ),
+        Refusal::UntrustedProxy => log_every!(
+            DENIED_LINES, warn, [reason = "untrusted_proxy", peer:% = peer,],
+            "{peer} refused: not a trusted proxy"
+        ),
+        Refusal::NoThread(e) => warn!(
+            event = event::SPAWN_FAILED, peer:% = peer;
+            "{peer} closed: cannot start a thread for it: {}", describe_io_error(e)
+        ),
+    }
     if why.tells() {
         turn_away(stream);
     }
-    outcome
+    why.outcome()
 }
 
-/// Sends the busy line and ends the stream, without ever waiting on the
-/// client.
-///
-/// A client that sent its reply at once (`echo yes | nc`) has bytes
-/// waiting: closing over them would reset the connection, and the client
-/// would lose the busy line. So the stream is ended after the line, and
-/// what has arrived (up to [`TURNED_AWAY_DISCARD_BYTES`]) is thrown away,
-/// without waiting for more; the close that follows is then clean.
+/// Sends the busy line and ends the stream, never waiting on the client. A
+/// client that sent its reply at once (`echo yes | nc`) has bytes waiting,
+/// and closing over them would reset the connection and lose the busy line;
+/// so what has arrived (up to 16 KiB, a reply with room to spare) is read
+/// and thrown away, and the close is clean.
 fn turn_away(mut stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(None);
     let _ = stream.set_nonblocking(true);
-    let _ = stream.write(BUSY_MESSAGE);
+    let _ = stream.write(b"server busy, try again later\n");
     let _ = stream.shutdown(Shutdown::Write);
-    let mut discard = [0u8; 4096];
-    let mut discarded = 0;
-    while discarded < TURNED_AWAY_DISCARD_BYTES {
-        match stream.read(&mut discard) {
-            Ok(n) if n > 0 => discarded += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            // Nothing more waiting (WouldBlock), closed, or failed.
-            _ => return,
-        }
-    }
+    // Until nothing more is waiting (WouldBlock), the end, or an error.
+    let _ = io::copy(&mut stream.take(16 * 1024), &mut io::sink());
 }
-
-/// Most bytes [`turn_away`] reads: a turned-away client's reply, with room
-/// to spare; nobody spends more on it.
-const TURNED_AWAY_DISCARD_BYTES: usize = 16 * 1024;
 
 #[cfg(test)]
 mod tests {
@@ -518,7 +440,7 @@ mod tests {
         let _slots: Vec<_> = (0..100)
             .map(|_| limit.try_acquire(ip).expect("slot"))
             .collect();
-        assert!(limit.held().is_empty());
+        assert!(lock(&limit.held).is_empty());
     }
 
     #[test]

@@ -1,67 +1,41 @@
-//! `--max-rate-per-ip`: how fast one client network may open connections.
+//! `--max-rate-per-ip`: a token bucket per client network (an address masked
+//! to `--rate-prefix-v4`/`-v6` bits), so that a host cannot multiply its rate
+//! by changing address within its /64. Hand-written: governor's keyed
+//! limiter (the same GCRA) has no cap on the keys it holds.
 //!
-//! Each client network (an address masked to `--rate-prefix-v4` /
-//! `--rate-prefix-v6` bits, 32 and 64 by default) has a token bucket whose
-//! capacity is the rate's count (the burst) and which refills continuously
-//! at count per period. A connection takes one token; a network without one
-//! is turned away. Grouping by prefix is what stops one host with a /64 of
-//! IPv6 addresses from multiplying its rate by changing address.
+//! A bucket is one number, the GCRA's "theoretical arrival time" `full_at`.
+//! With `T = period / count`, a connection at `now` is admitted if
+//! `full_at - now <= (count - 1) * T`, then `full_at = max(full_at, now) + T`:
+//! a token bucket of `count` tokens, with no floating point.
 //!
-//! # How a bucket is stored
-//!
-//! As one number, the "theoretical arrival time" of the generic cell rate
-//! algorithm (GCRA): the moment at which the bucket will be full again. With
-//! `T = period / count` (the time one token takes to come back), a
-//! connection at `now` is admitted if `full_at - now <= (count - 1) * T`, and
-//! then `full_at = max(full_at, now) + T`. That is exactly a token bucket of
-//! `count` tokens refilled at `count / period`, with no floating point.
-//!
-//! # Bounded memory under address spraying
-//!
-//! A bucket whose `full_at` has passed is full, and a full bucket behaves
-//! exactly like no bucket: such entries are dropped. The table is swept
-//! lazily when it grows to twice what the last sweep left (at least
-//! [`MIN_SWEEP_LEN`]), so each sweep's O(n) cost is paid for by the n/2
-//! insertions before it: amortised O(1) per connection.
-//!
-//! On top of that the table never holds more than `max_buckets` entries
-//! ([`DEFAULT_MAX_BUCKETS`]). If a sweep leaves it full of buckets that are
-//! still refilling (more than `max_buckets` distinct networks connected
-//! within one period), the eighth of them that are *closest to full* are
-//! evicted in one O(n) pass (`select_nth_unstable`), again amortised O(1)
-//! per insertion. Evicting a bucket forgives what its network still owes;
-//! evicting the fullest forgives the least, and keeps the networks that
-//! have been hammering (whose buckets are emptiest). For a sprayer that
-//! connects once per address this is the same as least-recently-used.
-//! Refusing unknown networks instead would let a sprayer lock everybody
-//! else out, which is what xinetd's `cps` does and what this limit exists to
-//! avoid.
-//!
-//! Keys are hashed with std's randomly seeded SipHash, because clients choose
-//! them.
+//! A full bucket behaves like none, so full ones are swept out once the table
+//! has doubled since the last sweep: amortised O(1) per insertion. At the cap
+//! of buckets still refilling, the eighth *closest to full* are evicted in
+//! one O(n) pass: that forgives the least and keeps the networks hammering.
+//! Refusing unknown networks instead would let a sprayer lock everybody out,
+//! as xinetd's `cps` does. Std's seeded SipHash, because clients choose keys.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::str::FromStr;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// The default IPv4 prefix of a client network: each address on its own.
+use ipnet::IpNet;
+
+use crate::lock;
+
 pub(crate) const DEFAULT_PREFIX_V4: u8 = 32;
-/// The default IPv6 prefix: a /64, the smallest network an IPv6 host is
-/// usually given (RFC 6177), so changing addresses within it buys nothing.
+/// A /64, the smallest network an IPv6 host is usually given (RFC 6177).
 pub(crate) const DEFAULT_PREFIX_V6: u8 = 64;
-/// Most buckets a [`RateBuckets`] holds (about 4 MiB of table; 13.6 MiB of
-/// the process's memory measured at the cap, the table's earlier sizes
-/// included), far more than the networks a thread-per-connection server
-/// sees within one period.
-pub(crate) const DEFAULT_MAX_BUCKETS: usize = 100_000;
-/// The table is never swept below this size: sweeping a small table often
-/// would cost more than the memory it frees.
-pub(crate) const MIN_SWEEP_LEN: usize = 1024;
-/// The fastest rate accepted: one connection per microsecond. Beyond it the
-/// limit would be no limit, and `period / count` would lose precision.
+/// About 4 MiB of table (13.6 MiB of process memory measured at the cap),
+/// far more networks than a thread-per-connection server sees in a period.
+const DEFAULT_MAX_BUCKETS: usize = 100_000;
+/// Sweeping a smaller table often would cost more than the memory it frees.
+const MIN_SWEEP_LEN: usize = 1024;
+/// One connection per microsecond: beyond it the limit would be no limit,
+/// and `period / count` would lose precision.
 const MAX_PER_SECOND: u64 = 1_000_000;
 
 /// A rate such as `5/s` or `100/min`: `count` connections per `period`, the
@@ -72,8 +46,7 @@ const MAX_PER_SECOND: u64 = 1_000_000;
 /// not a rate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
-    /// Tokens in a full bucket, and tokens that come back per `period`; at
-    /// least 1.
+    /// At least 1.
     count: u32,
     period: Duration,
 }
@@ -87,12 +60,6 @@ impl Rate {
     /// The time in which `count` tokens come back.
     pub fn period(&self) -> Duration {
         self.period
-    }
-
-    /// How long one token takes to come back, in nanoseconds (at least
-    /// 1000: see [`MAX_PER_SECOND`]).
-    fn emission_interval_nanos(&self) -> u64 {
-        duration_nanos(self.period) / u64::from(self.count)
     }
 }
 
@@ -142,24 +109,16 @@ impl fmt::Display for Rate {
     }
 }
 
-/// How client addresses are grouped into networks that share a limit: the
-/// number of leading bits kept for each family.
+/// How many leading bits of a client address make its network, per family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PrefixLengths {
     v4: u8,
     v6: u8,
 }
 
-impl Default for PrefixLengths {
-    fn default() -> Self {
-        PrefixLengths::new(DEFAULT_PREFIX_V4, DEFAULT_PREFIX_V6)
-    }
-}
-
 impl PrefixLengths {
-    /// Prefix lengths, `v4` at most 32 and `v6` at most 128 (longer ones,
-    /// which [`Config::validate`](crate::Config::validate) refuses, count
-    /// as the whole address).
+    /// Longer prefixes than the address (which
+    /// [`Config::validate`](crate::Config::validate) refuses) count as all of it.
     pub(crate) fn new(v4: u8, v6: u8) -> Self {
         PrefixLengths {
             v4: v4.min(32),
@@ -167,7 +126,6 @@ impl PrefixLengths {
         }
     }
 
-    /// The prefix length used for `ip`'s family.
     pub(crate) fn length_of(&self, ip: IpAddr) -> u8 {
         match ip {
             IpAddr::V4(_) => self.v4,
@@ -175,48 +133,38 @@ impl PrefixLengths {
         }
     }
 
-    /// The network `ip` belongs to: `ip` with every bit past the prefix
-    /// cleared. An IPv4-mapped IPv6 address counts as the IPv4 address.
+    /// `ip` with every bit past the prefix cleared; an IPv4-mapped address
+    /// counts as the IPv4 one.
     pub(crate) fn network_of(&self, ip: IpAddr) -> IpAddr {
-        match ip.to_canonical() {
-            IpAddr::V4(v4) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.v4)).unwrap_or(0);
-                IpAddr::V4(Ipv4Addr::from(u32::from(v4) & mask))
-            }
-            IpAddr::V6(v6) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.v6)).unwrap_or(0);
-                IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
-            }
-        }
+        let ip = ip.to_canonical();
+        IpNet::new(ip, self.length_of(ip)).map_or(ip, |net| net.network())
     }
 }
 
-/// A connection refused by a [`RateBuckets`].
+/// A connection refused by a [`RateBuckets`]: whose bucket was empty, and
+/// when its next token comes back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct RateLimited {
-    /// The network whose bucket was empty, for the log line.
     pub(crate) network: IpAddr,
-    /// When the next token comes back.
     pub(crate) retry_after: Duration,
 }
 
-/// Token buckets per client network; shared by the accept loop (the TCP peer)
-/// and connection threads (the real client named by a PROXY header).
+/// Token buckets per client network, shared by the accept loop (the TCP
+/// peer) and connection threads (the client a PROXY header names).
 ///
 /// One mutex over one table: an admission is a hash and a few comparisons
-/// (see `try_acquire_cost_per_call` in the tests for the measured cost), far
-/// less than the `accept` and thread hand-off around it, so sharding would
-/// buy nothing measurable.
+/// (`try_acquire_cost_per_call` in the tests measures it), far less than
+/// the `accept` and thread hand-off around it, so sharding would buy
+/// nothing measurable.
 #[derive(Debug)]
 pub(crate) struct RateBuckets {
-    rate: Rate,
-    prefixes: PrefixLengths,
-    /// `Rate::emission_interval_nanos`: how long one token takes to return.
+    pub(crate) rate: Rate,
+    pub(crate) prefixes: PrefixLengths,
+    /// How long one token takes to come back.
     token_nanos: u64,
-    /// How far ahead of `now` a bucket's `full_at` may be for one more
-    /// connection to be admitted: `(count - 1)` tokens' worth.
+    /// `count - 1` tokens' worth.
     burst_nanos: u64,
-    /// Times are kept as nanoseconds since this instant (8 bytes a bucket).
+    /// Times are nanoseconds since this instant (8 bytes a bucket).
     origin: Instant,
     max_buckets: usize,
     table: Mutex<Table>,
@@ -224,57 +172,36 @@ pub(crate) struct RateBuckets {
 
 #[derive(Debug)]
 struct Table {
-    /// When each network's bucket is full again, in nanoseconds since
-    /// `origin`. Networks whose bucket is full may be absent.
+    /// Full buckets may be absent.
     full_at: HashMap<IpAddr, u64>,
-    /// The size at which the next insertion sweeps out full buckets.
+    /// The size at which the next insertion sweeps out full buckets (or
+    /// `max_buckets`, if less).
     sweep_at_len: usize,
 }
 
 impl RateBuckets {
-    /// A limit of `rate` per network, networks being `prefixes` long, with at
-    /// most [`DEFAULT_MAX_BUCKETS`] buckets.
     pub(crate) fn new(rate: Rate, prefixes: PrefixLengths) -> Self {
-        Self::with_max_buckets(rate, prefixes, DEFAULT_MAX_BUCKETS)
-    }
-
-    /// As [`RateBuckets::new`], holding at most `max_buckets` (at least 8).
-    pub(crate) fn with_max_buckets(
-        rate: Rate,
-        prefixes: PrefixLengths,
-        max_buckets: usize,
-    ) -> Self {
-        let token_nanos = rate.emission_interval_nanos();
-        let max_buckets = max_buckets.max(8);
+        // At least 1000 ns: see MAX_PER_SECOND.
+        let token_nanos = duration_nanos(rate.period) / u64::from(rate.count);
         RateBuckets {
             rate,
             prefixes,
             token_nanos,
             burst_nanos: token_nanos * u64::from(rate.count - 1),
             origin: Instant::now(),
-            max_buckets,
+            max_buckets: DEFAULT_MAX_BUCKETS,
             table: Mutex::new(Table {
                 full_at: HashMap::new(),
-                sweep_at_len: MIN_SWEEP_LEN.min(max_buckets),
+                sweep_at_len: MIN_SWEEP_LEN,
             }),
         }
     }
 
-    pub(crate) fn rate(&self) -> Rate {
-        self.rate
-    }
-
-    pub(crate) fn prefixes(&self) -> PrefixLengths {
-        self.prefixes
-    }
-
-    /// Takes a token from the bucket of the network `ip` belongs to, at time
-    /// `now`; `Err` if it has none. Any address works: the TCP peer at accept
-    /// time, or the client a PROXY header names.
+    /// Takes a token from the bucket of `ip`'s network at `now`.
     pub(crate) fn try_acquire(&self, ip: IpAddr, now: Instant) -> Result<(), RateLimited> {
         let network = self.prefixes.network_of(ip);
-        let now = self.nanos_since_origin(now);
-        let mut table = self.table();
+        let now = duration_nanos(now.saturating_duration_since(self.origin));
+        let mut table = lock(&self.table);
         if let Some(full_at) = table.full_at.get_mut(&network) {
             let start = (*full_at).max(now);
             if start - now > self.burst_nanos {
@@ -287,49 +214,35 @@ impl RateBuckets {
             return Ok(());
         }
         // A network without a bucket has a full one: admitted, one token gone.
-        self.make_room(&mut table, now);
+        if table.full_at.len() >= table.sweep_at_len.min(self.max_buckets) {
+            table.sweep(now);
+            if table.full_at.len() >= self.max_buckets {
+                table.evict_fullest(self.max_buckets / 8);
+            }
+        }
         table.full_at.insert(network, now + self.token_nanos);
         Ok(())
     }
 
-    /// Buckets held now.
     pub(crate) fn len(&self) -> usize {
-        self.table().full_at.len()
+        lock(&self.table).full_at.len()
     }
+}
 
-    /// Drops every bucket that is full at `now`.
-    #[cfg(test)]
-    pub(crate) fn sweep(&self, now: Instant) {
-        let now = self.nanos_since_origin(now);
-        let mut table = self.table();
-        Self::sweep_table(&mut table, now, self.max_buckets);
-    }
-
-    /// Before an insertion: sweep when the table has grown enough to pay for
-    /// it, and evict when it is still at the cap.
-    fn make_room(&self, table: &mut Table, now: u64) {
-        if table.full_at.len() < table.sweep_at_len {
-            return;
-        }
-        Self::sweep_table(table, now, self.max_buckets);
-        if table.full_at.len() >= self.max_buckets {
-            Self::evict_fullest(table, self.max_buckets / 8);
-        }
-    }
-
-    fn sweep_table(table: &mut Table, now: u64, max_buckets: usize) {
-        table.full_at.retain(|_, full_at| *full_at > now);
-        let left = table.full_at.len();
-        table.sweep_at_len = (left * 2).max(MIN_SWEEP_LEN).min(max_buckets);
+impl Table {
+    fn sweep(&mut self, now: u64) {
+        self.full_at.retain(|_, full_at| *full_at > now);
+        let left = self.full_at.len();
+        self.sweep_at_len = (left * 2).max(MIN_SWEEP_LEN);
         // After a spray, give back most of the memory it made the table take.
-        if table.full_at.capacity() > 4 * left.max(MIN_SWEEP_LEN) {
-            table.full_at.shrink_to(2 * left);
+        if self.full_at.capacity() > 4 * left.max(MIN_SWEEP_LEN) {
+            self.full_at.shrink_to(2 * left);
         }
     }
 
     /// Removes the `count` buckets closest to full.
-    fn evict_fullest(table: &mut Table, count: usize) {
-        let mut full_at: Vec<u64> = table.full_at.values().copied().collect();
+    fn evict_fullest(&mut self, count: usize) {
+        let mut full_at: Vec<u64> = self.full_at.values().copied().collect();
         if count == 0 || full_at.is_empty() {
             return;
         }
@@ -338,7 +251,7 @@ impl RateBuckets {
         // Everything below the threshold goes, and as many buckets at it as
         // it takes to make `count` (a spray from one instant is all ties).
         let mut ties_to_evict = count - below.iter().filter(|&&t| t < threshold).count();
-        table.full_at.retain(|_, full_at| {
+        self.full_at.retain(|_, full_at| {
             if *full_at == threshold && ties_to_evict > 0 {
                 ties_to_evict -= 1;
                 return false;
@@ -346,25 +259,27 @@ impl RateBuckets {
             *full_at > threshold
         });
     }
-
-    fn nanos_since_origin(&self, now: Instant) -> u64 {
-        duration_nanos(now.saturating_duration_since(self.origin))
-    }
-
-    fn table(&self) -> MutexGuard<'_, Table> {
-        // Nothing in the table can be left half-updated by a panic.
-        self.table.lock().unwrap_or_else(PoisonError::into_inner)
-    }
 }
 
-/// A duration in nanoseconds; 584 years fit, more saturate.
+/// 584 years fit; more saturate.
 fn duration_nanos(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
+
+    const DEFAULTS: PrefixLengths = PrefixLengths {
+        v4: DEFAULT_PREFIX_V4,
+        v6: DEFAULT_PREFIX_V6,
+    };
+
+    /// Drops every bucket that is full at `now`.
+    fn sweep(limit: &RateBuckets, now: Instant) {
+        let now = duration_nanos(now.saturating_duration_since(limit.origin));
+        lock(&limit.table).sweep(now);
+    }
 
     #[test]
     fn prefix_lengths_longer_than_the_address_count_as_the_address() {
@@ -380,7 +295,7 @@ mod tests {
     }
 
     fn limit(text: &str) -> RateBuckets {
-        RateBuckets::new(rate(text), PrefixLengths::default())
+        RateBuckets::new(rate(text), DEFAULTS)
     }
 
     /// How many of `tries` connections from `addr` at `now` are admitted.
@@ -527,9 +442,9 @@ mod tests {
         assert_eq!(limit.len(), 101);
         // 200 ms later the one-connection buckets are full again; the
         // emptied one is not.
-        limit.sweep(start + Duration::from_millis(200));
+        sweep(&limit, start + Duration::from_millis(200));
         assert_eq!(limit.len(), 1);
-        limit.sweep(start + Duration::from_secs(1));
+        sweep(&limit, start + Duration::from_secs(1));
         assert_eq!(limit.len(), 0);
     }
 
@@ -552,8 +467,10 @@ mod tests {
     #[test]
     fn spraying_a_million_addresses_stays_within_the_cap() {
         let max_buckets = 10_000;
-        let limit =
-            RateBuckets::with_max_buckets(rate("10/h"), PrefixLengths::default(), max_buckets);
+        let limit = RateBuckets {
+            max_buckets,
+            ..limit("10/h")
+        };
         let start = Instant::now();
         // An abuser empties its bucket first (ten tokens owed, an hour to
         // refill); then a million addresses connect once each (one token
@@ -573,7 +490,10 @@ mod tests {
 
     #[test]
     fn eviction_picks_the_fullest_buckets() {
-        let limit = RateBuckets::with_max_buckets(rate("10/s"), PrefixLengths::default(), 16);
+        let limit = RateBuckets {
+            max_buckets: 16,
+            ..limit("10/s")
+        };
         let start = Instant::now();
         // 15 networks with one connection each, one with ten.
         for host in 0..15u32 {
