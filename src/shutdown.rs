@@ -6,22 +6,13 @@
 //! itself: the loop wakes up with that connection, sees the flag and stops.
 //! A `--reuseport` listener shares its port with other processes, and the
 //! kernel may hand that connection to one of them instead; such a listener
-//! is shut down instead (its `accept` fails at once), which also ends its
-//! listening, as closing it would. An inherited socket is never shut down:
-//! systemd keeps listening on its copy.
+//! is shut down instead (its `accept` fails at once). An inherited socket
+//! is never shut down: systemd keeps listening on its copy.
 //!
-//! [`Shutdown::trigger_on_signals`] is how the binary uses it: the first
-//! SIGINT, SIGTERM or SIGQUIT starts a graceful stop, a second one ends the
-//! process at once. SIGHUP reopens the log file (logrotate), SIGUSR1 logs
-//! the counters so far, and every other signal whose default would end the
-//! process (SIGUSR2, SIGALRM, SIGXFSZ, real-time signals, ...) is logged and
-//! ignored: no signal an operator may send ends the server without its
-//! drain, but SIGKILL and a second stop signal.
-//!
-//! [`drain`] is the stop itself, once the accept loops have ended: connected
-//! clients get until the deadline, the rest are cut off (each connection
-//! thread records what it had), and the log gets a few seconds to take the
-//! last lines.
+//! [`Shutdown::trigger_on_signals`] is how the binary uses it: no signal an
+//! operator may send ends the server without its drain, but SIGKILL and a
+//! second stop signal. [`drain`] is the stop itself, once the accept loops
+//! have ended.
 
 use std::io;
 use std::net::{self, IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
@@ -146,17 +137,15 @@ impl Shutdown {
     /// wake it. A trigger that came earlier is seen by the loop's first
     /// [`is_triggered`](Self::is_triggered) check instead.
     pub(crate) fn add_wake_addr(&self, listening_on: SocketAddr) {
-        self.add_wake_target(WakeTarget::Connect(reachable(listening_on)));
+        let target = WakeTarget::Connect(reachable(listening_on));
+        lock(&self.inner.wake_targets).push(target);
     }
 
     /// Records a listener that a trigger wakes by shutting it down: one
     /// whose port other processes share (`SO_REUSEPORT`), where a wake-up
     /// connection could reach another process's accept loop.
     pub(crate) fn add_listener_to_stop(&self, listener: &Arc<TcpListener>) {
-        self.add_wake_target(WakeTarget::StopListening(Arc::downgrade(listener)));
-    }
-
-    fn add_wake_target(&self, target: WakeTarget) {
+        let target = WakeTarget::StopListening(Arc::downgrade(listener));
         lock(&self.inner.wake_targets).push(target);
     }
 
@@ -213,33 +202,29 @@ impl Shutdown {
             n => signal_name(n).map_or_else(|| n.to_string(), str::to_string),
         };
         let name = name.as_str();
-        if STOP_SIGNALS.contains(&signal) {
-            if self.is_triggered() {
-                warn!(event = event::SIGNAL, signal = name; "{name} again: exiting now without waiting for clients");
-                // Connections still open are reset by the exit (their
-                // sockets linger zero), so no client mistakes it for a
-                // clean close; only the log gets a moment.
-                logging::flush(EXIT_LOG_FLUSH_TIMEOUT);
-                process::exit(128 + signal);
-            }
-            info!(event = event::SIGNAL, signal = name; "{name} received: stopping (send it again to exit at once)");
+        let stop = STOP_SIGNALS.contains(&signal);
+        if stop && self.is_triggered() {
+            warn!(event = event::SIGNAL, signal = name; "{name} again: exiting now without waiting for clients");
+            // Connections still open are reset by the exit (their sockets
+            // linger zero), so no client mistakes it for a clean close; only
+            // the log gets a moment.
+            logging::flush(EXIT_LOG_FLUSH_TIMEOUT);
+            process::exit(128 + signal);
+        }
+        let log_counters = lock(&self.inner.counters).clone();
+        let what = match signal {
+            _ if stop => "stopping (send it again to exit at once)",
+            SIGHUP if logging::reopen() => "reopening the log file",
+            SIGHUP => "no log file to reopen; ignored",
+            SIGUSR1 => match log_counters {
+                Some(log_counters) => return log_counters(),
+                None => "no server running",
+            },
+            _ => "ignored",
+        };
+        info!(event = event::SIGNAL, signal = name; "{name} received: {what}");
+        if stop {
             self.trigger();
-        } else if signal == SIGHUP {
-            if logging::reopen() {
-                info!(event = event::SIGNAL, signal = name; "{name} received: reopening the log file");
-            } else {
-                info!(event = event::SIGNAL, signal = name; "{name} received: no log file to reopen; ignored");
-            }
-        } else if signal == SIGUSR1 {
-            let log_counters = lock(&self.inner.counters).clone();
-            match log_counters {
-                Some(log_counters) => log_counters(),
-                None => {
-                    info!(event = event::SIGNAL, signal = name; "{name} received: no server running")
-                }
-            }
-        } else {
-            info!(event = event::SIGNAL, signal = name; "{name} received: ignored");
         }
     }
 }
@@ -265,7 +250,7 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
 
 /// How long, after `--shutdown-timeout`, a stopping server waits for the
 /// connections it cut off to log what they had, and for the log to drain.
-pub(crate) const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a stopping server still waits for connection threads once it
 /// has stopped waiting for the log on their behalf.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(1);

@@ -9,7 +9,13 @@
 //! and reply deadlines, up to a second more for a lingering close, and for
 //! as long as the reply sink takes (the log gives up after
 //! `--record-timeout`). Nothing else waits on this thread.
+//!
+//! The steps marked `#[inline(never)]` are so that their buffers and log
+//! records stay out of the frames an idle client's thread holds while it
+//! waits (`run_thread`'s, `serve`'s): each would touch one more page of
+//! stack (+4 KiB per client, measured with 3,000 and 10,000 idle clients).
 
+use std::io::{self, Read};
 use std::mem::MaybeUninit;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -19,19 +25,19 @@ use log::{debug, warn};
 use socket2::SockRef;
 
 use super::proxy_protocol::{self, ProxyHeader};
-use super::read::{Deadline, Prefixed, ReadStep, Reply, read_before, read_reply, write_before};
+use super::read::{Deadline, ReadStep, Reply, read_before, read_reply, write_before};
 use crate::config::Config;
 use crate::error::describe_io_error;
 use crate::limits::rate::RateBuckets;
-use crate::limits::{ConnectionLimit, ConnectionSlot, IpSlot, NetList, PerIpLimit, Refusal};
+use crate::limits::{ConnectionLimit, ConnectionSlot, IpSlot, PerIpLimit, Refusal};
 use crate::limits::{canonical, refuse};
 use crate::logging::{NOT_RECORDED_LINES, ServingPeer, event, log_every};
 use crate::record::{Record, ReplyEnd};
 use crate::stats::{Outcome, Stats};
 
-/// Most bytes a lingering close reads and throws away before it gives up.
+/// A lingering close reads and throws away at most this many bytes, for at
+/// most this long.
 const LINGER_MAX_BYTES: usize = 64 * 1024;
-/// Longest a lingering close waits for the client to stop sending.
 const LINGER_MAX_TIME: Duration = Duration::from_secs(1);
 
 /// What every connection is served with.
@@ -39,7 +45,7 @@ pub(crate) struct Serving {
     pub(crate) config: Config,
     /// The connection cap, whose slots also let a stop cut connections off.
     pub(crate) limit: ConnectionLimit,
-    /// Connections held per client address (`--max-per-ip`).
+    /// `--max-per-ip`.
     pub(crate) per_ip: PerIpLimit,
     /// `--max-rate-per-ip`: checked here for the client a PROXY header
     /// names, and by the accept loop for a direct client.
@@ -52,34 +58,27 @@ pub(crate) struct Accepted {
     /// Shared with its slot, so that a stopping server can cut it off.
     pub(crate) stream: Arc<TcpStream>,
     pub(crate) peer: SocketAddr,
-    /// When `accept` returned it, for the session's duration.
     pub(crate) accepted_at: Instant,
     /// Held until the connection is closed, however it ends.
     pub(crate) slot: ConnectionSlot,
 }
 
 /// A connection thread's life: serve `first`, then each connection that
-/// `park` hands over (a parked thread's next one) until it hands none.
+/// `park` hands over until it hands none.
 pub(crate) fn run_thread(
     first: Accepted,
     serving: &Serving,
     mut park: impl FnMut() -> Option<Accepted>,
 ) {
     let mut next = Some(first);
-    while let Some(Accepted {
-        stream,
-        peer,
-        accepted_at,
-        slot,
-    }) = next
-    {
+    while let Some(accepted) = next {
+        let peer = accepted.peer;
         debug!(event = event::CONNECTED, peer:% = peer; "{peer} connected");
-        let served = serve(&stream, peer, accepted_at, serving);
-        let duration = accepted_at.elapsed();
-        serving
-            .stats
-            .record_session(served.outcome, served.reply_bytes, duration);
-        close(stream, served.close, slot);
+        let served = serve(&accepted.stream, peer, accepted.accepted_at, serving);
+        let duration = accepted.accepted_at.elapsed();
+        let stats = &serving.stats;
+        stats.record_session(served.outcome, served.reply_bytes, duration);
+        close(accepted, served.close);
         debug!(event = event::DISCONNECTED, peer:% = peer; "{peer} disconnected");
         next = park();
     }
@@ -89,15 +88,15 @@ pub(crate) fn run_thread(
 /// recorded (none if it was turned away or failed before reading), and how
 /// to close it.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Served {
-    pub(crate) outcome: Outcome,
-    pub(crate) reply_bytes: Option<usize>,
-    pub(crate) close: Close,
+struct Served {
+    outcome: Outcome,
+    reply_bytes: Option<usize>,
+    close: Close,
 }
 
 /// How a connection is closed: what its client may conclude.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Close {
+enum Close {
     /// An end of stream: its whole reply is recorded, or it was told in
     /// words (the busy line) that it is not served.
     Clean,
@@ -119,16 +118,18 @@ impl Served {
         }
     }
 
-    /// A refused client: told in words, or closed without them.
-    fn refused(outcome: Outcome, refusal: &Refusal<'_>) -> Self {
+    /// Refuses `client`: told in words, or closed without them.
+    fn refuse(stream: &TcpStream, client: Client, refusal: Refusal<'_>) -> Self {
+        let close = if refusal.tells() {
+            Close::Clean
+        } else {
+            Close::Refused
+        };
+        let outcome = refuse(stream, client.addr, client.proxy, &refusal);
         Served {
             outcome,
             reply_bytes: None,
-            close: if refusal.tells() {
-                Close::Clean
-            } else {
-                Close::Refused
-            },
+            close,
         }
     }
 }
@@ -142,29 +143,13 @@ struct Client {
     proxy: Option<SocketAddr>,
 }
 
-impl Client {
-    /// The balancer's address as a log field (absent when there is none).
-    fn proxy_field(&self) -> Option<String> {
-        self.proxy.map(|proxy| proxy.to_string())
-    }
-}
-
 /// Serves one connection to the end: identify the client, admit it, send
-/// the prompt, read the reply, record it. The caller closes the connection
-/// as the result says.
-///
-/// The socket carries the listener's options (see `server`): the prompt's
-/// write timeout, and the whole reply budget as its read timeout.
-pub(crate) fn serve(
-    stream: &TcpStream,
-    peer: SocketAddr,
-    accepted_at: Instant,
-    serving: &Serving,
-) -> Served {
+/// the prompt, read the reply, record it. The socket carries the listener's
+/// options (`listen::set_connection_options`).
+fn serve(stream: &TcpStream, peer: SocketAddr, accepted_at: Instant, serving: &Serving) -> Served {
     let _named_in_panics = ServingPeer::set(peer);
     let config = &serving.config;
-    let mut stream = stream;
-    let (client, early_bytes) = match identify_client(&mut stream, peer, config, accepted_at) {
+    let (client, early_bytes) = match identify_client(stream, peer, config, accepted_at) {
         Ok(identified) => identified,
         Err(served) => return served,
     };
@@ -177,8 +162,111 @@ pub(crate) fn serve(
         log_prompt_failed(client, &e);
         return Served::reset(Outcome::Failed);
     }
-    let reply = read_client_reply(&mut stream, &early_bytes, client, config);
+    let reply = read_client_reply(stream, &early_bytes, client, config);
     record(client, reply, accepted_at, serving)
+}
+
+/// Who the client is: the socket's peer, or, behind a balancer, the client
+/// its PROXY header names, with any bytes that came after the header. A bad
+/// header is logged, and the connection reset without a prompt.
+#[inline(never)]
+fn identify_client(
+    mut stream: &TcpStream,
+    peer: SocketAddr,
+    config: &Config,
+    accepted_at: Instant,
+) -> Result<(Client, Vec<u8>), Served> {
+    let direct = Client {
+        addr: peer,
+        proxy: None,
+    };
+    let Some(trusted) = &config.proxy_protocol else {
+        return Ok((direct, Vec::new()));
+    };
+    if !trusted.is_empty() && !trusted.contains(peer.ip()) {
+        return Err(Served::refuse(stream, direct, Refusal::UntrustedProxy));
+    }
+    let deadline = config
+        .reply_timeout
+        .map(|timeout| Deadline::from(accepted_at, timeout));
+    match proxy_protocol::read_header(&mut stream, deadline) {
+        Ok((ProxyHeader::Proxied { source, .. }, rest)) => {
+            let proxied = Client {
+                addr: canonical(source),
+                proxy: Some(peer),
+            };
+            Ok((proxied, rest))
+        }
+        Ok((ProxyHeader::Local, rest)) => Ok((direct, rest)),
+        Err(e) => {
+            warn!(event = event::PROXY_HEADER, peer:% = peer; "{peer} closed: bad PROXY protocol header: {e}");
+            Err(Served::reset(Outcome::Failed))
+        }
+    }
+}
+
+/// Checks the access rules, the rate limit for a client behind a balancer,
+/// and takes the client's per-address slot, or refuses it.
+#[inline(never)]
+fn admit_client<'a>(
+    stream: &TcpStream,
+    client: Client,
+    serving: &'a Serving,
+) -> Result<IpSlot<'a>, Served> {
+    let ip = client.addr.ip();
+    let refusal = if !serving.config.access.permits(ip) {
+        Refusal::Denied
+    } else if let Some(rate) = &serving.rate
+        && serving.config.proxy_protocol.is_some()
+        && let Err(limited) = rate.try_acquire(ip, Instant::now())
+    {
+        // Behind a balancer the accept loop could not know the client yet;
+        // a header that names none (UNKNOWN, LOCAL) leaves the TCP peer.
+        Refusal::RateLimited(limited, rate)
+    } else if let Some(ip_slot) = serving.per_ip.try_acquire(ip) {
+        return Ok(ip_slot);
+    } else {
+        let max = serving.config.max_per_ip.map_or(0, |max| max.get());
+        Refusal::PerIp { max }
+    };
+    Err(Served::refuse(stream, client, refusal))
+}
+
+#[inline(never)]
+fn log_prompt_failed(client: Client, error: &io::Error) {
+    let addr = client.addr;
+    let proxy = client.proxy.map(|proxy| proxy.to_string());
+    warn!(
+        event = event::PROMPT_FAILED, peer:% = addr, proxy = proxy.as_deref();
+        "{addr} could not be sent the prompt: {}",
+        describe_io_error(error)
+    );
+}
+
+/// Reads the reply, after any bytes that came with the PROXY header.
+#[inline(never)]
+fn read_client_reply(
+    stream: &TcpStream,
+    early_bytes: &[u8],
+    client: Client,
+    config: &Config,
+) -> Reply {
+    let deadline = config.reply_timeout.map(|timeout| {
+        // The socket's read timeout is the whole budget, inherited from the
+        // listener, unless reading a PROXY header has set its own.
+        if config.proxy_protocol.is_some() {
+            Deadline::after(timeout)
+        } else {
+            Deadline::after_with_timeout_already_set(timeout)
+        }
+    });
+    let max_reply_bytes = config.max_reply_bytes.get();
+    read_reply(
+        &mut early_bytes.chain(stream),
+        client.addr,
+        max_reply_bytes,
+        deadline,
+    )
 }
 
 /// Hands the reply to the reply sink, and says how to close: cleanly only
@@ -217,160 +305,22 @@ fn record(client: Client, mut reply: Reply, accepted_at: Instant, serving: &Serv
     }
 }
 
-/// Who the client is: the socket's peer, or, behind a balancer, the client
-/// its PROXY header names, with any bytes that came after the header.
-fn identify_client(
-    stream: &mut &TcpStream,
-    peer: SocketAddr,
-    config: &Config,
-    accepted_at: Instant,
-) -> Result<(Client, Vec<u8>), Served> {
-    if let Some(trusted) = &config.proxy_protocol {
-        return read_proxy_header(stream, peer, trusted, config, accepted_at);
-    }
-    let client = Client {
-        addr: peer,
-        proxy: None,
-    };
-    Ok((client, Vec::new()))
-}
-
-/// Reads the reply, after any bytes that came with the PROXY header, by
-/// the reply deadline.
-///
-/// Not inlined, for the reason given at [`read_proxy_header`]: its read
-/// buffer would otherwise sit in `serve`'s frame, under the log line's
-/// formatting, and every client's thread would touch one more page of
-/// stack (+4 KiB each, measured with 3,000 idle clients).
-#[inline(never)]
-fn read_client_reply(
-    stream: &mut &TcpStream,
-    early_bytes: &[u8],
-    client: Client,
-    config: &Config,
-) -> Reply {
-    let deadline = config.reply_timeout.map(|timeout| {
-        // The socket's read timeout is the whole budget, inherited from the
-        // listener, unless reading a PROXY header has set its own.
-        if config.proxy_protocol.is_some() {
-            Deadline::after(timeout)
-        } else {
-            Deadline::after_with_timeout_already_set(timeout)
-        }
-    });
-    let mut source = Prefixed::new(early_bytes, stream);
-    read_reply(
-        &mut source,
-        client.addr,
-        config.max_reply_bytes.get(),
-        deadline,
-    )
-}
-
-/// Checks the access rules, the rate limit for a client behind a balancer,
-/// and takes the client's per-address slot, or refuses it. Not inlined,
-/// for the reason given at [`read_proxy_header`].
-#[inline(never)]
-fn admit_client<'a>(
-    stream: &TcpStream,
-    client: Client,
-    serving: &'a Serving,
-) -> Result<IpSlot<'a>, Served> {
-    let addr = client.addr;
-    let refusal = if !serving.config.access.permits(addr.ip()) {
-        Refusal::Denied
-    } else if let Some(rate) = &serving.rate
-        && serving.config.proxy_protocol.is_some()
-        && let Err(limited) = rate.try_acquire(addr.ip(), Instant::now())
-    {
-        // Behind a balancer the accept loop could not know the client yet;
-        // a header that names none (UNKNOWN, LOCAL) leaves the TCP peer.
-        Refusal::RateLimited(limited, rate)
-    } else if let Some(ip_slot) = serving.per_ip.try_acquire(addr.ip()) {
-        return Ok(ip_slot);
-    } else {
-        let max = serving.config.max_per_ip.map_or(0, |max| max.get());
-        Refusal::PerIp { max }
-    };
-    Err(Served::refused(
-        refuse(stream, addr, client.proxy, &refusal),
-        &refusal,
-    ))
-}
-
-#[inline(never)]
-fn log_prompt_failed(client: Client, error: &std::io::Error) {
-    let addr = client.addr;
-    let proxy = client.proxy_field();
-    warn!(
-        event = event::PROMPT_FAILED, peer:% = addr, proxy = proxy.as_deref();
-        "{addr} could not be sent the prompt: {}",
-        describe_io_error(error)
-    );
-}
-
-/// Reads the PROXY header, if the peer may send one at all. On failure the
-/// connection is logged and reset without a prompt.
-///
-/// Not inlined, like [`record`]: their buffers and log records would
-/// otherwise widen `serve`'s stack frame, and every idle client's thread
-/// would touch one more page of stack while it waits (+4 KiB each,
-/// measured with 10,000 idle clients).
-#[inline(never)]
-fn read_proxy_header(
-    stream: &mut &TcpStream,
-    peer: SocketAddr,
-    trusted: &NetList,
-    config: &Config,
-    accepted_at: Instant,
-) -> Result<(Client, Vec<u8>), Served> {
-    if !trusted.is_empty() && !trusted.contains(peer.ip()) {
-        let refusal = Refusal::UntrustedProxy;
-        return Err(Served::refused(
-            refuse(stream, peer, None, &refusal),
-            &refusal,
-        ));
-    }
-    let deadline = config
-        .reply_timeout
-        .map(|timeout| Deadline::from(accepted_at, timeout));
-    match proxy_protocol::read_header(stream, deadline) {
-        Ok((ProxyHeader::Proxied { source, .. }, rest)) => Ok((
-            Client {
-                addr: canonical(source),
-                proxy: Some(peer),
-            },
-            rest,
-        )),
-        Ok((ProxyHeader::Local, rest)) => Ok((
-            Client {
-                addr: peer,
-                proxy: None,
-            },
-            rest,
-        )),
-        Err(e) => {
-            warn!(event = event::PROXY_HEADER, peer:% = peer; "{peer} closed: bad PROXY protocol header: {e}");
-            Err(Served::reset(Outcome::Failed))
-        }
-    }
-}
-
 /// Ends a served connection as `close` says.
 ///
-/// A reset is what the zero linger time set on every socket gives. A
-/// clean close restores the normal linger first; and since Linux answers
-/// a close with unread bytes in the receive queue (anything sent after the
-/// reply line) with a reset, when bytes are waiting the close lingers as
-/// nginx's `lingering_close` does: shut down the write side (the client
-/// sees the end of stream), read and discard for at most
-/// [`LINGER_MAX_TIME`] or [`LINGER_MAX_BYTES`], then close.
+/// A reset is what the zero linger time set on every socket gives. A clean
+/// close restores the normal linger first; and since Linux answers a close
+/// with unread bytes in the receive queue (anything sent after the reply
+/// line) with a reset, when bytes are waiting the close lingers as nginx's
+/// `lingering_close` does: shut down the write side (the client sees the
+/// end of stream), read and discard for at most [`LINGER_MAX_TIME`] or
+/// [`LINGER_MAX_BYTES`], then close.
 ///
-/// Otherwise the slot is released before the
-/// socket is closed, so that a client that sees its connection close can
-/// connect again at once; a lingering connection keeps its slot until it
-/// is done, so that lingering threads never outnumber the connection cap.
-fn close(stream: Arc<TcpStream>, close: Close, slot: ConnectionSlot) {
+/// Otherwise the slot is released before the socket is closed, so that a
+/// client that sees its connection close can connect again at once; a
+/// lingering connection keeps its slot until it is done, so that lingering
+/// threads never outnumber the connection cap.
+fn close(accepted: Accepted, close: Close) {
+    let Accepted { stream, slot, .. } = accepted;
     if close != Close::Reset {
         let _ = SockRef::from(&*stream).set_linger(None);
     }
@@ -397,10 +347,9 @@ fn linger(mut stream: &TcpStream) {
     let mut deadline = Deadline::after(LINGER_MAX_TIME);
     let mut discard = [0u8; 2048];
     let mut discarded = 0;
-    while discarded < LINGER_MAX_BYTES {
-        match read_before(&mut stream, &mut discard, Some(&mut deadline)) {
-            ReadStep::Data(n) => discarded += n,
-            ReadStep::Closed | ReadStep::TimedOut | ReadStep::Failed(_) => return,
-        }
+    while discarded < LINGER_MAX_BYTES
+        && let ReadStep::Data(n) = read_before(&mut stream, &mut discard, Some(&mut deadline))
+    {
+        discarded += n;
     }
 }
