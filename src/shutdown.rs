@@ -1,18 +1,13 @@
-//! The handle that stops a running server from another thread: a signal
-//! handler, a test, or an embedding program.
+//! The [`Shutdown`] handle that stops a running server from another thread
+//! (a signal handler, a test, an embedding program), the signal thread, and
+//! [`drain`], the stop itself once the accept loops have ended.
 //!
-//! The accept loop blocks in `accept()`, which no flag can interrupt, so
-//! [`Shutdown::trigger`] sets the flag and then connects to the listener
-//! itself: the loop wakes up with that connection, sees the flag and stops.
-//! A `--reuseport` listener shares its port with other processes, and the
-//! kernel may hand that connection to one of them instead; such a listener
-//! is shut down instead (its `accept` fails at once). An inherited socket
-//! is never shut down: systemd keeps listening on its copy.
-//!
-//! [`Shutdown::trigger_on_signals`] is how the binary uses it: no signal an
-//! operator may send ends the server without its drain, but SIGKILL and a
-//! second stop signal. [`drain`] is the stop itself, once the accept loops
-//! have ended.
+//! The accept loop blocks in `accept()`, which no flag can interrupt, so a
+//! trigger sets the flag and then connects to the listener itself: the loop
+//! wakes up with that connection, sees the flag and stops. A `--reuseport`
+//! listener shares its port with other processes, and the kernel may hand
+//! them that connection: such a listener is shut down instead (its `accept`
+//! fails at once).
 
 use std::io;
 use std::net::{self, IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
@@ -75,8 +70,7 @@ pub struct Shutdown {
 struct Inner {
     /// Set once, never cleared.
     requested: AtomicBool,
-    /// How to wake each accept loop, one per listener; noted when the
-    /// loops start.
+    /// How to wake each accept loop, one per listener.
     wake_targets: Mutex<Vec<WakeTarget>>,
     /// The addresses the wake-up connections come from, so that the accept
     /// loops do not serve them as clients.
@@ -122,8 +116,7 @@ impl Shutdown {
         socket.connect_timeout(&addr.into(), WAKE_TIMEOUT)
     }
 
-    /// Whether an accepted connection from `peer` is [`trigger`](Self::trigger)'s
-    /// wake-up call rather than a client.
+    /// Whether a connection from `peer` is a trigger's wake-up call.
     pub(crate) fn is_wake_connection(&self, peer: SocketAddr) -> bool {
         lock(&self.inner.wake_from).contains(&peer)
     }
@@ -133,24 +126,25 @@ impl Shutdown {
         self.inner.requested.load(Ordering::SeqCst)
     }
 
-    /// Records where an accept loop listens, so that a later trigger can
-    /// wake it. A trigger that came earlier is seen by the loop's first
-    /// [`is_triggered`](Self::is_triggered) check instead.
-    pub(crate) fn add_wake_addr(&self, listening_on: SocketAddr) {
-        let target = WakeTarget::Connect(reachable(listening_on));
+    /// Notes how a trigger wakes `listener`'s accept loop: by shutting down a
+    /// shared port (never an inherited socket: the service manager keeps its
+    /// copy), else by connecting to `addr`. An earlier trigger is seen by the
+    /// loop's first `is_triggered`.
+    pub(crate) fn add_accept_loop(
+        &self,
+        listener: &Arc<TcpListener>,
+        addr: SocketAddr,
+        inherited: bool,
+    ) {
+        let target = if !inherited && SockRef::from(&**listener).reuse_port().unwrap_or(false) {
+            WakeTarget::StopListening(Arc::downgrade(listener))
+        } else {
+            WakeTarget::Connect(reachable(addr))
+        };
         lock(&self.inner.wake_targets).push(target);
     }
 
-    /// Records a listener that a trigger wakes by shutting it down: one
-    /// whose port other processes share (`SO_REUSEPORT`), where a wake-up
-    /// connection could reach another process's accept loop.
-    pub(crate) fn add_listener_to_stop(&self, listener: &Arc<TcpListener>) {
-        let target = WakeTarget::StopListening(Arc::downgrade(listener));
-        lock(&self.inner.wake_targets).push(target);
-    }
-
-    /// Sets what SIGUSR1 logs (the counters of the server running now), or
-    /// clears it.
+    /// Sets what SIGUSR1 logs (the running server's counters), or clears it.
     pub(crate) fn on_counters_request(&self, log_counters: Option<Arc<dyn Fn() + Send + Sync>>) {
         *lock(&self.inner.counters) = log_counters;
     }
@@ -166,9 +160,11 @@ impl Shutdown {
     /// - SIGUSR2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO, SIGPWR, SIGXCPU,
     ///   SIGXFSZ, SIGSTKFLT and the real-time signals: logged and ignored.
     ///
-    /// signal-hook does the async-signal-safe part (a self-pipe written from
-    /// the handler), so the reaction runs on an ordinary thread that may
-    /// log and lock; it never waits for the log.
+    /// No signal an operator may send ends the server without its drain but
+    /// SIGKILL and a second stop signal. signal-hook does the
+    /// async-signal-safe part (a self-pipe written from the handler), so the
+    /// reaction runs on an ordinary thread that may log and lock; it never
+    /// waits for the log.
     ///
     /// # Errors
     ///

@@ -1,19 +1,15 @@
 //! One connection's life on its own thread, from the thread taking it to
-//! the thread parking again: identify the client (its PROXY header, behind a
-//! balancer), admit it (access rules, per-address cap, a proxied client's
-//! rate), send the prompt, read one reply, record it, and close the
-//! connection as the record allows: cleanly only once its whole reply is
-//! kept.
+//! parking again: identify the client (its PROXY header, behind a balancer),
+//! admit it (access rules, per-address cap, a proxied client's rate), send
+//! the prompt, read one reply, record it, and close: cleanly only once its
+//! whole reply is kept. Everything here may block (the prompt, header and
+//! reply deadlines, a lingering close's second, the reply sink until
+//! `--record-timeout`); nothing else waits on this thread.
 //!
-//! Everything here may block: for the prompt's write deadline, the header
-//! and reply deadlines, up to a second more for a lingering close, and for
-//! as long as the reply sink takes (the log gives up after
-//! `--record-timeout`). Nothing else waits on this thread.
-//!
-//! The steps marked `#[inline(never)]` are so that their buffers and log
-//! records stay out of the frames an idle client's thread holds while it
-//! waits (`run_thread`'s, `serve`'s): each would touch one more page of
-//! stack (+4 KiB per client, measured with 3,000 and 10,000 idle clients).
+//! Steps marked `#[inline(never)]` keep their buffers and log records out
+//! of the frames an idle client's thread holds while it waits: each would
+//! touch one more page of stack (+4 KiB per client, measured with 3,000
+//! and 10,000 idle clients).
 
 use std::io::{self, Read};
 use std::mem::MaybeUninit;
@@ -35,8 +31,6 @@ use crate::logging::{NOT_RECORDED_LINES, ServingPeer, event, log_every};
 use crate::record::{Record, ReplyEnd};
 use crate::stats::{Outcome, Stats};
 
-/// A lingering close reads and throws away at most this many bytes, for at
-/// most this long.
 const LINGER_MAX_BYTES: usize = 64 * 1024;
 const LINGER_MAX_TIME: Duration = Duration::from_secs(1);
 
@@ -63,8 +57,8 @@ pub(crate) struct Accepted {
     pub(crate) slot: ConnectionSlot,
 }
 
-/// A connection thread's life: serve `first`, then each connection that
-/// `park` hands over until it hands none.
+/// Serves `first`, then each connection that `park` hands over until it
+/// hands none.
 pub(crate) fn run_thread(
     first: Accepted,
     serving: &Serving,
@@ -74,63 +68,15 @@ pub(crate) fn run_thread(
     while let Some(accepted) = next {
         let peer = accepted.peer;
         debug!(event = event::CONNECTED, peer:% = peer; "{peer} connected");
-        let served = serve(&accepted.stream, peer, accepted.accepted_at, serving);
+        let (outcome, reply_bytes) = match serve(&accepted, serving) {
+            Ok((outcome, recorded)) => (outcome, Some(recorded)),
+            Err(outcome) => (outcome, None),
+        };
         let duration = accepted.accepted_at.elapsed();
-        let stats = &serving.stats;
-        stats.record_session(served.outcome, served.reply_bytes, duration);
-        close(accepted, served.close);
+        serving.stats.record_session(outcome, reply_bytes, duration);
+        close(accepted, outcome);
         debug!(event = event::DISCONNECTED, peer:% = peer; "{peer} disconnected");
         next = park();
-    }
-}
-
-/// How a served connection went: its outcome, the size of the reply
-/// recorded (none if it was turned away or failed before reading), and how
-/// to close it.
-#[derive(Debug, Clone, Copy)]
-struct Served {
-    outcome: Outcome,
-    reply_bytes: Option<usize>,
-    close: Close,
-}
-
-/// How a connection is closed: what its client may conclude.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Close {
-    /// An end of stream: its whole reply is recorded, or it was told in
-    /// words (the busy line) that it is not served.
-    Clean,
-    /// A reset: nothing it sent after the point where the server stopped
-    /// reading is recorded, or its reply is not recorded at all.
-    Reset,
-    /// Refused before the prompt, with nothing of it read: the kernel's
-    /// plain close, an end of stream if it sent nothing (nothing is lost),
-    /// a reset if bytes of it are waiting unread.
-    Refused,
-}
-
-impl Served {
-    fn reset(outcome: Outcome) -> Self {
-        Served {
-            outcome,
-            reply_bytes: None,
-            close: Close::Reset,
-        }
-    }
-
-    /// Refuses `client`: told in words, or closed without them.
-    fn refuse(stream: &TcpStream, client: Client, refusal: Refusal<'_>) -> Self {
-        let close = if refusal.tells() {
-            Close::Clean
-        } else {
-            Close::Refused
-        };
-        let outcome = refuse(stream, client.addr, client.proxy, &refusal);
-        Served {
-            outcome,
-            reply_bytes: None,
-            close,
-        }
     }
 }
 
@@ -144,38 +90,29 @@ struct Client {
 }
 
 /// Serves one connection to the end: identify the client, admit it, send
-/// the prompt, read the reply, record it. The socket carries the listener's
-/// options (`listen::set_connection_options`).
-fn serve(stream: &TcpStream, peer: SocketAddr, accepted_at: Instant, serving: &Serving) -> Served {
-    let _named_in_panics = ServingPeer::set(peer);
-    let config = &serving.config;
-    let (client, early_bytes) = match identify_client(stream, peer, config, accepted_at) {
-        Ok(identified) => identified,
-        Err(served) => return served,
-    };
-    let _ip_slot = match admit_client(stream, client, serving) {
-        Ok(ip_slot) => ip_slot,
-        Err(served) => return served,
-    };
+/// the prompt, read the reply, record it. Returns how it ended and the size
+/// of the reply recorded, or how it ended before a reply was recorded. The
+/// socket carries the listener's options (`listen::set_connection_options`).
+fn serve(accepted: &Accepted, serving: &Serving) -> Result<(Outcome, usize), Outcome> {
+    let _named_in_panics = ServingPeer::set(accepted.peer);
+    let (stream, config) = (&*accepted.stream, &serving.config);
+    let (client, early_bytes) = identify_client(accepted, config)?;
+    let _ip_slot = admit_client(stream, client, serving)?;
     let mut deadline = Deadline::after_with_timeout_already_set(config.write_timeout);
     if let Err(e) = write_before(stream, &config.prompt, &mut deadline) {
         log_prompt_failed(client, &e);
-        return Served::reset(Outcome::Failed);
+        return Err(Outcome::Failed);
     }
     let reply = read_client_reply(stream, &early_bytes, client, config);
-    record(client, reply, accepted_at, serving)
+    record(client, reply, accepted.accepted_at, serving)
 }
 
 /// Who the client is: the socket's peer, or, behind a balancer, the client
 /// its PROXY header names, with any bytes that came after the header. A bad
 /// header is logged, and the connection reset without a prompt.
 #[inline(never)]
-fn identify_client(
-    mut stream: &TcpStream,
-    peer: SocketAddr,
-    config: &Config,
-    accepted_at: Instant,
-) -> Result<(Client, Vec<u8>), Served> {
+fn identify_client(accepted: &Accepted, config: &Config) -> Result<(Client, Vec<u8>), Outcome> {
+    let (mut stream, peer) = (&*accepted.stream, accepted.peer);
     let direct = Client {
         addr: peer,
         proxy: None,
@@ -184,11 +121,11 @@ fn identify_client(
         return Ok((direct, Vec::new()));
     };
     if !trusted.is_empty() && !trusted.contains(peer.ip()) {
-        return Err(Served::refuse(stream, direct, Refusal::UntrustedProxy));
+        return Err(refuse(stream, peer, None, &Refusal::UntrustedProxy));
     }
     let deadline = config
         .reply_timeout
-        .map(|timeout| Deadline::from(accepted_at, timeout));
+        .map(|timeout| Deadline::from(accepted.accepted_at, timeout));
     match proxy_protocol::read_header(&mut stream, deadline) {
         Ok((ProxyHeader::Proxied { source, .. }, rest)) => {
             let proxied = Client {
@@ -200,7 +137,7 @@ fn identify_client(
         Ok((ProxyHeader::Local, rest)) => Ok((direct, rest)),
         Err(e) => {
             warn!(event = event::PROXY_HEADER, peer:% = peer; "{peer} closed: bad PROXY protocol header: {e}");
-            Err(Served::reset(Outcome::Failed))
+            Err(Outcome::Failed)
         }
     }
 }
@@ -212,7 +149,7 @@ fn admit_client<'a>(
     stream: &TcpStream,
     client: Client,
     serving: &'a Serving,
-) -> Result<IpSlot<'a>, Served> {
+) -> Result<IpSlot<'a>, Outcome> {
     let ip = client.addr.ip();
     let refusal = if !serving.config.access.permits(ip) {
         Refusal::Denied
@@ -229,7 +166,7 @@ fn admit_client<'a>(
         let max = serving.config.max_per_ip.map_or(0, |max| max.get());
         Refusal::PerIp { max }
     };
-    Err(Served::refuse(stream, client, refusal))
+    Err(refuse(stream, client.addr, client.proxy, &refusal))
 }
 
 #[inline(never)]
@@ -251,28 +188,27 @@ fn read_client_reply(
     client: Client,
     config: &Config,
 ) -> Reply {
-    let deadline = config.reply_timeout.map(|timeout| {
-        // The socket's read timeout is the whole budget, inherited from the
-        // listener, unless reading a PROXY header has set its own.
-        if config.proxy_protocol.is_some() {
-            Deadline::after(timeout)
-        } else {
-            Deadline::after_with_timeout_already_set(timeout)
-        }
-    });
-    let max_reply_bytes = config.max_reply_bytes.get();
-    read_reply(
-        &mut early_bytes.chain(stream),
-        client.addr,
-        max_reply_bytes,
-        deadline,
-    )
+    // The socket's read timeout is the whole budget, inherited from the
+    // listener, unless reading a PROXY header has set its own.
+    let deadline = config
+        .reply_timeout
+        .map(|timeout| match config.proxy_protocol {
+            Some(_) => Deadline::after(timeout),
+            None => Deadline::after_with_timeout_already_set(timeout),
+        });
+    let source = &mut early_bytes.chain(stream);
+    read_reply(source, client.addr, config.max_reply_bytes.get(), deadline)
 }
 
-/// Hands the reply to the reply sink, and says how to close: cleanly only
-/// if the sink kept it and it is whole.
+/// Hands the reply to the reply sink: its outcome and size if the sink
+/// kept it.
 #[inline(never)]
-fn record(client: Client, mut reply: Reply, accepted_at: Instant, serving: &Serving) -> Served {
+fn record(
+    client: Client,
+    mut reply: Reply,
+    accepted_at: Instant,
+    serving: &Serving,
+) -> Result<(Outcome, usize), Outcome> {
     // The server shut the read side down itself at the stop's deadline.
     if matches!(reply.end, ReplyEnd::Closed) && serving.limit.cutting_off() {
         reply.end = ReplyEnd::CutOff;
@@ -285,63 +221,62 @@ fn record(client: Client, mut reply: Reply, accepted_at: Instant, serving: &Serv
         duration: accepted_at.elapsed(),
     };
     match serving.config.reply_sink.record(&record) {
-        Ok(()) => Served {
-            outcome: Outcome::of(&record),
-            reply_bytes: Some(reply.bytes.len()),
-            close: if record.is_whole() {
-                Close::Clean
-            } else {
-                Close::Reset
-            },
-        },
+        Ok(()) => Ok((Outcome::of(&record), reply.bytes.len())),
         Err(e) => {
             let addr = client.addr;
             log_every!(
                 NOT_RECORDED_LINES, warn, [peer:% = addr,],
                 "{addr} reset: its reply was not recorded: {}", describe_io_error(&e)
             );
-            Served::reset(Outcome::NotRecorded)
+            Err(Outcome::NotRecorded)
         }
     }
 }
 
-/// Ends a served connection as `close` says.
-///
-/// A reset is what the zero linger time set on every socket gives. A clean
-/// close restores the normal linger first; and since Linux answers a close
-/// with unread bytes in the receive queue (anything sent after the reply
-/// line) with a reset, when bytes are waiting the close lingers as nginx's
-/// `lingering_close` does: shut down the write side (the client sees the
-/// end of stream), read and discard for at most [`LINGER_MAX_TIME`] or
-/// [`LINGER_MAX_BYTES`], then close.
-///
-/// Otherwise the slot is released before the socket is closed, so that a
-/// client that sees its connection close can connect again at once; a
-/// lingering connection keeps its slot until it is done, so that lingering
-/// threads never outnumber the connection cap.
-fn close(accepted: Accepted, close: Close) {
+/// Ends a connection so that its client can tell how it ended. The slot is
+/// released after any lingering (so that lingering threads never outnumber
+/// the cap) but before the close (so that a client that sees its connection
+/// close can connect again at once).
+fn close(accepted: Accepted, outcome: Outcome) {
     let Accepted { stream, slot, .. } = accepted;
-    if close != Close::Reset {
-        let _ = SockRef::from(&*stream).set_linger(None);
-    }
-    if close == Close::Clean && has_unread_bytes(&stream) {
-        linger(&stream);
+    let socket = SockRef::from(&*stream);
+    match outcome {
+        // An end of stream: its whole reply is recorded, or it was told in
+        // words (the busy line) that it is not served.
+        Outcome::Replied | Outcome::NoReply | Outcome::Busy | Outcome::RateLimited => {
+            let _ = socket.set_linger(None);
+            linger_if_bytes_wait(&stream);
+        }
+        // Refused before the prompt, with nothing of it read: the kernel's
+        // plain close, an end of stream if it sent nothing (nothing is
+        // lost), a reset if bytes of it are waiting unread.
+        Outcome::Denied => {
+            let _ = socket.set_linger(None);
+        }
+        // A reset (the zero linger time every socket has): nothing it sent
+        // after the server stopped reading is recorded, or its reply is not
+        // recorded at all.
+        Outcome::Truncated
+        | Outcome::TimedOut
+        | Outcome::Failed
+        | Outcome::CutOff
+        | Outcome::NotRecorded => {}
     }
     drop(slot);
-    drop(stream);
 }
 
-/// Whether client bytes are waiting in the socket, without blocking.
-fn has_unread_bytes(stream: &TcpStream) -> bool {
-    let mut byte = [MaybeUninit::<u8>::uninit(); 1];
-    SockRef::from(stream)
-        .recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT)
-        .is_ok_and(|n| n > 0)
-}
-
+/// Linux answers a close with unread bytes in the receive queue (anything
+/// sent after the reply line) with a reset; so when bytes are waiting, the
+/// close lingers as nginx's `lingering_close` does: shut down the write
+/// side (the client sees the end of stream), read and discard for at most
+/// [`LINGER_MAX_TIME`] or [`LINGER_MAX_BYTES`], then close.
 #[inline(never)]
-fn linger(mut stream: &TcpStream) {
-    if stream.shutdown(Shutdown::Write).is_err() {
+fn linger_if_bytes_wait(mut stream: &TcpStream) {
+    let mut byte = [MaybeUninit::<u8>::uninit(); 1];
+    let waiting = SockRef::from(stream)
+        .recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+        .is_ok_and(|n| n > 0);
+    if !waiting || stream.shutdown(Shutdown::Write).is_err() {
         return;
     }
     let mut deadline = Deadline::after(LINGER_MAX_TIME);

@@ -8,8 +8,7 @@
 //! or Unix socket by mistake must stop the start-up with a clear line, not
 //! turn into an accept loop failing forever. The variables are left in the
 //! environment (`env::remove_var` is `unsafe` in this edition; the server
-//! starts no child processes). Inherited sockets are never `shutdown()` on
-//! stop: the service manager keeps its own copy for the next process.
+//! starts no child processes).
 
 use std::env;
 use std::io;
@@ -33,9 +32,7 @@ use crate::shutdown::Shutdown;
 static INHERITED: OnceLock<Vec<(RawFd, Option<String>)>> = OnceLock::new();
 
 /// The listening sockets the service manager passed to this process, in
-/// descriptor order (3, 4, ...), or `None` when there are none for us. The
-/// first descriptor that is not a listening TCP socket is an error naming
-/// it, and no listener is returned.
+/// descriptor order (3, 4, ...), or `None` when there are none for us.
 fn inherited_listeners() -> Result<Option<Vec<TcpListener>>, Error> {
     let cannot = "cannot use the inherited sockets (LISTEN_FDS)";
     let descriptors =
@@ -60,10 +57,8 @@ fn inherited_listeners() -> Result<Option<Vec<TcpListener>>, Error> {
         let taken = io::Error::other("this process took them already");
         return Err(Error::new(cannot, taken));
     }
-    fds.into_iter()
-        .map(claim_listener)
-        .collect::<Result<_, _>>()
-        .map(Some)
+    let listeners = fds.into_iter().map(claim_listener);
+    listeners.collect::<Result<_, _>>().map(Some)
 }
 
 /// The first descriptor `LISTEN_FDS` names that is not open (read from
@@ -73,9 +68,8 @@ fn closed_descriptor() -> Option<RawFd> {
     (3..3 + count).find(|fd| std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")).is_err())
 }
 
-/// Takes ownership of inherited descriptor `fd` as a listener, if it is
-/// one. One that is not is left open (not ours to close: the process is
-/// about to exit with the error anyway).
+/// Takes inherited descriptor `fd` as a listener, if it is one; one that is
+/// not is left open (the process is about to exit with the error anyway).
 fn claim_listener(fd: RawFd) -> Result<TcpListener, Error> {
     let owned = claim_descriptor(fd);
     match check_tcp_listener(&owned) {
@@ -245,14 +239,7 @@ pub(crate) fn prepare_listeners(
         set_connection_options(SockRef::from(&listener), config)
             .map_err(|e| Error::new("cannot set options on the listening socket", e))?;
         let listener = Arc::new(listener);
-        // A port shared with other processes (SO_REUSEPORT) could hand the
-        // wake-up connection to another process; an inherited socket is
-        // never shut down, since the service manager listens on it too.
-        if inherited.is_none() && SockRef::from(&*listener).reuse_port().unwrap_or(false) {
-            shutdown.add_listener_to_stop(&listener);
-        } else {
-            shutdown.add_wake_addr(local_addr);
-        }
+        shutdown.add_accept_loop(&listener, local_addr, inherited.is_some());
         prepared.push((listener, local_addr));
     }
     Ok(prepared)
@@ -260,17 +247,13 @@ pub(crate) fn prepare_listeners(
 
 /// Sets, on the listening socket, what every accepted socket inherits
 /// (Linux copies them when a handshake completes, which saves each
-/// connection its own `setsockopt` calls; a connection queued before gets
-/// them on its own socket): the prompt's write timeout, the whole reply
-/// budget as the read timeout (so an idle `accept` returns `WouldBlock`
-/// once per reply timeout; the loop just goes round again), and a zero
-/// linger time.
-///
-/// With a zero linger time, closing a socket resets the connection. A
-/// connection is closed cleanly only once its reply line has been written
-/// to the log (`connection::close` restores the normal close then), so if
-/// the process dies before that, by a signal or a crash, the kernel resets
-/// the connection and the client knows its reply was not kept.
+/// connection its own `setsockopt` calls): the prompt's write timeout, the
+/// whole reply budget as the read timeout (so an idle `accept` returns
+/// `WouldBlock` once per reply timeout; the loop just goes round), and a
+/// zero linger time: closing resets the connection, until
+/// `connection::close` restores the normal close once the reply is
+/// recorded. So if the process dies before that, by a signal or a crash,
+/// the client knows its reply was not kept.
 pub(crate) fn set_connection_options(socket: SockRef<'_>, config: &Config) -> io::Result<()> {
     socket.set_read_timeout(config.reply_timeout)?;
     socket.set_write_timeout(Some(config.write_timeout))?;
