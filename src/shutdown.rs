@@ -149,22 +149,18 @@ impl Shutdown {
         *lock(&self.inner.counters) = log_counters;
     }
 
-    /// Starts a thread that handles the signals an operator sends:
+    /// Starts a thread that handles the signals an operator sends: SIGINT,
+    /// SIGTERM or SIGQUIT triggers this handle (a graceful stop), and a
+    /// second one exits at once, with status 128 + its number; SIGHUP
+    /// reopens the log file (after logrotate renamed it); SIGUSR1 logs the
+    /// counters so far; every other signal whose default would end the
+    /// process (SIGUSR2, SIGALRM, SIGXFSZ, the real-time signals, ...) is
+    /// logged and ignored. So no signal ends the server without its drain
+    /// but SIGKILL and a second stop signal.
     ///
-    /// - SIGINT, SIGTERM, SIGQUIT: the first triggers this handle (a
-    ///   graceful stop); a second exits the process at once, with status
-    ///   128 + the signal's number;
-    /// - SIGHUP: reopens the log file (after logrotate renamed it); without
-    ///   one it is logged and ignored;
-    /// - SIGUSR1: logs one line with the counters so far;
-    /// - SIGUSR2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO, SIGPWR, SIGXCPU,
-    ///   SIGXFSZ, SIGSTKFLT and the real-time signals: logged and ignored.
-    ///
-    /// No signal an operator may send ends the server without its drain but
-    /// SIGKILL and a second stop signal. signal-hook does the
-    /// async-signal-safe part (a self-pipe written from the handler), so the
-    /// reaction runs on an ordinary thread that may log and lock; it never
-    /// waits for the log.
+    /// signal-hook does the async-signal-safe part (a self-pipe written from
+    /// the handler), so the reaction runs on an ordinary thread that may log
+    /// and lock; it never waits for the log.
     ///
     /// # Errors
     ///

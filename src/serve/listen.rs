@@ -131,7 +131,6 @@ fn check_tcp_listener(socket: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
-/// "stream socket", "datagram socket", ...
 fn kind_name(kind: Type) -> String {
     let name = match kind {
         Type::STREAM => "stream",
@@ -209,11 +208,11 @@ pub(crate) fn default_backlog() -> u32 {
 /// Logs `listening on` for each listener, gives it the options accepted
 /// sockets inherit, and registers how a stop wakes its accept loop.
 pub(crate) fn prepare_listeners(
-    listeners: Vec<TcpListener>,
+    listeners: impl IntoIterator<Item = TcpListener>,
     config: &Config,
     shutdown: &Shutdown,
 ) -> Result<Vec<(Arc<TcpListener>, SocketAddr)>, Error> {
-    let mut prepared = Vec::with_capacity(listeners.len());
+    let mut prepared = Vec::new();
     for listener in listeners {
         let local_addr = listener
             .local_addr()

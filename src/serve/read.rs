@@ -40,7 +40,6 @@ impl<S: DeadlineRead> DeadlineRead for io::Chain<&[u8], S> {
 #[derive(Debug)]
 pub(crate) enum ReadStep {
     Data(usize),
-    /// The client closed its side.
     Closed,
     /// The deadline passed, before or during the read.
     TimedOut,
