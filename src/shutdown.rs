@@ -1,27 +1,13 @@
-//! The handle that stops a running server from another thread: a signal
-//! handler, a test, or an embedding program.
+//! The [`Shutdown`] handle that stops a running server from another thread
+//! (a signal handler, a test, an embedding program), the signal thread, and
+//! [`drain`], the stop itself once the accept loops have ended.
 //!
-//! The accept loop blocks in `accept()`, which no flag can interrupt, so
-//! [`Shutdown::trigger`] sets the flag and then connects to the listener
-//! itself: the loop wakes up with that connection, sees the flag and stops.
-//! A `--reuseport` listener shares its port with other processes, and the
-//! kernel may hand that connection to one of them instead; such a listener
-//! is shut down instead (its `accept` fails at once), which also ends its
-//! listening, as closing it would. An inherited socket is never shut down:
-//! systemd keeps listening on its copy.
-//!
-//! [`Shutdown::trigger_on_signals`] is how the binary uses it: the first
-//! SIGINT, SIGTERM or SIGQUIT starts a graceful stop, a second one ends the
-//! process at once. SIGHUP reopens the log file (logrotate), SIGUSR1 logs
-//! the counters so far, and every other signal whose default would end the
-//! process (SIGUSR2, SIGALRM, SIGXFSZ, real-time signals, ...) is logged and
-//! ignored: no signal an operator may send ends the server without its
-//! drain, but SIGKILL and a second stop signal.
-//!
-//! [`drain`] is the stop itself, once the accept loops have ended: connected
-//! clients get until the deadline, the rest are cut off (each connection
-//! thread records what it had), and the log gets a few seconds to take the
-//! last lines.
+//! The accept loop blocks in `accept()`, which no flag can interrupt, so a
+//! trigger sets the flag and then connects to the listener itself: the loop
+//! wakes up with that connection, sees the flag and stops. A `--reuseport`
+//! listener shares its port with other processes, and the kernel may hand
+//! them that connection: such a listener is shut down instead (its `accept`
+//! fails at once).
 
 use std::io;
 use std::net::{self, IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
@@ -84,8 +70,7 @@ pub struct Shutdown {
 struct Inner {
     /// Set once, never cleared.
     requested: AtomicBool,
-    /// How to wake each accept loop, one per listener; noted when the
-    /// loops start.
+    /// How to wake each accept loop, one per listener.
     wake_targets: Mutex<Vec<WakeTarget>>,
     /// The addresses the wake-up connections come from, so that the accept
     /// loops do not serve them as clients.
@@ -131,8 +116,7 @@ impl Shutdown {
         socket.connect_timeout(&addr.into(), WAKE_TIMEOUT)
     }
 
-    /// Whether an accepted connection from `peer` is [`trigger`](Self::trigger)'s
-    /// wake-up call rather than a client.
+    /// Whether a connection from `peer` is a trigger's wake-up call.
     pub(crate) fn is_wake_connection(&self, peer: SocketAddr) -> bool {
         lock(&self.inner.wake_from).contains(&peer)
     }
@@ -142,44 +126,41 @@ impl Shutdown {
         self.inner.requested.load(Ordering::SeqCst)
     }
 
-    /// Records where an accept loop listens, so that a later trigger can
-    /// wake it. A trigger that came earlier is seen by the loop's first
-    /// [`is_triggered`](Self::is_triggered) check instead.
-    pub(crate) fn add_wake_addr(&self, listening_on: SocketAddr) {
-        self.add_wake_target(WakeTarget::Connect(reachable(listening_on)));
-    }
-
-    /// Records a listener that a trigger wakes by shutting it down: one
-    /// whose port other processes share (`SO_REUSEPORT`), where a wake-up
-    /// connection could reach another process's accept loop.
-    pub(crate) fn add_listener_to_stop(&self, listener: &Arc<TcpListener>) {
-        self.add_wake_target(WakeTarget::StopListening(Arc::downgrade(listener)));
-    }
-
-    fn add_wake_target(&self, target: WakeTarget) {
+    /// Notes how a trigger wakes `listener`'s accept loop: by shutting down a
+    /// shared port (never an inherited socket: the service manager keeps its
+    /// copy), else by connecting to `addr`. An earlier trigger is seen by the
+    /// loop's first `is_triggered`.
+    pub(crate) fn add_accept_loop(
+        &self,
+        listener: &Arc<TcpListener>,
+        addr: SocketAddr,
+        inherited: bool,
+    ) {
+        let target = if !inherited && SockRef::from(&**listener).reuse_port().unwrap_or(false) {
+            WakeTarget::StopListening(Arc::downgrade(listener))
+        } else {
+            WakeTarget::Connect(reachable(addr))
+        };
         lock(&self.inner.wake_targets).push(target);
     }
 
-    /// Sets what SIGUSR1 logs (the counters of the server running now), or
-    /// clears it.
+    /// Sets what SIGUSR1 logs (the running server's counters), or clears it.
     pub(crate) fn on_counters_request(&self, log_counters: Option<Arc<dyn Fn() + Send + Sync>>) {
         *lock(&self.inner.counters) = log_counters;
     }
 
-    /// Starts a thread that handles the signals an operator sends:
-    ///
-    /// - SIGINT, SIGTERM, SIGQUIT: the first triggers this handle (a
-    ///   graceful stop); a second exits the process at once, with status
-    ///   128 + the signal's number;
-    /// - SIGHUP: reopens the log file (after logrotate renamed it); without
-    ///   one it is logged and ignored;
-    /// - SIGUSR1: logs one line with the counters so far;
-    /// - SIGUSR2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO, SIGPWR, SIGXCPU,
-    ///   SIGXFSZ, SIGSTKFLT and the real-time signals: logged and ignored.
+    /// Starts a thread that handles the signals an operator sends: SIGINT,
+    /// SIGTERM or SIGQUIT triggers this handle (a graceful stop), and a
+    /// second one exits at once, with status 128 + its number; SIGHUP
+    /// reopens the log file (after logrotate renamed it); SIGUSR1 logs the
+    /// counters so far; every other signal whose default would end the
+    /// process (SIGUSR2, SIGALRM, SIGXFSZ, the real-time signals, ...) is
+    /// logged and ignored. So no signal ends the server without its drain
+    /// but SIGKILL and a second stop signal.
     ///
     /// signal-hook does the async-signal-safe part (a self-pipe written from
-    /// the handler), so the reaction runs on an ordinary thread that may
-    /// log and lock; it never waits for the log.
+    /// the handler), so the reaction runs on an ordinary thread that may log
+    /// and lock; it never waits for the log.
     ///
     /// # Errors
     ///
@@ -213,33 +194,29 @@ impl Shutdown {
             n => signal_name(n).map_or_else(|| n.to_string(), str::to_string),
         };
         let name = name.as_str();
-        if STOP_SIGNALS.contains(&signal) {
-            if self.is_triggered() {
-                warn!(event = event::SIGNAL, signal = name; "{name} again: exiting now without waiting for clients");
-                // Connections still open are reset by the exit (their
-                // sockets linger zero), so no client mistakes it for a
-                // clean close; only the log gets a moment.
-                logging::flush(EXIT_LOG_FLUSH_TIMEOUT);
-                process::exit(128 + signal);
-            }
-            info!(event = event::SIGNAL, signal = name; "{name} received: stopping (send it again to exit at once)");
+        let stop = STOP_SIGNALS.contains(&signal);
+        if stop && self.is_triggered() {
+            warn!(event = event::SIGNAL, signal = name; "{name} again: exiting now without waiting for clients");
+            // Connections still open are reset by the exit (their sockets
+            // linger zero), so no client mistakes it for a clean close; only
+            // the log gets a moment.
+            logging::flush(EXIT_LOG_FLUSH_TIMEOUT);
+            process::exit(128 + signal);
+        }
+        let log_counters = lock(&self.inner.counters).clone();
+        let what = match signal {
+            _ if stop => "stopping (send it again to exit at once)",
+            SIGHUP if logging::reopen() => "reopening the log file",
+            SIGHUP => "no log file to reopen; ignored",
+            SIGUSR1 => match log_counters {
+                Some(log_counters) => return log_counters(),
+                None => "no server running",
+            },
+            _ => "ignored",
+        };
+        info!(event = event::SIGNAL, signal = name; "{name} received: {what}");
+        if stop {
             self.trigger();
-        } else if signal == SIGHUP {
-            if logging::reopen() {
-                info!(event = event::SIGNAL, signal = name; "{name} received: reopening the log file");
-            } else {
-                info!(event = event::SIGNAL, signal = name; "{name} received: no log file to reopen; ignored");
-            }
-        } else if signal == SIGUSR1 {
-            let log_counters = lock(&self.inner.counters).clone();
-            match log_counters {
-                Some(log_counters) => log_counters(),
-                None => {
-                    info!(event = event::SIGNAL, signal = name; "{name} received: no server running")
-                }
-            }
-        } else {
-            info!(event = event::SIGNAL, signal = name; "{name} received: ignored");
         }
     }
 }
@@ -265,7 +242,7 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
 
 /// How long, after `--shutdown-timeout`, a stopping server waits for the
 /// connections it cut off to log what they had, and for the log to drain.
-pub(crate) const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a stopping server still waits for connection threads once it
 /// has stopped waiting for the log on their behalf.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(1);

@@ -1,15 +1,17 @@
 //! One connection's life on its own thread, from the thread taking it to
-//! the thread parking again: identify the client (its PROXY header, behind a
-//! balancer), admit it (access rules, per-address cap, a proxied client's
-//! rate), send the prompt, read one reply, record it, and close the
-//! connection as the record allows: cleanly only once its whole reply is
-//! kept.
+//! parking again: identify the client (its PROXY header, behind a balancer),
+//! admit it (access rules, per-address cap, a proxied client's rate), send
+//! the prompt, read one reply, record it, and close: cleanly only once its
+//! whole reply is kept. Everything here may block (the prompt, header and
+//! reply deadlines, a lingering close's second, the reply sink until
+//! `--record-timeout`); nothing else waits on this thread.
 //!
-//! Everything here may block: for the prompt's write deadline, the header
-//! and reply deadlines, up to a second more for a lingering close, and for
-//! as long as the reply sink takes (the log gives up after
-//! `--record-timeout`). Nothing else waits on this thread.
+//! Steps marked `#[inline(never)]` keep their buffers and log records out
+//! of the frames an idle client's thread holds while it waits: each would
+//! touch one more page of stack (+4 KiB per client, measured with 3,000
+//! and 10,000 idle clients).
 
+use std::io::Read;
 use std::mem::MaybeUninit;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -19,19 +21,17 @@ use log::{debug, warn};
 use socket2::SockRef;
 
 use super::proxy_protocol::{self, ProxyHeader};
-use super::read::{Deadline, Prefixed, ReadStep, Reply, read_before, read_reply, write_before};
+use super::read::{Deadline, ReadStep, Reply, read_before, read_reply, write_before};
 use crate::config::Config;
 use crate::error::describe_io_error;
 use crate::limits::rate::RateBuckets;
-use crate::limits::{ConnectionLimit, ConnectionSlot, IpSlot, NetList, PerIpLimit, Refusal};
+use crate::limits::{ConnectionLimit, ConnectionSlot, IpSlot, PerIpLimit, Refusal};
 use crate::limits::{canonical, refuse};
 use crate::logging::{NOT_RECORDED_LINES, ServingPeer, event, log_every};
 use crate::record::{Record, ReplyEnd};
 use crate::stats::{Outcome, Stats};
 
-/// Most bytes a lingering close reads and throws away before it gives up.
 const LINGER_MAX_BYTES: usize = 64 * 1024;
-/// Longest a lingering close waits for the client to stop sending.
 const LINGER_MAX_TIME: Duration = Duration::from_secs(1);
 
 /// What every connection is served with.
@@ -39,7 +39,7 @@ pub(crate) struct Serving {
     pub(crate) config: Config,
     /// The connection cap, whose slots also let a stop cut connections off.
     pub(crate) limit: ConnectionLimit,
-    /// Connections held per client address (`--max-per-ip`).
+    /// `--max-per-ip`.
     pub(crate) per_ip: PerIpLimit,
     /// `--max-rate-per-ip`: checked here for the client a PROXY header
     /// names, and by the accept loop for a direct client.
@@ -52,84 +52,31 @@ pub(crate) struct Accepted {
     /// Shared with its slot, so that a stopping server can cut it off.
     pub(crate) stream: Arc<TcpStream>,
     pub(crate) peer: SocketAddr,
-    /// When `accept` returned it, for the session's duration.
     pub(crate) accepted_at: Instant,
     /// Held until the connection is closed, however it ends.
     pub(crate) slot: ConnectionSlot,
 }
 
-/// A connection thread's life: serve `first`, then each connection that
-/// `park` hands over (a parked thread's next one) until it hands none.
+/// Serves `first`, then each connection that `park` hands over until it
+/// hands none.
 pub(crate) fn run_thread(
     first: Accepted,
     serving: &Serving,
     mut park: impl FnMut() -> Option<Accepted>,
 ) {
     let mut next = Some(first);
-    while let Some(Accepted {
-        stream,
-        peer,
-        accepted_at,
-        slot,
-    }) = next
-    {
+    while let Some(accepted) = next {
+        let peer = accepted.peer;
         debug!(event = event::CONNECTED, peer:% = peer; "{peer} connected");
-        let served = serve(&stream, peer, accepted_at, serving);
-        let duration = accepted_at.elapsed();
-        serving
-            .stats
-            .record_session(served.outcome, served.reply_bytes, duration);
-        close(stream, served.close, slot);
+        let (outcome, reply_bytes) = match serve(&accepted, serving) {
+            Ok((outcome, recorded)) => (outcome, Some(recorded)),
+            Err(outcome) => (outcome, None),
+        };
+        let duration = accepted.accepted_at.elapsed();
+        serving.stats.record_session(outcome, reply_bytes, duration);
+        close(accepted, outcome);
         debug!(event = event::DISCONNECTED, peer:% = peer; "{peer} disconnected");
         next = park();
-    }
-}
-
-/// How a served connection went: its outcome, the size of the reply
-/// recorded (none if it was turned away or failed before reading), and how
-/// to close it.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Served {
-    pub(crate) outcome: Outcome,
-    pub(crate) reply_bytes: Option<usize>,
-    pub(crate) close: Close,
-}
-
-/// How a connection is closed: what its client may conclude.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Close {
-    /// An end of stream: its whole reply is recorded, or it was told in
-    /// words (the busy line) that it is not served.
-    Clean,
-    /// A reset: nothing it sent after the point where the server stopped
-    /// reading is recorded, or its reply is not recorded at all.
-    Reset,
-    /// Refused before the prompt, with nothing of it read: the kernel's
-    /// plain close, an end of stream if it sent nothing (nothing is lost),
-    /// a reset if bytes of it are waiting unread.
-    Refused,
-}
-
-impl Served {
-    fn reset(outcome: Outcome) -> Self {
-        Served {
-            outcome,
-            reply_bytes: None,
-            close: Close::Reset,
-        }
-    }
-
-    /// A refused client: told in words, or closed without them.
-    fn refused(outcome: Outcome, refusal: &Refusal<'_>) -> Self {
-        Served {
-            outcome,
-            reply_bytes: None,
-            close: if refusal.tells() {
-                Close::Clean
-            } else {
-                Close::Refused
-            },
-        }
     }
 }
 
@@ -142,49 +89,125 @@ struct Client {
     proxy: Option<SocketAddr>,
 }
 
-impl Client {
-    /// The balancer's address as a log field (absent when there is none).
-    fn proxy_field(&self) -> Option<String> {
-        self.proxy.map(|proxy| proxy.to_string())
+/// Serves one connection to the end: identify the client, admit it, send
+/// the prompt, read the reply, record it. Returns how it ended and the size
+/// of the reply recorded, or how it ended without one.
+fn serve(accepted: &Accepted, serving: &Serving) -> Result<(Outcome, usize), Outcome> {
+    let _named_in_panics = ServingPeer::set(accepted.peer);
+    let (stream, config) = (&*accepted.stream, &serving.config);
+    let (client, early_bytes) = identify_client(accepted, config)?;
+    let _ip_slot = admit_client(stream, client, serving)?;
+    send_prompt(stream, client, config)?;
+    let reply = read_client_reply(stream, &early_bytes, client, config);
+    record(client, reply, accepted.accepted_at, serving)
+}
+
+/// Who the client is: the socket's peer, or, behind a balancer, the client
+/// its PROXY header names, with any bytes that came after the header. A bad
+/// header is logged, and the connection reset without a prompt.
+#[inline(never)]
+fn identify_client(accepted: &Accepted, config: &Config) -> Result<(Client, Vec<u8>), Outcome> {
+    let (mut stream, peer) = (&*accepted.stream, accepted.peer);
+    let direct = Client {
+        addr: peer,
+        proxy: None,
+    };
+    let Some(trusted) = &config.proxy_protocol else {
+        return Ok((direct, Vec::new()));
+    };
+    if !trusted.is_empty() && !trusted.contains(peer.ip()) {
+        return Err(refuse(stream, peer, None, &Refusal::UntrustedProxy));
+    }
+    let deadline = config
+        .reply_timeout
+        .map(|timeout| Deadline::from(accepted.accepted_at, timeout));
+    match proxy_protocol::read_header(&mut stream, deadline) {
+        Ok((ProxyHeader::Proxied { source, .. }, rest)) => {
+            let proxied = Client {
+                addr: canonical(source),
+                proxy: Some(peer),
+            };
+            Ok((proxied, rest))
+        }
+        Ok((ProxyHeader::Local, rest)) => Ok((direct, rest)),
+        Err(e) => {
+            warn!(event = event::PROXY_HEADER, peer:% = peer; "{peer} closed: bad PROXY protocol header: {e}");
+            Err(Outcome::Failed)
+        }
     }
 }
 
-/// Serves one connection to the end: identify the client, admit it, send
-/// the prompt, read the reply, record it. The caller closes the connection
-/// as the result says.
-///
-/// The socket carries the listener's options (see `server`): the prompt's
-/// write timeout, and the whole reply budget as its read timeout.
-pub(crate) fn serve(
+/// Checks the access rules, the rate limit for a client behind a balancer,
+/// and takes the client's per-address slot, or refuses it.
+#[inline(never)]
+fn admit_client<'a>(
     stream: &TcpStream,
-    peer: SocketAddr,
+    client: Client,
+    serving: &'a Serving,
+) -> Result<IpSlot<'a>, Outcome> {
+    let ip = client.addr.ip();
+    let refusal = if !serving.config.access.permits(ip) {
+        Refusal::Denied
+    } else if let Some(rate) = &serving.rate
+        && serving.config.proxy_protocol.is_some()
+        && let Err(limited) = rate.try_acquire(ip, Instant::now())
+    {
+        // Behind a balancer the accept loop could not know the client yet;
+        // a header that names none (UNKNOWN, LOCAL) leaves the TCP peer.
+        Refusal::RateLimited(limited, rate)
+    } else if let Some(ip_slot) = serving.per_ip.try_acquire(ip) {
+        return Ok(ip_slot);
+    } else {
+        let max = serving.config.max_per_ip.map_or(0, |max| max.get());
+        Refusal::PerIp { max }
+    };
+    Err(refuse(stream, client.addr, client.proxy, &refusal))
+}
+
+#[inline(never)]
+fn send_prompt(stream: &TcpStream, client: Client, config: &Config) -> Result<(), Outcome> {
+    let mut deadline = Deadline::after_with_timeout_already_set(config.write_timeout);
+    let Err(e) = write_before(stream, &config.prompt, &mut deadline) else {
+        return Ok(());
+    };
+    let (addr, proxy) = (client.addr, client.proxy.map(|proxy| proxy.to_string()));
+    warn!(
+        event = event::PROMPT_FAILED, peer:% = addr, proxy = proxy.as_deref();
+        "{addr} could not be sent the prompt: {}",
+        describe_io_error(&e)
+    );
+    Err(Outcome::Failed)
+}
+
+/// Reads the reply, after any bytes that came with the PROXY header.
+#[inline(never)]
+fn read_client_reply(
+    stream: &TcpStream,
+    early_bytes: &[u8],
+    client: Client,
+    config: &Config,
+) -> Reply {
+    // The socket's read timeout is the whole budget, inherited from the
+    // listener, unless reading a PROXY header has set its own.
+    let deadline = config
+        .reply_timeout
+        .map(|timeout| match config.proxy_protocol {
+            Some(_) => Deadline::after(timeout),
+            None => Deadline::after_with_timeout_already_set(timeout),
+        });
+    let source = &mut early_bytes.chain(stream);
+    read_reply(source, client.addr, config.max_reply_bytes.get(), deadline)
+}
+
+/// Hands the reply to the reply sink: its outcome and size if the sink
+/// kept it.
+#[inline(never)]
+fn record(
+    client: Client,
+    mut reply: Reply,
     accepted_at: Instant,
     serving: &Serving,
-) -> Served {
-    let _named_in_panics = ServingPeer::set(peer);
-    let config = &serving.config;
-    let mut stream = stream;
-    let (client, early_bytes) = match identify_client(&mut stream, peer, config, accepted_at) {
-        Ok(identified) => identified,
-        Err(served) => return served,
-    };
-    let _ip_slot = match admit_client(stream, client, serving) {
-        Ok(ip_slot) => ip_slot,
-        Err(served) => return served,
-    };
-    let mut deadline = Deadline::after_with_timeout_already_set(config.write_timeout);
-    if let Err(e) = write_before(stream, &config.prompt, &mut deadline) {
-        log_prompt_failed(client, &e);
-        return Served::reset(Outcome::Failed);
-    }
-    let reply = read_client_reply(&mut stream, &early_bytes, client, config);
-    record(client, reply, accepted_at, serving)
-}
-
-/// Hands the reply to the reply sink, and says how to close: cleanly only
-/// if the sink kept it and it is whole.
-#[inline(never)]
-fn record(client: Client, mut reply: Reply, accepted_at: Instant, serving: &Serving) -> Served {
+) -> Result<(Outcome, usize), Outcome> {
     // The server shut the read side down itself at the stop's deadline.
     if matches!(reply.end, ReplyEnd::Closed) && serving.limit.cutting_off() {
         reply.end = ReplyEnd::CutOff;
@@ -197,210 +220,70 @@ fn record(client: Client, mut reply: Reply, accepted_at: Instant, serving: &Serv
         duration: accepted_at.elapsed(),
     };
     match serving.config.reply_sink.record(&record) {
-        Ok(()) => Served {
-            outcome: Outcome::of(&record),
-            reply_bytes: Some(reply.bytes.len()),
-            close: if record.is_whole() {
-                Close::Clean
-            } else {
-                Close::Reset
-            },
-        },
+        Ok(()) => Ok((Outcome::of(&record), reply.bytes.len())),
         Err(e) => {
             let addr = client.addr;
             log_every!(
                 NOT_RECORDED_LINES, warn, [peer:% = addr,],
                 "{addr} reset: its reply was not recorded: {}", describe_io_error(&e)
             );
-            Served::reset(Outcome::NotRecorded)
+            Err(Outcome::NotRecorded)
         }
     }
 }
 
-/// Who the client is: the socket's peer, or, behind a balancer, the client
-/// its PROXY header names, with any bytes that came after the header.
-fn identify_client(
-    stream: &mut &TcpStream,
-    peer: SocketAddr,
-    config: &Config,
-    accepted_at: Instant,
-) -> Result<(Client, Vec<u8>), Served> {
-    if let Some(trusted) = &config.proxy_protocol {
-        return read_proxy_header(stream, peer, trusted, config, accepted_at);
-    }
-    let client = Client {
-        addr: peer,
-        proxy: None,
-    };
-    Ok((client, Vec::new()))
-}
-
-/// Reads the reply, after any bytes that came with the PROXY header, by
-/// the reply deadline.
-///
-/// Not inlined, for the reason given at [`read_proxy_header`]: its read
-/// buffer would otherwise sit in `serve`'s frame, under the log line's
-/// formatting, and every client's thread would touch one more page of
-/// stack (+4 KiB each, measured with 3,000 idle clients).
-#[inline(never)]
-fn read_client_reply(
-    stream: &mut &TcpStream,
-    early_bytes: &[u8],
-    client: Client,
-    config: &Config,
-) -> Reply {
-    let deadline = config.reply_timeout.map(|timeout| {
-        // The socket's read timeout is the whole budget, inherited from the
-        // listener, unless reading a PROXY header has set its own.
-        if config.proxy_protocol.is_some() {
-            Deadline::after(timeout)
-        } else {
-            Deadline::after_with_timeout_already_set(timeout)
+/// Ends a connection so that its client can tell how it ended. The slot is
+/// released after any lingering (so that lingering threads never outnumber
+/// the cap) but before the close (so that a client that sees its connection
+/// close can connect again at once).
+fn close(accepted: Accepted, outcome: Outcome) {
+    let Accepted { stream, slot, .. } = accepted;
+    let socket = SockRef::from(&*stream);
+    match outcome {
+        // An end of stream: its whole reply is recorded, or it was told in
+        // words (the busy line) that it is not served.
+        Outcome::Replied | Outcome::NoReply | Outcome::Busy | Outcome::RateLimited => {
+            let _ = socket.set_linger(None);
+            linger_if_bytes_wait(&stream);
         }
-    });
-    let mut source = Prefixed::new(early_bytes, stream);
-    read_reply(
-        &mut source,
-        client.addr,
-        config.max_reply_bytes.get(),
-        deadline,
-    )
-}
-
-/// Checks the access rules, the rate limit for a client behind a balancer,
-/// and takes the client's per-address slot, or refuses it. Not inlined,
-/// for the reason given at [`read_proxy_header`].
-#[inline(never)]
-fn admit_client<'a>(
-    stream: &TcpStream,
-    client: Client,
-    serving: &'a Serving,
-) -> Result<IpSlot<'a>, Served> {
-    let addr = client.addr;
-    let refusal = if !serving.config.access.permits(addr.ip()) {
-        Refusal::Denied
-    } else if let Some(rate) = &serving.rate
-        && serving.config.proxy_protocol.is_some()
-        && let Err(limited) = rate.try_acquire(addr.ip(), Instant::now())
-    {
-        // Behind a balancer the accept loop could not know the client yet;
-        // a header that names none (UNKNOWN, LOCAL) leaves the TCP peer.
-        Refusal::RateLimited(limited, rate)
-    } else if let Some(ip_slot) = serving.per_ip.try_acquire(addr.ip()) {
-        return Ok(ip_slot);
-    } else {
-        let max = serving.config.max_per_ip.map_or(0, |max| max.get());
-        Refusal::PerIp { max }
-    };
-    Err(Served::refused(
-        refuse(stream, addr, client.proxy, &refusal),
-        &refusal,
-    ))
-}
-
-#[inline(never)]
-fn log_prompt_failed(client: Client, error: &std::io::Error) {
-    let addr = client.addr;
-    let proxy = client.proxy_field();
-    warn!(
-        event = event::PROMPT_FAILED, peer:% = addr, proxy = proxy.as_deref();
-        "{addr} could not be sent the prompt: {}",
-        describe_io_error(error)
-    );
-}
-
-/// Reads the PROXY header, if the peer may send one at all. On failure the
-/// connection is logged and reset without a prompt.
-///
-/// Not inlined, like [`record`]: their buffers and log records would
-/// otherwise widen `serve`'s stack frame, and every idle client's thread
-/// would touch one more page of stack while it waits (+4 KiB each,
-/// measured with 10,000 idle clients).
-#[inline(never)]
-fn read_proxy_header(
-    stream: &mut &TcpStream,
-    peer: SocketAddr,
-    trusted: &NetList,
-    config: &Config,
-    accepted_at: Instant,
-) -> Result<(Client, Vec<u8>), Served> {
-    if !trusted.is_empty() && !trusted.contains(peer.ip()) {
-        let refusal = Refusal::UntrustedProxy;
-        return Err(Served::refused(
-            refuse(stream, peer, None, &refusal),
-            &refusal,
-        ));
-    }
-    let deadline = config
-        .reply_timeout
-        .map(|timeout| Deadline::from(accepted_at, timeout));
-    match proxy_protocol::read_header(stream, deadline) {
-        Ok((ProxyHeader::Proxied { source, .. }, rest)) => Ok((
-            Client {
-                addr: canonical(source),
-                proxy: Some(peer),
-            },
-            rest,
-        )),
-        Ok((ProxyHeader::Local, rest)) => Ok((
-            Client {
-                addr: peer,
-                proxy: None,
-            },
-            rest,
-        )),
-        Err(e) => {
-            warn!(event = event::PROXY_HEADER, peer:% = peer; "{peer} closed: bad PROXY protocol header: {e}");
-            Err(Served::reset(Outcome::Failed))
+        // Refused before the prompt, with nothing of it read: the kernel's
+        // plain close, an end of stream if it sent nothing (nothing is
+        // lost), a reset if bytes of it are waiting unread.
+        Outcome::Denied => {
+            let _ = socket.set_linger(None);
         }
-    }
-}
-
-/// Ends a served connection as `close` says.
-///
-/// A reset is what the zero linger time set on every socket gives. A
-/// clean close restores the normal linger first; and since Linux answers
-/// a close with unread bytes in the receive queue (anything sent after the
-/// reply line) with a reset, when bytes are waiting the close lingers as
-/// nginx's `lingering_close` does: shut down the write side (the client
-/// sees the end of stream), read and discard for at most
-/// [`LINGER_MAX_TIME`] or [`LINGER_MAX_BYTES`], then close.
-///
-/// Otherwise the slot is released before the
-/// socket is closed, so that a client that sees its connection close can
-/// connect again at once; a lingering connection keeps its slot until it
-/// is done, so that lingering threads never outnumber the connection cap.
-fn close(stream: Arc<TcpStream>, close: Close, slot: ConnectionSlot) {
-    if close != Close::Reset {
-        let _ = SockRef::from(&*stream).set_linger(None);
-    }
-    if close == Close::Clean && has_unread_bytes(&stream) {
-        linger(&stream);
+        // A reset (the zero linger time every socket has): nothing it sent
+        // after the server stopped reading is recorded, or its reply is not
+        // recorded at all.
+        Outcome::Truncated
+        | Outcome::TimedOut
+        | Outcome::Failed
+        | Outcome::CutOff
+        | Outcome::NotRecorded => {}
     }
     drop(slot);
-    drop(stream);
 }
 
-/// Whether client bytes are waiting in the socket, without blocking.
-fn has_unread_bytes(stream: &TcpStream) -> bool {
-    let mut byte = [MaybeUninit::<u8>::uninit(); 1];
-    SockRef::from(stream)
-        .recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT)
-        .is_ok_and(|n| n > 0)
-}
-
+/// Linux answers a close with unread bytes in the receive queue (anything
+/// sent after the reply line) with a reset; so when bytes are waiting, the
+/// close lingers as nginx's `lingering_close` does: shut down the write
+/// side (the client sees the end of stream), read and discard for at most
+/// [`LINGER_MAX_TIME`] or [`LINGER_MAX_BYTES`], then close.
 #[inline(never)]
-fn linger(mut stream: &TcpStream) {
-    if stream.shutdown(Shutdown::Write).is_err() {
+fn linger_if_bytes_wait(mut stream: &TcpStream) {
+    let mut byte = [MaybeUninit::<u8>::uninit(); 1];
+    let waiting = SockRef::from(stream)
+        .recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+        .is_ok_and(|n| n > 0);
+    if !waiting || stream.shutdown(Shutdown::Write).is_err() {
         return;
     }
     let mut deadline = Deadline::after(LINGER_MAX_TIME);
     let mut discard = [0u8; 2048];
     let mut discarded = 0;
-    while discarded < LINGER_MAX_BYTES {
-        match read_before(&mut stream, &mut discard, Some(&mut deadline)) {
-            ReadStep::Data(n) => discarded += n,
-            ReadStep::Closed | ReadStep::TimedOut | ReadStep::Failed(_) => return,
-        }
+    while discarded < LINGER_MAX_BYTES
+        && let ReadStep::Data(n) = read_before(&mut stream, &mut discard, Some(&mut deadline))
+    {
+        discarded += n;
     }
 }

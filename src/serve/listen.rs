@@ -2,29 +2,18 @@
 //! kernel's largest backlog), or passed down by a service manager (socket
 //! activation), and the options every accepted socket inherits from them.
 //!
-//! Socket activation follows sd_listen_fds(3): when `LISTEN_PID` is this
-//! process's id, `LISTEN_FDS` descriptors starting at 3 are ours, and
-//! `LISTEN_FDNAMES` (optional, colon-separated) names them. The `sd-notify`
-//! crate reads those variables and marks the descriptors close-on-exec;
-//! this module turns each descriptor into a [`TcpListener`] after checking
-//! that it really is a listening TCP socket, because a unit file that hands
-//! us a UDP or Unix socket by mistake must stop the start-up with a clear
-//! line, not turn into an accept loop failing forever.
-//!
-//! Taking a raw descriptor as a socket is the one `unsafe` operation of the
-//! crate ([`claim_descriptor`]), sound only if nothing else in the process
-//! owns that descriptor: [`listeners`] claims them at most once per
-//! process, and should be called first thing in `main`. The variables are
-//! left in the environment (`env::remove_var` is `unsafe` in this edition;
-//! the server starts no child processes, and the descriptors are
-//! close-on-exec). Inherited sockets are never `shutdown()` on stop: the
-//! service manager keeps its own copy to serve the next process with.
+//! Socket activation follows sd_listen_fds(3); the `sd-notify` crate reads
+//! the variables and marks the descriptors close-on-exec. Each descriptor
+//! is checked to be a listening TCP socket: a unit file that hands us a UDP
+//! or Unix socket by mistake must stop the start-up with a clear line, not
+//! turn into an accept loop failing forever. The variables are left in the
+//! environment (`env::remove_var` is `unsafe` in this edition; the server
+//! starts no child processes).
 
 use std::env;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -36,67 +25,40 @@ use crate::error::Error;
 use crate::logging::{LISTENING_TARGET, event};
 use crate::shutdown::Shutdown;
 
-/// The variable that names the inherited descriptors; without it every
-/// descriptor is unnamed.
-const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
-
-/// Whether this process has claimed its inherited descriptors already: a
-/// second claim would make two owners of one descriptor.
-static CLAIMED: AtomicBool = AtomicBool::new(false);
-
-/// The descriptors claimed, so that a stop can tell an inherited listener
-/// (never to be shut down) from one of the process's own.
-/// Each with its name from `LISTEN_FDNAMES`, if the manager gave names.
+/// The descriptors this process claimed, each with its name from
+/// `LISTEN_FDNAMES`: set at most once (a second claim would make two
+/// owners of one descriptor), and read so that a stop can tell an inherited
+/// listener (never to be shut down) from one of the process's own.
 static INHERITED: OnceLock<Vec<(RawFd, Option<String>)>> = OnceLock::new();
 
-/// Whether `listener` is one the service manager passed down, and its name.
-fn inherited(listener: &TcpListener) -> Option<Option<&'static str>> {
-    let fd = listener.as_raw_fd();
-    let inherited = INHERITED
-        .get()?
-        .iter()
-        .find(|(claimed, _)| *claimed == fd)?;
-    Some(inherited.1.as_deref())
-}
-
 /// The listening sockets the service manager passed to this process, in
-/// descriptor order (3, 4, ...), or `None` when there are none for us
-/// (`LISTEN_PID` unset or another process's id, or `LISTEN_FDS` unset or 0).
-///
-/// Every descriptor must be a listening TCP socket (stream, IPv4 or IPv6);
-/// the first one that is not is an error naming it, and no listener is
-/// returned. The descriptors are claimed at most once per process: call
-/// this first thing in `main`, before anything else opens descriptors.
+/// descriptor order (3, 4, ...), or `None` when there are none for us.
 fn inherited_listeners() -> Result<Option<Vec<TcpListener>>, Error> {
+    let cannot = "cannot use the inherited sockets (LISTEN_FDS)";
     let descriptors =
         sd_notify::listen_fds_with_names().map_err(|e| match closed_descriptor() {
             Some(fd) => Error::new(
                 format!("inherited descriptor {fd} (LISTEN_FDS) cannot be used"),
                 io::Error::new(io::ErrorKind::NotFound, "it is not open"),
             ),
-            None => Error::new("cannot use the inherited sockets (LISTEN_FDS)", e),
+            None => Error::new(cannot, e),
         })?;
     if descriptors.len() == 0 {
         return Ok(None);
     }
-    if CLAIMED.swap(true, Ordering::SeqCst) {
-        return Err(Error::new(
-            "cannot use the inherited sockets (LISTEN_FDS)",
-            io::Error::other("this process took them already"),
-        ));
-    }
     // The crate names every descriptor "unknown" when the variable is
     // missing; a name nobody gave is no name.
-    let named = env::var_os(LISTEN_FDNAMES).is_some();
+    let named = env::var_os("LISTEN_FDNAMES").is_some();
     let descriptors: Vec<(RawFd, Option<String>)> = descriptors
         .map(|(fd, name)| (fd, named.then_some(name)))
         .collect();
     let fds: Vec<RawFd> = descriptors.iter().map(|(fd, _)| *fd).collect();
-    let _ = INHERITED.set(descriptors);
-    fds.into_iter()
-        .map(claim_listener)
-        .collect::<Result<_, _>>()
-        .map(Some)
+    if INHERITED.set(descriptors).is_err() {
+        let taken = io::Error::other("this process took them already");
+        return Err(Error::new(cannot, taken));
+    }
+    let listeners = fds.into_iter().map(claim_listener);
+    listeners.collect::<Result<_, _>>().map(Some)
 }
 
 /// The first descriptor `LISTEN_FDS` names that is not open (read from
@@ -106,16 +68,15 @@ fn closed_descriptor() -> Option<RawFd> {
     (3..3 + count).find(|fd| std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")).is_err())
 }
 
-/// Takes ownership of inherited descriptor `fd` as a listener, if it is
-/// one. One that is not is left open (not ours to close: the process is
-/// about to exit with the error anyway).
+/// Takes inherited descriptor `fd` as a listener, if it is one; one that is
+/// not is left open (the process is about to exit with the error anyway).
 fn claim_listener(fd: RawFd) -> Result<TcpListener, Error> {
     let owned = claim_descriptor(fd);
     match check_tcp_listener(&owned) {
         Ok(()) => Ok(TcpListener::from(owned)),
         Err(problem) => {
             let _ = owned.into_raw_fd();
-            Err(problem.for_descriptor(fd))
+            Err(not_a_listener(fd, problem))
         }
     }
 }
@@ -129,87 +90,57 @@ fn claim_descriptor(fd: RawFd) -> OwnedFd {
     // range 3..3+LISTEN_FDS for us, and the crate has already set
     // close-on-exec on each of them, which fails on a closed descriptor, so
     // `fd` is open. Nothing else in this process owns it: no code of ours
-    // or of our dependencies takes descriptors by number, `CLAIMED` makes
-    // sure `inherited_listeners` claims the range only once, and
-    // `inherited_listeners` is documented to run before anything else
-    // opens descriptors (so none of them can have landed in the range).
+    // or of our dependencies takes descriptors by number, `INHERITED` (set
+    // only once) makes sure `inherited_listeners` claims the range only
+    // once, and `listeners`, its caller, is documented to run before
+    // anything else opens descriptors (so none of them can have landed in
+    // the range).
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
-/// What is wrong with a descriptor that should be a listening TCP socket.
-#[derive(Debug)]
-enum Problem {
-    Unreadable(io::Error),
-    Found(String),
+fn not_a_listener(fd: RawFd, problem: io::Error) -> Error {
+    let what = format!("inherited descriptor {fd} is not a listening TCP socket");
+    Error::new(what, problem)
 }
 
-impl Problem {
-    fn for_descriptor(self, fd: RawFd) -> Error {
-        let source = match self {
-            Problem::Unreadable(source) => source,
-            Problem::Found(found) => {
-                io::Error::new(io::ErrorKind::InvalidInput, format!("it is {found}"))
-            }
-        };
-        Error::new(
-            format!("inherited descriptor {fd} is not a listening TCP socket"),
-            source,
-        )
-    }
-}
-
-/// Checks, with `getsockopt`, that `socket` is a listening TCP socket:
-/// `SO_DOMAIN` IPv4 or IPv6, `SO_TYPE` stream, `SO_PROTOCOL` TCP, and
-/// `SO_ACCEPTCONN` set.
-fn check_tcp_listener(socket: &OwnedFd) -> Result<(), Problem> {
+/// Checks, with `getsockopt`, that `socket` is a listening TCP socket. What
+/// it is instead is an `InvalidInput` error ("it is a Unix stream socket").
+fn check_tcp_listener(socket: &OwnedFd) -> io::Result<()> {
+    let found = |what: String| io::Error::new(io::ErrorKind::InvalidInput, format!("it is {what}"));
     let socket = SockRef::from(socket);
-    let domain = socket.domain().map_err(Problem::Unreadable)?;
-    let kind = socket.r#type().map_err(Problem::Unreadable)?;
-    let protocol = socket.protocol().map_err(Problem::Unreadable)?;
+    let domain = socket.domain()?;
+    let kind = socket.r#type()?;
+    let protocol = socket.protocol()?;
     let family = match domain {
         Domain::IPV4 => "an IPv4",
         Domain::IPV6 => "an IPv6",
-        Domain::UNIX => return Err(Problem::Found(format!("a Unix {}", kind_name(kind)))),
-        _ => {
-            return Err(Problem::Found(format!(
-                "a {} of another family",
-                kind_name(kind)
-            )));
-        }
+        Domain::UNIX => return Err(found(format!("a Unix {}", kind_name(kind)))),
+        _ => return Err(found(format!("a {} of another family", kind_name(kind)))),
     };
     if kind != Type::STREAM || protocol.is_some_and(|p| p != Protocol::TCP) {
         let kind = match (kind, protocol) {
             (Type::DGRAM, Some(Protocol::UDP)) => "UDP socket".to_string(),
             (kind, _) => kind_name(kind),
         };
-        return Err(Problem::Found(format!("{family} {kind}")));
+        return Err(found(format!("{family} {kind}")));
     }
-    if !socket.is_listener().map_err(Problem::Unreadable)? {
-        return Err(Problem::Found(format!(
-            "{family} TCP socket that is not listening (a connection?)"
-        )));
+    if !socket.is_listener()? {
+        let connected = "TCP socket that is not listening (a connection?)";
+        return Err(found(format!("{family} {connected}")));
     }
     Ok(())
 }
 
-/// "stream socket", "datagram socket", ...
 fn kind_name(kind: Type) -> String {
-    match kind {
-        Type::STREAM => "stream socket".to_string(),
-        Type::DGRAM => "datagram socket".to_string(),
-        Type::SEQPACKET => "seqpacket socket".to_string(),
-        Type::RAW => "raw socket".to_string(),
-        other => format!("socket of type {}", i32::from(other)),
-    }
+    let name = match kind {
+        Type::STREAM => "stream",
+        Type::DGRAM => "datagram",
+        Type::SEQPACKET => "seqpacket",
+        Type::RAW => "raw",
+        other => return format!("socket of type {}", i32::from(other)),
+    };
+    format!("{name} socket")
 }
-
-/// Where the default listen backlog comes from: the most the kernel accepts
-/// (`net.core.somaxconn`), as Go does, so that a burst of clients waits in
-/// the kernel's queue instead of having its handshakes dropped.
-const SOMAXCONN_PATH: &str = "/proc/sys/net/core/somaxconn";
-/// The backlog when `SOMAXCONN_PATH` cannot be read: Linux's default
-/// `somaxconn` since 5.4.
-const FALLBACK_BACKLOG: u32 = 4096;
 
 /// Binds the listening socket for `config.listen_addr`, with
 /// `config.backlog` (or the kernel's maximum) as its backlog.
@@ -262,34 +193,41 @@ pub(crate) fn listen(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Re
     Ok(socket.into())
 }
 
-/// `net.core.somaxconn`, the largest backlog the kernel grants by default.
+/// The most the kernel accepts (`net.core.somaxconn`), as Go does, so that
+/// a burst of clients waits in the kernel's queue instead of having its
+/// handshakes dropped; if it cannot be read, 4096 (Linux's default since
+/// 5.4).
 pub(crate) fn default_backlog() -> u32 {
-    std::fs::read_to_string(SOMAXCONN_PATH)
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
         .ok()
         .and_then(|text| text.trim().parse().ok())
         .filter(|&n| n > 0)
-        .unwrap_or(FALLBACK_BACKLOG)
+        .unwrap_or(4096)
 }
 
 /// Logs `listening on` for each listener, gives it the options accepted
 /// sockets inherit, and registers how a stop wakes its accept loop.
 pub(crate) fn prepare_listeners(
-    listeners: Vec<TcpListener>,
+    listeners: impl IntoIterator<Item = TcpListener>,
     config: &Config,
     shutdown: &Shutdown,
 ) -> Result<Vec<(Arc<TcpListener>, SocketAddr)>, Error> {
-    let mut prepared = Vec::with_capacity(listeners.len());
+    let mut prepared = Vec::new();
     for listener in listeners {
         let local_addr = listener
             .local_addr()
             .map_err(|e| Error::new("cannot read the address the listener is bound to", e))?;
-        let inherited = inherited(&listener);
-        if let Some(name) = inherited {
+        let fd = listener.as_raw_fd();
+        let inherited = INHERITED
+            .get()
+            .and_then(|all| all.iter().find(|(i, _)| *i == fd));
+        if let Some((_, name)) = inherited {
             let named = name
+                .as_ref()
                 .map(|name| format!(" (named {name:?})"))
                 .unwrap_or_default();
             info!(
-                event = event::INHERITED, addr:% = local_addr, name = name;
+                event = event::INHERITED, addr:% = local_addr, name = name.as_deref();
                 "serving the socket passed down by the service manager on {local_addr}{named}"
             );
         }
@@ -297,18 +235,10 @@ pub(crate) fn prepare_listeners(
             target: LISTENING_TARGET, event = event::LISTENING, addr:% = local_addr;
             "listening on {local_addr}"
         );
-        let socket = SockRef::from(&listener);
-        set_connection_options(socket, config)
+        set_connection_options(SockRef::from(&listener), config)
             .map_err(|e| Error::new("cannot set options on the listening socket", e))?;
         let listener = Arc::new(listener);
-        // A port shared with other processes (SO_REUSEPORT) could hand the
-        // wake-up connection to another process; an inherited socket is
-        // never shut down, since the service manager listens on it too.
-        if inherited.is_none() && SockRef::from(&*listener).reuse_port().unwrap_or(false) {
-            shutdown.add_listener_to_stop(&listener);
-        } else {
-            shutdown.add_wake_addr(local_addr);
-        }
+        shutdown.add_accept_loop(&listener, local_addr, inherited.is_some());
         prepared.push((listener, local_addr));
     }
     Ok(prepared)
@@ -316,17 +246,13 @@ pub(crate) fn prepare_listeners(
 
 /// Sets, on the listening socket, what every accepted socket inherits
 /// (Linux copies them when a handshake completes, which saves each
-/// connection its own `setsockopt` calls; a connection already queued
-/// before gets them set on its own socket): the prompt's write timeout, the whole reply budget
-/// as the read timeout, and a zero linger time. (As a side effect an idle
-/// `accept` returns `WouldBlock` once per reply timeout; the loop just goes
-/// round again.)
-///
-/// With a zero linger time, closing a socket resets the connection. A
-/// connection is closed cleanly only once its reply line has been written
-/// to the log (`connection::close` restores the normal close then), so
-/// if the process dies before that, by a signal or a crash, the kernel
-/// resets the connection and the client knows its reply was not kept.
+/// connection its own `setsockopt` calls): the prompt's write timeout, the
+/// whole reply budget as the read timeout (so an idle `accept` returns
+/// `WouldBlock` once per reply timeout; the loop just goes round), and a
+/// zero linger time: closing resets the connection, until
+/// `connection::close` restores the normal close once the reply is
+/// recorded. So if the process dies before that, by a signal or a crash,
+/// the client knows its reply was not kept.
 pub(crate) fn set_connection_options(socket: SockRef<'_>, config: &Config) -> io::Result<()> {
     socket.set_read_timeout(config.reply_timeout)?;
     socket.set_write_timeout(Some(config.write_timeout))?;
@@ -343,9 +269,9 @@ mod tests {
         socket.into()
     }
 
-    fn found(result: Result<(), Problem>) -> String {
+    fn found(result: io::Result<()>) -> String {
         match result {
-            Err(Problem::Found(found)) => found,
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => e.to_string(),
             other => panic!("expected a wrong kind of socket, got {other:?}"),
         }
     }
@@ -367,14 +293,17 @@ mod tests {
         let found = found(check_tcp_listener(&owned(client)));
         assert_eq!(
             found,
-            "an IPv4 TCP socket that is not listening (a connection?)"
+            "it is an IPv4 TCP socket that is not listening (a connection?)"
         );
     }
 
     #[test]
     fn a_udp_socket_is_named_as_such() {
         let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-        assert_eq!(found(check_tcp_listener(&owned(udp))), "an IPv4 UDP socket");
+        assert_eq!(
+            found(check_tcp_listener(&owned(udp))),
+            "it is an IPv4 UDP socket"
+        );
     }
 
     #[test]
@@ -386,12 +315,12 @@ mod tests {
         let stream = UnixListener::bind(&path).unwrap();
         assert_eq!(
             found(check_tcp_listener(&owned(stream))),
-            "a Unix stream socket"
+            "it is a Unix stream socket"
         );
         let (datagram, _) = UnixDatagram::pair().unwrap();
         assert_eq!(
             found(check_tcp_listener(&owned(datagram))),
-            "a Unix datagram socket"
+            "it is a Unix datagram socket"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -399,23 +328,19 @@ mod tests {
     #[test]
     fn a_file_is_unreadable_as_a_socket() {
         let file = std::fs::File::open("/dev/null").unwrap();
-        match check_tcp_listener(&owned(file)) {
-            Err(Problem::Unreadable(e)) => {
-                assert_eq!(e.raw_os_error(), Some(libc::ENOTSOCK), "{e}")
-            }
-            other => panic!("expected ENOTSOCK, got {other:?}"),
-        }
+        let e = check_tcp_listener(&owned(file)).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOTSOCK), "{e}");
     }
 
     #[test]
     fn errors_are_one_line_naming_the_descriptor() {
-        let wrong = Problem::Found("an IPv4 UDP socket".into()).for_descriptor(3);
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let wrong = not_a_listener(3, check_tcp_listener(&owned(udp)).unwrap_err());
         assert_eq!(
             wrong.to_string(),
             "inherited descriptor 3 is not a listening TCP socket: it is an IPv4 UDP socket"
         );
-        let unreadable =
-            Problem::Unreadable(io::Error::from_raw_os_error(libc::ENOTSOCK)).for_descriptor(4);
+        let unreadable = not_a_listener(4, io::Error::from_raw_os_error(libc::ENOTSOCK));
         let line = unreadable.to_string();
         assert!(line.starts_with("inherited descriptor 4 is not a listening TCP socket: "));
         assert!(!line.contains('\n'), "{line}");

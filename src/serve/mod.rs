@@ -60,13 +60,10 @@ pub fn run(
     config: Config,
     shutdown: Shutdown,
 ) -> Result<Summary, Error> {
-    let listeners: Vec<TcpListener> = listeners.into_iter().collect();
-    config.validate().map_err(|e| {
-        Error::new(
-            "invalid configuration",
-            io::Error::new(io::ErrorKind::InvalidInput, e),
-        )
-    })?;
+    if let Err(e) = config.validate() {
+        let invalid = io::Error::new(io::ErrorKind::InvalidInput, e);
+        return Err(Error::new("invalid configuration", invalid));
+    }
     let metrics_listener = config.metrics_addr.map(bind_metrics).transpose()?;
     let notifier = if config.notify_service_manager {
         Notifier::from_env()
@@ -89,20 +86,15 @@ pub fn run(
     // A failure to send is logged by the notifier itself, once.
     let _ = notifier.stopping();
     shared.thread_cache.close();
-    let serving = &shared.serving;
-    let summary = shutdown::drain(
-        &serving.limit,
-        &shared.threads,
-        &serving.stats,
-        serving.config.shutdown_timeout,
-    );
+    let (serving, timeout) = (&shared.serving, shared.serving.config.shutdown_timeout);
+    let summary = shutdown::drain(&serving.limit, &shared.threads, &serving.stats, timeout);
     drop(metrics);
     Ok(summary)
 }
 
-/// What the accept loops and connection threads share, for `config` and
-/// `accept_loops` listeners: the connection cap is lowered to what this
-/// process can really hold, with one warn line if that is less than asked.
+/// What the accept loops and connection threads share, with the connection
+/// cap lowered to what this process can hold for `accept_loops` listeners
+/// (one warn line if that is less than asked).
 fn shared(mut config: Config, accept_loops: usize) -> Shared {
     let cap = capacity::effective_max_connections(config.max_connections.get(), accept_loops);
     config.max_connections = NonZeroUsize::new(cap).unwrap_or(NonZeroUsize::MIN);
@@ -129,9 +121,8 @@ fn bind_metrics(addr: SocketAddr) -> Result<TcpListener, Error> {
         .map_err(|e| Error::new(format!("cannot listen for metrics on {addr}"), e))
 }
 
-/// Starts the `--metrics-addr` endpoint, which serves until it is dropped
-/// once the server has stopped (the drain included, so that it can be
-/// watched).
+/// Starts the `--metrics-addr` endpoint, which serves until it is dropped,
+/// after the drain (so that the drain can be watched).
 fn start_metrics(listener: TcpListener, shared: &Arc<Shared>) -> Result<metrics::Endpoint, Error> {
     let addr = listener.local_addr().ok();
     let metrics = Metrics::new(&shared.serving.stats, shared.serving.rate.is_some());
@@ -161,8 +152,8 @@ fn server_state(shared: &Shared) -> ServerState {
 }
 
 /// Tells the service manager (if there is one) that the server is ready,
-/// and starts the status reports and watchdog pings. A failure to send is
-/// logged by the notifier itself, once; serving goes on either way.
+/// and starts the status reports and watchdog pings; serving goes on if
+/// either fails.
 fn report_to_service_manager(notifier: &Notifier, addrs: &[SocketAddr], shared: &Arc<Shared>) {
     let _ = notifier.ready(addrs);
     let shared = Arc::clone(shared);

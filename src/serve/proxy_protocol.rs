@@ -1,35 +1,31 @@
 //! The PROXY protocol (HAProxy's `send-proxy` and `send-proxy-v2`): the
-//! header a load balancer puts in front of a connection to say who the real
-//! client is, so that the reply is logged with the client's address and not
-//! the balancer's.
+//! header a balancer puts in front of a connection to say who the real
+//! client is, so that the reply is logged with the client's address.
 //!
 //! [`parse`] is a pure function over the bytes received so far, so that it
-//! can be tested on any input; [`read_header`] reads from the socket until
-//! the header is complete, under the connection's deadline, and keeps any
-//! bytes that came after it for the reply. Nothing is acted on before the
-//! whole header is in, and any mismatch rejects the connection (the
-//! receiver rules of haproxy's doc/proxy-protocol.txt).
+//! can be tested on any input; [`read_header`] reads until the header is
+//! complete. The receiver rules of haproxy's doc/proxy-protocol.txt: act on
+//! nothing before the whole header is in, reject the connection on any
+//! mismatch.
 
-use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::str::FromStr;
 
 use super::read::{Deadline, DeadlineRead, ReadStep, read_before};
 use crate::error::describe_io_error;
 
 /// The longest version 1 header, CRLF included.
-pub(crate) const V1_MAX_LEN: usize = 107;
-/// The 12 bytes that open a version 2 header.
-pub(crate) const V2_SIGNATURE: [u8; 12] = [
+const V1_MAX_LEN: usize = 107;
+const V1_PREFIX: &[u8] = b"PROXY ";
+const V2_SIGNATURE: [u8; 12] = [
     0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
 ];
-const V1_PREFIX: &[u8] = b"PROXY ";
 /// Signature, version/command, family, and the 2-byte length.
 const V2_FIXED_LEN: usize = 16;
 
 /// What a valid header says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ProxyHeader {
-    /// The connection is relayed for this client, to this address.
     Proxied {
         source: SocketAddr,
         destination: SocketAddr,
@@ -46,7 +42,7 @@ pub(crate) enum Parsed {
     Complete { header: ProxyHeader, length: usize },
     /// Valid so far; more bytes are needed.
     Incomplete,
-    /// Not a valid header, and no more bytes can make it one.
+    /// No more bytes can make it a valid header.
     Invalid(&'static str),
 }
 
@@ -84,7 +80,6 @@ fn parse_v1(bytes: &[u8]) -> Parsed {
     let Ok(line) = std::str::from_utf8(line) else {
         return Parsed::Invalid("v1 header is not text");
     };
-    let length = lf + 1;
     let fields: Vec<&str> = line.split(' ').collect();
     let header = match fields.as_slice() {
         ["UNKNOWN", ..] => Some(ProxyHeader::Local),
@@ -93,14 +88,17 @@ fn parse_v1(bytes: &[u8]) -> Parsed {
         _ => None,
     };
     match header {
-        Some(header) => Parsed::Complete { header, length },
+        Some(header) => Parsed::Complete {
+            header,
+            length: lf + 1,
+        },
         None => Parsed::Invalid("malformed v1 header"),
     }
 }
 
 fn v1_addresses<A>(src: &str, dst: &str, sport: &str, dport: &str) -> Option<ProxyHeader>
 where
-    A: std::str::FromStr + Into<IpAddr>,
+    A: FromStr + Into<IpAddr>,
 {
     let source = SocketAddr::new(src.parse::<A>().ok()?.into(), v1_port(sport)?);
     let destination = SocketAddr::new(dst.parse::<A>().ok()?.into(), v1_port(dport)?);
@@ -112,13 +110,9 @@ where
 
 /// A port in decimal, without sign or leading zeros.
 fn v1_port(text: &str) -> Option<u16> {
-    let digits_only = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+    let digits = text.bytes().all(|b| b.is_ascii_digit());
     let leading_zero = text.len() > 1 && text.starts_with('0');
-    if digits_only && !leading_zero {
-        text.parse().ok()
-    } else {
-        None
-    }
+    text.parse().ok().filter(|_| digits && !leading_zero)
 }
 
 fn parse_v2(bytes: &[u8]) -> Parsed {
@@ -140,13 +134,8 @@ fn parse_v2(bytes: &[u8]) -> Parsed {
         return Parsed::Incomplete;
     }
     let body = &bytes[V2_FIXED_LEN..length];
-    if local {
-        return Parsed::Complete {
-            header: ProxyHeader::Local,
-            length,
-        };
-    }
     let header = match family {
+        _ if local => ProxyHeader::Local,
         // TCP over IPv4: 4 + 4 address bytes, 2 + 2 port bytes.
         0x11 if body.len() >= 12 => v2_addresses::<4>(body),
         // TCP over IPv6: 16 + 16 address bytes, 2 + 2 port bytes.
@@ -173,48 +162,26 @@ where
     }
 }
 
-/// Why no header could be had.
-#[derive(Debug)]
-pub(crate) enum HeaderError {
-    Invalid(&'static str),
-    /// The client closed before the header was complete.
-    Closed,
-    /// The deadline passed first.
-    TimedOut,
-    Failed(io::Error),
-}
-
-impl std::fmt::Display for HeaderError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            HeaderError::Invalid(why) => f.write_str(why),
-            HeaderError::Closed => f.write_str("closed before a complete PROXY header"),
-            HeaderError::TimedOut => f.write_str("no complete PROXY header in time"),
-            HeaderError::Failed(e) => write!(f, "{}", describe_io_error(e)),
-        }
-    }
-}
-
 /// Reads a PROXY header from `source`, giving up at `deadline`. Returns it
-/// with whatever bytes followed it in the same reads: they are the start of
-/// the client's own data.
+/// with whatever bytes followed it in the same reads (the start of the
+/// client's own data), or why there is none, as words for the log line.
 pub(crate) fn read_header<S: DeadlineRead>(
     source: &mut S,
     mut deadline: Option<Deadline>,
-) -> Result<(ProxyHeader, Vec<u8>), HeaderError> {
+) -> Result<(ProxyHeader, Vec<u8>), String> {
     let mut buf = Vec::with_capacity(V1_MAX_LEN);
     let mut chunk = [0u8; 512];
     loop {
         match parse(&buf) {
             Parsed::Complete { header, length } => return Ok((header, buf.split_off(length))),
-            Parsed::Invalid(why) => return Err(HeaderError::Invalid(why)),
+            Parsed::Invalid(why) => return Err(why.to_string()),
             Parsed::Incomplete => {}
         }
         match read_before(source, &mut chunk, deadline.as_mut()) {
             ReadStep::Data(n) => buf.extend_from_slice(&chunk[..n]),
-            ReadStep::Closed => return Err(HeaderError::Closed),
-            ReadStep::TimedOut => return Err(HeaderError::TimedOut),
-            ReadStep::Failed(e) => return Err(HeaderError::Failed(e)),
+            ReadStep::Closed => return Err("closed before a complete PROXY header".to_string()),
+            ReadStep::TimedOut => return Err("no complete PROXY header in time".to_string()),
+            ReadStep::Failed(e) => return Err(describe_io_error(&e)),
         }
     }
 }

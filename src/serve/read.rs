@@ -1,18 +1,12 @@
 //! Where client bytes are read and the prompt is written, each under a
 //! deadline, so that a client that trickles bytes (or takes the prompt a
-//! byte at a time) can never keep a connection thread past its budget.
+//! byte at a time) can never keep a connection thread past its budget. A
+//! deadline becomes the socket's timeout for each call (the time left), so
+//! a call blocks in the kernel and costs no polling.
 //!
-//! - [`read_before`]: one read under a deadline, the step the PROXY header
-//!   and the reply are read with;
-//! - [`read_reply`]: one reply line, where the size cap and the whole-reply
-//!   deadline are enforced. A reply is the bytes up to the first `\n`, with
-//!   `\n` or `\r\n` stripped (telnet sends `\r\n`); TCP may deliver it in
-//!   any number of pieces, and whatever arrived is kept, however reading
-//!   stopped;
-//! - [`write_before`]: the whole prompt under one deadline.
-//!
-//! A deadline becomes the socket's timeout for each call (the time left),
-//! so a call blocks in the kernel and costs no polling.
+//! A reply is the bytes up to the first `\n`, with `\n` or `\r\n` stripped
+//! (telnet sends `\r\n`), at most the cap; TCP may deliver it in any number
+//! of pieces, and whatever arrived is kept, however reading stopped.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -23,13 +17,9 @@ use log::trace;
 use crate::logging::event;
 use crate::record::ReplyEnd;
 
-/// A byte stream whose read timeout can be set before each read: what
-/// [`read_before`] needs to read under a deadline.
-///
-/// Implemented for [`TcpStream`]; the trait exists so that the property
-/// tests can drive the very same readers with any chunking of the bytes.
+/// A byte stream whose read timeout can be set before each read; a trait so
+/// that the property tests can drive the very same readers with any chunking.
 pub(crate) trait DeadlineRead: Read {
-    /// Makes the next read give up after `timeout`.
     fn set_read_timeout_for_next_read(&mut self, timeout: Duration) -> io::Result<()>;
 }
 
@@ -39,33 +29,10 @@ impl DeadlineRead for &TcpStream {
     }
 }
 
-/// Bytes already read (after a PROXY header) served first, then the stream.
-pub(crate) struct Prefixed<'a, S> {
-    prefix: &'a [u8],
-    stream: &'a mut S,
-}
-
-impl<'a, S> Prefixed<'a, S> {
-    pub(crate) fn new(prefix: &'a [u8], stream: &'a mut S) -> Self {
-        Prefixed { prefix, stream }
-    }
-}
-
-impl<S: Read> Read for Prefixed<'_, S> {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        if self.prefix.is_empty() {
-            return self.stream.read(out);
-        }
-        let n = self.prefix.len().min(out.len());
-        out[..n].copy_from_slice(&self.prefix[..n]);
-        self.prefix = &self.prefix[n..];
-        Ok(n)
-    }
-}
-
-impl<S: DeadlineRead> DeadlineRead for Prefixed<'_, S> {
+/// Bytes already read (after a PROXY header) first, then the stream.
+impl<S: DeadlineRead> DeadlineRead for io::Chain<&[u8], S> {
     fn set_read_timeout_for_next_read(&mut self, timeout: Duration) -> io::Result<()> {
-        self.stream.set_read_timeout_for_next_read(timeout)
+        self.get_mut().1.set_read_timeout_for_next_read(timeout)
     }
 }
 
@@ -73,41 +40,35 @@ impl<S: DeadlineRead> DeadlineRead for Prefixed<'_, S> {
 #[derive(Debug)]
 pub(crate) enum ReadStep {
     Data(usize),
-    /// The client closed its side.
     Closed,
     /// The deadline passed, before or during the read.
     TimedOut,
     Failed(io::Error),
 }
 
-/// When reading must be done by.
+/// When reading (or writing) must be done by.
 ///
-/// Before each read the socket's read timeout is set to the time left,
-/// except for a first read whose timeout already stands at about that: an
-/// accepted socket inherits the whole reply budget from the listener (see
-/// `server`), which saves one `setsockopt` per connection.
+/// Before each call the socket's timeout is set to the time left, except
+/// for a first call whose timeout already stands at about that: an accepted
+/// socket inherits the whole budget from the listener, which saves one
+/// `setsockopt` per connection.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Deadline {
     at: Instant,
     /// The whole time allowed, from the start.
     budget: Duration,
-    /// The socket's read timeout stands at about the time left.
     timeout_set: bool,
 }
 
 impl Deadline {
-    /// A deadline `budget` from now, the socket's timeout to be set for
-    /// each read.
     pub(crate) fn after(budget: Duration) -> Self {
         Self::from(Instant::now(), budget)
     }
 
-    /// A deadline at `at`.
     pub(crate) fn at(at: Instant) -> Self {
         Self::from(Instant::now(), at.saturating_duration_since(Instant::now()))
     }
 
-    /// A deadline `budget` after `start`.
     pub(crate) fn from(start: Instant, budget: Duration) -> Self {
         Deadline {
             at: start + budget,
@@ -116,18 +77,13 @@ impl Deadline {
         }
     }
 
-    /// A deadline `budget` from now whose first read relies on the read
-    /// timeout the socket already has.
+    /// A deadline `budget` from now whose first call relies on the timeout
+    /// the socket already has.
     pub(crate) fn after_with_timeout_already_set(budget: Duration) -> Self {
         Deadline {
             timeout_set: true,
             ..Self::after(budget)
         }
-    }
-
-    /// The whole time allowed.
-    pub(crate) fn budget(&self) -> Duration {
-        self.budget
     }
 }
 
@@ -138,13 +94,13 @@ pub(crate) fn read_before<S: DeadlineRead>(
     deadline: Option<&mut Deadline>,
 ) -> ReadStep {
     if let Some(deadline) = deadline {
-        let remaining = deadline.at.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
+        let left = deadline.at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
             return ReadStep::TimedOut;
         }
         // Only the first read can find the timeout already right.
         if !std::mem::replace(&mut deadline.timeout_set, false)
-            && let Err(e) = source.set_read_timeout_for_next_read(remaining)
+            && let Err(e) = source.set_read_timeout_for_next_read(left)
         {
             return ReadStep::Failed(e);
         }
@@ -153,24 +109,17 @@ pub(crate) fn read_before<S: DeadlineRead>(
         return match source.read(buf) {
             Ok(0) => ReadStep::Closed,
             Ok(n) => ReadStep::Data(n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                ReadStep::TimedOut
-            }
-            Err(e) => ReadStep::Failed(e),
+            Err(e) => match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ReadStep::TimedOut,
+                _ => ReadStep::Failed(e),
+            },
         };
     }
 }
 
-/// Writes all of `bytes` by `deadline`: the socket's write timeout is the
-/// time left before each write, so a client that takes a byte at a time
-/// still has one budget for the whole prompt. The first write relies on the
-/// timeout the socket inherited from the listener (the whole budget).
+/// Writes all of `bytes` by `deadline`, so that a client that takes a byte
+/// at a time still has one budget for the whole prompt.
 pub(crate) fn write_before(
     mut stream: &TcpStream,
     mut bytes: &[u8],
@@ -194,27 +143,24 @@ pub(crate) fn write_before(
     Ok(())
 }
 
-/// Most bytes asked of the socket in one read. Reads land in a buffer of
-/// this size on the stack, and the reply's heap buffer is only allocated
-/// once bytes arrive, so a client that connects and stays silent costs no
-/// heap memory (it matters with thousands of idle clients). It holds a
-/// default-cap reply with its "\r\n" in one read.
+/// Most bytes asked of the socket in one read: enough for a default-cap
+/// reply and its "\r\n". Reads land in a buffer on the stack, and the
+/// reply's heap buffer is only allocated once bytes arrive, so a silent
+/// client costs no heap memory (it matters with thousands of idle clients).
 const READ_CHUNK: usize = 1026;
 
-/// One client's reply: the bytes that arrived (at most the cap) and why
-/// reading stopped.
+/// One client's reply and why reading stopped.
 #[derive(Debug)]
 pub(crate) struct Reply {
-    /// The reply, without its line terminator, never longer than the cap.
+    /// Without its line terminator, never longer than the cap.
     pub(crate) bytes: Vec<u8>,
-    /// Why reading stopped.
     pub(crate) end: ReplyEnd,
 }
 
 /// Reads one reply line from `source`, keeping at most `max_reply_bytes` of
-/// it, and giving up at `deadline` (if any) however the bytes trickle in.
-///
-/// `peer` only labels the trace lines that show each read.
+/// it (a reply over the cap is cut and reported as truncated, whatever else
+/// ended it), giving up at `deadline` however the bytes trickle in. `peer`
+/// labels the trace line of each read.
 pub(crate) fn read_reply<S: DeadlineRead>(
     source: &mut S,
     peer: SocketAddr,
@@ -225,37 +171,32 @@ pub(crate) fn read_reply<S: DeadlineRead>(
     // known to be too long.
     let limit = max_reply_bytes.saturating_add(2);
     let mut chunk = [0u8; READ_CHUNK];
-    let mut buf = Vec::new();
-    loop {
-        let want = (limit - buf.len()).min(READ_CHUNK);
+    let mut bytes = Vec::new();
+    let end = loop {
+        let want = (limit - bytes.len()).min(READ_CHUNK);
         let n = match read_before(source, &mut chunk[..want], deadline.as_mut()) {
             ReadStep::Data(n) => n,
-            ReadStep::Closed => return finish(buf, max_reply_bytes, ReplyEnd::Closed),
+            ReadStep::Closed => break ReplyEnd::Closed,
             ReadStep::TimedOut => {
-                let after = deadline.map(|d| d.budget()).unwrap_or_default();
-                return finish(buf, max_reply_bytes, ReplyEnd::TimedOut { after });
+                let after = deadline.map(|d| d.budget).unwrap_or_default();
+                break ReplyEnd::TimedOut { after };
             }
-            ReadStep::Failed(e) => return finish(buf, max_reply_bytes, ReplyEnd::Failed(e)),
+            ReadStep::Failed(e) => break ReplyEnd::Failed(e),
         };
         trace!(event = event::READ, peer:% = peer, bytes = n; "{peer}: read {n} bytes");
-        let start = buf.len();
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(newline) = buf[start..].iter().position(|&b| b == b'\n') {
-            buf.truncate(start + newline);
-            if buf.last() == Some(&b'\r') {
-                buf.pop();
+        let start = bytes.len();
+        bytes.extend_from_slice(&chunk[..n]);
+        if let Some(newline) = bytes[start..].iter().position(|&b| b == b'\n') {
+            bytes.truncate(start + newline);
+            if bytes.last() == Some(&b'\r') {
+                bytes.pop();
             }
-            return finish(buf, max_reply_bytes, ReplyEnd::Line);
+            break ReplyEnd::Line;
         }
-        if buf.len() >= limit {
-            return finish(buf, max_reply_bytes, ReplyEnd::Truncated);
+        if bytes.len() >= limit {
+            break ReplyEnd::Truncated;
         }
-    }
-}
-
-/// Applies the cap to what arrived: a reply over it is cut and reported as
-/// truncated, whatever else ended it.
-fn finish(mut bytes: Vec<u8>, max_reply_bytes: usize, end: ReplyEnd) -> Reply {
+    };
     let end = if bytes.len() > max_reply_bytes {
         bytes.truncate(max_reply_bytes);
         ReplyEnd::Truncated
@@ -358,8 +299,8 @@ mod tests {
     #[test]
     fn prefixed_bytes_come_first() {
         let peer = "127.0.0.1:9".parse().unwrap();
-        let mut rest = Chunked::new([b"s\n".to_vec()]);
-        let reply = read_reply(&mut Prefixed::new(b"ye", &mut rest), peer, 1024, None);
+        let rest = Chunked::new([b"s\n".to_vec()]);
+        let reply = read_reply(&mut (&b"ye"[..]).chain(rest), peer, 1024, None);
         assert_eq!(reply.bytes, b"yes");
     }
 
