@@ -19,7 +19,8 @@ use std::process::{Command, Stdio};
 
 use common::*;
 
-/// The configuration the README shows, with the listening socket passed in.
+/// The configuration docs/OPERATIONS.md shows, with the listening socket
+/// passed in (`bind fd@N` where the document binds a port).
 fn haproxy_config(listen_fd: i32, backend: SocketAddr, send_proxy: &str) -> String {
     format!(
         "global

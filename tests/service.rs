@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     KillOnDrop, ServerProcess, TIMEOUT, TempDir, connect, expect_prompt, free_port,
-    read_until_closed, require_program,
+    read_until_closed, require_program, session,
 };
 
 const SERVER: &str = env!("CARGO_BIN_EXE_prompt-server");
@@ -165,6 +165,7 @@ fn cargo_deb_packages_the_binary_units_logrotate_readme_and_licence() {
         "./usr/lib/systemd/system/prompt-server.socket",
         "./etc/logrotate.d/prompt-server",
         "./usr/share/doc/prompt-server/README.md",
+        "./usr/share/doc/prompt-server/docs/OPERATIONS.md",
         "./usr/share/doc/prompt-server/copyright",
     ] {
         assert!(
@@ -344,6 +345,19 @@ fn an_inherited_udp_socket_is_a_one_line_start_up_error() {
         "{line}"
     );
     assert!(notify.all_within(Duration::from_millis(200)).is_empty());
+}
+
+/// Variables set for another process (LISTEN_PID is not ours: a parent's,
+/// inherited) are ignored, names and all, as sd_listen_fds(3) says.
+#[test]
+fn another_process_s_listen_variables_are_ignored() {
+    let mut server = ServerProcess::builder()
+        .env("LISTEN_PID", "1")
+        .env("LISTEN_FDS", "2")
+        .env("LISTEN_FDNAMES", "not:ours:at:all")
+        .start();
+    session(server.addr, b"ours\n");
+    server.expect_line("said: \"ours\"");
 }
 
 /// A closed descriptor that LISTEN_FDS names is named in the one error

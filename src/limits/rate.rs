@@ -510,7 +510,7 @@ mod tests {
         assert_eq!(admitted(&limit, "192.0.2.1", start, 1), 0);
     }
 
-    /// Not a pass/fail test: prints the cost of an admission, for the README.
+    /// Not a pass/fail test: prints the cost of an admission, for docs/OPERATIONS.md.
     #[test]
     fn try_acquire_cost_per_call() {
         let limit = limit("1000000/s");

@@ -34,6 +34,12 @@ static INHERITED: OnceLock<Vec<(RawFd, Option<String>)>> = OnceLock::new();
 /// The listening sockets the service manager passed to this process, in
 /// descriptor order (3, 4, ...), or `None` when there are none for us.
 fn inherited_listeners() -> Result<Option<Vec<TcpListener>>, Error> {
+    // Another process's variables (a parent's, inherited) are not ours to
+    // read: sd_listen_fds(3) ignores them, names and all.
+    let ours = env::var("LISTEN_PID").is_ok_and(|pid| pid == std::process::id().to_string());
+    if !ours {
+        return Ok(None);
+    }
     let cannot = "cannot use the inherited sockets (LISTEN_FDS)";
     let descriptors =
         sd_notify::listen_fds_with_names().map_err(|e| match closed_descriptor() {

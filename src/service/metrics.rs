@@ -1,4 +1,4 @@
-//! `--metrics-addr`: the server's numbers over HTTP (the README's Metrics
+//! `--metrics-addr`: the server's numbers over HTTP (docs/OPERATIONS.md's Metrics
 //! section has the table). [`Metrics`] is a `prometheus-client` registry of
 //! the counters and histograms in [`Stats`] and of gauges set from
 //! [`ServerState`] as each scrape is answered; the crate writes the text, in
