@@ -116,6 +116,14 @@ impl Shutdown {
         socket.connect_timeout(&addr.into(), WAKE_TIMEOUT)
     }
 
+    /// Wakes one more thread waiting in `accept` on a listener bound to
+    /// `listening_on`: the one that took the last wake-up passes it on.
+    pub(crate) fn pass_wake_on(&self, listening_on: SocketAddr) {
+        if let Err(e) = self.wake(reachable(listening_on)) {
+            warn!(event = event::WAKE_FAILED; "could not wake a thread waiting in accept: {e}");
+        }
+    }
+
     /// Whether a connection from `peer` is a trigger's wake-up call.
     pub(crate) fn is_wake_connection(&self, peer: SocketAddr) -> bool {
         lock(&self.inner.wake_from).contains(&peer)

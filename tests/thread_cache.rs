@@ -16,27 +16,34 @@ fn thread_ids(pid: u32) -> BTreeSet<String> {
         .collect()
 }
 
+/// Threads that waited in `accept` serve the later connections: a thread
+/// is started only when none was waiting, which in sessions one after
+/// another happens only while the cache warms up (and, rarely, when a
+/// client is quicker to connect again than the thread is to get back into
+/// `accept`).
 #[test]
 fn cached_threads_serve_later_connections() {
     let mut server = ServerProcess::builder()
         .json_log()
         .args(["--thread-cache", "2"])
         .start();
-    session(server.addr, b"first\n");
-    server.expect_event("thread_parked", |_| true);
-    let threads = thread_ids(server.pid());
-
+    for warm_up in 0..3 {
+        session(server.addr, format!("warm-up {warm_up}\n").as_bytes());
+        server.expect_event("reply", |logged| {
+            logged["reply"] == format!("warm-up {warm_up}")
+        });
+    }
+    let mut seen = thread_ids(server.pid());
+    let mut started = 0;
     for i in 0..30 {
         let reply = format!("again {i}");
         session(server.addr, format!("{reply}\n").as_bytes());
         server.expect_event("reply", |logged| logged["reply"] == reply);
-        server.expect_event("thread_parked", |_| true);
-        assert_eq!(
-            thread_ids(server.pid()),
-            threads,
-            "a new thread was started"
-        );
+        let now = thread_ids(server.pid());
+        started += now.difference(&seen).count();
+        seen.extend(now);
     }
+    assert!(started <= 2, "{started} threads started for 30 sessions");
 }
 
 #[test]

@@ -2,24 +2,28 @@
 //! away, and the one place where a connection's thread is started.
 //!
 //! The loop only accepts, checks the connection cap (and a direct client's
-//! rate) and hands the connection to a thread, so no client, however slow,
-//! can delay the next one. It survives every `accept` failure: ones about a
-//! single connection are skipped, ones about the process (out of
+//! rate) and starts a thread for the connection, so no client, however
+//! slow, can delay the next one. It survives every `accept` failure: ones
+//! about a single connection are skipped, ones about the process (out of
 //! descriptors or memory) pause it with a growing backoff instead of
 //! spinning, and serving resumes by itself.
 //!
-//! With `--thread-cache`, a finished connection thread parks for a while
-//! (MySQL `thread_cache_size` style) and the loop hands it the next
-//! connection instead of starting a new thread. The invariant that makes
-//! the hand-off safe: an item is queued only while more threads are parked
-//! than items are queued, and a parked thread checks the queue (under the
-//! same lock) before it gives up, so no queued connection is ever left
-//! without a thread.
+//! With `--thread-cache`, a thread whose connection has ended waits in
+//! `accept` on the same listener itself, for up to `--thread-cache` such
+//! threads (leader/followers, with the kernel as the leader: Linux wakes
+//! one blocked accepter per connection, in order). A connection then goes
+//! from the kernel to a waiting thread with no hand-off, no lock and no
+//! wake-up of ours. The accept loop steps aside while threads wait in
+//! `accept`, and is woken by the last one to leave it: so it accepts, and
+//! starts a thread, only when no waiting thread could take the connection.
+//! A waiting thread leaves after a whole reply timeout without a
+//! connection. On a stop, whoever takes the stop's wake-up connection
+//! passes it on to the next thread waiting in `accept`, until none is left.
 
-use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -29,8 +33,7 @@ use socket2::SockRef;
 use super::connection::{self, Accepted, Serving};
 use super::listen::set_connection_options;
 use crate::error::{Error, describe_io_error};
-use crate::limits::{ConnectionLimit, LiveCount, Refusal, canonical, refuse};
-use crate::lock;
+use crate::limits::{LiveCount, Refusal, canonical, refuse};
 use crate::logging::{ACCEPT_ERROR_LINES, LogEvery, event, log_every};
 use crate::service::notify::{Heartbeat, Notifier};
 use crate::shutdown::Shutdown;
@@ -40,35 +43,93 @@ use crate::stats::AcceptErrorKind;
 /// each further failure up to [`MAX_ACCEPT_PAUSE`] (Go's net/http does the same).
 const FIRST_ACCEPT_PAUSE: Duration = Duration::from_millis(5);
 const MAX_ACCEPT_PAUSE: Duration = Duration::from_secs(1);
-/// An accept loop only accepts and hands over: a small fixed stack, so that
-/// it starts whatever `RUST_MIN_STACK` says for connection threads.
+/// An accept loop only accepts and starts threads: a small fixed stack, so
+/// that it starts whatever `RUST_MIN_STACK` says for connection threads.
 const ACCEPT_THREAD_STACK: usize = 256 * 1024;
 
 /// What the accept loops and every connection thread share.
 pub(crate) struct Shared {
     /// What a connection is served with.
     pub(crate) serving: Serving,
-    /// Finished connection threads waiting for the next connection.
-    pub(crate) thread_cache: ThreadCache<Accepted>,
-    /// Connection threads alive, parked ones included: `run` returns only
+    /// Connection threads alive, waiting ones included: `run` returns only
     /// once they are gone.
     pub(crate) threads: Arc<LiveCount>,
+    /// `--thread-cache`: how many finished threads may wait in `accept`.
+    thread_cache: usize,
+    /// Threads waiting in `accept` now, on every listener.
+    parked: AtomicUsize,
 }
 
 impl Shared {
     pub(crate) fn new(serving: Serving, thread_cache: usize) -> Self {
         Shared {
-            thread_cache: ThreadCache::new(
-                thread_cache.min(serving.limit.max()),
-                PARKED_THREAD_IDLE_TIMEOUT,
-            ),
+            thread_cache: thread_cache.min(serving.limit.max()),
             threads: LiveCount::new(),
+            parked: AtomicUsize::new(0),
             serving,
         }
     }
 
-    fn limit(&self) -> &ConnectionLimit {
-        &self.serving.limit
+    /// Threads waiting in `accept` for their next connection.
+    pub(crate) fn parked(&self) -> usize {
+        self.parked.load(Ordering::Relaxed)
+    }
+}
+
+/// One listener, with the threads in `accept` on it.
+struct Listening {
+    listener: Arc<TcpListener>,
+    addr: SocketAddr,
+    /// Threads inside `accept` now: a stop passes its wake-up on while any
+    /// is left, and the accept loop steps aside while one is.
+    in_accept: AtomicUsize,
+    /// The accept loop waits on `gate` while stepping aside.
+    stepped_aside: AtomicBool,
+    gate: (Mutex<()>, Condvar),
+}
+
+impl Listening {
+    /// The accept loop's step aside: waits while other threads wait in
+    /// `accept` here, so that the kernel gives them the next connection.
+    fn step_aside(&self, shutdown: &Shutdown) {
+        if self.in_accept.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let (lock, gate) = &self.gate;
+        let guard = crate::lock(lock);
+        self.stepped_aside.store(true, Ordering::SeqCst);
+        let _guard = gate
+            .wait_while(guard, |()| {
+                self.in_accept.load(Ordering::SeqCst) > 0 && !shutdown.is_triggered()
+            })
+            .unwrap_or_else(PoisonError::into_inner);
+        self.stepped_aside.store(false, Ordering::SeqCst);
+    }
+
+    /// Waits (at most a second: a wake-up that failed leaves someone
+    /// behind) until no thread waits in `accept` here any more, so that the
+    /// listener closes with the accept loop.
+    fn wait_until_no_one_accepts(&self) {
+        let (lock, gate) = &self.gate;
+        let guard = crate::lock(lock);
+        self.stepped_aside.store(true, Ordering::SeqCst);
+        let _guard = gate
+            .wait_timeout_while(guard, Duration::from_secs(1), |()| {
+                self.in_accept.load(Ordering::SeqCst) > 0
+            })
+            .unwrap_or_else(PoisonError::into_inner);
+        self.stepped_aside.store(false, Ordering::SeqCst);
+    }
+
+    /// Notes a thread leaving `accept`; the last one wakes the accept loop
+    /// if it stepped aside. Returns how many are still in `accept`.
+    fn left_accept(&self) -> usize {
+        let left = self.in_accept.fetch_sub(1, Ordering::SeqCst) - 1;
+        if left == 0 && self.stepped_aside.load(Ordering::SeqCst) {
+            let _guard = crate::lock(&self.gate.0);
+            self.gate.1.notify_one();
+        }
+        left
     }
 }
 
@@ -81,9 +142,16 @@ pub(crate) fn accept_on_all(
     notifier: &Notifier,
 ) -> Result<(), Error> {
     thread::scope(|scope| {
-        for (listener, _) in listeners {
+        for (listener, addr) in listeners {
             let heartbeat = notifier.heartbeat();
-            let accepting = move || serve_listener(listener, shared, shutdown, &heartbeat);
+            let here = Arc::new(Listening {
+                listener,
+                addr,
+                in_accept: AtomicUsize::new(0),
+                stepped_aside: AtomicBool::new(false),
+                gate: (Mutex::new(()), Condvar::new()),
+            });
+            let accepting = move || serve_listener(&here, shared, shutdown, &heartbeat);
             if let Err(e) = thread::Builder::new()
                 .name("accept".to_string())
                 .stack_size(ACCEPT_THREAD_STACK)
@@ -102,7 +170,7 @@ pub(crate) fn accept_on_all(
 /// One listener's life: the accept loop, then, once stopped, the clients
 /// the kernel still holds for it, then the close.
 fn serve_listener(
-    listener: Arc<TcpListener>,
+    here: &Arc<Listening>,
     shared: &Arc<Shared>,
     shutdown: &Shutdown,
     heartbeat: &Heartbeat,
@@ -111,63 +179,82 @@ fn serve_listener(
     // options (one queued by systemd before this process started, or by a
     // client quick to connect to a listener bound elsewhere) did not
     // inherit them: it gets its own, once.
-    accept_queued(&listener, |stream, peer| {
+    accept_queued(&here.listener, |stream, peer| {
         if set_connection_options(SockRef::from(&stream), &shared.serving.config).is_ok() {
-            accept(stream, peer, shared, shutdown);
+            accept_and_start(stream, canonical(peer), here, shared, shutdown);
         }
     });
-    accept_until_stopped(&listener, shared, shutdown, heartbeat);
-    // The kernel has completed the handshakes of the clients still queued,
-    // and some have sent their reply: serve them too, then refuse new
-    // clients at once rather than leave them in the backlog.
-    accept_queued(&listener, |stream, peer| {
-        accept(stream, peer, shared, shutdown);
-    });
-}
-
-/// The accept loop: hands each connection on until `shutdown` is triggered.
-///
-/// Each `accept` goes through `heartbeat`, so that the watchdog pings only
-/// while the loop is waiting for clients or handing them on.
-fn accept_until_stopped(
-    listener: &TcpListener,
-    shared: &Arc<Shared>,
-    shutdown: &Shutdown,
-    heartbeat: &Heartbeat,
-) {
     let mut failures = AcceptFailures::default();
-    while !shutdown.is_triggered() {
-        match heartbeat.accepting(|| listener.accept()) {
-            Ok((stream, peer)) => {
+    loop {
+        let next = heartbeat.accepting(|| {
+            here.step_aside(shutdown);
+            accept_next(here, shutdown)
+        });
+        match next {
+            Ok(Some((stream, peer))) => {
                 failures.recovered();
-                accept(stream, peer, shared, shutdown);
+                accept_and_start(stream, peer, here, shared, shutdown);
             }
+            Ok(None) => break,
             // The listener's own read timeout ran out with nobody connecting.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             // A stop that shut the listener down (`--reuseport`).
-            Err(_) if shutdown.is_triggered() => {}
+            Err(_) if shutdown.is_triggered() => break,
             Err(e) => {
-                shared
-                    .serving
-                    .stats
-                    .record_accept_error(AcceptErrorKind::of(&e));
+                let kind = AcceptErrorKind::of(&e);
+                shared.serving.stats.record_accept_error(kind);
                 thread::sleep(failures.record(&e));
             }
         }
     }
+    // Waiting threads hold the listener only while in `accept`: once they
+    // are out, it closes with this loop.
+    here.wait_until_no_one_accepts();
+    // The kernel has completed the handshakes of the clients still queued,
+    // and some have sent their reply: serve them too, then refuse new
+    // clients at once rather than leave them in the backlog.
+    accept_queued(&here.listener, |stream, peer| {
+        accept_and_start(stream, canonical(peer), here, shared, shutdown);
+    });
 }
 
-/// Hands an accepted connection on to [`admit`], unless it is the one a
-/// stopping server makes to wake its own accept loop.
-fn accept(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>, shutdown: &Shutdown) {
+/// Waits in `accept` for the next client on `here`; `None` once the server
+/// is stopping (the stop's wake-up connection, passed on to the next thread
+/// waiting in `accept` on this listener, if any).
+fn accept_next(
+    here: &Listening,
+    shutdown: &Shutdown,
+) -> io::Result<Option<(TcpStream, SocketAddr)>> {
+    // Counted before the stop is looked at: a stop that found nobody in
+    // `accept` is then seen here.
+    here.in_accept.fetch_add(1, Ordering::SeqCst);
+    let accepted = if shutdown.is_triggered() {
+        Ok(None)
+    } else {
+        here.listener.accept().map(Some)
+    };
+    let others = here.left_accept();
+    let Some((stream, peer)) = accepted? else {
+        return Ok(None);
+    };
     let peer = canonical(peer);
-    if shutdown.is_wake_connection(peer) {
-        // A clean close: the waker must not see a reset.
-        let _ = SockRef::from(&stream).set_linger(None);
-        return;
+    if !is_wake_connection(&stream, peer, shutdown) {
+        return Ok(Some((stream, peer)));
     }
-    shared.serving.stats.record_accepted();
-    admit(stream, peer, shared);
+    if others > 0 {
+        shutdown.pass_wake_on(here.addr);
+    }
+    Ok(None)
+}
+
+/// Whether a connection is a stop's wake-up rather than a client; one is
+/// closed cleanly (the waker must not see a reset).
+fn is_wake_connection(stream: &TcpStream, peer: SocketAddr, shutdown: &Shutdown) -> bool {
+    let wake = shutdown.is_triggered() && shutdown.is_wake_connection(peer);
+    if wake {
+        let _ = SockRef::from(stream).set_linger(None);
+    }
+    wake
 }
 
 /// Accepts, without waiting, every connection already queued on `listener`.
@@ -188,60 +275,115 @@ fn accept_queued(listener: &TcpListener, mut accept: impl FnMut(TcpStream, Socke
     let _ = listener.set_nonblocking(false);
 }
 
-/// Gives the connection a thread if a slot is free (a parked one if there
-/// is one, else a new one), or turns it away.
+/// Admits a connection the accept loop took and starts a thread for it.
+fn accept_and_start(
+    stream: TcpStream,
+    peer: SocketAddr,
+    here: &Arc<Listening>,
+    shared: &Arc<Shared>,
+    shutdown: &Shutdown,
+) {
+    if !is_wake_connection(&stream, peer, shutdown)
+        && let Some(accepted) = admit(stream, peer, shared)
+    {
+        start_thread(accepted, here, shared, shutdown);
+    }
+}
+
+/// Counts an accepted connection and gives it a slot, or turns it away.
 ///
 /// A direct client's rate (`--max-rate-per-ip`) is checked here, before it
 /// takes a slot; behind a balancer, the connection thread checks the client
 /// the PROXY header names.
-fn admit(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
+fn admit(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> Option<Accepted> {
     let accepted_at = Instant::now();
     let serving = &shared.serving;
+    serving.stats.record_accepted();
     if let Some(rate) = &serving.rate
         && serving.config.proxy_protocol.is_none()
         && let Err(limited) = rate.try_acquire(peer.ip(), accepted_at)
     {
         let refused = Refusal::RateLimited(limited, rate);
         serving.stats.record(refuse(&stream, peer, None, &refused));
-        return;
+        return None;
     }
     let stream = Arc::new(stream);
-    let Some(slot) = shared.limit().try_acquire(&stream) else {
+    let Some(slot) = serving.limit.try_acquire(&stream) else {
         let refused = Refusal::Full {
-            cap: shared.limit().max(),
+            cap: serving.limit.max(),
         };
         serving.stats.record(refuse(&stream, peer, None, &refused));
-        return;
+        return None;
     };
-    let accepted = Accepted {
+    Some(Accepted {
         stream,
         peer,
         accepted_at,
         slot,
-    };
-    if let Err(accepted) = shared.thread_cache.offer(accepted) {
-        start_thread(accepted, shared);
-    }
+    })
 }
 
 /// Starts a connection thread for `accepted`: the one place where one is
 /// started. If none can be, the client gets the busy line.
-fn start_thread(accepted: Accepted, shared: &Arc<Shared>) {
+fn start_thread(
+    accepted: Accepted,
+    here: &Arc<Listening>,
+    shared: &Arc<Shared>,
+    shutdown: &Shutdown,
+) {
     let (stream, peer) = (Arc::clone(&accepted.stream), accepted.peer);
-    let thread_shared = Arc::clone(shared);
+    // Only the accept loop keeps the listener open: a thread that waits in
+    // `accept` holds it only meanwhile.
+    let here = (shared.thread_cache > 0).then(|| Arc::downgrade(here));
+    let (thread_shared, shutdown) = (Arc::clone(shared), shutdown.clone());
     let alive = shared.threads.enter();
-    let spawned = thread::Builder::new()
-        .name(format!("conn-{peer}"))
-        .spawn(move || {
-            let _alive = alive;
-            let shared = &thread_shared;
-            connection::run_thread(accepted, &shared.serving, || shared.thread_cache.park());
-        });
+    let spawned = thread::Builder::new().spawn(move || {
+        let _alive = alive;
+        let shared = &thread_shared;
+        let park = || park(here.as_ref()?.upgrade()?.as_ref(), shared, &shutdown);
+        connection::run_thread(accepted, &shared.serving, park);
+    });
     if let Err(e) = spawned {
         // The closure, with the slot, is dropped: the slot is free again.
         let outcome = refuse(&stream, peer, None, &Refusal::NoThread(e));
         shared.serving.stats.record(outcome);
     }
+}
+
+/// A finished connection thread's wait for its next connection, in
+/// `accept` itself (`--thread-cache`): the connection, or `None` when the
+/// thread should end (the cache is full, the server is stopping, or nobody
+/// connected for a whole reply timeout).
+fn park(here: &Listening, shared: &Shared, shutdown: &Shutdown) -> Option<Accepted> {
+    let parked = shared.parked.fetch_add(1, Ordering::Relaxed);
+    if parked >= shared.thread_cache {
+        shared.parked.fetch_sub(1, Ordering::Relaxed);
+        return None;
+    }
+    trace!(event = event::THREAD_PARKED; "thread waiting in accept, {} waiting now", parked + 1);
+    let mut failures = AcceptFailures::default();
+    let next = loop {
+        match accept_next(here, shutdown) {
+            Ok(Some((stream, peer))) => {
+                if let Some(accepted) = admit(stream, peer, shared) {
+                    break Some(accepted);
+                }
+            }
+            Ok(None) => break None,
+            // Idle for a whole reply timeout (the listener's read timeout),
+            // or a stop that shut the listener down.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || shutdown.is_triggered() => {
+                break None;
+            }
+            Err(e) => {
+                let kind = AcceptErrorKind::of(&e);
+                shared.serving.stats.record_accept_error(kind);
+                thread::sleep(failures.record(&e));
+            }
+        }
+    };
+    shared.parked.fetch_sub(1, Ordering::Relaxed);
+    next
 }
 
 /// The accept loop's memory of recent failures: how long to pause, and
@@ -301,99 +443,6 @@ fn about_one_connection(error: &io::Error) -> bool {
     AcceptErrorKind::of(error) == AcceptErrorKind::Connection
 }
 
-/// How long a parked thread waits for a connection before it exits.
-pub(crate) const PARKED_THREAD_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Up to `capacity` finished threads waiting for work of type `T`.
-#[derive(Debug)]
-pub(crate) struct ThreadCache<T> {
-    capacity: usize,
-    idle_timeout: Duration,
-    state: Mutex<CacheState<T>>,
-    /// Signalled when an item is queued or the cache is closed.
-    handed_over: Condvar,
-}
-
-#[derive(Debug)]
-struct CacheState<T> {
-    /// Threads inside [`ThreadCache::park`].
-    parked: usize,
-    /// Items offered to parked threads and not yet taken; never more than `parked`.
-    queue: VecDeque<T>,
-    /// Once set, no thread parks and parked ones leave.
-    closed: bool,
-}
-
-impl<T> ThreadCache<T> {
-    /// A cache of at most `capacity` parked threads (0 disables it), each
-    /// waiting at most `idle_timeout`.
-    pub(crate) fn new(capacity: usize, idle_timeout: Duration) -> Self {
-        ThreadCache {
-            capacity,
-            idle_timeout,
-            state: Mutex::new(CacheState {
-                parked: 0,
-                queue: VecDeque::new(),
-                closed: false,
-            }),
-            handed_over: Condvar::new(),
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, CacheState<T>> {
-        lock(&self.state)
-    }
-
-    /// Hands `item` to a parked thread, or gives it back if none is free.
-    pub(crate) fn offer(&self, item: T) -> Result<(), T> {
-        if self.capacity == 0 {
-            return Err(item);
-        }
-        let mut state = self.lock();
-        if state.closed || state.parked <= state.queue.len() {
-            return Err(item);
-        }
-        state.queue.push_back(item);
-        drop(state);
-        self.handed_over.notify_one();
-        Ok(())
-    }
-
-    /// Called by a thread whose work is done: waits for the next item, or
-    /// returns `None` if the cache is full, closed, or nothing came in time
-    /// (the thread should then exit).
-    pub(crate) fn park(&self) -> Option<T> {
-        if self.capacity == 0 {
-            return None;
-        }
-        let mut state = self.lock();
-        if state.closed || state.parked >= self.capacity {
-            return None;
-        }
-        state.parked += 1;
-        trace!(event = event::THREAD_PARKED; "thread parked, {} parked now", state.parked);
-        let (mut state, _) = self
-            .handed_over
-            .wait_timeout_while(state, self.idle_timeout, |state| {
-                state.queue.is_empty() && !state.closed
-            })
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        state.parked -= 1;
-        state.queue.pop_front()
-    }
-
-    /// Sends every parked thread away and parks no more.
-    pub(crate) fn close(&self) {
-        self.lock().closed = true;
-        self.handed_over.notify_all();
-    }
-
-    /// Threads parked now.
-    pub(crate) fn parked(&self) -> usize {
-        self.lock().parked
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,104 +476,5 @@ mod tests {
             failures.record(&enfile);
         }
         assert_eq!(failures.log.due(), None, "later ones wait for the interval");
-    }
-    use std::sync::mpsc;
-    use std::thread;
-
-    const LONG: Duration = Duration::from_secs(20);
-
-    /// Spawns a thread that parks once and reports what it got.
-    fn parked_thread(cache: &Arc<ThreadCache<u32>>) -> mpsc::Receiver<Option<u32>> {
-        let (sender, got) = mpsc::channel();
-        let cache = Arc::clone(cache);
-        thread::spawn(move || sender.send(cache.park()).unwrap());
-        got
-    }
-
-    fn wait_until_parked(cache: &ThreadCache<u32>, n: usize) {
-        let deadline = Instant::now() + LONG;
-        while cache.parked() < n {
-            assert!(Instant::now() < deadline, "threads did not park");
-            thread::yield_now();
-        }
-    }
-
-    #[test]
-    fn disabled_cache_takes_nothing() {
-        let cache = ThreadCache::new(0, LONG);
-        assert_eq!(cache.offer(1), Err(1));
-        assert_eq!(cache.park(), None);
-    }
-
-    #[test]
-    fn offer_without_a_parked_thread_is_refused() {
-        let cache = ThreadCache::new(4, LONG);
-        assert_eq!(cache.offer(7), Err(7));
-    }
-
-    #[test]
-    fn a_parked_thread_takes_the_offered_item() {
-        let cache = Arc::new(ThreadCache::new(4, LONG));
-        let got = parked_thread(&cache);
-        wait_until_parked(&cache, 1);
-        assert_eq!(cache.offer(7), Ok(()));
-        // One parked thread, one item: the next offer has nobody to go to.
-        assert_eq!(cache.offer(8), Err(8));
-        assert_eq!(got.recv_timeout(LONG).unwrap(), Some(7));
-    }
-
-    #[test]
-    fn threads_beyond_capacity_do_not_park() {
-        let cache = Arc::new(ThreadCache::new(1, LONG));
-        let first = parked_thread(&cache);
-        wait_until_parked(&cache, 1);
-        assert_eq!(cache.park(), None);
-        cache.close();
-        assert_eq!(first.recv_timeout(LONG).unwrap(), None);
-    }
-
-    #[test]
-    fn idle_parked_threads_leave_after_the_timeout() {
-        let cache = Arc::new(ThreadCache::new(2, Duration::from_millis(50)));
-        let got = parked_thread(&cache);
-        assert_eq!(got.recv_timeout(LONG).unwrap(), None);
-        assert_eq!(cache.parked(), 0);
-        assert_eq!(cache.offer(1), Err(1));
-    }
-
-    #[test]
-    fn every_accepted_item_is_taken_under_contention() {
-        // Threads park with a tiny timeout while items are offered: an
-        // accepted offer must always reach a thread, never be stranded.
-        let cache = Arc::new(ThreadCache::new(8, Duration::from_micros(50)));
-        let (sender, taken) = mpsc::channel();
-        let parkers: Vec<_> = (0..4)
-            .map(|_| {
-                let cache = Arc::clone(&cache);
-                let sender = sender.clone();
-                thread::spawn(move || {
-                    let until = Instant::now() + Duration::from_millis(300);
-                    while Instant::now() < until {
-                        if let Some(item) = cache.park() {
-                            sender.send(item).unwrap();
-                        }
-                    }
-                })
-            })
-            .collect();
-        drop(sender);
-        let mut accepted = 0u32;
-        let until = Instant::now() + Duration::from_millis(250);
-        let mut next = 0u32;
-        while Instant::now() < until {
-            if cache.offer(next).is_ok() {
-                accepted += 1;
-            }
-            next += 1;
-        }
-        for parker in parkers {
-            parker.join().unwrap();
-        }
-        assert_eq!(taken.iter().count() as u32, accepted);
     }
 }

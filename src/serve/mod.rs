@@ -85,7 +85,6 @@ pub fn run(
     accepted?;
     // A failure to send is logged by the notifier itself, once.
     let _ = notifier.stopping();
-    shared.thread_cache.close();
     let (serving, timeout) = (&shared.serving, shared.serving.config.shutdown_timeout);
     let summary = shutdown::drain(&serving.limit, &shared.threads, &serving.stats, timeout);
     drop(metrics);
@@ -139,7 +138,7 @@ fn start_metrics(listener: TcpListener, shared: &Arc<Shared>) -> Result<metrics:
 /// What the metrics' gauges show, read as a scrape is answered.
 fn server_state(shared: &Shared) -> ServerState {
     let alive = shared.threads.get() as u64;
-    let parked = shared.thread_cache.parked() as u64;
+    let parked = shared.parked() as u64;
     ServerState {
         connections_open: shared.serving.limit.active() as u64,
         threads_serving: alive.saturating_sub(parked),
