@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
@@ -29,11 +29,15 @@ pub(crate) mod rate;
 use rate::{RateBuckets, RateLimited};
 
 /// How many of something are alive (connections holding a slot, connection
-/// threads), with the wait for none that a stopping server does.
+/// threads), with the wait for none that a stopping server does. The count
+/// is an atomic: joining and leaving take no lock, and only the last to
+/// leave while someone waits wakes anybody.
 #[derive(Debug, Default)]
 pub(crate) struct LiveCount {
-    count: Mutex<usize>,
-    zero: Condvar,
+    count: AtomicUsize,
+    /// Set while [`wait_until_zero`](Self::wait_until_zero) waits.
+    waiting: AtomicBool,
+    zero: (Mutex<()>, Condvar),
 }
 
 /// One member of a [`LiveCount`]; leaves it on drop, even by a panic.
@@ -47,41 +51,41 @@ impl LiveCount {
 
     /// Joins the count if it is below `max`, without waiting.
     pub(crate) fn try_enter(self: &Arc<Self>, max: usize) -> Option<Live> {
-        let mut count = lock(&self.count);
-        if *count >= max {
-            return None;
-        }
-        *count += 1;
-        Some(Live(Arc::clone(self)))
+        let below = |count: usize| (count < max).then_some(count + 1);
+        let joined = self.count.fetch_update(Ordering::SeqCst, Ordering::SeqCst, below);
+        joined.ok().map(|_| Live(Arc::clone(self)))
     }
 
     pub(crate) fn enter(self: &Arc<Self>) -> Live {
-        *lock(&self.count) += 1;
+        self.count.fetch_add(1, Ordering::SeqCst);
         Live(Arc::clone(self))
     }
 
     pub(crate) fn get(&self) -> usize {
-        *lock(&self.count)
+        self.count.load(Ordering::SeqCst)
     }
 
     /// Waits until none is alive or `deadline` passes; returns how many
     /// still are.
     pub(crate) fn wait_until_zero(&self, deadline: Instant) -> usize {
         let timeout = deadline.saturating_duration_since(Instant::now());
-        *self
-            .zero
-            .wait_timeout_while(lock(&self.count), timeout, |count| *count > 0)
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .0
+        let guard = lock(&self.zero.0);
+        // Set under the lock, before the count is read: a member leaving
+        // after that sees it, and wakes this wait.
+        self.waiting.store(true, Ordering::SeqCst);
+        let alive = |_: &mut ()| self.count.load(Ordering::SeqCst) > 0;
+        let _guard = self.zero.1.wait_timeout_while(guard, timeout, alive);
+        self.waiting.store(false, Ordering::SeqCst);
+        self.get()
     }
 }
 
 impl Drop for Live {
     fn drop(&mut self) {
-        let mut count = lock(&self.0.count);
-        *count -= 1;
-        if *count == 0 {
-            self.0.zero.notify_all();
+        let count = &self.0;
+        if count.count.fetch_sub(1, Ordering::SeqCst) == 1 && count.waiting.load(Ordering::SeqCst) {
+            let _guard = lock(&count.zero.0);
+            count.zero.1.notify_all();
         }
     }
 }
@@ -96,11 +100,31 @@ pub(crate) struct ConnectionLimit {
     open: Arc<OpenStreams>,
 }
 
-#[derive(Debug, Default)]
+/// The open connections' streams, in shards, so that connections opening
+/// and closing at once rarely wait on each other's lock.
+#[derive(Debug)]
 struct OpenStreams {
-    streams: Mutex<HashMap<u64, Arc<TcpStream>>>,
+    shards: [Mutex<HashMap<u64, Arc<TcpStream>>>; SHARDS],
     next_id: AtomicU64,
     cutting_off: AtomicBool,
+}
+
+const SHARDS: usize = 64;
+
+impl Default for OpenStreams {
+    fn default() -> Self {
+        OpenStreams {
+            shards: std::array::from_fn(|_| Mutex::default()),
+            next_id: AtomicU64::new(0),
+            cutting_off: AtomicBool::new(false),
+        }
+    }
+}
+
+impl OpenStreams {
+    fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Arc<TcpStream>>> {
+        &self.shards[id as usize % SHARDS]
+    }
 }
 
 #[derive(Debug)]
@@ -123,7 +147,7 @@ impl ConnectionLimit {
     pub(crate) fn try_acquire(&self, stream: &Arc<TcpStream>) -> Option<ConnectionSlot> {
         let live = self.slots.try_enter(self.max)?;
         let id = self.open.next_id.fetch_add(1, Ordering::Relaxed);
-        lock(&self.open.streams).insert(id, Arc::clone(stream));
+        lock(self.open.shard(id)).insert(id, Arc::clone(stream));
         Some(ConnectionSlot {
             _live: live,
             open: Arc::clone(&self.open),
@@ -149,8 +173,10 @@ impl ConnectionLimit {
     /// for a reply sees the end of it at once and records what it had.
     pub(crate) fn cut_off_all(&self) {
         self.open.cutting_off.store(true, Ordering::SeqCst);
-        for stream in lock(&self.open.streams).values() {
-            let _ = stream.shutdown(Shutdown::Read);
+        for shard in &self.open.shards {
+            for stream in lock(shard).values() {
+                let _ = stream.shutdown(Shutdown::Read);
+            }
         }
     }
 
@@ -161,7 +187,7 @@ impl ConnectionLimit {
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        lock(&self.open.streams).remove(&self.id);
+        lock(self.open.shard(self.id)).remove(&self.id);
     }
 }
 

@@ -68,13 +68,13 @@ pub(crate) fn run_thread(
     while let Some(accepted) = next {
         let peer = accepted.peer;
         debug!(event = event::CONNECTED, peer:% = peer; "{peer} connected");
-        let (outcome, reply_bytes) = match serve(&accepted, serving) {
-            Ok((outcome, recorded)) => (outcome, Some(recorded)),
-            Err(outcome) => (outcome, None),
+        let (outcome, reply_bytes, drained) = match serve(&accepted, serving) {
+            Ok((outcome, recorded, drained)) => (outcome, Some(recorded), drained),
+            Err(outcome) => (outcome, None, false),
         };
         let duration = accepted.accepted_at.elapsed();
         serving.stats.record_session(outcome, reply_bytes, duration);
-        close(accepted, outcome);
+        close(accepted, outcome, drained);
         debug!(event = event::DISCONNECTED, peer:% = peer; "{peer} disconnected");
         next = park();
     }
@@ -90,9 +90,10 @@ struct Client {
 }
 
 /// Serves one connection to the end: identify the client, admit it, send
-/// the prompt, read the reply, record it. Returns how it ended and the size
-/// of the reply recorded, or how it ended without one.
-fn serve(accepted: &Accepted, serving: &Serving) -> Result<(Outcome, usize), Outcome> {
+/// the prompt, read the reply, record it. Returns how it ended, the size of
+/// the reply recorded and whether its last read drained the socket, or how
+/// it ended without one.
+fn serve(accepted: &Accepted, serving: &Serving) -> Result<(Outcome, usize, bool), Outcome> {
     let _named_in_panics = ServingPeer::set(accepted.peer);
     let (stream, config) = (&*accepted.stream, &serving.config);
     let (client, early_bytes) = identify_client(accepted, config)?;
@@ -207,7 +208,7 @@ fn record(
     mut reply: Reply,
     accepted_at: Instant,
     serving: &Serving,
-) -> Result<(Outcome, usize), Outcome> {
+) -> Result<(Outcome, usize, bool), Outcome> {
     // The server shut the read side down itself at the stop's deadline.
     if matches!(reply.end, ReplyEnd::Closed) && serving.limit.cutting_off() {
         reply.end = ReplyEnd::CutOff;
@@ -220,7 +221,7 @@ fn record(
         duration: accepted_at.elapsed(),
     };
     match serving.config.reply_sink.record(&record) {
-        Ok(()) => Ok((Outcome::of(&record), reply.bytes.len())),
+        Ok(()) => Ok((Outcome::of(&record), reply.bytes.len(), reply.drained)),
         Err(e) => {
             let addr = client.addr;
             log_every!(
@@ -236,7 +237,7 @@ fn record(
 /// released after any lingering (so that lingering threads never outnumber
 /// the cap) but before the close (so that a client that sees its connection
 /// close can connect again at once).
-fn close(accepted: Accepted, outcome: Outcome) {
+fn close(accepted: Accepted, outcome: Outcome, drained: bool) {
     let Accepted { stream, slot, .. } = accepted;
     let socket = SockRef::from(&*stream);
     match outcome {
@@ -244,7 +245,9 @@ fn close(accepted: Accepted, outcome: Outcome) {
         // words (the busy line) that it is not served.
         Outcome::Replied | Outcome::NoReply | Outcome::Busy | Outcome::RateLimited => {
             let _ = socket.set_linger(None);
-            linger_if_bytes_wait(&stream);
+            if !drained {
+                linger_if_bytes_wait(&stream);
+            }
         }
         // Refused before the prompt, with nothing of it read: the kernel's
         // plain close, an end of stream if it sent nothing (nothing is

@@ -155,6 +155,9 @@ pub(crate) struct Reply {
     /// Without its line terminator, never longer than the cap.
     pub(crate) bytes: Vec<u8>,
     pub(crate) end: ReplyEnd,
+    /// The last read took less than it asked for: nothing more was waiting
+    /// then (a close need not look for unread bytes).
+    pub(crate) drained: bool,
 }
 
 /// Reads one reply line from `source`, keeping at most `max_reply_bytes` of
@@ -172,11 +175,15 @@ pub(crate) fn read_reply<S: DeadlineRead>(
     let limit = max_reply_bytes.saturating_add(2);
     let mut chunk = [0u8; READ_CHUNK];
     let mut bytes = Vec::new();
+    let mut drained = false;
     let end = loop {
         let want = (limit - bytes.len()).min(READ_CHUNK);
         let n = match read_before(source, &mut chunk[..want], deadline.as_mut()) {
             ReadStep::Data(n) => n,
-            ReadStep::Closed => break ReplyEnd::Closed,
+            ReadStep::Closed => {
+                drained = true;
+                break ReplyEnd::Closed;
+            }
             ReadStep::TimedOut => {
                 let after = deadline.map(|d| d.budget).unwrap_or_default();
                 break ReplyEnd::TimedOut { after };
@@ -184,6 +191,7 @@ pub(crate) fn read_reply<S: DeadlineRead>(
             ReadStep::Failed(e) => break ReplyEnd::Failed(e),
         };
         trace!(event = event::READ, peer:% = peer, bytes = n; "{peer}: read {n} bytes");
+        drained = n < want;
         let start = bytes.len();
         bytes.extend_from_slice(&chunk[..n]);
         if let Some(newline) = bytes[start..].iter().position(|&b| b == b'\n') {
@@ -203,7 +211,11 @@ pub(crate) fn read_reply<S: DeadlineRead>(
     } else {
         end
     };
-    Reply { bytes, end }
+    Reply {
+        bytes,
+        end,
+        drained,
+    }
 }
 
 #[cfg(test)]
