@@ -1,13 +1,6 @@
-//! The record: where every served connection's reply goes, and the log it
-//! shares with the server's diagnostics.
-//!
-//! Replies are the server's data. A connection thread hands its [`Record`]
-//! to the [`ReplySink`] of its [`Config`](crate::Config) before it closes
-//! the connection, and the sink's answer decides the close: `Ok` means the
-//! reply is kept, and the client may see a clean close; an error means it
-//! is not, and the client is reset (and the reply counted as not recorded).
-//! The default sink is the log ([`logging::LogReplies`]), whatever
-//! `RUST_LOG` says: `RUST_LOG` filters diagnostics only.
+//! The record: where every served connection's reply goes (a
+//! [`ReplySink`], the log by default), and the log it shares with the
+//! server's diagnostics. `RUST_LOG` filters diagnostics only, never records.
 //!
 //! - [`logging`]: logger set-up, the default sink, the `log` facade's
 //!   lines, and the log's event names.
@@ -90,11 +83,8 @@ pub(crate) use format::{Escaped, reply_text};
 /// # }
 /// ```
 pub trait ReplySink: Send + Sync {
-    /// Records one served connection's reply; `Ok` once it is kept.
-    ///
-    /// # Errors
-    ///
-    /// Any error means the reply is not kept, and the client is reset.
+    /// Records one served connection's reply: `Ok` once it is kept, an
+    /// error if it is not (and the client is reset).
     fn record(&self, record: &Record<'_>) -> io::Result<()>;
 }
 
@@ -104,8 +94,7 @@ impl fmt::Debug for dyn ReplySink {
     }
 }
 
-/// What a served connection left: who the client was, what it replied,
-/// and how the reply ended.
+/// What a served connection left.
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct Record<'a> {

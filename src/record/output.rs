@@ -13,10 +13,8 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-/// What the log's bytes are written to: a file (stderr's descriptor, or
-/// the log file), or, in the queue's tests, a writer that fails on cue.
+/// A file, or, in the queue's tests, a writer that fails on cue.
 pub(crate) trait Sink: Write + Send {
-    /// `fdatasync`.
     fn sync_data(&mut self) -> io::Result<()>;
 }
 
@@ -37,34 +35,22 @@ pub(crate) struct Output {
 }
 
 impl Output {
-    /// stderr (a duplicate of descriptor 2), synced if `sync` is asked for
-    /// and it is a regular file.
+    /// A duplicate of descriptor 2.
     pub(crate) fn stderr(sync: bool) -> io::Result<Output> {
         let file = File::from(io::stderr().as_fd().try_clone_to_owned()?);
         let regular = file.metadata().is_ok_and(|meta| meta.is_file());
-        Ok(Output {
-            file: Box::new(file),
-            path: None,
-            sync: sync && regular,
-        })
+        Ok(Output::to_sink(file, None, sync && regular))
     }
 
-    /// The file at `path`, appended to and created if missing, synced if
-    /// `sync` is asked for.
     pub(crate) fn file(path: &Path, sync: bool) -> io::Result<Output> {
-        Ok(Output {
-            file: Box::new(open_log_file(path)?),
-            path: Some(path.to_path_buf()),
-            sync,
-        })
+        let file = open_log_file(path)?;
+        Ok(Output::to_sink(file, Some(path.to_path_buf()), sync))
     }
 
-    /// Any sink, synced if `sync` (the queue's tests).
-    #[cfg(test)]
-    pub(crate) fn to_sink(sink: impl Sink + 'static, sync: bool) -> Output {
+    pub(crate) fn to_sink(sink: impl Sink + 'static, path: Option<PathBuf>, sync: bool) -> Output {
         Output {
             file: Box::new(sink),
-            path: None,
+            path,
             sync,
         }
     }
@@ -87,18 +73,12 @@ impl Output {
     /// writes `first_line` there first; the old file is kept on failure.
     /// stderr has nothing to reopen.
     pub(crate) fn reopen(&mut self, first_line: &[u8]) -> io::Result<()> {
-        let Some(path) = &self.path else {
-            return Ok(());
-        };
-        let mut file = open_log_file(path)?;
-        file.write_all(first_line)?;
-        self.file = Box::new(file);
+        if let Some(path) = &self.path {
+            let mut file = open_log_file(path)?;
+            file.write_all(first_line)?;
+            self.file = Box::new(file);
+        }
         Ok(())
-    }
-
-    /// The log file's path; `None` for stderr.
-    pub(crate) fn path(&self) -> Option<&Path> {
-        self.path.as_deref()
     }
 }
 
