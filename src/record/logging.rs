@@ -24,10 +24,10 @@ use std::{panic, thread};
 use log::kv::{Key, ToValue, Value};
 use log::{Level, Log as _, error, info, warn};
 
-use super::format::{RecordText, escape_line_breakers, json_line};
+use super::format::{Escaped, RecordText, escape_line_breakers, json_line, reply_text};
 use super::output::Output;
 use super::queue::{self, Class, NotWritten, Observer, Queue};
-use super::{Escaped, Record, ReplyEnd, ReplySink, reply_text};
+use super::{Record, ReplyEnd, ReplySink};
 use crate::error::describe_io_error;
 use crate::lock;
 
@@ -168,11 +168,12 @@ fn install(settings: &LogSettings) -> io::Result<&'static Log> {
         })?,
         None => Output::stderr(settings.sync)?,
     };
+    let file = settings
+        .file
+        .as_ref()
+        .map(|path| path.display().to_string());
     let health: &'static Health = Box::leak(Box::new(Health {
-        file: settings
-            .file
-            .as_ref()
-            .map(|path| path.display().to_string()),
+        file,
         counts: Default::default(),
         last_error: Mutex::new(None),
         reported: ERROR_KINDS.map(|(kind, _)| LogEvery::new(kind, Duration::from_secs(1))),
@@ -227,19 +228,17 @@ impl ReplySink for LogReplies {
         ];
         let message = format_args!("{}", RecordText(record));
         let line = log.line(level, RECORD_TARGET, &fields, message);
-        let deadline = Instant::now() + log.record_timeout;
-        log.queue
-            .push_and_wait(line, deadline)
-            .map_err(|why| match why {
-                NotWritten::TimedOut => io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "the log did not take it within {}s",
-                        log.record_timeout.as_secs_f64()
-                    ),
-                ),
-                NotWritten::Abandoned => io::Error::other("the server stopped waiting for the log"),
-            })
+        let timeout = log.record_timeout.as_secs_f64();
+        let written = log
+            .queue
+            .push_and_wait(line, Instant::now() + log.record_timeout);
+        written.map_err(|why| match why {
+            NotWritten::TimedOut => io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the log did not take it within {timeout}s"),
+            ),
+            NotWritten::Abandoned => io::Error::other("the server stopped waiting for the log"),
+        })
     }
 }
 
@@ -471,70 +470,64 @@ impl log::Log for QueuedLogger {
     fn flush(&self) {}
 }
 
-/// The `event` field of every log line (the README lists them), each name
-/// once, so that a call and [`class_of`] cannot disagree on its spelling.
-pub(crate) mod event {
-    pub(crate) const ACCEPT_ERROR: &str = "accept_error";
-    pub(crate) const ACCEPT_RESUMED: &str = "accept_resumed";
-    pub(crate) const BUSY: &str = "busy";
-    pub(crate) const CAPACITY: &str = "capacity";
-    pub(crate) const CONNECTED: &str = "connected";
-    pub(crate) const COUNTERS: &str = "counters";
-    pub(crate) const CUT_OFF: &str = "cut_off";
-    pub(crate) const DENIED: &str = "denied";
-    pub(crate) const DISCONNECTED: &str = "disconnected";
-    pub(crate) const FD_LIMIT: &str = "fd_limit";
-    pub(crate) const INHERITED: &str = "inherited";
-    pub(crate) const LISTENING: &str = "listening";
-    pub(crate) const LOG_DROPPED: &str = "log_dropped";
-    pub(crate) const LOG_RECOVERED: &str = "log_recovered";
-    pub(crate) const LOG_REOPENED: &str = "log_reopened";
-    pub(crate) const LOG_REOPEN_FAILED: &str = "log_reopen_failed";
-    pub(crate) const METRICS: &str = "metrics";
-    pub(crate) const METRICS_SCRAPE_FAILED: &str = "metrics_scrape_failed";
-    pub(crate) const NO_REPLY: &str = "no_reply";
-    pub(crate) const NOTIFY_FAILED: &str = "notify_failed";
-    pub(crate) const NOT_RECORDED: &str = "not_recorded";
-    pub(crate) const PANIC: &str = "panic";
-    pub(crate) const PROMPT_FAILED: &str = "prompt_failed";
-    pub(crate) const PROXY_HEADER: &str = "proxy_header";
-    pub(crate) const RATE_LIMITED: &str = "rate_limited";
-    pub(crate) const READ: &str = "read";
-    pub(crate) const READ_ERROR: &str = "read_error";
-    pub(crate) const REPLY: &str = "reply";
-    pub(crate) const SHUTDOWN: &str = "shutdown";
-    pub(crate) const SIGNAL: &str = "signal";
-    pub(crate) const SPAWN_FAILED: &str = "spawn_failed";
-    pub(crate) const STOPPED: &str = "stopped";
-    pub(crate) const THREAD_PARKED: &str = "thread_parked";
-    pub(crate) const TIMEOUT: &str = "timeout";
-    pub(crate) const TRUNCATED: &str = "truncated";
-    pub(crate) const WAKE_FAILED: &str = "wake_failed";
+/// Defines [`event`] and [`class_of`] from one list: each name once, so
+/// that a call and the class cannot disagree on its spelling.
+macro_rules! events {
+    ($($name:ident = $text:literal $(, $class:ident)?;)*) => {
+        /// The `event` field of every log line (the README lists them).
+        pub(crate) mod event {
+            $(pub(crate) const $name: &str = $text;)*
+        }
+
+        /// Which queue class a diagnostic's `event` puts it in: lifecycle
+        /// lines are marked, the rest is housekeeping.
+        fn class_of(record: &log::Record<'_>) -> Class {
+            let value = record.key_values().get(Key::from("event"));
+            match value.as_ref().and_then(Value::to_borrowed_str) {
+                $($(Some($text) => Class::$class,)?)*
+                _ => Class::Housekeeping,
+            }
+        }
+    };
 }
 
-/// Which queue class a diagnostic's `event` puts it in.
-fn class_of(record: &log::Record<'_>) -> Class {
-    let value = record.key_values().get(Key::from("event"));
-    match value.as_ref().and_then(Value::to_borrowed_str) {
-        Some(
-            event::LISTENING
-            | event::SIGNAL
-            | event::SHUTDOWN
-            | event::STOPPED
-            | event::COUNTERS
-            | event::CAPACITY
-            | event::FD_LIMIT
-            | event::PANIC
-            | event::LOG_DROPPED
-            | event::LOG_RECOVERED
-            | event::LOG_REOPEN_FAILED
-            | event::WAKE_FAILED
-            | event::METRICS
-            | event::INHERITED
-            | event::NOTIFY_FAILED,
-        ) => Class::Lifecycle,
-        _ => Class::Housekeeping,
-    }
+events! {
+    ACCEPT_ERROR = "accept_error";
+    ACCEPT_RESUMED = "accept_resumed";
+    BUSY = "busy";
+    CAPACITY = "capacity", Lifecycle;
+    CONNECTED = "connected";
+    COUNTERS = "counters", Lifecycle;
+    CUT_OFF = "cut_off";
+    DENIED = "denied";
+    DISCONNECTED = "disconnected";
+    FD_LIMIT = "fd_limit", Lifecycle;
+    INHERITED = "inherited", Lifecycle;
+    LISTENING = "listening", Lifecycle;
+    LOG_DROPPED = "log_dropped", Lifecycle;
+    LOG_RECOVERED = "log_recovered", Lifecycle;
+    LOG_REOPENED = "log_reopened";
+    LOG_REOPEN_FAILED = "log_reopen_failed", Lifecycle;
+    METRICS = "metrics", Lifecycle;
+    METRICS_SCRAPE_FAILED = "metrics_scrape_failed";
+    NO_REPLY = "no_reply";
+    NOTIFY_FAILED = "notify_failed", Lifecycle;
+    NOT_RECORDED = "not_recorded";
+    PANIC = "panic", Lifecycle;
+    PROMPT_FAILED = "prompt_failed";
+    PROXY_HEADER = "proxy_header";
+    RATE_LIMITED = "rate_limited";
+    READ = "read";
+    READ_ERROR = "read_error";
+    REPLY = "reply";
+    SHUTDOWN = "shutdown", Lifecycle;
+    SIGNAL = "signal", Lifecycle;
+    SPAWN_FAILED = "spawn_failed";
+    STOPPED = "stopped", Lifecycle;
+    THREAD_PARKED = "thread_parked";
+    TIMEOUT = "timeout";
+    TRUNCATED = "truncated";
+    WAKE_FAILED = "wake_failed", Lifecycle;
 }
 
 thread_local! {
@@ -593,7 +586,7 @@ pub fn log_panics() {
 /// is still held back when the server stops.
 #[derive(Debug)]
 pub(crate) struct LogEvery {
-    event: &'static str,
+    pub(crate) event: &'static str,
     interval: Duration,
     /// When a line last went out, and how many were held back since.
     state: Mutex<(Option<Instant>, u64)>,
@@ -606,11 +599,6 @@ impl LogEvery {
             interval,
             state: Mutex::new((None, 0)),
         }
-    }
-
-    /// Its lines' `event`.
-    pub(crate) fn event(&self) -> &'static str {
-        self.event
     }
 
     /// `Some(held back since the last line)` if a line may go out now;
@@ -639,7 +627,7 @@ macro_rules! log_every {
     ($every:expr, $level:ident, [$($kv:tt)*], $($arg:tt)+) => {
         if let Some(held_back) = $every.due() {
             log::$level!(
-                event = $every.event(), $($kv)* held_back = held_back;
+                event = $every.event, $($kv)* held_back = held_back;
                 "{}{}", format_args!($($arg)+), $crate::logging::held_back_note(held_back)
             );
         }
@@ -670,9 +658,9 @@ pub(crate) fn report_held_back() {
         let held_back = every.take_held_back();
         if held_back > 0 {
             info!(
-                event = every.event(), held_back = held_back;
+                event = every.event, held_back = held_back;
                 "{held_back} more {} lines were held back since the last one",
-                every.event()
+                every.event
             );
         }
     }

@@ -19,8 +19,6 @@ pub mod logging;
 mod output;
 mod queue;
 
-pub(crate) use format::{Escaped, reply_text};
-
 /// Where a server's replies are recorded: the log by default
 /// ([`logging::LogReplies`]), or an embedder's own store.
 ///
@@ -54,7 +52,6 @@ pub(crate) use format::{Escaped, reply_text};
 ///     }
 /// }
 ///
-/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let replies = Arc::new(Replies::default());
 /// let config = Config {
 ///     listen_addr: "127.0.0.1:0".parse()?,
@@ -79,8 +76,7 @@ pub(crate) use format::{Escaped, reply_text};
 /// let summary = server.join().expect("the server thread")?;
 /// assert_eq!(summary.replies, 1);
 /// assert_eq!(replies.0.lock().unwrap()[0].1, b"yes");
-/// # Ok(())
-/// # }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub trait ReplySink: Send + Sync {
     /// Records one served connection's reply: `Ok` once it is kept, an

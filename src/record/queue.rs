@@ -75,6 +75,8 @@ pub(crate) struct Queue {
     observer: Box<dyn Observer>,
 }
 
+type Guard<'a> = MutexGuard<'a, State>;
+
 #[derive(Default)]
 struct State {
     /// Lines not yet in a batch, numbered in order from 1.
@@ -210,8 +212,23 @@ impl Queue {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> Guard<'_> {
         lock(&self.state)
+    }
+
+    /// Runs `f` without the lock.
+    fn unlocked<'a, T>(&'a self, state: Guard<'a>, f: impl FnOnce() -> T) -> (Guard<'a>, T) {
+        drop(state);
+        let result = f();
+        (self.lock(), result)
+    }
+
+    /// Runs `f` without the lock, holding the writer role.
+    fn as_writer<'a, T>(&'a self, mut state: Guard<'a>, f: impl FnOnce() -> T) -> (Guard<'a>, T) {
+        state.writing = true;
+        let (mut state, result) = self.unlocked(state, f);
+        state.writing = false;
+        (state, result)
     }
 
     /// Whether a housekeeping line would be dropped now (and counts it if
@@ -291,11 +308,7 @@ impl Queue {
 
     /// Waits on `changed` until signalled or `deadline`; `Err` at once
     /// when the deadline has passed.
-    fn wait<'a>(
-        &'a self,
-        mut state: MutexGuard<'a, State>,
-        deadline: Instant,
-    ) -> Result<MutexGuard<'a, State>, MutexGuard<'a, State>> {
+    fn wait<'a>(&'a self, mut state: Guard<'a>, deadline: Instant) -> Result<Guard<'a>, Guard<'a>> {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(state);
@@ -317,8 +330,7 @@ impl Queue {
 
     /// Takes the writer role and writes the batch to retry, or else every
     /// waiting line, in one go; returns with the lock held again.
-    fn write_batch<'a>(&'a self, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-        state.writing = true;
+    fn write_batch<'a>(&'a self, mut state: Guard<'a>) -> Guard<'a> {
         let mut batch = state.retry.take().unwrap_or_default();
         if batch.lines.is_empty() {
             let was_full = state.waiting.len() >= self.capacity;
@@ -327,10 +339,7 @@ impl Queue {
                 self.changed.notify_all();
             }
         }
-        drop(state);
-        let result = batch.write_to(&mut lock(&self.output));
-        let mut state = self.lock();
-        state.writing = false;
+        let (mut state, result) = self.as_writer(state, || batch.write_to(&mut lock(&self.output)));
         match result {
             Ok(written) => {
                 let last = batch.lines.last().map_or(0, |line| line.number);
@@ -338,17 +347,13 @@ impl Queue {
                 // A batch whose lines were all given up proves nothing.
                 if written > 0 && state.failures > 0 {
                     let failures = std::mem::take(&mut state.failures);
-                    drop(state);
-                    self.observer.recovered(failures);
-                    state = self.lock();
+                    state = self.unlocked(state, || self.observer.recovered(failures)).0;
                 }
             }
             Err(e) => {
                 state.retry = Some(batch);
                 state.failures += 1;
-                drop(state);
-                self.observer.failed(&e);
-                state = self.lock();
+                state = self.unlocked(state, || self.observer.failed(&e)).0;
             }
         }
         if state.callers_waiting > 0 {
@@ -372,14 +377,14 @@ impl Queue {
             state.writer_idle = false;
             let mut reopened = false;
             if let Some(first_line) = state.reopen.take() {
-                state.writing = true;
-                drop(state);
-                match lock(&self.output).reopen(&first_line) {
-                    Ok(()) => reopened = true,
-                    Err(e) => self.observer.reopen_failed(&e),
-                }
-                state = self.lock();
-                state.writing = false;
+                let reopen = || match lock(&self.output).reopen(&first_line) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        self.observer.reopen_failed(&e);
+                        false
+                    }
+                };
+                (state, reopened) = self.as_writer(state, reopen);
                 // A line torn by a failed write is written whole again in
                 // the new file, at once: the new file is why it may work.
                 if let (true, Some(batch)) = (reopened, &mut state.retry) {
@@ -389,20 +394,14 @@ impl Queue {
             if state.retry.is_some() && !reopened {
                 let doublings = state.failures.saturating_sub(1).min(16) as u32;
                 let pause = (FIRST_RETRY_PAUSE * 2u32.pow(doublings)).min(MAX_RETRY_PAUSE);
-                state.writing = true;
-                drop(state);
-                thread::sleep(pause);
-                state = self.lock();
-                state.writing = false;
+                state = self.as_writer(state, || thread::sleep(pause)).0;
             }
             if state.retry.is_some() || !state.waiting.is_empty() {
                 state = self.write_batch(state);
             }
             if state.dropped > 0 && state.waiting.len() < self.capacity {
                 let dropped = std::mem::take(&mut state.dropped);
-                drop(state);
-                self.observer.dropped(dropped);
-                state = self.lock();
+                state = self.unlocked(state, || self.observer.dropped(dropped)).0;
             }
         }
     }
