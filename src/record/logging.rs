@@ -51,16 +51,14 @@ pub const DEFAULT_RECORD_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct LogSettings {
     /// Text lines, or one JSON object per line.
     pub format: LogFormat,
-    /// Write the log to this file (appended, created if missing) instead of
-    /// stderr; SIGHUP (see [`Shutdown::trigger_on_signals`](crate::Shutdown::trigger_on_signals))
-    /// opens the path again.
+    /// A file to append to (created if missing) instead of stderr, opened
+    /// again on SIGHUP ([`Shutdown::trigger_on_signals`](crate::Shutdown::trigger_on_signals)).
     pub file: Option<PathBuf>,
-    /// `fdatasync` after every batch that holds a record, when the log is a
-    /// regular file (`file`, or stderr redirected to one), so that a
-    /// record is on disk before its client sees a clean close.
+    /// `fdatasync` a regular file (`file`, or stderr redirected to one) after
+    /// each batch with a record, so that it is on disk before its clean close.
     pub sync: bool,
-    /// How long a record may wait for the log before it is given up: its
-    /// client is then reset, and the reply counted as not recorded.
+    /// How long a record may wait for the log before it is given up (its
+    /// client reset, the reply counted as not recorded).
     pub record_timeout: Duration,
 }
 
@@ -254,14 +252,13 @@ fn level_and_event(record: &Record<'_>) -> (Level, &'static str) {
     }
 }
 
-/// Waits up to `timeout` for every queued log line to be written, and
-/// returns how many were not (0 without a log).
+/// Waits up to `timeout` for the queued log lines; returns how many were
+/// not written.
 pub(crate) fn flush(timeout: Duration) -> u64 {
     LOG.get().map_or(0, |log| log.queue.flush(timeout))
 }
 
-/// Makes records that wait for the log stop waiting: a stopping server
-/// gives up on a log that does not take them.
+/// A stopping server gives up on a log that does not take its records.
 pub(crate) fn stop_waiting_for_the_log() {
     if let Some(log) = LOG.get() {
         log.queue.stop_waiting();
@@ -317,7 +314,7 @@ pub(crate) fn failure() -> Option<String> {
 /// for the status, and, when the log is a file, a line on stderr (a channel
 /// that still works) at most once per kind per second.
 struct Health {
-    /// The log file's path; `None` when the log is stderr.
+    /// The log file's path, `None` for stderr.
     file: Option<String>,
     counts: [AtomicU64; ERROR_KINDS.len()],
     last_error: Mutex<Option<String>>,
@@ -352,7 +349,7 @@ fn stderr_writer() -> io::Result<SyncSender<String>> {
 }
 
 impl Health {
-    /// Dropped if the stderr thread is behind; nothing when the log is stderr.
+    /// Dropped if the stderr thread is behind.
     fn to_stderr(&self, line: String) {
         if let Some(lines) = &self.stderr {
             let _ = lines.try_send(line);
@@ -561,7 +558,11 @@ pub fn log_panics() {
     panic::set_hook(Box::new(|info| {
         let thread = thread::current();
         let thread = thread.name().unwrap_or("unnamed");
-        let message = Escaped(info.payload_as_str().unwrap_or("(no message)").as_bytes());
+        let payload = info.payload();
+        let message = (payload.downcast_ref::<&str>().copied())
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        let message = Escaped(message.as_bytes());
         let location = info
             .location()
             .map(|at| format!("{}:{}", at.file(), at.line()))
