@@ -1,5 +1,6 @@
 //! How a log line looks: the text of a record, one JSON object per line,
-//! and the escaping that keeps client bytes from forging or breaking a line.
+//! the names of the `event` field, and the escaping that keeps client bytes
+//! from forging or breaking a line.
 //!
 //! The `log` facade passes messages through untouched, so every client byte
 //! that reaches a text line goes through [`Escaped`]: control characters
@@ -13,8 +14,78 @@ use std::fmt;
 use log::kv::{self, Key, Value, VisitSource};
 use serde_json::{Map, Value as Json};
 
+use super::queue::Class;
 use super::{Record, ReplyEnd};
 use crate::error::describe_io_error;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// `[2026-11-25T12:41:26Z INFO  prompt_server::connection] 127.0.0.1:50312 said: "yes"`
+    #[default]
+    Text,
+    /// `{"ts":"2026-11-25T12:41:26.123Z","level":"info","event":"reply",...}`
+    Json,
+}
+
+/// Defines [`event`] and [`class_of`] from one list: each name once, so
+/// that a call and the class cannot disagree on its spelling.
+macro_rules! events {
+    ($($name:ident = $text:literal $(, $class:ident)?;)*) => {
+        /// The `event` field of every log line (the README lists them).
+        pub(crate) mod event {
+            $(pub(crate) const $name: &str = $text;)*
+        }
+
+        /// Which queue class a diagnostic's `event` puts it in: lifecycle
+        /// lines are marked, the rest is housekeeping.
+        pub(super) fn class_of(event: Option<&str>) -> Class {
+            match event {
+                $($(Some($text) => Class::$class,)?)*
+                _ => Class::Housekeeping,
+            }
+        }
+    };
+}
+
+events! {
+    ACCEPT_ERROR = "accept_error";
+    ACCEPT_RESUMED = "accept_resumed";
+    BUSY = "busy";
+    CAPACITY = "capacity", Lifecycle;
+    CONNECTED = "connected";
+    COUNTERS = "counters", Lifecycle;
+    CUT_OFF = "cut_off";
+    DENIED = "denied";
+    DISCONNECTED = "disconnected";
+    FD_LIMIT = "fd_limit", Lifecycle;
+    INHERITED = "inherited", Lifecycle;
+    LISTENING = "listening", Lifecycle;
+    LOG_DROPPED = "log_dropped", Lifecycle;
+    LOG_RECOVERED = "log_recovered", Lifecycle;
+    LOG_REOPENED = "log_reopened";
+    LOG_REOPEN_FAILED = "log_reopen_failed", Lifecycle;
+    METRICS = "metrics", Lifecycle;
+    METRICS_SCRAPE_FAILED = "metrics_scrape_failed";
+    NO_REPLY = "no_reply";
+    NOTIFY_FAILED = "notify_failed", Lifecycle;
+    NOT_RECORDED = "not_recorded";
+    PANIC = "panic", Lifecycle;
+    PROMPT_FAILED = "prompt_failed";
+    PROXY_HEADER = "proxy_header";
+    RATE_LIMITED = "rate_limited";
+    READ = "read";
+    READ_ERROR = "read_error";
+    REPLY = "reply";
+    SHUTDOWN = "shutdown", Lifecycle;
+    SIGNAL = "signal", Lifecycle;
+    SPAWN_FAILED = "spawn_failed";
+    STOPPED = "stopped", Lifecycle;
+    THREAD_PARKED = "thread_parked";
+    TIMEOUT = "timeout";
+    TRUNCATED = "truncated";
+    WAKE_FAILED = "wake_failed", Lifecycle;
+}
 
 /// The text of a record's line: `127.0.0.1:50312 said: "yes"`.
 pub(crate) struct RecordText<'a>(pub(crate) &'a Record<'a>);

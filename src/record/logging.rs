@@ -1,6 +1,6 @@
 //! The log: its set-up ([`init`]), the default [`ReplySink`]
-//! ([`LogReplies`]), the `log` facade's diagnostic lines, the names of
-//! every line's `event`, and lines logged at most once per interval.
+//! ([`LogReplies`]), the `log` facade's diagnostic lines, the reports of a
+//! failing output, and lines logged at most once per interval.
 //!
 //! Records and diagnostics go through one queue to one output (stderr, or
 //! `--log-file`), so the log reads in order. Only diagnostics are filtered
@@ -16,7 +16,7 @@ use std::io::{self, IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, SyncSender};
+use std::sync::mpsc::SyncSender;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use std::{panic, thread};
@@ -24,22 +24,14 @@ use std::{panic, thread};
 use log::kv::{Key, ToValue, Value};
 use log::{Level, Log as _, error, info, warn};
 
-use super::format::{Escaped, RecordText, escape_line_breakers, json_line, reply_text};
-use super::output::Output;
+pub use super::format::LogFormat;
+pub(crate) use super::format::event;
+use super::format::{Escaped, RecordText, class_of, escape_line_breakers, json_line, reply_text};
+use super::output::{ERROR_KINDS, Output, error_kind, stderr_writer};
 use super::queue::{self, Class, NotWritten, Observer, Queue};
 use super::{Record, ReplyEnd, ReplySink};
 use crate::error::describe_io_error;
 use crate::lock;
-
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LogFormat {
-    /// `[2026-11-25T12:41:26Z INFO  prompt_server::connection] 127.0.0.1:50312 said: "yes"`
-    #[default]
-    Text,
-    /// `{"ts":"2026-11-25T12:41:26.123Z","level":"info","event":"reply",...}`
-    Json,
-}
 
 /// The default [`LogSettings::record_timeout`]: long enough to ride out a
 /// slow disk or a rotation, short enough that a failing one is noticed by
@@ -319,33 +311,8 @@ struct Health {
     counts: [AtomicU64; ERROR_KINDS.len()],
     last_error: Mutex<Option<String>>,
     reported: [LogEvery; ERROR_KINDS.len()],
-    /// Lines for stderr when the log is a file, written by a thread of their
-    /// own so that a stalled stderr never holds up the log file.
+    /// Lines for stderr ([`stderr_writer`]) when the log is a file.
     stderr: Option<SyncSender<String>>,
-}
-
-/// The `kind` label of the log's write errors, by errno.
-const ERROR_KINDS: [(&str, Option<i32>); 6] = [
-    ("ENOSPC", Some(libc::ENOSPC)),
-    ("EDQUOT", Some(libc::EDQUOT)),
-    ("EFBIG", Some(libc::EFBIG)),
-    ("EIO", Some(libc::EIO)),
-    ("EPIPE", Some(libc::EPIPE)),
-    ("other", None),
-];
-
-/// Starts the thread that writes [`Health::stderr`]'s lines.
-fn stderr_writer() -> io::Result<SyncSender<String>> {
-    let (send, receive) = mpsc::sync_channel::<String>(16);
-    thread::Builder::new()
-        .name("log-reports".into())
-        .stack_size(64 * 1024)
-        .spawn(move || {
-            for line in receive {
-                let _ = io::stderr().write_all(line.as_bytes());
-            }
-        })?;
-    Ok(send)
 }
 
 impl Health {
@@ -359,10 +326,7 @@ impl Health {
 
 impl Observer for &'static Health {
     fn failed(&self, error: &io::Error) {
-        let kind = ERROR_KINDS
-            .iter()
-            .position(|(_, errno)| errno.is_some() && *errno == error.raw_os_error())
-            .unwrap_or(ERROR_KINDS.len() - 1);
+        let kind = error_kind(error);
         self.counts[kind].fetch_add(1, Ordering::Relaxed);
         let why = describe_io_error(error);
         *lock(&self.last_error) = Some(why.clone());
@@ -446,7 +410,8 @@ impl log::Log for QueuedLogger {
         if !self.diagnostics.matches(record) {
             return;
         }
-        let class = class_of(record);
+        let event = record.key_values().get(Key::from("event"));
+        let class = class_of(event.as_ref().and_then(Value::to_borrowed_str));
         if class == Class::Housekeeping && self.log.queue.drops_housekeeping() {
             return;
         }
@@ -465,66 +430,6 @@ impl log::Log for QueuedLogger {
     }
 
     fn flush(&self) {}
-}
-
-/// Defines [`event`] and [`class_of`] from one list: each name once, so
-/// that a call and the class cannot disagree on its spelling.
-macro_rules! events {
-    ($($name:ident = $text:literal $(, $class:ident)?;)*) => {
-        /// The `event` field of every log line (the README lists them).
-        pub(crate) mod event {
-            $(pub(crate) const $name: &str = $text;)*
-        }
-
-        /// Which queue class a diagnostic's `event` puts it in: lifecycle
-        /// lines are marked, the rest is housekeeping.
-        fn class_of(record: &log::Record<'_>) -> Class {
-            let value = record.key_values().get(Key::from("event"));
-            match value.as_ref().and_then(Value::to_borrowed_str) {
-                $($(Some($text) => Class::$class,)?)*
-                _ => Class::Housekeeping,
-            }
-        }
-    };
-}
-
-events! {
-    ACCEPT_ERROR = "accept_error";
-    ACCEPT_RESUMED = "accept_resumed";
-    BUSY = "busy";
-    CAPACITY = "capacity", Lifecycle;
-    CONNECTED = "connected";
-    COUNTERS = "counters", Lifecycle;
-    CUT_OFF = "cut_off";
-    DENIED = "denied";
-    DISCONNECTED = "disconnected";
-    FD_LIMIT = "fd_limit", Lifecycle;
-    INHERITED = "inherited", Lifecycle;
-    LISTENING = "listening", Lifecycle;
-    LOG_DROPPED = "log_dropped", Lifecycle;
-    LOG_RECOVERED = "log_recovered", Lifecycle;
-    LOG_REOPENED = "log_reopened";
-    LOG_REOPEN_FAILED = "log_reopen_failed", Lifecycle;
-    METRICS = "metrics", Lifecycle;
-    METRICS_SCRAPE_FAILED = "metrics_scrape_failed";
-    NO_REPLY = "no_reply";
-    NOTIFY_FAILED = "notify_failed", Lifecycle;
-    NOT_RECORDED = "not_recorded";
-    PANIC = "panic", Lifecycle;
-    PROMPT_FAILED = "prompt_failed";
-    PROXY_HEADER = "proxy_header";
-    RATE_LIMITED = "rate_limited";
-    READ = "read";
-    READ_ERROR = "read_error";
-    REPLY = "reply";
-    SHUTDOWN = "shutdown", Lifecycle;
-    SIGNAL = "signal", Lifecycle;
-    SPAWN_FAILED = "spawn_failed";
-    STOPPED = "stopped", Lifecycle;
-    THREAD_PARKED = "thread_parked";
-    TIMEOUT = "timeout";
-    TRUNCATED = "truncated";
-    WAKE_FAILED = "wake_failed", Lifecycle;
 }
 
 thread_local! {

@@ -3,11 +3,11 @@
 //! server's diagnostics. `RUST_LOG` filters diagnostics only, never records.
 //!
 //! - [`logging`]: logger set-up, the default sink, the `log` facade's
-//!   lines, and the log's event names.
+//!   lines, reports of a failing output, lines at most once per interval.
 //! - `queue`: the bounded queue in front of the log's output, group commit,
 //!   retries of failed writes.
 //! - `output`: stderr or the log file, its sync and its reopening.
-//! - `format`: text and JSON lines, and the escaping of client bytes.
+//! - `format`: text and JSON lines, event names, escaping of client bytes.
 
 use std::fmt;
 use std::io;

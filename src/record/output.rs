@@ -12,6 +12,8 @@ use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, SyncSender};
+use std::thread;
 
 /// A file, or, in the queue's tests, a writer that fails on cue.
 pub(crate) trait Sink: Write + Send {
@@ -99,4 +101,37 @@ fn open_log_file(path: &Path) -> io::Result<File> {
         file.write_all(b"\n")?;
     }
     Ok(file)
+}
+
+/// The `kind` label of the log's write errors, by errno.
+pub(super) const ERROR_KINDS: [(&str, Option<i32>); 6] = [
+    ("ENOSPC", Some(libc::ENOSPC)),
+    ("EDQUOT", Some(libc::EDQUOT)),
+    ("EFBIG", Some(libc::EFBIG)),
+    ("EIO", Some(libc::EIO)),
+    ("EPIPE", Some(libc::EPIPE)),
+    ("other", None),
+];
+
+/// Starts a thread that writes the lines it is sent to stderr, so that a
+/// stalled stderr never holds up the log file.
+pub(super) fn stderr_writer() -> io::Result<SyncSender<String>> {
+    let (send, receive) = mpsc::sync_channel::<String>(16);
+    thread::Builder::new()
+        .name("log-reports".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            for line in receive {
+                let _ = io::stderr().write_all(line.as_bytes());
+            }
+        })?;
+    Ok(send)
+}
+
+/// Which of [`ERROR_KINDS`] `error` is.
+pub(super) fn error_kind(error: &io::Error) -> usize {
+    ERROR_KINDS
+        .iter()
+        .position(|(_, errno)| errno.is_some() && *errno == error.raw_os_error())
+        .unwrap_or(ERROR_KINDS.len() - 1)
 }
