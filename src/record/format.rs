@@ -1,5 +1,6 @@
 //! How a log line looks: the text of a record, one JSON object per line,
-//! and the escaping that keeps client bytes from forging or breaking a line.
+//! the names of the `event` field, and the escaping that keeps client bytes
+//! from forging or breaking a line.
 //!
 //! The `log` facade passes messages through untouched, so every client byte
 //! that reaches a text line goes through [`Escaped`]: control characters
@@ -7,16 +8,86 @@
 //! visible escapes, and one log record stays one line. In JSON, serde_json
 //! escapes what JSON requires and [`escape_line_breakers`] the rest.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use log::kv::{self, Key, Value, VisitSource};
 use serde_json::{Map, Value as Json};
 
+use super::queue::Class;
 use super::{Record, ReplyEnd};
 use crate::error::describe_io_error;
 
-/// The text of a record's line, written straight into the log record:
-/// `127.0.0.1:50312 said: "yes"`.
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// `[2026-11-25T12:41:26Z INFO  prompt_server::connection] 127.0.0.1:50312 said: "yes"`
+    #[default]
+    Text,
+    /// `{"ts":"2026-11-25T12:41:26.123Z","level":"info","event":"reply",...}`
+    Json,
+}
+
+/// Defines [`event`] and [`class_of`] from one list: each name once, so
+/// that a call and the class cannot disagree on its spelling.
+macro_rules! events {
+    ($($name:ident = $text:literal $(, $class:ident)?;)*) => {
+        /// The `event` field of every log line (the README lists them).
+        pub(crate) mod event {
+            $(pub(crate) const $name: &str = $text;)*
+        }
+
+        /// Which queue class a diagnostic's `event` puts it in: lifecycle
+        /// lines are marked, the rest is housekeeping.
+        pub(super) fn class_of(event: Option<&str>) -> Class {
+            match event {
+                $($(Some($text) => Class::$class,)?)*
+                _ => Class::Housekeeping,
+            }
+        }
+    };
+}
+
+events! {
+    ACCEPT_ERROR = "accept_error";
+    ACCEPT_RESUMED = "accept_resumed";
+    BUSY = "busy";
+    CAPACITY = "capacity", Lifecycle;
+    CONNECTED = "connected";
+    COUNTERS = "counters", Lifecycle;
+    CUT_OFF = "cut_off";
+    DENIED = "denied";
+    DISCONNECTED = "disconnected";
+    FD_LIMIT = "fd_limit", Lifecycle;
+    INHERITED = "inherited", Lifecycle;
+    LISTENING = "listening", Lifecycle;
+    LOG_DROPPED = "log_dropped", Lifecycle;
+    LOG_RECOVERED = "log_recovered", Lifecycle;
+    LOG_REOPENED = "log_reopened";
+    LOG_REOPEN_FAILED = "log_reopen_failed", Lifecycle;
+    METRICS = "metrics", Lifecycle;
+    METRICS_SCRAPE_FAILED = "metrics_scrape_failed";
+    NO_REPLY = "no_reply";
+    NOTIFY_FAILED = "notify_failed", Lifecycle;
+    NOT_RECORDED = "not_recorded";
+    PANIC = "panic", Lifecycle;
+    PROMPT_FAILED = "prompt_failed";
+    PROXY_HEADER = "proxy_header";
+    RATE_LIMITED = "rate_limited";
+    READ = "read";
+    READ_ERROR = "read_error";
+    REPLY = "reply";
+    SHUTDOWN = "shutdown", Lifecycle;
+    SIGNAL = "signal", Lifecycle;
+    SPAWN_FAILED = "spawn_failed";
+    STOPPED = "stopped", Lifecycle;
+    THREAD_PARKED = "thread_parked";
+    TIMEOUT = "timeout";
+    TRUNCATED = "truncated";
+    WAKE_FAILED = "wake_failed", Lifecycle;
+}
+
+/// The text of a record's line: `127.0.0.1:50312 said: "yes"`.
 pub(crate) struct RecordText<'a>(pub(crate) &'a Record<'a>);
 
 impl fmt::Display for RecordText<'_> {
@@ -24,51 +95,40 @@ impl fmt::Display for RecordText<'_> {
         let Record {
             peer, reply, end, ..
         } = self.0;
-        let bytes = Escaped(reply);
+        let (bytes, len) = (Escaped(reply), reply.len());
         match end {
-            ReplyEnd::CutOff => write!(
-                f,
-                "{peer} cut off by shutdown before a full reply; got {bytes}"
-            ),
+            ReplyEnd::Line => write!(f, "{peer} said: {bytes}"),
             ReplyEnd::Closed if reply.is_empty() => write!(f, "{peer} closed without replying"),
             ReplyEnd::Closed => write!(f, "{peer} said: {bytes} (closed before newline)"),
-            ReplyEnd::Truncated => {
-                write!(
-                    f,
-                    "{peer} said: {bytes} (truncated at {} bytes)",
-                    reply.len()
-                )
-            }
+            ReplyEnd::Truncated => write!(f, "{peer} said: {bytes} (truncated at {len} bytes)"),
             ReplyEnd::TimedOut { after } => write!(
                 f,
                 "{peer} timed out after {}s without a full reply; got {bytes}",
                 after.as_secs_f64()
             ),
+            ReplyEnd::CutOff => write!(
+                f,
+                "{peer} cut off by shutdown before a full reply; got {bytes}"
+            ),
             ReplyEnd::Failed(e) => {
-                write!(
-                    f,
-                    "{peer} read error: {}; got {bytes}",
-                    describe_io_error(e)
-                )
+                let why = describe_io_error(e);
+                write!(f, "{peer} read error: {why}; got {bytes}")
             }
-            ReplyEnd::Line => write!(f, "{peer} said: {bytes}"),
         }
     }
 }
 
 /// One record as a JSON object: `ts`, `level`, `event` (`log` if the call
-/// named none), the record's other fields, and `message`.
+/// named none), the record's other fields (a `None` one left out), and
+/// `message`.
 pub(crate) fn json_line(ts: &str, record: &log::Record<'_>) -> Json {
     let mut object = Map::new();
     object.insert("ts".into(), ts.into());
-    object.insert(
-        "level".into(),
-        record.level().as_str().to_lowercase().into(),
-    );
+    let level = record.level().as_str().to_lowercase();
+    object.insert("level".into(), level.into());
     object.insert("event".into(), "log".into());
-    let mut fields = JsonFields(&mut object);
     // Visiting our own fields cannot fail.
-    let _ = record.key_values().visit(&mut fields);
+    let _ = record.key_values().visit(&mut JsonFields(&mut object));
     object.insert("message".into(), record.args().to_string().into());
     Json::Object(object)
 }
@@ -91,7 +151,22 @@ pub(crate) fn escape_line_breakers(json: &str) -> String {
 
 struct JsonFields<'a>(&'a mut Map<String, Json>);
 
-/// Tells a null value (a `None` field) apart, so that it can be left out.
+impl<'kvs> VisitSource<'kvs> for JsonFields<'_> {
+    fn visit_pair(&mut self, key: Key<'kvs>, value: Value<'kvs>) -> Result<(), kv::Error> {
+        let mut null = IsNull(false);
+        value.visit(&mut null)?;
+        if !null.0 {
+            let json = (value.to_bool().map(Json::from))
+                .or_else(|| value.to_u64().map(Json::from))
+                .or_else(|| value.to_i64().map(Json::from))
+                .or_else(|| value.to_f64().map(Json::from))
+                .unwrap_or_else(|| value.to_string().into());
+            self.0.insert(key.as_str().into(), json);
+        }
+        Ok(())
+    }
+}
+
 struct IsNull(bool);
 
 impl<'v> kv::VisitValue<'v> for IsNull {
@@ -105,34 +180,11 @@ impl<'v> kv::VisitValue<'v> for IsNull {
     }
 }
 
-impl<'kvs> VisitSource<'kvs> for JsonFields<'_> {
-    fn visit_pair(&mut self, key: Key<'kvs>, value: Value<'kvs>) -> Result<(), kv::Error> {
-        let mut null = IsNull(false);
-        value.visit(&mut null)?;
-        if null.0 {
-            return Ok(());
-        }
-        let json = if let Some(b) = value.to_bool() {
-            Json::from(b)
-        } else if let Some(n) = value.to_u64() {
-            Json::from(n)
-        } else if let Some(n) = value.to_i64() {
-            Json::from(n)
-        } else if let Some(n) = value.to_f64() {
-            Json::from(n)
-        } else {
-            Json::from(value.to_string())
-        };
-        self.0.insert(key.as_str().to_string(), json);
-        Ok(())
-    }
-}
-
 /// A reply as JSON can carry it: the text, decoded lossily if it is not
 /// UTF-8, and whether it had to be.
-pub(crate) fn reply_text(bytes: &[u8]) -> (std::borrow::Cow<'_, str>, bool) {
+pub(crate) fn reply_text(bytes: &[u8]) -> (Cow<'_, str>, bool) {
     let text = String::from_utf8_lossy(bytes);
-    let lossy = matches!(text, std::borrow::Cow::Owned(_));
+    let lossy = matches!(text, Cow::Owned(_));
     (text, lossy)
 }
 

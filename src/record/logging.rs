@@ -1,6 +1,6 @@
 //! The log: its set-up ([`init`]), the default [`ReplySink`]
-//! ([`LogReplies`]), the `log` facade's diagnostic lines, and the names of
-//! every line's `event`.
+//! ([`LogReplies`]), the `log` facade's diagnostic lines, the reports of a
+//! failing output, and lines logged at most once per interval.
 //!
 //! Records and diagnostics go through one queue to one output (stderr, or
 //! `--log-file`), so the log reads in order. Only diagnostics are filtered
@@ -11,38 +11,31 @@
 //! accept errors, debug) are dropped and counted when the queue is full.
 
 use std::cell::{Cell, RefCell};
+use std::fmt;
 use std::io::{self, IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, SyncSender};
+use std::sync::mpsc::SyncSender;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use std::{panic, thread};
 
-use log::kv::{Key, Value};
+use log::kv::{Key, ToValue, Value};
 use log::{Level, Log as _, error, info, warn};
 
-use super::format::{RecordText, escape_line_breakers, json_line};
-use super::output::Output;
+pub use super::format::LogFormat;
+pub(crate) use super::format::event;
+use super::format::{Escaped, RecordText, class_of, escape_line_breakers, json_line, reply_text};
+use super::output::{ERROR_KINDS, Output, error_kind, stderr_writer};
 use super::queue::{self, Class, NotWritten, Observer, Queue};
-use super::{Escaped, Record, ReplyEnd, ReplySink, reply_text};
+use super::{Record, ReplyEnd, ReplySink};
 use crate::error::describe_io_error;
 use crate::lock;
 
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LogFormat {
-    /// `[2026-11-25T12:41:26Z INFO  prompt_server::connection] 127.0.0.1:50312 said: "yes"`
-    #[default]
-    Text,
-    /// `{"ts":"2026-11-25T12:41:26.123Z","level":"info","event":"reply",...}`
-    Json,
-}
-
-/// How long a record may wait for the log by default before it is given
-/// up (and its client reset): long enough to ride out a slow disk or a
-/// rotation, short enough that a failing one is noticed by the clients.
+/// The default [`LogSettings::record_timeout`]: long enough to ride out a
+/// slow disk or a rotation, short enough that a failing one is noticed by
+/// the clients.
 pub const DEFAULT_RECORD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How the log is written.
@@ -50,16 +43,14 @@ pub const DEFAULT_RECORD_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct LogSettings {
     /// Text lines, or one JSON object per line.
     pub format: LogFormat,
-    /// Write the log to this file (appended, created if missing) instead of
-    /// stderr; SIGHUP (see [`Shutdown::trigger_on_signals`](crate::Shutdown::trigger_on_signals))
-    /// opens the path again.
+    /// A file to append to (created if missing) instead of stderr, opened
+    /// again on SIGHUP ([`Shutdown::trigger_on_signals`](crate::Shutdown::trigger_on_signals)).
     pub file: Option<PathBuf>,
-    /// `fdatasync` after every batch that holds a record, when the log is a
-    /// regular file (`file`, or stderr redirected to one), so that a
-    /// record is on disk before its client sees a clean close.
+    /// `fdatasync` a regular file (`file`, or stderr redirected to one) after
+    /// each batch with a record, so that it is on disk before its clean close.
     pub sync: bool,
-    /// How long a record may wait for the log before it is given up: its
-    /// client is then reset, and the reply counted as not recorded.
+    /// How long a record may wait for the log before it is given up (its
+    /// client reset, the reply counted as not recorded).
     pub record_timeout: Duration,
 }
 
@@ -78,7 +69,6 @@ impl Default for LogSettings {
 /// `RUST_LOG` says (unless `RUST_LOG` names this target itself), since it is
 /// the only place that says which port `--port 0` got.
 pub(crate) const LISTENING_TARGET: &str = "prompt_server::listening";
-/// The target of every record line.
 const RECORD_TARGET: &str = "prompt_server::connection";
 
 /// Lines the log queue holds while the output is slow: enough for a burst
@@ -87,29 +77,47 @@ const LOG_QUEUE_LINES: usize = 1024;
 
 /// The process's log, made by [`init`] (or, for a sink used without it, on
 /// first use with the default settings).
-static LOG: OnceLock<Log> = OnceLock::new();
+static LOG: OnceLock<&'static Log> = OnceLock::new();
 
 struct Log {
-    queue: &'static Queue,
+    queue: Queue,
     /// Formats records, unfiltered.
     records: env_logger::Logger,
     record_timeout: Duration,
     health: &'static Health,
 }
 
+impl Log {
+    /// A line as `env_logger` formats it, whatever `RUST_LOG` says.
+    fn line(
+        &self,
+        level: Level,
+        target: &str,
+        fields: &[(&str, Value<'_>)],
+        message: fmt::Arguments<'_>,
+    ) -> Vec<u8> {
+        self.records.log(
+            &log::Record::builder()
+                .args(message)
+                .level(level)
+                .target(target)
+                .key_values(&fields)
+                .build(),
+        );
+        FORMATTED.take()
+    }
+}
+
 /// Starts the log as `settings` say and installs it as the `log` facade's
-/// logger: diagnostics at level info, unless `RUST_LOG` says otherwise;
-/// records always.
-///
-/// `env_logger` filters and formats each line on the calling thread; the
-/// line then goes through the log's queue instead of straight to the
-/// output, so that a stalled output never blocks the accept loop or the
-/// signal thread.
+/// logger: diagnostics at level info unless `RUST_LOG` says otherwise,
+/// records always. Each line is filtered and formatted on the calling
+/// thread, then queued, so that a stalled output never blocks the accept
+/// loop or the signal thread.
 ///
 /// # Errors
 ///
 /// Fails if the log file cannot be opened, a logger is already installed,
-/// or the thread that writes the log cannot be started.
+/// or a thread that writes the log cannot be started.
 pub fn init(settings: &LogSettings) -> io::Result<()> {
     let mut diagnostics = builder(settings.format);
     // Before RUST_LOG is read, so that a RUST_LOG directive for this very
@@ -119,12 +127,8 @@ pub fn init(settings: &LogSettings) -> io::Result<()> {
     let diagnostics = diagnostics.build();
     let log = install(settings)?;
     log::set_max_level(diagnostics.filter());
-    log::set_boxed_logger(Box::new(QueuedLogger {
-        diagnostics,
-        queue: log.queue,
-        health: log.health,
-    }))
-    .map_err(|e| io::Error::other(e.to_string()))
+    log::set_boxed_logger(Box::new(QueuedLogger { diagnostics, log }))
+        .map_err(|e| io::Error::other(e.to_string()))
 }
 
 /// An `env_logger` builder for `format` whose lines land in [`FORMATTED`].
@@ -154,34 +158,38 @@ fn install(settings: &LogSettings) -> io::Result<&'static Log> {
         })?,
         None => Output::stderr(settings.sync)?,
     };
-    let health: &'static Health = Box::leak(Box::new(Health::new(output.path().is_some())));
-    let queue: &'static Queue = Box::leak(Box::new(Queue::new(
-        LOG_QUEUE_LINES,
-        output,
-        Box::new(health),
-    )));
+    let file = settings
+        .file
+        .as_ref()
+        .map(|path| path.display().to_string());
+    let health: &'static Health = Box::leak(Box::new(Health {
+        file,
+        counts: Default::default(),
+        last_error: Mutex::new(None),
+        reported: ERROR_KINDS.map(|(kind, _)| LogEvery::new(kind, Duration::from_secs(1))),
+        stderr: settings.file.is_some().then(stderr_writer).transpose()?,
+    }));
     let mut records = builder(settings.format);
     records.filter_level(log::LevelFilter::Trace);
-    let log = Log {
-        queue,
+    let log: &'static Log = Box::leak(Box::new(Log {
+        queue: Queue::new(LOG_QUEUE_LINES, output, Box::new(health)),
         records: records.build(),
         record_timeout: settings.record_timeout,
         health,
-    };
+    }));
     LOG.set(log)
         .map_err(|_| io::Error::new(io::ErrorKind::AlreadyExists, "the log is set up already"))?;
-    queue::start_writer(queue)?;
-    LOG.get()
-        .ok_or_else(|| io::Error::other("the log vanished"))
+    queue::start_writer(&log.queue)?;
+    Ok(log)
 }
 
 /// The process's log: the one [`init`] made, or else one on stderr with the
 /// default settings, made now.
 fn log() -> io::Result<&'static Log> {
-    if let Some(log) = LOG.get() {
-        return Ok(log);
+    match LOG.get() {
+        Some(log) => Ok(log),
+        None => install(&LogSettings::default()).or_else(|e| LOG.get().copied().ok_or(e)),
     }
-    install(&LogSettings::default()).or_else(|e| LOG.get().ok_or(e))
 }
 
 /// The default [`ReplySink`]: each record is a line in the log, written
@@ -198,46 +206,32 @@ impl ReplySink for LogReplies {
         let proxy = record.proxy.map(|proxy| proxy.to_string());
         let proxy = proxy.as_deref();
         let (text, lossy) = reply_text(record.reply);
-        let text: &str = &text;
-        let fields: [(&str, Value<'_>); 7] = [
+        let duration_ms = record.duration.as_millis() as u64;
+        let fields = [
             ("event", Value::from(event)),
             ("peer", Value::from_display(&record.peer)),
-            ("proxy", log::kv::ToValue::to_value(&proxy)),
-            ("reply", Value::from(text)),
+            ("proxy", proxy.to_value()),
+            ("reply", Value::from(&*text)),
             ("reply_lossy", Value::from(lossy)),
             ("bytes", Value::from(record.reply.len())),
-            (
-                "duration_ms",
-                Value::from(record.duration.as_millis() as u64),
-            ),
+            ("duration_ms", Value::from(duration_ms)),
         ];
-        let message = RecordText(record);
-        log.records.log(
-            &log::Record::builder()
-                .args(format_args!("{message}"))
-                .level(level)
-                .target(RECORD_TARGET)
-                .key_values(&fields)
-                .build(),
-        );
-        let line = FORMATTED.with(|line| std::mem::take(&mut *line.borrow_mut()));
-        let deadline = Instant::now() + log.record_timeout;
-        log.queue
-            .push_and_wait(line, deadline)
-            .map_err(|why| match why {
-                NotWritten::TimedOut => io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "the log did not take it within {}s",
-                        log.record_timeout.as_secs_f64()
-                    ),
-                ),
-                NotWritten::Abandoned => io::Error::other("the server stopped waiting for the log"),
-            })
+        let message = format_args!("{}", RecordText(record));
+        let line = log.line(level, RECORD_TARGET, &fields, message);
+        let timeout = log.record_timeout.as_secs_f64();
+        let written = log
+            .queue
+            .push_and_wait(line, Instant::now() + log.record_timeout);
+        written.map_err(|why| match why {
+            NotWritten::TimedOut => io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the log did not take it within {timeout}s"),
+            ),
+            NotWritten::Abandoned => io::Error::other("the server stopped waiting for the log"),
+        })
     }
 }
 
-/// A record line's level and event.
 fn level_and_event(record: &Record<'_>) -> (Level, &'static str) {
     match record.end {
         ReplyEnd::Line => (Level::Info, event::REPLY),
@@ -250,14 +244,13 @@ fn level_and_event(record: &Record<'_>) -> (Level, &'static str) {
     }
 }
 
-/// Waits up to `timeout` for every queued log line to be written, and
-/// returns how many were not (0 without a log).
+/// Waits up to `timeout` for the queued log lines; returns how many were
+/// not written.
 pub(crate) fn flush(timeout: Duration) -> u64 {
     LOG.get().map_or(0, |log| log.queue.flush(timeout))
 }
 
-/// Makes records that wait for the log stop waiting: a stopping server
-/// gives up on a log that does not take them.
+/// A stopping server gives up on a log that does not take its records.
 pub(crate) fn stop_waiting_for_the_log() {
     if let Some(log) = LOG.get() {
         log.queue.stop_waiting();
@@ -267,24 +260,17 @@ pub(crate) fn stop_waiting_for_the_log() {
 /// Opens the log file again (SIGHUP, after logrotate renamed it); its first
 /// line says so. Returns false when the log is not a file.
 pub(crate) fn reopen() -> bool {
-    let Some(log) = LOG.get() else {
+    let Some(log) = LOG.get().filter(|log| log.health.file.is_some()) else {
         return false;
     };
-    if !log.health.to_file {
-        return false;
-    }
-    let fields = [("event", Value::from(event::LOG_REOPENED))];
-    log.records.log(
-        &log::Record::builder()
-            .args(format_args!(
-                "log file reopened (SIGHUP): the lines before this one are in the file it was renamed to"
-            ))
-            .level(Level::Info)
-            .target("prompt_server::logging")
-            .key_values(&fields)
-            .build(),
+    let line = log.line(
+        Level::Info,
+        "prompt_server::logging",
+        &[("event", Value::from(event::LOG_REOPENED))],
+        format_args!(
+            "log file reopened (SIGHUP): the lines before this one are in the file it was renamed to"
+        ),
     );
-    let line = FORMATTED.with(|line| std::mem::take(&mut *line.borrow_mut()));
     log.queue.reopen(line);
     true
 }
@@ -296,7 +282,15 @@ pub(crate) fn lines_dropped() -> u64 {
 
 /// Failed writes and syncs of the log, by kind (`ENOSPC`, `EIO`, ...).
 pub(crate) fn write_errors() -> Vec<(&'static str, u64)> {
-    LOG.get().map_or_else(Vec::new, |log| log.health.errors())
+    let Some(log) = LOG.get() else {
+        return Vec::new();
+    };
+    let counts = log.health.counts.iter().map(|n| n.load(Ordering::Relaxed));
+    ERROR_KINDS
+        .iter()
+        .map(|(kind, _)| *kind)
+        .zip(counts)
+        .collect()
 }
 
 /// What is wrong with the log now, for the service manager's status:
@@ -308,107 +302,50 @@ pub(crate) fn failure() -> Option<String> {
     Some(format!("log failing: {why} ({waiting} lines waiting)"))
 }
 
-/// What the queue's failures are told to: counters by kind, the failing
-/// state for the status, and a line on stderr at most once per kind per
-/// second when the log is a file (stderr is a channel that still works).
+/// What the queue's failures are told to: counters by kind, the last error
+/// for the status, and, when the log is a file, a line on stderr (a channel
+/// that still works) at most once per kind per second.
 struct Health {
-    to_file: bool,
+    /// The log file's path, `None` for stderr.
+    file: Option<String>,
     counts: [AtomicU64; ERROR_KINDS.len()],
     last_error: Mutex<Option<String>>,
-    /// When a line about each kind last went to stderr.
-    reported: Mutex<[Option<Instant>; ERROR_KINDS.len()]>,
-    /// Lines for stderr, written by a thread of their own, so that a
-    /// stalled stderr never holds up the log file.
-    stderr: Mutex<Option<SyncSender<String>>>,
+    reported: [LogEvery; ERROR_KINDS.len()],
+    /// Lines for stderr ([`stderr_writer`]) when the log is a file.
+    stderr: Option<SyncSender<String>>,
 }
 
-/// The `kind` label of the log's write errors, by errno.
-const ERROR_KINDS: [(&str, Option<i32>); 6] = [
-    ("ENOSPC", Some(libc::ENOSPC)),
-    ("EDQUOT", Some(libc::EDQUOT)),
-    ("EFBIG", Some(libc::EFBIG)),
-    ("EIO", Some(libc::EIO)),
-    ("EPIPE", Some(libc::EPIPE)),
-    ("other", None),
-];
-
 impl Health {
-    fn new(to_file: bool) -> Health {
-        Health {
-            to_file,
-            counts: Default::default(),
-            last_error: Mutex::new(None),
-            reported: Mutex::new([None; ERROR_KINDS.len()]),
-            stderr: Mutex::new(None),
-        }
-    }
-
-    fn errors(&self) -> Vec<(&'static str, u64)> {
-        ERROR_KINDS
-            .iter()
-            .zip(&self.counts)
-            .map(|((kind, _), count)| (*kind, count.load(Ordering::Relaxed)))
-            .collect()
-    }
-
-    /// Writes `line` to stderr from a thread of its own (started on first
-    /// use); dropped if that thread is behind.
+    /// Dropped if the stderr thread is behind.
     fn to_stderr(&self, line: String) {
-        let mut sender = lock(&self.stderr);
-        if sender.is_none() {
-            let (send, receive) = mpsc::sync_channel::<String>(16);
-            let started = thread::Builder::new()
-                .name("log-reports".into())
-                .stack_size(64 * 1024)
-                .spawn(move || {
-                    for line in receive {
-                        let _ = io::stderr().write_all(line.as_bytes());
-                    }
-                });
-            if started.is_err() {
-                return;
-            }
-            *sender = Some(send);
-        }
-        if let Some(sender) = sender.as_ref() {
-            let _ = sender.try_send(line);
+        if let Some(lines) = &self.stderr {
+            let _ = lines.try_send(line);
         }
     }
 }
 
 impl Observer for &'static Health {
-    fn failed(&self, error: &io::Error, output: &Output) {
-        let kind = ERROR_KINDS
-            .iter()
-            .position(|(_, errno)| errno.is_some() && *errno == error.raw_os_error())
-            .unwrap_or(ERROR_KINDS.len() - 1);
+    fn failed(&self, error: &io::Error) {
+        let kind = error_kind(error);
         self.counts[kind].fetch_add(1, Ordering::Relaxed);
         let why = describe_io_error(error);
         *lock(&self.last_error) = Some(why.clone());
-        let now = Instant::now();
+        if let Some(path) = &self.file
+            && self.reported[kind].due().is_some()
         {
-            let mut reported = lock(&self.reported);
-            if reported[kind].is_some_and(|at| now.duration_since(at) < Duration::from_secs(1)) {
-                return;
-            }
-            reported[kind] = Some(now);
-        }
-        if let Some(path) = output.path() {
             self.to_stderr(format!(
-                "prompt-server: cannot write the log file {}: {why}; replies wait and are retried \
-                 (a client whose reply is not recorded in time is reset)\n",
-                path.display()
+                "prompt-server: cannot write the log file {path}: {why}; replies wait and are retried \
+                 (a client whose reply is not recorded in time is reset)\n"
             ));
         }
     }
 
-    fn recovered(&self, failures: u64, output: &Output) {
+    fn recovered(&self, failures: u64) {
         let why = lock(&self.last_error).take().unwrap_or_default();
         let attempts = if failures == 1 { "attempt" } else { "attempts" };
-        if let Some(path) = output.path() {
+        if let Some(path) = &self.file {
             self.to_stderr(format!(
-                "prompt-server: the log file {} takes writes again ({failures} failed {attempts}: {why})\n",
-                path.display()
+                "prompt-server: the log file {path} takes writes again ({failures} failed {attempts}: {why})\n"
             ));
         }
         warn!(
@@ -417,11 +354,8 @@ impl Observer for &'static Health {
         );
     }
 
-    fn reopen_failed(&self, error: &io::Error, output: &Output) {
-        let path = output
-            .path()
-            .map(|path| path.display().to_string())
-            .unwrap_or_default();
+    fn reopen_failed(&self, error: &io::Error) {
+        let path = self.file.as_deref().unwrap_or_default();
         let why = describe_io_error(error);
         self.to_stderr(format!(
             "prompt-server: cannot reopen the log file {path}: {why}; still writing to the file \
@@ -445,9 +379,7 @@ impl Observer for &'static Health {
 /// queue delivers.
 struct QueuedLogger {
     diagnostics: env_logger::Logger,
-    queue: &'static Queue,
-    /// Where a log file's `listening on` line is shown too.
-    health: &'static Health,
+    log: &'static Log,
 }
 
 thread_local! {
@@ -478,133 +410,30 @@ impl log::Log for QueuedLogger {
         if !self.diagnostics.matches(record) {
             return;
         }
-        let class = class_of(record);
-        if class == Class::Housekeeping && self.queue.drops_housekeeping() {
+        let event = record.key_values().get(Key::from("event"));
+        let class = class_of(event.as_ref().and_then(Value::to_borrowed_str));
+        if class == Class::Housekeeping && self.log.queue.drops_housekeeping() {
             return;
         }
         self.diagnostics.log(record);
-        let line = FORMATTED.with(|line| std::mem::take(&mut *line.borrow_mut()));
+        let line = FORMATTED.take();
         if line.is_empty() {
             return;
         }
         // With a log file, stderr (a terminal, the journal) still says
         // where the server listens: `--port 0` is found out there.
-        if self.health.to_file && record.target() == LISTENING_TARGET {
-            self.health
-                .to_stderr(String::from_utf8_lossy(&line).into_owned());
+        if record.target() == LISTENING_TARGET {
+            let line = String::from_utf8_lossy(&line).into_owned();
+            self.log.health.to_stderr(line);
         }
-        self.queue.push(line, class);
+        self.log.queue.push(line, class);
     }
 
     fn flush(&self) {}
 }
 
-/// The `event` field of every log line, each name once, so that a call
-/// and [`class_of`] cannot disagree on its spelling.
-pub(crate) mod event {
-    /// An `accept` failed (rate-limited).
-    pub(crate) const ACCEPT_ERROR: &str = "accept_error";
-    /// `accept` works again after failures.
-    pub(crate) const ACCEPT_RESUMED: &str = "accept_resumed";
-    /// A client turned away: no connection slot, or its address holds `--max-per-ip`.
-    pub(crate) const BUSY: &str = "busy";
-    /// `--max-connections` lowered at start-up to what the process can hold.
-    pub(crate) const CAPACITY: &str = "capacity";
-    /// A client connected (debug).
-    pub(crate) const CONNECTED: &str = "connected";
-    /// The counters so far (SIGUSR1).
-    pub(crate) const COUNTERS: &str = "counters";
-    /// A client cut off at the shutdown deadline, with what it had sent.
-    pub(crate) const CUT_OFF: &str = "cut_off";
-    /// A client refused by the access rules, or not a trusted proxy.
-    pub(crate) const DENIED: &str = "denied";
-    /// A client's connection closed (debug).
-    pub(crate) const DISCONNECTED: &str = "disconnected";
-    /// The descriptor limit could not be raised.
-    pub(crate) const FD_LIMIT: &str = "fd_limit";
-    /// A socket passed down by the service manager is served.
-    pub(crate) const INHERITED: &str = "inherited";
-    /// The address a listener is bound to.
-    pub(crate) const LISTENING: &str = "listening";
-    /// How many housekeeping lines the full log queue dropped.
-    pub(crate) const LOG_DROPPED: &str = "log_dropped";
-    /// The log takes writes again after failures.
-    pub(crate) const LOG_RECOVERED: &str = "log_recovered";
-    /// The first line of a reopened log file.
-    pub(crate) const LOG_REOPENED: &str = "log_reopened";
-    /// The log file could not be reopened (SIGHUP); the old one is kept.
-    pub(crate) const LOG_REOPEN_FAILED: &str = "log_reopen_failed";
-    /// Where the metrics endpoint listens.
-    pub(crate) const METRICS: &str = "metrics";
-    /// A metrics scrape failed (debug).
-    pub(crate) const METRICS_SCRAPE_FAILED: &str = "metrics_scrape_failed";
-    /// A client closed without replying.
-    pub(crate) const NO_REPLY: &str = "no_reply";
-    /// The service manager could not be notified.
-    pub(crate) const NOTIFY_FAILED: &str = "notify_failed";
-    /// A reply the reply sink did not take: its client was reset.
-    pub(crate) const NOT_RECORDED: &str = "not_recorded";
-    /// A thread panicked.
-    pub(crate) const PANIC: &str = "panic";
-    /// The prompt could not be sent.
-    pub(crate) const PROMPT_FAILED: &str = "prompt_failed";
-    /// A bad PROXY protocol header.
-    pub(crate) const PROXY_HEADER: &str = "proxy_header";
-    /// A client turned away by `--max-rate-per-ip`.
-    pub(crate) const RATE_LIMITED: &str = "rate_limited";
-    /// Bytes read from a client (trace).
-    pub(crate) const READ: &str = "read";
-    /// Reading a reply failed.
-    pub(crate) const READ_ERROR: &str = "read_error";
-    /// A client's reply.
-    pub(crate) const REPLY: &str = "reply";
-    /// A stop began, or reached its deadline.
-    pub(crate) const SHUTDOWN: &str = "shutdown";
-    /// A signal received.
-    pub(crate) const SIGNAL: &str = "signal";
-    /// No thread could be started for a client.
-    pub(crate) const SPAWN_FAILED: &str = "spawn_failed";
-    /// The summary at the end of a stop.
-    pub(crate) const STOPPED: &str = "stopped";
-    /// A finished connection thread parked (trace).
-    pub(crate) const THREAD_PARKED: &str = "thread_parked";
-    /// A reply not complete by its deadline.
-    pub(crate) const TIMEOUT: &str = "timeout";
-    /// A reply cut at `--max-reply-bytes`.
-    pub(crate) const TRUNCATED: &str = "truncated";
-    /// A stop could not wake an accept loop.
-    pub(crate) const WAKE_FAILED: &str = "wake_failed";
-}
-
-/// Which queue class a diagnostic's `event` puts it in.
-fn class_of(record: &log::Record<'_>) -> Class {
-    let value = record.key_values().get(Key::from("event"));
-    let name = value.as_ref().and_then(Value::to_borrowed_str);
-    match name {
-        Some(
-            event::LISTENING
-            | event::SIGNAL
-            | event::SHUTDOWN
-            | event::STOPPED
-            | event::COUNTERS
-            | event::CAPACITY
-            | event::FD_LIMIT
-            | event::PANIC
-            | event::LOG_DROPPED
-            | event::LOG_RECOVERED
-            | event::LOG_REOPEN_FAILED
-            | event::WAKE_FAILED
-            | event::METRICS
-            | event::INHERITED
-            | event::NOTIFY_FAILED,
-        ) => Class::Lifecycle,
-        _ => Class::Housekeeping,
-    }
-}
-
 thread_local! {
-    /// The client this thread is serving, for the panic log line; set by a
-    /// [`ServingPeer`] guard for as long as the connection lasts.
+    /// The client this thread is serving, for the panic log line.
     static SERVING: Cell<Option<SocketAddr>> = const { Cell::new(None) };
 }
 
@@ -616,14 +445,14 @@ pub(crate) struct ServingPeer(());
 
 impl ServingPeer {
     pub(crate) fn set(peer: SocketAddr) -> Self {
-        SERVING.with(|current| current.set(Some(peer)));
+        SERVING.set(Some(peer));
         ServingPeer(())
     }
 }
 
 impl Drop for ServingPeer {
     fn drop(&mut self) {
-        SERVING.with(|current| current.set(None));
+        SERVING.set(None);
     }
 }
 
@@ -634,26 +463,23 @@ pub fn log_panics() {
     panic::set_hook(Box::new(|info| {
         let thread = thread::current();
         let thread = thread.name().unwrap_or("unnamed");
-        let message = info
-            .payload()
-            .downcast_ref::<&str>()
-            .copied()
-            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+        let payload = info.payload();
+        let message = (payload.downcast_ref::<&str>().copied())
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
             .unwrap_or("(no message)");
+        let message = Escaped(message.as_bytes());
         let location = info
             .location()
             .map(|at| format!("{}:{}", at.file(), at.line()))
             .unwrap_or_default();
-        match SERVING.with(Cell::get) {
+        match SERVING.get() {
             Some(peer) => error!(
                 event = event::PANIC, peer:% = peer;
-                "thread {thread} panicked at {location} serving {peer}: {}",
-                Escaped(message.as_bytes())
+                "thread {thread} panicked at {location} serving {peer}: {message}"
             ),
             None => error!(
                 event = event::PANIC;
-                "thread {thread} panicked at {location}: {}",
-                Escaped(message.as_bytes())
+                "thread {thread} panicked at {location}: {message}"
             ),
         }
     }));
@@ -666,8 +492,7 @@ pub fn log_panics() {
 /// is still held back when the server stops.
 #[derive(Debug)]
 pub(crate) struct LogEvery {
-    /// The `event` of its lines.
-    event: &'static str,
+    pub(crate) event: &'static str,
     interval: Duration,
     /// When a line last went out, and how many were held back since.
     state: Mutex<(Option<Instant>, u64)>,
@@ -695,7 +520,6 @@ impl LogEvery {
         Some(std::mem::take(held_back))
     }
 
-    /// Takes the count held back since the last line.
     fn take_held_back(&self) -> u64 {
         std::mem::take(&mut lock(&self.state).1)
     }
@@ -709,7 +533,7 @@ macro_rules! log_every {
     ($every:expr, $level:ident, [$($kv:tt)*], $($arg:tt)+) => {
         if let Some(held_back) = $every.due() {
             log::$level!(
-                event = $every.event(), $($kv)* held_back = held_back;
+                event = $every.event, $($kv)* held_back = held_back;
                 "{}{}", format_args!($($arg)+), $crate::logging::held_back_note(held_back)
             );
         }
@@ -717,25 +541,13 @@ macro_rules! log_every {
 }
 pub(crate) use log_every;
 
-impl LogEvery {
-    /// Its lines' `event`.
-    pub(crate) fn event(&self) -> &'static str {
-        self.event
-    }
-}
-
-/// Lines about clients turned away busy (`--max-connections`, `--max-per-ip`).
 pub(crate) static BUSY_LINES: LogEvery = LogEvery::new(event::BUSY, Duration::from_secs(1));
-/// Lines about clients turned away by `--max-rate-per-ip`.
 pub(crate) static RATE_LIMITED_LINES: LogEvery =
     LogEvery::new(event::RATE_LIMITED, Duration::from_secs(1));
-/// Lines about clients refused (access rules, untrusted proxies).
 pub(crate) static DENIED_LINES: LogEvery = LogEvery::new(event::DENIED, Duration::from_secs(1));
-/// Lines about replies the reply sink did not take.
 pub(crate) static NOT_RECORDED_LINES: LogEvery =
     LogEvery::new(event::NOT_RECORDED, Duration::from_secs(1));
-/// Lines about failing accepts, shared by every accept loop: out of
-/// descriptors, all of them fail at once.
+/// Shared by every accept loop: out of descriptors, all of them fail at once.
 pub(crate) static ACCEPT_ERROR_LINES: LogEvery =
     LogEvery::new(event::ACCEPT_ERROR, Duration::from_secs(5));
 
@@ -752,9 +564,9 @@ pub(crate) fn report_held_back() {
         let held_back = every.take_held_back();
         if held_back > 0 {
             info!(
-                event = every.event(), held_back = held_back;
+                event = every.event, held_back = held_back;
                 "{held_back} more {} lines were held back since the last one",
-                every.event()
+                every.event
             );
         }
     }

@@ -1,20 +1,13 @@
-//! The record: where every served connection's reply goes, and the log it
-//! shares with the server's diagnostics.
-//!
-//! Replies are the server's data. A connection thread hands its [`Record`]
-//! to the [`ReplySink`] of its [`Config`](crate::Config) before it closes
-//! the connection, and the sink's answer decides the close: `Ok` means the
-//! reply is kept, and the client may see a clean close; an error means it
-//! is not, and the client is reset (and the reply counted as not recorded).
-//! The default sink is the log ([`logging::LogReplies`]), whatever
-//! `RUST_LOG` says: `RUST_LOG` filters diagnostics only.
+//! The record: where every served connection's reply goes (a
+//! [`ReplySink`], the log by default), and the log it shares with the
+//! server's diagnostics. `RUST_LOG` filters diagnostics only, never records.
 //!
 //! - [`logging`]: logger set-up, the default sink, the `log` facade's
-//!   lines, and the log's event names.
+//!   lines, reports of a failing output, lines at most once per interval.
 //! - `queue`: the bounded queue in front of the log's output, group commit,
 //!   retries of failed writes.
 //! - `output`: stderr or the log file, its sync and its reopening.
-//! - `format`: text and JSON lines, and the escaping of client bytes.
+//! - `format`: text and JSON lines, event names, escaping of client bytes.
 
 use std::fmt;
 use std::io;
@@ -25,8 +18,6 @@ mod format;
 pub mod logging;
 mod output;
 mod queue;
-
-pub(crate) use format::{Escaped, reply_text};
 
 /// Where a server's replies are recorded: the log by default
 /// ([`logging::LogReplies`]), or an embedder's own store.
@@ -61,7 +52,6 @@ pub(crate) use format::{Escaped, reply_text};
 ///     }
 /// }
 ///
-/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let replies = Arc::new(Replies::default());
 /// let config = Config {
 ///     listen_addr: "127.0.0.1:0".parse()?,
@@ -86,15 +76,11 @@ pub(crate) use format::{Escaped, reply_text};
 /// let summary = server.join().expect("the server thread")?;
 /// assert_eq!(summary.replies, 1);
 /// assert_eq!(replies.0.lock().unwrap()[0].1, b"yes");
-/// # Ok(())
-/// # }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub trait ReplySink: Send + Sync {
-    /// Records one served connection's reply; `Ok` once it is kept.
-    ///
-    /// # Errors
-    ///
-    /// Any error means the reply is not kept, and the client is reset.
+    /// Records one served connection's reply: `Ok` once it is kept, an
+    /// error if it is not (and the client is reset).
     fn record(&self, record: &Record<'_>) -> io::Result<()>;
 }
 
@@ -104,8 +90,7 @@ impl fmt::Debug for dyn ReplySink {
     }
 }
 
-/// What a served connection left: who the client was, what it replied,
-/// and how the reply ended.
+/// What a served connection left.
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct Record<'a> {

@@ -12,11 +12,11 @@ use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, SyncSender};
+use std::thread;
 
-/// What the log's bytes are written to: a file (stderr's descriptor, or
-/// the log file), or, in the queue's tests, a writer that fails on cue.
+/// A file, or, in the queue's tests, a writer that fails on cue.
 pub(crate) trait Sink: Write + Send {
-    /// `fdatasync`.
     fn sync_data(&mut self) -> io::Result<()>;
 }
 
@@ -37,34 +37,22 @@ pub(crate) struct Output {
 }
 
 impl Output {
-    /// stderr (a duplicate of descriptor 2), synced if `sync` is asked for
-    /// and it is a regular file.
+    /// A duplicate of descriptor 2.
     pub(crate) fn stderr(sync: bool) -> io::Result<Output> {
         let file = File::from(io::stderr().as_fd().try_clone_to_owned()?);
         let regular = file.metadata().is_ok_and(|meta| meta.is_file());
-        Ok(Output {
-            file: Box::new(file),
-            path: None,
-            sync: sync && regular,
-        })
+        Ok(Output::to_sink(file, None, sync && regular))
     }
 
-    /// The file at `path`, appended to and created if missing, synced if
-    /// `sync` is asked for.
     pub(crate) fn file(path: &Path, sync: bool) -> io::Result<Output> {
-        Ok(Output {
-            file: Box::new(open_log_file(path)?),
-            path: Some(path.to_path_buf()),
-            sync,
-        })
+        let file = open_log_file(path)?;
+        Ok(Output::to_sink(file, Some(path.to_path_buf()), sync))
     }
 
-    /// Any sink, synced if `sync` (the queue's tests).
-    #[cfg(test)]
-    pub(crate) fn to_sink(sink: impl Sink + 'static, sync: bool) -> Output {
+    pub(crate) fn to_sink(sink: impl Sink + 'static, path: Option<PathBuf>, sync: bool) -> Output {
         Output {
             file: Box::new(sink),
-            path: None,
+            path,
             sync,
         }
     }
@@ -87,18 +75,12 @@ impl Output {
     /// writes `first_line` there first; the old file is kept on failure.
     /// stderr has nothing to reopen.
     pub(crate) fn reopen(&mut self, first_line: &[u8]) -> io::Result<()> {
-        let Some(path) = &self.path else {
-            return Ok(());
-        };
-        let mut file = open_log_file(path)?;
-        file.write_all(first_line)?;
-        self.file = Box::new(file);
+        if let Some(path) = &self.path {
+            let mut file = open_log_file(path)?;
+            file.write_all(first_line)?;
+            self.file = Box::new(file);
+        }
         Ok(())
-    }
-
-    /// The log file's path; `None` for stderr.
-    pub(crate) fn path(&self) -> Option<&Path> {
-        self.path.as_deref()
     }
 }
 
@@ -119,4 +101,37 @@ fn open_log_file(path: &Path) -> io::Result<File> {
         file.write_all(b"\n")?;
     }
     Ok(file)
+}
+
+/// The `kind` label of the log's write errors, by errno.
+pub(super) const ERROR_KINDS: [(&str, Option<i32>); 6] = [
+    ("ENOSPC", Some(libc::ENOSPC)),
+    ("EDQUOT", Some(libc::EDQUOT)),
+    ("EFBIG", Some(libc::EFBIG)),
+    ("EIO", Some(libc::EIO)),
+    ("EPIPE", Some(libc::EPIPE)),
+    ("other", None),
+];
+
+/// Starts a thread that writes the lines it is sent to stderr, so that a
+/// stalled stderr never holds up the log file.
+pub(super) fn stderr_writer() -> io::Result<SyncSender<String>> {
+    let (send, receive) = mpsc::sync_channel::<String>(16);
+    thread::Builder::new()
+        .name("log-reports".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            for line in receive {
+                let _ = io::stderr().write_all(line.as_bytes());
+            }
+        })?;
+    Ok(send)
+}
+
+/// Which of [`ERROR_KINDS`] `error` is.
+pub(super) fn error_kind(error: &io::Error) -> usize {
+    ERROR_KINDS
+        .iter()
+        .position(|(_, errno)| errno.is_some() && *errno == error.raw_os_error())
+        .unwrap_or(ERROR_KINDS.len() - 1)
 }

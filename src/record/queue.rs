@@ -28,8 +28,7 @@ use std::time::{Duration, Instant};
 use super::output::Output;
 use crate::lock;
 
-/// What a line nobody waits for is: what becomes of it when the queue is
-/// full. (A record goes in with [`Queue::push_and_wait`].)
+/// What becomes of a line nobody waits for when the queue is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Class {
     /// About the server's life: never dropped.
@@ -55,16 +54,15 @@ const MAX_RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// What the queue tells about its output; called without the queue's lock.
 pub(crate) trait Observer: Send + Sync {
     /// A write or sync failed; its lines wait to be written again.
-    fn failed(&self, error: &io::Error, output: &Output);
+    fn failed(&self, error: &io::Error);
     /// A write went through after `failures` failed ones.
-    fn recovered(&self, failures: u64, output: &Output);
+    fn recovered(&self, failures: u64);
     /// Reopening the log file failed; the old one is still written.
-    fn reopen_failed(&self, error: &io::Error, output: &Output);
+    fn reopen_failed(&self, error: &io::Error);
     /// `count` housekeeping lines were dropped while the queue was full.
     fn dropped(&self, count: u64);
 }
 
-/// A bounded queue of formatted lines in front of one [`Output`].
 pub(crate) struct Queue {
     capacity: usize,
     state: Mutex<State>,
@@ -76,6 +74,8 @@ pub(crate) struct Queue {
     output: Mutex<Output>,
     observer: Box<dyn Observer>,
 }
+
+type Guard<'a> = MutexGuard<'a, State>;
 
 #[derive(Default)]
 struct State {
@@ -111,6 +111,22 @@ impl State {
                 || self.reopen.is_some()
                 || self.dropped > 0)
     }
+
+    /// Whether a caller may take the writer role: nobody has it, and no
+    /// failed batch waits for the writer thread's pause.
+    fn writer_free(&self) -> bool {
+        !self.writing && self.retry.is_none()
+    }
+
+    /// Counts a housekeeping line as dropped if the queue is full.
+    fn drops_housekeeping(&mut self, capacity: usize) -> bool {
+        let full = self.waiting.len() >= capacity;
+        if full {
+            self.dropped += 1;
+            self.dropped_total += 1;
+        }
+        full
+    }
 }
 
 struct Line {
@@ -124,60 +140,59 @@ struct Line {
 #[derive(Default)]
 struct Batch {
     lines: Vec<Line>,
-    /// The first line not wholly written, and how much of it is.
-    next: usize,
-    partial: usize,
+    /// Bytes of it written so far.
+    written: usize,
 }
 
 impl Batch {
     /// Empties given-up line `number` if no byte of it is written yet.
     fn give_up(&mut self, number: u64) {
-        let unstarted = (self.next + usize::from(self.partial > 0)).min(self.lines.len());
-        if let Some(line) = self.lines[unstarted..]
-            .iter_mut()
-            .find(|l| l.number == number)
-        {
-            line.bytes.clear();
+        let mut start = 0;
+        for line in &mut self.lines {
+            if line.number == number && start >= self.written {
+                line.bytes.clear();
+            }
+            start += line.bytes.len();
         }
+    }
+
+    /// Goes back to the start of the line a failed write tore.
+    fn rewind_torn_line(&mut self) {
+        let ends = self.lines.iter().scan(0, |end, line| {
+            *end += line.bytes.len();
+            Some(*end)
+        });
+        self.written = ends
+            .take_while(|end| *end <= self.written)
+            .last()
+            .unwrap_or(0);
     }
 
     /// Writes what is left, then syncs if a record is in it; returns the
     /// bytes written. On an error, the batch says how far it got.
     fn write_to(&mut self, output: &mut Output) -> io::Result<usize> {
-        let mut total = 0;
-        let mut pending = Vec::new();
-        while self.next < self.lines.len() {
-            pending.clear();
-            pending.extend_from_slice(&self.lines[self.next].bytes[self.partial..]);
-            self.lines[self.next + 1..]
-                .iter()
-                .for_each(|line| pending.extend_from_slice(&line.bytes));
-            if pending.is_empty() {
-                break;
-            }
-            let mut written = match output.write(&pending) {
+        let bytes = self
+            .lines
+            .iter()
+            .map(|line| &line.bytes[..])
+            .collect::<Vec<_>>()
+            .concat();
+        let start = self.written;
+        while self.written < bytes.len() {
+            match output.write(&bytes[self.written..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(written) => written,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+                Ok(written) => self.written += written,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
-            };
-            total += written;
-            while written > 0 {
-                let left = self.lines[self.next].bytes.len() - self.partial;
-                if written < left {
-                    self.partial += written;
-                    break;
-                }
-                written -= left;
-                (self.next, self.partial) = (self.next + 1, 0);
             }
         }
+        let total = self.written - start;
         if total > 0
             && self.lines.iter().any(|line| line.record)
             && let Err(e) = output.sync()
         {
             // What the failed sync covered may be lost: write it all again.
-            (self.next, self.partial) = (0, 0);
+            self.written = 0;
             return Err(e);
         }
         Ok(total)
@@ -185,11 +200,10 @@ impl Batch {
 }
 
 impl Queue {
-    /// A queue of at most `capacity` waiting lines (at least one) in front
-    /// of `output`.
+    /// A queue of at most `capacity` waiting lines in front of `output`.
     pub(crate) fn new(capacity: usize, output: Output, observer: Box<dyn Observer>) -> Self {
         Queue {
-            capacity: capacity.max(1),
+            capacity,
             state: Mutex::default(),
             changed: Condvar::new(),
             work: Condvar::new(),
@@ -198,23 +212,31 @@ impl Queue {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> Guard<'_> {
         lock(&self.state)
+    }
+
+    /// Runs `f` without the lock.
+    fn unlocked<'a, T>(&'a self, state: Guard<'a>, f: impl FnOnce() -> T) -> (Guard<'a>, T) {
+        drop(state);
+        let result = f();
+        (self.lock(), result)
+    }
+
+    /// Runs `f` without the lock, holding the writer role.
+    fn as_writer<'a, T>(&'a self, mut state: Guard<'a>, f: impl FnOnce() -> T) -> (Guard<'a>, T) {
+        state.writing = true;
+        let (mut state, result) = self.unlocked(state, f);
+        state.writing = false;
+        (state, result)
     }
 
     /// Whether a housekeeping line would be dropped now (and counts it if
     /// so), so that a caller can skip formatting it.
     pub(crate) fn drops_housekeeping(&self) -> bool {
-        let mut state = self.lock();
-        let full = state.waiting.len() >= self.capacity;
-        if full {
-            state.dropped += 1;
-            state.dropped_total += 1;
-        }
-        full
+        self.lock().drops_housekeeping(self.capacity)
     }
 
-    /// Housekeeping lines dropped since the queue was made.
     pub(crate) fn dropped_total(&self) -> u64 {
         self.lock().dropped_total
     }
@@ -222,9 +244,7 @@ impl Queue {
     /// Queues a line that nobody waits for.
     pub(crate) fn push(&self, bytes: Vec<u8>, class: Class) {
         let mut state = self.lock();
-        if class == Class::Housekeeping && state.waiting.len() >= self.capacity {
-            state.dropped += 1;
-            state.dropped_total += 1;
+        if class == Class::Housekeeping && state.drops_housekeeping(self.capacity) {
             return;
         }
         Self::enqueue(&mut state, bytes, false);
@@ -240,43 +260,39 @@ impl Queue {
     ) -> Result<(), NotWritten> {
         let mut state = self.lock();
         while state.waiting.len() >= self.capacity && !state.abandoned {
-            state = self.wait(state, deadline).ok_or(NotWritten::TimedOut)?;
+            state = self
+                .wait(state, deadline)
+                .map_err(|_| NotWritten::TimedOut)?;
         }
         let number = Self::enqueue(&mut state, bytes, true);
-        loop {
+        let why = loop {
             if state.done >= number {
                 return Ok(());
             }
-            let why = if state.abandoned {
-                NotWritten::Abandoned
-            } else if !state.writing && state.retry.is_none() {
+            if state.abandoned {
+                break NotWritten::Abandoned;
+            }
+            if state.writer_free() {
                 state = self.write_batch(state);
                 continue;
-            } else {
-                match self.wait(state, deadline) {
-                    Some(next) => {
-                        state = next;
-                        continue;
-                    }
-                    None => {
-                        state = self.lock();
-                        if state.done >= number {
-                            return Ok(());
-                        }
-                        NotWritten::TimedOut
-                    }
-                }
-            };
-            // Taken out of what is still to be written, if none of it is.
-            match state.waiting.iter_mut().find(|line| line.number == number) {
-                Some(line) => line.bytes.clear(),
-                None => state
-                    .retry
-                    .iter_mut()
-                    .for_each(|batch| batch.give_up(number)),
             }
-            return Err(why);
+            match self.wait(state, deadline) {
+                Ok(next) => state = next,
+                Err(timed_out) => {
+                    state = timed_out;
+                    break NotWritten::TimedOut;
+                }
+            }
+        };
+        // Taken out of what is still to be written, if none of it is.
+        match state.waiting.iter_mut().find(|line| line.number == number) {
+            Some(line) => line.bytes.clear(),
+            None => state
+                .retry
+                .iter_mut()
+                .for_each(|batch| batch.give_up(number)),
         }
+        Err(why)
     }
 
     fn enqueue(state: &mut State, bytes: Vec<u8>, record: bool) -> u64 {
@@ -290,16 +306,12 @@ impl Queue {
         number
     }
 
-    /// Waits on `changed` until signalled or `deadline`; `None` once the
-    /// deadline has passed (the lock is released then).
-    fn wait<'a>(
-        &'a self,
-        mut state: MutexGuard<'a, State>,
-        deadline: Instant,
-    ) -> Option<MutexGuard<'a, State>> {
+    /// Waits on `changed` until signalled or `deadline`; `Err` at once
+    /// when the deadline has passed.
+    fn wait<'a>(&'a self, mut state: Guard<'a>, deadline: Instant) -> Result<Guard<'a>, Guard<'a>> {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return None;
+            return Err(state);
         }
         state.callers_waiting += 1;
         let (mut state, _) = self
@@ -307,7 +319,7 @@ impl Queue {
             .wait_timeout(state, left)
             .unwrap_or_else(PoisonError::into_inner);
         state.callers_waiting -= 1;
-        Some(state)
+        Ok(state)
     }
 
     fn wake_writer_if_needed(&self, state: &State) {
@@ -318,8 +330,7 @@ impl Queue {
 
     /// Takes the writer role and writes the batch to retry, or else every
     /// waiting line, in one go; returns with the lock held again.
-    fn write_batch<'a>(&'a self, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-        state.writing = true;
+    fn write_batch<'a>(&'a self, mut state: Guard<'a>) -> Guard<'a> {
         let mut batch = state.retry.take().unwrap_or_default();
         if batch.lines.is_empty() {
             let was_full = state.waiting.len() >= self.capacity;
@@ -328,32 +339,22 @@ impl Queue {
                 self.changed.notify_all();
             }
         }
-        drop(state);
-        let result = batch.write_to(&mut lock(&self.output));
-        let mut state = self.lock();
-        state.writing = false;
-        let report = match result {
+        let (mut state, result) = self.as_writer(state, || batch.write_to(&mut lock(&self.output)));
+        match result {
             Ok(written) => {
-                state.done = state
-                    .done
-                    .max(batch.lines.last().map_or(0, |line| line.number));
+                let last = batch.lines.last().map_or(0, |line| line.number);
+                state.done = state.done.max(last);
                 // A batch whose lines were all given up proves nothing.
-                let recovered = written > 0 && state.failures > 0;
-                recovered.then(|| Err(std::mem::take(&mut state.failures)))
+                if written > 0 && state.failures > 0 {
+                    let failures = std::mem::take(&mut state.failures);
+                    state = self.unlocked(state, || self.observer.recovered(failures)).0;
+                }
             }
             Err(e) => {
                 state.retry = Some(batch);
                 state.failures += 1;
-                Some(Ok(e))
+                state = self.unlocked(state, || self.observer.failed(&e)).0;
             }
-        };
-        if let Some(report) = report {
-            drop(state);
-            match report {
-                Ok(error) => self.observer.failed(&error, &lock(&self.output)),
-                Err(failures) => self.observer.recovered(failures, &lock(&self.output)),
-            }
-            state = self.lock();
         }
         if state.callers_waiting > 0 {
             self.changed.notify_all();
@@ -376,39 +377,31 @@ impl Queue {
             state.writer_idle = false;
             let mut reopened = false;
             if let Some(first_line) = state.reopen.take() {
-                state.writing = true;
-                drop(state);
-                let mut output = lock(&self.output);
-                match output.reopen(&first_line) {
-                    Ok(()) => reopened = true,
-                    Err(e) => self.observer.reopen_failed(&e, &output),
-                }
-                drop(output);
-                state = self.lock();
-                state.writing = false;
+                let reopen = || match lock(&self.output).reopen(&first_line) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        self.observer.reopen_failed(&e);
+                        false
+                    }
+                };
+                (state, reopened) = self.as_writer(state, reopen);
                 // A line torn by a failed write is written whole again in
                 // the new file, at once: the new file is why it may work.
                 if let (true, Some(batch)) = (reopened, &mut state.retry) {
-                    batch.partial = 0;
+                    batch.rewind_torn_line();
                 }
             }
             if state.retry.is_some() && !reopened {
                 let doublings = state.failures.saturating_sub(1).min(16) as u32;
                 let pause = (FIRST_RETRY_PAUSE * 2u32.pow(doublings)).min(MAX_RETRY_PAUSE);
-                state.writing = true;
-                drop(state);
-                thread::sleep(pause);
-                state = self.lock();
-                state.writing = false;
+                state = self.as_writer(state, || thread::sleep(pause)).0;
             }
             if state.retry.is_some() || !state.waiting.is_empty() {
                 state = self.write_batch(state);
             }
             if state.dropped > 0 && state.waiting.len() < self.capacity {
                 let dropped = std::mem::take(&mut state.dropped);
-                drop(state);
-                self.observer.dropped(dropped);
-                state = self.lock();
+                state = self.unlocked(state, || self.observer.dropped(dropped)).0;
             }
         }
     }
@@ -427,23 +420,19 @@ impl Queue {
         let deadline = Instant::now() + timeout;
         let mut state = self.lock();
         while state.done < state.queued {
-            if !state.writing && state.retry.is_none() {
+            if state.writer_free() {
                 state = self.write_batch(state);
                 continue;
             }
             match self.wait(state, deadline) {
-                Some(next) => state = next,
-                None => {
-                    let state = self.lock();
-                    return state.queued - state.done;
-                }
+                Ok(next) => state = next,
+                Err(state) => return state.queued - state.done,
             }
         }
         0
     }
 
-    /// Makes records stop waiting, now and from now on: a stopping server
-    /// gives up on an output that does not take them.
+    /// Makes records stop waiting, now and from now on.
     pub(crate) fn stop_waiting(&self) {
         self.lock().abandoned = true;
         self.changed.notify_all();
@@ -546,20 +535,20 @@ mod tests {
     struct Seen(Arc<Mutex<(u64, u64, u64)>>);
 
     impl Observer for Seen {
-        fn failed(&self, _: &io::Error, _: &Output) {
+        fn failed(&self, _: &io::Error) {
             lock(&self.0).0 += 1;
         }
-        fn recovered(&self, _: u64, _: &Output) {
+        fn recovered(&self, _: u64) {
             lock(&self.0).1 += 1;
         }
-        fn reopen_failed(&self, _: &io::Error, _: &Output) {}
+        fn reopen_failed(&self, _: &io::Error) {}
         fn dropped(&self, count: u64) {
             lock(&self.0).2 += count;
         }
     }
 
     fn queue(capacity: usize, sink: &Cued, seen: &Seen) -> &'static Queue {
-        let output = Output::to_sink(sink.clone(), true);
+        let output = Output::to_sink(sink.clone(), None, true);
         let queue = Box::leak(Box::new(Queue::new(
             capacity,
             output,
