@@ -52,7 +52,9 @@ impl LiveCount {
     /// Joins the count if it is below `max`, without waiting.
     pub(crate) fn try_enter(self: &Arc<Self>, max: usize) -> Option<Live> {
         let below = |count: usize| (count < max).then_some(count + 1);
-        let joined = self.count.fetch_update(Ordering::SeqCst, Ordering::SeqCst, below);
+        let joined = self
+            .count
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, below);
         joined.ok().map(|_| Live(Arc::clone(self)))
     }
 

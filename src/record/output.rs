@@ -7,10 +7,10 @@
 //! record there is just as much data. A pipe, a terminal or journald's
 //! socket cannot be synced and is not.
 
-use std::fs::{File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, SyncSender};
 use std::thread;
@@ -55,6 +55,23 @@ impl Output {
             path,
             sync,
         }
+    }
+
+    /// stderr opened again, non-blocking, when it is a pipe and not synced:
+    /// a new open file description of the same pipe, so that its
+    /// `O_NONBLOCK` is ours alone (descriptor 2's is shared with whoever
+    /// started the server).
+    pub(crate) fn unsynced_pipe(&self) -> Option<File> {
+        let pipe = self.path.is_none()
+            && !self.sync
+            && fs::metadata("/proc/self/fd/2").is_ok_and(|meta| meta.file_type().is_fifo());
+        let open = || {
+            OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open("/proc/self/fd/2")
+        };
+        pipe.then(open)?.ok()
     }
 
     /// One `write`: how many bytes of `bytes` it took.

@@ -20,7 +20,9 @@
 //! who gives up has its line taken out if no byte of it is written yet.
 
 use std::collections::VecDeque;
-use std::io;
+use std::fs::File;
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -73,6 +75,12 @@ pub(crate) struct Queue {
     /// Used only by the thread holding the writer role.
     output: Mutex<Output>,
     observer: Box<dyn Observer>,
+    /// stderr as a pipe, opened again non-blocking: where a record can be
+    /// written by its own thread with no lock (see [`Queue::push_and_wait`]).
+    pipe: Option<File>,
+    /// Whether writes are failing (`State::failures > 0`), read without
+    /// the lock.
+    failing: AtomicBool,
 }
 
 type Guard<'a> = MutexGuard<'a, State>;
@@ -207,8 +215,10 @@ impl Queue {
             state: Mutex::default(),
             changed: Condvar::new(),
             work: Condvar::new(),
+            pipe: output.unsynced_pipe(),
             output: Mutex::new(output),
             observer,
+            failing: AtomicBool::new(false),
         }
     }
 
@@ -253,11 +263,23 @@ impl Queue {
 
     /// Queues a record and waits until it is written and synced, writing
     /// the queue itself if nobody else is; gives up at `deadline`.
+    ///
+    /// On a pipe, a record no longer than `PIPE_BUF` is first written by its
+    /// own thread, with no lock and nobody to wait for or wake: a pipe takes
+    /// such a write whole or not at all, so lines never mix. A pipe that is
+    /// full (or failing) sends it the queue's way.
     pub(crate) fn push_and_wait(
         &self,
         bytes: Vec<u8>,
         deadline: Instant,
     ) -> Result<(), NotWritten> {
+        if let Some(mut pipe) = self.pipe.as_ref()
+            && bytes.len() <= libc::PIPE_BUF
+            && !self.failing.load(Ordering::Relaxed)
+            && pipe.write(&bytes).is_ok_and(|n| n == bytes.len())
+        {
+            return Ok(());
+        }
         let mut state = self.lock();
         while state.waiting.len() >= self.capacity && !state.abandoned {
             state = self
@@ -347,12 +369,14 @@ impl Queue {
                 // A batch whose lines were all given up proves nothing.
                 if written > 0 && state.failures > 0 {
                     let failures = std::mem::take(&mut state.failures);
+                    self.failing.store(false, Ordering::Relaxed);
                     state = self.unlocked(state, || self.observer.recovered(failures)).0;
                 }
             }
             Err(e) => {
                 state.retry = Some(batch);
                 state.failures += 1;
+                self.failing.store(true, Ordering::Relaxed);
                 state = self.unlocked(state, || self.observer.failed(&e)).0;
             }
         }
