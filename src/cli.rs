@@ -1,23 +1,21 @@
-//! The command line of the `prompt-server` binary: [`Cli`], and the
-//! one-line form of its errors.
+//! The binary's command line: [`Cli`], and its errors on one line.
 //!
-//! A module of the binary (declared in `main.rs`), not of the library: only
-//! the binary knows clap. It parses each flag into its type and maps the
-//! flags onto the library's [`Config`], whose defaults are the flags'
-//! defaults; every rule about values is the library's
+//! Only the binary knows clap. The flags' defaults are the library's
+//! [`Config`] defaults, and every rule about values is the library's
 //! ([`Config::validate`]), reported here as a bad value of its flag.
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
-use clap::{CommandFactory, Parser, ValueEnum};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{CommandFactory, Parser};
 use ipnet::IpNet;
 use prompt_server::logging::{DEFAULT_RECORD_TIMEOUT, LogFormat, LogSettings};
 use prompt_server::{AccessRules, Config, ConfigError, NetList, Rate, RateLimit};
 
-/// What `--help` says after the options.
 const AFTER_HELP: &str = "\
 Example:
   prompt-server --port 1337     then, from another terminal: nc 127.0.0.1 1337
@@ -26,7 +24,6 @@ Replies are always logged (to stderr, or --log-file); RUST_LOG filters the
 other lines, e.g. RUST_LOG=debug (a line per connect and disconnect) or
 RUST_LOG=warn (problems only; the `listening on` line is always shown).";
 
-/// The command line of `prompt-server`.
 #[derive(Debug, Parser)]
 #[command(
     version,
@@ -38,7 +35,7 @@ RUST_LOG=warn (problems only; the `listening on` line is always shown).";
 pub struct Cli {
     /// TCP port to listen on (0 lets the OS pick one; the log says which).
     #[arg(long, value_name = "PORT", default_value_t = defaults().listen_addr.port(),
-          value_parser = parse_port, allow_negative_numbers = true)]
+          value_parser = parse_whole::<u16>, allow_negative_numbers = true)]
     pub port: u16,
 
     /// Address to listen on, e.g. 0.0.0.0, ::, 127.0.0.1 or ::1.
@@ -53,7 +50,7 @@ pub struct Cli {
     /// Longest reply kept, in bytes; a longer one is logged truncated and the
     /// connection reset.
     #[arg(long, value_name = "N", default_value_t = defaults().max_reply_bytes,
-          value_parser = parse_at_least_one::<NonZeroUsize>, allow_negative_numbers = true)]
+          value_parser = parse_whole::<NonZeroUsize>, allow_negative_numbers = true)]
     pub max_reply_bytes: NonZeroUsize,
 
     /// Seconds a client has for its whole reply, however slowly it sends;
@@ -70,7 +67,7 @@ pub struct Cli {
     /// Clients served at once; one more is sent "server busy, try again
     /// later" and closed.
     #[arg(long, value_name = "N", default_value_t = defaults().max_connections,
-          value_parser = parse_at_least_one::<NonZeroUsize>, allow_negative_numbers = true)]
+          value_parser = parse_whole::<NonZeroUsize>, allow_negative_numbers = true)]
     pub max_connections: NonZeroUsize,
 
     /// Seconds a stopping server (SIGINT, SIGTERM) lets connected clients
@@ -100,21 +97,19 @@ pub struct Cli {
     #[arg(long, value_name = "CIDR", value_parser = parse_net)]
     pub allow: Vec<IpNet>,
 
-    /// Refuse clients from this address or network; wins over --allow.
-    /// Repeatable.
+    /// Refuse clients from this address or network; wins over --allow. Repeatable.
     #[arg(long, value_name = "CIDR", value_parser = parse_net)]
     pub deny: Vec<IpNet>,
 
-    /// Connections one client address may hold at once; one more is sent the
-    /// busy line.
+    /// Connections one client address may hold at once; one more is sent the busy line.
     #[arg(long, value_name = "N",
-          value_parser = parse_at_least_one::<NonZeroUsize>, allow_negative_numbers = true)]
+          value_parser = parse_whole::<NonZeroUsize>, allow_negative_numbers = true)]
     pub max_per_ip: Option<NonZeroUsize>,
 
     /// Connections the kernel queues for the server before it accepts them
     /// [default: net.core.somaxconn, 4096 on current kernels]
     #[arg(long, value_name = "N",
-          value_parser = parse_at_least_one::<NonZeroU32>, allow_negative_numbers = true)]
+          value_parser = parse_whole::<NonZeroU32>, allow_negative_numbers = true)]
     pub backlog: Option<NonZeroU32>,
 
     /// Connections one client network may open per period, e.g. 5/s,
@@ -148,8 +143,12 @@ pub struct Cli {
     pub reuseport: bool,
 
     /// Log lines as text, or as one JSON object per line.
-    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormatArg::Text)]
-    pub log_format: LogFormatArg,
+    #[arg(long, value_name = "FORMAT", default_value = "text",
+          value_parser = PossibleValuesParser::new(["text", "json"]).map(|format| match &*format {
+              "json" => LogFormat::Json,
+              _ => LogFormat::Text,
+          }))]
+    pub log_format: LogFormat,
 
     /// Write the log to this file (appended, created if missing) instead of
     /// stderr; SIGHUP reopens it (logrotate). stderr keeps start-up errors
@@ -169,37 +168,19 @@ pub struct Cli {
     pub record_timeout: Duration,
 }
 
-/// `--log-format`: the library's [`LogFormat`], as a flag value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormatArg {
-    Text,
-    Json,
-}
-
-impl From<LogFormatArg> for LogFormat {
-    fn from(format: LogFormatArg) -> Self {
-        match format {
-            LogFormatArg::Text => LogFormat::Text,
-            LogFormatArg::Json => LogFormat::Json,
-        }
-    }
-}
-
-/// The library's defaults, which are the flags' defaults.
 fn defaults() -> Config {
     Config::default()
 }
 
-/// The default prompt as a flag value: without the newline every prompt
-/// gets.
+/// The default prompt without the newline every prompt gets.
 fn default_prompt() -> String {
     String::from_utf8_lossy(&defaults().prompt)
         .trim_end()
         .to_string()
 }
 
-/// A duration as a `SECS` flag's default (`None`, waiting forever, is 0);
-/// made once per flag when the command is built.
+/// A `SECS` flag's default (0 for `None`, waiting forever); leaked, once per
+/// flag, because clap wants a `&'static str`.
 fn seconds(duration: Option<Duration>) -> &'static str {
     let text = duration.map_or(0.0, |duration| duration.as_secs_f64());
     Box::leak(text.to_string().into_boxed_str())
@@ -248,10 +229,9 @@ impl Cli {
         Ok(config)
     }
 
-    /// How the log is written.
     pub fn log_settings(&self) -> LogSettings {
         LogSettings {
-            format: self.log_format.into(),
+            format: self.log_format,
             file: self.log_file.clone(),
             sync: !self.no_log_sync,
             record_timeout: self.record_timeout,
@@ -263,28 +243,18 @@ impl Cli {
 /// field: "invalid value '2000' for '--thread-cache <N>': must be at most
 /// the connection cap (1024)".
 fn flag_error(error: &ConfigError) -> clap::Error {
-    let id = match error.field {
-        "rate_limit.prefix_v4" => "rate_prefix_v4",
-        "rate_limit.prefix_v6" => "rate_prefix_v6",
-        field => field,
-    };
-    let command = Cli::command();
+    let id = error.field.replace("rate_limit.", "rate_");
+    let mut command = Cli::command();
+    command.build(); // an argument's Display needs a built command
     let flag = command
         .get_arguments()
-        .find(|arg| arg.get_id() == id)
-        .map(|arg| {
-            let long = arg.get_long().unwrap_or(id);
-            match arg.get_value_names() {
-                Some([name, ..]) => format!("--{long} <{name}>"),
-                _ => format!("--{long}"),
-            }
-        })
-        .unwrap_or_else(|| error.field.to_string());
+        .find(|arg| arg.get_id() == id.as_str())
+        .map_or_else(|| error.field.to_string(), ToString::to_string);
     let message = format!(
         "invalid value '{}' for '{flag}': {}",
         error.value, error.rule
     );
-    Cli::command().error(clap::error::ErrorKind::ValueValidation, message)
+    command.error(clap::error::ErrorKind::ValueValidation, message)
 }
 
 /// A command-line error as one line for stderr: clap's whole message (the
@@ -295,23 +265,18 @@ fn flag_error(error: &ConfigError) -> clap::Error {
 pub fn error_line(error: &clap::Error) -> String {
     let rendered = error.render().to_string();
     let mut line = String::new();
-    for part in rendered.lines().map(str::trim) {
-        if part.starts_with("Usage:") || part.starts_with("For more information") {
-            break;
-        }
-        if part.is_empty() {
-            continue;
-        }
+    for part in rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|part| !part.starts_with("Usage:") && !part.starts_with("For more information"))
+        .filter(|part| !part.is_empty())
+    {
         if !line.is_empty() {
             line.push_str(if part.starts_with("tip:") { "; " } else { " " });
         }
         line.push_str(part);
     }
-    if line.is_empty() {
-        line.push_str("error: invalid arguments");
-    }
-    line.push_str(" (see --help)");
-    line
+    line + " (see --help)"
 }
 
 /// Seconds as a number (`0.5`, `10`, `1e3`) that makes a [`Duration`]:
@@ -323,34 +288,22 @@ fn parse_seconds(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| "must be a number of seconds, 0 or more".to_string())
 }
 
-/// A whole number, 0 or more, that fits `T`.
-fn parse_whole<T: std::str::FromStr>(text: &str) -> Result<T, String> {
-    text.parse()
-        .map_err(|_| format!("must be a whole number from 0 to {}", max_of::<T>()))
-}
-
-/// A whole number, 1 or more, that fits `T` (a `NonZero` type).
-fn parse_at_least_one<T: std::str::FromStr>(text: &str) -> Result<T, String> {
-    match text.parse::<u128>() {
-        Ok(0) => Err("must be at least 1".to_string()),
-        _ => text
-            .parse()
-            .map_err(|_| format!("must be a whole number from 1 to {}", max_of::<T>())),
+/// A whole number that fits the integer type `T`: 0 or more, or 1 or more
+/// for a `NonZero` type. The limits come from `T`'s name.
+fn parse_whole<T: FromStr>(text: &str) -> Result<T, String> {
+    let name = std::any::type_name::<T>().trim_end_matches('>');
+    let min = u8::from(name.contains("NonZero"));
+    if min == 1 && text.parse::<u128>() == Ok(0) {
+        return Err("must be at least 1".to_string());
     }
-}
-
-/// The largest value of the integer type `T`, for error messages.
-fn max_of<T>() -> String {
-    match std::any::type_name::<T>() {
+    let max = match name {
         name if name.ends_with("u8") => u8::MAX.to_string(),
         name if name.ends_with("u16") => u16::MAX.to_string(),
-        name if name.ends_with("u32") || name.ends_with("NonZero<u32>") => u32::MAX.to_string(),
+        name if name.ends_with("u32") => u32::MAX.to_string(),
         _ => usize::MAX.to_string(),
-    }
-}
-
-fn parse_port(text: &str) -> Result<u16, String> {
-    parse_whole(text)
+    };
+    text.parse()
+        .map_err(|_| format!("must be a whole number from {min} to {max}"))
 }
 
 /// An IP address; a host name is not looked up, so that the address served
@@ -363,7 +316,7 @@ fn parse_ip(text: &str) -> Result<IpAddr, String> {
     })
 }
 
-/// Parses `ADDR/PREFIX`, or a bare address meaning that one host.
+/// `ADDR/PREFIX`, or a bare address meaning that one host.
 fn parse_net(text: &str) -> Result<IpNet, String> {
     let parsed = if text.contains('/') {
         text.parse::<IpNet>().map(|net| net.trunc()).ok()
@@ -374,14 +327,11 @@ fn parse_net(text: &str) -> Result<IpNet, String> {
         .ok_or_else(|| "must be an address or a network such as 10.0.0.0/8 or ::1/128".to_string())
 }
 
-/// Turns prompt text into the bytes sent, adding the newline a line-based
-/// client (netcat, telnet) needs to show it.
+/// The bytes sent, ending in the newline a line-based client (netcat,
+/// telnet) needs to show the prompt.
 fn prompt_bytes(text: &str) -> Vec<u8> {
-    let mut prompt = text.as_bytes().to_vec();
-    if !prompt.ends_with(b"\n") {
-        prompt.push(b'\n');
-    }
-    prompt
+    let text = text.strip_suffix('\n').unwrap_or(text);
+    format!("{text}\n").into_bytes()
 }
 
 #[cfg(test)]

@@ -1,13 +1,10 @@
-//! What the server runs with: [`Config`], its documented defaults, and the
-//! one place its rules are checked ([`Config::validate`]).
-//!
-//! The library takes a [`Config`] and never reads the command line itself,
-//! so tests and embedders build one directly; the binary's command line (the
-//! `cli` module) only maps its flags onto one and lets [`run`](crate::run)'s
-//! validation speak for every rule, so that each rule is written once.
+//! What the server runs with: [`Config`], its defaults, and the one place
+//! its rules are checked ([`Config::validate`], which [`run`](crate::run)
+//! calls): tests and embedders build a `Config` directly, and the binary's
+//! command line only maps its flags onto one.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,30 +14,10 @@ use crate::limits::{AccessRules, NetList};
 use crate::record::ReplySink;
 use crate::record::logging::LogReplies;
 
-/// The prompt of the classic example.
-pub(crate) const DEFAULT_PROMPT: &str = "Do you want to play a game?\n";
-/// The port of the classic example.
-pub(crate) const DEFAULT_PORT: u16 = 1337;
-/// Every IPv4 interface, as the classic example listens.
-pub(crate) const DEFAULT_BIND: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
-/// The classic example reads one 1024-byte buffer; a longer reply is cut there.
-pub(crate) const DEFAULT_MAX_REPLY_BYTES: NonZeroUsize = NonZeroUsize::new(1024).unwrap();
-/// A minute is long enough for a person to type an answer, short enough
-/// that abandoned connections do not pile up.
-pub(crate) const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
-/// The prompt is one small write; a client that has not taken it in this
-/// long is not reading at all.
-pub(crate) const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Each connection costs a thread (a few KiB of memory, 2 MiB of address
-/// space) and a file descriptor: 1024 fits the default descriptor limit of
-/// most systems once raised to the hard limit, and any 64-bit machine.
-pub(crate) const DEFAULT_MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(1024).unwrap();
-/// How long a stopping server lets connected clients finish.
-pub(crate) const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
-/// The longest duration a setting may have: every deadline is an `Instant`
-/// plus one of them, which must not overflow, and a year is no limit at all
-/// for a prompt.
-pub(crate) const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The longest a duration setting may be: every deadline is an `Instant`
+/// plus one, which must not overflow, and a year is no limit at all for a
+/// prompt.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Everything the server needs to know to serve connections.
 #[derive(Debug, Clone)]
@@ -110,9 +87,8 @@ pub struct RateLimit {
 impl RateLimit {
     /// The default IPv4 prefix: each address on its own.
     pub const DEFAULT_PREFIX_V4: u8 = DEFAULT_PREFIX_V4;
-    /// The default IPv6 prefix: a /64, the smallest network an IPv6 host is
-    /// usually given (RFC 6177), so changing addresses within it buys
-    /// nothing.
+    /// The default IPv6 prefix, /64: a host's usual allocation (RFC 6177),
+    /// so changing addresses within it buys nothing.
     pub const DEFAULT_PREFIX_V6: u8 = DEFAULT_PREFIX_V6;
 
     /// `rate` per network, with the default prefixes (/32 and /64).
@@ -126,15 +102,24 @@ impl RateLimit {
 }
 
 impl Default for Config {
+    /// The classic example: port 1337 on every IPv4 interface, its prompt,
+    /// and its one 1024-byte read as the reply cap.
     fn default() -> Self {
         Config {
-            listen_addr: SocketAddr::new(DEFAULT_BIND, DEFAULT_PORT),
-            prompt: DEFAULT_PROMPT.as_bytes().to_vec(),
-            max_reply_bytes: DEFAULT_MAX_REPLY_BYTES,
-            reply_timeout: Some(DEFAULT_REPLY_TIMEOUT),
-            write_timeout: DEFAULT_WRITE_TIMEOUT,
-            max_connections: DEFAULT_MAX_CONNECTIONS,
-            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            listen_addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 1337)),
+            prompt: b"Do you want to play a game?\n".to_vec(),
+            max_reply_bytes: const { NonZeroUsize::new(1024).unwrap() },
+            // Long enough for a person to type an answer, short enough that
+            // abandoned connections do not pile up.
+            reply_timeout: Some(Duration::from_secs(60)),
+            // The prompt is one small write: a client that has not taken it
+            // by then is not reading at all.
+            write_timeout: Duration::from_secs(10),
+            // Each costs a thread (a few KiB of memory, 2 MiB of address
+            // space) and a descriptor: 1024 fits most systems' descriptor
+            // limit once raised to the hard limit, and any 64-bit machine.
+            max_connections: const { NonZeroUsize::new(1024).unwrap() },
+            shutdown_timeout: Duration::from_secs(10),
             thread_cache: 0,
             proxy_protocol: None,
             access: AccessRules::default(),
@@ -170,16 +155,13 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 impl Config {
-    /// Checks every rule that the fields' types cannot express; [`run`]
-    /// calls it first.
-    ///
-    /// [`run`]: crate::run
-    ///
-    /// # Errors
-    ///
-    /// The first rule that does not hold.
+    /// Checks every rule that the fields' types cannot express, and returns
+    /// the first that does not hold; [`run`](crate::run) calls it first.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let error = |field, value: String, rule: String| ConfigError { field, value, rule };
+        let broken = |field, value: &dyn fmt::Display, rule: String| {
+            let value = value.to_string();
+            Err(ConfigError { field, value, rule })
+        };
         let durations = [
             ("reply_timeout", self.reply_timeout),
             ("write_timeout", Some(self.write_timeout)),
@@ -187,52 +169,32 @@ impl Config {
         ];
         for (field, duration) in durations {
             if let Some(duration) = duration.filter(|d| *d > MAX_DURATION) {
-                return Err(error(
-                    field,
-                    duration.as_secs_f64().to_string(),
-                    format!(
-                        "must be at most {} seconds (a year)",
-                        MAX_DURATION.as_secs()
-                    ),
-                ));
+                let year = MAX_DURATION.as_secs();
+                let rule = format!("must be at most {year} seconds (a year)");
+                return broken(field, &duration.as_secs_f64(), rule);
             }
         }
         if self.write_timeout.is_zero() {
-            return Err(error(
-                "write_timeout",
-                "0".into(),
-                "must be more than 0 seconds".into(),
-            ));
+            return broken("write_timeout", &0, "must be more than 0 seconds".into());
         }
-        if self.thread_cache > self.max_connections.get() {
-            return Err(error(
-                "thread_cache",
-                self.thread_cache.to_string(),
-                format!(
-                    "must be at most the connection cap ({})",
-                    self.max_connections
-                ),
-            ));
+        let cap = self.max_connections;
+        if self.thread_cache > cap.get() {
+            let rule = format!("must be at most the connection cap ({cap})");
+            return broken("thread_cache", &self.thread_cache, rule);
         }
         if let Some(backlog) = self.backlog.filter(|b| i32::try_from(b.get()).is_err()) {
-            return Err(error(
-                "backlog",
-                backlog.to_string(),
-                format!("must be at most {}", i32::MAX),
-            ));
+            return broken("backlog", &backlog, format!("must be at most {}", i32::MAX));
         }
-        if let Some(limit) = &self.rate_limit {
-            for (field, bits, max) in [
+        let prefixes = self.rate_limit.iter().flat_map(|limit| {
+            [
                 ("rate_limit.prefix_v4", limit.prefix_v4, 32),
                 ("rate_limit.prefix_v6", limit.prefix_v6, 128),
-            ] {
-                if bits > max {
-                    return Err(error(
-                        field,
-                        bits.to_string(),
-                        format!("must be a prefix length from 0 to {max}"),
-                    ));
-                }
+            ]
+        });
+        for (field, bits, max) in prefixes {
+            if bits > max {
+                let rule = format!("must be a prefix length from 0 to {max}");
+                return broken(field, &bits, rule);
             }
         }
         Ok(())

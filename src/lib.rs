@@ -9,9 +9,9 @@
 //! [`bind`] a listener for a [`Config`] (or take the sockets systemd passes
 //! down with [`listeners`]), then [`run`] it until a [`Shutdown`] handle is
 //! triggered; `run` returns a [`Summary`] of how the connections ended. The
-//! binary does exactly this, with its command line (`src/cli.rs`, the
-//! binary's own module: the library does not know clap) and the
-//! [`logging`] set-up around it. Linux only (see the README).
+//! binary (`src/main.rs`) does just this, with its command line
+//! (`src/cli.rs`: the library does not know clap) and the [`logging`]
+//! set-up around it, and tests drive the very same calls. Linux only.
 //!
 //! # Layout
 //!
@@ -35,20 +35,12 @@
 //!   counters behind the [`Summary`] and the metrics, the library's
 //!   [`Error`].
 //!
-//! One connection, accept to park, reads through `serve/accept.rs`,
-//! `serve/connection.rs`, `serve/read.rs`, `limits/mod.rs`, the reply sink
-//! (`record/logging.rs` by default, over `record/format.rs` and
-//! `record/queue.rs`) and `stats.rs`; `serve/proxy_protocol.rs` behind a
-//! balancer, `limits/rate.rs` with a rate limit. `docs/ARCHITECTURE.md`
-//! follows it step by step.
-//!
-//! The binary (`src/main.rs`) only parses the command line, sets up logging,
-//! takes its sockets ([`listeners`]: systemd's, or bound) and calls
-//! [`run`]; tests drive the very same [`bind`] and [`run`].
+//! `docs/ARCHITECTURE.md` follows one connection through these files, accept
+//! to park.
 
-// `deny`, not `forbid`: exactly one function opts out, with a SAFETY
-// comment (`serve::listen::claim_descriptor`, which takes a socket inherited
-// by number from the service manager; there is no safe API for that).
+// `deny`, not `forbid`: one function opts out, with a SAFETY comment
+// (`serve::listen::claim_descriptor`: no safe API takes a socket inherited
+// by number from the service manager).
 #![deny(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
@@ -76,9 +68,9 @@ pub use serve::{bind, listeners, run};
 pub use shutdown::Shutdown;
 pub use stats::Summary;
 
-/// Locks `mutex`, whether or not a thread panicked while holding it: every
-/// value the server keeps under a lock is whole after any single update,
-/// and one connection's panic must not stop the others.
+/// Locks `mutex` even if a thread panicked holding it: every value kept
+/// under a lock is whole after any single update, and one connection's
+/// panic must not stop the others.
 pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
