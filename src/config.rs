@@ -1,7 +1,6 @@
 //! What the server runs with: [`Config`], its defaults, and the one place
-//! its rules are checked ([`Config::validate`], which [`run`](crate::run)
-//! calls): tests and embedders build a `Config` directly, and the binary's
-//! command line only maps its flags onto one.
+//! its rules are checked ([`Config::validate`]). Tests and embedders build a
+//! `Config` directly; the binary's command line only fills one in.
 
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -14,9 +13,8 @@ use crate::limits::{AccessRules, NetList};
 use crate::record::ReplySink;
 use crate::record::logging::LogReplies;
 
-/// The longest a duration setting may be: every deadline is an `Instant`
-/// plus one, which must not overflow, and a year is no limit at all for a
-/// prompt.
+/// The longest duration setting: a deadline is an `Instant` plus one, which
+/// must not overflow, and a year is no limit at all for a prompt.
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Everything the server needs to know to serve connections.
@@ -24,15 +22,13 @@ const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 pub struct Config {
     /// Address to listen on; port 0 lets the OS pick one.
     pub listen_addr: SocketAddr,
-    /// Bytes sent to every client on connect, as they are (the command line
-    /// adds a missing final `\n`).
+    /// Sent to every client on connect, as is (the CLI adds a missing `\n`).
     pub prompt: Vec<u8>,
     /// Longest reply kept, not counting its line terminator; more is truncated.
     pub max_reply_bytes: NonZeroUsize,
     /// Budget for the whole reply, however it trickles in; `None` waits forever.
     pub reply_timeout: Option<Duration>,
-    /// Budget for sending the whole prompt to a client that reads slowly or
-    /// not at all; more than zero.
+    /// Budget for sending the whole prompt to a slow reader; more than zero.
     pub write_timeout: Duration,
     /// Connections served at once; more are sent the busy line and closed.
     pub max_connections: NonZeroUsize,
@@ -41,17 +37,15 @@ pub struct Config {
     /// Finished connection threads kept parked for the next connection
     /// (0: every connection gets a new thread); at most `max_connections`.
     pub thread_cache: usize,
-    /// `Some(trusted)`: every connection starts with a PROXY protocol header
-    /// (v1 or v2) that names the real client, sent by one of the `trusted`
-    /// proxies (any, if the list is empty).
+    /// `Some(trusted)`: each connection starts with a PROXY header (v1 or v2)
+    /// naming the real client, from a `trusted` proxy (any, if empty).
     pub proxy_protocol: Option<NetList>,
     /// Which client addresses are served.
     pub access: AccessRules,
     /// Connections one client address may hold at once; `None`: no limit.
     pub max_per_ip: Option<NonZeroUsize>,
-    /// Connections the kernel may queue before the server accepts them
-    /// (at most `i32::MAX`); `None`: the most it allows
-    /// (`net.core.somaxconn`).
+    /// Connections the kernel may queue until accepted (at most `i32::MAX`);
+    /// `None`: the most it allows (`net.core.somaxconn`).
     pub backlog: Option<NonZeroU32>,
     /// Set `SO_REUSEPORT` before binding, so that several processes can
     /// listen on one port and the kernel spreads connections among them.
@@ -62,8 +56,7 @@ pub struct Config {
     /// How fast one client network may open connections; `None`: no limit.
     /// One over it gets the busy line.
     pub rate_limit: Option<RateLimit>,
-    /// Where to serve `GET /metrics` (Prometheus text format); `None`: not
-    /// at all.
+    /// Where to serve `GET /metrics` (Prometheus text); `None`: nowhere.
     pub metrics_addr: Option<SocketAddr>,
     /// Where replies are recorded; a client sees a clean close only once
     /// its sink has taken its reply. The log by default.
@@ -76,11 +69,9 @@ pub struct Config {
 pub struct RateLimit {
     /// Connections per period, which is also the burst.
     pub rate: Rate,
-    /// Leading bits of an IPv4 client address that make its network (0 to
-    /// 32; 32: each address on its own).
+    /// Leading bits of an IPv4 client address that make its network (0-32).
     pub prefix_v4: u8,
-    /// Leading bits of an IPv6 client address that make its network (0 to
-    /// 128; 64: a host's usual allocation).
+    /// Leading bits of an IPv6 client address that make its network (0-128).
     pub prefix_v6: u8,
 }
 

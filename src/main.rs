@@ -3,6 +3,7 @@
 //! turn the outcome into an exit code.
 
 use std::io::ErrorKind;
+use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -16,7 +17,7 @@ use prompt_server::{Shutdown, listeners, logging, run};
 const RECORD_INCOMPLETE: u8 = 3;
 
 fn main() -> ExitCode {
-    let (config, cli) = match Cli::try_parse().and_then(|cli| Ok((cli.to_config()?, cli))) {
+    let (config, log) = match Cli::try_parse().and_then(Cli::settings) {
         Ok(parsed) => parsed,
         // --help and --version are not errors; clap prints them and exits 0.
         Err(e) if !e.use_stderr() => e.exit(),
@@ -25,13 +26,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let (port, metrics_addr) = (config.listen_addr.port(), config.metrics_addr);
     // Before anything opens a descriptor that could take a number the
     // service manager's LISTEN_FDS names.
     let listeners = match listeners(&config) {
         Ok(listeners) => listeners,
-        Err(e) => return start_failed(&e, &cli),
+        Err(e) => return start_failed(&e, port, metrics_addr),
     };
-    if let Err(e) = logging::init(&cli.log_settings()) {
+    if let Err(e) = logging::init(&log) {
         eprintln!("error: cannot set up logging: {e}");
         return ExitCode::FAILURE;
     }
@@ -45,7 +47,7 @@ fn main() -> ExitCode {
         Ok(summary) if summary.unwritten_log_lines > 0 || summary.not_recorded > 0 => {
             // stderr says it when it is not the log that failed: written to
             // a stalled stderr, the line would never let the process exit.
-            if cli.log_file.is_some() {
+            if log.file.is_some() {
                 eprintln!(
                     "error: the log did not take everything: {} replies were not recorded \
                      (their clients were reset), {} log lines were left unwritten",
@@ -55,20 +57,20 @@ fn main() -> ExitCode {
             ExitCode::from(RECORD_INCOMPLETE)
         }
         Ok(_) => ExitCode::SUCCESS,
-        Err(e) => start_failed(&e, &cli),
+        Err(e) => start_failed(&e, port, metrics_addr),
     }
 }
 
 /// Reports a start-up error, saying what to do about an address in use.
-fn start_failed(error: &prompt_server::Error, cli: &Cli) -> ExitCode {
+fn start_failed(error: &prompt_server::Error, port: u16, metrics: Option<SocketAddr>) -> ExitCode {
     let mut hint = String::new();
     if error.kind() == ErrorKind::AddrInUse {
-        let (port, what) = match cli.metrics_addr {
+        let (port, what) = match metrics {
             Some(metrics) if error.to_string().contains("for metrics") => {
                 (metrics.port(), "--metrics-addr")
             }
             _ => (
-                cli.port,
+                port,
                 "--port, or --port 0 for a free one; --reuseport shares a port",
             ),
         };
