@@ -2,13 +2,13 @@
 //! set up logging, run the library's server until a signal stops it, and
 //! turn the outcome into an exit code.
 
+mod cli;
+
 use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Parser;
-mod cli;
-
 use cli::Cli;
 use prompt_server::{Shutdown, listeners, logging, run};
 
