@@ -1,23 +1,24 @@
-//! The command line of the `prompt-server` binary: [`Cli`], and the
-//! one-line form of its errors.
+//! The binary's command line: [`Cli`], and its errors on one line.
 //!
-//! A module of the binary (declared in `main.rs`), not of the library: only
-//! the binary knows clap. It parses each flag into its type and maps the
-//! flags onto the library's [`Config`], whose defaults are the flags'
-//! defaults; every rule about values is the library's
+//! Only the binary knows clap. The flags' defaults are the library's
+//! [`Config`] defaults, and every rule about values is the library's
 //! ([`Config::validate`]), reported here as a bad value of its flag.
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::LazyLock;
 use std::time::Duration;
 
-use clap::{CommandFactory, Parser, ValueEnum};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{CommandFactory, Parser};
 use ipnet::IpNet;
 use prompt_server::logging::{DEFAULT_RECORD_TIMEOUT, LogFormat, LogSettings};
 use prompt_server::{AccessRules, Config, ConfigError, NetList, Rate, RateLimit};
 
-/// What `--help` says after the options.
+const ABOUT: &str = "A TCP server that sends each client a prompt, logs its one-line reply \
+                     with its address, and closes the connection.";
 const AFTER_HELP: &str = "\
 Example:
   prompt-server --port 1337     then, from another terminal: nc 127.0.0.1 1337
@@ -26,189 +27,137 @@ Replies are always logged (to stderr, or --log-file); RUST_LOG filters the
 other lines, e.g. RUST_LOG=debug (a line per connect and disconnect) or
 RUST_LOG=warn (problems only; the `listening on` line is always shown).";
 
-/// The command line of `prompt-server`.
 #[derive(Debug, Parser)]
-#[command(
-    version,
-    about = "A TCP server that sends each client a prompt, logs its one-line reply \
-             with its address, and closes the connection.",
-    long_about = None,
-    after_help = AFTER_HELP
-)]
+#[command(version, about = ABOUT, long_about = None, after_help = AFTER_HELP)]
 pub struct Cli {
     /// TCP port to listen on (0 lets the OS pick one; the log says which).
-    #[arg(long, value_name = "PORT", default_value_t = defaults().listen_addr.port(),
-          value_parser = parse_port, allow_negative_numbers = true)]
-    pub port: u16,
-
+    #[arg(long, value_name = "PORT", default_value_t = DEFAULTS.listen_addr.port(),
+          value_parser = parse_whole::<u16>, allow_negative_numbers = true)]
+    port: u16,
     /// Address to listen on, e.g. 0.0.0.0, ::, 127.0.0.1 or ::1.
-    #[arg(long, value_name = "ADDR", default_value_t = defaults().listen_addr.ip(),
+    #[arg(long, value_name = "ADDR", default_value_t = DEFAULTS.listen_addr.ip(),
           value_parser = parse_ip)]
-    pub bind: IpAddr,
-
+    bind: IpAddr,
     /// Prompt sent to every client; a missing trailing newline is added.
-    #[arg(long, value_name = "TEXT", default_value_t = default_prompt())]
-    pub prompt: String,
-
+    #[arg(long, value_name = "TEXT",
+          default_value_t = String::from_utf8_lossy(DEFAULTS.prompt.trim_ascii_end()).into())]
+    prompt: String,
     /// Longest reply kept, in bytes; a longer one is logged truncated and the
     /// connection reset.
-    #[arg(long, value_name = "N", default_value_t = defaults().max_reply_bytes,
-          value_parser = parse_at_least_one::<NonZeroUsize>, allow_negative_numbers = true)]
-    pub max_reply_bytes: NonZeroUsize,
-
+    #[arg(long, value_name = "N", default_value_t = DEFAULTS.max_reply_bytes,
+          value_parser = parse_whole::<NonZeroUsize>, allow_negative_numbers = true)]
+    max_reply_bytes: NonZeroUsize,
     /// Seconds a client has for its whole reply, however slowly it sends;
     /// 0 waits forever.
-    #[arg(long, value_name = "SECS", default_value = seconds(defaults().reply_timeout),
+    #[arg(long, value_name = "SECS", default_value = seconds(DEFAULTS.reply_timeout),
           value_parser = parse_seconds, allow_negative_numbers = true)]
-    pub reply_timeout: Duration,
-
+    reply_timeout: Duration,
     /// Seconds sending the whole prompt may take before the client is dropped.
-    #[arg(long, value_name = "SECS", default_value = seconds(Some(defaults().write_timeout)),
+    #[arg(long, value_name = "SECS", default_value = seconds(Some(DEFAULTS.write_timeout)),
           value_parser = parse_seconds, allow_negative_numbers = true)]
-    pub write_timeout: Duration,
-
+    write_timeout: Duration,
     /// Clients served at once; one more is sent "server busy, try again
     /// later" and closed.
-    #[arg(long, value_name = "N", default_value_t = defaults().max_connections,
-          value_parser = parse_at_least_one::<NonZeroUsize>, allow_negative_numbers = true)]
-    pub max_connections: NonZeroUsize,
-
+    #[arg(long, value_name = "N", default_value_t = DEFAULTS.max_connections,
+          value_parser = parse_whole::<NonZeroUsize>, allow_negative_numbers = true)]
+    max_connections: NonZeroUsize,
     /// Seconds a stopping server (SIGINT, SIGTERM) lets connected clients
     /// finish before it exits.
-    #[arg(long, value_name = "SECS", default_value = seconds(Some(defaults().shutdown_timeout)),
+    #[arg(long, value_name = "SECS", default_value = seconds(Some(DEFAULTS.shutdown_timeout)),
           value_parser = parse_seconds, allow_negative_numbers = true)]
-    pub shutdown_timeout: Duration,
-
+    shutdown_timeout: Duration,
     /// Finished connection threads kept to serve the next connection instead
     /// of starting a new thread; 0 disables it; at most --max-connections.
     #[arg(long, value_name = "N", default_value_t = 0,
           value_parser = parse_whole::<usize>, allow_negative_numbers = true)]
-    pub thread_cache: usize,
-
+    thread_cache: usize,
     /// Expect a PROXY protocol header (v1 or v2, as HAProxy's send-proxy
     /// and send-proxy-v2 send) before each client's data, and log the client
     /// address it carries. Connections without a valid one are closed.
     #[arg(long)]
-    pub proxy_protocol: bool,
-
+    proxy_protocol: bool,
     /// With --proxy-protocol: only connections from this address or network
     /// may carry a header; others are refused. Repeatable.
     #[arg(long, value_name = "CIDR", value_parser = parse_net, requires = "proxy_protocol")]
-    pub trusted_proxy: Vec<IpNet>,
-
+    trusted_proxy: Vec<IpNet>,
     /// Serve only clients from this address or network. Repeatable.
     #[arg(long, value_name = "CIDR", value_parser = parse_net)]
-    pub allow: Vec<IpNet>,
-
+    allow: Vec<IpNet>,
     /// Refuse clients from this address or network; wins over --allow.
     /// Repeatable.
     #[arg(long, value_name = "CIDR", value_parser = parse_net)]
-    pub deny: Vec<IpNet>,
-
+    deny: Vec<IpNet>,
     /// Connections one client address may hold at once; one more is sent the
     /// busy line.
     #[arg(long, value_name = "N",
-          value_parser = parse_at_least_one::<NonZeroUsize>, allow_negative_numbers = true)]
-    pub max_per_ip: Option<NonZeroUsize>,
-
+          value_parser = parse_whole::<NonZeroUsize>, allow_negative_numbers = true)]
+    max_per_ip: Option<NonZeroUsize>,
     /// Connections the kernel queues for the server before it accepts them
     /// [default: net.core.somaxconn, 4096 on current kernels]
     #[arg(long, value_name = "N",
-          value_parser = parse_at_least_one::<NonZeroU32>, allow_negative_numbers = true)]
-    pub backlog: Option<NonZeroU32>,
-
+          value_parser = parse_whole::<NonZeroU32>, allow_negative_numbers = true)]
+    backlog: Option<NonZeroU32>,
     /// Connections one client network may open per period, e.g. 5/s,
     /// 100/min or 1000/h (also the burst); one more gets the busy line.
     #[arg(long, value_name = "RATE")]
-    pub max_rate_per_ip: Option<Rate>,
-
+    max_rate_per_ip: Option<Rate>,
     /// With --max-rate-per-ip: leading bits of an IPv4 client address that
     /// make its network (32: each address on its own).
     #[arg(long, value_name = "BITS", default_value_t = RateLimit::DEFAULT_PREFIX_V4,
           value_parser = parse_whole::<u8>, allow_negative_numbers = true,
           requires = "max_rate_per_ip")]
-    pub rate_prefix_v4: u8,
-
+    rate_prefix_v4: u8,
     /// With --max-rate-per-ip: leading bits of an IPv6 client address that
     /// make its network (64: a host's usual allocation, so changing
     /// addresses within it gains nothing).
     #[arg(long, value_name = "BITS", default_value_t = RateLimit::DEFAULT_PREFIX_V6,
           value_parser = parse_whole::<u8>, allow_negative_numbers = true,
           requires = "max_rate_per_ip")]
-    pub rate_prefix_v6: u8,
-
+    rate_prefix_v6: u8,
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics, e.g.
     /// 127.0.0.1:9337 (keep it off public interfaces).
     #[arg(long, value_name = "ADDR:PORT")]
-    pub metrics_addr: Option<SocketAddr>,
-
+    metrics_addr: Option<SocketAddr>,
     /// Let several processes listen on the same port (SO_REUSEPORT), e.g. an
     /// old and a new one during a restart; see the README for the pitfall.
     #[arg(long)]
-    pub reuseport: bool,
-
+    reuseport: bool,
     /// Log lines as text, or as one JSON object per line.
-    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = LogFormatArg::Text)]
-    pub log_format: LogFormatArg,
-
+    #[arg(long, value_name = "FORMAT", default_value = "text",
+          value_parser = PossibleValuesParser::new(["text", "json"]).map(|format| match &*format {
+              "json" => LogFormat::Json,
+              _ => LogFormat::Text,
+          }))]
+    log_format: LogFormat,
     /// Write the log to this file (appended, created if missing) instead of
     /// stderr; SIGHUP reopens it (logrotate). stderr keeps start-up errors
     /// and reports of a failing log file.
     #[arg(long, value_name = "PATH")]
-    pub log_file: Option<PathBuf>,
-
+    log_file: Option<PathBuf>,
     /// Do not fdatasync the log after each batch of replies: faster, but a
     /// power loss may lose replies whose clients saw a clean close.
     #[arg(long)]
-    pub no_log_sync: bool,
-
+    no_log_sync: bool,
     /// Seconds a reply may wait for a stalled or failing log before it is
     /// given up (its client is then reset).
     #[arg(long, value_name = "SECS", default_value = seconds(Some(DEFAULT_RECORD_TIMEOUT)),
           value_parser = parse_seconds, allow_negative_numbers = true)]
-    pub record_timeout: Duration,
+    record_timeout: Duration,
 }
 
-/// `--log-format`: the library's [`LogFormat`], as a flag value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormatArg {
-    Text,
-    Json,
-}
+static DEFAULTS: LazyLock<Config> = LazyLock::new(Config::default);
 
-impl From<LogFormatArg> for LogFormat {
-    fn from(format: LogFormatArg) -> Self {
-        match format {
-            LogFormatArg::Text => LogFormat::Text,
-            LogFormatArg::Json => LogFormat::Json,
-        }
-    }
-}
-
-/// The library's defaults, which are the flags' defaults.
-fn defaults() -> Config {
-    Config::default()
-}
-
-/// The default prompt as a flag value: without the newline every prompt
-/// gets.
-fn default_prompt() -> String {
-    String::from_utf8_lossy(&defaults().prompt)
-        .trim_end()
-        .to_string()
-}
-
-/// A duration as a `SECS` flag's default (`None`, waiting forever, is 0);
-/// made once per flag when the command is built.
+/// A `SECS` flag's default (0 for `None`, waiting forever); leaked, once per
+/// flag, because clap wants a `&'static str`.
 fn seconds(duration: Option<Duration>) -> &'static str {
     let text = duration.map_or(0.0, |duration| duration.as_secs_f64());
     Box::leak(text.to_string().into_boxed_str())
 }
 
 impl Cli {
-    /// The [`Config`] this command line asks for, checked by the library's
-    /// rules; a rule that does not hold is an error about its flag.
-    pub fn to_config(&self) -> Result<Config, clap::Error> {
+    /// The [`Config`] and the log settings this command line asks for; a
+    /// [`Config::validate`] rule that does not hold is an error about its flag.
+    pub fn settings(self) -> Result<(Config, LogSettings), clap::Error> {
         let config = Config {
             listen_addr: SocketAddr::new(self.bind, self.port),
             prompt: prompt_bytes(&self.prompt),
@@ -218,12 +167,10 @@ impl Cli {
             max_connections: self.max_connections,
             shutdown_timeout: self.shutdown_timeout,
             thread_cache: self.thread_cache,
-            proxy_protocol: self
-                .proxy_protocol
-                .then(|| NetList(self.trusted_proxy.clone())),
+            proxy_protocol: self.proxy_protocol.then_some(NetList(self.trusted_proxy)),
             access: AccessRules {
-                allow: NetList(self.allow.clone()),
-                deny: NetList(self.deny.clone()),
+                allow: NetList(self.allow),
+                deny: NetList(self.deny),
             },
             max_per_ip: self.max_per_ip,
             backlog: self.backlog,
@@ -245,17 +192,13 @@ impl Cli {
                 rule: "must be more than 0 seconds".into(),
             }));
         }
-        Ok(config)
-    }
-
-    /// How the log is written.
-    pub fn log_settings(&self) -> LogSettings {
-        LogSettings {
-            format: self.log_format.into(),
-            file: self.log_file.clone(),
+        let log = LogSettings {
+            format: self.log_format,
+            file: self.log_file,
             sync: !self.no_log_sync,
             record_timeout: self.record_timeout,
-        }
+        };
+        Ok((config, log))
     }
 }
 
@@ -263,55 +206,38 @@ impl Cli {
 /// field: "invalid value '2000' for '--thread-cache <N>': must be at most
 /// the connection cap (1024)".
 fn flag_error(error: &ConfigError) -> clap::Error {
-    let id = match error.field {
-        "rate_limit.prefix_v4" => "rate_prefix_v4",
-        "rate_limit.prefix_v6" => "rate_prefix_v6",
-        field => field,
-    };
-    let command = Cli::command();
+    let id = error.field.replace("rate_limit.", "rate_");
+    let mut command = Cli::command();
+    command.build(); // an argument's Display needs a built command
     let flag = command
         .get_arguments()
-        .find(|arg| arg.get_id() == id)
-        .map(|arg| {
-            let long = arg.get_long().unwrap_or(id);
-            match arg.get_value_names() {
-                Some([name, ..]) => format!("--{long} <{name}>"),
-                _ => format!("--{long}"),
-            }
-        })
-        .unwrap_or_else(|| error.field.to_string());
+        .find(|arg| arg.get_id() == id.as_str())
+        .map_or_else(|| error.field.to_string(), ToString::to_string);
     let message = format!(
         "invalid value '{}' for '{flag}': {}",
         error.value, error.rule
     );
-    Cli::command().error(clap::error::ErrorKind::ValueValidation, message)
+    command.error(clap::error::ErrorKind::ValueValidation, message)
 }
 
-/// A command-line error as one line for stderr: clap's whole message (the
-/// flag, the allowed values, the tip) without its usage block and its "For
-/// more information" line, as plain text, ending in "(see --help)":
-///
-/// `error: unexpected argument '--prot' found; tip: a similar argument exists: '--port' (see --help)`
+/// clap's error as one plain line for stderr: its whole message (the flag,
+/// the allowed values, the tip), not its usage block and "For more
+/// information" line, then "(see --help)".
 pub fn error_line(error: &clap::Error) -> String {
     let rendered = error.render().to_string();
     let mut line = String::new();
-    for part in rendered.lines().map(str::trim) {
-        if part.starts_with("Usage:") || part.starts_with("For more information") {
-            break;
-        }
-        if part.is_empty() {
-            continue;
-        }
+    for part in rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|part| !part.starts_with("Usage:") && !part.starts_with("For more information"))
+        .filter(|part| !part.is_empty())
+    {
         if !line.is_empty() {
             line.push_str(if part.starts_with("tip:") { "; " } else { " " });
         }
         line.push_str(part);
     }
-    if line.is_empty() {
-        line.push_str("error: invalid arguments");
-    }
-    line.push_str(" (see --help)");
-    line
+    line + " (see --help)"
 }
 
 /// Seconds as a number (`0.5`, `10`, `1e3`) that makes a [`Duration`]:
@@ -323,65 +249,46 @@ fn parse_seconds(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| "must be a number of seconds, 0 or more".to_string())
 }
 
-/// A whole number, 0 or more, that fits `T`.
-fn parse_whole<T: std::str::FromStr>(text: &str) -> Result<T, String> {
-    text.parse()
-        .map_err(|_| format!("must be a whole number from 0 to {}", max_of::<T>()))
-}
-
-/// A whole number, 1 or more, that fits `T` (a `NonZero` type).
-fn parse_at_least_one<T: std::str::FromStr>(text: &str) -> Result<T, String> {
-    match text.parse::<u128>() {
-        Ok(0) => Err("must be at least 1".to_string()),
-        _ => text
-            .parse()
-            .map_err(|_| format!("must be a whole number from 1 to {}", max_of::<T>())),
+/// A whole number that fits the integer type `T`: 0 or more, or 1 or more
+/// for a `NonZero` type. The limits come from `T`'s name.
+fn parse_whole<T: FromStr>(text: &str) -> Result<T, String> {
+    let name = std::any::type_name::<T>().trim_end_matches('>');
+    let min = u8::from(name.contains("NonZero"));
+    if min == 1 && text.parse::<u128>() == Ok(0) {
+        return Err("must be at least 1".to_string());
     }
-}
-
-/// The largest value of the integer type `T`, for error messages.
-fn max_of<T>() -> String {
-    match std::any::type_name::<T>() {
+    let max = match name {
         name if name.ends_with("u8") => u8::MAX.to_string(),
         name if name.ends_with("u16") => u16::MAX.to_string(),
-        name if name.ends_with("u32") || name.ends_with("NonZero<u32>") => u32::MAX.to_string(),
+        name if name.ends_with("u32") => u32::MAX.to_string(),
         _ => usize::MAX.to_string(),
-    }
-}
-
-fn parse_port(text: &str) -> Result<u16, String> {
-    parse_whole(text)
+    };
+    text.parse()
+        .map_err(|_| format!("must be a whole number from {min} to {max}"))
 }
 
 /// An IP address; a host name is not looked up, so that the address served
 /// is the one the operator wrote.
 fn parse_ip(text: &str) -> Result<IpAddr, String> {
-    text.parse().map_err(|_| {
-        "must be an IP address such as 0.0.0.0, ::, 127.0.0.1 or ::1 \
-         (host names such as localhost are not looked up)"
-            .to_string()
-    })
+    let rule = "must be an IP address such as 0.0.0.0, ::, 127.0.0.1 or ::1 \
+                (host names such as localhost are not looked up)";
+    text.parse().map_err(|_| rule.to_string())
 }
 
-/// Parses `ADDR/PREFIX`, or a bare address meaning that one host.
+/// `ADDR/PREFIX`, or a bare address meaning that one host.
 fn parse_net(text: &str) -> Result<IpNet, String> {
-    let parsed = if text.contains('/') {
-        text.parse::<IpNet>().map(|net| net.trunc()).ok()
-    } else {
-        text.parse::<IpAddr>().map(IpNet::from).ok()
-    };
-    parsed
-        .ok_or_else(|| "must be an address or a network such as 10.0.0.0/8 or ::1/128".to_string())
+    let rule = "must be an address or a network such as 10.0.0.0/8 or ::1/128";
+    text.parse::<IpNet>()
+        .map(|net| net.trunc())
+        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| rule.to_string())
 }
 
-/// Turns prompt text into the bytes sent, adding the newline a line-based
-/// client (netcat, telnet) needs to show it.
+/// The bytes sent, ending in the newline a line-based client (netcat,
+/// telnet) needs to show the prompt.
 fn prompt_bytes(text: &str) -> Vec<u8> {
-    let mut prompt = text.as_bytes().to_vec();
-    if !prompt.ends_with(b"\n") {
-        prompt.push(b'\n');
-    }
-    prompt
+    let text = text.strip_suffix('\n').unwrap_or(text);
+    format!("{text}\n").into_bytes()
 }
 
 #[cfg(test)]
@@ -392,7 +299,8 @@ mod tests {
     fn config(args: &[&str]) -> Result<Config, String> {
         let args = std::iter::once("prompt-server").chain(args.iter().copied());
         Cli::try_parse_from(args)
-            .and_then(|cli| cli.to_config())
+            .and_then(Cli::settings)
+            .map(|(config, _)| config)
             .map_err(|e| error_line(&e))
     }
 

@@ -1,13 +1,9 @@
-//! What the server runs with: [`Config`], its documented defaults, and the
-//! one place its rules are checked ([`Config::validate`]).
-//!
-//! The library takes a [`Config`] and never reads the command line itself,
-//! so tests and embedders build one directly; the binary's command line (the
-//! `cli` module) only maps its flags onto one and lets [`run`](crate::run)'s
-//! validation speak for every rule, so that each rule is written once.
+//! What the server runs with: [`Config`], its defaults, and the one place
+//! its rules are checked ([`Config::validate`]). Tests and embedders build a
+//! `Config` directly; the binary's command line only fills one in.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,45 +13,22 @@ use crate::limits::{AccessRules, NetList};
 use crate::record::ReplySink;
 use crate::record::logging::LogReplies;
 
-/// The prompt of the classic example.
-pub(crate) const DEFAULT_PROMPT: &str = "Do you want to play a game?\n";
-/// The port of the classic example.
-pub(crate) const DEFAULT_PORT: u16 = 1337;
-/// Every IPv4 interface, as the classic example listens.
-pub(crate) const DEFAULT_BIND: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
-/// The classic example reads one 1024-byte buffer; a longer reply is cut there.
-pub(crate) const DEFAULT_MAX_REPLY_BYTES: NonZeroUsize = NonZeroUsize::new(1024).unwrap();
-/// A minute is long enough for a person to type an answer, short enough
-/// that abandoned connections do not pile up.
-pub(crate) const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
-/// The prompt is one small write; a client that has not taken it in this
-/// long is not reading at all.
-pub(crate) const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Each connection costs a thread (a few KiB of memory, 2 MiB of address
-/// space) and a file descriptor: 1024 fits the default descriptor limit of
-/// most systems once raised to the hard limit, and any 64-bit machine.
-pub(crate) const DEFAULT_MAX_CONNECTIONS: NonZeroUsize = NonZeroUsize::new(1024).unwrap();
-/// How long a stopping server lets connected clients finish.
-pub(crate) const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
-/// The longest duration a setting may have: every deadline is an `Instant`
-/// plus one of them, which must not overflow, and a year is no limit at all
-/// for a prompt.
-pub(crate) const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The longest duration setting: a deadline is an `Instant` plus one, which
+/// must not overflow, and a year is no limit at all for a prompt.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Everything the server needs to know to serve connections.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Address to listen on; port 0 lets the OS pick one.
     pub listen_addr: SocketAddr,
-    /// Bytes sent to every client on connect, as they are (the command line
-    /// adds a missing final `\n`).
+    /// Sent to every client on connect, as is (the CLI adds a missing `\n`).
     pub prompt: Vec<u8>,
     /// Longest reply kept, not counting its line terminator; more is truncated.
     pub max_reply_bytes: NonZeroUsize,
     /// Budget for the whole reply, however it trickles in; `None` waits forever.
     pub reply_timeout: Option<Duration>,
-    /// Budget for sending the whole prompt to a client that reads slowly or
-    /// not at all; more than zero.
+    /// Budget for sending the whole prompt to a slow reader; more than zero.
     pub write_timeout: Duration,
     /// Connections served at once; more are sent the busy line and closed.
     pub max_connections: NonZeroUsize,
@@ -64,17 +37,15 @@ pub struct Config {
     /// Finished connection threads kept parked for the next connection
     /// (0: every connection gets a new thread); at most `max_connections`.
     pub thread_cache: usize,
-    /// `Some(trusted)`: every connection starts with a PROXY protocol header
-    /// (v1 or v2) that names the real client, sent by one of the `trusted`
-    /// proxies (any, if the list is empty).
+    /// `Some(trusted)`: each connection starts with a PROXY header (v1 or v2)
+    /// naming the real client, from a `trusted` proxy (any, if empty).
     pub proxy_protocol: Option<NetList>,
     /// Which client addresses are served.
     pub access: AccessRules,
     /// Connections one client address may hold at once; `None`: no limit.
     pub max_per_ip: Option<NonZeroUsize>,
-    /// Connections the kernel may queue before the server accepts them
-    /// (at most `i32::MAX`); `None`: the most it allows
-    /// (`net.core.somaxconn`).
+    /// Connections the kernel may queue until accepted (at most `i32::MAX`);
+    /// `None`: the most it allows (`net.core.somaxconn`).
     pub backlog: Option<NonZeroU32>,
     /// Set `SO_REUSEPORT` before binding, so that several processes can
     /// listen on one port and the kernel spreads connections among them.
@@ -85,8 +56,7 @@ pub struct Config {
     /// How fast one client network may open connections; `None`: no limit.
     /// One over it gets the busy line.
     pub rate_limit: Option<RateLimit>,
-    /// Where to serve `GET /metrics` (Prometheus text format); `None`: not
-    /// at all.
+    /// Where to serve `GET /metrics` (Prometheus text); `None`: nowhere.
     pub metrics_addr: Option<SocketAddr>,
     /// Where replies are recorded; a client sees a clean close only once
     /// its sink has taken its reply. The log by default.
@@ -99,20 +69,17 @@ pub struct Config {
 pub struct RateLimit {
     /// Connections per period, which is also the burst.
     pub rate: Rate,
-    /// Leading bits of an IPv4 client address that make its network (0 to
-    /// 32; 32: each address on its own).
+    /// Leading bits of an IPv4 client address that make its network (0-32).
     pub prefix_v4: u8,
-    /// Leading bits of an IPv6 client address that make its network (0 to
-    /// 128; 64: a host's usual allocation).
+    /// Leading bits of an IPv6 client address that make its network (0-128).
     pub prefix_v6: u8,
 }
 
 impl RateLimit {
     /// The default IPv4 prefix: each address on its own.
     pub const DEFAULT_PREFIX_V4: u8 = DEFAULT_PREFIX_V4;
-    /// The default IPv6 prefix: a /64, the smallest network an IPv6 host is
-    /// usually given (RFC 6177), so changing addresses within it buys
-    /// nothing.
+    /// The default IPv6 prefix, /64: a host's usual allocation (RFC 6177),
+    /// so changing addresses within it buys nothing.
     pub const DEFAULT_PREFIX_V6: u8 = DEFAULT_PREFIX_V6;
 
     /// `rate` per network, with the default prefixes (/32 and /64).
@@ -126,15 +93,24 @@ impl RateLimit {
 }
 
 impl Default for Config {
+    /// The classic example: port 1337 on every IPv4 interface, its prompt,
+    /// and its one 1024-byte read as the reply cap.
     fn default() -> Self {
         Config {
-            listen_addr: SocketAddr::new(DEFAULT_BIND, DEFAULT_PORT),
-            prompt: DEFAULT_PROMPT.as_bytes().to_vec(),
-            max_reply_bytes: DEFAULT_MAX_REPLY_BYTES,
-            reply_timeout: Some(DEFAULT_REPLY_TIMEOUT),
-            write_timeout: DEFAULT_WRITE_TIMEOUT,
-            max_connections: DEFAULT_MAX_CONNECTIONS,
-            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            listen_addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 1337)),
+            prompt: b"Do you want to play a game?\n".to_vec(),
+            max_reply_bytes: const { NonZeroUsize::new(1024).unwrap() },
+            // Long enough for a person to type an answer, short enough that
+            // abandoned connections do not pile up.
+            reply_timeout: Some(Duration::from_secs(60)),
+            // The prompt is one small write: a client that has not taken it
+            // by then is not reading at all.
+            write_timeout: Duration::from_secs(10),
+            // Each costs a thread (a few KiB of memory, 2 MiB of address
+            // space) and a descriptor: 1024 fits most systems' descriptor
+            // limit once raised to the hard limit, and any 64-bit machine.
+            max_connections: const { NonZeroUsize::new(1024).unwrap() },
+            shutdown_timeout: Duration::from_secs(10),
             thread_cache: 0,
             proxy_protocol: None,
             access: AccessRules::default(),
@@ -170,16 +146,13 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 impl Config {
-    /// Checks every rule that the fields' types cannot express; [`run`]
-    /// calls it first.
-    ///
-    /// [`run`]: crate::run
-    ///
-    /// # Errors
-    ///
-    /// The first rule that does not hold.
+    /// Checks every rule that the fields' types cannot express, and returns
+    /// the first that does not hold; [`run`](crate::run) calls it first.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let error = |field, value: String, rule: String| ConfigError { field, value, rule };
+        let broken = |field, value: &dyn fmt::Display, rule: String| {
+            let value = value.to_string();
+            Err(ConfigError { field, value, rule })
+        };
         let durations = [
             ("reply_timeout", self.reply_timeout),
             ("write_timeout", Some(self.write_timeout)),
@@ -187,52 +160,32 @@ impl Config {
         ];
         for (field, duration) in durations {
             if let Some(duration) = duration.filter(|d| *d > MAX_DURATION) {
-                return Err(error(
-                    field,
-                    duration.as_secs_f64().to_string(),
-                    format!(
-                        "must be at most {} seconds (a year)",
-                        MAX_DURATION.as_secs()
-                    ),
-                ));
+                let year = MAX_DURATION.as_secs();
+                let rule = format!("must be at most {year} seconds (a year)");
+                return broken(field, &duration.as_secs_f64(), rule);
             }
         }
         if self.write_timeout.is_zero() {
-            return Err(error(
-                "write_timeout",
-                "0".into(),
-                "must be more than 0 seconds".into(),
-            ));
+            return broken("write_timeout", &0, "must be more than 0 seconds".into());
         }
-        if self.thread_cache > self.max_connections.get() {
-            return Err(error(
-                "thread_cache",
-                self.thread_cache.to_string(),
-                format!(
-                    "must be at most the connection cap ({})",
-                    self.max_connections
-                ),
-            ));
+        let cap = self.max_connections;
+        if self.thread_cache > cap.get() {
+            let rule = format!("must be at most the connection cap ({cap})");
+            return broken("thread_cache", &self.thread_cache, rule);
         }
         if let Some(backlog) = self.backlog.filter(|b| i32::try_from(b.get()).is_err()) {
-            return Err(error(
-                "backlog",
-                backlog.to_string(),
-                format!("must be at most {}", i32::MAX),
-            ));
+            return broken("backlog", &backlog, format!("must be at most {}", i32::MAX));
         }
-        if let Some(limit) = &self.rate_limit {
-            for (field, bits, max) in [
+        let prefixes = self.rate_limit.iter().flat_map(|limit| {
+            [
                 ("rate_limit.prefix_v4", limit.prefix_v4, 32),
                 ("rate_limit.prefix_v6", limit.prefix_v6, 128),
-            ] {
-                if bits > max {
-                    return Err(error(
-                        field,
-                        bits.to_string(),
-                        format!("must be a prefix length from 0 to {max}"),
-                    ));
-                }
+            ]
+        });
+        for (field, bits, max) in prefixes {
+            if bits > max {
+                let rule = format!("must be a prefix length from 0 to {max}");
+                return broken(field, &bits, rule);
             }
         }
         Ok(())

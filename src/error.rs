@@ -1,16 +1,14 @@
-//! The library's error type, and the one place where an I/O error is put
-//! into words for a log line or an error message.
+//! The library's [`Error`], and the one place an I/O error is put into
+//! words for a log line or an error message.
 
 use std::fmt;
 use std::io;
 
 /// Why [`bind`](crate::bind), [`listeners`](crate::listeners) or
 /// [`run`](crate::run) failed: what the server was doing, and the I/O error
-/// that stopped it.
-///
-/// The message reads well after `error:`, for example "cannot listen on
-/// 0.0.0.0:1337: address already in use"; the [`io::Error`] itself is kept,
-/// so a caller can still match on [`kind`](Error::kind).
+/// that stopped it (kept: match on [`kind`](Error::kind)). The message
+/// reads well after `error:`: "cannot listen on 0.0.0.0:1337: address
+/// already in use".
 #[derive(Debug)]
 pub struct Error {
     doing: String,
@@ -19,19 +17,16 @@ pub struct Error {
 
 impl Error {
     pub(crate) fn new(doing: impl Into<String>, io: io::Error) -> Self {
-        Error {
-            doing: doing.into(),
-            io,
-        }
+        let doing = doing.into();
+        Error { doing, io }
     }
 
-    /// The kind of the underlying I/O error, e.g.
-    /// [`io::ErrorKind::AddrInUse`].
+    /// The kind of the I/O error, e.g. [`io::ErrorKind::AddrInUse`].
     pub fn kind(&self) -> io::ErrorKind {
         self.io.kind()
     }
 
-    /// The underlying I/O error.
+    /// The I/O error itself.
     pub fn io_error(&self) -> &io::Error {
         &self.io
     }
@@ -43,13 +38,9 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {
-    /// None: the message already says what the I/O error says, and an
-    /// error chain printer (anyhow's `{:#}`) would say it twice.
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        None
-    }
-}
+/// No `source`: the message already says what the I/O error says, and an
+/// error chain printer (anyhow's `{:#}`) would say it twice.
+impl std::error::Error for Error {}
 
 impl From<Error> for io::Error {
     fn from(error: Error) -> Self {
@@ -57,10 +48,9 @@ impl From<Error> for io::Error {
     }
 }
 
-/// The OS's description of an I/O error, starting in lower case and
-/// without the "(os error N)" suffix, to read well after a colon in a
-/// message: "cannot listen on 0.0.0.0:1337: address already in use". Only
-/// a capitalised word is lowered: a name such as `NOTIFY_SOCKET` is kept.
+/// The OS's description of an I/O error, to read well after a colon: without
+/// its "(os error N)", and lowered if it starts with a capitalised word (a
+/// name such as `NOTIFY_SOCKET` is kept).
 pub(crate) fn describe_io_error(error: &io::Error) -> String {
     let text = error.to_string();
     let text = match text.rfind(" (os error ") {

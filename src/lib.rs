@@ -2,21 +2,21 @@
 //!
 //! Whoever connects is sent a prompt; the server reads one reply line, logs it
 //! with the peer's address, and closes. Every client gets its own `std::thread`,
-//! so a client that never answers holds up nobody but itself.
+//! so a client that never answers holds up nobody but itself. Linux only.
 //!
 //! # Using the library
 //!
 //! [`bind`] a listener for a [`Config`] (or take the sockets systemd passes
 //! down with [`listeners`]), then [`run`] it until a [`Shutdown`] handle is
 //! triggered; `run` returns a [`Summary`] of how the connections ended. The
-//! binary does exactly this, with its command line (`src/cli.rs`, the
-//! binary's own module: the library does not know clap) and the
-//! [`logging`] set-up around it. Linux only (see the README).
+//! binary (`src/main.rs`, with its clap command line in `src/cli.rs`) does
+//! just this around the [`logging`] set-up, and tests drive the same calls.
 //!
 //! # Layout
 //!
-//! `ls src` shows the parts; each folder's `mod.rs` says what it owns, and
-//! modules depend on each other one way (a test checks it).
+//! `ls src` shows the parts and each folder's `mod.rs` says what it owns;
+//! modules depend on each other one way (a test checks it), and
+//! `docs/ARCHITECTURE.md` follows one connection through them.
 //!
 //! - `serve/`: [`run`], the listeners ([`bind`], [`listeners`]), the accept
 //!   loop, and one connection's life (`serve/connection.rs`: identify,
@@ -25,7 +25,7 @@
 //!   network's rate), who may connect, the one way a client is refused, and
 //!   how many connections this machine can hold.
 //! - `record/`: the [`ReplySink`] every reply goes to before its close, and
-//!   the log ([`logging`]), its default: a queue with group commit in front
+//!   its default, the log ([`logging`]): a queue with group commit in front
 //!   of stderr or the log file.
 //! - `service/`: the service manager (readiness, status, watchdog) and the
 //!   metrics endpoint.
@@ -34,21 +34,9 @@
 //! - `config.rs`, `stats.rs`, `error.rs`: the [`Config`] and its rules, the
 //!   counters behind the [`Summary`] and the metrics, the library's
 //!   [`Error`].
-//!
-//! One connection, accept to park, reads through `serve/accept.rs`,
-//! `serve/connection.rs`, `serve/read.rs`, `limits/mod.rs`, the reply sink
-//! (`record/logging.rs` by default, over `record/format.rs` and
-//! `record/queue.rs`) and `stats.rs`; `serve/proxy_protocol.rs` behind a
-//! balancer, `limits/rate.rs` with a rate limit. `docs/ARCHITECTURE.md`
-//! follows it step by step.
-//!
-//! The binary (`src/main.rs`) only parses the command line, sets up logging,
-//! takes its sockets ([`listeners`]: systemd's, or bound) and calls
-//! [`run`]; tests drive the very same [`bind`] and [`run`].
 
-// `deny`, not `forbid`: exactly one function opts out, with a SAFETY
-// comment (`serve::listen::claim_descriptor`, which takes a socket inherited
-// by number from the service manager; there is no safe API for that).
+// `deny`, not `forbid`: `serve::listen::claim_descriptor` opts out, with a
+// SAFETY comment (no safe API takes a socket inherited by number).
 #![deny(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
@@ -76,9 +64,8 @@ pub use serve::{bind, listeners, run};
 pub use shutdown::Shutdown;
 pub use stats::Summary;
 
-/// Locks `mutex`, whether or not a thread panicked while holding it: every
-/// value the server keeps under a lock is whole after any single update,
-/// and one connection's panic must not stop the others.
+/// Locks `mutex` even if a thread panicked holding it: every value kept under
+/// a lock is whole after each update, and one panic must not stop the rest.
 pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
