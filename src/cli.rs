@@ -185,19 +185,19 @@ impl Cli {
             ..Config::default()
         };
         config.validate().map_err(|e| flag_error(&e))?;
-        if self.record_timeout.is_zero() {
-            return Err(flag_error(&ConfigError {
-                field: "record_timeout",
-                value: "0".into(),
-                rule: "must be more than 0 seconds".into(),
-            }));
-        }
         let log = LogSettings {
             format: self.log_format,
             file: self.log_file,
             sync: !self.no_log_sync,
             record_timeout: self.record_timeout,
         };
+        log.validate().map_err(|rule| {
+            flag_error(&ConfigError {
+                field: "record_timeout",
+                value: log.record_timeout.as_secs_f64().to_string(),
+                rule: rule.into(),
+            })
+        })?;
         Ok((config, log))
     }
 }

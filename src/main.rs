@@ -8,9 +8,11 @@ use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
 use cli::Cli;
-use prompt_server::{Shutdown, listeners, logging, run};
+use prompt_server::logging::LogSettings;
+use prompt_server::{Config, Shutdown, listeners, logging, run};
 
 /// Exit status of a server whose log did not take everything: replies not
 /// recorded, or log lines left unwritten at the stop.
@@ -27,58 +29,67 @@ fn main() -> ExitCode {
         }
     };
     let (port, metrics_addr) = (config.listen_addr.port(), config.metrics_addr);
-    // Before anything opens a descriptor that could take a number the
-    // service manager's LISTEN_FDS names.
-    let listeners = match listeners(&config) {
-        Ok(listeners) => listeners,
-        Err(e) => return start_failed(&e, port, metrics_addr),
-    };
-    if let Err(e) = logging::init(&log) {
-        eprintln!("error: cannot set up logging: {e}");
-        return ExitCode::FAILURE;
-    }
-    logging::log_panics();
-    let stop = Shutdown::new();
-    if let Err(e) = stop.trigger_on_signals() {
-        eprintln!("error: cannot install signal handlers: {e}");
-        return ExitCode::FAILURE;
-    }
-    match run(listeners, config, stop) {
-        Ok(summary) if summary.unwritten_log_lines > 0 || summary.not_recorded > 0 => {
-            // stderr says it when it is not the log that failed: written to
-            // a stalled stderr, the line would never let the process exit.
-            if log.file.is_some() {
-                eprintln!(
-                    "error: the log did not take everything: {} replies were not recorded \
-                     (their clients were reset), {} log lines were left unwritten",
-                    summary.not_recorded, summary.unwritten_log_lines
-                );
-            }
-            ExitCode::from(RECORD_INCOMPLETE)
+    match serve(config, &log) {
+        Ok(code) => code,
+        Err(e) => {
+            let hint = e
+                .downcast_ref::<prompt_server::Error>()
+                .map(|e| hint(e, port, metrics_addr))
+                .unwrap_or_default();
+            eprintln!("error: {e:#}{hint}");
+            ExitCode::FAILURE
         }
-        Ok(_) => ExitCode::SUCCESS,
-        Err(e) => start_failed(&e, port, metrics_addr),
     }
 }
 
-/// Reports a start-up error, saying what to do about an address in use.
-fn start_failed(error: &prompt_server::Error, port: u16, metrics: Option<SocketAddr>) -> ExitCode {
-    let mut hint = String::new();
-    if error.kind() == ErrorKind::AddrInUse {
-        let (port, what) = match metrics {
-            Some(metrics) if error.to_string().contains("for metrics") => {
-                (metrics.port(), "--metrics-addr")
-            }
-            _ => (
-                port,
-                "--port, or --port 0 for a free one; --reuseport shares a port",
-            ),
+/// Takes the listeners, sets up logging and signals, and runs the server
+/// to its stop; the exit code says whether the log took everything.
+fn serve(config: Config, log: &LogSettings) -> anyhow::Result<ExitCode> {
+    // Before anything opens a descriptor that could take a number the
+    // service manager's LISTEN_FDS names.
+    let listeners = listeners(&config)?;
+    logging::init(log).context("cannot set up logging")?;
+    logging::log_panics();
+    let stop = Shutdown::new();
+    stop.trigger_on_signals()
+        .context("cannot install signal handlers")?;
+    let summary = run(listeners, config, stop)?;
+    if summary.unwritten_log_lines == 0 && summary.not_recorded == 0 {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // stderr says it when it is not the log that failed: written to a
+    // stalled stderr, the line would never let the process exit.
+    if log.file.is_some() {
+        let replies = if summary.not_recorded == 1 {
+            "reply was"
+        } else {
+            "replies were"
         };
-        hint = format!(
-            " (another process listens there: `ss -ltnp 'sport = :{port}'` shows which; \
-             choose another {what})"
+        eprintln!(
+            "error: the log did not take everything: {} {replies} not recorded \
+             (their clients were reset), {} log lines were left unwritten",
+            summary.not_recorded, summary.unwritten_log_lines
         );
     }
-    eprintln!("error: {error}{hint}");
-    ExitCode::FAILURE
+    Ok(ExitCode::from(RECORD_INCOMPLETE))
+}
+
+/// What to do about an address in use, after the error's message.
+fn hint(error: &prompt_server::Error, port: u16, metrics: Option<SocketAddr>) -> String {
+    if error.kind() != ErrorKind::AddrInUse {
+        return String::new();
+    }
+    let (port, what) = match metrics {
+        Some(metrics) if error.to_string().contains("for metrics") => {
+            (metrics.port(), "--metrics-addr")
+        }
+        _ => (
+            port,
+            "--port, or --port 0 for a free one; --reuseport shares a port",
+        ),
+    };
+    format!(
+        " (another process listens there: `ss -ltnp 'sport = :{port}'` shows which; \
+         choose another {what})"
+    )
 }

@@ -54,6 +54,21 @@ pub struct LogSettings {
     pub record_timeout: Duration,
 }
 
+impl LogSettings {
+    /// Checks the one rule the fields' types cannot express: a record must
+    /// be given some time. [`init`] calls it.
+    ///
+    /// # Errors
+    ///
+    /// What `record_timeout` must be, when it is zero.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        if self.record_timeout.is_zero() {
+            return Err("must be more than 0 seconds");
+        }
+        Ok(())
+    }
+}
+
 impl Default for LogSettings {
     fn default() -> Self {
         LogSettings {
@@ -116,9 +131,16 @@ impl Log {
 ///
 /// # Errors
 ///
-/// Fails if the log file cannot be opened, a logger is already installed,
-/// or a thread that writes the log cannot be started.
+/// Fails if the settings are invalid, the log file cannot be opened, a
+/// logger is already installed, or a thread that writes the log cannot be
+/// started.
 pub fn init(settings: &LogSettings) -> io::Result<()> {
+    settings.validate().map_err(|rule| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("record_timeout {rule}"),
+        )
+    })?;
     let mut diagnostics = builder(settings.format);
     // Before RUST_LOG is read, so that a RUST_LOG directive for this very
     // target replaces it; any other directive is less specific and loses.
