@@ -22,8 +22,8 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -34,7 +34,7 @@ use super::connection::{self, Accepted, Serving};
 use super::listen::set_connection_options;
 use crate::error::{Error, describe_io_error};
 use crate::limits::{LiveCount, Refusal, canonical, refuse};
-use crate::logging::{ACCEPT_ERROR_LINES, LogEvery, event, log_every};
+use crate::logging::{ACCEPT_ERROR_LINES, event, log_every};
 use crate::service::notify::{Heartbeat, Notifier};
 use crate::shutdown::Shutdown;
 use crate::stats::AcceptErrorKind;
@@ -46,10 +46,12 @@ const MAX_ACCEPT_PAUSE: Duration = Duration::from_secs(1);
 /// An accept loop only accepts and starts threads: a small fixed stack, so
 /// that it starts whatever `RUST_MIN_STACK` says for connection threads.
 const ACCEPT_THREAD_STACK: usize = 256 * 1024;
+/// How long a stopping accept loop waits for the threads in `accept` to
+/// leave it (a wake-up that failed leaves one behind).
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What the accept loops and every connection thread share.
 pub(crate) struct Shared {
-    /// What a connection is served with.
     pub(crate) serving: Serving,
     /// Connection threads alive, waiting ones included: `run` returns only
     /// once they are gone.
@@ -76,61 +78,22 @@ impl Shared {
     }
 }
 
-/// One listener, with the threads in `accept` on it.
+/// One listener, with the threads inside `accept` on it: a stop passes its
+/// wake-up on while any is left, and the accept loop steps aside while one
+/// is (waiting for the count to fall to zero).
 struct Listening {
     listener: Arc<TcpListener>,
     addr: SocketAddr,
-    /// Threads inside `accept` now: a stop passes its wake-up on while any
-    /// is left, and the accept loop steps aside while one is.
-    in_accept: AtomicUsize,
-    /// The accept loop waits on `gate` while stepping aside.
-    stepped_aside: AtomicBool,
-    gate: (Mutex<()>, Condvar),
+    in_accept: Arc<LiveCount>,
 }
 
-impl Listening {
-    /// The accept loop's step aside: waits while other threads wait in
-    /// `accept` here, so that the kernel gives them the next connection.
-    fn step_aside(&self, shutdown: &Shutdown) {
-        if self.in_accept.load(Ordering::SeqCst) == 0 {
-            return;
-        }
-        let (lock, gate) = &self.gate;
-        let guard = crate::lock(lock);
-        self.stepped_aside.store(true, Ordering::SeqCst);
-        let _guard = gate
-            .wait_while(guard, |()| {
-                self.in_accept.load(Ordering::SeqCst) > 0 && !shutdown.is_triggered()
-            })
-            .unwrap_or_else(PoisonError::into_inner);
-        self.stepped_aside.store(false, Ordering::SeqCst);
-    }
-
-    /// Waits (at most a second: a wake-up that failed leaves someone
-    /// behind) until no thread waits in `accept` here any more, so that the
-    /// listener closes with the accept loop.
-    fn wait_until_no_one_accepts(&self) {
-        let (lock, gate) = &self.gate;
-        let guard = crate::lock(lock);
-        self.stepped_aside.store(true, Ordering::SeqCst);
-        let _guard = gate
-            .wait_timeout_while(guard, Duration::from_secs(1), |()| {
-                self.in_accept.load(Ordering::SeqCst) > 0
-            })
-            .unwrap_or_else(PoisonError::into_inner);
-        self.stepped_aside.store(false, Ordering::SeqCst);
-    }
-
-    /// Notes a thread leaving `accept`; the last one wakes the accept loop
-    /// if it stepped aside. Returns how many are still in `accept`.
-    fn left_accept(&self) -> usize {
-        let left = self.in_accept.fetch_sub(1, Ordering::SeqCst) - 1;
-        if left == 0 && self.stepped_aside.load(Ordering::SeqCst) {
-            let _guard = crate::lock(&self.gate.0);
-            self.gate.1.notify_one();
-        }
-        left
-    }
+/// What a wait in `accept` gave.
+enum Next {
+    Admitted(Accepted),
+    /// Nobody connected for a whole reply timeout (the listener's read
+    /// timeout).
+    Idle,
+    Stopping,
 }
 
 /// Runs an accept loop on its own thread for each listener, and returns
@@ -144,12 +107,11 @@ pub(crate) fn accept_on_all(
     thread::scope(|scope| {
         for (listener, addr) in listeners {
             let heartbeat = notifier.heartbeat();
+            let in_accept = LiveCount::new();
             let here = Arc::new(Listening {
                 listener,
                 addr,
-                in_accept: AtomicUsize::new(0),
-                stepped_aside: AtomicBool::new(false),
-                gate: (Mutex::new(()), Condvar::new()),
+                in_accept,
             });
             let accepting = move || serve_listener(&here, shared, shutdown, &heartbeat);
             if let Err(e) = thread::Builder::new()
@@ -187,19 +149,54 @@ fn serve_listener(
     let mut failures = AcceptFailures::default();
     loop {
         let next = heartbeat.accepting(|| {
-            here.step_aside(shutdown);
-            accept_next(here, shutdown)
+            // Stepping aside while threads wait in `accept` here, so that
+            // the kernel gives them the next connection; the last to leave
+            // wakes this loop.
+            while here.in_accept.get() > 0 && !shutdown.is_triggered() {
+                here.in_accept
+                    .wait_until_zero(Instant::now() + MAX_ACCEPT_PAUSE);
+            }
+            next_connection(here, shared, shutdown, &mut failures)
         });
         match next {
+            Next::Admitted(accepted) => start_thread(accepted, here, shared, shutdown),
+            Next::Idle => {}
+            Next::Stopping => break,
+        }
+    }
+    // Waiting threads hold the listener only while in `accept`: once they
+    // are out, it closes with this loop.
+    here.in_accept
+        .wait_until_zero(Instant::now() + LEAVE_TIMEOUT);
+    // The kernel has completed the handshakes of the clients still queued,
+    // and some have sent their reply: serve them too, then refuse new
+    // clients at once rather than leave them in the backlog.
+    accept_queued(&here.listener, |stream, peer| {
+        accept_and_start(stream, canonical(peer), here, shared, shutdown);
+    });
+}
+
+/// Waits in `accept` until a connection is admitted (refusing the ones
+/// turned away), the listener stays idle for a reply timeout, or the server
+/// stops; an `accept` failure is counted and paused after.
+fn next_connection(
+    here: &Listening,
+    shared: &Shared,
+    shutdown: &Shutdown,
+    failures: &mut AcceptFailures,
+) -> Next {
+    loop {
+        match accept_next(here, shutdown) {
             Ok(Some((stream, peer))) => {
                 failures.recovered();
-                accept_and_start(stream, peer, here, shared, shutdown);
+                if let Some(accepted) = admit(stream, peer, shared) {
+                    return Next::Admitted(accepted);
+                }
             }
-            Ok(None) => break,
-            // The listener's own read timeout ran out with nobody connecting.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Ok(None) => return Next::Stopping,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::Idle,
             // A stop that shut the listener down (`--reuseport`).
-            Err(_) if shutdown.is_triggered() => break,
+            Err(_) if shutdown.is_triggered() => return Next::Stopping,
             Err(e) => {
                 let kind = AcceptErrorKind::of(&e);
                 shared.serving.stats.record_accept_error(kind);
@@ -207,15 +204,6 @@ fn serve_listener(
             }
         }
     }
-    // Waiting threads hold the listener only while in `accept`: once they
-    // are out, it closes with this loop.
-    here.wait_until_no_one_accepts();
-    // The kernel has completed the handshakes of the clients still queued,
-    // and some have sent their reply: serve them too, then refuse new
-    // clients at once rather than leave them in the backlog.
-    accept_queued(&here.listener, |stream, peer| {
-        accept_and_start(stream, canonical(peer), here, shared, shutdown);
-    });
 }
 
 /// Waits in `accept` for the next client on `here`; `None` once the server
@@ -227,13 +215,13 @@ fn accept_next(
 ) -> io::Result<Option<(TcpStream, SocketAddr)>> {
     // Counted before the stop is looked at: a stop that found nobody in
     // `accept` is then seen here.
-    here.in_accept.fetch_add(1, Ordering::SeqCst);
+    let inside = here.in_accept.enter();
     let accepted = if shutdown.is_triggered() {
         Ok(None)
     } else {
         here.listener.accept().map(Some)
     };
-    let others = here.left_accept();
+    drop(inside);
     let Some((stream, peer)) = accepted? else {
         return Ok(None);
     };
@@ -241,7 +229,7 @@ fn accept_next(
     if !is_wake_connection(&stream, peer, shutdown) {
         return Ok(Some((stream, peer)));
     }
-    if others > 0 {
+    if here.in_accept.get() > 0 {
         shutdown.pass_wake_on(here.addr);
     }
     Ok(None)
@@ -356,64 +344,48 @@ fn start_thread(
 /// connected for a whole reply timeout).
 fn park(here: &Listening, shared: &Shared, shutdown: &Shutdown) -> Option<Accepted> {
     let parked = shared.parked.fetch_add(1, Ordering::Relaxed);
-    if parked >= shared.thread_cache {
-        shared.parked.fetch_sub(1, Ordering::Relaxed);
-        return None;
-    }
-    trace!(event = event::THREAD_PARKED; "thread waiting in accept, {} waiting now", parked + 1);
-    let mut failures = AcceptFailures::default();
-    let next = loop {
-        match accept_next(here, shutdown) {
-            Ok(Some((stream, peer))) => {
-                if let Some(accepted) = admit(stream, peer, shared) {
-                    break Some(accepted);
-                }
-            }
-            Ok(None) => break None,
-            // Idle for a whole reply timeout (the listener's read timeout),
-            // or a stop that shut the listener down.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock || shutdown.is_triggered() => {
-                break None;
-            }
-            Err(e) => {
-                let kind = AcceptErrorKind::of(&e);
-                shared.serving.stats.record_accept_error(kind);
-                thread::sleep(failures.record(&e));
-            }
-        }
+    let next = if parked < shared.thread_cache {
+        trace!(event = event::THREAD_PARKED; "thread waiting in accept, {} waiting now", parked + 1);
+        next_connection(here, shared, shutdown, &mut AcceptFailures::default())
+    } else {
+        Next::Stopping
     };
     shared.parked.fetch_sub(1, Ordering::Relaxed);
-    next
-}
-
-/// The accept loop's memory of recent failures: how long to pause, and
-/// when a line about them may go out.
-struct AcceptFailures {
-    /// Current pause; zero while accepts succeed.
-    pause: Duration,
-    log: &'static LogEvery,
-}
-
-impl Default for AcceptFailures {
-    fn default() -> Self {
-        AcceptFailures {
-            pause: Duration::ZERO,
-            log: &ACCEPT_ERROR_LINES,
-        }
+    match next {
+        Next::Admitted(accepted) => Some(accepted),
+        Next::Idle | Next::Stopping => None,
     }
+}
+
+/// An accept loop's memory of recent failures: how long to pause.
+#[derive(Default)]
+struct AcceptFailures {
+    /// Zero while accepts succeed.
+    pause: Duration,
 }
 
 impl AcceptFailures {
     /// Notes a failure, logs it if no line went out recently, and says how
     /// long to pause before accepting again.
     fn record(&mut self, error: &io::Error) -> Duration {
+        let why = describe_io_error(error);
         if about_one_connection(error) {
-            self.log(error, "skipped that connection");
+            log_every!(
+                ACCEPT_ERROR_LINES,
+                warn,
+                [],
+                "accept failed: {why}; skipped that connection"
+            );
             return Duration::ZERO;
         }
         self.pause = (self.pause * 2).clamp(FIRST_ACCEPT_PAUSE, MAX_ACCEPT_PAUSE);
         let pause_ms = self.pause.as_millis();
-        self.log(error, &format!("pausing accepts for {pause_ms} ms"));
+        log_every!(
+            ACCEPT_ERROR_LINES,
+            warn,
+            [],
+            "accept failed: {why}; pausing accepts for {pause_ms} ms"
+        );
         self.pause
     }
 
@@ -423,16 +395,6 @@ impl AcceptFailures {
             info!(event = event::ACCEPT_RESUMED; "accepting connections again");
             self.pause = Duration::ZERO;
         }
-    }
-
-    fn log(&self, error: &io::Error, action: &str) {
-        log_every!(
-            self.log,
-            warn,
-            [],
-            "accept failed: {}; {action}",
-            describe_io_error(error)
-        );
     }
 }
 
@@ -475,6 +437,10 @@ mod tests {
         for _ in 0..100 {
             failures.record(&enfile);
         }
-        assert_eq!(failures.log.due(), None, "later ones wait for the interval");
+        assert_eq!(
+            ACCEPT_ERROR_LINES.due(),
+            None,
+            "later ones wait for the interval"
+        );
     }
 }
