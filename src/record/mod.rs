@@ -14,6 +14,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+mod every;
 mod format;
 pub mod logging;
 mod output;
