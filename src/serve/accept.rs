@@ -22,8 +22,8 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -33,7 +33,7 @@ use socket2::SockRef;
 use super::connection::{self, Accepted, Serving};
 use super::listen::set_connection_options;
 use crate::error::{Error, describe_io_error};
-use crate::limits::{LiveCount, Refusal, canonical, refuse};
+use crate::limits::{Live, LiveCount, Refusal, canonical, refuse};
 use crate::logging::{ACCEPT_ERROR_LINES, event, log_every};
 use crate::service::notify::{Heartbeat, Notifier};
 use crate::shutdown::Shutdown;
@@ -156,7 +156,7 @@ fn serve_listener(
                 here.in_accept
                     .wait_until_zero(Instant::now() + MAX_ACCEPT_PAUSE);
             }
-            next_connection(here, shared, shutdown, &mut failures)
+            next_connection(here, shared, shutdown, &mut failures, None)
         });
         match next {
             Next::Admitted(accepted) => start_thread(accepted, here, shared, shutdown),
@@ -184,9 +184,10 @@ fn next_connection(
     shared: &Shared,
     shutdown: &Shutdown,
     failures: &mut AcceptFailures,
+    mut inside: Option<Live>,
 ) -> Next {
     loop {
-        match accept_next(here, shutdown) {
+        match accept_next(here, shutdown, inside.take()) {
             Ok(Some((stream, peer))) => {
                 failures.recovered();
                 if let Some(accepted) = admit(stream, peer, shared) {
@@ -212,10 +213,11 @@ fn next_connection(
 fn accept_next(
     here: &Listening,
     shutdown: &Shutdown,
+    inside: Option<Live>,
 ) -> io::Result<Option<(TcpStream, SocketAddr)>> {
     // Counted before the stop is looked at: a stop that found nobody in
     // `accept` is then seen here.
-    let inside = here.in_accept.enter();
+    let inside = inside.unwrap_or_else(|| here.in_accept.enter());
     let accepted = if shutdown.is_triggered() {
         Ok(None)
     } else {
@@ -328,8 +330,9 @@ fn start_thread(
     let spawned = thread::Builder::new().spawn(move || {
         let _alive = alive;
         let shared = &thread_shared;
-        let park = || park(here.as_ref()?.upgrade()?.as_ref(), shared, &shutdown);
-        connection::run_thread(accepted, &shared.serving, park);
+        let reserve = || Parked::reserve(here.as_ref()?, shared);
+        let park = |parked: Option<Parked<'_>>| parked?.wait(shared, &shutdown);
+        connection::run_thread(accepted, &shared.serving, reserve, park);
     });
     if let Err(e) = spawned {
         // The closure, with the slot, is dropped: the slot is free again.
@@ -338,22 +341,46 @@ fn start_thread(
     }
 }
 
-/// A finished connection thread's wait for its next connection, in
-/// `accept` itself (`--thread-cache`): the connection, or `None` when the
-/// thread should end (the cache is full, the server is stopping, or nobody
-/// connected for a whole reply timeout).
-fn park(here: &Listening, shared: &Shared, shutdown: &Shutdown) -> Option<Accepted> {
-    let parked = shared.parked.fetch_add(1, Ordering::Relaxed);
-    let next = if parked < shared.thread_cache {
-        trace!(event = event::THREAD_PARKED; "thread waiting in accept, {} waiting now", parked + 1);
-        next_connection(here, shared, shutdown, &mut AcceptFailures::default())
-    } else {
-        Next::Stopping
-    };
-    shared.parked.fetch_sub(1, Ordering::Relaxed);
-    match next {
-        Next::Admitted(accepted) => Some(accepted),
-        Next::Idle | Next::Stopping => None,
+/// A finished connection thread's place among the threads waiting in
+/// `accept` (`--thread-cache`), taken before its client sees the close.
+struct Parked<'a> {
+    here: Arc<Listening>,
+    /// Counted in `accept` from now on, for the accept loop to step aside.
+    inside: Option<Live>,
+    parked: &'a AtomicUsize,
+}
+
+impl<'a> Parked<'a> {
+    /// A place, unless the cache is full or the accept loop has ended.
+    fn reserve(here: &Weak<Listening>, shared: &'a Shared) -> Option<Self> {
+        let here = here.upgrade()?;
+        let parked = shared.parked.fetch_add(1, Ordering::Relaxed);
+        let inside = Some(here.in_accept.enter());
+        let place = Parked {
+            here,
+            inside,
+            parked: &shared.parked,
+        };
+        (parked < shared.thread_cache).then_some(place)
+    }
+
+    /// Waits in `accept` for the next connection: `None` when the thread
+    /// should end (the server is stopping, or nobody connected for a whole
+    /// reply timeout).
+    fn wait(mut self, shared: &Shared, shutdown: &Shutdown) -> Option<Accepted> {
+        let waiting = self.parked.load(Ordering::Relaxed);
+        trace!(event = event::THREAD_PARKED; "thread waiting in accept, {waiting} waiting now");
+        let (inside, failures) = (self.inside.take(), &mut AcceptFailures::default());
+        match next_connection(&self.here, shared, shutdown, failures, inside) {
+            Next::Admitted(accepted) => Some(accepted),
+            Next::Idle | Next::Stopping => None,
+        }
+    }
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.parked.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

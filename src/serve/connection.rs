@@ -58,11 +58,15 @@ pub(crate) struct Accepted {
 }
 
 /// Serves `first`, then each connection that `park` hands over until it
-/// hands none.
-pub(crate) fn run_thread(
+/// hands none. `reserve` is called as each connection closes, just before
+/// its client can see the close (so that a thread going back to wait in
+/// `accept` is counted before that client can connect again), and its
+/// value is what `park` gets.
+pub(crate) fn run_thread<R>(
     first: Accepted,
     serving: &Serving,
-    mut park: impl FnMut() -> Option<Accepted>,
+    mut reserve: impl FnMut() -> R,
+    mut park: impl FnMut(R) -> Option<Accepted>,
 ) {
     let mut next = Some(first);
     while let Some(accepted) = next {
@@ -74,9 +78,9 @@ pub(crate) fn run_thread(
         };
         let duration = accepted.accepted_at.elapsed();
         serving.stats.record_session(outcome, reply_bytes, duration);
-        close(accepted, outcome, drained);
+        let reserved = close(accepted, outcome, drained, &mut reserve);
         debug!(event = event::DISCONNECTED, peer:% = peer; "{peer} disconnected");
-        next = park();
+        next = park(reserved);
     }
 }
 
@@ -237,7 +241,7 @@ fn record(
 /// released after any lingering (so that lingering threads never outnumber
 /// the cap) but before the close (so that a client that sees its connection
 /// close can connect again at once).
-fn close(accepted: Accepted, outcome: Outcome, drained: bool) {
+fn close<R>(accepted: Accepted, outcome: Outcome, drained: bool, reserve: impl FnOnce() -> R) -> R {
     let Accepted { stream, slot, .. } = accepted;
     let socket = SockRef::from(&*stream);
     match outcome {
@@ -264,7 +268,10 @@ fn close(accepted: Accepted, outcome: Outcome, drained: bool) {
         | Outcome::CutOff
         | Outcome::NotRecorded => {}
     }
+    let reserved = reserve();
     drop(slot);
+    drop(stream);
+    reserved
 }
 
 /// Linux answers a close with unread bytes in the receive queue (anything
