@@ -66,8 +66,9 @@ pub struct Cli {
     #[arg(long, value_name = "SECS", default_value = seconds(Some(DEFAULTS.shutdown_timeout)),
           value_parser = parse_seconds, allow_negative_numbers = true)]
     shutdown_timeout: Duration,
-    /// Finished connection threads kept to serve the next connection instead
-    /// of starting a new thread; 0 disables it; at most --max-connections.
+    /// Finished connection threads that wait in accept to serve the next
+    /// connections instead of new threads; 0 disables it; at most
+    /// --max-connections.
     #[arg(long, value_name = "N", default_value_t = 0,
           value_parser = parse_whole::<usize>, allow_negative_numbers = true)]
     thread_cache: usize,

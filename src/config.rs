@@ -34,8 +34,9 @@ pub struct Config {
     pub max_connections: NonZeroUsize,
     /// How long a stopping server waits for connected clients to finish.
     pub shutdown_timeout: Duration,
-    /// Finished connection threads kept parked for the next connection
-    /// (0: every connection gets a new thread); at most `max_connections`.
+    /// Finished connection threads that wait in `accept` for the next
+    /// connections (0: every connection gets a new thread); at most
+    /// `max_connections`.
     pub thread_cache: usize,
     /// `Some(trusted)`: each connection starts with a PROXY header (v1 or v2)
     /// naming the real client, from a `trusted` proxy (any, if empty).
