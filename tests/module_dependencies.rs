@@ -13,7 +13,7 @@ type Graph = BTreeMap<String, BTreeSet<String>>;
 
 #[test]
 fn paths_resolve_to_the_module_files_they_name() {
-    let modules: BTreeSet<String> = ["limits", "limits/rate", "serve", "serve/read"]
+    let modules: BTreeSet<String> = ["limits", "limits/rate", "serve", "serve/connection"]
         .map(String::from)
         .into();
     let path = |text: &str| segments(text);
@@ -23,14 +23,14 @@ fn paths_resolve_to_the_module_files_they_name() {
     );
     assert_eq!(resolve("", &path("limits::Refusal"), &modules), "limits");
     assert_eq!(
-        resolve("serve", &path("read::Deadline"), &modules),
-        "serve/read"
+        resolve("serve", &path("connection::Deadline"), &modules),
+        "serve/connection"
     );
     assert_eq!(super_of("serve"), "");
     assert_eq!(super_of("serve/accept"), "serve");
     let graph = library_graph(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"));
     assert!(
-        graph["serve/connection"].contains("serve/read"),
+        graph["service/metrics"].contains("serve/connection"),
         "{graph:?}"
     );
     assert!(graph["serve/connection"].contains("limits"), "{graph:?}");

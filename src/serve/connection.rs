@@ -1,27 +1,25 @@
 //! One connection's life on its own thread, from the thread taking it to
 //! parking again: identify the client (its PROXY header, behind a balancer),
-//! admit it (access rules, per-address cap, a proxied client's rate), send
-//! the prompt, read one reply, record it, and close: cleanly only once its
-//! whole reply is kept. Everything here may block (the prompt, header and
-//! reply deadlines, a lingering close's second, the reply sink until
-//! `--record-timeout`); nothing else waits on this thread.
+//! admit it, send the prompt, read one reply, record it, and close: cleanly
+//! only once its whole reply is kept. Every client byte is read here, and
+//! the prompt written, under a deadline that becomes the socket's timeout
+//! for each call (the time left), so a client that trickles bytes (or takes
+//! the prompt a byte at a time) never keeps the thread past its budget.
 //!
 //! Steps marked `#[inline(never)]` keep their buffers and log records out
-//! of the frames an idle client's thread holds while it waits: each would
-//! touch one more page of stack (+4 KiB per client, measured with 3,000
-//! and 10,000 idle clients).
+//! of the frame an idle client's thread waits in (each would touch one more
+//! page of stack: +4 KiB per idle client, measured).
 
-use std::io::Read;
+use std::io::{self, Read, Write};
 use std::mem::MaybeUninit;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{debug, warn};
+use log::{debug, trace, warn};
 use socket2::SockRef;
 
-use super::proxy_protocol::{self, ProxyHeader};
-use super::read::{Deadline, ReadStep, Reply, read_before, read_reply, write_before};
+use super::proxy_protocol::{self, Parsed, ProxyHeader};
 use crate::config::Config;
 use crate::error::describe_io_error;
 use crate::limits::rate::RateBuckets;
@@ -31,18 +29,23 @@ use crate::logging::{NOT_RECORDED_LINES, ServingPeer, event, log_every};
 use crate::record::{Record, ReplyEnd};
 use crate::stats::{Outcome, Stats};
 
+/// A lingering close reads and discards at most this much, for at most
+/// this long (nginx's `lingering_close`).
 const LINGER_MAX_BYTES: usize = 64 * 1024;
 const LINGER_MAX_TIME: Duration = Duration::from_secs(1);
+/// Most bytes asked of the socket in one read: a default-cap reply and its
+/// "\r\n". Reads land on the stack; the reply's heap buffer is allocated
+/// only once bytes arrive, so a silent client costs no heap.
+const READ_CHUNK: usize = 1026;
 
 /// What every connection is served with.
 pub(crate) struct Serving {
     pub(crate) config: Config,
     /// The connection cap, whose slots also let a stop cut connections off.
     pub(crate) limit: ConnectionLimit,
-    /// `--max-per-ip`.
     pub(crate) per_ip: PerIpLimit,
-    /// `--max-rate-per-ip`: checked here for the client a PROXY header
-    /// names, and by the accept loop for a direct client.
+    /// Checked here for the client a PROXY header names, by the accept
+    /// loop for a direct client.
     pub(crate) rate: Option<RateBuckets>,
     pub(crate) stats: Stats,
 }
@@ -57,11 +60,10 @@ pub(crate) struct Accepted {
     pub(crate) slot: ConnectionSlot,
 }
 
-/// Serves `first`, then each connection that `park` hands over until it
-/// hands none. `reserve` is called as each connection closes, just before
-/// its client can see the close (so that a thread going back to wait in
-/// `accept` is counted before that client can connect again), and its
-/// value is what `park` gets.
+/// Serves `first`, then each connection `park` hands over, until it hands
+/// none. `reserve` runs as each connection closes, just before its client
+/// can see the close (so a thread going back to `accept` is counted before
+/// that client can connect again); `park` gets its value.
 pub(crate) fn run_thread<R>(
     first: Accepted,
     serving: &Serving,
@@ -84,19 +86,17 @@ pub(crate) fn run_thread<R>(
     }
 }
 
-/// Who is on the other end.
+/// Who is on the other end: the real client (the socket's peer, or the one
+/// a PROXY header names), and the balancer that relayed it, if one did.
 #[derive(Debug, Clone, Copy)]
 struct Client {
-    /// The real client: the socket's peer, or the one a PROXY header names.
     addr: SocketAddr,
-    /// The balancer that relayed the connection, if one did.
     proxy: Option<SocketAddr>,
 }
 
-/// Serves one connection to the end: identify the client, admit it, send
-/// the prompt, read the reply, record it. Returns how it ended, the size of
-/// the reply recorded and whether its last read drained the socket, or how
-/// it ended without one.
+/// Serves one connection up to its close: how it ended, the size of the
+/// reply recorded and whether its last read drained the socket; or how it
+/// ended without a record.
 fn serve(accepted: &Accepted, serving: &Serving) -> Result<(Outcome, usize, bool), Outcome> {
     let _named_in_panics = ServingPeer::set(accepted.peer);
     let (stream, config) = (&*accepted.stream, &serving.config);
@@ -107,9 +107,9 @@ fn serve(accepted: &Accepted, serving: &Serving) -> Result<(Outcome, usize, bool
     record(client, reply, accepted.accepted_at, serving)
 }
 
-/// Who the client is: the socket's peer, or, behind a balancer, the client
-/// its PROXY header names, with any bytes that came after the header. A bad
-/// header is logged, and the connection reset without a prompt.
+/// The socket's peer, or, behind a balancer, the client its PROXY header
+/// names, with any bytes that came after the header. A bad header is
+/// logged, and the connection reset without a prompt.
 #[inline(never)]
 fn identify_client(accepted: &Accepted, config: &Config) -> Result<(Client, Vec<u8>), Outcome> {
     let (mut stream, peer) = (&*accepted.stream, accepted.peer);
@@ -126,13 +126,10 @@ fn identify_client(accepted: &Accepted, config: &Config) -> Result<(Client, Vec<
     let deadline = config
         .reply_timeout
         .map(|timeout| Deadline::from(accepted.accepted_at, timeout));
-    match proxy_protocol::read_header(&mut stream, deadline) {
+    match read_proxy_header(&mut stream, deadline) {
         Ok((ProxyHeader::Proxied { source, .. }, rest)) => {
-            let proxied = Client {
-                addr: canonical(source),
-                proxy: Some(peer),
-            };
-            Ok((proxied, rest))
+            let (addr, proxy) = (canonical(source), Some(peer));
+            Ok((Client { addr, proxy }, rest))
         }
         Ok((ProxyHeader::Local, rest)) => Ok((direct, rest)),
         Err(e) => {
@@ -142,8 +139,31 @@ fn identify_client(accepted: &Accepted, config: &Config) -> Result<(Client, Vec<
     }
 }
 
-/// Checks the access rules, the rate limit for a client behind a balancer,
-/// and takes the client's per-address slot, or refuses it.
+/// Reads until a whole PROXY header is in: the header, with whatever bytes
+/// followed it in the same reads, or why there is none.
+fn read_proxy_header<S: DeadlineRead>(
+    source: &mut S,
+    mut deadline: Option<Deadline>,
+) -> Result<(ProxyHeader, Vec<u8>), String> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 512];
+    loop {
+        match proxy_protocol::parse(&buf) {
+            Parsed::Complete { header, length } => return Ok((header, buf.split_off(length))),
+            Parsed::Invalid(why) => return Err(why.to_string()),
+            Parsed::Incomplete => {}
+        }
+        match read_before(source, &mut chunk, deadline.as_mut()) {
+            ReadStep::Data(n) => buf.extend_from_slice(&chunk[..n]),
+            ReadStep::Closed => return Err("closed before a complete PROXY header".to_string()),
+            ReadStep::TimedOut => return Err("no complete PROXY header in time".to_string()),
+            ReadStep::Failed(e) => return Err(describe_io_error(&e)),
+        }
+    }
+}
+
+/// Checks the access rules and, behind a balancer, the client's rate, and
+/// takes its per-address slot; or refuses it.
 #[inline(never)]
 fn admit_client<'a>(
     stream: &TcpStream,
@@ -157,8 +177,7 @@ fn admit_client<'a>(
         && serving.config.proxy_protocol.is_some()
         && let Err(limited) = rate.try_acquire(ip, Instant::now())
     {
-        // Behind a balancer the accept loop could not know the client yet;
-        // a header that names none (UNKNOWN, LOCAL) leaves the TCP peer.
+        // A header that names no client (UNKNOWN, LOCAL) leaves the peer.
         Refusal::RateLimited(limited, rate)
     } else if let Some(ip_slot) = serving.per_ip.try_acquire(ip) {
         return Ok(ip_slot);
@@ -169,6 +188,7 @@ fn admit_client<'a>(
     Err(refuse(stream, client.addr, client.proxy, &refusal))
 }
 
+/// Writes the whole prompt within `--write-timeout`.
 #[inline(never)]
 fn send_prompt(stream: &TcpStream, client: Client, config: &Config) -> Result<(), Outcome> {
     let mut deadline = Deadline::after_with_timeout_already_set(config.write_timeout);
@@ -178,29 +198,23 @@ fn send_prompt(stream: &TcpStream, client: Client, config: &Config) -> Result<()
     let (addr, proxy) = (client.addr, client.proxy.map(|proxy| proxy.to_string()));
     warn!(
         event = event::PROMPT_FAILED, peer:% = addr, proxy = proxy.as_deref();
-        "{addr} could not be sent the prompt: {}",
-        describe_io_error(&e)
+        "{addr} could not be sent the prompt: {}", describe_io_error(&e)
     );
     Err(Outcome::Failed)
 }
 
-/// Reads the reply, after any bytes that came with the PROXY header.
+/// Reads the reply, after any bytes that came with the PROXY header. The
+/// socket's read timeout is the whole budget (inherited from the listener)
+/// unless reading a header has set its own.
 #[inline(never)]
-fn read_client_reply(
-    stream: &TcpStream,
-    early_bytes: &[u8],
-    client: Client,
-    config: &Config,
-) -> Reply {
-    // The socket's read timeout is the whole budget, inherited from the
-    // listener, unless reading a PROXY header has set its own.
+fn read_client_reply(stream: &TcpStream, early: &[u8], client: Client, config: &Config) -> Reply {
     let deadline = config
         .reply_timeout
         .map(|timeout| match config.proxy_protocol {
             Some(_) => Deadline::after(timeout),
             None => Deadline::after_with_timeout_already_set(timeout),
         });
-    let source = &mut early_bytes.chain(stream);
+    let source = &mut early.chain(stream);
     read_reply(source, client.addr, config.max_reply_bytes.get(), deadline)
 }
 
@@ -238,30 +252,29 @@ fn record(
 }
 
 /// Ends a connection so that its client can tell how it ended. The slot is
-/// released after any lingering (so that lingering threads never outnumber
-/// the cap) but before the close (so that a client that sees its connection
-/// close can connect again at once).
+/// released after any lingering (lingering threads never outnumber the
+/// cap) but before the close (a client that sees the close can connect
+/// again at once).
 fn close<R>(accepted: Accepted, outcome: Outcome, drained: bool, reserve: impl FnOnce() -> R) -> R {
     let Accepted { stream, slot, .. } = accepted;
     let socket = SockRef::from(&*stream);
     match outcome {
-        // An end of stream: its whole reply is recorded, or it was told in
-        // words (the busy line) that it is not served.
+        // An end of stream: the whole reply is recorded, or the client was
+        // told in words (the busy line) that it is not served.
         Outcome::Replied | Outcome::NoReply | Outcome::Busy | Outcome::RateLimited => {
             let _ = socket.set_linger(None);
             if !drained {
                 linger_if_bytes_wait(&stream);
             }
         }
-        // Refused before the prompt, with nothing of it read: the kernel's
-        // plain close, an end of stream if it sent nothing (nothing is
-        // lost), a reset if bytes of it are waiting unread.
+        // Refused before the prompt with nothing read: the kernel's plain
+        // close (a reset only if bytes of it wait unread).
         Outcome::Denied => {
             let _ = socket.set_linger(None);
         }
-        // A reset (the zero linger time every socket has): nothing it sent
-        // after the server stopped reading is recorded, or its reply is not
-        // recorded at all.
+        // A reset (the zero linger time every socket inherits): the reply
+        // is not recorded, or bytes sent after the server stopped reading
+        // are in no record.
         Outcome::Truncated
         | Outcome::TimedOut
         | Outcome::Failed
@@ -274,11 +287,10 @@ fn close<R>(accepted: Accepted, outcome: Outcome, drained: bool, reserve: impl F
     reserved
 }
 
-/// Linux answers a close with unread bytes in the receive queue (anything
-/// sent after the reply line) with a reset; so when bytes are waiting, the
-/// close lingers as nginx's `lingering_close` does: shut down the write
-/// side (the client sees the end of stream), read and discard for at most
-/// [`LINGER_MAX_TIME`] or [`LINGER_MAX_BYTES`], then close.
+/// Linux answers a close over unread bytes (anything sent after the reply
+/// line) with a reset; so when bytes wait, shut down the write side (the
+/// client sees the end of stream), read and discard within the linger
+/// bounds, then close.
 #[inline(never)]
 fn linger_if_bytes_wait(mut stream: &TcpStream) {
     let mut byte = [MaybeUninit::<u8>::uninit(); 1];
@@ -295,5 +307,353 @@ fn linger_if_bytes_wait(mut stream: &TcpStream) {
         && let ReadStep::Data(n) = read_before(&mut stream, &mut discard, Some(&mut deadline))
     {
         discarded += n;
+    }
+}
+
+/// A byte stream whose read timeout can be set before each read; a trait so
+/// that the property tests drive the very same readers with any chunking.
+pub(crate) trait DeadlineRead: Read {
+    fn set_read_timeout_for_next_read(&mut self, timeout: Duration) -> io::Result<()>;
+}
+
+impl DeadlineRead for &TcpStream {
+    fn set_read_timeout_for_next_read(&mut self, timeout: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(timeout))
+    }
+}
+
+/// Bytes already read (after a PROXY header) first, then the stream.
+impl<S: DeadlineRead> DeadlineRead for io::Chain<&[u8], S> {
+    fn set_read_timeout_for_next_read(&mut self, timeout: Duration) -> io::Result<()> {
+        self.get_mut().1.set_read_timeout_for_next_read(timeout)
+    }
+}
+
+/// What one read under a deadline gave.
+#[derive(Debug)]
+pub(crate) enum ReadStep {
+    Data(usize),
+    Closed,
+    /// The deadline passed, before or during the read.
+    TimedOut,
+    Failed(io::Error),
+}
+
+/// When reading (or writing) must be done by: before each call the
+/// socket's timeout is set to the time left, except for a first call whose
+/// timeout already stands at the whole budget (inherited from the
+/// listener: one `setsockopt` less per connection).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Deadline {
+    at: Instant,
+    budget: Duration,
+    timeout_set: bool,
+}
+
+impl Deadline {
+    pub(crate) fn after(budget: Duration) -> Self {
+        Self::from(Instant::now(), budget)
+    }
+
+    pub(crate) fn at(at: Instant) -> Self {
+        Self::after(at.saturating_duration_since(Instant::now()))
+    }
+
+    pub(crate) fn from(start: Instant, budget: Duration) -> Self {
+        let at = start + budget;
+        let timeout_set = false;
+        Deadline {
+            at,
+            budget,
+            timeout_set,
+        }
+    }
+
+    pub(crate) fn after_with_timeout_already_set(budget: Duration) -> Self {
+        let timeout_set = true;
+        Deadline {
+            timeout_set,
+            ..Self::after(budget)
+        }
+    }
+
+    /// The timeout to set before the next call (`None`: it stands already),
+    /// or `TimedOut` once the deadline has passed.
+    fn next_timeout(&mut self) -> io::Result<Option<Duration>> {
+        let left = self.at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        Ok((!std::mem::replace(&mut self.timeout_set, false)).then_some(left))
+    }
+}
+
+/// Reads once into `buf`, giving up at `deadline` (if any).
+pub(crate) fn read_before<S: DeadlineRead>(
+    source: &mut S,
+    buf: &mut [u8],
+    deadline: Option<&mut Deadline>,
+) -> ReadStep {
+    match deadline.map(Deadline::next_timeout) {
+        Some(Err(_)) => return ReadStep::TimedOut,
+        Some(Ok(Some(left))) => {
+            if let Err(e) = source.set_read_timeout_for_next_read(left) {
+                return ReadStep::Failed(e);
+            }
+        }
+        Some(Ok(None)) | None => {}
+    }
+    loop {
+        return match source.read(buf) {
+            Ok(0) => ReadStep::Closed,
+            Ok(n) => ReadStep::Data(n),
+            Err(e) => match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ReadStep::TimedOut,
+                _ => ReadStep::Failed(e),
+            },
+        };
+    }
+}
+
+/// Writes all of `bytes` by `deadline`: a client that takes a byte at a
+/// time still has one budget for the whole prompt.
+pub(crate) fn write_before(
+    mut stream: &TcpStream,
+    mut bytes: &[u8],
+    deadline: &mut Deadline,
+) -> io::Result<()> {
+    while !bytes.is_empty() {
+        if let Some(left) = deadline.next_timeout()? {
+            stream.set_write_timeout(Some(left))?;
+        }
+        match stream.write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// One client's reply and why reading stopped.
+#[derive(Debug)]
+pub(crate) struct Reply {
+    /// Without its line terminator, never longer than the cap.
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) end: ReplyEnd,
+    /// The last read took less than it asked for: nothing more was waiting
+    /// then, so a clean close need not look for unread bytes.
+    pub(crate) drained: bool,
+}
+
+/// Reads one reply line: the bytes up to the first `\n`, without `\n` or
+/// `\r\n` (telnet), at most `max_reply_bytes` of it (a longer reply is cut
+/// and truncated, whatever else ended it), giving up at `deadline` however
+/// the bytes trickle in. Whatever arrived is kept, however reading stopped.
+pub(crate) fn read_reply<S: DeadlineRead>(
+    source: &mut S,
+    peer: SocketAddr,
+    max_reply_bytes: usize,
+    mut deadline: Option<Deadline>,
+) -> Reply {
+    // Room for a full-length reply and its "\r\n": only past that is a reply
+    // known to be too long.
+    let limit = max_reply_bytes.saturating_add(2);
+    let mut chunk = [0u8; READ_CHUNK];
+    let mut bytes = Vec::new();
+    let mut drained = false;
+    let end = loop {
+        let want = (limit - bytes.len()).min(READ_CHUNK);
+        let n = match read_before(source, &mut chunk[..want], deadline.as_mut()) {
+            ReadStep::Data(n) => n,
+            ReadStep::Closed => {
+                drained = true;
+                break ReplyEnd::Closed;
+            }
+            ReadStep::TimedOut => {
+                let after = deadline.map(|d| d.budget).unwrap_or_default();
+                break ReplyEnd::TimedOut { after };
+            }
+            ReadStep::Failed(e) => break ReplyEnd::Failed(e),
+        };
+        trace!(event = event::READ, peer:% = peer, bytes = n; "{peer}: read {n} bytes");
+        drained = n < want;
+        let start = bytes.len();
+        bytes.extend_from_slice(&chunk[..n]);
+        if let Some(newline) = bytes[start..].iter().position(|&b| b == b'\n') {
+            bytes.truncate(start + newline);
+            if bytes.last() == Some(&b'\r') {
+                bytes.pop();
+            }
+            break ReplyEnd::Line;
+        }
+        if bytes.len() >= limit {
+            break ReplyEnd::Truncated;
+        }
+    };
+    let end = if bytes.len() > max_reply_bytes {
+        bytes.truncate(max_reply_bytes);
+        ReplyEnd::Truncated
+    } else {
+        end
+    };
+    Reply {
+        bytes,
+        end,
+        drained,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::VecDeque;
+    use std::io::{self, Read};
+    use std::time::Duration;
+
+    /// Hands out a byte string in the given pieces, then EOF.
+    struct Chunked {
+        chunks: VecDeque<Vec<u8>>,
+    }
+
+    impl Chunked {
+        fn new<I: IntoIterator<Item = Vec<u8>>>(chunks: I) -> Self {
+            Chunked {
+                chunks: chunks.into_iter().collect(),
+            }
+        }
+    }
+
+    impl Read for Chunked {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            let Some(chunk) = self.chunks.front_mut() else {
+                return Ok(0);
+            };
+            let n = chunk.len().min(out.len());
+            out[..n].copy_from_slice(&chunk[..n]);
+            chunk.drain(..n);
+            if chunk.is_empty() {
+                self.chunks.pop_front();
+            }
+            Ok(n)
+        }
+    }
+
+    impl DeadlineRead for Chunked {
+        fn set_read_timeout_for_next_read(&mut self, _: Duration) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn read(chunks: &[&[u8]], max: usize) -> Reply {
+        let peer = "127.0.0.1:9".parse().unwrap();
+        let mut source = Chunked::new(chunks.iter().map(|c| c.to_vec()));
+        read_reply(&mut source, peer, max, None)
+    }
+
+    #[test]
+    fn line_terminators_are_stripped() {
+        let reply = read(&[b"yes\r\n"], 1024);
+        assert_eq!(reply.bytes, b"yes");
+        assert!(matches!(reply.end, ReplyEnd::Line));
+        assert_eq!(read(&[b"yes\n"], 1024).bytes, b"yes");
+        assert_eq!(read(&[b"\n"], 1024).bytes, b"");
+    }
+
+    #[test]
+    fn split_reply_is_assembled_and_rest_ignored() {
+        let reply = read(&[b"y", b"e", b"s\r", b"\nsecond line\n"], 1024);
+        assert_eq!(reply.bytes, b"yes");
+        assert!(matches!(reply.end, ReplyEnd::Line));
+    }
+
+    #[test]
+    fn eof_before_newline_keeps_what_came() {
+        let reply = read(&[b"may", b"be"], 1024);
+        assert_eq!(reply.bytes, b"maybe");
+        assert!(matches!(reply.end, ReplyEnd::Closed));
+        let nothing = read(&[], 1024);
+        assert!(nothing.bytes.is_empty());
+        assert!(matches!(nothing.end, ReplyEnd::Closed));
+    }
+
+    #[test]
+    fn reply_of_exactly_the_cap_is_whole() {
+        let reply = read(&[b"abcd\r\n"], 4);
+        assert_eq!(reply.bytes, b"abcd");
+        assert!(matches!(reply.end, ReplyEnd::Line));
+    }
+
+    #[test]
+    fn reply_past_the_cap_is_truncated() {
+        for input in [&b"abcde\n"[..], b"abcde", b"abcdefghijklmnop"] {
+            let reply = read(&[input], 4);
+            assert_eq!(reply.bytes, b"abcd", "{input:?}");
+            assert!(matches!(reply.end, ReplyEnd::Truncated), "{input:?}");
+        }
+    }
+
+    #[test]
+    fn prefixed_bytes_come_first() {
+        let peer = "127.0.0.1:9".parse().unwrap();
+        let rest = Chunked::new([b"s\n".to_vec()]);
+        let reply = read_reply(&mut (&b"ye"[..]).chain(rest), peer, 1024, None);
+        assert_eq!(reply.bytes, b"yes");
+    }
+
+    #[test]
+    fn expired_deadline_times_out_without_reading() {
+        let peer = "127.0.0.1:9".parse().unwrap();
+        let mut source = Chunked::new([b"yes\n".to_vec()]);
+        let deadline = Deadline::after_with_timeout_already_set(Duration::ZERO);
+        let reply = read_reply(&mut source, peer, 1024, Some(deadline));
+        assert!(matches!(reply.end, ReplyEnd::TimedOut { .. }));
+        assert!(reply.bytes.is_empty());
+    }
+
+    /// Splits `bytes` at the given cut points (taken modulo its length).
+    fn split_at(bytes: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+        let mut points: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+        points.push(0);
+        points.push(bytes.len());
+        points.sort_unstable();
+        points.dedup();
+        // An empty piece would read as EOF, which a socket never delivers mid-stream.
+        points
+            .windows(2)
+            .map(|w| bytes[w[0]..w[1]].to_vec())
+            .collect()
+    }
+
+    proptest! {
+        /// However a reply is split into pieces, it reads back as if it had
+        /// come in one, and never longer than the cap.
+        #[test]
+        fn any_chunking_reads_back_identically(
+            payload in proptest::collection::vec(any::<u8>(), 0..3000),
+            cuts in proptest::collection::vec(any::<usize>(), 0..20),
+            max in 1usize..2000,
+        ) {
+            let peer = "127.0.0.1:9".parse().unwrap();
+            let whole = read_reply(&mut Chunked::new([payload.clone()]), peer, max, None);
+            let pieces = read_reply(&mut Chunked::new(split_at(&payload, &cuts)), peer, max, None);
+            prop_assert_eq!(&whole.bytes, &pieces.bytes);
+            prop_assert_eq!(format!("{:?}", whole.end), format!("{:?}", pieces.end));
+            prop_assert!(pieces.bytes.len() <= max);
+
+            // And it is the first line of the payload, cut at the cap.
+            let line_end = payload.iter().position(|&b| b == b'\n');
+            let mut expected = payload[..line_end.unwrap_or(payload.len())].to_vec();
+            if line_end.is_some() && expected.last() == Some(&b'\r') {
+                expected.pop();
+            }
+            let over = expected.len() > max;
+            expected.truncate(max);
+            prop_assert_eq!(&pieces.bytes, &expected);
+            prop_assert_eq!(matches!(pieces.end, ReplyEnd::Truncated), over);
+        }
     }
 }

@@ -28,10 +28,9 @@ use crate::shutdown::{self, Shutdown};
 use crate::stats::{Stats, Summary};
 
 mod accept;
-mod connection;
+pub(crate) mod connection;
 mod listen;
 mod proxy_protocol;
-pub(crate) mod read;
 
 use accept::Shared;
 use connection::Serving;

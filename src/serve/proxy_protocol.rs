@@ -3,16 +3,13 @@
 //! client is, so that the reply is logged with the client's address.
 //!
 //! [`parse`] is a pure function over the bytes received so far, so that it
-//! can be tested on any input; [`read_header`] reads until the header is
-//! complete. The receiver rules of haproxy's doc/proxy-protocol.txt: act on
+//! can be tested on any input (`serve/connection.rs` reads until the header
+//! is complete). The receiver rules of haproxy's doc/proxy-protocol.txt: act on
 //! nothing before the whole header is in, reject the connection on any
 //! mismatch.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
-
-use super::read::{Deadline, DeadlineRead, ReadStep, read_before};
-use crate::error::describe_io_error;
 
 /// The longest version 1 header, CRLF included.
 const V1_MAX_LEN: usize = 107;
@@ -159,30 +156,6 @@ where
     ProxyHeader::Proxied {
         source: SocketAddr::new(ip(0), port(2 * N)),
         destination: SocketAddr::new(ip(N), port(2 * N + 2)),
-    }
-}
-
-/// Reads a PROXY header from `source`, giving up at `deadline`. Returns it
-/// with whatever bytes followed it in the same reads (the start of the
-/// client's own data), or why there is none, as words for the log line.
-pub(crate) fn read_header<S: DeadlineRead>(
-    source: &mut S,
-    mut deadline: Option<Deadline>,
-) -> Result<(ProxyHeader, Vec<u8>), String> {
-    let mut buf = Vec::with_capacity(V1_MAX_LEN);
-    let mut chunk = [0u8; 512];
-    loop {
-        match parse(&buf) {
-            Parsed::Complete { header, length } => return Ok((header, buf.split_off(length))),
-            Parsed::Invalid(why) => return Err(why.to_string()),
-            Parsed::Incomplete => {}
-        }
-        match read_before(source, &mut chunk, deadline.as_mut()) {
-            ReadStep::Data(n) => buf.extend_from_slice(&chunk[..n]),
-            ReadStep::Closed => return Err("closed before a complete PROXY header".to_string()),
-            ReadStep::TimedOut => return Err("no complete PROXY header in time".to_string()),
-            ReadStep::Failed(e) => return Err(describe_io_error(&e)),
-        }
     }
 }
 

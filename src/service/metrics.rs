@@ -28,7 +28,7 @@ use socket2::SockRef;
 
 use crate::limits::{ConnectionLimit, PerIpLimit};
 use crate::logging::{LogEvery, event, held_back_note};
-use crate::serve::read::{Deadline, ReadStep, read_before};
+use crate::serve::connection::{Deadline, ReadStep, read_before};
 use crate::stats::{AcceptErrorKind, Label, Stats};
 
 /// The whole time one scraper may take, to send its request and to take
