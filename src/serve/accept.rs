@@ -1,24 +1,18 @@
 //! The accept loop: where a connection is accepted, admitted or turned
-//! away, and the one place where a connection's thread is started.
+//! away, and the one place a connection's thread is started. The loop only
+//! accepts, checks the cap (and a direct client's rate) and starts a
+//! thread, so no client can delay the next. It survives every `accept`
+//! failure: ones about a single connection are skipped, ones about the
+//! process (out of descriptors or memory) pause it with a growing backoff.
 //!
-//! The loop only accepts, checks the connection cap (and a direct client's
-//! rate) and starts a thread for the connection, so no client, however
-//! slow, can delay the next one. It survives every `accept` failure: ones
-//! about a single connection are skipped, ones about the process (out of
-//! descriptors or memory) pause it with a growing backoff instead of
-//! spinning, and serving resumes by itself.
-//!
-//! With `--thread-cache`, a thread whose connection has ended waits in
-//! `accept` on the same listener itself, for up to `--thread-cache` such
-//! threads (leader/followers, with the kernel as the leader: Linux wakes
-//! one blocked accepter per connection, in order). A connection then goes
-//! from the kernel to a waiting thread with no hand-off, no lock and no
-//! wake-up of ours. The accept loop steps aside while threads wait in
-//! `accept`, and is woken by the last one to leave it: so it accepts, and
-//! starts a thread, only when no waiting thread could take the connection.
-//! A waiting thread leaves after a whole reply timeout without a
-//! connection. On a stop, whoever takes the stop's wake-up connection
-//! passes it on to the next thread waiting in `accept`, until none is left.
+//! With `--thread-cache`, a finished thread waits in `accept` on the same
+//! listener itself (leader/followers, the kernel as leader: Linux wakes one
+//! blocked accepter per connection, in order), so a connection reaches a
+//! waiting thread with no hand-off, lock or wake-up of ours. The accept
+//! loop steps aside while threads wait there, and so starts a thread only
+//! when none could take the connection. A waiting thread leaves after a
+//! reply timeout without a connection; on a stop, whoever takes the stop's
+//! wake-up connection passes it on to the next thread in `accept`.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -39,22 +33,19 @@ use crate::service::notify::{Heartbeat, Notifier};
 use crate::shutdown::Shutdown;
 use crate::stats::AcceptErrorKind;
 
-/// First pause after an `accept` failure about the process; it doubles with
-/// each further failure up to [`MAX_ACCEPT_PAUSE`] (Go's net/http does the same).
+/// The pause after an `accept` failure about the process, doubling up to
+/// [`MAX_ACCEPT_PAUSE`] (as Go's net/http does).
 const FIRST_ACCEPT_PAUSE: Duration = Duration::from_millis(5);
 const MAX_ACCEPT_PAUSE: Duration = Duration::from_secs(1);
-/// An accept loop only accepts and starts threads: a small fixed stack, so
-/// that it starts whatever `RUST_MIN_STACK` says for connection threads.
+/// A small fixed stack, so that it starts whatever `RUST_MIN_STACK` says.
 const ACCEPT_THREAD_STACK: usize = 256 * 1024;
-/// How long a stopping accept loop waits for the threads in `accept` to
-/// leave it (a wake-up that failed leaves one behind).
+/// How long a stopping loop waits for the threads in `accept` to leave it.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What the accept loops and every connection thread share.
 pub(crate) struct Shared {
     pub(crate) serving: Serving,
-    /// Connection threads alive, waiting ones included: `run` returns only
-    /// once they are gone.
+    /// Connection threads alive, waiting ones included.
     pub(crate) threads: Arc<LiveCount>,
     /// `--thread-cache`: how many finished threads may wait in `accept`.
     thread_cache: usize,
@@ -78,9 +69,8 @@ impl Shared {
     }
 }
 
-/// One listener, with the threads inside `accept` on it: a stop passes its
-/// wake-up on while any is left, and the accept loop steps aside while one
-/// is (waiting for the count to fall to zero).
+/// One listener, with the threads inside `accept` on it (the loop steps
+/// aside while any is, and a stop passes its wake-up on to them).
 struct Listening {
     listener: Arc<TcpListener>,
     addr: SocketAddr,
@@ -90,8 +80,7 @@ struct Listening {
 /// What a wait in `accept` gave.
 enum Next {
     Admitted(Accepted),
-    /// Nobody connected for a whole reply timeout (the listener's read
-    /// timeout).
+    /// Nobody connected for a reply timeout (the listener's read timeout).
     Idle,
     Stopping,
 }
@@ -130,28 +119,20 @@ pub(crate) fn accept_on_all(
 }
 
 /// One listener's life: the accept loop, then, once stopped, the clients
-/// the kernel still holds for it, then the close.
+/// still queued for it, then the close.
 fn serve_listener(
     here: &Arc<Listening>,
     shared: &Arc<Shared>,
     shutdown: &Shutdown,
     heartbeat: &Heartbeat,
 ) {
-    // A connection whose handshake completed before the listener got its
-    // options (one queued by systemd before this process started, or by a
-    // client quick to connect to a listener bound elsewhere) did not
-    // inherit them: it gets its own, once.
-    accept_queued(&here.listener, |stream, peer| {
-        if set_connection_options(SockRef::from(&stream), &shared.serving.config).is_ok() {
-            accept_and_start(stream, canonical(peer), here, shared, shutdown);
-        }
-    });
+    // Connections queued before the listener got its options (by systemd
+    // before this process started) did not inherit them: they get their own.
+    accept_queued(here, shared, shutdown, true);
     let mut failures = AcceptFailures::default();
     loop {
         let next = heartbeat.accepting(|| {
-            // Stepping aside while threads wait in `accept` here, so that
-            // the kernel gives them the next connection; the last to leave
-            // wakes this loop.
+            // Aside while threads wait in `accept`; the last to leave wakes it.
             while here.in_accept.get() > 0 && !shutdown.is_triggered() {
                 here.in_accept
                     .wait_until_zero(Instant::now() + MAX_ACCEPT_PAUSE);
@@ -164,21 +145,16 @@ fn serve_listener(
             Next::Stopping => break,
         }
     }
-    // Waiting threads hold the listener only while in `accept`: once they
-    // are out, it closes with this loop.
+    // Waiting threads hold the listener only while in `accept`.
     here.in_accept
         .wait_until_zero(Instant::now() + LEAVE_TIMEOUT);
-    // The kernel has completed the handshakes of the clients still queued,
-    // and some have sent their reply: serve them too, then refuse new
-    // clients at once rather than leave them in the backlog.
-    accept_queued(&here.listener, |stream, peer| {
-        accept_and_start(stream, canonical(peer), here, shared, shutdown);
-    });
+    // Queued clients have completed their handshakes, and some have sent
+    // their reply: serve them too, then close (new clients are refused).
+    accept_queued(here, shared, shutdown, false);
 }
 
 /// Waits in `accept` until a connection is admitted (refusing the ones
-/// turned away), the listener stays idle for a reply timeout, or the server
-/// stops; an `accept` failure is counted and paused after.
+/// turned away), the listener idles for a reply timeout, or a stop.
 fn next_connection(
     here: &Listening,
     shared: &Shared,
@@ -207,16 +183,14 @@ fn next_connection(
     }
 }
 
-/// Waits in `accept` for the next client on `here`; `None` once the server
-/// is stopping (the stop's wake-up connection, passed on to the next thread
-/// waiting in `accept` on this listener, if any).
+/// The next client on `here`; `None` once the server is stopping (its
+/// wake-up connection is passed on to the next thread in `accept`).
 fn accept_next(
     here: &Listening,
     shutdown: &Shutdown,
     inside: Option<Live>,
 ) -> io::Result<Option<(TcpStream, SocketAddr)>> {
-    // Counted before the stop is looked at: a stop that found nobody in
-    // `accept` is then seen here.
+    // Counted before the stop is looked at, so that no stop is missed.
     let inside = inside.unwrap_or_else(|| here.in_accept.enter());
     let accepted = if shutdown.is_triggered() {
         Ok(None)
@@ -237,8 +211,7 @@ fn accept_next(
     Ok(None)
 }
 
-/// Whether a connection is a stop's wake-up rather than a client; one is
-/// closed cleanly (the waker must not see a reset).
+/// Whether a connection is a stop's wake-up (closed cleanly) or a client.
 fn is_wake_connection(stream: &TcpStream, peer: SocketAddr, shutdown: &Shutdown) -> bool {
     let wake = shutdown.is_triggered() && shutdown.is_wake_connection(peer);
     if wake {
@@ -247,44 +220,41 @@ fn is_wake_connection(stream: &TcpStream, peer: SocketAddr, shutdown: &Shutdown)
     wake
 }
 
-/// Accepts, without waiting, every connection already queued on `listener`.
-/// The listener blocks again afterwards.
-fn accept_queued(listener: &TcpListener, mut accept: impl FnMut(TcpStream, SocketAddr)) {
-    if listener.set_nonblocking(true).is_err() {
-        return;
-    }
-    loop {
-        match listener.accept() {
-            // Linux does not pass the listener's O_NONBLOCK on to accepted
-            // sockets: they block as usual.
-            Ok((stream, peer)) => accept(stream, peer),
-            Err(e) if about_one_connection(&e) => {}
-            Err(_) => break,
-        }
-    }
-    let _ = listener.set_nonblocking(false);
-}
-
-/// Admits a connection the accept loop took and starts a thread for it.
-fn accept_and_start(
-    stream: TcpStream,
-    peer: SocketAddr,
+/// Accepts, without waiting, every connection already queued on `here`,
+/// giving each the listener's options first if `set_options`, and starts
+/// a thread for each one admitted.
+fn accept_queued(
     here: &Arc<Listening>,
     shared: &Arc<Shared>,
     shutdown: &Shutdown,
+    set_options: bool,
 ) {
-    if !is_wake_connection(&stream, peer, shutdown)
-        && let Some(accepted) = admit(stream, peer, shared)
-    {
-        start_thread(accepted, here, shared, shutdown);
+    if here.listener.set_nonblocking(true).is_err() {
+        return;
     }
+    loop {
+        // Accepted sockets do not inherit O_NONBLOCK on Linux.
+        let (stream, peer) = match here.listener.accept() {
+            Ok((stream, peer)) => (stream, canonical(peer)),
+            Err(e) if about_one_connection(&e) => continue,
+            Err(_) => break,
+        };
+        let config = &shared.serving.config;
+        if (set_options && set_connection_options(SockRef::from(&stream), config).is_err())
+            || is_wake_connection(&stream, peer, shutdown)
+        {
+            continue;
+        }
+        if let Some(accepted) = admit(stream, peer, shared) {
+            start_thread(accepted, here, shared, shutdown);
+        }
+    }
+    let _ = here.listener.set_nonblocking(false);
 }
 
-/// Counts an accepted connection and gives it a slot, or turns it away.
-///
-/// A direct client's rate (`--max-rate-per-ip`) is checked here, before it
-/// takes a slot; behind a balancer, the connection thread checks the client
-/// the PROXY header names.
+/// Counts an accepted connection and gives it a slot, or turns it away. A
+/// direct client's rate is checked here, before it takes a slot (behind a
+/// balancer, the connection thread checks the client the header names).
 fn admit(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> Option<Accepted> {
     let accepted_at = Instant::now();
     let serving = &shared.serving;
@@ -313,8 +283,8 @@ fn admit(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> Option<Accepte
     })
 }
 
-/// Starts a connection thread for `accepted`: the one place where one is
-/// started. If none can be, the client gets the busy line.
+/// Starts a connection thread for `accepted`, the one place one is
+/// started; if none can be, the client gets the busy line.
 fn start_thread(
     accepted: Accepted,
     here: &Arc<Listening>,
@@ -322,8 +292,7 @@ fn start_thread(
     shutdown: &Shutdown,
 ) {
     let (stream, peer) = (Arc::clone(&accepted.stream), accepted.peer);
-    // Only the accept loop keeps the listener open: a thread that waits in
-    // `accept` holds it only meanwhile.
+    // Only the accept loop keeps the listener open.
     let here = (shared.thread_cache > 0).then(|| Arc::downgrade(here));
     let (thread_shared, shutdown) = (Arc::clone(shared), shutdown.clone());
     let alive = shared.threads.enter();
@@ -335,14 +304,14 @@ fn start_thread(
         connection::run_thread(accepted, &shared.serving, reserve, park);
     });
     if let Err(e) = spawned {
-        // The closure, with the slot, is dropped: the slot is free again.
+        // The closure is dropped with the slot: free again.
         let outcome = refuse(&stream, peer, None, &Refusal::NoThread(e));
         shared.serving.stats.record(outcome);
     }
 }
 
-/// A finished connection thread's place among the threads waiting in
-/// `accept` (`--thread-cache`), taken before its client sees the close.
+/// A finished thread's place among those waiting in `accept`, taken
+/// before its client sees the close.
 struct Parked<'a> {
     here: Arc<Listening>,
     /// Counted in `accept` from now on, for the accept loop to step aside.
@@ -364,9 +333,8 @@ impl<'a> Parked<'a> {
         (parked < shared.thread_cache).then_some(place)
     }
 
-    /// Waits in `accept` for the next connection: `None` when the thread
-    /// should end (the server is stopping, or nobody connected for a whole
-    /// reply timeout).
+    /// Waits in `accept` for the next connection; `None` when the thread
+    /// should end (a stop, or a reply timeout without a connection).
     fn wait(mut self, shared: &Shared, shutdown: &Shutdown) -> Option<Accepted> {
         let waiting = self.parked.load(Ordering::Relaxed);
         trace!(event = event::THREAD_PARKED; "thread waiting in accept, {waiting} waiting now");
@@ -384,36 +352,29 @@ impl Drop for Parked<'_> {
     }
 }
 
-/// An accept loop's memory of recent failures: how long to pause.
+/// How long to pause after the next `accept` failure (zero while accepts
+/// succeed).
 #[derive(Default)]
 struct AcceptFailures {
-    /// Zero while accepts succeed.
     pause: Duration,
 }
 
 impl AcceptFailures {
-    /// Notes a failure, logs it if no line went out recently, and says how
-    /// long to pause before accepting again.
+    /// Notes a failure, logs it unless a line went out recently, and says
+    /// how long to pause.
     fn record(&mut self, error: &io::Error) -> Duration {
+        let (pause, then) = if about_one_connection(error) {
+            (Duration::ZERO, "skipped that connection".to_string())
+        } else {
+            self.pause = (self.pause * 2).clamp(FIRST_ACCEPT_PAUSE, MAX_ACCEPT_PAUSE);
+            (
+                self.pause,
+                format!("pausing accepts for {} ms", self.pause.as_millis()),
+            )
+        };
         let why = describe_io_error(error);
-        if about_one_connection(error) {
-            log_every!(
-                ACCEPT_ERROR_LINES,
-                warn,
-                [],
-                "accept failed: {why}; skipped that connection"
-            );
-            return Duration::ZERO;
-        }
-        self.pause = (self.pause * 2).clamp(FIRST_ACCEPT_PAUSE, MAX_ACCEPT_PAUSE);
-        let pause_ms = self.pause.as_millis();
-        log_every!(
-            ACCEPT_ERROR_LINES,
-            warn,
-            [],
-            "accept failed: {why}; pausing accepts for {pause_ms} ms"
-        );
-        self.pause
+        log_every!(ACCEPT_ERROR_LINES, warn, [], "accept failed: {why}; {then}");
+        pause
     }
 
     /// Notes a successful accept, ending any backoff.
@@ -426,8 +387,7 @@ impl AcceptFailures {
 }
 
 /// Whether an `accept` error concerns only the connection being accepted
-/// (it was aborted, a firewall refused it, its network went away), so that
-/// the next accept can go ahead at once. The list is accept(2)'s.
+/// (aborted, refused by a firewall, its network gone): the next can go on.
 fn about_one_connection(error: &io::Error) -> bool {
     AcceptErrorKind::of(error) == AcceptErrorKind::Connection
 }

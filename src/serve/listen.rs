@@ -1,14 +1,11 @@
 //! The sockets a server listens on: bound here ([`bind`], with the
 //! kernel's largest backlog), or passed down by a service manager (socket
-//! activation), and the options every accepted socket inherits from them.
-//!
-//! Socket activation follows sd_listen_fds(3); the `sd-notify` crate reads
-//! the variables and marks the descriptors close-on-exec. Each descriptor
-//! is checked to be a listening TCP socket: a unit file that hands us a UDP
-//! or Unix socket by mistake must stop the start-up with a clear line, not
-//! turn into an accept loop failing forever. The variables are left in the
-//! environment (`env::remove_var` is `unsafe` in this edition; the server
-//! starts no child processes).
+//! activation, sd_listen_fds(3), through the `sd-notify` crate), and the
+//! options every accepted socket inherits from them. An inherited
+//! descriptor must be a listening TCP socket: a unit that hands over a UDP
+//! or Unix socket by mistake stops the start-up with a clear line. The
+//! variables stay in the environment (`env::remove_var` is `unsafe` in this
+//! edition; the server starts no child processes).
 
 use std::env;
 use std::io;
@@ -25,17 +22,15 @@ use crate::error::Error;
 use crate::logging::{LISTENING_TARGET, event};
 use crate::shutdown::Shutdown;
 
-/// The descriptors this process claimed, each with its name from
-/// `LISTEN_FDNAMES`: set at most once (a second claim would make two
-/// owners of one descriptor), and read so that a stop can tell an inherited
-/// listener (never to be shut down) from one of the process's own.
+/// The descriptors this process claimed, with their `LISTEN_FDNAMES`: set
+/// once (a second claim would make two owners of one descriptor), and read
+/// so that a stop never shuts down an inherited listener.
 static INHERITED: OnceLock<Vec<(RawFd, Option<String>)>> = OnceLock::new();
 
 /// The listening sockets the service manager passed to this process, in
 /// descriptor order (3, 4, ...), or `None` when there are none for us.
 fn inherited_listeners() -> Result<Option<Vec<TcpListener>>, Error> {
-    // Another process's variables (a parent's, inherited) are not ours to
-    // read: sd_listen_fds(3) ignores them, names and all.
+    // Another process's variables (a parent's) are ignored, names and all.
     let ours = env::var("LISTEN_PID").is_ok_and(|pid| pid == std::process::id().to_string());
     if !ours {
         return Ok(None);
@@ -52,8 +47,7 @@ fn inherited_listeners() -> Result<Option<Vec<TcpListener>>, Error> {
     if descriptors.len() == 0 {
         return Ok(None);
     }
-    // The crate names every descriptor "unknown" when the variable is
-    // missing; a name nobody gave is no name.
+    // The crate says "unknown" when the variable is missing: no name.
     let named = env::var_os("LISTEN_FDNAMES").is_some();
     let descriptors: Vec<(RawFd, Option<String>)> = descriptors
         .map(|(fd, name)| (fd, named.then_some(name)))
@@ -67,15 +61,14 @@ fn inherited_listeners() -> Result<Option<Vec<TcpListener>>, Error> {
     listeners.collect::<Result<_, _>>().map(Some)
 }
 
-/// The first descriptor `LISTEN_FDS` names that is not open (read from
-/// `/proc/self/fd`, which needs no descriptor number to be trusted).
+/// The first descriptor `LISTEN_FDS` names that is not open.
 fn closed_descriptor() -> Option<RawFd> {
     let count: RawFd = env::var("LISTEN_FDS").ok()?.parse().ok()?;
     (3..3 + count).find(|fd| std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")).is_err())
 }
 
-/// Takes inherited descriptor `fd` as a listener, if it is one; one that is
-/// not is left open (the process is about to exit with the error anyway).
+/// Takes inherited descriptor `fd` as a listener, if it is one (else it is
+/// left open: the process is about to exit with the error).
 fn claim_listener(fd: RawFd) -> Result<TcpListener, Error> {
     let owned = claim_descriptor(fd);
     match check_tcp_listener(&owned) {
@@ -109,43 +102,30 @@ fn not_a_listener(fd: RawFd, problem: io::Error) -> Error {
     Error::new(what, problem)
 }
 
-/// Checks, with `getsockopt`, that `socket` is a listening TCP socket. What
-/// it is instead is an `InvalidInput` error ("it is a Unix stream socket").
+/// Checks that `socket` is a listening TCP socket; what it is instead is an
+/// `InvalidInput` error ("it is a Unix stream socket").
 fn check_tcp_listener(socket: &OwnedFd) -> io::Result<()> {
-    let found = |what: String| io::Error::new(io::ErrorKind::InvalidInput, format!("it is {what}"));
     let socket = SockRef::from(socket);
-    let domain = socket.domain()?;
-    let kind = socket.r#type()?;
-    let protocol = socket.protocol()?;
+    let (domain, kind) = (socket.domain()?, socket.r#type()?);
     let family = match domain {
         Domain::IPV4 => "an IPv4",
         Domain::IPV6 => "an IPv6",
-        Domain::UNIX => return Err(found(format!("a Unix {}", kind_name(kind)))),
-        _ => return Err(found(format!("a {} of another family", kind_name(kind)))),
+        Domain::UNIX => "a Unix",
+        _ => "another family's",
     };
-    if kind != Type::STREAM || protocol.is_some_and(|p| p != Protocol::TCP) {
-        let kind = match (kind, protocol) {
-            (Type::DGRAM, Some(Protocol::UDP)) => "UDP socket".to_string(),
-            (kind, _) => kind_name(kind),
-        };
-        return Err(found(format!("{family} {kind}")));
-    }
-    if !socket.is_listener()? {
-        let connected = "TCP socket that is not listening (a connection?)";
-        return Err(found(format!("{family} {connected}")));
-    }
-    Ok(())
-}
-
-fn kind_name(kind: Type) -> String {
-    let name = match kind {
-        Type::STREAM => "stream",
-        Type::DGRAM => "datagram",
-        Type::SEQPACKET => "seqpacket",
-        Type::RAW => "raw",
-        other => return format!("socket of type {}", i32::from(other)),
+    let tcp = family.contains("IP")
+        && kind == Type::STREAM
+        && socket.protocol()?.is_none_or(|p| p == Protocol::TCP);
+    let what = match kind {
+        _ if tcp && socket.is_listener()? => return Ok(()),
+        _ if tcp => "TCP socket that is not listening (a connection?)",
+        Type::STREAM => "stream socket",
+        Type::DGRAM => "datagram socket",
+        Type::SEQPACKET => "seqpacket socket",
+        _ => "raw socket",
     };
-    format!("{name} socket")
+    let found = format!("it is {family} {what}");
+    Err(io::Error::new(io::ErrorKind::InvalidInput, found))
 }
 
 /// Binds the listening socket for `config.listen_addr`, with
@@ -185,9 +165,8 @@ pub fn listeners(config: &Config) -> Result<Vec<TcpListener>, Error> {
     }
 }
 
-/// What `TcpListener::bind` does (`SO_REUSEADDR`, bind, listen), with a
-/// backlog of our choosing instead of std's fixed 128, and `SO_REUSEPORT`
-/// if asked for.
+/// `TcpListener::bind` (`SO_REUSEADDR`, bind, listen) with a backlog of our
+/// choosing instead of std's 128, and `SO_REUSEPORT` if asked for.
 pub(crate) fn listen(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
@@ -200,9 +179,8 @@ pub(crate) fn listen(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Re
 }
 
 /// The most the kernel accepts (`net.core.somaxconn`), as Go does, so that
-/// a burst of clients waits in the kernel's queue instead of having its
-/// handshakes dropped; if it cannot be read, 4096 (Linux's default since
-/// 5.4).
+/// a burst waits in the queue instead of having its handshakes dropped;
+/// else 4096 (Linux's default since 5.4).
 pub(crate) fn default_backlog() -> u32 {
     std::fs::read_to_string("/proc/sys/net/core/somaxconn")
         .ok()
@@ -251,14 +229,12 @@ pub(crate) fn prepare_listeners(
 }
 
 /// Sets, on the listening socket, what every accepted socket inherits
-/// (Linux copies them when a handshake completes, which saves each
-/// connection its own `setsockopt` calls): the prompt's write timeout, the
-/// whole reply budget as the read timeout (so an idle `accept` returns
-/// `WouldBlock` once per reply timeout; the loop just goes round), and a
-/// zero linger time: closing resets the connection, until
-/// `connection::close` restores the normal close once the reply is
-/// recorded. So if the process dies before that, by a signal or a crash,
-/// the client knows its reply was not kept.
+/// (Linux copies them, saving each connection its own `setsockopt`): the
+/// prompt's write timeout, the reply budget as the read timeout (an idle
+/// `accept` returns `WouldBlock` once per reply timeout), and a zero linger
+/// time: a close resets the connection until `connection::close` restores
+/// the normal close once the reply is recorded, so if the process dies
+/// first, the client knows its reply was not kept.
 pub(crate) fn set_connection_options(socket: SockRef<'_>, config: &Config) -> io::Result<()> {
     socket.set_read_timeout(config.reply_timeout)?;
     socket.set_write_timeout(Some(config.write_timeout))?;
@@ -308,7 +284,7 @@ mod tests {
         let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
         assert_eq!(
             found(check_tcp_listener(&owned(udp))),
-            "it is an IPv4 UDP socket"
+            "it is an IPv4 datagram socket"
         );
     }
 
@@ -344,7 +320,7 @@ mod tests {
         let wrong = not_a_listener(3, check_tcp_listener(&owned(udp)).unwrap_err());
         assert_eq!(
             wrong.to_string(),
-            "inherited descriptor 3 is not a listening TCP socket: it is an IPv4 UDP socket"
+            "inherited descriptor 3 is not a listening TCP socket: it is an IPv4 datagram socket"
         );
         let unreadable = not_a_listener(4, io::Error::from_raw_os_error(libc::ENOTSOCK));
         let line = unreadable.to_string();
