@@ -1,13 +1,12 @@
 //! The [`Shutdown`] handle that stops a running server from another thread
-//! (a signal handler, a test, an embedding program), the signal thread, and
-//! [`drain`], the stop itself once the accept loops have ended.
+//! (the signal thread, a test, an embedder), and [`drain`], the stop itself
+//! once the accept loops have ended.
 //!
-//! The accept loop blocks in `accept()`, which no flag can interrupt, so a
-//! trigger sets the flag and then connects to the listener itself: the loop
-//! wakes up with that connection, sees the flag and stops. A `--reuseport`
-//! listener shares its port with other processes, and the kernel may hand
-//! them that connection: such a listener is shut down instead (its `accept`
-//! fails at once).
+//! No flag interrupts a blocking `accept()`, so a trigger sets the flag and
+//! connects to the listener itself (tiny-http's self-connect): the loop
+//! wakes with that connection, sees the flag and stops. A `--reuseport`
+//! listener is shut down instead, since the kernel may hand that connection
+//! to another process on the port.
 
 use std::io;
 use std::net::{self, IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
@@ -35,10 +34,9 @@ use crate::stats::{Stats, Summary};
 
 /// Signals that start a graceful stop (a second one exits at once).
 const STOP_SIGNALS: [i32; 3] = [SIGINT, SIGTERM, SIGQUIT];
-/// Signals whose default action would end the process, that mean nothing
-/// here: logged and ignored. SIGXFSZ among them, so that a log file at
-/// its size limit fails its writes (which the log reports and retries)
-/// instead of killing the server.
+/// Signals whose default action would end the process but that mean
+/// nothing here: logged and ignored (SIGXFSZ too: a log file at its size
+/// limit then fails its writes, which are reported and retried).
 const IGNORED_SIGNALS: [i32; 9] = [
     SIGUSR2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO, SIGPWR, SIGXCPU, SIGXFSZ, SIGSTKFLT,
 ];
@@ -47,8 +45,7 @@ const IGNORED_SIGNALS: [i32; 9] = [
 const WAKE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a second signal lets the log take the lines before the exit.
 const EXIT_LOG_FLUSH_TIMEOUT: Duration = Duration::from_millis(500);
-/// The signal thread only logs and connects: a small fixed stack, so that
-/// it starts whatever `RUST_MIN_STACK` says for connection threads.
+/// A small fixed stack, so that it starts whatever `RUST_MIN_STACK` says.
 const SIGNAL_THREAD_STACK: usize = 256 * 1024;
 
 /// How a trigger wakes one accept loop.
@@ -72,8 +69,7 @@ struct Inner {
     requested: AtomicBool,
     /// How to wake each accept loop, one per listener.
     wake_targets: Mutex<Vec<WakeTarget>>,
-    /// The addresses the wake-up connections come from, so that the accept
-    /// loops do not serve them as clients.
+    /// Where the wake-up connections come from: not clients.
     wake_from: Mutex<Vec<SocketAddr>>,
     /// What SIGUSR1 logs: set by a running server.
     counters: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
@@ -105,8 +101,7 @@ impl Shutdown {
         }
     }
 
-    /// Connects to the listener from an address noted first, so that the
-    /// accept loop can tell this connection from a client's.
+    /// Connects to `addr` from an address noted first as a wake-up's.
     fn wake(&self, addr: SocketAddr) -> io::Result<()> {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
         socket.bind(&SocketAddr::new(addr.ip(), 0).into())?;
@@ -116,8 +111,7 @@ impl Shutdown {
         socket.connect_timeout(&addr.into(), WAKE_TIMEOUT)
     }
 
-    /// Wakes one more thread waiting in `accept` on a listener bound to
-    /// `listening_on`: the one that took the last wake-up passes it on.
+    /// Wakes the next thread waiting in `accept` on `listening_on`.
     pub(crate) fn pass_wake_on(&self, listening_on: SocketAddr) {
         if let Err(e) = self.wake(reachable(listening_on)) {
             warn!(event = event::WAKE_FAILED; "could not wake a thread waiting in accept: {e}");
@@ -135,9 +129,8 @@ impl Shutdown {
     }
 
     /// Notes how a trigger wakes `listener`'s accept loop: by shutting down a
-    /// shared port (never an inherited socket: the service manager keeps its
-    /// copy), else by connecting to `addr`. An earlier trigger is seen by the
-    /// loop's first `is_triggered`.
+    /// shared port (never an inherited socket: systemd keeps its copy), else
+    /// by connecting to `addr`.
     pub(crate) fn add_accept_loop(
         &self,
         listener: &Arc<TcpListener>,
@@ -158,17 +151,14 @@ impl Shutdown {
     }
 
     /// Starts a thread that handles the signals an operator sends: SIGINT,
-    /// SIGTERM or SIGQUIT triggers this handle (a graceful stop), and a
-    /// second one exits at once, with status 128 + its number; SIGHUP
-    /// reopens the log file (after logrotate renamed it); SIGUSR1 logs the
-    /// counters so far; every other signal whose default would end the
-    /// process (SIGUSR2, SIGALRM, SIGXFSZ, the real-time signals, ...) is
-    /// logged and ignored. So no signal ends the server without its drain
-    /// but SIGKILL and a second stop signal.
-    ///
-    /// signal-hook does the async-signal-safe part (a self-pipe written from
-    /// the handler), so the reaction runs on an ordinary thread that may log
-    /// and lock; it never waits for the log.
+    /// SIGTERM or SIGQUIT triggers this handle (a graceful stop), a second
+    /// one exits at once with status 128 + its number; SIGHUP reopens the
+    /// log file; SIGUSR1 logs the counters so far; every other signal whose
+    /// default would end the process (SIGUSR2, SIGALRM, SIGXFSZ, real-time
+    /// signals, ...) is logged and ignored. So only SIGKILL and a second
+    /// stop signal end the server without its drain. signal-hook's
+    /// self-pipe lets the reaction run on an ordinary thread, which never
+    /// waits for the log.
     ///
     /// # Errors
     ///
@@ -205,9 +195,7 @@ impl Shutdown {
         let stop = STOP_SIGNALS.contains(&signal);
         if stop && self.is_triggered() {
             warn!(event = event::SIGNAL, signal = name; "{name} again: exiting now without waiting for clients");
-            // Connections still open are reset by the exit (their sockets
-            // linger zero), so no client mistakes it for a clean close; only
-            // the log gets a moment.
+            // Open connections are reset by the exit (linger zero).
             logging::flush(EXIT_LOG_FLUSH_TIMEOUT);
             process::exit(128 + signal);
         }
@@ -237,8 +225,8 @@ impl std::fmt::Debug for Inner {
     }
 }
 
-/// An address that reaches a listener bound to `addr`: a listener on "every
-/// interface" is reached through the loopback of its family.
+/// An address that reaches a listener bound to `addr` (through loopback
+/// for "every interface").
 fn reachable(addr: SocketAddr) -> SocketAddr {
     let ip = match addr.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -248,17 +236,16 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, addr.port())
 }
 
-/// How long, after `--shutdown-timeout`, a stopping server waits for the
-/// connections it cut off to log what they had, and for the log to drain.
+/// How long, after `--shutdown-timeout`, a stop waits for the connections
+/// it cut off to record what they had, and for the log to drain.
 const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a stopping server still waits for connection threads once it
-/// has stopped waiting for the log on their behalf.
+/// How long it then waits for threads once it gave up on the log.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The stop after the accept loops: waits for connected clients up to
 /// `timeout`, cuts off the rest, waits for every connection thread to
-/// record and finish (up to [`LOG_DRAIN_TIMEOUT`]), logs what was held back
-/// and the summary, and waits for the log to take it.
+/// record and finish, logs what was held back and the summary, and waits
+/// for the log to take it.
 pub(crate) fn drain(
     limit: &ConnectionLimit,
     threads: &LiveCount,
@@ -282,9 +269,8 @@ pub(crate) fn drain(
     let drain_deadline = Instant::now() + LOG_DRAIN_TIMEOUT;
     let mut threads_left = threads.wait_until_zero(drain_deadline);
     if threads_left > 0 {
-        // The log is stalled: connection threads waiting to have their
-        // reply written give up and reset their connection instead of
-        // closing it cleanly; their lines stay queued, and unwritten.
+        // The log is stalled: threads waiting for it give up and reset
+        // their clients; their lines stay queued.
         logging::stop_waiting_for_the_log();
         threads_left = threads.wait_until_zero(Instant::now() + RELEASE_TIMEOUT);
     }

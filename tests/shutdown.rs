@@ -98,3 +98,44 @@ fn second_sigint_exits_without_waiting_for_clients() {
     );
     server.expect_logged("SIGINT again: exiting now");
 }
+
+/// Busy and denied lines go out at most once a second, each with the count
+/// held back since the last; a stop logs what is still held back before
+/// its summary, so the log accounts for every refused client.
+#[test]
+fn refusals_held_back_at_the_stop_are_logged_before_the_summary() {
+    const DENIED: u64 = 5;
+    let mut server = ServerProcess::builder()
+        .json_log()
+        .args(["--deny", "127.0.0.1"])
+        .start();
+    for _ in 0..DENIED {
+        let mut denied = server.connect();
+        assert_eq!(read_until_closed(&mut denied), b"");
+    }
+    server.expect_event("denied", |_| true);
+    server.signal("TERM");
+    assert_eq!(server.wait_exit().code(), Some(0), "{:#?}", server.seen);
+
+    let records: Vec<_> = server.seen.iter().filter_map(|line| record(line)).collect();
+    let stopped = records
+        .iter()
+        .position(|record| record["event"] == "stopped")
+        .expect("a summary");
+    // A client's line carries its peer and the count held back before it;
+    // the stop's line carries only the count.
+    let denied = records.iter().filter(|record| record["event"] == "denied");
+    let accounted: u64 = denied
+        .map(|record| {
+            u64::from(record["peer"].is_string()) + record["held_back"].as_u64().unwrap_or(0)
+        })
+        .sum();
+    assert_eq!(accounted, DENIED, "{:#?}", server.seen);
+    let last_denied = records
+        .iter()
+        .rposition(|record| record["event"] == "denied")
+        .expect("a denied line");
+    assert!(last_denied < stopped, "{:#?}", server.seen);
+    let summary = message(&records[stopped]);
+    assert!(summary.contains(&format!(" {DENIED} denied")), "{summary}");
+}

@@ -509,7 +509,7 @@ pub fn message(record: &Value) -> String {
 }
 
 /// A log line as a JSON record, if it is one.
-fn record(line: &str) -> Option<Value> {
+pub fn record(line: &str) -> Option<Value> {
     serde_json::from_str(line).ok()
 }
 
