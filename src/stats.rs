@@ -1,9 +1,7 @@
-//! Counters of what happened to connections, for the summary line at
-//! shutdown and for the metrics endpoint. They are `prometheus-client`'s
-//! counters and histograms, so the summary and a scrape read the very same
-//! numbers; each is a count on its own, and a reader may see one a moment
-//! behind another. A new counter needs a field, its line in `Default` and in
-//! [`Stats::register`], and a `record_*` method.
+//! Counters of what happened to connections, for the summary and the
+//! metrics endpoint: `prometheus-client`'s counters and histograms, so both
+//! read the very same numbers (each on its own: a reader may see one a
+//! moment behind another).
 
 use std::fmt;
 use std::io;
@@ -16,9 +14,8 @@ use prometheus_client::registry::Registry;
 
 use crate::record::{Record, ReplyEnd};
 
-/// How a connection ended: one count each in the [`Summary`] (whose field of
-/// the same name says what it counts; `Busy` is `rejected_busy`) and the
-/// metrics' `outcome` label.
+/// How a connection ended: a count in the [`Summary`] (`Busy` is
+/// `rejected_busy`) and the metrics' `outcome` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
     Replied,
@@ -61,14 +58,12 @@ impl Outcome {
     }
 }
 
-/// Bucket bounds for `prompt_server_session_duration_seconds`: 1 ms to the
-/// default reply deadline (60 s) and beyond.
+/// Session durations: 1 ms to the default reply deadline (60 s) and beyond.
 const SESSION_DURATION_BUCKETS: [f64; 17] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
     120.0, 300.0,
 ];
-/// Bucket bounds for `prompt_server_reply_size_bytes`: powers of four around
-/// the default 1024-byte reply cap.
+/// Reply sizes: powers of four around the default 1024-byte cap.
 const REPLY_SIZE_BUCKETS: [f64; 9] = [
     16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0,
 ];
@@ -101,8 +96,7 @@ impl Default for Stats {
             session_duration: Histogram::new(SESSION_DURATION_BUCKETS),
             reply_size: Histogram::new(REPLY_SIZE_BUCKETS),
         };
-        // Every label value is exposed at 0 until it happens, so that
-        // `rate()` and alerts see a series from the start.
+        // Every label at 0 from the start, so that `rate()` sees a series.
         for outcome in Outcome::LABELS {
             stats.outcomes.get_or_create_owned(&[("outcome", outcome)]);
         }
@@ -114,8 +108,7 @@ impl Default for Stats {
 }
 
 impl Stats {
-    /// Registers every metric here under `r`, which adds its prefix
-    /// (`prompt_server_`) and a counter's `_total`.
+    /// Registers every metric here under `r` (which adds the prefix).
     pub(crate) fn register(&self, r: &mut Registry) {
         let help = "Connections accepted";
         r.register("connections_accepted", help, self.accepted.clone());
@@ -148,8 +141,8 @@ impl Stats {
         self.outcome(outcome).inc();
     }
 
-    /// Counts a served connection: how it ended, its logged reply's size
-    /// (if it got as far as a reply), and its time from accept on.
+    /// Counts a served connection: how it ended, its reply's size (if it
+    /// has one), and its time from accept on.
     pub(crate) fn record_session(
         &self,
         outcome: Outcome,

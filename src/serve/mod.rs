@@ -6,9 +6,8 @@
 //! - `accept`: the accept loop, admission, the thread cache, and the one
 //!   place a connection thread starts;
 //! - `connection`: one connection's life, from the thread taking it to the
-//!   thread parking again;
-//! - `read`: reading client bytes and writing the prompt under deadlines;
-//! - `proxy_protocol`: the PROXY header a balancer sends first.
+//!   thread parking again, every client byte read under a deadline;
+//! - `proxy_protocol`: the parser of the PROXY header a balancer sends.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -36,24 +35,20 @@ use accept::Shared;
 use connection::Serving;
 pub use listen::{bind, listeners};
 
-/// Serves connections from `listeners` (one, or several such as the IPv4
-/// and IPv6 sockets systemd hands over; each gets its own accept loop, and
-/// all share one connection cap) until `shutdown` is triggered. Then serves
-/// the clients already queued on the listeners, closes them, lets
-/// connected clients finish for up to `config.shutdown_timeout`, cuts off
-/// the ones still connected (each is logged with what it had sent), and
-/// returns what happened once every connection thread is gone.
-///
-/// Logs `listening on ADDR` for each listener with the address actually
-/// bound first, so that a caller who asked for port 0 can find out which
-/// port it got. A single listener is passed as `[listener]`.
+/// Serves connections from `listeners` (one as `[listener]`, or several
+/// such as systemd's IPv4 and IPv6 sockets: an accept loop each, one
+/// connection cap for all) until `shutdown` is triggered. Then serves the
+/// clients already queued, closes the listeners, lets connected clients
+/// finish for up to `config.shutdown_timeout`, cuts off the rest (each
+/// recorded with what it had sent), and returns what happened once every
+/// connection thread is gone. Logs `listening on ADDR` for each listener
+/// first, so that a caller who asked for port 0 learns its port.
 ///
 /// # Errors
 ///
-/// Fails before serving anyone if a listener's address or options cannot
-/// be read or set, the metrics address cannot be bound, or `NOTIFY_SOCKET`
-/// is unusable; once serving, no error stops it (a failing `accept` is
-/// logged and retried).
+/// Fails before serving anyone if the config is invalid, a listener's
+/// address or options cannot be read or set, the metrics address cannot be
+/// bound, or `NOTIFY_SOCKET` is unusable; once serving, no error stops it.
 pub fn run(
     listeners: impl IntoIterator<Item = TcpListener>,
     config: Config,
@@ -90,9 +85,8 @@ pub fn run(
     Ok(summary)
 }
 
-/// What the accept loops and connection threads share, with the connection
-/// cap lowered to what this process can hold for `accept_loops` listeners
-/// (one warn line if that is less than asked).
+/// What the accept loops and connection threads share, with the cap
+/// lowered to what this process can hold (one warn line if lowered).
 fn shared(mut config: Config, accept_loops: usize) -> Shared {
     let cap = capacity::effective_max_connections(config.max_connections.get(), accept_loops);
     config.max_connections = NonZeroUsize::new(cap).unwrap_or(NonZeroUsize::MIN);
@@ -111,16 +105,15 @@ fn shared(mut config: Config, accept_loops: usize) -> Shared {
     Shared::new(serving, thread_cache)
 }
 
-/// The `--metrics-addr` listener, with the kernel's largest backlog, so
-/// that a client reconnecting in a loop does not fill the queue and have
-/// other scrapers' handshakes dropped.
+/// The `--metrics-addr` listener, with the kernel's largest backlog: a
+/// client reconnecting in a loop must not crowd other scrapers out.
 fn bind_metrics(addr: SocketAddr) -> Result<TcpListener, Error> {
     listen::listen(addr, listen::default_backlog(), false)
         .map_err(|e| Error::new(format!("cannot listen for metrics on {addr}"), e))
 }
 
-/// Starts the `--metrics-addr` endpoint, which serves until it is dropped,
-/// after the drain (so that the drain can be watched).
+/// Starts the metrics endpoint, which serves until it is dropped (after
+/// the drain, so that the drain can be watched).
 fn start_metrics(listener: TcpListener, shared: &Arc<Shared>) -> Result<metrics::Endpoint, Error> {
     let addr = listener.local_addr().ok();
     let metrics = Metrics::new(&shared.serving.stats, shared.serving.rate.is_some());
@@ -149,9 +142,8 @@ fn server_state(shared: &Shared) -> ServerState {
     }
 }
 
-/// Tells the service manager (if there is one) that the server is ready,
-/// and starts the status reports and watchdog pings; serving goes on if
-/// either fails.
+/// Tells the service manager (if any) that the server is ready, and starts
+/// the status reports and watchdog pings; serving goes on if either fails.
 fn report_to_service_manager(notifier: &Notifier, addrs: &[SocketAddr], shared: &Arc<Shared>) {
     let _ = notifier.ready(addrs);
     let shared = Arc::clone(shared);
