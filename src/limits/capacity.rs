@@ -171,9 +171,15 @@ fn open_files() -> Option<Limit> {
     });
     let max = raised.ok().filter(|&max| max != rlimit::INFINITY)?;
     // Less the one that lists them.
-    let fds = fs::read_dir("/proc/self/fd");
-    let used = fds.map_or(0, |fds| fds.count().saturating_sub(1) as u64);
+    let used = open_fds().map_or(0, |fds| fds.saturating_sub(1));
     Some(Limit::OpenFiles { max, used })
+}
+
+/// The entries of `/proc/self/fd`, counting the one used to list them (as
+/// the official Go client's `process_open_fds` does).
+pub(crate) fn open_fds() -> Option<u64> {
+    let entries = fs::read_dir("/proc/self/fd").ok()?;
+    Some(entries.filter(Result::is_ok).count() as u64)
 }
 
 fn map_count() -> Option<Limit> {

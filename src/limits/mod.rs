@@ -1,10 +1,7 @@
-//! What clients may hold and who may connect, and the one way a client is
-//! refused. Slots ([`ConnectionLimit`], [`PerIpLimit`]) are RAII guards freed
-//! however a connection ends, even by a panic; a connection slot names its
-//! stream, so that a stopping server can cut it off. [`AccessRules`] and the
-//! trusted-proxy [`NetList`] match the real client address; [`refuse`] serves
-//! the accept loop and connection threads alike. `rate`: `--max-rate-per-ip`;
-//! `capacity`: how high the cap can go on this machine.
+//! What clients may hold, who may connect, and the one way a client is
+//! refused ([`refuse`]). Slots are RAII guards, freed however a connection
+//! ends, even by a panic. `rate`: `--max-rate-per-ip`; `capacity`: how high
+//! the connection cap can go on this machine.
 
 use std::collections::{HashMap, hash_map::Entry};
 use std::io::{self, Read, Write};
@@ -28,9 +25,8 @@ pub(crate) mod rate;
 
 use rate::{RateBuckets, RateLimited};
 
-/// How many of something are alive, with the wait for none that a stopping
-/// server does. Joining and leaving take no lock; only the last to leave
-/// while someone waits wakes anybody.
+/// How many of something are alive, and a wait for none. Joining and leaving
+/// take no lock; only the last to leave while someone waits wakes anybody.
 #[derive(Debug, Default)]
 pub(crate) struct LiveCount {
     count: AtomicUsize,
@@ -81,7 +77,8 @@ impl Drop for Live {
     }
 }
 
-/// At most `max` connections at once, each holding a [`ConnectionSlot`].
+/// At most `max` connections at once, each holding a [`ConnectionSlot`] that
+/// names its stream, so that a stopping server can cut them all off.
 #[derive(Debug, Clone)]
 pub(crate) struct ConnectionLimit {
     max: usize,
@@ -89,8 +86,7 @@ pub(crate) struct ConnectionLimit {
     open: Arc<OpenStreams>,
 }
 
-/// The open connections' streams, in shards, so that connections opening
-/// and closing at once rarely wait on each other's lock.
+/// The open connections' streams, in shards so that they rarely wait on a lock.
 #[derive(Debug)]
 struct OpenStreams {
     shards: [Mutex<HashMap<u64, Arc<TcpStream>>>; SHARDS],
@@ -165,7 +161,7 @@ impl Drop for ConnectionSlot {
 }
 
 /// `--max-per-ip` (xinetd's `per_source`): at most `max` connections at once
-/// from one client address; `None`, no limit and no bookkeeping.
+/// from one client address; `None`, no bookkeeping.
 #[derive(Debug)]
 pub(crate) struct PerIpLimit {
     max: Option<usize>,
@@ -261,16 +257,19 @@ impl AccessRules {
 /// Why a client is not served.
 pub(crate) enum Refusal<'a> {
     /// Every connection slot is taken (`--max-connections`).
-    Full { cap: usize },
+    Full {
+        cap: usize,
+    },
     /// Its address holds `--max-per-ip` connections already.
-    PerIp { max: usize },
+    PerIp {
+        max: usize,
+    },
     /// Its network connects faster than `--max-rate-per-ip`.
     RateLimited(RateLimited, &'a RateBuckets),
-    /// The access rules do not admit it.
+    /// By the access rules.
     Denied,
     /// It sent a PROXY header but is not a trusted proxy.
     UntrustedProxy,
-    /// No thread could be started for it.
     NoThread(io::Error),
 }
 
@@ -327,10 +326,9 @@ pub(crate) fn refuse(
         Refusal::NoThread(_) => Outcome::Failed,
     };
     if outcome != Outcome::Denied {
-        // Never waiting on the client. One that sent its reply at once (`echo
-        // yes | nc`) has bytes waiting, and closing over them would reset the
-        // connection and lose the busy line: what has arrived (up to 16 KiB,
-        // a reply with room to spare) is read and thrown away.
+        // Never waiting on the client. Closing over bytes it sent at once (`echo
+        // yes | nc`) would reset the connection and lose the busy line: what
+        // has arrived (up to 16 KiB, room for a reply) is read and dropped.
         let _ = SockRef::from(stream).set_linger(None);
         let _ = stream.set_nonblocking(true);
         let _ = stream.write(b"server busy, try again later\n");

@@ -1,16 +1,9 @@
-//! `--max-rate-per-ip`: a token bucket per client network (an address masked
-//! to `--rate-prefix-v4`/`-v6` bits), so that a host cannot multiply its rate
-//! by changing address within its /64. Hand-written: governor's keyed limiter
-//! (the same GCRA) has no cap on the keys it holds.
-//!
-//! A bucket is one number, the GCRA's "theoretical arrival time" `full_at`:
-//! with `T = period / count`, a connection at `now` is admitted if
-//! `full_at - now <= (count - 1) * T`, then `full_at = max(full_at, now) + T`.
-//! A full bucket behaves like none, so full ones are swept out once the table
-//! has doubled since the last sweep (amortised O(1)). At the cap, the eighth
-//! *closest to full* are evicted: that forgives the least and keeps the
-//! networks hammering, where refusing unknown networks would let a sprayer
-//! lock everybody out (xinetd's `cps`). Std's seeded SipHash: clients choose keys.
+//! `--max-rate-per-ip`: a GCRA token bucket per client network (an address
+//! masked to `--rate-prefix-v4`/`-v6` bits, so that a host gains nothing by
+//! changing address within its /64). Hand-written because governor's keyed
+//! limiter has no cap on its keys: at the cap, the buckets closest to full are
+//! evicted, which forgives the least and keeps the networks hammering, where
+//! refusing new networks would let a sprayer lock everybody out (xinetd's `cps`).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -26,13 +19,11 @@ use crate::lock;
 pub(crate) const DEFAULT_PREFIX_V4: u8 = 32;
 /// A /64, the smallest network an IPv6 host is usually given (RFC 6177).
 pub(crate) const DEFAULT_PREFIX_V6: u8 = 64;
-/// 13.6 MiB of process memory measured at the cap: far more networks than a
-/// thread-per-connection server sees in a period.
+/// 13.6 MiB of process memory measured at the cap.
 const DEFAULT_MAX_BUCKETS: usize = 100_000;
 /// Sweeping a smaller table often would cost more than the memory it frees.
 const MIN_SWEEP_LEN: usize = 1024;
-/// One connection per microsecond: beyond it the limit would be no limit,
-/// and `period / count` would lose precision.
+/// One connection per microsecond: faster is no limit, and `period / count` loses precision.
 const MAX_PER_SECOND: u64 = 1_000_000;
 
 /// A rate such as `5/s` or `100/min`: `count` connections per `period`, the
@@ -127,25 +118,21 @@ impl PrefixLengths {
     }
 }
 
-/// A connection refused by a [`RateBuckets`]: whose bucket was empty, and
-/// when its next token comes back.
+/// A connection refused: whose bucket was empty, and when a token comes back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct RateLimited {
     pub(crate) network: IpAddr,
     pub(crate) retry_after: Duration,
 }
 
-/// Token buckets per client network, shared by the accept loop (the TCP
-/// peer) and connection threads (the client a PROXY header names). One mutex
-/// over one table: an admission is a hash and a few comparisons
-/// (`try_acquire_cost_per_call` measures it), far less than the `accept`
-/// around it, so sharding would buy nothing measurable.
+/// Token buckets per client network, for the accept loop and connection
+/// threads (behind a proxy). One mutex: an admission is a hash and a few
+/// comparisons (`try_acquire_cost_per_call`), far less than an `accept`.
 #[derive(Debug)]
 pub(crate) struct RateBuckets {
     pub(crate) rate: Rate,
     pub(crate) prefixes: PrefixLengths,
-    /// How long one token takes to come back (at least 1000 ns: see
-    /// [`MAX_PER_SECOND`]).
+    /// How long one token takes to come back (at least 1000 ns).
     token_nanos: u64,
     /// `count - 1` tokens' worth.
     burst_nanos: u64,
@@ -155,9 +142,13 @@ pub(crate) struct RateBuckets {
     table: Mutex<Table>,
 }
 
+/// GCRA: a bucket is its "theoretical arrival time" `full_at`. With `T =
+/// period / count`, a connection at `now` is admitted if `full_at - now <=
+/// (count - 1) * T`, then `full_at = max(full_at, now) + T`. A full bucket is
+/// as good as none: full ones are swept once the table has doubled since the
+/// last sweep (amortised O(1)). Std's seeded SipHash, as clients choose keys.
 #[derive(Debug, Default)]
 struct Table {
-    /// Full buckets may be absent.
     full_at: HashMap<IpAddr, u64>,
     /// The size at which the next insertion sweeps (or `max_buckets`, if
     /// less); 0 until the first one, whose sweep of nothing sets it.

@@ -1,12 +1,8 @@
-//! `--metrics-addr`: the server's numbers over HTTP (docs/OPERATIONS.md has
-//! the table). [`Metrics`] is a `prometheus-client` registry of [`Stats`]'
-//! counters and histograms and of gauges set from [`ServerState`] at each
-//! scrape, written in the Prometheus format 0.0.4 rather than OpenMetrics:
-//! it is what `promtool check metrics` reads and what Go's client serves.
-//! [`Endpoint`] answers `GET` or `HEAD /metrics` and closes, each scrape on a
-//! thread of its own, at most [`MAX_SCRAPES`] at once and
-//! [`MAX_SCRAPES_PER_SOURCE`] from one address, so that one client holding
-//! sockets open cannot starve the others; a scrape beyond a cap is closed.
+//! `--metrics-addr`: the server's numbers over HTTP (docs/OPERATIONS.md has the
+//! table): a `prometheus-client` registry written in the Prometheus text format
+//! 0.0.4, the one `promtool check metrics` reads. Each scrape gets a thread, at
+//! most [`MAX_SCRAPES`] at once and [`MAX_SCRAPES_PER_SOURCE`] from one
+//! address, so that one client holding sockets open cannot starve the others.
 
 use std::fmt;
 use std::io::{self, Write};
@@ -21,30 +17,27 @@ use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge}
 use prometheus_client::registry::{Metric, Registry};
 use socket2::SockRef;
 
+use crate::limits::capacity::open_fds;
 use crate::limits::{ConnectionLimit, PerIpLimit};
 use crate::logging::{LogEvery, event, log_every};
 use crate::serve::read::{Deadline, ReadStep, read_before};
 use crate::stats::{AcceptErrorKind, Label, Stats};
 
-/// The whole time one scraper may take, to send its request and to take
-/// the response.
+/// The whole time a scraper has to send its request and take the response.
 const SCRAPE_DEADLINE: Duration = Duration::from_secs(2);
-/// The largest request read; a bigger one gets a 431.
+/// A bigger request gets a 431.
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
 const MAX_SCRAPES: usize = 16;
 const MAX_SCRAPES_PER_SOURCE: usize = 4;
 /// A scrape's thread reads a request and formats a few kilobytes of text.
 const SCRAPE_THREAD_STACK: usize = 256 * 1024;
-/// After an `accept` failure about the process (out of descriptors or
-/// memory), so that the accept thread does not spin.
+/// After an `accept` failure that is not the client's, so as not to spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 static REFUSED_LINES: LogEvery =
     LogEvery::new(event::METRICS_SCRAPE_FAILED, Duration::from_secs(5));
-/// `USER_HZ`, the unit of times in `/proc`: 100 on every Linux architecture
-/// in use (what `sysconf(_SC_CLK_TCK)` returns).
+/// `USER_HZ`, the unit of times in `/proc`: 100 on every Linux in use.
 const PROC_TICKS_PER_SECOND: f64 = 100.0;
 
-/// A gauge of a count.
 type Count = Gauge<u64, AtomicU64>;
 
 /// What the gauges show: the server's state when a scrape is answered.
@@ -85,7 +78,7 @@ impl Metrics {
         start_time.set(process_start_time().unwrap_or(now));
         let help = "Start time of the process since the Unix epoch in seconds";
         registry.register("process_start_time_seconds", help, start_time);
-        let open_fds = count_open_fds()
+        let open_fds = open_fds()
             .map(|_| registered(&mut registry, "process_open_fds", "Open file descriptors"));
         let r = registry.sub_registry_with_prefix("prompt_server");
         stats.register(r);
@@ -132,7 +125,7 @@ impl Metrics {
         if let (Some(gauge), Some(networks)) = rate_limit {
             gauge.set(networks);
         }
-        if let (Some(gauge), Some(open_fds)) = (&self.open_fds, count_open_fds()) {
+        if let (Some(gauge), Some(open_fds)) = (&self.open_fds, open_fds()) {
             gauge.set(open_fds);
         }
         let mut text = String::new();
@@ -141,21 +134,18 @@ impl Metrics {
     }
 }
 
-/// A new metric, registered. The registry adds `_total` to a counter's
-/// name, and a full stop to the help.
+/// A new metric, registered (the registry adds `_total` to a counter's name).
 fn registered<M: Metric + Clone + Default>(registry: &mut Registry, name: &str, help: &str) -> M {
     let metric = M::default();
     registry.register(name, help, metric.clone());
     metric
 }
 
-/// When this process started, in seconds since the Unix epoch, as
-/// Prometheus's own process collector works it out: `/proc/self/stat`'s start
-/// time (field 22, in ticks since boot) after `/proc/stat`'s boot time.
+/// When this process started, in seconds since the Unix epoch, as Prometheus's
+/// process collector has it: `/proc/self/stat`'s field 22 after the boot time.
 fn process_start_time() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Field 2, the command name, is in parentheses and may hold spaces:
-    // count from after it, where field 3 comes first.
+    // Field 2, the command name in parentheses, may hold spaces: skip it.
     let after_name = &stat[stat.rfind(')')? + 1..];
     let ticks: u64 = after_name.split_whitespace().nth(22 - 3)?.parse().ok()?;
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
@@ -164,19 +154,11 @@ fn process_start_time() -> Option<f64> {
     Some(boot as f64 + ticks as f64 / PROC_TICKS_PER_SECOND)
 }
 
-/// The entries of `/proc/self/fd`, counting the one used to list them, as
-/// the official Go client does.
-fn count_open_fds() -> Option<u64> {
-    let entries = std::fs::read_dir("/proc/self/fd").ok()?;
-    Some(entries.filter(Result::is_ok).count() as u64)
-}
-
 /// What a scrape is answered with: the text, or why there is none.
 type Render = dyn Fn() -> Result<String, fmt::Error> + Send + Sync;
 
-/// The running endpoint. Dropping it stops it: no scrape is accepted any
-/// more, the ones still sending their request are cut off, and the drop
-/// returns once their threads are gone.
+/// The running endpoint. Dropping it stops it: scrapes still sending their
+/// request are cut off, and the drop returns once their threads are gone.
 #[derive(Debug)]
 pub(crate) struct Endpoint {
     listener: Arc<TcpListener>,
@@ -185,8 +167,7 @@ pub(crate) struct Endpoint {
 }
 
 impl Endpoint {
-    /// Answers scrapes on `listener` with `render()`. Fails only if the
-    /// accept thread cannot be started.
+    /// Answers scrapes on `listener` with `render()`; fails only if no thread starts.
     pub(crate) fn start(
         listener: TcpListener,
         render: impl Fn() -> Result<String, fmt::Error> + Send + Sync + 'static,
@@ -212,9 +193,8 @@ impl Drop for Endpoint {
     }
 }
 
-/// The accept thread: gives each scrape under the caps a thread and closes
-/// the others at once; once the listener is shut down, cuts off the scrapes
-/// still reading and waits for their threads.
+/// Gives each scrape under the caps a thread and closes the others at once;
+/// once the listener is shut down, cuts off the scrapes still reading.
 fn accept_scrapes(listener: &TcpListener, render: &Render) {
     let scrapes = ConnectionLimit::new(MAX_SCRAPES);
     let per_source = PerIpLimit::new(Some(MAX_SCRAPES_PER_SOURCE));
@@ -261,8 +241,7 @@ fn scrape_failed(peer: SocketAddr, what: &str) {
     log::debug!(event = event::METRICS_SCRAPE_FAILED; "metrics scrape from {peer} {what}");
 }
 
-/// Reads a request's headers within [`SCRAPE_DEADLINE`], answers them, and
-/// closes.
+/// Reads a request's headers within [`SCRAPE_DEADLINE`], answers, and closes.
 fn answer(mut stream: &TcpStream, render: &Render, open: &ConnectionLimit) -> io::Result<()> {
     let deadline = Instant::now() + SCRAPE_DEADLINE;
     let mut reading = Deadline::at(deadline);

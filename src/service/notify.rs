@@ -1,15 +1,9 @@
-//! Readiness, status and watchdog messages to the service manager
-//! (`Type=notify`, sd_notify(3)): datagrams of `NAME=value` lines to the Unix
-//! socket `NOTIFY_SOCKET` names. `sd-notify` gives the texts and the watchdog
-//! period, but the datagrams are sent here, to an address read once: its
-//! `notify` (0.5.0) reads the variable on every call and takes `@name` for a
-//! file name, not an abstract socket.
-//!
-//! `READY=1` once listening, `STOPPING=1` as the drain starts; from a
-//! reporting thread, `STATUS=` (at most once per [`STATUS_INTERVAL`], on a
-//! change) and `WATCHDOG=1` every half of `WATCHDOG_USEC` while every accept
-//! loop's [`Heartbeat`] is healthy: a stuck loop stops the pings, and
-//! systemd restarts the service. Without `NOTIFY_SOCKET`, nothing at all.
+//! Readiness, status and watchdog datagrams to the service manager
+//! (`Type=notify`, sd_notify(3)), sent here to the address `NOTIFY_SOCKET`
+//! names, read once: `sd-notify` 0.5.0's `notify` reads the variable at every
+//! call and takes `@name` for a file, not an abstract socket. `WATCHDOG=1`
+//! goes only while every accept loop's [`Heartbeat`] is healthy, so that
+//! systemd restarts a server whose loop is stuck.
 
 use std::ffi::OsStr;
 use std::io;
@@ -37,7 +31,7 @@ const MIN_PING_INTERVAL: Duration = Duration::from_millis(10);
 /// The reporting thread only formats and sends short datagrams.
 const REPORTER_STACK: usize = 256 * 1024;
 
-/// Sends the service manager what it needs to know; dropping it stops the
+/// Tells the service manager how the server is; dropping it stops the
 /// reporting thread.
 #[derive(Default)]
 pub(crate) struct Notifier {
@@ -57,16 +51,14 @@ struct Inner {
     serving: Mutex<String>,
     /// Set by [`Notifier::stopping`]: no more watchdog pings.
     stopping: AtomicBool,
-    /// One per accept loop.
     loops: Mutex<Vec<Heartbeat>>,
-    /// Whether a failed send has been logged already (one line is enough).
     send_failure_logged: AtomicBool,
 }
 
 impl Notifier {
     /// The notifier `NOTIFY_SOCKET` and `WATCHDOG_USEC` ask for; an error if
-    /// `NOTIFY_SOCKET` is set but unusable, since a `Type=notify` service that
-    /// cannot say it is ready is killed at its start timeout.
+    /// `NOTIFY_SOCKET` is unusable (a service that cannot say it is ready is
+    /// killed at its start timeout: better say why at once).
     pub(crate) fn from_env() -> io::Result<Notifier> {
         // Empty counts as unset: it names nothing to send to.
         match std::env::var_os(NOTIFY_SOCKET).filter(|socket| !socket.is_empty()) {
@@ -118,9 +110,8 @@ impl Notifier {
         self.inner.send(&[NotifyState::Stopping])
     }
 
-    /// Starts the reporting thread, which counts `connected()` clients for
-    /// the status, unless there is no `NOTIFY_SOCKET` or it runs already.
-    /// Fails only if the thread cannot start.
+    /// Starts the reporting thread (unless there is no `NOTIFY_SOCKET` or it
+    /// runs already), which counts `connected()` clients for the status.
     pub(crate) fn start_reporting(
         &self,
         connected: impl Fn() -> usize + Send + 'static,
@@ -150,39 +141,29 @@ impl Drop for Notifier {
 }
 
 impl Inner {
-    /// The reporting thread: status and watchdog, each on its own period,
-    /// until the notifier drops the sender of `stopped`.
+    /// The reporting thread, until the notifier drops the sender of
+    /// `stopped`: a changed status at most once per [`STATUS_INTERVAL`], and
+    /// watchdog pings every half of `WATCHDOG_USEC`.
     fn report(&self, connected: impl Fn() -> usize, stopped: &mpsc::Receiver<()>) {
         let ping_every = self
             .watchdog
             .map(|period| (period / 2).max(MIN_PING_INTERVAL));
-        let mut next_status = Instant::now() + STATUS_INTERVAL;
-        let mut next_ping = ping_every.map(|every| Instant::now() + every);
-        let mut last_status = String::new();
-        loop {
-            let next = next_ping.map_or(next_status, |ping| ping.min(next_status));
-            let left = next.saturating_duration_since(Instant::now());
-            if stopped.recv_timeout(left) != Err(RecvTimeoutError::Timeout) {
-                return;
-            }
-            let now = Instant::now();
-            if now >= next_status {
-                let status = self.status(connected());
-                if status != last_status && self.send(&[NotifyState::Status(&status)]).is_ok() {
-                    last_status = status;
-                }
-                next_status = now + STATUS_INTERVAL;
-            }
-            if let (Some(at), Some(every)) = (next_ping, ping_every)
-                && now >= at
+        let tick = ping_every.map_or(STATUS_INTERVAL, |every| every.min(STATUS_INTERVAL));
+        let (mut last_status, mut status_sent) = (String::new(), Instant::now());
+        while stopped.recv_timeout(tick) == Err(RecvTimeoutError::Timeout) {
+            let status = self.status(connected());
+            if status != last_status
+                && status_sent.elapsed() >= STATUS_INTERVAL
+                && self.send(&[NotifyState::Status(&status)]).is_ok()
             {
-                let loops = lock(&self.loops);
-                let healthy = !loops.is_empty() && loops.iter().all(|beat| !beat.stalled(every));
-                drop(loops);
-                if healthy && !self.stopping.load(SeqCst) {
-                    let _ = self.send(&[NotifyState::Watchdog]);
-                }
-                next_ping = Some(now + every);
+                (last_status, status_sent) = (status, Instant::now());
+            }
+            let Some(every) = ping_every else { continue };
+            let loops = lock(&self.loops);
+            let healthy = !loops.is_empty() && loops.iter().all(|beat| !beat.stalled(every));
+            drop(loops);
+            if healthy && !self.stopping.load(SeqCst) {
+                let _ = self.send(&[NotifyState::Watchdog]);
             }
         }
     }
@@ -220,9 +201,8 @@ impl Inner {
     }
 }
 
-/// One accept loop's sign of life for the watchdog (`None` without one):
-/// when the loop last came back from `accept`, or `None` while it waits
-/// there (where only the kernel can keep it, and a queued client wakes it).
+/// One accept loop's sign of life for the watchdog (`None` without one): when
+/// it last came back from `accept`, or `None` while it waits there.
 #[derive(Clone, Debug)]
 pub(crate) struct Heartbeat(Option<Arc<Mutex<Option<Instant>>>>);
 
@@ -239,16 +219,14 @@ impl Heartbeat {
         result
     }
 
-    /// Whether the loop is outside `accept` with no sign of life for
-    /// `stall_limit` or longer.
+    /// Whether the loop is outside `accept` with no sign of life for `stall_limit`.
     fn stalled(&self, stall_limit: Duration) -> bool {
         let last = self.0.as_ref().and_then(|last| *lock(last));
         last.is_some_and(|at| at.elapsed() >= stall_limit)
     }
 }
 
-/// `NOTIFY_SOCKET`'s value as an address: a path, or `@name` for an
-/// abstract one.
+/// `NOTIFY_SOCKET`'s value as an address: a path, or `@name` for an abstract one.
 fn notify_address(socket: &OsStr) -> io::Result<net::SocketAddr> {
     let bytes = socket.as_bytes();
     match bytes.first() {
