@@ -143,27 +143,39 @@ impl Drop for Notifier {
 impl Inner {
     /// The reporting thread, until the notifier drops the sender of
     /// `stopped`: a changed status at most once per [`STATUS_INTERVAL`], and
-    /// watchdog pings every half of `WATCHDOG_USEC`.
+    /// watchdog pings every half of `WATCHDOG_USEC`, each on its own clock.
     fn report(&self, connected: impl Fn() -> usize, stopped: &mpsc::Receiver<()>) {
         let ping_every = self
             .watchdog
             .map(|period| (period / 2).max(MIN_PING_INTERVAL));
-        let tick = ping_every.map_or(STATUS_INTERVAL, |every| every.min(STATUS_INTERVAL));
-        let (mut last_status, mut status_sent) = (String::new(), Instant::now());
-        while stopped.recv_timeout(tick) == Err(RecvTimeoutError::Timeout) {
-            let status = self.status(connected());
-            if status != last_status
-                && status_sent.elapsed() >= STATUS_INTERVAL
-                && self.send(&[NotifyState::Status(&status)]).is_ok()
-            {
-                (last_status, status_sent) = (status, Instant::now());
+        let mut next_status = Instant::now() + STATUS_INTERVAL;
+        let mut next_ping = ping_every.map(|every| Instant::now() + every);
+        let mut last_status = String::new();
+        loop {
+            let next = next_ping.map_or(next_status, |ping| ping.min(next_status));
+            let left = next.saturating_duration_since(Instant::now());
+            if stopped.recv_timeout(left) != Err(RecvTimeoutError::Timeout) {
+                return;
             }
-            let Some(every) = ping_every else { continue };
-            let loops = lock(&self.loops);
-            let healthy = !loops.is_empty() && loops.iter().all(|beat| !beat.stalled(every));
-            drop(loops);
-            if healthy && !self.stopping.load(SeqCst) {
-                let _ = self.send(&[NotifyState::Watchdog]);
+            let now = Instant::now();
+            if now >= next_status {
+                let status = self.status(connected());
+                if status != last_status && self.send(&[NotifyState::Status(&status)]).is_ok() {
+                    last_status = status;
+                }
+                next_status = now + STATUS_INTERVAL;
+            }
+            let (Some(at), Some(every)) = (next_ping, ping_every) else {
+                continue;
+            };
+            if now >= at {
+                let loops = lock(&self.loops);
+                let healthy = !loops.is_empty() && loops.iter().all(|beat| !beat.stalled(every));
+                drop(loops);
+                if healthy && !self.stopping.load(SeqCst) {
+                    let _ = self.send(&[NotifyState::Watchdog]);
+                }
+                next_ping = Some(now + every);
             }
         }
     }
