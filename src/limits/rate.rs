@@ -134,8 +134,6 @@ pub(crate) struct RateBuckets {
     pub(crate) prefixes: PrefixLengths,
     /// How long one token takes to come back (at least 1000 ns).
     token_nanos: u64,
-    /// `count - 1` tokens' worth.
-    burst_nanos: u64,
     /// Times are nanoseconds since this instant (8 bytes a bucket).
     origin: Instant,
     max_buckets: usize,
@@ -162,7 +160,6 @@ impl RateBuckets {
             rate,
             prefixes,
             token_nanos,
-            burst_nanos: token_nanos * u64::from(rate.count - 1),
             origin: Instant::now(),
             max_buckets: DEFAULT_MAX_BUCKETS,
             table: Mutex::default(),
@@ -172,12 +169,13 @@ impl RateBuckets {
     /// Takes a token from the bucket of `ip`'s network at `now`.
     pub(crate) fn try_acquire(&self, ip: IpAddr, now: Instant) -> Result<(), RateLimited> {
         let network = self.prefixes.network_of(ip);
+        let burst_nanos = self.token_nanos * u64::from(self.rate.count - 1);
         let now = duration_nanos(now.saturating_duration_since(self.origin));
         let mut table = lock(&self.table);
         if let Some(full_at) = table.full_at.get_mut(&network) {
             let start = (*full_at).max(now);
-            if start - now > self.burst_nanos {
-                let retry_after = Duration::from_nanos(start - now - self.burst_nanos);
+            if start - now > burst_nanos {
+                let retry_after = Duration::from_nanos(start - now - burst_nanos);
                 return Err(RateLimited {
                     network,
                     retry_after,

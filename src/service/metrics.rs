@@ -210,10 +210,8 @@ fn accept_scrapes(listener: &TcpListener, render: &Render) {
                 }
             };
             let stream = Arc::new(stream);
-            let (Some(source_slot), Some(slot)) = (
-                per_source.try_acquire(peer.ip()),
-                scrapes.try_acquire(&stream),
-            ) else {
+            let source_slot = per_source.try_acquire(peer.ip());
+            let Some(slots) = scrapes.try_acquire(&stream).zip(source_slot) else {
                 log_every!(
                     REFUSED_LINES, debug, [peer:% = peer,],
                     "metrics scrape from {peer} closed: {MAX_SCRAPES} open, or \
@@ -223,7 +221,7 @@ fn accept_scrapes(listener: &TcpListener, render: &Render) {
             };
             let scrapes = &scrapes;
             let scrape = move || {
-                let _held = (slot, source_slot);
+                let _held = slots;
                 if let Err(e) = answer(&stream, render, scrapes) {
                     scrape_failed(peer, &format!("failed: {e}"));
                 }
