@@ -257,19 +257,16 @@ impl AccessRules {
 /// Why a client is not served.
 pub(crate) enum Refusal<'a> {
     /// Every connection slot is taken (`--max-connections`).
-    Full {
-        cap: usize,
-    },
+    Full { cap: usize },
     /// Its address holds `--max-per-ip` connections already.
-    PerIp {
-        max: usize,
-    },
+    PerIp { max: usize },
     /// Its network connects faster than `--max-rate-per-ip`.
     RateLimited(RateLimited, &'a RateBuckets),
-    /// By the access rules.
+    /// The access rules do not admit it.
     Denied,
     /// It sent a PROXY header but is not a trusted proxy.
     UntrustedProxy,
+    /// No thread could be started for it.
     NoThread(io::Error),
 }
 
