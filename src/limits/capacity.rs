@@ -107,9 +107,8 @@ fn plan(limits: &[Limit], requested: u64, accept_loops: u64) -> Option<Lowered> 
     (max_connections < requested).then_some(lowered)
 }
 
-/// The warning line: what was lowered to what, which limit bound it (with
-/// the numbers), and how to raise that limit, or, past what the kernel
-/// accepts, to lower `--max-connections` instead.
+/// The warning line: the limit that bound the cap, its numbers, and how to
+/// raise it (or, past what the kernel accepts, to lower `--max-connections`).
 impl fmt::Display for Lowered {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (requested, threads, limit) = (self.requested, self.process_threads, &self.bound_by);
@@ -142,10 +141,9 @@ impl fmt::Display for Lowered {
     }
 }
 
-/// Raises the descriptor limit, reads the mapping limit, and returns the
-/// cap to run with: `requested`, or less (with one warning) if it would not
-/// fit beside `accept_loops` threads. Call it once the listeners are open:
-/// they count among the descriptors in use.
+/// The cap to run with: `requested`, or less (with one warning) if it would
+/// not fit beside `accept_loops` threads once the descriptor limit is raised.
+/// Call it once the listeners are open: they count among the descriptors.
 pub(crate) fn effective_max_connections(requested: usize, accept_loops: usize) -> usize {
     let Some(lowered) = plan(&read_limits(), requested as u64, accept_loops as u64) else {
         return requested;
