@@ -2,16 +2,10 @@
 //! from the two limits the accept loop cannot absorb one client at a time:
 //! out of memory mappings (`vm.max_map_count`), std aborts the process when
 //! it cannot map a new thread's signal stack; out of descriptors
-//! (`RLIMIT_NOFILE`), `accept` fails and clients wait unanswered. Limits on
-//! threads (`kernel.threads-max`, `RLIMIT_NPROC`, `pids.max`) only make
-//! `thread::Builder::spawn` fail, which costs just that client.
-//!
-//! [`MAPPINGS_PER_THREAD`] is an upper bound, not a measurement: glibc's
-//! stack and std's signal stack, each with a protected guard page; static
-//! TLS is in the stack block, malloc arenas are in the reserve, neighbours
-//! only merge (tests/capacity.rs checks it). Threads waiting for a
-//! connection (`--thread-cache`) add nothing: one waits only after giving
-//! up its slot, and a new one starts only when none waits.
+//! (`RLIMIT_NOFILE`), `accept` fails and clients wait unanswered. Thread
+//! limits (`threads-max`, `RLIMIT_NPROC`, `pids.max`) only make `spawn` fail,
+//! which costs just that client. Threads waiting for a connection
+//! (`--thread-cache`) add nothing: one waits only after giving up its slot.
 
 use std::fmt;
 use std::fs;
@@ -28,6 +22,9 @@ const RESERVED_FDS: u64 = 8;
 /// Threads besides connection threads and accept loops: main, signals, the
 /// log writer, metrics, notify, and slack.
 const RESERVED_THREADS: u64 = 8;
+/// An upper bound (tests/capacity.rs checks it): glibc's stack and std's
+/// signal stack, each with a guard page; static TLS is in the stack block,
+/// malloc arenas are in the reserve, neighbours only merge.
 const MAPPINGS_PER_THREAD: u64 = 4;
 /// Mappings kept free for heap growth, large allocations, stacks glibc
 /// keeps cached after their threads exit, late-loaded libraries.
@@ -37,50 +34,39 @@ const MALLOC_ARENAS_PER_CPU: u64 = 8;
 /// The largest `vm.max_map_count` the kernel accepts: the sysctl is an `int`.
 const MAX_MAP_COUNT_CEILING: u64 = i32::MAX as u64;
 
-/// One limit on connections, as read at start-up.
+/// One limit on connections, as read at start-up: its value (for
+/// descriptors the soft limit, once raised to the hard one), how much was
+/// `used` at start-up, and how much is `kept` for the rest of the process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Limit {
-    /// Soft, after raising it to the hard limit; `in_use` at start-up.
-    OpenFiles { limit: u64, in_use: u64 },
-    /// `reserved` are kept for the rest of the process.
-    MapCount {
-        limit: u64,
-        in_use: u64,
-        reserved: u64,
-    },
+    OpenFiles { max: u64, used: u64 },
+    MapCount { max: u64, used: u64, kept: u64 },
 }
 
 impl Limit {
-    /// Connections this limit leaves room for, with `process_threads`
-    /// threads besides the connection threads.
-    fn connections_allowed(&self, process_threads: u64) -> u64 {
+    /// What the process takes of this limit besides its connection threads
+    /// (with `process_threads` others), and what each of those takes.
+    fn costs(&self, process_threads: u64) -> (u64, u64) {
         match *self {
-            Limit::OpenFiles { limit, in_use } => {
-                limit.saturating_sub(in_use.saturating_add(RESERVED_FDS))
+            Limit::OpenFiles { used, .. } => (used.saturating_add(RESERVED_FDS), 1),
+            Limit::MapCount { used, kept, .. } => {
+                let threads = process_threads.saturating_mul(MAPPINGS_PER_THREAD);
+                let fixed = used.saturating_add(kept).saturating_add(threads);
+                (fixed, MAPPINGS_PER_THREAD)
             }
-            Limit::MapCount {
-                limit,
-                in_use,
-                reserved,
-            } => (limit.saturating_sub(in_use.saturating_add(reserved)) / MAPPINGS_PER_THREAD)
-                .saturating_sub(process_threads),
         }
+    }
+
+    /// Connections that fit if this limit were `max`.
+    fn connections_within(&self, max: u64, process_threads: u64) -> u64 {
+        let (fixed, each) = self.costs(process_threads);
+        max.saturating_sub(fixed) / each
     }
 
     /// The value this limit would need for `connections` to fit.
     fn needed_for(&self, connections: u64, process_threads: u64) -> u64 {
-        match *self {
-            Limit::OpenFiles { in_use, .. } => connections
-                .saturating_add(in_use)
-                .saturating_add(RESERVED_FDS),
-            Limit::MapCount {
-                in_use, reserved, ..
-            } => connections
-                .saturating_add(process_threads)
-                .saturating_mul(MAPPINGS_PER_THREAD)
-                .saturating_add(in_use)
-                .saturating_add(reserved),
-        }
+        let (fixed, each) = self.costs(process_threads);
+        connections.saturating_mul(each).saturating_add(fixed)
     }
 
     fn name(&self) -> &'static str {
@@ -106,75 +92,58 @@ struct Lowered {
 /// one, and one connection fits in the reserves.
 fn plan(limits: &[Limit], requested: u64, accept_loops: u64) -> Option<Lowered> {
     let process_threads = RESERVED_THREADS.saturating_add(accept_loops);
-    let (max_connections, bound_by) = limits
-        .iter()
-        .map(|limit| (limit.connections_allowed(process_threads).max(1), limit))
-        .min_by_key(|&(allowed, _)| allowed)
-        .filter(|&(allowed, _)| allowed < requested)?;
-    Some(Lowered {
+    let allowed = |limit: &Limit| {
+        let (Limit::OpenFiles { max, .. } | Limit::MapCount { max, .. }) = *limit;
+        limit.connections_within(max, process_threads).max(1)
+    };
+    let bound_by = limits.iter().min_by_key(|limit| allowed(limit))?.clone();
+    let max_connections = allowed(&bound_by);
+    let lowered = Lowered {
         requested,
         process_threads,
         max_connections,
-        bound_by: bound_by.clone(),
-    })
+        bound_by,
+    };
+    (max_connections < requested).then_some(lowered)
 }
 
-/// The warning line: what was lowered to what, which limit bound it (with
-/// the numbers), and how to raise that limit, or, past what the kernel
-/// accepts, to lower `--max-connections` instead.
+/// The warning line: the limit that bound the cap, its numbers, and how to
+/// raise it (or, past what the kernel accepts, to lower `--max-connections`).
 impl fmt::Display for Lowered {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let Lowered {
-            requested,
-            process_threads,
-            max_connections,
-            ref bound_by,
-        } = *self;
-        let needed = bound_by.needed_for(requested, process_threads);
+        let (requested, threads, limit) = (self.requested, self.process_threads, &self.bound_by);
+        let needed = limit.needed_for(requested, threads);
+        let most = limit.connections_within(MAX_MAP_COUNT_CEILING, threads);
+        let raise = if needed <= MAX_MAP_COUNT_CEILING {
+            format!("raise it with sysctl vm.max_map_count={needed}")
+        } else {
+            let cannot = format!("it cannot be raised past {MAX_MAP_COUNT_CEILING}");
+            format!("{cannot}, so lower --max-connections to at most {most}")
+        };
+        let cap = self.max_connections;
         write!(
             f,
-            "--max-connections {requested} lowered to {max_connections}: it needs about {needed} "
+            "--max-connections {requested} lowered to {cap}: it needs about {needed} "
         )?;
-        match *bound_by {
-            Limit::OpenFiles { limit, in_use } => write!(
+        match *limit {
+            Limit::OpenFiles { max, used } => write!(
                 f,
-                "file descriptors but the limit is {limit} ({in_use} open at start-up, \
-                 {RESERVED_FDS} kept for the process); raise it with ulimit -n or LimitNOFILE="
+                "file descriptors but the limit is {max} ({used} open at start-up, {RESERVED_FDS} \
+                 kept for the process); raise it with ulimit -n or LimitNOFILE="
             ),
-            Limit::MapCount {
-                limit,
-                in_use,
-                reserved,
-            } => {
-                write!(
-                    f,
-                    "memory mappings but vm.max_map_count is {limit} ({MAPPINGS_PER_THREAD} per \
-                     connection thread, {in_use} in use at start-up, {reserved} kept for the heap \
-                     and {process_threads} threads of the process); "
-                )?;
-                if needed <= MAX_MAP_COUNT_CEILING {
-                    return write!(f, "raise it with sysctl vm.max_map_count={needed}");
-                }
-                let largest = Limit::MapCount {
-                    limit: MAX_MAP_COUNT_CEILING,
-                    in_use,
-                    reserved,
-                };
-                write!(
-                    f,
-                    "it cannot be raised past {MAX_MAP_COUNT_CEILING}, so lower --max-connections \
-                     to at most {}",
-                    largest.connections_allowed(process_threads)
-                )
-            }
+            Limit::MapCount { max, used, kept } => write!(
+                f,
+                "memory mappings but vm.max_map_count is {max} ({MAPPINGS_PER_THREAD} per \
+                 connection thread, {used} in use at start-up, {kept} kept for the heap and \
+                 {threads} threads of the process); {raise}"
+            ),
         }
     }
 }
 
-/// Raises the descriptor limit, reads the mapping limit, and returns the
-/// cap to run with: `requested`, or less (with one warning) if it would not
-/// fit beside `accept_loops` threads. Call it once the listeners are open:
-/// they count among the descriptors in use.
+/// The cap to run with: `requested`, or less (with one warning) if it would
+/// not fit beside `accept_loops` threads once the descriptor limit is raised.
+/// Call it once the listeners are open: they count among the descriptors.
 pub(crate) fn effective_max_connections(requested: usize, accept_loops: usize) -> usize {
     let Some(lowered) = plan(&read_limits(), requested as u64, accept_loops as u64) else {
         return requested;
@@ -194,33 +163,31 @@ fn read_limits() -> Vec<Limit> {
 }
 
 fn open_files() -> Option<Limit> {
-    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => limit,
-        Err(e) => {
-            warn!(event = event::FD_LIMIT; "cannot raise the file descriptor limit: {e}");
-            rlimit::getrlimit(Resource::NOFILE).ok()?.0
-        }
-    };
+    let raised = rlimit::increase_nofile_limit(u64::MAX).or_else(|e| {
+        warn!(event = event::FD_LIMIT; "cannot raise the file descriptor limit: {e}");
+        rlimit::getrlimit(Resource::NOFILE).map(|(soft, _)| soft)
+    });
+    let max = raised.ok().filter(|&max| max != rlimit::INFINITY)?;
     // Less the one that lists them.
-    let in_use =
-        fs::read_dir("/proc/self/fd").map_or(0, |fds| fds.count().saturating_sub(1) as u64);
-    (limit != rlimit::INFINITY).then_some(Limit::OpenFiles { limit, in_use })
+    let used = open_fds().map_or(0, |fds| fds.saturating_sub(1));
+    Some(Limit::OpenFiles { max, used })
+}
+
+/// The entries of `/proc/self/fd`, counting the one used to list them (as
+/// the official Go client's `process_open_fds` does).
+pub(crate) fn open_fds() -> Option<u64> {
+    let entries = fs::read_dir("/proc/self/fd").ok()?;
+    Some(entries.filter(Result::is_ok).count() as u64)
 }
 
 fn map_count() -> Option<Limit> {
-    let limit = fs::read_to_string("/proc/sys/vm/max_map_count")
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
+    let max = fs::read_to_string("/proc/sys/vm/max_map_count").ok()?;
+    let max = max.trim().parse().ok()?;
     let maps = fs::read("/proc/self/maps").ok()?;
-    let in_use = maps.iter().filter(|&&b| b == b'\n').count() as u64;
+    let used = maps.iter().filter(|&&b| b == b'\n').count() as u64;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
-    Some(Limit::MapCount {
-        limit,
-        in_use,
-        reserved: MAPPINGS_SLACK + 2 * MALLOC_ARENAS_PER_CPU * cpus,
-    })
+    let kept = MAPPINGS_SLACK + 2 * MALLOC_ARENAS_PER_CPU * cpus;
+    Some(Limit::MapCount { max, used, kept })
 }
 
 #[cfg(test)]
@@ -238,15 +205,15 @@ mod tests {
             .to_string()
     }
 
-    fn files(limit: u64, in_use: u64) -> Limit {
-        Limit::OpenFiles { limit, in_use }
+    fn files(max: u64, used: u64) -> Limit {
+        Limit::OpenFiles { max, used }
     }
 
-    fn maps(limit: u64, in_use: u64) -> Limit {
+    fn maps(max: u64, used: u64) -> Limit {
         Limit::MapCount {
-            limit,
-            in_use,
-            reserved: 1000,
+            max,
+            used,
+            kept: 1000,
         }
     }
 

@@ -1,16 +1,13 @@
-//! What clients may hold and who may connect, and the one way a client is
-//! refused. Slots ([`ConnectionLimit`], [`PerIpLimit`]) are RAII guards held
-//! from the accept to the close and freed however it ends, even by a panic,
-//! so none can leak; a connection slot also lets a stopping server cut its
-//! connection off. [`AccessRules`] and the trusted-proxy [`NetList`] are
-//! checked against the real client address. [`refuse`] serves the accept
-//! loop and connection threads alike. `rate`: `--max-rate-per-ip`;
-//! `capacity`: how high the cap can go on this machine.
+//! What clients may hold, who may connect, and the one way a client is
+//! refused ([`refuse`]). Slots are RAII guards, freed however a connection
+//! ends, even by a panic. `rate`: `--max-rate-per-ip`; `capacity`: how high
+//! the connection cap can go on this machine.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, hash_map::Entry};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
@@ -28,10 +25,8 @@ pub(crate) mod rate;
 
 use rate::{RateBuckets, RateLimited};
 
-/// How many of something are alive (connections holding a slot, connection
-/// threads), with the wait for none that a stopping server does. The count
-/// is an atomic: joining and leaving take no lock, and only the last to
-/// leave while someone waits wakes anybody.
+/// How many of something are alive, and a wait for none. Joining and leaving
+/// take no lock; only the last to leave while someone waits wakes anybody.
 #[derive(Debug, Default)]
 pub(crate) struct LiveCount {
     count: AtomicUsize,
@@ -49,35 +44,25 @@ impl LiveCount {
         Arc::default()
     }
 
-    /// Joins the count if it is below `max`, without waiting.
-    pub(crate) fn try_enter(self: &Arc<Self>, max: usize) -> Option<Live> {
-        let below = |count: usize| (count < max).then_some(count + 1);
-        let joined = self
-            .count
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, below);
-        joined.ok().map(|_| Live(Arc::clone(self)))
-    }
-
     pub(crate) fn enter(self: &Arc<Self>) -> Live {
-        self.count.fetch_add(1, Ordering::SeqCst);
+        self.count.fetch_add(1, SeqCst);
         Live(Arc::clone(self))
     }
 
     pub(crate) fn get(&self) -> usize {
-        self.count.load(Ordering::SeqCst)
+        self.count.load(SeqCst)
     }
 
-    /// Waits until none is alive or `deadline` passes; returns how many
-    /// still are.
+    /// Waits until none is alive or `deadline` passes; returns how many still are.
     pub(crate) fn wait_until_zero(&self, deadline: Instant) -> usize {
         let timeout = deadline.saturating_duration_since(Instant::now());
         let guard = lock(&self.zero.0);
-        // Set under the lock, before the count is read: a member leaving
-        // after that sees it, and wakes this wait.
-        self.waiting.store(true, Ordering::SeqCst);
-        let alive = |_: &mut ()| self.count.load(Ordering::SeqCst) > 0;
+        // Set under the lock, before the count is read: whoever leaves after
+        // that sees it, and wakes this wait.
+        self.waiting.store(true, SeqCst);
+        let alive = |_: &mut ()| self.get() > 0;
         let _guard = self.zero.1.wait_timeout_while(guard, timeout, alive);
-        self.waiting.store(false, Ordering::SeqCst);
+        self.waiting.store(false, SeqCst);
         self.get()
     }
 }
@@ -85,16 +70,15 @@ impl LiveCount {
 impl Drop for Live {
     fn drop(&mut self) {
         let count = &self.0;
-        if count.count.fetch_sub(1, Ordering::SeqCst) == 1 && count.waiting.load(Ordering::SeqCst) {
+        if count.count.fetch_sub(1, SeqCst) == 1 && count.waiting.load(SeqCst) {
             let _guard = lock(&count.zero.0);
             count.zero.1.notify_all();
         }
     }
 }
 
-/// At most `max` connections at once, each holding a [`ConnectionSlot`]
-/// that names its stream, so that a stopping server can cut off every one
-/// still open.
+/// At most `max` connections at once, each holding a [`ConnectionSlot`] that
+/// names its stream, so that a stopping server can cut them all off.
 #[derive(Debug, Clone)]
 pub(crate) struct ConnectionLimit {
     max: usize,
@@ -102,8 +86,7 @@ pub(crate) struct ConnectionLimit {
     open: Arc<OpenStreams>,
 }
 
-/// The open connections' streams, in shards, so that connections opening
-/// and closing at once rarely wait on each other's lock.
+/// The open connections' streams, in shards so that they rarely wait on a lock.
 #[derive(Debug)]
 struct OpenStreams {
     shards: [Mutex<HashMap<u64, Arc<TcpStream>>>; SHARDS],
@@ -112,22 +95,6 @@ struct OpenStreams {
 }
 
 const SHARDS: usize = 64;
-
-impl Default for OpenStreams {
-    fn default() -> Self {
-        OpenStreams {
-            shards: std::array::from_fn(|_| Mutex::default()),
-            next_id: AtomicU64::new(0),
-            cutting_off: AtomicBool::new(false),
-        }
-    }
-}
-
-impl OpenStreams {
-    fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Arc<TcpStream>>> {
-        &self.shards[id as usize % SHARDS]
-    }
-}
 
 #[derive(Debug)]
 pub(crate) struct ConnectionSlot {
@@ -138,23 +105,24 @@ pub(crate) struct ConnectionSlot {
 
 impl ConnectionLimit {
     pub(crate) fn new(max: usize) -> Self {
-        ConnectionLimit {
-            max,
-            slots: LiveCount::new(),
-            open: Arc::default(),
-        }
+        let open = OpenStreams {
+            shards: std::array::from_fn(|_| Mutex::default()),
+            next_id: AtomicU64::new(0),
+            cutting_off: AtomicBool::new(false),
+        };
+        let (slots, open) = (LiveCount::new(), Arc::new(open));
+        ConnectionLimit { max, slots, open }
     }
 
     /// A slot for `stream` if fewer than `max` are taken, without waiting.
     pub(crate) fn try_acquire(&self, stream: &Arc<TcpStream>) -> Option<ConnectionSlot> {
-        let live = self.slots.try_enter(self.max)?;
-        let id = self.open.next_id.fetch_add(1, Ordering::Relaxed);
-        lock(self.open.shard(id)).insert(id, Arc::clone(stream));
-        Some(ConnectionSlot {
-            _live: live,
-            open: Arc::clone(&self.open),
-            id,
-        })
+        let below = |count: usize| (count < self.max).then_some(count + 1);
+        self.slots.count.fetch_update(SeqCst, SeqCst, below).ok()?;
+        let _live = Live(Arc::clone(&self.slots));
+        let id = self.open.next_id.fetch_add(1, Relaxed);
+        lock(&self.open.shards[id as usize % SHARDS]).insert(id, Arc::clone(stream));
+        let open = Arc::clone(&self.open);
+        Some(ConnectionSlot { _live, open, id })
     }
 
     pub(crate) fn max(&self) -> usize {
@@ -165,16 +133,15 @@ impl ConnectionLimit {
         self.slots.get()
     }
 
-    /// Waits until every slot is released or `deadline` passes; returns how
-    /// many are still taken.
+    /// Waits until every slot is free or `deadline` passes; returns how many are still taken.
     pub(crate) fn wait_until_idle(&self, deadline: Instant) -> usize {
         self.slots.wait_until_zero(deadline)
     }
 
     /// Shuts down the read side of every open connection: a thread waiting
-    /// for a reply sees the end of it at once and records what it had.
+    /// for a reply sees its end at once and records what it had.
     pub(crate) fn cut_off_all(&self) {
-        self.open.cutting_off.store(true, Ordering::SeqCst);
+        self.open.cutting_off.store(true, SeqCst);
         for shard in &self.open.shards {
             for stream in lock(shard).values() {
                 let _ = stream.shutdown(Shutdown::Read);
@@ -183,18 +150,18 @@ impl ConnectionLimit {
     }
 
     pub(crate) fn cutting_off(&self) -> bool {
-        self.open.cutting_off.load(Ordering::SeqCst)
+        self.open.cutting_off.load(SeqCst)
     }
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        lock(self.open.shard(self.id)).remove(&self.id);
+        lock(&self.open.shards[self.id as usize % SHARDS]).remove(&self.id);
     }
 }
 
-/// `--max-per-ip` (xinetd's `per_source`): at most `max` connections at
-/// once from one client address; `None`, no limit and no bookkeeping.
+/// `--max-per-ip` (xinetd's `per_source`): at most `max` connections at once
+/// from one client address; `None`, no bookkeeping.
 #[derive(Debug)]
 pub(crate) struct PerIpLimit {
     max: Option<usize>,
@@ -211,24 +178,18 @@ pub(crate) struct IpSlot<'a> {
 
 impl PerIpLimit {
     pub(crate) fn new(max: Option<usize>) -> Self {
-        PerIpLimit {
-            max,
-            held: Mutex::default(),
-        }
+        let held = Mutex::default();
+        PerIpLimit { max, held }
     }
 
     /// A slot for `ip`, or `None` if it already holds `max` connections.
     pub(crate) fn try_acquire(&self, ip: IpAddr) -> Option<IpSlot<'_>> {
-        let ip = ip.to_canonical();
-        if let Some(max) = self.max {
+        let ip = self.max.map(|_| ip.to_canonical());
+        if let (Some(max), Some(ip)) = (self.max, ip) {
             let mut held = lock(&self.held);
             let count = held.entry(ip).or_insert(0);
-            if *count >= max {
-                return None;
-            }
-            *count += 1;
+            (*count < max).then(|| *count += 1)?;
         }
-        let ip = self.max.map(|_| ip);
         Some(IpSlot { limit: self, ip })
     }
 }
@@ -236,11 +197,10 @@ impl PerIpLimit {
 impl Drop for IpSlot<'_> {
     fn drop(&mut self) {
         let Some(ip) = self.ip else { return };
-        let mut held = lock(&self.limit.held);
-        if let Some(count) = held.get_mut(&ip) {
-            *count -= 1;
-            if *count == 0 {
-                held.remove(&ip);
+        if let Entry::Occupied(mut count) = lock(&self.limit.held).entry(ip) {
+            *count.get_mut() -= 1;
+            if *count.get() == 0 {
+                count.remove();
             }
         }
     }
@@ -260,8 +220,9 @@ impl NetList {
             IpAddr::V4(v4) => IpAddr::V6(v4.to_ipv6_mapped()),
             IpAddr::V6(_) => ip,
         };
-        let contains = |net: &IpNet| net.contains(&ip) || net.contains(&mapped);
-        self.0.iter().any(contains)
+        self.0
+            .iter()
+            .any(|net| net.contains(&ip) || net.contains(&mapped))
     }
 
     /// Whether the list has no networks at all.
@@ -309,28 +270,11 @@ pub(crate) enum Refusal<'a> {
     NoThread(io::Error),
 }
 
-impl Refusal<'_> {
-    /// Whether the client is sent the busy line (then a clean close); a
-    /// denied one is closed without a word.
-    pub(crate) fn tells(&self) -> bool {
-        !matches!(self, Refusal::Denied | Refusal::UntrustedProxy)
-    }
-
-    fn outcome(&self) -> Outcome {
-        match self {
-            Refusal::Full { .. } | Refusal::PerIp { .. } => Outcome::Busy,
-            Refusal::RateLimited(..) => Outcome::RateLimited,
-            Refusal::Denied | Refusal::UntrustedProxy => Outcome::Denied,
-            Refusal::NoThread(_) => Outcome::Failed,
-        }
-    }
-}
-
 /// Logs why `peer` (behind `proxy`) is refused, at most once a second per
-/// kind (every missing thread), sends the busy line to those it
-/// [tells](Refusal::tells), and returns how it counts; the caller closes.
+/// kind (every missing thread), sends the busy line to all but denied ones
+/// (closed without a word), and returns how it counts; the caller closes.
 pub(crate) fn refuse(
-    stream: &TcpStream,
+    mut stream: &TcpStream,
     peer: SocketAddr,
     proxy: Option<SocketAddr>,
     why: &Refusal<'_>,
@@ -372,24 +316,23 @@ pub(crate) fn refuse(
             "{peer} closed: cannot start a thread for it: {}", describe_io_error(e)
         ),
     }
-    if why.tells() {
-        turn_away(stream);
+    let outcome = match why {
+        Refusal::Full { .. } | Refusal::PerIp { .. } => Outcome::Busy,
+        Refusal::RateLimited(..) => Outcome::RateLimited,
+        Refusal::Denied | Refusal::UntrustedProxy => Outcome::Denied,
+        Refusal::NoThread(_) => Outcome::Failed,
+    };
+    if outcome != Outcome::Denied {
+        // Never waiting on the client. Closing over bytes it sent at once (`echo
+        // yes | nc`) would reset the connection and lose the busy line: what
+        // has arrived (up to 16 KiB, room for a reply) is read and dropped.
+        let _ = SockRef::from(stream).set_linger(None);
+        let _ = stream.set_nonblocking(true);
+        let _ = stream.write(b"server busy, try again later\n");
+        let _ = stream.shutdown(Shutdown::Write);
+        let _ = io::copy(&mut stream.take(16 * 1024), &mut io::sink());
     }
-    why.outcome()
-}
-
-/// Sends the busy line and ends the stream, never waiting on the client. A
-/// client that sent its reply at once (`echo yes | nc`) has bytes waiting,
-/// and closing over them would reset the connection and lose the busy line;
-/// so what has arrived (up to 16 KiB, a reply with room to spare) is read
-/// and thrown away, and the close is clean.
-fn turn_away(mut stream: &TcpStream) {
-    let _ = SockRef::from(stream).set_linger(None);
-    let _ = stream.set_nonblocking(true);
-    let _ = stream.write(b"server busy, try again later\n");
-    let _ = stream.shutdown(Shutdown::Write);
-    // Until nothing more is waiting (WouldBlock), the end, or an error.
-    let _ = io::copy(&mut stream.take(16 * 1024), &mut io::sink());
+    outcome
 }
 
 #[cfg(test)]

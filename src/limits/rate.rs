@@ -1,19 +1,9 @@
-//! `--max-rate-per-ip`: a token bucket per client network (an address masked
-//! to `--rate-prefix-v4`/`-v6` bits), so that a host cannot multiply its rate
-//! by changing address within its /64. Hand-written: governor's keyed
-//! limiter (the same GCRA) has no cap on the keys it holds.
-//!
-//! A bucket is one number, the GCRA's "theoretical arrival time" `full_at`.
-//! With `T = period / count`, a connection at `now` is admitted if
-//! `full_at - now <= (count - 1) * T`, then `full_at = max(full_at, now) + T`:
-//! a token bucket of `count` tokens, with no floating point.
-//!
-//! A full bucket behaves like none, so full ones are swept out once the table
-//! has doubled since the last sweep: amortised O(1) per insertion. At the cap
-//! of buckets still refilling, the eighth *closest to full* are evicted in
-//! one O(n) pass: that forgives the least and keeps the networks hammering.
-//! Refusing unknown networks instead would let a sprayer lock everybody out,
-//! as xinetd's `cps` does. Std's seeded SipHash, because clients choose keys.
+//! `--max-rate-per-ip`: a GCRA token bucket per client network (an address
+//! masked to `--rate-prefix-v4`/`-v6` bits, so that a host gains nothing by
+//! changing address within its /64). Hand-written because governor's keyed
+//! limiter has no cap on its keys: at the cap, the buckets closest to full are
+//! evicted, which forgives the least and keeps the networks hammering, where
+//! refusing new networks would let a sprayer lock everybody out (xinetd's `cps`).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -29,21 +19,16 @@ use crate::lock;
 pub(crate) const DEFAULT_PREFIX_V4: u8 = 32;
 /// A /64, the smallest network an IPv6 host is usually given (RFC 6177).
 pub(crate) const DEFAULT_PREFIX_V6: u8 = 64;
-/// About 4 MiB of table (13.6 MiB of process memory measured at the cap),
-/// far more networks than a thread-per-connection server sees in a period.
+/// 13.6 MiB of process memory measured at the cap.
 const DEFAULT_MAX_BUCKETS: usize = 100_000;
 /// Sweeping a smaller table often would cost more than the memory it frees.
 const MIN_SWEEP_LEN: usize = 1024;
-/// One connection per microsecond: beyond it the limit would be no limit,
-/// and `period / count` would lose precision.
+/// One connection per microsecond: faster is no limit, and `period / count` loses precision.
 const MAX_PER_SECOND: u64 = 1_000_000;
 
 /// A rate such as `5/s` or `100/min`: `count` connections per `period`, the
-/// count also being the burst.
-///
-/// Accepted periods are `s`, `min` and `h`. `m` is refused as ambiguous; a
-/// day is not offered, because a bucket that takes a day to refill is a ban,
-/// not a rate.
+/// count also being the burst. Periods are `s`, `min` and `h`: `m` is
+/// ambiguous, and a bucket that takes a day to refill is a ban, not a rate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
     /// At least 1.
@@ -68,15 +53,13 @@ impl FromStr for Rate {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        const FORM: &str = "expected COUNT/PERIOD, such as 5/s, 100/min or 1000/h";
-        let error = |why: &str| format!("{why} ({FORM})");
-        let Some((count, unit)) = text.split_once('/') else {
-            return Err(error("no '/'"));
-        };
-        let period = match unit {
-            "s" => Duration::from_secs(1),
-            "min" => Duration::from_secs(60),
-            "h" => Duration::from_secs(3600),
+        let error =
+            |why: &str| format!("{why} (expected COUNT/PERIOD, such as 5/s, 100/min or 1000/h)");
+        let (count, unit) = text.split_once('/').ok_or_else(|| error("no '/'"))?;
+        let seconds = match unit {
+            "s" => 1,
+            "min" => 60,
+            "h" => 3600,
             "m" => return Err(error("'m' is ambiguous: write min for minutes")),
             _ => return Err(error("the period must be s, min or h")),
         };
@@ -84,16 +67,15 @@ impl FromStr for Rate {
             return Err(error("the count must be a whole number"));
         }
         let count: u64 = count.parse().map_err(|_| error("the count is too large"))?;
+        let most = MAX_PER_SECOND * seconds;
         if count == 0 {
             return Err(error("the count must be at least 1"));
-        }
-        let per_second_limit = MAX_PER_SECOND * period.as_secs();
-        if count > per_second_limit {
-            return Err(error(&format!(
-                "faster than {MAX_PER_SECOND}/s ({per_second_limit}/{unit}) is no limit"
-            )));
+        } else if count > most {
+            let why = format!("faster than {MAX_PER_SECOND}/s ({most}/{unit}) is no limit");
+            return Err(error(&why));
         }
         let count = u32::try_from(count).map_err(|_| error("the count is too large"))?;
+        let period = Duration::from_secs(seconds);
         Ok(Rate { count, period })
     }
 }
@@ -120,17 +102,12 @@ impl PrefixLengths {
     /// Longer prefixes than the address (which
     /// [`Config::validate`](crate::Config::validate) refuses) count as all of it.
     pub(crate) fn new(v4: u8, v6: u8) -> Self {
-        PrefixLengths {
-            v4: v4.min(32),
-            v6: v6.min(128),
-        }
+        let (v4, v6) = (v4.min(32), v6.min(128));
+        PrefixLengths { v4, v6 }
     }
 
     pub(crate) fn length_of(&self, ip: IpAddr) -> u8 {
-        match ip {
-            IpAddr::V4(_) => self.v4,
-            IpAddr::V6(_) => self.v6,
-        }
+        if ip.is_ipv4() { self.v4 } else { self.v6 }
     }
 
     /// `ip` with every bit past the prefix cleared; an IPv4-mapped address
@@ -141,73 +118,67 @@ impl PrefixLengths {
     }
 }
 
-/// A connection refused by a [`RateBuckets`]: whose bucket was empty, and
-/// when its next token comes back.
+/// A connection refused: whose bucket was empty, and when a token comes back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct RateLimited {
     pub(crate) network: IpAddr,
     pub(crate) retry_after: Duration,
 }
 
-/// Token buckets per client network, shared by the accept loop (the TCP
-/// peer) and connection threads (the client a PROXY header names).
-///
-/// One mutex over one table: an admission is a hash and a few comparisons
-/// (`try_acquire_cost_per_call` in the tests measures it), far less than
-/// the `accept` and thread hand-off around it, so sharding would buy
-/// nothing measurable.
+/// Token buckets per client network, for the accept loop and connection
+/// threads (behind a proxy). One mutex: an admission is a hash and a few
+/// comparisons (`try_acquire_cost_per_call`), far less than an `accept`.
 #[derive(Debug)]
 pub(crate) struct RateBuckets {
     pub(crate) rate: Rate,
     pub(crate) prefixes: PrefixLengths,
-    /// How long one token takes to come back.
+    /// How long one token takes to come back (at least 1000 ns).
     token_nanos: u64,
-    /// `count - 1` tokens' worth.
-    burst_nanos: u64,
     /// Times are nanoseconds since this instant (8 bytes a bucket).
     origin: Instant,
     max_buckets: usize,
     table: Mutex<Table>,
 }
 
-#[derive(Debug)]
+/// GCRA: a bucket is its "theoretical arrival time" `full_at`. With `T =
+/// period / count`, a connection at `now` is admitted if `full_at - now <=
+/// (count - 1) * T`, then `full_at = max(full_at, now) + T`. A full bucket is
+/// as good as none: full ones are swept once the table has doubled since the
+/// last sweep (amortised O(1)). Std's seeded SipHash, as clients choose keys.
+#[derive(Debug, Default)]
 struct Table {
-    /// Full buckets may be absent.
     full_at: HashMap<IpAddr, u64>,
-    /// The size at which the next insertion sweeps out full buckets (or
-    /// `max_buckets`, if less).
+    /// The size at which the next insertion sweeps (or `max_buckets`, if
+    /// less); 0 until the first one, whose sweep of nothing sets it.
     sweep_at_len: usize,
 }
 
 impl RateBuckets {
     pub(crate) fn new(rate: Rate, prefixes: PrefixLengths) -> Self {
-        // At least 1000 ns: see MAX_PER_SECOND.
         let token_nanos = duration_nanos(rate.period) / u64::from(rate.count);
         RateBuckets {
             rate,
             prefixes,
             token_nanos,
-            burst_nanos: token_nanos * u64::from(rate.count - 1),
             origin: Instant::now(),
             max_buckets: DEFAULT_MAX_BUCKETS,
-            table: Mutex::new(Table {
-                full_at: HashMap::new(),
-                sweep_at_len: MIN_SWEEP_LEN,
-            }),
+            table: Mutex::default(),
         }
     }
 
     /// Takes a token from the bucket of `ip`'s network at `now`.
     pub(crate) fn try_acquire(&self, ip: IpAddr, now: Instant) -> Result<(), RateLimited> {
         let network = self.prefixes.network_of(ip);
+        let burst_nanos = self.token_nanos * u64::from(self.rate.count - 1);
         let now = duration_nanos(now.saturating_duration_since(self.origin));
         let mut table = lock(&self.table);
         if let Some(full_at) = table.full_at.get_mut(&network) {
             let start = (*full_at).max(now);
-            if start - now > self.burst_nanos {
+            if start - now > burst_nanos {
+                let retry_after = Duration::from_nanos(start - now - burst_nanos);
                 return Err(RateLimited {
                     network,
-                    retry_after: Duration::from_nanos(start - now - self.burst_nanos),
+                    retry_after,
                 });
             }
             *full_at = start + self.token_nanos;
@@ -248,8 +219,8 @@ impl Table {
         }
         let count = count.min(full_at.len());
         let (below, &mut threshold, _) = full_at.select_nth_unstable(count - 1);
-        // Everything below the threshold goes, and as many buckets at it as
-        // it takes to make `count` (a spray from one instant is all ties).
+        // Everything below the threshold goes, and as many at it as it takes
+        // to make `count` (a spray from one instant is all ties).
         let mut ties_to_evict = count - below.iter().filter(|&&t| t < threshold).count();
         self.full_at.retain(|_, full_at| {
             if *full_at == threshold && ties_to_evict > 0 {
@@ -265,6 +236,7 @@ impl Table {
 fn duration_nanos(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;

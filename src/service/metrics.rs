@@ -1,17 +1,8 @@
-//! `--metrics-addr`: the server's numbers over HTTP (docs/OPERATIONS.md's Metrics
-//! section has the table). [`Metrics`] is a `prometheus-client` registry of
-//! the counters and histograms in [`Stats`] and of gauges set from
-//! [`ServerState`] as each scrape is answered; the crate writes the text, in
-//! the Prometheus format 0.0.4 rather than its OpenMetrics, because that is
-//! what `promtool check metrics` reads (OpenMetrics' `x_total` samples are
-//! untyped families without help to it) and what Go's client serves unless
-//! told otherwise.
-//!
-//! [`Endpoint`] answers `GET` or `HEAD /metrics` (a query string is ignored)
-//! and closes. An accept thread gives each scrape a thread of its own, at
+//! `--metrics-addr`: the server's numbers over HTTP (docs/OPERATIONS.md has the
+//! table): a `prometheus-client` registry written in the Prometheus text format
+//! 0.0.4, the one `promtool check metrics` reads. Each scrape gets a thread, at
 //! most [`MAX_SCRAPES`] at once and [`MAX_SCRAPES_PER_SOURCE`] from one
-//! address, so that one client holding sockets open cannot starve the
-//! others; a scrape beyond a cap is closed at once.
+//! address, so that one client holding sockets open cannot starve the others.
 
 use std::fmt;
 use std::io::{self, Write};
@@ -26,27 +17,27 @@ use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge}
 use prometheus_client::registry::{Metric, Registry};
 use socket2::SockRef;
 
+use crate::limits::capacity::open_fds;
 use crate::limits::{ConnectionLimit, PerIpLimit};
-use crate::logging::{LogEvery, event, held_back_note};
+use crate::logging::{LogEvery, event, log_every};
 use crate::serve::connection::{Deadline, ReadStep, read_before};
 use crate::stats::{AcceptErrorKind, Label, Stats};
 
-/// The whole time one scraper may take, to send its request and to take
-/// the response.
+/// The whole time a scraper has to send its request and take the response.
 const SCRAPE_DEADLINE: Duration = Duration::from_secs(2);
-/// The largest request read; a bigger one gets a 431.
+/// A bigger request gets a 431.
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
 const MAX_SCRAPES: usize = 16;
 const MAX_SCRAPES_PER_SOURCE: usize = 4;
 /// A scrape's thread reads a request and formats a few kilobytes of text.
 const SCRAPE_THREAD_STACK: usize = 256 * 1024;
-/// The pause after an `accept` failure about the process (out of
-/// descriptors or memory), so that the accept thread does not spin.
+/// After an `accept` failure that is not the client's, so as not to spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 static REFUSED_LINES: LogEvery =
     LogEvery::new(event::METRICS_SCRAPE_FAILED, Duration::from_secs(5));
+/// `USER_HZ`, the unit of times in `/proc`: 100 on every Linux in use.
+const PROC_TICKS_PER_SECOND: f64 = 100.0;
 
-/// A gauge of a count.
 type Count = Gauge<u64, AtomicU64>;
 
 /// What the gauges show: the server's state when a scrape is answered.
@@ -75,8 +66,7 @@ pub(crate) struct Metrics {
     max_connections: Count,
     /// Registered only with `--max-rate-per-ip`.
     rate_limit_networks: Option<Count>,
-    /// Registered only where `/proc/self/fd` can be read at start-up; a
-    /// later failed read leaves the last count.
+    /// Registered only where `/proc/self/fd` can be read at start-up.
     open_fds: Option<Count>,
 }
 
@@ -88,7 +78,7 @@ impl Metrics {
         start_time.set(process_start_time().unwrap_or(now));
         let help = "Start time of the process since the Unix epoch in seconds";
         registry.register("process_start_time_seconds", help, start_time);
-        let open_fds = count_open_fds()
+        let open_fds = open_fds()
             .map(|_| registered(&mut registry, "process_open_fds", "Open file descriptors"));
         let r = registry.sub_registry_with_prefix("prompt_server");
         stats.register(r);
@@ -131,12 +121,11 @@ impl Metrics {
         threads("serving").set(state.threads_serving);
         threads("parked").set(state.threads_parked);
         self.max_connections.set(state.max_connections);
-        if let (Some(gauge), Some(networks)) =
-            (&self.rate_limit_networks, state.rate_limit_networks)
-        {
+        let rate_limit = (&self.rate_limit_networks, state.rate_limit_networks);
+        if let (Some(gauge), Some(networks)) = rate_limit {
             gauge.set(networks);
         }
-        if let (Some(gauge), Some(open_fds)) = (&self.open_fds, count_open_fds()) {
+        if let (Some(gauge), Some(open_fds)) = (&self.open_fds, open_fds()) {
             gauge.set(open_fds);
         }
         let mut text = String::new();
@@ -145,76 +134,52 @@ impl Metrics {
     }
 }
 
-/// A new metric, registered. The registry adds `_total` to a counter's
-/// name, and a full stop to the help.
+/// A new metric, registered (the registry adds `_total` to a counter's name).
 fn registered<M: Metric + Clone + Default>(registry: &mut Registry, name: &str, help: &str) -> M {
     let metric = M::default();
     registry.register(name, help, metric.clone());
     metric
 }
 
-/// The unit of times in `/proc`: `USER_HZ`, which is 100 on every Linux
-/// architecture in use (what `sysconf(_SC_CLK_TCK)` returns).
-const PROC_TICKS_PER_SECOND: f64 = 100.0;
-
-/// When this process started, in seconds since the Unix epoch, as
-/// Prometheus's own process collector works it out: `/proc/self/stat`'s start
-/// time (field 22, in ticks since boot) after `/proc/stat`'s boot time.
+/// When this process started, in seconds since the Unix epoch, as Prometheus's
+/// process collector has it: `/proc/self/stat`'s field 22 after the boot time.
 fn process_start_time() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Field 2, the command name, is in parentheses and may hold spaces:
-    // count from after it, where field 3 comes first.
+    // Field 2, the command name in parentheses, may hold spaces: skip it.
     let after_name = &stat[stat.rfind(')')? + 1..];
     let ticks: u64 = after_name.split_whitespace().nth(22 - 3)?.parse().ok()?;
-    let boot: u64 = std::fs::read_to_string("/proc/stat")
-        .ok()?
-        .lines()
-        .find_map(|line| line.strip_prefix("btime "))?
-        .trim()
-        .parse()
-        .ok()?;
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let boot = stat.lines().find_map(|line| line.strip_prefix("btime "))?;
+    let boot: u64 = boot.trim().parse().ok()?;
     Some(boot as f64 + ticks as f64 / PROC_TICKS_PER_SECOND)
 }
-
-/// The entries of `/proc/self/fd`, counting the one used to list them, as
-/// the official Go client does.
-fn count_open_fds() -> Option<u64> {
-    let entries = std::fs::read_dir("/proc/self/fd").ok()?;
-    Some(entries.filter(Result::is_ok).count() as u64)
-}
-
-const PLAIN_TEXT: &str = "text/plain; charset=utf-8";
 
 /// What a scrape is answered with: the text, or why there is none.
 type Render = dyn Fn() -> Result<String, fmt::Error> + Send + Sync;
 
-/// The running endpoint. Dropping it stops it: no scrape is accepted any
-/// more, the ones still sending their request are cut off, and the drop
-/// returns once their threads are gone.
+/// The running endpoint. Dropping it stops it: scrapes still sending their
+/// request are cut off, and the drop returns once their threads are gone.
 #[derive(Debug)]
 pub(crate) struct Endpoint {
     listener: Arc<TcpListener>,
-    accepting: Option<JoinHandle<()>>,
+    /// The accept thread.
+    thread: Option<JoinHandle<()>>,
 }
 
 impl Endpoint {
-    /// Answers scrapes on `listener` with `render()`. Fails only if the
-    /// accept thread cannot be started.
+    /// Answers scrapes on `listener` with `render()`; fails only if no thread starts.
     pub(crate) fn start(
         listener: TcpListener,
         render: impl Fn() -> Result<String, fmt::Error> + Send + Sync + 'static,
     ) -> io::Result<Self> {
         let listener = Arc::new(listener);
         let accepted = Arc::clone(&listener);
-        let accepting = thread::Builder::new()
+        let thread = thread::Builder::new()
             .name("metrics".to_string())
             .stack_size(SCRAPE_THREAD_STACK)
             .spawn(move || accept_scrapes(&accepted, &render))?;
-        let accepting = Some(accepting);
-        Ok(Endpoint {
-            listener,
-            accepting,
-        })
+        let thread = Some(thread);
+        Ok(Endpoint { listener, thread })
     }
 }
 
@@ -222,15 +187,14 @@ impl Drop for Endpoint {
     fn drop(&mut self) {
         // The blocked `accept`, and every later one, fails with EINVAL.
         let _ = SockRef::from(&*self.listener).shutdown(Shutdown::Read);
-        if let Some(accepting) = self.accepting.take() {
-            let _ = accepting.join();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
 
-/// The accept thread: gives each scrape under the caps a thread and closes
-/// the others at once; once the listener is shut down, cuts off the scrapes
-/// still reading and waits for their threads.
+/// Gives each scrape under the caps a thread and closes the others at once;
+/// once the listener is shut down, cuts off the scrapes still reading.
 fn accept_scrapes(listener: &TcpListener, render: &Render) {
     let scrapes = ConnectionLimit::new(MAX_SCRAPES);
     let per_source = PerIpLimit::new(Some(MAX_SCRAPES_PER_SOURCE));
@@ -246,19 +210,18 @@ fn accept_scrapes(listener: &TcpListener, render: &Render) {
                 }
             };
             let stream = Arc::new(stream);
-            let (Some(source_slot), Some(slot)) = (
-                per_source.try_acquire(peer.ip()),
-                scrapes.try_acquire(&stream),
-            ) else {
-                if let Some(held_back) = REFUSED_LINES.due() {
-                    let why = format!("{MAX_SCRAPES} open, or {MAX_SCRAPES_PER_SOURCE} from it");
-                    scrape_failed(peer, &format!("closed: {why}{}", held_back_note(held_back)));
-                }
+            let source_slot = per_source.try_acquire(peer.ip());
+            let Some(slots) = scrapes.try_acquire(&stream).zip(source_slot) else {
+                log_every!(
+                    REFUSED_LINES, debug, [peer:% = peer,],
+                    "metrics scrape from {peer} closed: {MAX_SCRAPES} open, or \
+                     {MAX_SCRAPES_PER_SOURCE} from it"
+                );
                 continue;
             };
             let scrapes = &scrapes;
             let scrape = move || {
-                let _held = (slot, source_slot);
+                let _held = slots;
                 if let Err(e) = answer(&stream, render, scrapes) {
                     scrape_failed(peer, &format!("failed: {e}"));
                 }
@@ -276,8 +239,7 @@ fn scrape_failed(peer: SocketAddr, what: &str) {
     log::debug!(event = event::METRICS_SCRAPE_FAILED; "metrics scrape from {peer} {what}");
 }
 
-/// Reads a request's headers within [`SCRAPE_DEADLINE`], answers them, and
-/// closes.
+/// Reads a request's headers within [`SCRAPE_DEADLINE`], answers, and closes.
 fn answer(mut stream: &TcpStream, render: &Render, open: &ConnectionLimit) -> io::Result<()> {
     let deadline = Instant::now() + SCRAPE_DEADLINE;
     let mut reading = Deadline::at(deadline);
@@ -319,31 +281,33 @@ fn respond(request: &[u8], render: &Render) -> String {
     let [method, target, "HTTP/1.0" | "HTTP/1.1"] = parts[..] else {
         return error("400 Bad Request", "");
     };
-    if !target.starts_with('/') {
-        return error("400 Bad Request", "");
+    match method {
+        _ if !target.starts_with('/') => error("400 Bad Request", ""),
+        _ if target.split('?').next() != Some("/metrics") => error("404 Not Found", ""),
+        "GET" | "HEAD" => match render() {
+            Ok(text) => response("200 OK", CONTENT_TYPE, &text, "", method == "HEAD"),
+            Err(_) => error("500 Internal Server Error", ""),
+        },
+        _ => error("405 Method Not Allowed", "Allow: GET, HEAD\r\n"),
     }
-    if target.split('?').next() != Some("/metrics") {
-        return error("404 Not Found", "");
-    }
-    if !matches!(method, "GET" | "HEAD") {
-        return error("405 Method Not Allowed", "Allow: GET, HEAD\r\n");
-    }
-    let Ok(body) = render() else {
-        return error("500 Internal Server Error", "");
-    };
-    // `HEAD`: the headers of the body, without it.
-    let sent = if method == "HEAD" { "" } else { &body };
-    response("200 OK", CONTENT_TYPE, body.len(), "", sent)
 }
 
 /// A plain-text response naming `status`, with `headers` (lines ending in
 /// CRLF) after the usual ones.
 fn error(status: &str, headers: &str) -> String {
     let body = format!("{status}\n");
-    response(status, PLAIN_TEXT, body.len(), headers, &body)
+    response(status, "text/plain; charset=utf-8", &body, headers, false)
 }
 
-fn response(status: &str, content_type: &str, length: usize, headers: &str, body: &str) -> String {
+/// `head_only` (for `HEAD`): the headers of `body`, without it.
+fn response(
+    status: &str,
+    content_type: &str,
+    body: &str,
+    headers: &str,
+    head_only: bool,
+) -> String {
+    let (length, body) = (body.len(), if head_only { "" } else { body });
     format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\n\
          {headers}Connection: close\r\n\r\n{body}"

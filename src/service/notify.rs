@@ -1,19 +1,9 @@
-//! Readiness, status and watchdog messages to the service manager
-//! (`Type=notify`, sd_notify(3)): datagrams of `NAME=value` lines to the Unix
-//! socket that `NOTIFY_SOCKET` names. The texts ([`NotifyState`]) and the
-//! watchdog period come from the `sd-notify` crate, but the datagrams are
-//! sent here, to an address read once at start-up: its `notify` (0.5.0)
-//! reads the variable on every call and connects to `@name` as a file name,
-//! not as an abstract socket.
-//!
-//! `READY=1` once every listener is set up; `STOPPING=1` when the drain
-//! starts; from a reporting thread, `STATUS=` with the clients connected (at
-//! most once per [`STATUS_INTERVAL`], only when it changed) and `WATCHDOG=1`
-//! every half of `WATCHDOG_USEC`, but only while every accept loop's
-//! [`Heartbeat`] is healthy: in `accept`, or back from it less than half a
-//! period ago. A stuck loop (a deadlock, a thread that cannot start and
-//! retries forever) stops the pings, and systemd restarts the service.
-//! Without `NOTIFY_SOCKET` nothing is sent and no thread starts.
+//! Readiness, status and watchdog datagrams to the service manager
+//! (`Type=notify`, sd_notify(3)), sent here to the address `NOTIFY_SOCKET`
+//! names, read once: `sd-notify` 0.5.0's `notify` reads the variable at every
+//! call and takes `@name` for a file, not an abstract socket. `WATCHDOG=1`
+//! goes only while every accept loop's [`Heartbeat`] is healthy, so that
+//! systemd restarts a server whose loop is stuck.
 
 use std::ffi::OsStr;
 use std::io;
@@ -21,7 +11,7 @@ use std::net::SocketAddr;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{self, UnixDatagram};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -35,14 +25,13 @@ use crate::lock;
 use crate::logging::{self, event};
 
 const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
-/// At most one `STATUS=` message per this interval.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// However small `WATCHDOG_USEC` is, the reporting thread must not spin.
 const MIN_PING_INTERVAL: Duration = Duration::from_millis(10);
 /// The reporting thread only formats and sends short datagrams.
 const REPORTER_STACK: usize = 256 * 1024;
 
-/// Sends the service manager what it needs to know; dropping it stops the
+/// Tells the service manager how the server is; dropping it stops the
 /// reporting thread.
 #[derive(Default)]
 pub(crate) struct Notifier {
@@ -58,21 +47,18 @@ struct Inner {
     target: Option<(UnixDatagram, net::SocketAddr)>,
     /// `WATCHDOG_USEC`, when the watchdog is enabled for this process.
     watchdog: Option<Duration>,
-    /// "serving ADDR, ADDR", the start of every status once ready.
+    /// "serving ADDR, ADDR; ", the start of every status once ready.
     serving: Mutex<String>,
     /// Set by [`Notifier::stopping`]: no more watchdog pings.
     stopping: AtomicBool,
-    /// One per accept loop.
     loops: Mutex<Vec<Heartbeat>>,
-    /// Whether a failed send has been logged already (one line is enough).
     send_failure_logged: AtomicBool,
 }
 
 impl Notifier {
-    /// The notifier `NOTIFY_SOCKET` and `WATCHDOG_USEC` ask for. An error
-    /// when `NOTIFY_SOCKET` is set but unusable: a `Type=notify` service that
-    /// cannot say it is ready is killed at its start timeout, so better say
-    /// why at once.
+    /// The notifier `NOTIFY_SOCKET` and `WATCHDOG_USEC` ask for; an error if
+    /// `NOTIFY_SOCKET` is unusable (a service that cannot say it is ready is
+    /// killed at its start timeout: better say why at once).
     pub(crate) fn from_env() -> io::Result<Notifier> {
         // Empty counts as unset: it names nothing to send to.
         match std::env::var_os(NOTIFY_SOCKET).filter(|socket| !socket.is_empty()) {
@@ -89,16 +75,13 @@ impl Notifier {
     /// watchdog pings every half of `watchdog`.
     fn to_socket(socket: &OsStr, watchdog: Option<Duration>) -> io::Result<Notifier> {
         let addr = notify_address(socket)?;
-        let inner = Inner {
+        let inner = Arc::new(Inner {
             target: Some((UnixDatagram::unbound()?, addr)),
             watchdog: watchdog.filter(|period| !period.is_zero()),
             ..Inner::default()
-        };
-        let inner = Arc::new(inner);
-        Ok(Notifier {
-            inner,
-            reporter: Mutex::default(),
-        })
+        });
+        let reporter = Mutex::default();
+        Ok(Notifier { inner, reporter })
     }
 
     /// A heartbeat for one more accept loop; inert without a watchdog.
@@ -115,21 +98,20 @@ impl Notifier {
     pub(crate) fn ready(&self, listening: &[SocketAddr]) -> io::Result<()> {
         let addrs: Vec<String> = listening.iter().map(SocketAddr::to_string).collect();
         let serving = format!("serving {}", addrs.join(", "));
-        *lock(&self.inner.serving) = serving.clone();
-        self.inner
-            .send(&[NotifyState::Ready, NotifyState::Status(&serving)])
+        *lock(&self.inner.serving) = format!("{serving}; ");
+        let ready = [NotifyState::Ready, NotifyState::Status(&serving)];
+        self.inner.send(&ready)
     }
 
     /// `STOPPING=1`, as the drain starts. Watchdog pings end (systemd no
     /// longer expects them); status messages go on until the drop.
     pub(crate) fn stopping(&self) -> io::Result<()> {
-        self.inner.stopping.store(true, Ordering::SeqCst);
+        self.inner.stopping.store(true, SeqCst);
         self.inner.send(&[NotifyState::Stopping])
     }
 
-    /// Starts the reporting thread, which counts `connected()` clients for
-    /// the status; does nothing without `NOTIFY_SOCKET` or if it runs
-    /// already. Fails only if the thread cannot start.
+    /// Starts the reporting thread (unless there is no `NOTIFY_SOCKET` or it
+    /// runs already), which counts `connected()` clients for the status.
     pub(crate) fn start_reporting(
         &self,
         connected: impl Fn() -> usize + Send + 'static,
@@ -159,8 +141,9 @@ impl Drop for Notifier {
 }
 
 impl Inner {
-    /// The reporting thread: status and watchdog, each on its own period,
-    /// until the notifier drops the sender of `stopped`.
+    /// The reporting thread, until the notifier drops the sender of
+    /// `stopped`: a changed status at most once per [`STATUS_INTERVAL`], and
+    /// watchdog pings every half of `WATCHDOG_USEC`, each on its own clock.
     fn report(&self, connected: impl Fn() -> usize, stopped: &mpsc::Receiver<()>) {
         let ping_every = self
             .watchdog
@@ -182,10 +165,14 @@ impl Inner {
                 }
                 next_status = now + STATUS_INTERVAL;
             }
-            if let (Some(at), Some(every)) = (next_ping, ping_every)
-                && now >= at
-            {
-                if !self.stopping.load(Ordering::SeqCst) && self.loops_healthy(every) {
+            let (Some(at), Some(every)) = (next_ping, ping_every) else {
+                continue;
+            };
+            if now >= at {
+                let loops = lock(&self.loops);
+                let healthy = !loops.is_empty() && loops.iter().all(|beat| !beat.stalled(every));
+                drop(loops);
+                if healthy && !self.stopping.load(SeqCst) {
                     let _ = self.send(&[NotifyState::Watchdog]);
                 }
                 next_ping = Some(now + every);
@@ -193,27 +180,16 @@ impl Inner {
         }
     }
 
-    fn loops_healthy(&self, stall_limit: Duration) -> bool {
-        let loops = lock(&self.loops);
-        !loops.is_empty() && loops.iter().all(|beat| !beat.stalled(stall_limit))
-    }
-
     /// "serving 127.0.0.1:1337; 3 clients connected", or "stopping; 3
     /// clients still connected" once draining, and what fails in the log.
     fn status(&self, connected: usize) -> String {
         let clients = if connected == 1 { "client" } else { "clients" };
-        let serving = lock(&self.serving).clone();
-        let status = if self.stopping.load(Ordering::SeqCst) {
-            format!("stopping; {connected} {clients} still connected")
-        } else if serving.is_empty() {
-            format!("{connected} {clients} connected")
-        } else {
-            format!("{serving}; {connected} {clients} connected")
-        };
-        match logging::failure() {
-            Some(failure) => format!("{status}; {failure}"),
-            None => status,
+        let failing = logging::failure().map_or(String::new(), |failure| format!("; {failure}"));
+        if self.stopping.load(SeqCst) {
+            return format!("stopping; {connected} {clients} still connected{failing}");
         }
+        let serving = lock(&self.serving);
+        format!("{serving}{connected} {clients} connected{failing}")
     }
 
     /// Sends one datagram of `states`, a line each. Only the first failure
@@ -226,22 +202,19 @@ impl Inner {
         // A datagram is sent whole or not at all.
         let result = socket.send_to_addr(message.as_bytes(), addr).map(drop);
         if let Err(e) = &result
-            && !self.send_failure_logged.swap(true, Ordering::SeqCst)
+            && !self.send_failure_logged.swap(true, SeqCst)
         {
             warn!(
                 event = event::NOTIFY_FAILED;
-                "cannot notify the service manager ({NOTIFY_SOCKET}): {}",
-                describe_io_error(e)
+                "cannot notify the service manager ({NOTIFY_SOCKET}): {}", describe_io_error(e)
             );
         }
         result
     }
 }
 
-/// One accept loop's sign of life for the watchdog (`None` without one): the
-/// loop wraps its blocking `accept` in [`Heartbeat::accepting`]. It holds
-/// when the loop last came back from `accept`, or `None` while it waits
-/// there (where only the kernel can keep it, and a queued client wakes it).
+/// One accept loop's sign of life for the watchdog (`None` without one): when
+/// it last came back from `accept`, or `None` while it waits there.
 #[derive(Clone, Debug)]
 pub(crate) struct Heartbeat(Option<Arc<Mutex<Option<Instant>>>>);
 
@@ -258,18 +231,14 @@ impl Heartbeat {
         result
     }
 
-    /// Whether the loop is outside `accept` with no sign of life for
-    /// `stall_limit` or longer.
+    /// Whether the loop is outside `accept` with no sign of life for `stall_limit`.
     fn stalled(&self, stall_limit: Duration) -> bool {
-        let Some(last) = &self.0 else {
-            return false;
-        };
-        lock(last).is_some_and(|at| at.elapsed() >= stall_limit)
+        let last = self.0.as_ref().and_then(|last| *lock(last));
+        last.is_some_and(|at| at.elapsed() >= stall_limit)
     }
 }
 
-/// `NOTIFY_SOCKET`'s value as an address: a path, or `@name` for an
-/// abstract one.
+/// `NOTIFY_SOCKET`'s value as an address: a path, or `@name` for an abstract one.
 fn notify_address(socket: &OsStr) -> io::Result<net::SocketAddr> {
     let bytes = socket.as_bytes();
     match bytes.first() {
@@ -287,7 +256,7 @@ fn notify_address(socket: &OsStr) -> io::Result<net::SocketAddr> {
 mod tests {
     use super::*;
     use std::path::PathBuf;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// A bound datagram socket standing in for systemd's, in its own
     /// directory, removed when dropped.
