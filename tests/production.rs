@@ -149,15 +149,19 @@ fn only_trusted_proxies_may_send_a_header() {
     server.expect_line("192.0.2.8:5555 said: \"ok\"");
 }
 
+/// A denied client gets no prompt and no words, and so a reset: a clean
+/// close would tell a client that sent its reply at once (`echo yes | nc`)
+/// that it was recorded.
 #[test]
-fn deny_refuses_without_a_prompt_and_wins_over_allow() {
+fn deny_resets_without_a_prompt_and_wins_over_allow() {
     let mut server = ServerProcess::start(&["--allow", "127.0.0.0/8", "--deny", "127.0.0.2"]);
     let mut denied = connect_from(ip("127.0.0.2"), server.addr);
-    assert_eq!(
-        read_until_closed(&mut denied),
-        b"",
-        "no prompt for a denied client"
-    );
+    assert_eq!(end_of(&mut denied), End::Reset, "no prompt, a reset");
+    for _ in 0..5 {
+        let mut eager = connect_from(ip("127.0.0.2"), server.addr);
+        eager.write_all(b"yes\n").unwrap();
+        assert_eq!(end_of(&mut eager), End::Reset, "a reply sent at once");
+    }
     let line = server.expect_line("refused by the access rules");
     assert!(
         line.contains(&local(&denied).to_string()) && line.contains("WARN"),

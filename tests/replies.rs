@@ -259,6 +259,7 @@ impl ReplySink for TestSink {
         if self.failing {
             return Err(io::Error::other("the store is down"));
         }
+        assert!(!record.reply.starts_with(b"panic"), "the store broke");
         if record.reply.starts_with(b"slow") {
             if let Some(blocked) = &*self.blocked.lock().unwrap() {
                 let _ = blocked.send(());
@@ -369,4 +370,43 @@ fn a_reply_sink_that_blocks_holds_up_no_other_client() {
         "the fast replies were kept while the slow one was blocked"
     );
     assert_eq!(summary.replies, 4, "{summary}");
+}
+
+/// Bytes after a whole reply line are no part of it: a client that sends
+/// more while its reply is being recorded still gets a clean close (the
+/// server reads them away first), not a reset.
+#[test]
+fn bytes_sent_while_the_reply_is_recorded_still_get_a_clean_close() {
+    let (blocked, entered) = mpsc::channel();
+    let sink = Arc::new(TestSink::blocking(blocked));
+    let server = library_server(&sink);
+    let mut client = connect(server.addr);
+    expect_prompt(&mut client);
+    client.write_all(b"slow yes\n").unwrap();
+    entered
+        .recv_timeout(TIMEOUT)
+        .expect("the sink has the reply");
+    // On loopback the bytes are in the server's receive queue once the
+    // write returns, before the sink lets the close go ahead.
+    client.write_all(b"and more\n").unwrap();
+    sink.release();
+    assert_eq!(end_of(&mut client), End::Clean);
+    server.shutdown.trigger();
+    let summary = server.result(TIMEOUT).expect("run");
+    assert_eq!(summary.replies, 1, "{summary}");
+}
+
+/// A sink that panics has not kept the reply: its client is reset and the
+/// reply counted as not recorded, and the server goes on.
+#[test]
+fn a_reply_sink_that_panics_resets_its_client_and_counts_it_not_recorded() {
+    let sink = Arc::new(TestSink::default());
+    let server = library_server(&sink);
+    let (peer, end) = session_end(server.addr, "panic now");
+    assert_eq!(end, End::Reset, "{peer}: a reply its sink panicked on");
+    let (_, end) = session_end(server.addr, "fine");
+    assert_eq!(end, End::Clean);
+    server.shutdown.trigger();
+    let summary = server.result(TIMEOUT).expect("run");
+    assert_eq!((summary.replies, summary.not_recorded), (1, 1), "{summary}");
 }

@@ -13,6 +13,7 @@
 use std::io::{self, Read, Write};
 use std::mem::MaybeUninit;
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -74,13 +75,13 @@ pub(crate) fn run_thread<R>(
     while let Some(accepted) = next {
         let peer = accepted.peer;
         debug!(event = event::CONNECTED, peer:% = peer; "{peer} connected");
-        let (outcome, reply_bytes, drained) = match serve(&accepted, serving) {
-            Ok((outcome, recorded, drained)) => (outcome, Some(recorded), drained),
-            Err(outcome) => (outcome, None, false),
+        let (outcome, reply_bytes) = match serve(&accepted, serving) {
+            Ok((outcome, recorded)) => (outcome, Some(recorded)),
+            Err(outcome) => (outcome, None),
         };
         let duration = accepted.accepted_at.elapsed();
         serving.stats.record_session(outcome, reply_bytes, duration);
-        let reserved = close(accepted, outcome, drained, &mut reserve);
+        let reserved = close(accepted, outcome, &mut reserve);
         debug!(event = event::DISCONNECTED, peer:% = peer; "{peer} disconnected");
         next = park(reserved);
     }
@@ -94,10 +95,9 @@ struct Client {
     proxy: Option<SocketAddr>,
 }
 
-/// Serves one connection up to its close: how it ended, the size of the
-/// reply recorded and whether its last read drained the socket; or how it
-/// ended without a record.
-fn serve(accepted: &Accepted, serving: &Serving) -> Result<(Outcome, usize, bool), Outcome> {
+/// Serves one connection up to its close: how it ended and the size of the
+/// reply recorded, or how it ended without a record.
+fn serve(accepted: &Accepted, serving: &Serving) -> Result<(Outcome, usize), Outcome> {
     let _named_in_panics = ServingPeer::set(accepted.peer);
     let (stream, config) = (&*accepted.stream, &serving.config);
     let (client, early_bytes) = identify_client(accepted, config)?;
@@ -219,14 +219,14 @@ fn read_client_reply(stream: &TcpStream, early: &[u8], client: Client, config: &
 }
 
 /// Hands the reply to the reply sink: its outcome and size if the sink
-/// kept it.
+/// kept it. A sink that panics has not kept it.
 #[inline(never)]
 fn record(
     client: Client,
     mut reply: Reply,
     accepted_at: Instant,
     serving: &Serving,
-) -> Result<(Outcome, usize, bool), Outcome> {
+) -> Result<(Outcome, usize), Outcome> {
     // The server shut the read side down itself at the stop's deadline.
     if matches!(reply.end, ReplyEnd::Closed) && serving.limit.cutting_off() {
         reply.end = ReplyEnd::CutOff;
@@ -238,8 +238,11 @@ fn record(
         end: &reply.end,
         duration: accepted_at.elapsed(),
     };
-    match serving.config.reply_sink.record(&record) {
-        Ok(()) => Ok((Outcome::of(&record), reply.bytes.len(), reply.drained)),
+    let sink = &serving.config.reply_sink;
+    let recorded = panic::catch_unwind(AssertUnwindSafe(|| sink.record(&record)))
+        .unwrap_or_else(|_| Err(io::Error::other("the reply sink panicked")));
+    match recorded {
+        Ok(()) => Ok((Outcome::of(&record), reply.bytes.len())),
         Err(e) => {
             let addr = client.addr;
             log_every!(
@@ -255,29 +258,22 @@ fn record(
 /// released after any lingering (lingering threads never outnumber the
 /// cap) but before the close (a client that sees the close can connect
 /// again at once).
-fn close<R>(accepted: Accepted, outcome: Outcome, drained: bool, reserve: impl FnOnce() -> R) -> R {
+fn close<R>(accepted: Accepted, outcome: Outcome, reserve: impl FnOnce() -> R) -> R {
     let Accepted { stream, slot, .. } = accepted;
-    let socket = SockRef::from(&*stream);
     match outcome {
         // An end of stream: the whole reply is recorded, or the client was
         // told in words (the busy line) that it is not served.
         Outcome::Replied | Outcome::NoReply | Outcome::Busy | Outcome::RateLimited => {
-            let _ = socket.set_linger(None);
-            if !drained {
-                linger_if_bytes_wait(&stream);
-            }
+            let _ = SockRef::from(&*stream).set_linger(None);
+            linger_if_bytes_wait(&stream);
         }
-        // Refused before the prompt with nothing read: the kernel's plain
-        // close (a reset only if bytes of it wait unread).
-        Outcome::Denied => {
-            let _ = socket.set_linger(None);
-        }
-        // A reset (the zero linger time every socket inherits): the reply
-        // is not recorded, or bytes sent after the server stopped reading
-        // are in no record.
+        // A reset (the zero linger time every socket inherits): the reply is
+        // not recorded, bytes sent after the server stopped reading are in
+        // no record, or the client was refused without a word.
         Outcome::Truncated
         | Outcome::TimedOut
         | Outcome::Failed
+        | Outcome::Denied
         | Outcome::CutOff
         | Outcome::NotRecorded => {}
     }
@@ -443,9 +439,6 @@ pub(crate) struct Reply {
     /// Without its line terminator, never longer than the cap.
     pub(crate) bytes: Vec<u8>,
     pub(crate) end: ReplyEnd,
-    /// The last read took less than it asked for: nothing more was waiting
-    /// then, so a clean close need not look for unread bytes.
-    pub(crate) drained: bool,
 }
 
 /// Reads one reply line: the bytes up to the first `\n`, without `\n` or
@@ -463,15 +456,11 @@ pub(crate) fn read_reply<S: DeadlineRead>(
     let limit = max_reply_bytes.saturating_add(2);
     let mut chunk = [0u8; READ_CHUNK];
     let mut bytes = Vec::new();
-    let mut drained = false;
     let end = loop {
         let want = (limit - bytes.len()).min(READ_CHUNK);
         let n = match read_before(source, &mut chunk[..want], deadline.as_mut()) {
             ReadStep::Data(n) => n,
-            ReadStep::Closed => {
-                drained = true;
-                break ReplyEnd::Closed;
-            }
+            ReadStep::Closed => break ReplyEnd::Closed,
             ReadStep::TimedOut => {
                 let after = deadline.map(|d| d.budget).unwrap_or_default();
                 break ReplyEnd::TimedOut { after };
@@ -479,7 +468,6 @@ pub(crate) fn read_reply<S: DeadlineRead>(
             ReadStep::Failed(e) => break ReplyEnd::Failed(e),
         };
         trace!(event = event::READ, peer:% = peer, bytes = n; "{peer}: read {n} bytes");
-        drained = n < want;
         let start = bytes.len();
         bytes.extend_from_slice(&chunk[..n]);
         if let Some(newline) = bytes[start..].iter().position(|&b| b == b'\n') {
@@ -499,11 +487,7 @@ pub(crate) fn read_reply<S: DeadlineRead>(
     } else {
         end
     };
-    Reply {
-        bytes,
-        end,
-        drained,
-    }
+    Reply { bytes, end }
 }
 
 #[cfg(test)]
