@@ -12,7 +12,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use clap::builder::{PossibleValuesParser, TypedValueParser};
-use clap::{CommandFactory, Parser};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 use ipnet::IpNet;
 use prompt_server::logging::{DEFAULT_RECORD_TIMEOUT, LogFormat, LogSettings};
 use prompt_server::{AccessRules, Config, ConfigError, NetList, Rate, RateLimit};
@@ -39,7 +39,7 @@ pub struct Cli {
           value_parser = parse_ip)]
     bind: IpAddr,
     /// Prompt sent to every client; a missing trailing newline is added.
-    #[arg(long, value_name = "TEXT",
+    #[arg(long, value_name = "TEXT", allow_hyphen_values = true,
           default_value_t = String::from_utf8_lossy(DEFAULTS.prompt.trim_ascii_end()).into())]
     prompt: String,
     /// Longest reply kept, in bytes; a longer one is logged truncated and the
@@ -52,7 +52,8 @@ pub struct Cli {
     #[arg(long, value_name = "SECS", default_value = seconds(DEFAULTS.reply_timeout),
           value_parser = parse_seconds, allow_negative_numbers = true)]
     reply_timeout: Duration,
-    /// Seconds sending the whole prompt may take before the client is dropped.
+    /// Seconds writing the whole prompt may take before the client is
+    /// dropped (a prompt the socket's send buffer holds is written at once).
     #[arg(long, value_name = "SECS", default_value = seconds(Some(DEFAULTS.write_timeout)),
           value_parser = parse_seconds, allow_negative_numbers = true)]
     write_timeout: Duration,
@@ -79,14 +80,15 @@ pub struct Cli {
     proxy_protocol: bool,
     /// With --proxy-protocol: only connections from this address or network
     /// may carry a header; others are refused. Repeatable.
-    #[arg(long, value_name = "CIDR", value_parser = parse_net, requires = "proxy_protocol")]
+    #[arg(long, value_name = "CIDR", value_parser = parse_net, allow_hyphen_values = true,
+          requires = "proxy_protocol")]
     trusted_proxy: Vec<IpNet>,
     /// Serve only clients from this address or network. Repeatable.
-    #[arg(long, value_name = "CIDR", value_parser = parse_net)]
+    #[arg(long, value_name = "CIDR", value_parser = parse_net, allow_hyphen_values = true)]
     allow: Vec<IpNet>,
     /// Refuse clients from this address or network; wins over --allow.
     /// Repeatable.
-    #[arg(long, value_name = "CIDR", value_parser = parse_net)]
+    #[arg(long, value_name = "CIDR", value_parser = parse_net, allow_hyphen_values = true)]
     deny: Vec<IpNet>,
     /// Connections one client address may hold at once; one more is sent the
     /// busy line.
@@ -105,19 +107,19 @@ pub struct Cli {
     /// With --max-rate-per-ip: leading bits of an IPv4 client address that
     /// make its network (32: each address on its own).
     #[arg(long, value_name = "BITS", default_value_t = RateLimit::DEFAULT_PREFIX_V4,
-          value_parser = parse_whole::<u8>, allow_negative_numbers = true,
+          value_parser = parse_bits, allow_negative_numbers = true,
           requires = "max_rate_per_ip")]
     rate_prefix_v4: u8,
     /// With --max-rate-per-ip: leading bits of an IPv6 client address that
     /// make its network (64: a host's usual allocation, so changing
     /// addresses within it gains nothing).
     #[arg(long, value_name = "BITS", default_value_t = RateLimit::DEFAULT_PREFIX_V6,
-          value_parser = parse_whole::<u8>, allow_negative_numbers = true,
+          value_parser = parse_bits, allow_negative_numbers = true,
           requires = "max_rate_per_ip")]
     rate_prefix_v6: u8,
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics, e.g.
     /// 127.0.0.1:9337 (keep it off public interfaces).
-    #[arg(long, value_name = "ADDR:PORT")]
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_socket_addr)]
     metrics_addr: Option<SocketAddr>,
     /// Let several processes listen on the same port (SO_REUSEPORT), e.g. an
     /// old and a new one during a restart; see the README for the pitfall.
@@ -156,9 +158,19 @@ fn seconds(duration: Option<Duration>) -> &'static str {
 }
 
 impl Cli {
-    /// The [`Config`] and the log settings this command line asks for; a
-    /// [`Config::validate`] rule that does not hold is an error about its flag.
-    pub fn settings(self) -> Result<(Config, LogSettings), clap::Error> {
+    /// The [`Config`] and the log settings that `args` (the program's name
+    /// first) ask for; a [`Config::validate`] rule that does not hold is an
+    /// error about its flag, with the value as it was given.
+    pub fn settings_from<I, T>(args: I) -> Result<(Config, LogSettings), clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Cli::command().try_get_matches_from(args)?;
+        Cli::from_arg_matches(&matches)?.settings(&matches)
+    }
+
+    fn settings(self, matches: &ArgMatches) -> Result<(Config, LogSettings), clap::Error> {
         let config = Config {
             listen_addr: SocketAddr::new(self.bind, self.port),
             prompt: prompt_bytes(&self.prompt),
@@ -185,7 +197,7 @@ impl Cli {
             metrics_addr: self.metrics_addr,
             ..Config::default()
         };
-        config.validate().map_err(|e| flag_error(&e))?;
+        config.validate().map_err(|e| flag_error(&e, matches))?;
         let log = LogSettings {
             format: self.log_format,
             file: self.log_file,
@@ -193,11 +205,9 @@ impl Cli {
             record_timeout: self.record_timeout,
         };
         log.validate().map_err(|rule| {
-            flag_error(&ConfigError {
-                field: "record_timeout",
-                value: log.record_timeout.as_secs_f64().to_string(),
-                rule: rule.into(),
-            })
+            let value = log.record_timeout.as_secs_f64().to_string();
+            let (field, rule) = ("record_timeout", rule.into());
+            flag_error(&ConfigError { field, value, rule }, matches)
         })?;
         Ok((config, log))
     }
@@ -206,7 +216,7 @@ impl Cli {
 /// A broken [`Config`] rule as clap's error about the flag that set the
 /// field: "invalid value '2000' for '--thread-cache <N>': must be at most
 /// the connection cap (1024)".
-fn flag_error(error: &ConfigError) -> clap::Error {
+fn flag_error(error: &ConfigError, matches: &ArgMatches) -> clap::Error {
     let id = error.field.replace("rate_limit.", "rate_");
     let mut command = Cli::command();
     command.build(); // an argument's Display needs a built command
@@ -214,10 +224,9 @@ fn flag_error(error: &ConfigError) -> clap::Error {
         .get_arguments()
         .find(|arg| arg.get_id() == id.as_str())
         .map_or_else(|| error.field.to_string(), ToString::to_string);
-    let message = format!(
-        "invalid value '{}' for '{flag}': {}",
-        error.value, error.rule
-    );
+    let given = matches.get_raw(&id).into_iter().flatten().next_back();
+    let value = given.map_or_else(|| error.value.clone(), |raw| raw.to_string_lossy().into());
+    let message = format!("invalid value '{value}' for '{flag}': {}", error.rule);
     command.error(clap::error::ErrorKind::ValueValidation, message)
 }
 
@@ -241,13 +250,22 @@ pub fn error_line(error: &clap::Error) -> String {
     line + " (see --help)"
 }
 
-/// Seconds as a number (`0.5`, `10`, `1e3`) that makes a [`Duration`]:
-/// finite and not negative. How long it may be is the library's rule.
+/// Seconds as a number (`0.5`, `10`, `1e3`), finite and not negative; how
+/// long it may be is the library's rule (past `Duration`'s range it is
+/// `Duration::MAX`, for that rule to refuse).
 fn parse_seconds(text: &str) -> Result<Duration, String> {
-    text.parse::<f64>()
-        .ok()
-        .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
-        .ok_or_else(|| "must be a number of seconds, 0 or more".to_string())
+    match text.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => {
+            Ok(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
+        }
+        _ => Err("must be a number of seconds, 0 or more".to_string()),
+    }
+}
+
+/// A prefix length; how long it may be is the library's rule.
+fn parse_bits(text: &str) -> Result<u8, String> {
+    text.parse()
+        .map_err(|_| "must be a whole number of bits".to_string())
 }
 
 /// A whole number that fits the integer type `T`: 0 or more, or 1 or more
@@ -276,6 +294,13 @@ fn parse_ip(text: &str) -> Result<IpAddr, String> {
     text.parse().map_err(|_| rule.to_string())
 }
 
+/// `ADDR:PORT`, with an IP address: host names are not looked up.
+fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
+    let rule = "must be an IP address and a port such as 127.0.0.1:9337 or [::1]:9337 \
+                (host names such as localhost are not looked up)";
+    text.parse().map_err(|_| rule.to_string())
+}
+
 /// `ADDR/PREFIX`, or a bare address meaning that one host.
 fn parse_net(text: &str) -> Result<IpNet, String> {
     let rule = "must be an address or a network such as 10.0.0.0/8 or ::1/128";
@@ -299,8 +324,7 @@ mod tests {
     /// The config these arguments ask for, or the one-line error.
     fn config(args: &[&str]) -> Result<Config, String> {
         let args = std::iter::once("prompt-server").chain(args.iter().copied());
-        Cli::try_parse_from(args)
-            .and_then(Cli::settings)
+        Cli::settings_from(args)
             .map(|(config, _)| config)
             .map_err(|e| error_line(&e))
     }
@@ -372,6 +396,10 @@ mod tests {
             ("--max-connections", "-5"),
             ("--thread-cache", "-1"),
             ("--bind", "localhost"),
+            ("--metrics-addr", "localhost:9000"),
+            ("--allow", "-1"),
+            ("--deny", "-1"),
+            ("--rate-prefix-v4", "-1"),
         ] {
             let error = error_for(&[flag, value]);
             // One line that names the option, even for a negative number.
@@ -381,6 +409,11 @@ mod tests {
             );
         }
         assert!(error_for(&["--bind", "localhost"]).contains("not looked up"));
+        assert!(error_for(&["--metrics-addr", "localhost:1"]).contains("not looked up"));
+        assert!(!error_for(&["--rate-prefix-v4", "-1"]).contains("255"));
+        assert!(error_for(&["--shutdown-timeout", "1e30"]).contains("a year"));
+        let dashed = config(&["--prompt", "-x"]).unwrap();
+        assert_eq!(dashed.prompt, b"-x\n");
         assert!(error_for(&["--max-reply-bytes", "0"]).contains("must be at least 1"));
     }
 

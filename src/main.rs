@@ -4,12 +4,11 @@
 
 mod cli;
 
-use std::io::ErrorKind;
+use std::io::{self, ErrorKind, Write};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
 use cli::Cli;
 use prompt_server::logging::LogSettings;
 use prompt_server::{Config, Shutdown, listeners, logging, run};
@@ -19,12 +18,12 @@ use prompt_server::{Config, Shutdown, listeners, logging, run};
 const RECORD_INCOMPLETE: u8 = 3;
 
 fn main() -> ExitCode {
-    let (config, log) = match Cli::try_parse().and_then(Cli::settings) {
+    let (config, log) = match Cli::settings_from(std::env::args_os()) {
         Ok(parsed) => parsed,
         // --help and --version are not errors; clap prints them and exits 0.
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
-            eprintln!("{}", cli::error_line(&e));
+            say(&cli::error_line(&e));
             return ExitCode::from(2);
         }
     };
@@ -36,7 +35,7 @@ fn main() -> ExitCode {
                 .downcast_ref::<prompt_server::Error>()
                 .map(|e| hint(e, port, metrics_addr))
                 .unwrap_or_default();
-            eprintln!("error: {e:#}{hint}");
+            say(&format!("error: {e:#}{hint}"));
             ExitCode::FAILURE
         }
     }
@@ -60,18 +59,22 @@ fn serve(config: Config, log: &LogSettings) -> anyhow::Result<ExitCode> {
     // stderr says it when it is not the log that failed: written to a
     // stalled stderr, the line would never let the process exit.
     if log.file.is_some() {
-        let replies = if summary.not_recorded == 1 {
-            "reply was"
-        } else {
-            "replies were"
+        let replies = match summary.not_recorded {
+            1 => "reply was not recorded (its client was reset)",
+            _ => "replies were not recorded (their clients were reset)",
         };
-        eprintln!(
-            "error: the log did not take everything: {} {replies} not recorded \
-             (their clients were reset), {} log lines were left unwritten",
+        say(&format!(
+            "error: the log did not take everything: {} {replies}, {} log lines were left unwritten",
             summary.not_recorded, summary.unwritten_log_lines
-        );
+        ));
     }
     Ok(ExitCode::from(RECORD_INCOMPLETE))
+}
+
+/// Writes `line` to stderr; one that cannot be written is lost, not a
+/// panic (`eprintln!` would turn exit status 2 or 3 into 101).
+fn say(line: &str) {
+    let _ = writeln!(io::stderr(), "{line}");
 }
 
 /// What to do about an address in use, after the error's message.
