@@ -1,14 +1,11 @@
-//! The log: its set-up ([`init`]), the default [`ReplySink`]
-//! ([`LogReplies`]), the `log` facade's diagnostic lines, and the reports of
-//! a failing output.
+//! The log: its set-up ([`init`]), the default [`ReplySink`] ([`LogReplies`]),
+//! the `log` facade's diagnostics, and the reports of a failing output.
 //!
-//! Records and diagnostics go through one queue to one output (stderr, or
-//! `--log-file`), so the log reads in order. Only diagnostics are filtered
-//! by `RUST_LOG`: a record is a served connection's data and is always
-//! written; its caller waits until it is (and synced, where the output is a
-//! file). Diagnostic lines never make anyone wait: lifecycle lines (start,
-//! signals, stop) are always queued, housekeeping lines (busy, denied,
-//! accept errors, debug) are dropped and counted when the queue is full.
+//! Records and diagnostics go through one queue to one output, so the log
+//! reads in order. `RUST_LOG` filters diagnostics only: a record is always
+//! written, and its caller waits until it is. Diagnostics make nobody wait:
+//! lifecycle lines are always queued, housekeeping lines dropped (and
+//! counted) when the queue is full.
 
 use std::cell::{Cell, RefCell};
 use std::fmt;
@@ -16,9 +13,9 @@ use std::io::{self, IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::SyncSender;
+use std::sync::mpsc::{self, SyncSender};
 use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use std::{panic, thread};
 
 use log::kv::{Key, ToValue, Value};
@@ -31,15 +28,13 @@ pub(crate) use super::every::{
 pub use super::format::LogFormat;
 pub(crate) use super::format::event;
 use super::format::{Escaped, RecordText, class_of, escape_line_breakers, json_line, reply_text};
-use super::output::{ERROR_KINDS, Output, error_kind, stderr_writer};
-use super::queue::{self, Class, NotWritten, Observer, Queue};
-use super::{Record, ReplyEnd, ReplySink};
+use super::queue::{self, Class, Observer, Output, Queue};
+use super::{Record, ReplySink};
 use crate::error::describe_io_error;
 use crate::lock;
 
 /// The default [`LogSettings::record_timeout`]: long enough to ride out a
-/// slow disk or a rotation, short enough that a failing one is noticed by
-/// the clients.
+/// slow disk or a rotation, short enough that clients notice a failing one.
 pub const DEFAULT_RECORD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How the log is written.
@@ -84,18 +79,26 @@ impl Default for LogSettings {
     }
 }
 
-/// The target of the `listening on ADDR` line. It is logged at info whatever
-/// `RUST_LOG` says (unless `RUST_LOG` names this target itself), since it is
-/// the only place that says which port `--port 0` got.
+/// The target of the `listening on ADDR` line, logged at info whatever
+/// `RUST_LOG` says unless it names this target: it tells `--port 0`'s port.
 pub(crate) const LISTENING_TARGET: &str = "prompt_server::listening";
 const RECORD_TARGET: &str = "prompt_server::connection";
 
-/// Lines the log queue holds while the output is slow: enough for a burst
-/// of replies, small enough that a stalled output is noticed soon.
+/// Lines the queue holds while the output is slow: enough for a burst of
+/// replies, few enough that a stalled output is noticed soon.
 const LOG_QUEUE_LINES: usize = 1024;
 
-/// The process's log, made by [`init`] (or, for a sink used without it, on
-/// first use with the default settings).
+/// The `kind` label of the log's write errors: these errnos, then "other".
+const ERROR_KINDS: [&str; 6] = ["ENOSPC", "EDQUOT", "EFBIG", "EIO", "EPIPE", "other"];
+const ERRNOS: [i32; 5] = [
+    libc::ENOSPC,
+    libc::EDQUOT,
+    libc::EFBIG,
+    libc::EIO,
+    libc::EPIPE,
+];
+
+/// The process's log, made by [`init`] or else by the first record.
 static LOG: OnceLock<&'static Log> = OnceLock::new();
 
 struct Log {
@@ -128,10 +131,9 @@ impl Log {
 }
 
 /// Starts the log as `settings` say and installs it as the `log` facade's
-/// logger: diagnostics at level info unless `RUST_LOG` says otherwise,
-/// records always. Each line is filtered and formatted on the calling
-/// thread, then queued, so that a stalled output never blocks the accept
-/// loop or the signal thread.
+/// logger: diagnostics at info unless `RUST_LOG` says otherwise, records
+/// always. Lines are formatted on the calling thread, then queued, so a
+/// stalled output never blocks the accept loop or the signal thread.
 ///
 /// # Errors
 ///
@@ -175,24 +177,15 @@ fn builder(format: LogFormat) -> env_logger::Builder {
 
 /// Makes the process's log with `settings`; fails if it exists already.
 fn install(settings: &LogSettings) -> io::Result<&'static Log> {
-    let output = match &settings.file {
-        Some(path) => Output::file(path, settings.sync).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot open {}: {}", path.display(), describe_io_error(&e)),
-            )
-        })?,
-        None => Output::stderr(settings.sync)?,
-    };
-    let file = settings
-        .file
-        .as_ref()
-        .map(|path| path.display().to_string());
+    let output = Output::open(settings.file.as_deref(), settings.sync)?;
     let health: &'static Health = Box::leak(Box::new(Health {
-        file,
+        file: settings
+            .file
+            .as_ref()
+            .map(|path| path.display().to_string()),
         counts: Default::default(),
         last_error: Mutex::new(None),
-        reported: ERROR_KINDS.map(|(kind, _)| LogEvery::new(kind, Duration::from_secs(1))),
+        reported: ERROR_KINDS.map(|kind| LogEvery::new(kind, Duration::from_secs(1))),
         stderr: settings.file.is_some().then(stderr_writer).transpose()?,
     }));
     let mut records = builder(settings.format);
@@ -209,13 +202,19 @@ fn install(settings: &LogSettings) -> io::Result<&'static Log> {
     Ok(log)
 }
 
-/// The process's log: the one [`init`] made, or else one on stderr with the
-/// default settings, made now.
-fn log() -> io::Result<&'static Log> {
-    match LOG.get() {
-        Some(log) => Ok(log),
-        None => install(&LogSettings::default()).or_else(|e| LOG.get().copied().ok_or(e)),
-    }
+/// A thread that writes the lines it is sent to stderr, so that a stalled
+/// stderr never holds up the log file.
+fn stderr_writer() -> io::Result<SyncSender<String>> {
+    let (send, receive) = mpsc::sync_channel::<String>(16);
+    thread::Builder::new()
+        .name("log-reports".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            receive
+                .iter()
+                .for_each(|line| drop(io::stderr().write_all(line.as_bytes())))
+        })?;
+    Ok(send)
 }
 
 /// The default [`ReplySink`]: each record is a line in the log, written
@@ -227,64 +226,48 @@ pub struct LogReplies;
 
 impl ReplySink for LogReplies {
     fn record(&self, record: &Record<'_>) -> io::Result<()> {
-        let log = log()?;
-        let (level, event) = level_and_event(record);
+        let log = match LOG.get() {
+            Some(log) => log,
+            None => install(&LogSettings::default()).or_else(|e| LOG.get().copied().ok_or(e))?,
+        };
+        let text = RecordText(record);
+        let level = if record.is_whole() {
+            Level::Info
+        } else {
+            Level::Warn
+        };
         let proxy = record.proxy.map(|proxy| proxy.to_string());
         let proxy = proxy.as_deref();
-        let (text, lossy) = reply_text(record.reply);
-        let duration_ms = record.duration.as_millis() as u64;
+        let (reply, lossy) = reply_text(record.reply);
         let fields = [
-            ("event", Value::from(event)),
+            ("event", Value::from(text.event())),
             ("peer", Value::from_display(&record.peer)),
             ("proxy", proxy.to_value()),
-            ("reply", Value::from(&*text)),
+            ("reply", Value::from(&*reply)),
             ("reply_lossy", Value::from(lossy)),
             ("bytes", Value::from(record.reply.len())),
-            ("duration_ms", Value::from(duration_ms)),
-        ];
-        let message = format_args!("{}", RecordText(record));
-        let line = log.line(level, RECORD_TARGET, &fields, message);
-        let timeout = log.record_timeout.as_secs_f64();
-        let written = log
-            .queue
-            .push_and_wait(line, Instant::now() + log.record_timeout);
-        written.map_err(|why| match why {
-            NotWritten::TimedOut => io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("the log did not take it within {timeout}s"),
+            (
+                "duration_ms",
+                Value::from(record.duration.as_millis() as u64),
             ),
-            NotWritten::Abandoned => io::Error::other("the server stopped waiting for the log"),
-        })
+        ];
+        let line = log.line(level, RECORD_TARGET, &fields, format_args!("{text}"));
+        log.queue.push_and_wait(line, log.record_timeout)
     }
 }
 
-fn level_and_event(record: &Record<'_>) -> (Level, &'static str) {
-    match record.end {
-        ReplyEnd::Line => (Level::Info, event::REPLY),
-        ReplyEnd::Closed if record.reply.is_empty() => (Level::Info, event::NO_REPLY),
-        ReplyEnd::Closed => (Level::Info, event::REPLY),
-        ReplyEnd::Truncated => (Level::Warn, event::TRUNCATED),
-        ReplyEnd::TimedOut { .. } => (Level::Warn, event::TIMEOUT),
-        ReplyEnd::CutOff => (Level::Warn, event::CUT_OFF),
-        ReplyEnd::Failed(_) => (Level::Warn, event::READ_ERROR),
-    }
-}
-
-/// Waits up to `timeout` for the queued log lines; returns how many were
-/// not written.
+/// Waits up to `timeout` for the queued lines; returns how many are not written.
 pub(crate) fn flush(timeout: Duration) -> u64 {
     LOG.get().map_or(0, |log| log.queue.flush(timeout))
 }
 
 /// A stopping server gives up on a log that does not take its records.
 pub(crate) fn stop_waiting_for_the_log() {
-    if let Some(log) = LOG.get() {
-        log.queue.stop_waiting();
-    }
+    LOG.get().inspect(|log| log.queue.stop_waiting());
 }
 
-/// Opens the log file again (SIGHUP, after logrotate renamed it); its first
-/// line says so. Returns false when the log is not a file.
+/// Opens the log file again (SIGHUP, after logrotate renamed it), with a
+/// first line that says so. Returns false when the log is not a file.
 pub(crate) fn reopen() -> bool {
     let Some(log) = LOG.get().filter(|log| log.health.file.is_some()) else {
         return false;
@@ -308,14 +291,14 @@ pub(crate) fn lines_dropped() -> u64 {
 
 /// Failed writes and syncs of the log, by kind (`ENOSPC`, `EIO`, ...).
 pub(crate) fn write_errors() -> Vec<(&'static str, u64)> {
-    let Some(log) = LOG.get() else {
-        return Vec::new();
-    };
-    let counts = log.health.counts.iter().map(|n| n.load(Ordering::Relaxed));
+    let counts = LOG
+        .get()
+        .map(|log| &log.health.counts)
+        .into_iter()
+        .flatten();
     ERROR_KINDS
-        .iter()
-        .map(|(kind, _)| *kind)
-        .zip(counts)
+        .into_iter()
+        .zip(counts.map(|n| n.load(Ordering::Relaxed)))
         .collect()
 }
 
@@ -337,22 +320,22 @@ struct Health {
     counts: [AtomicU64; ERROR_KINDS.len()],
     last_error: Mutex<Option<String>>,
     reported: [LogEvery; ERROR_KINDS.len()],
-    /// Lines for stderr ([`stderr_writer`]) when the log is a file.
+    /// Lines for stderr when the log is a file, dropped if it is behind.
     stderr: Option<SyncSender<String>>,
 }
 
 impl Health {
-    /// Dropped if the stderr thread is behind.
     fn to_stderr(&self, line: String) {
-        if let Some(lines) = &self.stderr {
-            let _ = lines.try_send(line);
-        }
+        self.stderr.as_ref().map(|lines| lines.try_send(line));
     }
 }
 
 impl Observer for &'static Health {
     fn failed(&self, error: &io::Error) {
-        let kind = error_kind(error);
+        let errno = ERRNOS
+            .iter()
+            .position(|errno| Some(*errno) == error.raw_os_error());
+        let kind = errno.unwrap_or(ERRNOS.len());
         self.counts[kind].fetch_add(1, Ordering::Relaxed);
         let why = describe_io_error(error);
         *lock(&self.last_error) = Some(why.clone());
@@ -411,6 +394,8 @@ struct QueuedLogger {
 thread_local! {
     /// The line `env_logger` just formatted on this thread.
     static FORMATTED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// The client this thread is serving, for the panic log line.
+    static SERVING: Cell<Option<SocketAddr>> = const { Cell::new(None) };
 }
 
 /// `env_logger`'s target: keeps the formatted line for the queue.
@@ -449,8 +434,9 @@ impl log::Log for QueuedLogger {
         // With a log file, stderr (a terminal, the journal) still says
         // where the server listens: `--port 0` is found out there.
         if record.target() == LISTENING_TARGET {
-            let line = String::from_utf8_lossy(&line).into_owned();
-            self.log.health.to_stderr(line);
+            self.log
+                .health
+                .to_stderr(String::from_utf8_lossy(&line).into_owned());
         }
         self.log.queue.push(line, class);
     }
@@ -458,14 +444,8 @@ impl log::Log for QueuedLogger {
     fn flush(&self) {}
 }
 
-thread_local! {
-    /// The client this thread is serving, for the panic log line.
-    static SERVING: Cell<Option<SocketAddr>> = const { Cell::new(None) };
-}
-
 /// Names, while it lives, the client the current thread serves in any
-/// panic line it logs. Dropped when the connection ends, so a thread
-/// parked in the thread cache never reports a client it no longer serves.
+/// panic line it logs, so a thread parked in the thread cache names nobody.
 #[must_use = "the peer is named only while the guard lives"]
 pub(crate) struct ServingPeer(());
 
