@@ -6,6 +6,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
+use log::Level;
 use log::kv::{self, Key, Value, VisitSource};
 use serde_json::{Map, Value as Json};
 
@@ -80,18 +81,18 @@ events! {
     WAKE_FAILED = "wake_failed", Lifecycle;
 }
 
-/// A record's message, `127.0.0.1:50312 said: "yes"`, and its `event`.
+/// A record's message, `127.0.0.1:50312 said: "yes"`, its level and `event`.
 pub(crate) struct RecordText<'a>(pub(crate) &'a Record<'a>);
 
 impl RecordText<'_> {
-    pub(crate) fn event(&self) -> &'static str {
+    pub(crate) fn level_and_event(&self) -> (Level, &'static str) {
         match self.0.end {
-            ReplyEnd::Closed if self.0.reply.is_empty() => event::NO_REPLY,
-            ReplyEnd::Line | ReplyEnd::Closed => event::REPLY,
-            ReplyEnd::Truncated => event::TRUNCATED,
-            ReplyEnd::TimedOut { .. } => event::TIMEOUT,
-            ReplyEnd::CutOff => event::CUT_OFF,
-            ReplyEnd::Failed(_) => event::READ_ERROR,
+            ReplyEnd::Closed if self.0.reply.is_empty() => (Level::Info, event::NO_REPLY),
+            ReplyEnd::Line | ReplyEnd::Closed => (Level::Info, event::REPLY),
+            ReplyEnd::Truncated => (Level::Warn, event::TRUNCATED),
+            ReplyEnd::TimedOut { .. } => (Level::Warn, event::TIMEOUT),
+            ReplyEnd::CutOff => (Level::Warn, event::CUT_OFF),
+            ReplyEnd::Failed(_) => (Level::Warn, event::READ_ERROR),
         }
     }
 }

@@ -1,11 +1,11 @@
 //! The log: its set-up ([`init`]), the default [`ReplySink`] ([`LogReplies`]),
-//! the `log` facade's diagnostics, and the reports of a failing output.
+//! the `log` facade's diagnostics, lines at most once per interval
+//! ([`LogEvery`]), and the reports of a failing output.
 //!
-//! Records and diagnostics go through one queue to one output, so the log
-//! reads in order. `RUST_LOG` filters diagnostics only: a record is always
-//! written, and its caller waits until it is. Diagnostics make nobody wait:
-//! lifecycle lines are always queued, housekeeping lines dropped (and
-//! counted) when the queue is full.
+//! Records and diagnostics share one queue, so the log reads in order.
+//! `RUST_LOG` filters diagnostics only; a record is always written, and its
+//! caller waits until it is. Diagnostics make nobody wait: lifecycle lines
+//! are always queued, housekeeping lines dropped and counted when it is full.
 
 use std::cell::{Cell, RefCell};
 use std::fmt;
@@ -15,16 +15,13 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender};
 use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use std::{panic, thread};
 
+use libc::{EDQUOT, EFBIG, EIO, ENOSPC, EPIPE};
 use log::kv::{Key, ToValue, Value};
-use log::{Level, Log as _, error, warn};
+use log::{Level, Log as _, error, info, warn};
 
-pub(crate) use super::every::{
-    ACCEPT_ERROR_LINES, BUSY_LINES, DENIED_LINES, LogEvery, NOT_RECORDED_LINES, RATE_LIMITED_LINES,
-    held_back_note, log_every, report_held_back,
-};
 pub use super::format::LogFormat;
 pub(crate) use super::format::event;
 use super::format::{Escaped, RecordText, class_of, escape_line_breakers, json_line, reply_text};
@@ -83,20 +80,12 @@ impl Default for LogSettings {
 /// `RUST_LOG` says unless it names this target: it tells `--port 0`'s port.
 pub(crate) const LISTENING_TARGET: &str = "prompt_server::listening";
 const RECORD_TARGET: &str = "prompt_server::connection";
-
 /// Lines the queue holds while the output is slow: enough for a burst of
 /// replies, few enough that a stalled output is noticed soon.
 const LOG_QUEUE_LINES: usize = 1024;
-
 /// The `kind` label of the log's write errors: these errnos, then "other".
 const ERROR_KINDS: [&str; 6] = ["ENOSPC", "EDQUOT", "EFBIG", "EIO", "EPIPE", "other"];
-const ERRNOS: [i32; 5] = [
-    libc::ENOSPC,
-    libc::EDQUOT,
-    libc::EFBIG,
-    libc::EIO,
-    libc::EPIPE,
-];
+const ERRNOS: [i32; 5] = [ENOSPC, EDQUOT, EFBIG, EIO, EPIPE];
 
 /// The process's log, made by [`init`] or else by the first record.
 static LOG: OnceLock<&'static Log> = OnceLock::new();
@@ -141,12 +130,10 @@ impl Log {
 /// logger is already installed, or a thread that writes the log cannot be
 /// started.
 pub fn init(settings: &LogSettings) -> io::Result<()> {
-    settings.validate().map_err(|rule| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("record_timeout {rule}"),
-        )
-    })?;
+    if let Err(rule) = settings.validate() {
+        let why = format!("record_timeout {rule}");
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
+    }
     let mut diagnostics = builder(settings.format);
     // Before RUST_LOG is read, so that a RUST_LOG directive for this very
     // target replaces it; any other directive is less specific and loses.
@@ -179,13 +166,10 @@ fn builder(format: LogFormat) -> env_logger::Builder {
 fn install(settings: &LogSettings) -> io::Result<&'static Log> {
     let output = Output::open(settings.file.as_deref(), settings.sync)?;
     let health: &'static Health = Box::leak(Box::new(Health {
-        file: settings
-            .file
-            .as_ref()
-            .map(|path| path.display().to_string()),
+        file: settings.file.as_deref().map(|p| p.display().to_string()),
         counts: Default::default(),
         last_error: Mutex::new(None),
-        reported: ERROR_KINDS.map(|kind| LogEvery::new(kind, Duration::from_secs(1))),
+        reported: ERROR_KINDS.map(|kind| LogEvery::new(kind, SECOND)),
         stderr: settings.file.is_some().then(stderr_writer).transpose()?,
     }));
     let mut records = builder(settings.format);
@@ -210,9 +194,9 @@ fn stderr_writer() -> io::Result<SyncSender<String>> {
         .name("log-reports".into())
         .stack_size(64 * 1024)
         .spawn(move || {
-            receive
-                .iter()
-                .for_each(|line| drop(io::stderr().write_all(line.as_bytes())))
+            for line in receive {
+                let _ = io::stderr().write_all(line.as_bytes());
+            }
         })?;
     Ok(send)
 }
@@ -231,25 +215,19 @@ impl ReplySink for LogReplies {
             None => install(&LogSettings::default()).or_else(|e| LOG.get().copied().ok_or(e))?,
         };
         let text = RecordText(record);
-        let level = if record.is_whole() {
-            Level::Info
-        } else {
-            Level::Warn
-        };
+        let (level, event) = text.level_and_event();
         let proxy = record.proxy.map(|proxy| proxy.to_string());
         let proxy = proxy.as_deref();
         let (reply, lossy) = reply_text(record.reply);
+        let duration_ms = record.duration.as_millis() as u64;
         let fields = [
-            ("event", Value::from(text.event())),
+            ("event", Value::from(event)),
             ("peer", Value::from_display(&record.peer)),
             ("proxy", proxy.to_value()),
             ("reply", Value::from(&*reply)),
             ("reply_lossy", Value::from(lossy)),
             ("bytes", Value::from(record.reply.len())),
-            (
-                "duration_ms",
-                Value::from(record.duration.as_millis() as u64),
-            ),
+            ("duration_ms", Value::from(duration_ms)),
         ];
         let line = log.line(level, RECORD_TARGET, &fields, format_args!("{text}"));
         log.queue.push_and_wait(line, log.record_timeout)
@@ -263,7 +241,9 @@ pub(crate) fn flush(timeout: Duration) -> u64 {
 
 /// A stopping server gives up on a log that does not take its records.
 pub(crate) fn stop_waiting_for_the_log() {
-    LOG.get().inspect(|log| log.queue.stop_waiting());
+    if let Some(log) = LOG.get() {
+        log.queue.stop_waiting();
+    }
 }
 
 /// Opens the log file again (SIGHUP, after logrotate renamed it), with a
@@ -272,14 +252,10 @@ pub(crate) fn reopen() -> bool {
     let Some(log) = LOG.get().filter(|log| log.health.file.is_some()) else {
         return false;
     };
-    let line = log.line(
-        Level::Info,
-        "prompt_server::logging",
-        &[("event", Value::from(event::LOG_REOPENED))],
-        format_args!(
-            "log file reopened (SIGHUP): the lines before this one are in the file it was renamed to"
-        ),
-    );
+    let event = [("event", Value::from(event::LOG_REOPENED))];
+    let why = "the lines before this one are in the file it was renamed to";
+    let message = format_args!("log file reopened (SIGHUP): {why}");
+    let line = log.line(Level::Info, "prompt_server::logging", &event, message);
     log.queue.reopen(line);
     true
 }
@@ -291,15 +267,11 @@ pub(crate) fn lines_dropped() -> u64 {
 
 /// Failed writes and syncs of the log, by kind (`ENOSPC`, `EIO`, ...).
 pub(crate) fn write_errors() -> Vec<(&'static str, u64)> {
-    let counts = LOG
-        .get()
-        .map(|log| &log.health.counts)
-        .into_iter()
-        .flatten();
-    ERROR_KINDS
-        .into_iter()
-        .zip(counts.map(|n| n.load(Ordering::Relaxed)))
-        .collect()
+    let Some(log) = LOG.get() else {
+        return Vec::new();
+    };
+    let counts = log.health.counts.iter().map(|n| n.load(Ordering::Relaxed));
+    ERROR_KINDS.into_iter().zip(counts).collect()
 }
 
 /// What is wrong with the log now, for the service manager's status:
@@ -326,7 +298,9 @@ struct Health {
 
 impl Health {
     fn to_stderr(&self, line: String) {
-        self.stderr.as_ref().map(|lines| lines.try_send(line));
+        if let Some(lines) = &self.stderr {
+            let _ = lines.try_send(line);
+        }
     }
 }
 
@@ -434,14 +408,100 @@ impl log::Log for QueuedLogger {
         // With a log file, stderr (a terminal, the journal) still says
         // where the server listens: `--port 0` is found out there.
         if record.target() == LISTENING_TARGET {
-            self.log
-                .health
-                .to_stderr(String::from_utf8_lossy(&line).into_owned());
+            let line = String::from_utf8_lossy(&line).into_owned();
+            self.log.health.to_stderr(line);
         }
         self.log.queue.push(line, class);
     }
 
     fn flush(&self) {}
+}
+
+/// At most one line per interval about one kind of thing (busy, denied,
+/// accept failures, ...), so that a flood is not a flood of log lines; each
+/// says how many were held back, and [`report_held_back`] the rest.
+#[derive(Debug)]
+pub(crate) struct LogEvery {
+    pub(crate) event: &'static str,
+    interval: Duration,
+    /// When a line last went out, and how many were held back since.
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl LogEvery {
+    pub(crate) const fn new(event: &'static str, interval: Duration) -> Self {
+        LogEvery {
+            event,
+            interval,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(held back since the last line)` if a line may go out now;
+    /// `None` (and one more held back) otherwise.
+    pub(crate) fn due(&self) -> Option<u64> {
+        let mut state = lock(&self.state);
+        let (last, held_back) = &mut *state;
+        if last.is_some_and(|at| at.elapsed() < self.interval) {
+            *held_back += 1;
+            return None;
+        }
+        *last = Some(Instant::now());
+        Some(std::mem::take(held_back))
+    }
+}
+
+/// Logs a `$level` line through `$every` ([`LogEvery`]) if one is due: its
+/// `event`, the fields in brackets (each followed by a comma), `held_back`,
+/// and the message with [`held_back_note`].
+macro_rules! log_every {
+    ($every:expr, $level:ident, [$($kv:tt)*], $($arg:tt)+) => {
+        if let Some(held_back) = $every.due() {
+            log::$level!(
+                event = $every.event, $($kv)* held_back = held_back;
+                "{}{}", format_args!($($arg)+), $crate::logging::held_back_note(held_back)
+            );
+        }
+    };
+}
+pub(crate) use log_every;
+
+const SECOND: Duration = Duration::from_secs(1);
+pub(crate) static BUSY_LINES: LogEvery = LogEvery::new(event::BUSY, SECOND);
+pub(crate) static RATE_LIMITED_LINES: LogEvery = LogEvery::new(event::RATE_LIMITED, SECOND);
+pub(crate) static DENIED_LINES: LogEvery = LogEvery::new(event::DENIED, SECOND);
+pub(crate) static NOT_RECORDED_LINES: LogEvery = LogEvery::new(event::NOT_RECORDED, SECOND);
+/// Shared by every accept loop: out of descriptors, all of them fail at once.
+pub(crate) static ACCEPT_ERROR_LINES: LogEvery =
+    LogEvery::new(event::ACCEPT_ERROR, Duration::from_secs(5));
+
+/// Logs how many lines of each kind were held back since its last one: a
+/// stopping server says them before its summary.
+pub(crate) fn report_held_back() {
+    for every in [
+        &BUSY_LINES,
+        &RATE_LIMITED_LINES,
+        &DENIED_LINES,
+        &NOT_RECORDED_LINES,
+        &ACCEPT_ERROR_LINES,
+    ] {
+        let held_back = std::mem::take(&mut lock(&every.state).1);
+        if held_back > 0 {
+            info!(
+                event = every.event, held_back = held_back;
+                "{held_back} more {} lines were held back since the last one",
+                every.event
+            );
+        }
+    }
+}
+
+/// " (N more since the last report)", or nothing when none were held back.
+pub(crate) fn held_back_note(held_back: u64) -> String {
+    match held_back {
+        0 => String::new(),
+        n => format!(" ({n} more since the last report)"),
+    }
 }
 
 /// Names, while it lives, the client the current thread serves in any
@@ -474,20 +534,18 @@ pub fn log_panics() {
             .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
             .unwrap_or("(no message)");
         let message = Escaped(message.as_bytes());
-        let location = info
+        let at = info
             .location()
-            .map(|at| format!("{}:{}", at.file(), at.line()))
+            .map(|at| format!("{}:{}", at.file(), at.line()));
+        let location = at.unwrap_or_default();
+        let peer = SERVING.get();
+        let serving = peer
+            .map(|peer| format!(" serving {peer}"))
             .unwrap_or_default();
-        match SERVING.get() {
-            Some(peer) => error!(
-                event = event::PANIC, peer:% = peer;
-                "thread {thread} panicked at {location} serving {peer}: {message}"
-            ),
-            None => error!(
-                event = event::PANIC;
-                "thread {thread} panicked at {location}: {message}"
-            ),
-        }
+        error!(
+            event = event::PANIC, peer = peer.map(|peer| peer.to_string());
+            "thread {thread} panicked at {location}{serving}: {message}"
+        );
     }));
 }
 
@@ -507,5 +565,20 @@ mod tests {
             None,
             "a parked thread names nobody"
         );
+    }
+
+    #[test]
+    fn log_every_lets_one_line_through_per_interval_and_counts_the_rest() {
+        let every = LogEvery::new("x", Duration::from_secs(3600));
+        assert_eq!(every.due(), Some(0));
+        assert_eq!(every.due(), None);
+        assert_eq!(every.due(), None);
+        assert_eq!(std::mem::take(&mut lock(&every.state).1), 2);
+        assert_eq!(std::mem::take(&mut lock(&every.state).1), 0);
+        let now = LogEvery::new("x", Duration::ZERO);
+        assert_eq!(now.due(), Some(0));
+        assert_eq!(now.due(), Some(0));
+        assert_eq!(held_back_note(0), "");
+        assert_eq!(held_back_note(2), " (2 more since the last report)");
     }
 }

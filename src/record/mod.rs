@@ -1,14 +1,13 @@
 //! The record: where every served connection's reply goes (a [`ReplySink`],
 //! the log by default), and the log it shares with the diagnostics:
 //! [`logging`] sets it up, `format` makes its lines, `queue` writes them to
-//! stderr or the log file (group commit), `every` holds back floods.
+//! stderr or the log file (group commit).
 
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-mod every;
 mod format;
 pub mod logging;
 mod queue;
@@ -32,7 +31,6 @@ mod queue;
 /// use std::sync::{Arc, Mutex};
 /// use prompt_server::{Config, Record, ReplySink, Shutdown};
 ///
-/// #[derive(Default)]
 /// struct Replies(Mutex<Vec<(SocketAddr, Vec<u8>)>>);
 ///
 /// impl ReplySink for Replies {
@@ -43,7 +41,7 @@ mod queue;
 ///     }
 /// }
 ///
-/// let replies = Arc::new(Replies::default());
+/// let replies = Arc::new(Replies(Mutex::default()));
 /// let config = Config {
 ///     listen_addr: "127.0.0.1:0".parse()?,
 ///     reply_sink: replies.clone(),
@@ -56,13 +54,11 @@ mod queue;
 /// let server = std::thread::spawn(move || prompt_server::run([listener], config, stop));
 ///
 /// let mut client = TcpStream::connect(addr)?;
-/// let mut prompt = [0; 28];
-/// client.read_exact(&mut prompt)?;
+/// client.read_exact(&mut [0; 28])?; // the prompt
 /// client.write_all(b"yes\n")?;
 /// client.read_to_end(&mut Vec::new())?; // a clean close: the reply is kept
 /// shutdown.trigger();
-/// let summary = server.join().expect("the server thread")?;
-/// assert_eq!(summary.replies, 1);
+/// assert_eq!(server.join().expect("the server thread")?.replies, 1);
 /// assert_eq!(replies.0.lock().unwrap()[0].1, b"yes");
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```

@@ -6,7 +6,6 @@
 //! growing pause, from the byte where the write stopped (no line cut or
 //! written twice; after a failed sync the whole batch, so none is lost).
 
-use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsFd;
@@ -77,12 +76,8 @@ impl Output {
             None => File::from(io::stderr().as_fd().try_clone_to_owned()?),
         };
         let sync = sync && (path.is_some() || file.metadata().is_ok_and(|meta| meta.is_file()));
-        let path = path.map(Path::to_path_buf);
-        Ok(Output {
-            file: Box::new(file),
-            path,
-            sync,
-        })
+        let (file, path) = (Box::new(file), path.map(Path::to_path_buf));
+        Ok(Output { file, path, sync })
     }
 
     /// stderr as an unsynced pipe, opened again non-blocking: a new open file
@@ -147,17 +142,15 @@ type Guard<'a> = MutexGuard<'a, State>;
 #[derive(Default)]
 struct State {
     /// Lines not yet in a batch, numbered in order from 1.
-    waiting: VecDeque<Line>,
+    waiting: Lines,
     /// A batch whose write or sync failed, to be finished first.
-    retry: Option<Batch>,
+    retry: Option<Lines>,
     /// The number of the last line queued.
     queued: u64,
     /// Every line numbered at most this is written (or was given up).
     done: u64,
     /// A thread holds the writer role.
     writing: bool,
-    /// Callers waiting on `changed`: nobody is woken for nothing.
-    callers_waiting: usize,
     writer_idle: bool,
     /// Failed attempts in a row.
     failures: u64,
@@ -173,7 +166,7 @@ struct State {
 impl State {
     fn has_writer_work(&self) -> bool {
         !self.writing
-            && (!self.waiting.is_empty()
+            && (!self.waiting.lines.is_empty()
                 || self.retry.is_some()
                 || self.reopen.is_some()
                 || self.dropped > 0)
@@ -186,7 +179,7 @@ impl State {
 
     /// Counts a housekeeping line as dropped if the queue is full.
     fn drops_housekeeping(&mut self, capacity: usize) -> bool {
-        let full = self.waiting.len() >= capacity;
+        let full = self.waiting.lines.len() >= capacity;
         if full {
             self.dropped += 1;
             self.dropped_total += 1;
@@ -197,7 +190,7 @@ impl State {
     fn enqueue(&mut self, bytes: Vec<u8>, record: bool) -> u64 {
         self.queued += 1;
         let number = self.queued;
-        self.waiting.push_back(Line {
+        self.waiting.lines.push(Line {
             number,
             bytes,
             record,
@@ -213,15 +206,15 @@ struct Line {
     record: bool,
 }
 
-/// Lines taken out of the queue to be written together.
+/// Lines waiting, or taken out of the queue to be written together.
 #[derive(Default)]
-struct Batch {
+struct Lines {
     lines: Vec<Line>,
-    /// Bytes of it written so far.
+    /// Bytes of them written so far.
     written: usize,
 }
 
-impl Batch {
+impl Lines {
     /// Empties given-up line `number` if no byte of it is written yet.
     fn give_up(&mut self, number: u64) {
         let mut start = 0;
@@ -248,12 +241,8 @@ impl Batch {
     /// Writes what is left, then syncs if a record is in it; returns the
     /// bytes written. On an error, `written` says how far it got.
     fn write_to(&mut self, output: &mut Output) -> io::Result<usize> {
-        let bytes: Vec<u8> = self
-            .lines
-            .iter()
-            .flat_map(|line| &line.bytes)
-            .copied()
-            .collect();
+        let bytes = self.lines.iter().map(|line| &line.bytes[..]);
+        let bytes = bytes.collect::<Vec<_>>().concat();
         let start = self.written;
         while self.written < bytes.len() {
             match output.file.write(&bytes[self.written..]) {
@@ -291,15 +280,11 @@ impl Queue {
         }
     }
 
-    fn lock(&self) -> Guard<'_> {
-        lock(&self.state)
-    }
-
     /// Runs `f` without the lock.
     fn unlocked<'a, T>(&'a self, state: Guard<'a>, f: impl FnOnce() -> T) -> (Guard<'a>, T) {
         drop(state);
         let result = f();
-        (self.lock(), result)
+        (lock(&self.state), result)
     }
 
     /// Runs `f` without the lock, holding the writer role.
@@ -312,16 +297,16 @@ impl Queue {
 
     /// Whether a housekeeping line would be dropped now (counted if so).
     pub(crate) fn drops_housekeeping(&self) -> bool {
-        self.lock().drops_housekeeping(self.capacity)
+        lock(&self.state).drops_housekeeping(self.capacity)
     }
 
     pub(crate) fn dropped_total(&self) -> u64 {
-        self.lock().dropped_total
+        lock(&self.state).dropped_total
     }
 
     /// Queues a line that nobody waits for.
     pub(crate) fn push(&self, bytes: Vec<u8>, class: Class) {
-        let mut state = self.lock();
+        let mut state = lock(&self.state);
         if class == Class::Housekeeping && state.drops_housekeeping(self.capacity) {
             return;
         }
@@ -347,20 +332,16 @@ impl Queue {
             io::Error::new(io::ErrorKind::TimedOut, why)
         };
         let deadline = Instant::now() + timeout;
-        let mut state = self.lock();
-        while state.waiting.len() >= self.capacity && !state.abandoned {
+        let mut state = lock(&self.state);
+        while state.waiting.lines.len() >= self.capacity && !state.abandoned {
             state = self.wait(state, deadline).map_err(|_| timed_out())?;
         }
         let number = state.enqueue(bytes, true);
         let (mut state, written) = self.write_until(state, Some(number), deadline);
         let Err(e) = written else { return Ok(()) };
-        // Taken out of what is still to be written, if none of it is.
-        match state.waiting.iter_mut().find(|line| line.number == number) {
-            Some(line) => line.bytes.clear(),
-            None => state
-                .retry
-                .iter_mut()
-                .for_each(|batch| batch.give_up(number)),
+        state.waiting.give_up(number);
+        if let Some(batch) = &mut state.retry {
+            batch.give_up(number);
         }
         Err(if e.kind() == io::ErrorKind::TimedOut {
             timed_out()
@@ -398,18 +379,13 @@ impl Queue {
     }
 
     /// Waits on `changed` until signalled or `deadline`; `Err` once it passed.
-    fn wait<'a>(&'a self, mut state: Guard<'a>, deadline: Instant) -> Result<Guard<'a>, Guard<'a>> {
+    fn wait<'a>(&'a self, state: Guard<'a>, deadline: Instant) -> Result<Guard<'a>, Guard<'a>> {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(state);
         }
-        state.callers_waiting += 1;
-        let (mut state, _) = self
-            .changed
-            .wait_timeout(state, left)
-            .unwrap_or_else(PoisonError::into_inner);
-        state.callers_waiting -= 1;
-        Ok(state)
+        let waited = self.changed.wait_timeout(state, left);
+        Ok(waited.unwrap_or_else(PoisonError::into_inner).0)
     }
 
     fn wake_writer_if_needed(&self, state: &State) {
@@ -421,14 +397,11 @@ impl Queue {
     /// Takes the writer role and writes the batch to retry, or else every
     /// waiting line, in one go; returns with the lock held again.
     fn write_batch<'a>(&'a self, mut state: Guard<'a>) -> Guard<'a> {
-        let mut batch = state.retry.take().unwrap_or_default();
-        if batch.lines.is_empty() {
-            let was_full = state.waiting.len() >= self.capacity;
-            batch.lines.extend(state.waiting.drain(..));
-            if was_full && state.callers_waiting > 0 {
-                self.changed.notify_all();
-            }
-        }
+        let mut batch = match state.retry.take() {
+            Some(batch) => batch,
+            None => std::mem::take(&mut state.waiting),
+        };
+        self.changed.notify_all(); // callers waiting for room queue during the write
         let (mut state, result) = self.as_writer(state, || batch.write_to(&mut lock(&self.output)));
         match result {
             Ok(written) => {
@@ -448,9 +421,7 @@ impl Queue {
                 state = self.unlocked(state, || self.observer.failed(&e)).0;
             }
         }
-        if state.callers_waiting > 0 {
-            self.changed.notify_all();
-        }
+        self.changed.notify_all();
         self.wake_writer_if_needed(&state);
         state
     }
@@ -458,7 +429,7 @@ impl Queue {
     /// The writer thread: reopens the output when asked, retries a failed
     /// batch after a pause, writes lines nobody waits for, reports drops.
     fn serve(&self) {
-        let mut state = self.lock();
+        let mut state = lock(&self.state);
         loop {
             state.writer_idle = true;
             state = self
@@ -468,12 +439,9 @@ impl Queue {
             state.writer_idle = false;
             let mut reopened = false;
             if let Some(first_line) = state.reopen.take() {
-                let reopen = || match lock(&self.output).reopen(&first_line) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        self.observer.reopen_failed(&e);
-                        false
-                    }
+                let reopen = || {
+                    let done = lock(&self.output).reopen(&first_line);
+                    done.inspect_err(|e| self.observer.reopen_failed(e)).is_ok()
                 };
                 (state, reopened) = self.as_writer(state, reopen);
                 // A line torn by a failed write is written whole again in
@@ -487,10 +455,10 @@ impl Queue {
                 let pause = (FIRST_RETRY_PAUSE * 2u32.pow(doublings)).min(MAX_RETRY_PAUSE);
                 state = self.as_writer(state, || thread::sleep(pause)).0;
             }
-            if state.retry.is_some() || !state.waiting.is_empty() {
+            if state.retry.is_some() || !state.waiting.lines.is_empty() {
                 state = self.write_batch(state);
             }
-            if state.dropped > 0 && state.waiting.len() < self.capacity {
+            if state.dropped > 0 && state.waiting.lines.len() < self.capacity {
                 let dropped = std::mem::take(&mut state.dropped);
                 state = self.unlocked(state, || self.observer.dropped(dropped)).0;
             }
@@ -499,26 +467,26 @@ impl Queue {
 
     /// Asks the writer to reopen the log file between two batches.
     pub(crate) fn reopen(&self, first_line: Vec<u8>) {
-        let mut state = self.lock();
+        let mut state = lock(&self.state);
         state.reopen = Some(first_line);
         self.wake_writer_if_needed(&state);
     }
 
     /// Waits up to `timeout` for every queued line; returns how many are not written.
     pub(crate) fn flush(&self, timeout: Duration) -> u64 {
-        let (state, _) = self.write_until(self.lock(), None, Instant::now() + timeout);
+        let (state, _) = self.write_until(lock(&self.state), None, Instant::now() + timeout);
         state.queued - state.done
     }
 
     /// Makes records stop waiting, now and from now on.
     pub(crate) fn stop_waiting(&self) {
-        self.lock().abandoned = true;
+        lock(&self.state).abandoned = true;
         self.changed.notify_all();
     }
 
     /// Whether writes are failing now, and the lines not yet written.
     pub(crate) fn failing(&self) -> Option<u64> {
-        let state = self.lock();
+        let state = lock(&self.state);
         (state.failures > 0).then_some(state.queued - state.done)
     }
 }
@@ -670,7 +638,7 @@ mod tests {
         let callers: Vec<_> = (0..8)
             .map(|i| thread::spawn(move || queue.push_and_wait(format!("{i}\n").into(), LONG)))
             .collect();
-        wait_for("lines queued", || queue.lock().queued == 8);
+        wait_for("lines queued", || lock(&queue.state).queued == 8);
         sink.stall(false);
         for caller in callers {
             caller.join().unwrap().unwrap();
@@ -735,7 +703,7 @@ mod tests {
         let queue = queue(2, &sink, &seen);
         sink.stall(true);
         queue.push(b"a\n".to_vec(), Class::Housekeeping);
-        wait_for("the writer took the line", || queue.lock().writing);
+        wait_for("the writer took the line", || lock(&queue.state).writing);
         for line in ["b\n", "c\n", "busy\n"] {
             queue.push(line.into(), Class::Housekeeping);
         }
@@ -755,7 +723,7 @@ mod tests {
         sink.stall(true);
         let first = thread::spawn(move || queue.push_and_wait(b"first\n".to_vec(), LONG));
         let second = thread::spawn(move || queue.push_and_wait(b"second\n".to_vec(), LONG));
-        wait_for("lines queued", || queue.lock().queued == 2);
+        wait_for("lines queued", || lock(&queue.state).queued == 2);
         assert_eq!(queue.flush(Duration::from_millis(50)), 2);
         queue.stop_waiting();
         // The one blocked inside the sink stays there; the other returns.
