@@ -1,7 +1,6 @@
-//! How a log line looks: a record's text, one JSON object per line, the
-//! `event` names, and the escaping that keeps client bytes from forging or
-//! breaking a line: [`Escaped`] in text (the `log` facade escapes nothing),
-//! serde_json plus [`escape_line_breakers`] in JSON.
+//! How a log line looks: a record's text, JSON lines, the `event` names, and
+//! the escaping that keeps client bytes from forging or breaking a line:
+//! [`Escaped`] in text (`log` escapes nothing), [`escape_line_breakers`] in JSON.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -99,20 +98,20 @@ impl RecordText<'_> {
 
 impl fmt::Display for RecordText<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let Record {
-            peer, reply, end, ..
-        } = self.0;
+        let (peer, reply) = (self.0.peer, self.0.reply);
         let (bytes, len) = (Escaped(reply), reply.len());
-        match end {
+        match &self.0.end {
             ReplyEnd::Line => write!(f, "{peer} said: {bytes}"),
             ReplyEnd::Closed if reply.is_empty() => write!(f, "{peer} closed without replying"),
             ReplyEnd::Closed => write!(f, "{peer} said: {bytes} (closed before newline)"),
             ReplyEnd::Truncated => write!(f, "{peer} said: {bytes} (truncated at {len} bytes)"),
-            ReplyEnd::TimedOut { after } => write!(
-                f,
-                "{peer} timed out after {}s without a full reply; got {bytes}",
-                after.as_secs_f64()
-            ),
+            ReplyEnd::TimedOut { after } => {
+                let after = after.as_secs_f64();
+                write!(
+                    f,
+                    "{peer} timed out after {after}s without a full reply; got {bytes}"
+                )
+            }
             ReplyEnd::CutOff => write!(
                 f,
                 "{peer} cut off by shutdown before a full reply; got {bytes}"

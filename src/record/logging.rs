@@ -1,14 +1,10 @@
 //! The log: its set-up ([`init`]), the default [`ReplySink`] ([`LogReplies`]),
-//! the `log` facade's diagnostics, lines at most once per interval
-//! ([`LogEvery`]), and the reports of a failing output.
-//!
-//! Records and diagnostics share one queue, so the log reads in order.
-//! `RUST_LOG` filters diagnostics only; a record is always written, and its
-//! caller waits until it is. Diagnostics make nobody wait: lifecycle lines
-//! are always queued, housekeeping lines dropped and counted when it is full.
+//! the diagnostics (`RUST_LOG` filters these only), lines at most once per
+//! interval ([`LogEvery`]), and the reports of a failing output. Records and
+//! diagnostics share one queue, so the log reads in order; only a record's
+//! caller waits for its line.
 
 use std::cell::{Cell, RefCell};
-use std::fmt;
 use std::io::{self, IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -99,36 +95,21 @@ struct Log {
 }
 
 impl Log {
-    /// A line as `env_logger` formats it, whatever `RUST_LOG` says.
-    fn line(
-        &self,
-        level: Level,
-        target: &str,
-        fields: &[(&str, Value<'_>)],
-        message: fmt::Arguments<'_>,
-    ) -> Vec<u8> {
-        self.records.log(
-            &log::Record::builder()
-                .args(message)
-                .level(level)
-                .target(target)
-                .key_values(&fields)
-                .build(),
-        );
+    /// `record` as `env_logger` formats it, whatever `RUST_LOG` says.
+    fn line(&self, record: &log::Record<'_>) -> Vec<u8> {
+        self.records.log(record);
         FORMATTED.take()
     }
 }
 
 /// Starts the log as `settings` say and installs it as the `log` facade's
-/// logger: diagnostics at info unless `RUST_LOG` says otherwise, records
-/// always. Lines are formatted on the calling thread, then queued, so a
-/// stalled output never blocks the accept loop or the signal thread.
+/// logger (diagnostics at info unless `RUST_LOG` says otherwise). Lines are
+/// formatted by the caller and queued: a stalled output blocks no logger.
 ///
 /// # Errors
 ///
-/// Fails if the settings are invalid, the log file cannot be opened, a
-/// logger is already installed, or a thread that writes the log cannot be
-/// started.
+/// Invalid settings, a log file that cannot be opened, a logger already
+/// installed, or a log thread that cannot be started.
 pub fn init(settings: &LogSettings) -> io::Result<()> {
     if let Err(rule) = settings.validate() {
         let why = format!("record_timeout {rule}");
@@ -201,10 +182,9 @@ fn stderr_writer() -> io::Result<SyncSender<String>> {
     Ok(send)
 }
 
-/// The default [`ReplySink`]: each record is a line in the log, written
-/// (and synced, where the log is a file) before the client sees its clean
-/// close, whatever `RUST_LOG` says. Without [`init`], the log is stderr
-/// with the default [`LogSettings`].
+/// The default [`ReplySink`]: each record is a line in the log, written (and
+/// synced, where the log is a file) before its clean close, whatever
+/// `RUST_LOG` says; without [`init`], on stderr with the default settings.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LogReplies;
 
@@ -229,7 +209,10 @@ impl ReplySink for LogReplies {
             ("bytes", Value::from(record.reply.len())),
             ("duration_ms", Value::from(duration_ms)),
         ];
-        let line = log.line(level, RECORD_TARGET, &fields, format_args!("{text}"));
+        let message = format_args!("{text}");
+        let mut builder = log::Record::builder();
+        builder.level(level).target(RECORD_TARGET);
+        let line = log.line(&builder.key_values(&fields).args(message).build());
         log.queue.push_and_wait(line, log.record_timeout)
     }
 }
@@ -255,7 +238,9 @@ pub(crate) fn reopen() -> bool {
     let event = [("event", Value::from(event::LOG_REOPENED))];
     let why = "the lines before this one are in the file it was renamed to";
     let message = format_args!("log file reopened (SIGHUP): {why}");
-    let line = log.line(Level::Info, "prompt_server::logging", &event, message);
+    let mut builder = log::Record::builder();
+    builder.level(Level::Info).target("prompt_server::logging");
+    let line = log.line(&builder.key_values(&event).args(message).build());
     log.queue.reopen(line);
     true
 }
@@ -283,9 +268,8 @@ pub(crate) fn failure() -> Option<String> {
     Some(format!("log failing: {why} ({waiting} lines waiting)"))
 }
 
-/// What the queue's failures are told to: counters by kind, the last error
-/// for the status, and, when the log is a file, a line on stderr (a channel
-/// that still works) at most once per kind per second.
+/// What the queue's failures are told to: counters by kind, the last error,
+/// and, when the log is a file, a line on stderr at most once a second.
 struct Health {
     /// The log file's path, `None` for stderr.
     file: Option<String>,
@@ -358,8 +342,7 @@ impl Observer for &'static Health {
     }
 }
 
-/// The logger [`init`] installs: `env_logger` filters and formats, the
-/// queue delivers.
+/// The logger [`init`] installs: `env_logger` filters and formats, the queue delivers.
 struct QueuedLogger {
     diagnostics: env_logger::Logger,
     log: &'static Log,
@@ -417,9 +400,8 @@ impl log::Log for QueuedLogger {
     fn flush(&self) {}
 }
 
-/// At most one line per interval about one kind of thing (busy, denied,
-/// accept failures, ...), so that a flood is not a flood of log lines; each
-/// says how many were held back, and [`report_held_back`] the rest.
+/// At most one line per interval about one kind of thing (busy, denied, ...),
+/// so that a flood is not a flood of log lines; each says how many it held back.
 #[derive(Debug)]
 pub(crate) struct LogEvery {
     pub(crate) event: &'static str,
@@ -437,8 +419,7 @@ impl LogEvery {
         }
     }
 
-    /// `Some(held back since the last line)` if a line may go out now;
-    /// `None` (and one more held back) otherwise.
+    /// `Some(held back since the last line)` if a line may go out now.
     pub(crate) fn due(&self) -> Option<u64> {
         let mut state = lock(&self.state);
         let (last, held_back) = &mut *state;
@@ -475,8 +456,7 @@ pub(crate) static NOT_RECORDED_LINES: LogEvery = LogEvery::new(event::NOT_RECORD
 pub(crate) static ACCEPT_ERROR_LINES: LogEvery =
     LogEvery::new(event::ACCEPT_ERROR, Duration::from_secs(5));
 
-/// Logs how many lines of each kind were held back since its last one: a
-/// stopping server says them before its summary.
+/// Logs how many lines of each kind are held back: a stopping server's last word.
 pub(crate) fn report_held_back() {
     for every in [
         &BUSY_LINES,
@@ -504,8 +484,7 @@ pub(crate) fn held_back_note(held_back: u64) -> String {
     }
 }
 
-/// Names, while it lives, the client the current thread serves in any
-/// panic line it logs, so a thread parked in the thread cache names nobody.
+/// Names, while it lives, the client its thread serves in a panic line.
 #[must_use = "the peer is named only while the guard lives"]
 pub(crate) struct ServingPeer(());
 
@@ -522,9 +501,8 @@ impl Drop for ServingPeer {
     }
 }
 
-/// Reports panics as one escaped error line in the log instead of the
-/// default multi-line message on bare stderr. A panic ends only the thread it
-/// happens on; for a connection thread, that one connection.
+/// Reports panics as one escaped error line in the log instead of the default
+/// message on bare stderr. A panic ends only its thread (one connection).
 pub fn log_panics() {
     panic::set_hook(Box::new(|info| {
         let thread = thread::current();
@@ -534,14 +512,12 @@ pub fn log_panics() {
             .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
             .unwrap_or("(no message)");
         let message = Escaped(message.as_bytes());
-        let at = info
+        let location = info
             .location()
-            .map(|at| format!("{}:{}", at.file(), at.line()));
-        let location = at.unwrap_or_default();
+            .map(|l| format!("{}:{}", l.file(), l.line()));
+        let location = location.unwrap_or_default();
         let peer = SERVING.get();
-        let serving = peer
-            .map(|peer| format!(" serving {peer}"))
-            .unwrap_or_default();
+        let serving = peer.map(|p| format!(" serving {p}")).unwrap_or_default();
         error!(
             event = event::PANIC, peer = peer.map(|peer| peer.to_string());
             "thread {thread} panicked at {location}{serving}: {message}"

@@ -338,34 +338,34 @@ impl Queue {
         }
         let number = state.enqueue(bytes, true);
         let (mut state, written) = self.write_until(state, Some(number), deadline);
-        let Err(e) = written else { return Ok(()) };
+        if written {
+            return Ok(());
+        }
         state.waiting.give_up(number);
         if let Some(batch) = &mut state.retry {
             batch.give_up(number);
         }
-        Err(if e.kind() == io::ErrorKind::TimedOut {
-            timed_out()
-        } else {
-            e
-        })
+        if state.abandoned {
+            return Err(io::Error::other("the server stopped waiting for the log"));
+        }
+        Err(timed_out())
     }
 
     /// Writes (when the writer role is free) or waits until line `last`, or
-    /// every queued line if `None`, is written; fails at `deadline`, or for
-    /// a record when the server stops waiting.
+    /// every queued line if `None`, is written: false at `deadline`, or for a
+    /// record when the server stops waiting.
     fn write_until<'a>(
         &'a self,
         mut state: Guard<'a>,
         last: Option<u64>,
         deadline: Instant,
-    ) -> (Guard<'a>, io::Result<()>) {
+    ) -> (Guard<'a>, bool) {
         loop {
             if state.done >= last.unwrap_or(state.queued) {
-                return (state, Ok(()));
+                return (state, true);
             }
             if last.is_some() && state.abandoned {
-                let stopped = io::Error::other("the server stopped waiting for the log");
-                return (state, Err(stopped));
+                return (state, false);
             }
             if state.writer_free() {
                 state = self.write_batch(state);
@@ -373,7 +373,7 @@ impl Queue {
             }
             match self.wait(state, deadline) {
                 Ok(next) => state = next,
-                Err(state) => return (state, Err(io::ErrorKind::TimedOut.into())),
+                Err(state) => return (state, false),
             }
         }
     }
