@@ -47,12 +47,8 @@ pub struct LogSettings {
 }
 
 impl LogSettings {
-    /// Checks the one rule the fields' types cannot express: a record must
-    /// be given some time. [`init`] calls it.
-    ///
-    /// # Errors
-    ///
-    /// What `record_timeout` must be, when it is zero.
+    /// Checks the rule the types cannot express, `record_timeout` above zero
+    /// ([`init`] calls it); the error says what it must be.
     pub fn validate(&self) -> Result<(), &'static str> {
         if self.record_timeout.is_zero() {
             return Err("must be more than 0 seconds");
@@ -290,10 +286,9 @@ impl Health {
 
 impl Observer for &'static Health {
     fn failed(&self, error: &io::Error) {
-        let errno = ERRNOS
-            .iter()
-            .position(|errno| Some(*errno) == error.raw_os_error());
-        let kind = errno.unwrap_or(ERRNOS.len());
+        let errno = error.raw_os_error();
+        let kind = ERRNOS.iter().position(|e| Some(*e) == errno);
+        let kind = kind.unwrap_or(ERRNOS.len());
         self.counts[kind].fetch_add(1, Ordering::Relaxed);
         let why = describe_io_error(error);
         *lock(&self.last_error) = Some(why.clone());

@@ -1,10 +1,9 @@
-//! The log's output (stderr, or the `--log-file` that SIGHUP reopens) and
-//! the bounded queue in front of it: group commit. A record's caller who
-//! finds nobody writing writes every waiting line with one `fdatasync`, so
-//! batches grow only under load (as PostgreSQL's WAL flush); the writer
-//! thread writes lines nobody waits for and retries failed batches with a
-//! growing pause, from the byte where the write stopped (no line cut or
-//! written twice; after a failed sync the whole batch, so none is lost).
+//! The log's output (stderr, or the `--log-file` that SIGHUP reopens) and the
+//! bounded queue in front of it: group commit. A record's caller who finds
+//! nobody writing writes every waiting line with one `fdatasync` (batches grow
+//! only under load, as PostgreSQL's WAL flush); the writer thread writes the
+//! other lines and retries a failed batch with a growing pause, from the byte
+//! where its write stopped (after a failed sync, all of it: none is lost).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
