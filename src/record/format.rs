@@ -105,13 +105,11 @@ impl fmt::Display for RecordText<'_> {
             ReplyEnd::Closed if reply.is_empty() => write!(f, "{peer} closed without replying"),
             ReplyEnd::Closed => write!(f, "{peer} said: {bytes} (closed before newline)"),
             ReplyEnd::Truncated => write!(f, "{peer} said: {bytes} (truncated at {len} bytes)"),
-            ReplyEnd::TimedOut { after } => {
-                let after = after.as_secs_f64();
-                write!(
-                    f,
-                    "{peer} timed out after {after}s without a full reply; got {bytes}"
-                )
-            }
+            ReplyEnd::TimedOut { after } => write!(
+                f,
+                "{peer} timed out after {}s without a full reply; got {bytes}",
+                after.as_secs_f64()
+            ),
             ReplyEnd::CutOff => write!(
                 f,
                 "{peer} cut off by shutdown before a full reply; got {bytes}"
