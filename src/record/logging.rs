@@ -1,6 +1,6 @@
 //! The log: its set-up ([`init`]), the default [`ReplySink`] ([`LogReplies`]),
 //! the diagnostics (`RUST_LOG` filters these only), lines at most once per
-//! interval ([`LogEvery`]), and the reports of a failing output. Records and
+//! interval (`LogEvery`), and the reports of a failing output. Records and
 //! diagnostics share one queue, so the log reads in order; only a record's
 //! caller waits for its line.
 

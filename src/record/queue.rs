@@ -265,7 +265,6 @@ impl Lines {
 }
 
 impl Queue {
-    /// A queue of at most `capacity` waiting lines in front of `output`.
     pub(crate) fn new(capacity: usize, output: Output, observer: Box<dyn Observer>) -> Self {
         Queue {
             capacity,
@@ -279,7 +278,6 @@ impl Queue {
         }
     }
 
-    /// Runs `f` without the lock.
     fn unlocked<'a, T>(&'a self, state: Guard<'a>, f: impl FnOnce() -> T) -> (Guard<'a>, T) {
         drop(state);
         let result = f();
