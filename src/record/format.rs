@@ -1,16 +1,11 @@
-//! How a log line looks: the text of a record, one JSON object per line,
-//! the names of the `event` field, and the escaping that keeps client bytes
-//! from forging or breaking a line.
-//!
-//! The `log` facade passes messages through untouched, so every client byte
-//! that reaches a text line goes through [`Escaped`]: control characters
-//! (CR, LF, ESC, ...), quotes, backslashes and invalid UTF-8 all come out as
-//! visible escapes, and one log record stays one line. In JSON, serde_json
-//! escapes what JSON requires and [`escape_line_breakers`] the rest.
+//! How a log line looks: a record's text, JSON lines, the `event` names, and
+//! the escaping that keeps client bytes from forging or breaking a line:
+//! [`Escaped`] in text (`log` escapes nothing), [`escape_line_breakers`] in JSON.
 
 use std::borrow::Cow;
 use std::fmt;
 
+use log::Level;
 use log::kv::{self, Key, Value, VisitSource};
 use serde_json::{Map, Value as Json};
 
@@ -28,8 +23,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// Defines [`event`] and [`class_of`] from one list: each name once, so
-/// that a call and the class cannot disagree on its spelling.
+/// Defines [`event`] and [`class_of`] from one list, each name once.
 macro_rules! events {
     ($($name:ident = $text:literal $(, $class:ident)?;)*) => {
         /// The `event` field of every log line (the README lists them).
@@ -37,8 +31,7 @@ macro_rules! events {
             $(pub(crate) const $name: &str = $text;)*
         }
 
-        /// Which queue class a diagnostic's `event` puts it in: lifecycle
-        /// lines are marked, the rest is housekeeping.
+        /// The queue class of a diagnostic's `event`: housekeeping unless marked.
         pub(super) fn class_of(event: Option<&str>) -> Class {
             match event {
                 $($(Some($text) => Class::$class,)?)*
@@ -87,16 +80,27 @@ events! {
     WAKE_FAILED = "wake_failed", Lifecycle;
 }
 
-/// The text of a record's line: `127.0.0.1:50312 said: "yes"`.
+/// A record's message, `127.0.0.1:50312 said: "yes"`, its level and `event`.
 pub(crate) struct RecordText<'a>(pub(crate) &'a Record<'a>);
+
+impl RecordText<'_> {
+    pub(crate) fn level_and_event(&self) -> (Level, &'static str) {
+        match self.0.end {
+            ReplyEnd::Closed if self.0.reply.is_empty() => (Level::Info, event::NO_REPLY),
+            ReplyEnd::Line | ReplyEnd::Closed => (Level::Info, event::REPLY),
+            ReplyEnd::Truncated => (Level::Warn, event::TRUNCATED),
+            ReplyEnd::TimedOut { .. } => (Level::Warn, event::TIMEOUT),
+            ReplyEnd::CutOff => (Level::Warn, event::CUT_OFF),
+            ReplyEnd::Failed(_) => (Level::Warn, event::READ_ERROR),
+        }
+    }
+}
 
 impl fmt::Display for RecordText<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let Record {
-            peer, reply, end, ..
-        } = self.0;
+        let (peer, reply) = (self.0.peer, self.0.reply);
         let (bytes, len) = (Escaped(reply), reply.len());
-        match end {
+        match &self.0.end {
             ReplyEnd::Line => write!(f, "{peer} said: {bytes}"),
             ReplyEnd::Closed if reply.is_empty() => write!(f, "{peer} closed without replying"),
             ReplyEnd::Closed => write!(f, "{peer} said: {bytes} (closed before newline)"),
@@ -118,9 +122,8 @@ impl fmt::Display for RecordText<'_> {
     }
 }
 
-/// One record as a JSON object: `ts`, `level`, `event` (`log` if the call
-/// named none), the record's other fields (a `None` one left out), and
-/// `message`.
+/// One line as a JSON object: `ts`, `level`, `event` (`log` if the call
+/// named none), the other fields (a `None` one left out), and `message`.
 pub(crate) fn json_line(ts: &str, record: &log::Record<'_>) -> Json {
     let mut object = Map::new();
     object.insert("ts".into(), ts.into());
@@ -133,10 +136,9 @@ pub(crate) fn json_line(ts: &str, record: &log::Record<'_>) -> Json {
     Json::Object(object)
 }
 
-/// JSON needs only C0 controls escaped, and serde_json escapes no more;
-/// but DEL, C1 controls (NEL among them) and the Unicode line and paragraph
-/// separators end a line for some log tools, or drive terminals. They can
-/// only stand inside JSON strings here, where `\uXXXX` means the same.
+/// Escapes, inside JSON strings, what serde_json leaves (it escapes only C0
+/// controls) but ends a line for some log tools or drives terminals: DEL,
+/// C1 controls (NEL among them), and the Unicode line and paragraph separators.
 pub(crate) fn escape_line_breakers(json: &str) -> String {
     let mut out = String::with_capacity(json.len());
     for c in json.chars() {
@@ -180,17 +182,17 @@ impl<'v> kv::VisitValue<'v> for IsNull {
     }
 }
 
-/// A reply as JSON can carry it: the text, decoded lossily if it is not
-/// UTF-8, and whether it had to be.
+/// A reply as JSON can carry it: its text, decoded lossily, and whether
+/// it had to be.
 pub(crate) fn reply_text(bytes: &[u8]) -> (Cow<'_, str>, bool) {
     let text = String::from_utf8_lossy(bytes);
     let lossy = matches!(text, Cow::Owned(_));
     (text, lossy)
 }
 
-/// Client bytes shown in double quotes with Rust-style escapes, for example
-/// `"yes\r\u{1b}[31m\xFF"`: valid UTF-8 text stays readable, everything that
-/// could affect a terminal or a log parser becomes visible.
+/// Client bytes in double quotes with Rust-style escapes, for example
+/// `"yes\r\u{1b}[31m\xFF"`: text stays readable, whatever could affect a
+/// terminal or a log parser becomes visible.
 pub(crate) struct Escaped<'a>(pub(crate) &'a [u8]);
 
 impl fmt::Display for Escaped<'_> {

@@ -1,45 +1,33 @@
-//! The log: its set-up ([`init`]), the default [`ReplySink`]
-//! ([`LogReplies`]), the `log` facade's diagnostic lines, and the reports of
-//! a failing output.
-//!
-//! Records and diagnostics go through one queue to one output (stderr, or
-//! `--log-file`), so the log reads in order. Only diagnostics are filtered
-//! by `RUST_LOG`: a record is a served connection's data and is always
-//! written; its caller waits until it is (and synced, where the output is a
-//! file). Diagnostic lines never make anyone wait: lifecycle lines (start,
-//! signals, stop) are always queued, housekeeping lines (busy, denied,
-//! accept errors, debug) are dropped and counted when the queue is full.
+//! The log: its set-up ([`init`]), the default [`ReplySink`] ([`LogReplies`]),
+//! the diagnostics (`RUST_LOG` filters these only), lines at most once per
+//! interval (`LogEvery`), and the reports of a failing output. Records and
+//! diagnostics share one queue, so the log reads in order; only a record's
+//! caller waits for its line.
 
 use std::cell::{Cell, RefCell};
-use std::fmt;
 use std::io::{self, IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::SyncSender;
+use std::sync::mpsc::{self, SyncSender};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use std::{panic, thread};
 
+use libc::{EDQUOT, EFBIG, EIO, ENOSPC, EPIPE};
 use log::kv::{Key, ToValue, Value};
-use log::{Level, Log as _, error, warn};
+use log::{Level, Log as _, error, info, warn};
 
-pub(crate) use super::every::{
-    ACCEPT_ERROR_LINES, BUSY_LINES, DENIED_LINES, LogEvery, NOT_RECORDED_LINES, RATE_LIMITED_LINES,
-    held_back_note, log_every, report_held_back,
-};
 pub use super::format::LogFormat;
 pub(crate) use super::format::event;
 use super::format::{Escaped, RecordText, class_of, escape_line_breakers, json_line, reply_text};
-use super::output::{ERROR_KINDS, Output, error_kind, stderr_writer};
-use super::queue::{self, Class, NotWritten, Observer, Queue};
-use super::{Record, ReplyEnd, ReplySink};
+use super::queue::{self, Class, Observer, Output, Queue};
+use super::{Record, ReplySink};
 use crate::error::describe_io_error;
 use crate::lock;
 
 /// The default [`LogSettings::record_timeout`]: long enough to ride out a
-/// slow disk or a rotation, short enough that a failing one is noticed by
-/// the clients.
+/// slow disk or a rotation, short enough that clients notice a failing one.
 pub const DEFAULT_RECORD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How the log is written.
@@ -59,12 +47,8 @@ pub struct LogSettings {
 }
 
 impl LogSettings {
-    /// Checks the one rule the fields' types cannot express: a record must
-    /// be given some time. [`init`] calls it.
-    ///
-    /// # Errors
-    ///
-    /// What `record_timeout` must be, when it is zero.
+    /// Checks the rule the types cannot express, `record_timeout` above zero
+    /// ([`init`] calls it); the error says what it must be.
     pub fn validate(&self) -> Result<(), &'static str> {
         if self.record_timeout.is_zero() {
             return Err("must be more than 0 seconds");
@@ -84,18 +68,18 @@ impl Default for LogSettings {
     }
 }
 
-/// The target of the `listening on ADDR` line. It is logged at info whatever
-/// `RUST_LOG` says (unless `RUST_LOG` names this target itself), since it is
-/// the only place that says which port `--port 0` got.
+/// The target of the `listening on ADDR` line, logged at info whatever
+/// `RUST_LOG` says unless it names this target: it tells `--port 0`'s port.
 pub(crate) const LISTENING_TARGET: &str = "prompt_server::listening";
 const RECORD_TARGET: &str = "prompt_server::connection";
-
-/// Lines the log queue holds while the output is slow: enough for a burst
-/// of replies, small enough that a stalled output is noticed soon.
+/// Lines the queue holds while the output is slow: enough for a burst of
+/// replies, few enough that a stalled output is noticed soon.
 const LOG_QUEUE_LINES: usize = 1024;
+/// The `kind` label of the log's write errors: these errnos, then "other".
+const ERROR_KINDS: [&str; 6] = ["ENOSPC", "EDQUOT", "EFBIG", "EIO", "EPIPE", "other"];
+const ERRNOS: [i32; 5] = [ENOSPC, EDQUOT, EFBIG, EIO, EPIPE];
 
-/// The process's log, made by [`init`] (or, for a sink used without it, on
-/// first use with the default settings).
+/// The process's log, made by [`init`] or else by the first record.
 static LOG: OnceLock<&'static Log> = OnceLock::new();
 
 struct Log {
@@ -107,44 +91,26 @@ struct Log {
 }
 
 impl Log {
-    /// A line as `env_logger` formats it, whatever `RUST_LOG` says.
-    fn line(
-        &self,
-        level: Level,
-        target: &str,
-        fields: &[(&str, Value<'_>)],
-        message: fmt::Arguments<'_>,
-    ) -> Vec<u8> {
-        self.records.log(
-            &log::Record::builder()
-                .args(message)
-                .level(level)
-                .target(target)
-                .key_values(&fields)
-                .build(),
-        );
+    /// `record` as `env_logger` formats it, whatever `RUST_LOG` says.
+    fn line(&self, record: &log::Record<'_>) -> Vec<u8> {
+        self.records.log(record);
         FORMATTED.take()
     }
 }
 
 /// Starts the log as `settings` say and installs it as the `log` facade's
-/// logger: diagnostics at level info unless `RUST_LOG` says otherwise,
-/// records always. Each line is filtered and formatted on the calling
-/// thread, then queued, so that a stalled output never blocks the accept
-/// loop or the signal thread.
+/// logger (diagnostics at info unless `RUST_LOG` says otherwise). Lines are
+/// formatted by the caller and queued: a stalled output blocks no logger.
 ///
 /// # Errors
 ///
-/// Fails if the settings are invalid, the log file cannot be opened, a
-/// logger is already installed, or a thread that writes the log cannot be
-/// started.
+/// Invalid settings, a log file that cannot be opened, a logger already
+/// installed, or a log thread that cannot be started.
 pub fn init(settings: &LogSettings) -> io::Result<()> {
-    settings.validate().map_err(|rule| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("record_timeout {rule}"),
-        )
-    })?;
+    if let Err(rule) = settings.validate() {
+        let why = format!("record_timeout {rule}");
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
+    }
     let mut diagnostics = builder(settings.format);
     // Before RUST_LOG is read, so that a RUST_LOG directive for this very
     // target replaces it; any other directive is less specific and loses.
@@ -175,24 +141,12 @@ fn builder(format: LogFormat) -> env_logger::Builder {
 
 /// Makes the process's log with `settings`; fails if it exists already.
 fn install(settings: &LogSettings) -> io::Result<&'static Log> {
-    let output = match &settings.file {
-        Some(path) => Output::file(path, settings.sync).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("cannot open {}: {}", path.display(), describe_io_error(&e)),
-            )
-        })?,
-        None => Output::stderr(settings.sync)?,
-    };
-    let file = settings
-        .file
-        .as_ref()
-        .map(|path| path.display().to_string());
+    let output = Output::open(settings.file.as_deref(), settings.sync)?;
     let health: &'static Health = Box::leak(Box::new(Health {
-        file,
+        file: settings.file.as_deref().map(|p| p.display().to_string()),
         counts: Default::default(),
         last_error: Mutex::new(None),
-        reported: ERROR_KINDS.map(|(kind, _)| LogEvery::new(kind, Duration::from_secs(1))),
+        reported: ERROR_KINDS.map(|kind| LogEvery::new(kind, SECOND)),
         stderr: settings.file.is_some().then(stderr_writer).transpose()?,
     }));
     let mut records = builder(settings.format);
@@ -209,69 +163,57 @@ fn install(settings: &LogSettings) -> io::Result<&'static Log> {
     Ok(log)
 }
 
-/// The process's log: the one [`init`] made, or else one on stderr with the
-/// default settings, made now.
-fn log() -> io::Result<&'static Log> {
-    match LOG.get() {
-        Some(log) => Ok(log),
-        None => install(&LogSettings::default()).or_else(|e| LOG.get().copied().ok_or(e)),
-    }
+/// A thread that writes the lines it is sent to stderr, so that a stalled
+/// stderr never holds up the log file.
+fn stderr_writer() -> io::Result<SyncSender<String>> {
+    let (send, receive) = mpsc::sync_channel::<String>(16);
+    thread::Builder::new()
+        .name("log-reports".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            for line in receive {
+                let _ = io::stderr().write_all(line.as_bytes());
+            }
+        })?;
+    Ok(send)
 }
 
-/// The default [`ReplySink`]: each record is a line in the log, written
-/// (and synced, where the log is a file) before the client sees its clean
-/// close, whatever `RUST_LOG` says. Without [`init`], the log is stderr
-/// with the default [`LogSettings`].
+/// The default [`ReplySink`]: each record is a line in the log, written (and
+/// synced, where the log is a file) before its clean close, whatever
+/// `RUST_LOG` says; without [`init`], on stderr with the default settings.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LogReplies;
 
 impl ReplySink for LogReplies {
     fn record(&self, record: &Record<'_>) -> io::Result<()> {
-        let log = log()?;
-        let (level, event) = level_and_event(record);
+        let log = match LOG.get() {
+            Some(log) => log,
+            None => install(&LogSettings::default()).or_else(|e| LOG.get().copied().ok_or(e))?,
+        };
+        let text = RecordText(record);
+        let (level, event) = text.level_and_event();
         let proxy = record.proxy.map(|proxy| proxy.to_string());
         let proxy = proxy.as_deref();
-        let (text, lossy) = reply_text(record.reply);
+        let (reply, lossy) = reply_text(record.reply);
         let duration_ms = record.duration.as_millis() as u64;
         let fields = [
             ("event", Value::from(event)),
             ("peer", Value::from_display(&record.peer)),
             ("proxy", proxy.to_value()),
-            ("reply", Value::from(&*text)),
+            ("reply", Value::from(&*reply)),
             ("reply_lossy", Value::from(lossy)),
             ("bytes", Value::from(record.reply.len())),
             ("duration_ms", Value::from(duration_ms)),
         ];
-        let message = format_args!("{}", RecordText(record));
-        let line = log.line(level, RECORD_TARGET, &fields, message);
-        let timeout = log.record_timeout.as_secs_f64();
-        let written = log
-            .queue
-            .push_and_wait(line, Instant::now() + log.record_timeout);
-        written.map_err(|why| match why {
-            NotWritten::TimedOut => io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("the log did not take it within {timeout}s"),
-            ),
-            NotWritten::Abandoned => io::Error::other("the server stopped waiting for the log"),
-        })
+        let message = format_args!("{text}");
+        let mut builder = log::Record::builder();
+        builder.level(level).target(RECORD_TARGET);
+        let line = log.line(&builder.key_values(&fields).args(message).build());
+        log.queue.push_and_wait(line, log.record_timeout)
     }
 }
 
-fn level_and_event(record: &Record<'_>) -> (Level, &'static str) {
-    match record.end {
-        ReplyEnd::Line => (Level::Info, event::REPLY),
-        ReplyEnd::Closed if record.reply.is_empty() => (Level::Info, event::NO_REPLY),
-        ReplyEnd::Closed => (Level::Info, event::REPLY),
-        ReplyEnd::Truncated => (Level::Warn, event::TRUNCATED),
-        ReplyEnd::TimedOut { .. } => (Level::Warn, event::TIMEOUT),
-        ReplyEnd::CutOff => (Level::Warn, event::CUT_OFF),
-        ReplyEnd::Failed(_) => (Level::Warn, event::READ_ERROR),
-    }
-}
-
-/// Waits up to `timeout` for the queued log lines; returns how many were
-/// not written.
+/// Waits up to `timeout` for the queued lines; returns how many are not written.
 pub(crate) fn flush(timeout: Duration) -> u64 {
     LOG.get().map_or(0, |log| log.queue.flush(timeout))
 }
@@ -283,20 +225,18 @@ pub(crate) fn stop_waiting_for_the_log() {
     }
 }
 
-/// Opens the log file again (SIGHUP, after logrotate renamed it); its first
-/// line says so. Returns false when the log is not a file.
+/// Opens the log file again (SIGHUP, after logrotate renamed it), with a
+/// first line that says so. Returns false when the log is not a file.
 pub(crate) fn reopen() -> bool {
     let Some(log) = LOG.get().filter(|log| log.health.file.is_some()) else {
         return false;
     };
-    let line = log.line(
-        Level::Info,
-        "prompt_server::logging",
-        &[("event", Value::from(event::LOG_REOPENED))],
-        format_args!(
-            "log file reopened (SIGHUP): the lines before this one are in the file it was renamed to"
-        ),
-    );
+    let event = [("event", Value::from(event::LOG_REOPENED))];
+    let why = "the lines before this one are in the file it was renamed to";
+    let message = format_args!("log file reopened (SIGHUP): {why}");
+    let mut builder = log::Record::builder();
+    builder.level(Level::Info).target("prompt_server::logging");
+    let line = log.line(&builder.key_values(&event).args(message).build());
     log.queue.reopen(line);
     true
 }
@@ -312,11 +252,7 @@ pub(crate) fn write_errors() -> Vec<(&'static str, u64)> {
         return Vec::new();
     };
     let counts = log.health.counts.iter().map(|n| n.load(Ordering::Relaxed));
-    ERROR_KINDS
-        .iter()
-        .map(|(kind, _)| *kind)
-        .zip(counts)
-        .collect()
+    ERROR_KINDS.into_iter().zip(counts).collect()
 }
 
 /// What is wrong with the log now, for the service manager's status:
@@ -328,21 +264,19 @@ pub(crate) fn failure() -> Option<String> {
     Some(format!("log failing: {why} ({waiting} lines waiting)"))
 }
 
-/// What the queue's failures are told to: counters by kind, the last error
-/// for the status, and, when the log is a file, a line on stderr (a channel
-/// that still works) at most once per kind per second.
+/// What the queue's failures are told to: counters by kind, the last error,
+/// and, when the log is a file, a line on stderr at most once a second.
 struct Health {
     /// The log file's path, `None` for stderr.
     file: Option<String>,
     counts: [AtomicU64; ERROR_KINDS.len()],
     last_error: Mutex<Option<String>>,
     reported: [LogEvery; ERROR_KINDS.len()],
-    /// Lines for stderr ([`stderr_writer`]) when the log is a file.
+    /// Lines for stderr when the log is a file, dropped if it is behind.
     stderr: Option<SyncSender<String>>,
 }
 
 impl Health {
-    /// Dropped if the stderr thread is behind.
     fn to_stderr(&self, line: String) {
         if let Some(lines) = &self.stderr {
             let _ = lines.try_send(line);
@@ -352,7 +286,9 @@ impl Health {
 
 impl Observer for &'static Health {
     fn failed(&self, error: &io::Error) {
-        let kind = error_kind(error);
+        let errno = error.raw_os_error();
+        let kind = ERRNOS.iter().position(|e| Some(*e) == errno);
+        let kind = kind.unwrap_or(ERRNOS.len());
         self.counts[kind].fetch_add(1, Ordering::Relaxed);
         let why = describe_io_error(error);
         *lock(&self.last_error) = Some(why.clone());
@@ -401,8 +337,7 @@ impl Observer for &'static Health {
     }
 }
 
-/// The logger [`init`] installs: `env_logger` filters and formats, the
-/// queue delivers.
+/// The logger [`init`] installs: `env_logger` filters and formats, the queue delivers.
 struct QueuedLogger {
     diagnostics: env_logger::Logger,
     log: &'static Log,
@@ -411,6 +346,8 @@ struct QueuedLogger {
 thread_local! {
     /// The line `env_logger` just formatted on this thread.
     static FORMATTED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// The client this thread is serving, for the panic log line.
+    static SERVING: Cell<Option<SocketAddr>> = const { Cell::new(None) };
 }
 
 /// `env_logger`'s target: keeps the formatted line for the queue.
@@ -458,14 +395,91 @@ impl log::Log for QueuedLogger {
     fn flush(&self) {}
 }
 
-thread_local! {
-    /// The client this thread is serving, for the panic log line.
-    static SERVING: Cell<Option<SocketAddr>> = const { Cell::new(None) };
+/// At most one line per interval about one kind of thing (busy, denied, ...),
+/// so that a flood is not a flood of log lines; each says how many it held back.
+#[derive(Debug)]
+pub(crate) struct LogEvery {
+    pub(crate) event: &'static str,
+    interval: Duration,
+    /// When a line last went out, and how many were held back since.
+    state: Mutex<(Option<Instant>, u64)>,
 }
 
-/// Names, while it lives, the client the current thread serves in any
-/// panic line it logs. Dropped when the connection ends, so a thread
-/// parked in the thread cache never reports a client it no longer serves.
+impl LogEvery {
+    pub(crate) const fn new(event: &'static str, interval: Duration) -> Self {
+        LogEvery {
+            event,
+            interval,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(held back since the last line)` if a line may go out now.
+    pub(crate) fn due(&self) -> Option<u64> {
+        let mut state = lock(&self.state);
+        let (last, held_back) = &mut *state;
+        if last.is_some_and(|at| at.elapsed() < self.interval) {
+            *held_back += 1;
+            return None;
+        }
+        *last = Some(Instant::now());
+        Some(std::mem::take(held_back))
+    }
+}
+
+/// Logs a `$level` line through `$every` ([`LogEvery`]) if one is due: its
+/// `event`, the fields in brackets (each followed by a comma), `held_back`,
+/// and the message with [`held_back_note`].
+macro_rules! log_every {
+    ($every:expr, $level:ident, [$($kv:tt)*], $($arg:tt)+) => {
+        if let Some(held_back) = $every.due() {
+            log::$level!(
+                event = $every.event, $($kv)* held_back = held_back;
+                "{}{}", format_args!($($arg)+), $crate::logging::held_back_note(held_back)
+            );
+        }
+    };
+}
+pub(crate) use log_every;
+
+const SECOND: Duration = Duration::from_secs(1);
+pub(crate) static BUSY_LINES: LogEvery = LogEvery::new(event::BUSY, SECOND);
+pub(crate) static RATE_LIMITED_LINES: LogEvery = LogEvery::new(event::RATE_LIMITED, SECOND);
+pub(crate) static DENIED_LINES: LogEvery = LogEvery::new(event::DENIED, SECOND);
+pub(crate) static NOT_RECORDED_LINES: LogEvery = LogEvery::new(event::NOT_RECORDED, SECOND);
+/// Shared by every accept loop: out of descriptors, all of them fail at once.
+pub(crate) static ACCEPT_ERROR_LINES: LogEvery =
+    LogEvery::new(event::ACCEPT_ERROR, Duration::from_secs(5));
+
+/// Logs how many lines of each kind are held back: a stopping server's last word.
+pub(crate) fn report_held_back() {
+    for every in [
+        &BUSY_LINES,
+        &RATE_LIMITED_LINES,
+        &DENIED_LINES,
+        &NOT_RECORDED_LINES,
+        &ACCEPT_ERROR_LINES,
+    ] {
+        let held_back = std::mem::take(&mut lock(&every.state).1);
+        if held_back > 0 {
+            info!(
+                event = every.event, held_back = held_back;
+                "{held_back} more {} lines were held back since the last one",
+                every.event
+            );
+        }
+    }
+}
+
+/// " (N more since the last report)", or nothing when none were held back.
+pub(crate) fn held_back_note(held_back: u64) -> String {
+    match held_back {
+        0 => String::new(),
+        n => format!(" ({n} more since the last report)"),
+    }
+}
+
+/// Names, while it lives, the client its thread serves in a panic line.
 #[must_use = "the peer is named only while the guard lives"]
 pub(crate) struct ServingPeer(());
 
@@ -482,9 +496,8 @@ impl Drop for ServingPeer {
     }
 }
 
-/// Reports panics as one escaped error line in the log instead of the
-/// default multi-line message on bare stderr. A panic ends only the thread it
-/// happens on; for a connection thread, that one connection.
+/// Reports panics as one escaped error line in the log instead of the default
+/// message on bare stderr. A panic ends only its thread (one connection).
 pub fn log_panics() {
     panic::set_hook(Box::new(|info| {
         let thread = thread::current();
@@ -496,18 +509,14 @@ pub fn log_panics() {
         let message = Escaped(message.as_bytes());
         let location = info
             .location()
-            .map(|at| format!("{}:{}", at.file(), at.line()))
-            .unwrap_or_default();
-        match SERVING.get() {
-            Some(peer) => error!(
-                event = event::PANIC, peer:% = peer;
-                "thread {thread} panicked at {location} serving {peer}: {message}"
-            ),
-            None => error!(
-                event = event::PANIC;
-                "thread {thread} panicked at {location}: {message}"
-            ),
-        }
+            .map(|l| format!("{}:{}", l.file(), l.line()));
+        let location = location.unwrap_or_default();
+        let peer = SERVING.get();
+        let serving = peer.map(|p| format!(" serving {p}")).unwrap_or_default();
+        error!(
+            event = event::PANIC, peer = peer.map(|peer| peer.to_string());
+            "thread {thread} panicked at {location}{serving}: {message}"
+        );
     }));
 }
 
@@ -527,5 +536,20 @@ mod tests {
             None,
             "a parked thread names nobody"
         );
+    }
+
+    #[test]
+    fn log_every_lets_one_line_through_per_interval_and_counts_the_rest() {
+        let every = LogEvery::new("x", Duration::from_secs(3600));
+        assert_eq!(every.due(), Some(0));
+        assert_eq!(every.due(), None);
+        assert_eq!(every.due(), None);
+        assert_eq!(std::mem::take(&mut lock(&every.state).1), 2);
+        assert_eq!(std::mem::take(&mut lock(&every.state).1), 0);
+        let now = LogEvery::new("x", Duration::ZERO);
+        assert_eq!(now.due(), Some(0));
+        assert_eq!(now.due(), Some(0));
+        assert_eq!(held_back_note(0), "");
+        assert_eq!(held_back_note(2), " (2 more since the last report)");
     }
 }

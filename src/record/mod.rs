@@ -1,36 +1,25 @@
-//! The record: where every served connection's reply goes (a
-//! [`ReplySink`], the log by default), and the log it shares with the
-//! server's diagnostics. `RUST_LOG` filters diagnostics only, never records.
-//!
-//! - [`logging`]: logger set-up, the default sink, the `log` facade's
-//!   lines, reports of a failing output, lines at most once per interval.
-//! - `queue`: the bounded queue in front of the log's output, group commit,
-//!   retries of failed writes.
-//! - `output`: stderr or the log file, its sync and its reopening.
-//! - `format`: text and JSON lines, event names, escaping of client bytes.
+//! The record: where every served connection's reply goes (a [`ReplySink`],
+//! the log by default), and the log it shares with the diagnostics:
+//! [`logging`] sets it up, `format` makes its lines, `queue` writes them to
+//! stderr or the log file (group commit).
 
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-mod every;
 mod format;
 pub mod logging;
-mod output;
 mod queue;
 
 /// Where a server's replies are recorded: the log by default
 /// ([`logging::LogReplies`]), or an embedder's own store.
 ///
-/// [`record`](ReplySink::record) is called on the connection's own thread,
-/// once per served connection, before the connection is closed. Its `Ok`
-/// is the acknowledgement: only then does the client see a clean close. An
-/// error (or a panic) means the reply is not kept: the client is reset, the
-/// reply is counted as not recorded, and the error is logged. A sink may
-/// block (a slow disk, a database); every other client is served meanwhile,
-/// but it must not block forever: a stopping server waits for it only so
-/// long.
+/// [`record`](ReplySink::record) runs on the connection's thread before its
+/// close; its `Ok` is the acknowledgement that gives the client a clean
+/// close. An error (or a panic) resets the client, and the reply is counted
+/// as not recorded and logged. A sink may block (a slow disk, a database),
+/// not forever: a stopping server waits for it only so long.
 ///
 /// # Examples
 ///
@@ -42,7 +31,6 @@ mod queue;
 /// use std::sync::{Arc, Mutex};
 /// use prompt_server::{Config, Record, ReplySink, Shutdown};
 ///
-/// #[derive(Default)]
 /// struct Replies(Mutex<Vec<(SocketAddr, Vec<u8>)>>);
 ///
 /// impl ReplySink for Replies {
@@ -53,7 +41,7 @@ mod queue;
 ///     }
 /// }
 ///
-/// let replies = Arc::new(Replies::default());
+/// let replies = Arc::new(Replies(Mutex::default()));
 /// let config = Config {
 ///     listen_addr: "127.0.0.1:0".parse()?,
 ///     reply_sink: replies.clone(),
@@ -62,26 +50,20 @@ mod queue;
 /// let listener = prompt_server::bind(&config)?;
 /// let addr = listener.local_addr()?;
 /// let shutdown = Shutdown::new();
-/// let server = {
-///     let shutdown = shutdown.clone();
-///     std::thread::spawn(move || prompt_server::run([listener], config, shutdown))
-/// };
+/// let stop = shutdown.clone();
+/// let server = std::thread::spawn(move || prompt_server::run([listener], config, stop));
 ///
 /// let mut client = TcpStream::connect(addr)?;
-/// let mut prompt = [0; 28];
-/// client.read_exact(&mut prompt)?;
+/// client.read_exact(&mut [0; 28])?; // the prompt
 /// client.write_all(b"yes\n")?;
 /// client.read_to_end(&mut Vec::new())?; // a clean close: the reply is kept
-///
 /// shutdown.trigger();
-/// let summary = server.join().expect("the server thread")?;
-/// assert_eq!(summary.replies, 1);
+/// assert_eq!(server.join().expect("the server thread")?.replies, 1);
 /// assert_eq!(replies.0.lock().unwrap()[0].1, b"yes");
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub trait ReplySink: Send + Sync {
-    /// Records one served connection's reply: `Ok` once it is kept, an
-    /// error if it is not (and the client is reset).
+    /// Records one served connection's reply: `Ok` once it is kept.
     fn record(&self, record: &Record<'_>) -> io::Result<()>;
 }
 
@@ -95,8 +77,7 @@ impl fmt::Debug for dyn ReplySink {
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct Record<'a> {
-    /// The real client: the socket's peer, or the client a PROXY header
-    /// named.
+    /// The real client: the socket's peer, or the one a PROXY header named.
     pub peer: SocketAddr,
     /// The balancer that relayed the connection, if one did.
     pub proxy: Option<SocketAddr>,
@@ -114,8 +95,7 @@ pub struct Record<'a> {
 pub enum ReplyEnd {
     /// A whole line arrived; its terminator is not part of the reply.
     Line,
-    /// The client closed its side before a newline (an empty reply: it
-    /// closed without replying).
+    /// The client closed its side before a newline (or without replying).
     Closed,
     /// Longer than `max_reply_bytes`: the reply holds the first ones.
     Truncated,
@@ -131,10 +111,9 @@ pub enum ReplyEnd {
 }
 
 impl Record<'_> {
-    /// Whether every byte the client sent for its reply is in
-    /// [`reply`](Record::reply): a whole line, or all it sent before it
-    /// closed. Otherwise the server ended the reply itself (or reading
-    /// failed), and bytes the client sent after that are in no record.
+    /// Whether [`reply`](Record::reply) holds every byte the client sent for
+    /// it (a whole line, or all it sent before closing), not a reply the
+    /// server ended (or reading failed), after which the rest is in no record.
     pub fn is_whole(&self) -> bool {
         matches!(self.end, ReplyEnd::Line | ReplyEnd::Closed)
     }

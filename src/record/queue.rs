@@ -1,33 +1,21 @@
-//! The bounded queue between whoever logs and the log's [`Output`], and the
-//! one writer at a time that empties it: group commit.
-//!
-//! A record (a served connection's line) waits until it is written, and
-//! synced where the output is a file; a [`Class::Lifecycle`] line is queued
-//! at once, even past the bound (a handful over the server's life); a
-//! [`Class::Housekeeping`] line is dropped and counted when the queue is
-//! full. Whoever waits for its line and finds nobody writing takes the
-//! writer role and writes everything waiting in one batch with one
-//! `fdatasync`, so an idle server's record costs its own thread one `write`
-//! and one sync, and batches grow by themselves under load (PostgreSQL's WAL
-//! flush does the same). Lines nobody waits for are written by the writer
-//! thread.
-//!
-//! A batch whose write fails is not delivered: it stays, and the writer
-//! thread retries it with a growing pause (a full disk often recovers) from
-//! the byte where the write stopped, so no line is cut or written twice; a
-//! failed sync writes the whole batch again (a line may then appear twice,
-//! none is lost). Its callers wait meanwhile, up to their own deadline; one
-//! who gives up has its line taken out if no byte of it is written yet.
+//! The log's output (stderr, or the `--log-file` that SIGHUP reopens) and the
+//! bounded queue in front of it: group commit. A record's caller who finds
+//! nobody writing writes every waiting line with one `fdatasync` (batches grow
+//! only under load, as PostgreSQL's WAL flush); the writer thread writes the
+//! other lines and retries a failed batch with a growing pause, from the byte
+//! where its write stopped (after a failed sync, all of it: none is lost).
 
-use std::collections::VecDeque;
-use std::fs::File;
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::output::Output;
+use crate::error::describe_io_error;
 use crate::lock;
 
 /// What becomes of a line nobody waits for when the queue is full.
@@ -39,17 +27,7 @@ pub(crate) enum Class {
     Housekeeping,
 }
 
-/// Why a record was not written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum NotWritten {
-    /// Its deadline passed first: the output is stalled or failing.
-    TimedOut,
-    /// The server stopped waiting for the output (a stop's drain ran out).
-    Abandoned,
-}
-
-/// The pause before a failed batch is written again, doubling up to
-/// [`MAX_RETRY_PAUSE`].
+/// The pause before a failed batch is written again, doubling up to the max.
 const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(10);
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(1);
 
@@ -65,6 +43,83 @@ pub(crate) trait Observer: Send + Sync {
     fn dropped(&self, count: u64);
 }
 
+/// A file, or, in the tests, a writer that fails on cue.
+pub(crate) trait Sink: Write + Send {
+    fn sync_data(&mut self) -> io::Result<()>;
+}
+
+impl Sink for File {
+    fn sync_data(&mut self) -> io::Result<()> {
+        File::sync_data(self)
+    }
+}
+
+/// Where the log's bytes go, used by the writer role only.
+pub(crate) struct Output {
+    file: Box<dyn Sink>,
+    /// The log file, reopened on SIGHUP; `None`: stderr.
+    path: Option<PathBuf>,
+    /// `fdatasync` after each batch that holds a record: the log file, or
+    /// stderr when it is a regular file (`2>server.log`), not a pipe.
+    sync: bool,
+}
+
+impl Output {
+    /// The log file at `path`, or else a duplicate of descriptor 2.
+    pub(crate) fn open(path: Option<&Path>, sync: bool) -> io::Result<Output> {
+        let file = match path {
+            Some(path) => open_log_file(path).map_err(|e| {
+                let why = describe_io_error(&e);
+                io::Error::new(e.kind(), format!("cannot open {}: {why}", path.display()))
+            })?,
+            None => File::from(io::stderr().as_fd().try_clone_to_owned()?),
+        };
+        let sync = sync && (path.is_some() || file.metadata().is_ok_and(|meta| meta.is_file()));
+        let (file, path) = (Box::new(file), path.map(Path::to_path_buf));
+        Ok(Output { file, path, sync })
+    }
+
+    /// stderr as an unsynced pipe, opened again non-blocking: a new open file
+    /// description, whose `O_NONBLOCK` is not shared with whoever started us.
+    fn unsynced_pipe(&self) -> Option<File> {
+        let pipe = self.path.is_none()
+            && !self.sync
+            && fs::metadata("/proc/self/fd/2").is_ok_and(|meta| meta.file_type().is_fifo());
+        let mut open = OpenOptions::new();
+        open.write(true).custom_flags(libc::O_NONBLOCK);
+        pipe.then(|| open.open("/proc/self/fd/2").ok())?
+    }
+
+    /// Opens the log file's path again (logrotate renamed it), `first_line`
+    /// first; the old file is kept on failure.
+    fn reopen(&mut self, first_line: &[u8]) -> io::Result<()> {
+        if let Some(path) = &self.path {
+            let mut file = open_log_file(path)?;
+            file.write_all(first_line)?;
+            self.file = Box::new(file);
+        }
+        Ok(())
+    }
+}
+
+/// Appended to (a writer never leaves holes), created if missing, readable
+/// by owner and group only (it holds what clients sent). A last line a
+/// failing disk left torn gets its newline, so the next line starts afresh.
+fn open_log_file(path: &Path) -> io::Result<File> {
+    let mut file = OpenOptions::new()
+        .append(true)
+        .read(true)
+        .create(true)
+        .mode(0o640)
+        .open(path)?;
+    let len = file.metadata()?.len();
+    let mut last = [0u8; 1];
+    if len > 0 && file.read_at(&mut last, len - 1)? == 1 && last[0] != b'\n' {
+        file.write_all(b"\n")?;
+    }
+    Ok(file)
+}
+
 pub(crate) struct Queue {
     capacity: usize,
     state: Mutex<State>,
@@ -75,11 +130,9 @@ pub(crate) struct Queue {
     /// Used only by the thread holding the writer role.
     output: Mutex<Output>,
     observer: Box<dyn Observer>,
-    /// stderr as a pipe, opened again non-blocking: where a record can be
-    /// written by its own thread with no lock (see [`Queue::push_and_wait`]).
+    /// stderr as a pipe, non-blocking: see [`Queue::push_and_wait`].
     pipe: Option<File>,
-    /// Whether writes are failing (`State::failures > 0`), read without
-    /// the lock.
+    /// `State::failures > 0`, read without the lock.
     failing: AtomicBool,
 }
 
@@ -88,17 +141,15 @@ type Guard<'a> = MutexGuard<'a, State>;
 #[derive(Default)]
 struct State {
     /// Lines not yet in a batch, numbered in order from 1.
-    waiting: VecDeque<Line>,
+    waiting: Lines,
     /// A batch whose write or sync failed, to be finished first.
-    retry: Option<Batch>,
+    retry: Option<Lines>,
     /// The number of the last line queued.
     queued: u64,
     /// Every line numbered at most this is written (or was given up).
     done: u64,
     /// A thread holds the writer role.
     writing: bool,
-    /// Callers waiting on `changed`, so that nobody is woken for nothing.
-    callers_waiting: usize,
     writer_idle: bool,
     /// Failed attempts in a row.
     failures: u64,
@@ -114,26 +165,36 @@ struct State {
 impl State {
     fn has_writer_work(&self) -> bool {
         !self.writing
-            && (!self.waiting.is_empty()
+            && (!self.waiting.lines.is_empty()
                 || self.retry.is_some()
                 || self.reopen.is_some()
                 || self.dropped > 0)
     }
 
-    /// Whether a caller may take the writer role: nobody has it, and no
-    /// failed batch waits for the writer thread's pause.
+    /// Nobody writes, and no failed batch waits for the writer thread's pause.
     fn writer_free(&self) -> bool {
         !self.writing && self.retry.is_none()
     }
 
     /// Counts a housekeeping line as dropped if the queue is full.
     fn drops_housekeeping(&mut self, capacity: usize) -> bool {
-        let full = self.waiting.len() >= capacity;
+        let full = self.waiting.lines.len() >= capacity;
         if full {
             self.dropped += 1;
             self.dropped_total += 1;
         }
         full
+    }
+
+    fn enqueue(&mut self, bytes: Vec<u8>, record: bool) -> u64 {
+        self.queued += 1;
+        let number = self.queued;
+        self.waiting.lines.push(Line {
+            number,
+            bytes,
+            record,
+        });
+        number
     }
 }
 
@@ -144,15 +205,15 @@ struct Line {
     record: bool,
 }
 
-/// Lines taken out of the queue to be written together.
+/// Lines waiting, or taken out of the queue to be written together.
 #[derive(Default)]
-struct Batch {
+struct Lines {
     lines: Vec<Line>,
-    /// Bytes of it written so far.
+    /// Bytes of them written so far.
     written: usize,
 }
 
-impl Batch {
+impl Lines {
     /// Empties given-up line `number` if no byte of it is written yet.
     fn give_up(&mut self, number: u64) {
         let mut start = 0;
@@ -177,38 +238,33 @@ impl Batch {
     }
 
     /// Writes what is left, then syncs if a record is in it; returns the
-    /// bytes written. On an error, the batch says how far it got.
+    /// bytes written. On an error, `written` says how far it got.
     fn write_to(&mut self, output: &mut Output) -> io::Result<usize> {
-        let bytes = self
-            .lines
-            .iter()
-            .map(|line| &line.bytes[..])
-            .collect::<Vec<_>>()
-            .concat();
+        let bytes = self.lines.iter().map(|line| &line.bytes[..]);
+        let bytes = bytes.collect::<Vec<_>>().concat();
         let start = self.written;
         while self.written < bytes.len() {
-            match output.write(&bytes[self.written..]) {
+            match output.file.write(&bytes[self.written..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(written) => self.written += written,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        let total = self.written - start;
-        if total > 0
-            && self.lines.iter().any(|line| line.record)
-            && let Err(e) = output.sync()
+        let synced = output.sync && self.lines.iter().any(|line| line.record);
+        if self.written > start
+            && synced
+            && let Err(e) = output.file.sync_data()
         {
             // What the failed sync covered may be lost: write it all again.
             self.written = 0;
             return Err(e);
         }
-        Ok(total)
+        Ok(self.written - start)
     }
 }
 
 impl Queue {
-    /// A queue of at most `capacity` waiting lines in front of `output`.
     pub(crate) fn new(capacity: usize, output: Output, observer: Box<dyn Observer>) -> Self {
         Queue {
             capacity,
@@ -222,15 +278,10 @@ impl Queue {
         }
     }
 
-    fn lock(&self) -> Guard<'_> {
-        lock(&self.state)
-    }
-
-    /// Runs `f` without the lock.
     fn unlocked<'a, T>(&'a self, state: Guard<'a>, f: impl FnOnce() -> T) -> (Guard<'a>, T) {
         drop(state);
         let result = f();
-        (self.lock(), result)
+        (lock(&self.state), result)
     }
 
     /// Runs `f` without the lock, holding the writer role.
@@ -241,38 +292,31 @@ impl Queue {
         (state, result)
     }
 
-    /// Whether a housekeeping line would be dropped now (and counts it if
-    /// so), so that a caller can skip formatting it.
+    /// Whether a housekeeping line would be dropped now (counted if so).
     pub(crate) fn drops_housekeeping(&self) -> bool {
-        self.lock().drops_housekeeping(self.capacity)
+        lock(&self.state).drops_housekeeping(self.capacity)
     }
 
     pub(crate) fn dropped_total(&self) -> u64 {
-        self.lock().dropped_total
+        lock(&self.state).dropped_total
     }
 
     /// Queues a line that nobody waits for.
     pub(crate) fn push(&self, bytes: Vec<u8>, class: Class) {
-        let mut state = self.lock();
+        let mut state = lock(&self.state);
         if class == Class::Housekeeping && state.drops_housekeeping(self.capacity) {
             return;
         }
-        Self::enqueue(&mut state, bytes, false);
+        state.enqueue(bytes, false);
         self.wake_writer_if_needed(&state);
     }
 
     /// Queues a record and waits until it is written and synced, writing
-    /// the queue itself if nobody else is; gives up at `deadline`.
-    ///
-    /// On a pipe, a record no longer than `PIPE_BUF` is first written by its
-    /// own thread, with no lock and nobody to wait for or wake: a pipe takes
-    /// such a write whole or not at all, so lines never mix. A pipe that is
-    /// full (or failing) sends it the queue's way.
-    pub(crate) fn push_and_wait(
-        &self,
-        bytes: Vec<u8>,
-        deadline: Instant,
-    ) -> Result<(), NotWritten> {
+    /// the queue itself if nobody else is; gives up after `timeout` (its line
+    /// taken out if no byte of it is written). On a pipe, a record of at most
+    /// `PIPE_BUF` bytes is first tried by its own thread with no lock: a pipe
+    /// takes such a write whole or not at all.
+    pub(crate) fn push_and_wait(&self, bytes: Vec<u8>, timeout: Duration) -> io::Result<()> {
         if let Some(mut pipe) = self.pipe.as_ref()
             && bytes.len() <= libc::PIPE_BUF
             && !self.failing.load(Ordering::Relaxed)
@@ -280,19 +324,45 @@ impl Queue {
         {
             return Ok(());
         }
-        let mut state = self.lock();
-        while state.waiting.len() >= self.capacity && !state.abandoned {
-            state = self
-                .wait(state, deadline)
-                .map_err(|_| NotWritten::TimedOut)?;
+        let timed_out = || {
+            let why = format!("the log did not take it within {}s", timeout.as_secs_f64());
+            io::Error::new(io::ErrorKind::TimedOut, why)
+        };
+        let deadline = Instant::now() + timeout;
+        let mut state = lock(&self.state);
+        while state.waiting.lines.len() >= self.capacity && !state.abandoned {
+            state = self.wait(state, deadline).map_err(|_| timed_out())?;
         }
-        let number = Self::enqueue(&mut state, bytes, true);
-        let why = loop {
-            if state.done >= number {
-                return Ok(());
+        let number = state.enqueue(bytes, true);
+        let (mut state, written) = self.write_until(state, Some(number), deadline);
+        if written {
+            return Ok(());
+        }
+        state.waiting.give_up(number);
+        if let Some(batch) = &mut state.retry {
+            batch.give_up(number);
+        }
+        if state.abandoned {
+            return Err(io::Error::other("the server stopped waiting for the log"));
+        }
+        Err(timed_out())
+    }
+
+    /// Writes (when the writer role is free) or waits until line `last`, or
+    /// every queued line if `None`, is written: false at `deadline`, or for a
+    /// record when the server stops waiting.
+    fn write_until<'a>(
+        &'a self,
+        mut state: Guard<'a>,
+        last: Option<u64>,
+        deadline: Instant,
+    ) -> (Guard<'a>, bool) {
+        loop {
+            if state.done >= last.unwrap_or(state.queued) {
+                return (state, true);
             }
-            if state.abandoned {
-                break NotWritten::Abandoned;
+            if last.is_some() && state.abandoned {
+                return (state, false);
             }
             if state.writer_free() {
                 state = self.write_batch(state);
@@ -300,48 +370,19 @@ impl Queue {
             }
             match self.wait(state, deadline) {
                 Ok(next) => state = next,
-                Err(timed_out) => {
-                    state = timed_out;
-                    break NotWritten::TimedOut;
-                }
+                Err(state) => return (state, false),
             }
-        };
-        // Taken out of what is still to be written, if none of it is.
-        match state.waiting.iter_mut().find(|line| line.number == number) {
-            Some(line) => line.bytes.clear(),
-            None => state
-                .retry
-                .iter_mut()
-                .for_each(|batch| batch.give_up(number)),
         }
-        Err(why)
     }
 
-    fn enqueue(state: &mut State, bytes: Vec<u8>, record: bool) -> u64 {
-        state.queued += 1;
-        let number = state.queued;
-        state.waiting.push_back(Line {
-            number,
-            bytes,
-            record,
-        });
-        number
-    }
-
-    /// Waits on `changed` until signalled or `deadline`; `Err` at once
-    /// when the deadline has passed.
-    fn wait<'a>(&'a self, mut state: Guard<'a>, deadline: Instant) -> Result<Guard<'a>, Guard<'a>> {
+    /// Waits on `changed` until signalled or `deadline`; `Err` once it passed.
+    fn wait<'a>(&'a self, state: Guard<'a>, deadline: Instant) -> Result<Guard<'a>, Guard<'a>> {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(state);
         }
-        state.callers_waiting += 1;
-        let (mut state, _) = self
-            .changed
-            .wait_timeout(state, left)
-            .unwrap_or_else(PoisonError::into_inner);
-        state.callers_waiting -= 1;
-        Ok(state)
+        let waited = self.changed.wait_timeout(state, left);
+        Ok(waited.unwrap_or_else(PoisonError::into_inner).0)
     }
 
     fn wake_writer_if_needed(&self, state: &State) {
@@ -353,14 +394,11 @@ impl Queue {
     /// Takes the writer role and writes the batch to retry, or else every
     /// waiting line, in one go; returns with the lock held again.
     fn write_batch<'a>(&'a self, mut state: Guard<'a>) -> Guard<'a> {
-        let mut batch = state.retry.take().unwrap_or_default();
-        if batch.lines.is_empty() {
-            let was_full = state.waiting.len() >= self.capacity;
-            batch.lines.extend(state.waiting.drain(..));
-            if was_full && state.callers_waiting > 0 {
-                self.changed.notify_all();
-            }
-        }
+        let mut batch = match state.retry.take() {
+            Some(batch) => batch,
+            None => std::mem::take(&mut state.waiting),
+        };
+        self.changed.notify_all(); // callers waiting for room queue during the write
         let (mut state, result) = self.as_writer(state, || batch.write_to(&mut lock(&self.output)));
         match result {
             Ok(written) => {
@@ -380,18 +418,15 @@ impl Queue {
                 state = self.unlocked(state, || self.observer.failed(&e)).0;
             }
         }
-        if state.callers_waiting > 0 {
-            self.changed.notify_all();
-        }
+        self.changed.notify_all();
         self.wake_writer_if_needed(&state);
         state
     }
 
     /// The writer thread: reopens the output when asked, retries a failed
-    /// batch with a growing pause, writes lines nobody waits for, and
-    /// reports dropped lines once there is room again.
+    /// batch after a pause, writes lines nobody waits for, reports drops.
     fn serve(&self) {
-        let mut state = self.lock();
+        let mut state = lock(&self.state);
         loop {
             state.writer_idle = true;
             state = self
@@ -401,12 +436,9 @@ impl Queue {
             state.writer_idle = false;
             let mut reopened = false;
             if let Some(first_line) = state.reopen.take() {
-                let reopen = || match lock(&self.output).reopen(&first_line) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        self.observer.reopen_failed(&e);
-                        false
-                    }
+                let reopen = || {
+                    let done = lock(&self.output).reopen(&first_line);
+                    done.inspect_err(|e| self.observer.reopen_failed(e)).is_ok()
                 };
                 (state, reopened) = self.as_writer(state, reopen);
                 // A line torn by a failed write is written whole again in
@@ -420,51 +452,38 @@ impl Queue {
                 let pause = (FIRST_RETRY_PAUSE * 2u32.pow(doublings)).min(MAX_RETRY_PAUSE);
                 state = self.as_writer(state, || thread::sleep(pause)).0;
             }
-            if state.retry.is_some() || !state.waiting.is_empty() {
+            if state.retry.is_some() || !state.waiting.lines.is_empty() {
                 state = self.write_batch(state);
             }
-            if state.dropped > 0 && state.waiting.len() < self.capacity {
+            if state.dropped > 0 && state.waiting.lines.len() < self.capacity {
                 let dropped = std::mem::take(&mut state.dropped);
                 state = self.unlocked(state, || self.observer.dropped(dropped)).0;
             }
         }
     }
 
-    /// Asks the writer to reopen the output (a log file renamed by
-    /// logrotate) between two batches; `first_line` opens the new file.
+    /// Asks the writer to reopen the log file between two batches.
     pub(crate) fn reopen(&self, first_line: Vec<u8>) {
-        let mut state = self.lock();
+        let mut state = lock(&self.state);
         state.reopen = Some(first_line);
         self.wake_writer_if_needed(&state);
     }
 
-    /// Waits up to `timeout` for every queued line to be written; returns
-    /// how many were not.
+    /// Waits up to `timeout` for every queued line; returns how many are not written.
     pub(crate) fn flush(&self, timeout: Duration) -> u64 {
-        let deadline = Instant::now() + timeout;
-        let mut state = self.lock();
-        while state.done < state.queued {
-            if state.writer_free() {
-                state = self.write_batch(state);
-                continue;
-            }
-            match self.wait(state, deadline) {
-                Ok(next) => state = next,
-                Err(state) => return state.queued - state.done,
-            }
-        }
-        0
+        let (state, _) = self.write_until(lock(&self.state), None, Instant::now() + timeout);
+        state.queued - state.done
     }
 
     /// Makes records stop waiting, now and from now on.
     pub(crate) fn stop_waiting(&self) {
-        self.lock().abandoned = true;
+        lock(&self.state).abandoned = true;
         self.changed.notify_all();
     }
 
     /// Whether writes are failing now, and the lines not yet written.
     pub(crate) fn failing(&self) -> Option<u64> {
-        let state = self.lock();
+        let state = lock(&self.state);
         (state.failures > 0).then_some(state.queued - state.done)
     }
 }
@@ -477,7 +496,6 @@ pub(crate) fn start_writer(queue: &'static Queue) -> io::Result<()> {
         .spawn(move || queue.serve())
         .map(drop)
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -541,7 +559,7 @@ mod tests {
         }
     }
 
-    impl super::super::output::Sink for Cued {
+    impl Sink for Cued {
         fn sync_data(&mut self) -> io::Result<()> {
             let mut cues = self.cues();
             if cues.failing_syncs > 0 {
@@ -572,7 +590,11 @@ mod tests {
     }
 
     fn queue(capacity: usize, sink: &Cued, seen: &Seen) -> &'static Queue {
-        let output = Output::to_sink(sink.clone(), None, true);
+        let output = Output {
+            file: Box::new(sink.clone()),
+            path: None,
+            sync: true,
+        };
         let queue = Box::leak(Box::new(Queue::new(
             capacity,
             output,
@@ -582,12 +604,8 @@ mod tests {
         queue
     }
 
-    fn soon() -> Instant {
-        Instant::now() + LONG
-    }
-
     fn wait_for(what: &str, done: impl Fn() -> bool) {
-        let deadline = soon();
+        let deadline = Instant::now() + LONG;
         while !done() {
             assert!(Instant::now() < deadline, "{what}");
             thread::sleep(Duration::from_millis(1));
@@ -598,7 +616,7 @@ mod tests {
     fn a_record_is_written_and_synced_before_its_caller_returns() {
         let (sink, seen) = (Cued::default(), Seen::default());
         let queue = queue(4, &sink, &seen);
-        assert_eq!(queue.push_and_wait(b"one\n".to_vec(), soon()), Ok(()));
+        queue.push_and_wait(b"one\n".to_vec(), LONG).unwrap();
         assert_eq!(sink.text(), "one\n");
         assert_eq!(sink.cues().events, ["write", "sync"]);
         // A line nobody waits for is not synced on its own.
@@ -615,12 +633,12 @@ mod tests {
         // The first caller takes the writer role and stalls in the sink;
         // the others queue up behind it.
         let callers: Vec<_> = (0..8)
-            .map(|i| thread::spawn(move || queue.push_and_wait(format!("{i}\n").into(), soon())))
+            .map(|i| thread::spawn(move || queue.push_and_wait(format!("{i}\n").into(), LONG)))
             .collect();
-        wait_for("lines queued", || queue.lock().queued == 8);
+        wait_for("lines queued", || lock(&queue.state).queued == 8);
         sink.stall(false);
         for caller in callers {
-            assert_eq!(caller.join().unwrap(), Ok(()));
+            caller.join().unwrap().unwrap();
         }
         let syncs = sink.cues().events.iter().filter(|e| **e == "sync").count();
         assert_eq!(syncs, 2, "{:?}", sink.cues().events);
@@ -641,7 +659,7 @@ mod tests {
             cues.short_write = Some(3);
             cues.failing_writes = 3;
         }
-        assert_eq!(queue.push_and_wait(b"a reply\n".to_vec(), soon()), Ok(()));
+        queue.push_and_wait(b"a reply\n".to_vec(), LONG).unwrap();
         assert_eq!(
             sink.cues().events,
             ["write", "fail", "fail", "fail", "write", "sync"]
@@ -657,7 +675,7 @@ mod tests {
         let (sink, seen) = (Cued::default(), Seen::default());
         let queue = queue(4, &sink, &seen);
         sink.cues().failing_syncs = 1;
-        assert_eq!(queue.push_and_wait(b"kept\n".to_vec(), soon()), Ok(()));
+        queue.push_and_wait(b"kept\n".to_vec(), LONG).unwrap();
         assert_eq!(sink.text(), "kept\nkept\n");
         assert_eq!(sink.cues().events, ["write", "fail", "write", "sync"]);
     }
@@ -667,13 +685,12 @@ mod tests {
         let (sink, seen) = (Cued::default(), Seen::default());
         let queue = queue(4, &sink, &seen);
         sink.cues().failing_writes = usize::MAX;
-        let given_up = queue.push_and_wait(
-            b"lost\n".to_vec(),
-            Instant::now() + Duration::from_millis(50),
-        );
-        assert_eq!(given_up, Err(NotWritten::TimedOut));
+        let given_up = queue.push_and_wait(b"lost\n".to_vec(), Duration::from_millis(50));
+        let given_up = given_up.unwrap_err();
+        assert_eq!(given_up.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(given_up.to_string(), "the log did not take it within 0.05s");
         sink.cues().failing_writes = 0;
-        assert_eq!(queue.push_and_wait(b"later\n".to_vec(), soon()), Ok(()));
+        queue.push_and_wait(b"later\n".to_vec(), LONG).unwrap();
         assert_eq!(sink.text(), "later\n");
     }
 
@@ -683,7 +700,7 @@ mod tests {
         let queue = queue(2, &sink, &seen);
         sink.stall(true);
         queue.push(b"a\n".to_vec(), Class::Housekeeping);
-        wait_for("the writer took the line", || queue.lock().writing);
+        wait_for("the writer took the line", || lock(&queue.state).writing);
         for line in ["b\n", "c\n", "busy\n"] {
             queue.push(line.into(), Class::Housekeeping);
         }
@@ -701,9 +718,9 @@ mod tests {
         let (sink, seen) = (Cued::default(), Seen::default());
         let queue = queue(1, &sink, &seen);
         sink.stall(true);
-        let first = thread::spawn(move || queue.push_and_wait(b"first\n".to_vec(), soon()));
-        let second = thread::spawn(move || queue.push_and_wait(b"second\n".to_vec(), soon()));
-        wait_for("lines queued", || queue.lock().queued == 2);
+        let first = thread::spawn(move || queue.push_and_wait(b"first\n".to_vec(), LONG));
+        let second = thread::spawn(move || queue.push_and_wait(b"second\n".to_vec(), LONG));
+        wait_for("lines queued", || lock(&queue.state).queued == 2);
         assert_eq!(queue.flush(Duration::from_millis(50)), 2);
         queue.stop_waiting();
         // The one blocked inside the sink stays there; the other returns.
@@ -712,6 +729,11 @@ mod tests {
         });
         sink.stall(false);
         let results = [first.join().unwrap(), second.join().unwrap()];
-        assert!(results.contains(&Err(NotWritten::Abandoned)), "{results:?}");
+        let abandoned = |result: &io::Result<()>| {
+            result
+                .as_ref()
+                .is_err_and(|e| e.to_string() == "the server stopped waiting for the log")
+        };
+        assert!(results.iter().any(abandoned), "{results:?}");
     }
 }
