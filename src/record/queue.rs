@@ -1,17 +1,24 @@
 //! The log's output (stderr, or the `--log-file` that SIGHUP reopens) and the
-//! bounded queue in front of it: group commit. A record's caller who finds
-//! nobody writing writes every waiting line with one `fdatasync` (batches grow
-//! only under load, as PostgreSQL's WAL flush); the writer thread writes the
-//! other lines and retries a failed batch with a growing pause, from the byte
-//! where its write stopped (after a failed sync, all of it: none is lost).
+//! bounded queue in front of it: group commit. One writer thread takes every
+//! waiting line as one batch, writes it, and `fdatasync`s it once if it holds
+//! a record (batches grow only under load, as PostgreSQL's WAL flush); a
+//! record's caller waits for that, up to its deadline, and never does I/O
+//! itself, so a stalled output holds up no client past its deadline. A
+//! failed batch is retried with a growing pause from the byte where its
+//! write stopped (after a failed sync, all of it: none is lost).
+//!
+//! On a pipe (stderr, unsynced), a record of at most `PIPE_BUF` bytes is
+//! written by its own thread first, with no lock and nobody to wake: a pipe
+//! takes such a write whole or not at all, and the writer thread holds the
+//! pipe gate while it writes, so such a record never lands inside a batch.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -46,11 +53,20 @@ pub(crate) trait Observer: Send + Sync {
 /// A file, or, in the tests, a writer that fails on cue.
 pub(crate) trait Sink: Write + Send {
     fn sync_data(&mut self) -> io::Result<()>;
+
+    /// Whether the file was deleted (its last name removed).
+    fn unlinked(&self) -> bool {
+        false
+    }
 }
 
 impl Sink for File {
     fn sync_data(&mut self) -> io::Result<()> {
         File::sync_data(self)
+    }
+
+    fn unlinked(&self) -> bool {
+        self.metadata().is_ok_and(|meta| meta.nlink() == 0)
     }
 }
 
@@ -59,8 +75,8 @@ pub(crate) struct Output {
     file: Box<dyn Sink>,
     /// The log file, reopened on SIGHUP; `None`: stderr.
     path: Option<PathBuf>,
-    /// `fdatasync` after each batch that holds a record: the log file, or
-    /// stderr when it is a regular file (`2>server.log`), not a pipe.
+    /// `fdatasync` after each batch that holds a record, where the output is
+    /// a regular file (not a pipe, a terminal, `/dev/null`).
     sync: bool,
 }
 
@@ -74,7 +90,7 @@ impl Output {
             })?,
             None => File::from(io::stderr().as_fd().try_clone_to_owned()?),
         };
-        let sync = sync && (path.is_some() || file.metadata().is_ok_and(|meta| meta.is_file()));
+        let sync = sync && file.metadata().is_ok_and(|meta| meta.is_file());
         let (file, path) = (Box::new(file), path.map(Path::to_path_buf));
         Ok(Output { file, path, sync })
     }
@@ -90,8 +106,8 @@ impl Output {
         pipe.then(|| open.open("/proc/self/fd/2").ok())?
     }
 
-    /// Opens the log file's path again (logrotate renamed it), `first_line`
-    /// first; the old file is kept on failure.
+    /// Opens the log file's path again (logrotate renamed it, or it was
+    /// deleted), `first_line` first; the old file is kept on failure.
     fn reopen(&mut self, first_line: &[u8]) -> io::Result<()> {
         if let Some(path) = &self.path {
             let mut file = open_log_file(path)?;
@@ -99,6 +115,23 @@ impl Output {
             self.file = Box::new(file);
         }
         Ok(())
+    }
+
+    /// The log file was deleted: what is written there is in no record, so
+    /// the path is opened anew, and the caller writes the batch again.
+    fn deleted(&mut self) -> Option<io::Error> {
+        let path = self.path.clone().filter(|_| self.file.unlinked())?;
+        let why = match self.reopen(b"") {
+            Ok(()) => "it was deleted; writing to a new one".to_string(),
+            Err(e) => format!(
+                "it was deleted and cannot be made again: {}",
+                describe_io_error(&e)
+            ),
+        };
+        Some(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{}: {why}", path.display()),
+        ))
     }
 }
 
@@ -127,11 +160,13 @@ pub(crate) struct Queue {
     changed: Condvar,
     /// The writer thread, waiting for work.
     work: Condvar,
-    /// Used only by the thread holding the writer role.
+    /// Used by the writer thread only.
     output: Mutex<Output>,
     observer: Box<dyn Observer>,
-    /// stderr as a pipe, non-blocking: see [`Queue::push_and_wait`].
+    /// stderr as a pipe, non-blocking, for records written by their thread.
     pipe: Option<File>,
+    /// Shared by such a write, held alone by the writer thread's writes.
+    pipe_gate: RwLock<()>,
     /// `State::failures > 0`, read without the lock.
     failing: AtomicBool,
 }
@@ -148,7 +183,7 @@ struct State {
     queued: u64,
     /// Every line numbered at most this is written (or was given up).
     done: u64,
-    /// A thread holds the writer role.
+    /// The writer thread is writing a batch.
     writing: bool,
     writer_idle: bool,
     /// Failed attempts in a row.
@@ -163,17 +198,11 @@ struct State {
 }
 
 impl State {
-    fn has_writer_work(&self) -> bool {
-        !self.writing
-            && (!self.waiting.lines.is_empty()
-                || self.retry.is_some()
-                || self.reopen.is_some()
-                || self.dropped > 0)
-    }
-
-    /// Nobody writes, and no failed batch waits for the writer thread's pause.
-    fn writer_free(&self) -> bool {
-        !self.writing && self.retry.is_none()
+    fn has_work(&self) -> bool {
+        !self.waiting.lines.is_empty()
+            || self.retry.is_some()
+            || self.reopen.is_some()
+            || self.dropped > 0
     }
 
     /// Counts a housekeeping line as dropped if the queue is full.
@@ -237,12 +266,12 @@ impl Lines {
             .unwrap_or(0);
     }
 
-    /// Writes what is left, then syncs if a record is in it; returns the
-    /// bytes written. On an error, `written` says how far it got.
-    fn write_to(&mut self, output: &mut Output) -> io::Result<usize> {
+    /// Writes what is left, then syncs if a record is in it (written now or
+    /// by an earlier, failed attempt). On an error, `written` says how far
+    /// it got; after a failed sync, or in a deleted file, it is all to do.
+    fn write_to(&mut self, output: &mut Output) -> io::Result<()> {
         let bytes = self.lines.iter().map(|line| &line.bytes[..]);
         let bytes = bytes.collect::<Vec<_>>().concat();
-        let start = self.written;
         while self.written < bytes.len() {
             match output.file.write(&bytes[self.written..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -251,16 +280,21 @@ impl Lines {
                 Err(e) => return Err(e),
             }
         }
-        let synced = output.sync && self.lines.iter().any(|line| line.record);
-        if self.written > start
-            && synced
-            && let Err(e) = output.file.sync_data()
-        {
-            // What the failed sync covered may be lost: write it all again.
-            self.written = 0;
-            return Err(e);
+        let records = self
+            .lines
+            .iter()
+            .any(|line| line.record && !line.bytes.is_empty());
+        if !(records && output.sync) {
+            return Ok(());
         }
-        Ok(self.written - start)
+        let lost = output.file.sync_data().err().or_else(|| output.deleted());
+        match lost {
+            Some(e) => {
+                self.written = 0;
+                Err(e)
+            }
+            None => Ok(()),
+        }
     }
 }
 
@@ -272,6 +306,7 @@ impl Queue {
             changed: Condvar::new(),
             work: Condvar::new(),
             pipe: output.unsynced_pipe(),
+            pipe_gate: RwLock::new(()),
             output: Mutex::new(output),
             observer,
             failing: AtomicBool::new(false),
@@ -282,14 +317,6 @@ impl Queue {
         drop(state);
         let result = f();
         (lock(&self.state), result)
-    }
-
-    /// Runs `f` without the lock, holding the writer role.
-    fn as_writer<'a, T>(&'a self, mut state: Guard<'a>, f: impl FnOnce() -> T) -> (Guard<'a>, T) {
-        state.writing = true;
-        let (mut state, result) = self.unlocked(state, f);
-        state.writing = false;
-        (state, result)
     }
 
     /// Whether a housekeeping line would be dropped now (counted if so).
@@ -308,20 +335,13 @@ impl Queue {
             return;
         }
         state.enqueue(bytes, false);
-        self.wake_writer_if_needed(&state);
+        self.wake_writer(&state);
     }
 
-    /// Queues a record and waits until it is written and synced, writing
-    /// the queue itself if nobody else is; gives up after `timeout` (its line
-    /// taken out if no byte of it is written). On a pipe, a record of at most
-    /// `PIPE_BUF` bytes is first tried by its own thread with no lock: a pipe
-    /// takes such a write whole or not at all.
+    /// Queues a record and waits until it is written and synced; gives up
+    /// after `timeout` (its line taken out if no byte of it is written).
     pub(crate) fn push_and_wait(&self, bytes: Vec<u8>, timeout: Duration) -> io::Result<()> {
-        if let Some(mut pipe) = self.pipe.as_ref()
-            && bytes.len() <= libc::PIPE_BUF
-            && !self.failing.load(Ordering::Relaxed)
-            && pipe.write(&bytes).is_ok_and(|n| n == bytes.len())
-        {
+        if self.write_to_pipe(&bytes) {
             return Ok(());
         }
         let timed_out = || {
@@ -334,7 +354,8 @@ impl Queue {
             state = self.wait(state, deadline).map_err(|_| timed_out())?;
         }
         let number = state.enqueue(bytes, true);
-        let (mut state, written) = self.write_until(state, Some(number), deadline);
+        self.wake_writer(&state);
+        let (mut state, written) = self.wait_until(state, number, true, deadline);
         if written {
             return Ok(());
         }
@@ -348,31 +369,35 @@ impl Queue {
         Err(timed_out())
     }
 
-    /// Writes (when the writer role is free) or waits until line `last`, or
-    /// every queued line if `None`, is written: false at `deadline`, or for a
-    /// record when the server stops waiting.
-    fn write_until<'a>(
+    /// Writes `bytes` to the pipe whole, if it is one and nobody else writes.
+    fn write_to_pipe(&self, bytes: &[u8]) -> bool {
+        let Some(mut pipe) = self.pipe.as_ref() else {
+            return false;
+        };
+        let fits = bytes.len() <= libc::PIPE_BUF && !self.failing.load(Ordering::Relaxed);
+        let gate = fits.then(|| self.pipe_gate.try_read().ok()).flatten();
+        gate.is_some() && pipe.write(bytes).is_ok_and(|n| n == bytes.len())
+    }
+
+    /// Waits until line `last` is written: false at `deadline`, or, for a
+    /// `record`, when the server stops waiting.
+    fn wait_until<'a>(
         &'a self,
         mut state: Guard<'a>,
-        last: Option<u64>,
+        last: u64,
+        record: bool,
         deadline: Instant,
     ) -> (Guard<'a>, bool) {
-        loop {
-            if state.done >= last.unwrap_or(state.queued) {
-                return (state, true);
-            }
-            if last.is_some() && state.abandoned {
+        while state.done < last {
+            if record && state.abandoned {
                 return (state, false);
-            }
-            if state.writer_free() {
-                state = self.write_batch(state);
-                continue;
             }
             match self.wait(state, deadline) {
                 Ok(next) => state = next,
                 Err(state) => return (state, false),
             }
         }
+        (state, true)
     }
 
     /// Waits on `changed` until signalled or `deadline`; `Err` once it passed.
@@ -385,27 +410,35 @@ impl Queue {
         Ok(waited.unwrap_or_else(PoisonError::into_inner).0)
     }
 
-    fn wake_writer_if_needed(&self, state: &State) {
-        if state.writer_idle && state.has_writer_work() {
+    fn wake_writer(&self, state: &State) {
+        if state.writer_idle {
             self.work.notify_one();
         }
     }
 
-    /// Takes the writer role and writes the batch to retry, or else every
-    /// waiting line, in one go; returns with the lock held again.
+    /// Writes the batch to retry, or else every waiting line, in one go;
+    /// returns with the lock held again.
     fn write_batch<'a>(&'a self, mut state: Guard<'a>) -> Guard<'a> {
+        let was_full = state.waiting.lines.len() >= self.capacity;
         let mut batch = match state.retry.take() {
             Some(batch) => batch,
             None => std::mem::take(&mut state.waiting),
         };
-        self.changed.notify_all(); // callers waiting for room queue during the write
-        let (mut state, result) = self.as_writer(state, || batch.write_to(&mut lock(&self.output)));
+        if was_full {
+            self.changed.notify_all(); // room for callers waiting for it
+        }
+        state.writing = true;
+        let write = || {
+            let _gate = self.pipe.as_ref().map(|_| self.pipe_gate.write());
+            batch.write_to(&mut lock(&self.output))
+        };
+        let (mut state, result) = self.unlocked(state, write);
+        state.writing = false;
         match result {
-            Ok(written) => {
+            Ok(()) => {
                 let last = batch.lines.last().map_or(0, |line| line.number);
                 state.done = state.done.max(last);
-                // A batch whose lines were all given up proves nothing.
-                if written > 0 && state.failures > 0 {
+                if state.failures > 0 && batch.lines.iter().any(|line| !line.bytes.is_empty()) {
                     let failures = std::mem::take(&mut state.failures);
                     self.failing.store(false, Ordering::Relaxed);
                     state = self.unlocked(state, || self.observer.recovered(failures)).0;
@@ -419,19 +452,18 @@ impl Queue {
             }
         }
         self.changed.notify_all();
-        self.wake_writer_if_needed(&state);
         state
     }
 
     /// The writer thread: reopens the output when asked, retries a failed
-    /// batch after a pause, writes lines nobody waits for, reports drops.
+    /// batch after a pause, writes what waits, reports drops.
     fn serve(&self) {
         let mut state = lock(&self.state);
         loop {
             state.writer_idle = true;
             state = self
                 .work
-                .wait_while(state, |s| !s.has_writer_work())
+                .wait_while(state, |s| !s.has_work())
                 .unwrap_or_else(PoisonError::into_inner);
             state.writer_idle = false;
             let mut reopened = false;
@@ -440,7 +472,7 @@ impl Queue {
                     let done = lock(&self.output).reopen(&first_line);
                     done.inspect_err(|e| self.observer.reopen_failed(e)).is_ok()
                 };
-                (state, reopened) = self.as_writer(state, reopen);
+                (state, reopened) = self.unlocked(state, reopen);
                 // A line torn by a failed write is written whole again in
                 // the new file, at once: the new file is why it may work.
                 if let (true, Some(batch)) = (reopened, &mut state.retry) {
@@ -450,7 +482,7 @@ impl Queue {
             if state.retry.is_some() && !reopened {
                 let doublings = state.failures.saturating_sub(1).min(16) as u32;
                 let pause = (FIRST_RETRY_PAUSE * 2u32.pow(doublings)).min(MAX_RETRY_PAUSE);
-                state = self.as_writer(state, || thread::sleep(pause)).0;
+                state = self.unlocked(state, || thread::sleep(pause)).0;
             }
             if state.retry.is_some() || !state.waiting.lines.is_empty() {
                 state = self.write_batch(state);
@@ -466,12 +498,14 @@ impl Queue {
     pub(crate) fn reopen(&self, first_line: Vec<u8>) {
         let mut state = lock(&self.state);
         state.reopen = Some(first_line);
-        self.wake_writer_if_needed(&state);
+        self.wake_writer(&state);
     }
 
     /// Waits up to `timeout` for every queued line; returns how many are not written.
     pub(crate) fn flush(&self, timeout: Duration) -> u64 {
-        let (state, _) = self.write_until(lock(&self.state), None, Instant::now() + timeout);
+        let state = lock(&self.state);
+        let last = state.queued;
+        let (state, _) = self.wait_until(state, last, false, Instant::now() + timeout);
         state.queued - state.done
     }
 
@@ -496,6 +530,7 @@ pub(crate) fn start_writer(queue: &'static Queue) -> io::Result<()> {
         .spawn(move || queue.serve())
         .map(drop)
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -723,9 +758,8 @@ mod tests {
         wait_for("lines queued", || lock(&queue.state).queued == 2);
         assert_eq!(queue.flush(Duration::from_millis(50)), 2);
         queue.stop_waiting();
-        // The one blocked inside the sink stays there; the other returns.
         wait_for("nobody released", || {
-            first.is_finished() || second.is_finished()
+            first.is_finished() && second.is_finished()
         });
         sink.stall(false);
         let results = [first.join().unwrap(), second.join().unwrap()];
@@ -735,5 +769,51 @@ mod tests {
                 .is_err_and(|e| e.to_string() == "the server stopped waiting for the log")
         };
         assert!(results.iter().any(abandoned), "{results:?}");
+    }
+
+    #[test]
+    fn a_caller_never_waits_past_its_deadline_for_a_stalled_sink() {
+        let (sink, seen) = (Cued::default(), Seen::default());
+        let queue = queue(4, &sink, &seen);
+        sink.stall(true);
+        for line in ["first\n", "second\n"] {
+            let started = Instant::now();
+            let given_up = queue.push_and_wait(line.into(), Duration::from_millis(50));
+            assert_eq!(given_up.unwrap_err().kind(), io::ErrorKind::TimedOut);
+            assert!(started.elapsed() < Duration::from_secs(5), "{line}");
+        }
+        sink.stall(false);
+    }
+
+    /// A line written by an attempt that then failed is acknowledged only
+    /// after a sync, even when the retry has nothing left to write (the
+    /// rest of its batch given up).
+    #[test]
+    fn a_line_written_before_a_failure_is_synced_before_it_is_acknowledged() {
+        let (sink, seen) = (Cued::default(), Seen::default());
+        let queue = queue(4, &sink, &seen);
+        sink.stall(true);
+        queue.push(b"x\n".to_vec(), Class::Lifecycle);
+        wait_for("the writer took x", || lock(&queue.state).writing);
+        let first = thread::spawn(move || queue.push_and_wait(b"first\n".to_vec(), LONG));
+        wait_for("first queued", || lock(&queue.state).queued == 2);
+        let short = Duration::from_millis(100);
+        let second = thread::spawn(move || queue.push_and_wait(b"second\n".to_vec(), short));
+        wait_for("second queued", || lock(&queue.state).queued == 3);
+        {
+            // x goes whole; "first\n" goes, then the disk is full.
+            let mut cues = sink.cues();
+            cues.short_write = Some(2);
+            cues.failing_writes = usize::MAX;
+        }
+        sink.stall(false);
+        wait_for("x written", || sink.text() == "x\n");
+        sink.cues().short_write = Some(6);
+        assert!(second.join().unwrap().is_err(), "second was never written");
+        sink.cues().failing_writes = 0;
+        first.join().unwrap().unwrap();
+        let events = sink.cues().events.clone();
+        assert_eq!(events.last(), Some(&"sync"), "{events:?}");
+        assert_eq!(sink.text(), "x\nfirst\n");
     }
 }
