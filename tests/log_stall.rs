@@ -11,6 +11,7 @@ mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -216,4 +217,129 @@ fn after_the_log_drains_every_cleanly_closed_client_has_its_reply_logged() {
         "{} clients replied, {kept_waiting} were kept waiting by the stalled log",
         clients.len()
     );
+}
+
+/// A reply too long for the pipe's atomic write (`PIPE_BUF`) goes through
+/// the log queue: with the pipe full, its client waits for the log, and is
+/// reset once `--record-timeout` runs out. No client waits longer, not
+/// even one whose record was being written when the pipe filled.
+#[test]
+fn on_a_stalled_log_every_client_ends_within_the_record_timeout() {
+    const RECORD_TIMEOUT: Duration = Duration::from_secs(2);
+    let server = ServerProcess::builder()
+        .args(["--record-timeout", &RECORD_TIMEOUT.as_secs().to_string()])
+        .args(["--max-reply-bytes", "4000", "--max-connections", "100"])
+        .stall_log()
+        .start();
+    let addr = server.addr;
+    let clients: Vec<_> = (0..40)
+        .map(|n| {
+            std::thread::spawn(move || {
+                let mut stream = connect(addr);
+                if read_line(&mut stream) != PROMPT {
+                    return None;
+                }
+                let started = Instant::now();
+                let reply = format!("{}{n}\n", "x".repeat(3000));
+                let end = send_and_see_end(&mut stream, reply.as_bytes());
+                Some((end, started.elapsed()))
+            })
+        })
+        .collect();
+    let ends: Vec<(End, Duration)> = clients
+        .into_iter()
+        .filter_map(|client| client.join().expect("client thread"))
+        .collect();
+    for (end, took) in &ends {
+        assert!(
+            *took < RECORD_TIMEOUT + Duration::from_secs(3),
+            "a client saw {end:?} only after {took:?}"
+        );
+    }
+    assert!(
+        ends.iter().any(|(end, _)| *end == End::Reset),
+        "the log never stalled: {ends:?}"
+    );
+}
+
+/// A slow reader of stderr: records short enough for one atomic pipe write
+/// (written by their own thread) and long ones (written by the log queue,
+/// in several writes as the pipe empties) all arrive as whole lines, none
+/// inside another.
+#[test]
+fn records_on_a_slowly_read_pipe_are_never_spliced() {
+    let mut command = ServerProcess::builder()
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--max-reply-bytes",
+            "4000",
+        ])
+        .args(["--max-connections", "400"])
+        .env("RUST_LOG", "warn")
+        .command();
+    let mut child = KillOnDrop(
+        command
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start prompt-server"),
+    );
+    let mut stderr = child.stderr.take().expect("stderr");
+    let mut log = Vec::new();
+    while !String::from_utf8_lossy(&log).contains('\n') {
+        let mut byte = [0u8; 1];
+        assert_eq!(stderr.read(&mut byte).expect("the listening line"), 1);
+        log.push(byte[0]);
+    }
+    let line = String::from_utf8_lossy(&log).into_owned();
+    let addr: SocketAddr = line.rsplit(' ').next().unwrap().trim().parse().unwrap();
+    // Reads 4 KiB every 10 ms until the pipe is closed.
+    let reader = std::thread::spawn(move || {
+        let mut log = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while let Ok(n @ 1..) = stderr.read(&mut chunk) {
+            log.extend_from_slice(&chunk[..n]);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        log
+    });
+    let replies: Vec<String> = (0..300)
+        .map(|n| match n % 3 {
+            0 => format!("long-{n}-{}-end", "y".repeat(3000)),
+            _ => format!("short-{n}-end"),
+        })
+        .collect();
+    let clients: Vec<_> = replies
+        .iter()
+        .cloned()
+        .map(|reply| {
+            std::thread::spawn(move || {
+                let mut stream = connect(addr);
+                expect_prompt(&mut stream);
+                send_and_see_end(&mut stream, format!("{reply}\n").as_bytes())
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().expect("client thread");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = String::from_utf8_lossy(&reader.join().expect("reader")).into_owned();
+    let said: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains(" said: "))
+        .collect();
+    for line in &said {
+        let reply = line.split(" said: \"").nth(1).unwrap_or_default();
+        let reply = reply.strip_suffix('"').unwrap_or_default();
+        assert!(
+            replies.iter().any(|sent| sent == reply),
+            "a spliced line: {line:?}"
+        );
+    }
+    assert!(!said.is_empty(), "no replies in {log:?}");
 }
