@@ -753,3 +753,47 @@ fn a_reopen_that_fails_keeps_the_old_file_and_says_so() {
     server.signal("TERM");
     assert_eq!(server.wait_exit().code(), Some(0), "{:#?}", server.seen);
 }
+
+/// A reply written into a log file that was deleted is in no record: the
+/// server notices, makes the file anew and writes the reply there before
+/// the clean close; if the file cannot be made again, the client is reset.
+#[test]
+fn a_deleted_log_file_is_made_anew_or_its_clients_are_reset() {
+    let dir = TempDir::new("deleted-log");
+    fs::create_dir(dir.path.join("logs")).unwrap();
+    let path = dir.path.join("logs/server.log");
+    let mut server = ServerProcess::builder()
+        .log_file(&path)
+        .args(["--record-timeout", "1"])
+        .start();
+    let (_, end) = session_end(server.addr, "before");
+    assert_eq!(end, End::Clean);
+
+    fs::remove_file(&path).unwrap();
+    let (peer, end) = session_end(server.addr, "after");
+    assert_eq!(end, End::Clean, "{peer}");
+    let made_anew = LogFile::new(&path);
+    made_anew.wait_for(&format!("{peer} said: \"after\""));
+    server.expect_line_matching("a report of the deletion", |line| line.contains("deleted"));
+
+    fs::remove_file(&path).unwrap();
+    fs::remove_dir(dir.path.join("logs")).unwrap();
+    let (peer, end) = session_end(server.addr, "nowhere");
+    assert_eq!(end, End::Reset, "{peer}: its reply is in no file");
+    server.signal("TERM");
+    assert_eq!(server.wait_exit().code(), Some(3), "{:#?}", server.seen);
+}
+
+/// A log file that cannot be synced (a character device, a pipe) is written
+/// without a sync, as stderr on a pipe is, instead of failing every batch.
+#[test]
+fn a_log_file_that_is_not_a_regular_file_takes_replies_without_a_sync() {
+    // stderr still says where the server listens.
+    let mut server = ServerProcess::builder()
+        .args(["--log-file", "/dev/null", "--record-timeout", "1"])
+        .start();
+    let (peer, end) = session_end(server.addr, "into the void");
+    assert_eq!(end, End::Clean, "{peer}");
+    server.signal("TERM");
+    assert_eq!(server.wait_exit().code(), Some(0), "{:#?}", server.seen);
+}
