@@ -9,10 +9,10 @@ mod common;
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::hash::BuildHasher;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -796,4 +796,59 @@ fn a_log_file_that_is_not_a_regular_file_takes_replies_without_a_sync() {
     assert_eq!(end, End::Clean, "{peer}");
     server.signal("TERM");
     assert_eq!(server.wait_exit().code(), Some(0), "{:#?}", server.seen);
+}
+
+/// Colours are for a terminal: with `--log-file`, the file gets plain
+/// lines even when the server runs on one (`script` gives it a terminal).
+#[test]
+fn a_server_on_a_terminal_writes_its_log_file_without_colours() {
+    if !require_program("script", "apt-get install bsdutils") {
+        return;
+    }
+    let dir = TempDir::new("colours");
+    let path = dir.path.join("server.log");
+    let binary = env!("CARGO_BIN_EXE_prompt-server");
+    let inner = format!(
+        "echo pid $$; exec env RUST_LOG=info {binary} --bind 127.0.0.1 --port 0 --log-file {}",
+        path.display()
+    );
+    let mut terminal = KillOnDrop(
+        Command::new("script")
+            .args(["-qfec", &inner, "/dev/null"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start script"),
+    );
+    let mut output = BufReader::new(terminal.stdout.take().expect("script's output"));
+    let (mut pid, mut addr) = (None, None);
+    let mut line = String::new();
+    while addr.is_none() && output.read_line(&mut line).expect("a line") > 0 {
+        pid = pid.or_else(|| line.trim().strip_prefix("pid ").map(str::to_string));
+        addr = line
+            .split("listening on ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|addr| {
+                addr.trim_end_matches("\u{1b}[0m")
+                    .parse::<SocketAddr>()
+                    .ok()
+            });
+        line.clear();
+    }
+    let (pid, addr) = (pid.expect("the server's pid"), addr.expect("its address"));
+    let (peer, end) = session_end(addr, "plain");
+    assert_eq!(end, End::Clean);
+    let log = LogFile::new(&path);
+    log.wait_for(&format!("{peer} said: \"plain\""));
+    Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(terminal.wait().expect("script").success());
+    let text = fs::read_to_string(&path).unwrap();
+    assert!(
+        !text.contains('\u{1b}'),
+        "escape codes in the log file: {text:?}"
+    );
 }

@@ -110,8 +110,7 @@ fn refusals_held_back_at_the_stop_are_logged_before_the_summary() {
         .args(["--deny", "127.0.0.1"])
         .start();
     for _ in 0..DENIED {
-        let mut denied = server.connect();
-        assert_eq!(read_until_closed(&mut denied), b"");
+        assert_eq!(refused_end(server.addr, None, b""), End::Reset);
     }
     server.expect_event("denied", |_| true);
     server.signal("TERM");

@@ -147,3 +147,29 @@ fn sigpwr_and_sigstkflt_are_logged_by_name() {
     server.signal("TERM");
     assert_eq!(server.wait_exit().code(), Some(0), "{:#?}", server.seen);
 }
+
+/// `RUST_LOG=warn` keeps what an operator asks for or must know: SIGUSR1's
+/// counters, and the count of refusals held back at the stop (at the level
+/// of the refusals themselves).
+#[test]
+fn with_rust_log_warn_counters_and_held_back_refusals_still_show() {
+    let mut server = ServerProcess::builder()
+        .json_log()
+        .env("RUST_LOG", "warn")
+        .args(["--deny", "127.0.0.1"])
+        .start();
+    server.signal("USR1");
+    server.expect_event("counters", |_| true);
+    for _ in 0..3 {
+        assert_eq!(refused_end(server.addr, None, b""), End::Reset);
+    }
+    server.signal("TERM");
+    assert_eq!(server.wait_exit().code(), Some(0), "{:#?}", server.seen);
+    let denied = server.events("denied");
+    let last = denied.last().expect("denied lines");
+    assert!(
+        last["held_back"].as_u64() >= Some(1) && message(last).contains("more denied line"),
+        "{:#?}",
+        server.seen
+    );
+}

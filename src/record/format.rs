@@ -137,12 +137,16 @@ pub(crate) fn json_line(ts: &str, record: &log::Record<'_>) -> Json {
 }
 
 /// Escapes, inside JSON strings, what serde_json leaves (it escapes only C0
-/// controls) but ends a line for some log tools or drives terminals: DEL,
-/// C1 controls (NEL among them), and the Unicode line and paragraph separators.
+/// controls) but ends a line for some log tools, drives terminals or hides
+/// text: DEL, C1 controls (NEL among them), the Unicode line and paragraph
+/// separators, and the invisible and bidirectional format characters (as
+/// the text format's escaping does).
 pub(crate) fn escape_line_breakers(json: &str) -> String {
     let mut out = String::with_capacity(json.len());
     for c in json.chars() {
-        if c.is_control() || c == '\u{2028}' || c == '\u{2029}' {
+        let invisible = matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}')
+            || matches!(c, '\u{2060}'..='\u{2069}' | '\u{FEFF}');
+        if c.is_control() || c == '\u{2028}' || c == '\u{2029}' || invisible {
             out.push_str(&format!("\\u{:04x}", u32::from(c)));
         } else {
             out.push(c);
@@ -301,15 +305,19 @@ mod tests {
     fn json_lines_escape_every_line_breaker() {
         let json = record_json(
             format_args!("m"),
-            &[("reply", Value::from("a\u{85}b\u{2028}c\u{7f}"))],
+            &[(
+                "reply",
+                Value::from("a\u{85}b\u{2028}c\u{7f}d\u{202e}e\u{200b}"),
+            )],
         );
         let line = escape_line_breakers(&json.to_string());
+        let hidden = ['\u{2028}', '\u{202e}', '\u{200b}'];
         assert!(
-            !line.chars().any(|c| c.is_control() || c == '\u{2028}'),
+            !line.chars().any(|c| c.is_control() || hidden.contains(&c)),
             "{line}"
         );
         let back: Json = serde_json::from_str(&line).unwrap();
-        assert_eq!(back["reply"], "a\u{85}b\u{2028}c\u{7f}");
+        assert_eq!(back["reply"], "a\u{85}b\u{2028}c\u{7f}d\u{202e}e\u{200b}");
     }
 
     #[test]

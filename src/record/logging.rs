@@ -16,7 +16,7 @@ use std::{panic, thread};
 
 use libc::{EDQUOT, EFBIG, EIO, ENOSPC, EPIPE};
 use log::kv::{Key, ToValue, Value};
-use log::{Level, Log as _, error, info, warn};
+use log::{Level, Log as _, error, warn};
 
 pub use super::format::LogFormat;
 pub(crate) use super::format::event;
@@ -71,6 +71,9 @@ impl Default for LogSettings {
 /// The target of the `listening on ADDR` line, logged at info whatever
 /// `RUST_LOG` says unless it names this target: it tells `--port 0`'s port.
 pub(crate) const LISTENING_TARGET: &str = "prompt_server::listening";
+/// The target of SIGUSR1's counters line, shown at info whatever `RUST_LOG`
+/// says (an operator asked for it).
+pub(crate) const COUNTERS_TARGET: &str = "prompt_server::counters";
 const RECORD_TARGET: &str = "prompt_server::connection";
 /// Lines the queue holds while the output is slow: enough for a burst of
 /// replies, few enough that a stalled output is noticed soon.
@@ -111,10 +114,11 @@ pub fn init(settings: &LogSettings) -> io::Result<()> {
         let why = format!("record_timeout {rule}");
         return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
     }
-    let mut diagnostics = builder(settings.format);
+    let mut diagnostics = builder(settings);
     // Before RUST_LOG is read, so that a RUST_LOG directive for this very
     // target replaces it; any other directive is less specific and loses.
     diagnostics.filter_module(LISTENING_TARGET, log::LevelFilter::Info);
+    diagnostics.filter_module(COUNTERS_TARGET, log::LevelFilter::Info);
     diagnostics.parse_env(env_logger::Env::default().default_filter_or("info"));
     let diagnostics = diagnostics.build();
     let log = install(settings)?;
@@ -123,16 +127,18 @@ pub fn init(settings: &LogSettings) -> io::Result<()> {
         .map_err(|e| io::Error::other(e.to_string()))
 }
 
-/// An `env_logger` builder for `format` whose lines land in [`FORMATTED`].
-fn builder(format: LogFormat) -> env_logger::Builder {
+/// An `env_logger` builder for `settings` whose lines land in [`FORMATTED`],
+/// in colour when they go to a terminal.
+fn builder(settings: &LogSettings) -> env_logger::Builder {
     let mut builder = env_logger::Builder::new();
-    if format == LogFormat::Json {
+    if settings.format == LogFormat::Json {
         builder.format(|buf, record| {
             let line = json_line(&buf.timestamp_millis().to_string(), record);
             writeln!(buf, "{}", escape_line_breakers(&line.to_string()))
         });
     }
-    if std::env::var_os("RUST_LOG_STYLE").is_none() && io::stderr().is_terminal() {
+    let terminal = settings.file.is_none() && io::stderr().is_terminal();
+    if std::env::var_os("RUST_LOG_STYLE").is_none() && terminal {
         builder.write_style(env_logger::WriteStyle::Always);
     }
     builder.target(env_logger::Target::Pipe(Box::new(Captured)));
@@ -149,7 +155,7 @@ fn install(settings: &LogSettings) -> io::Result<&'static Log> {
         reported: ERROR_KINDS.map(|kind| LogEvery::new(kind, SECOND)),
         stderr: settings.file.is_some().then(stderr_writer).transpose()?,
     }));
-    let mut records = builder(settings.format);
+    let mut records = builder(settings);
     records.filter_level(log::LevelFilter::Trace);
     let log: &'static Log = Box::leak(Box::new(Log {
         queue: Queue::new(LOG_QUEUE_LINES, output, Box::new(health)),
@@ -321,7 +327,7 @@ impl Observer for &'static Health {
         let why = describe_io_error(error);
         self.to_stderr(format!(
             "prompt-server: cannot reopen the log file {path}: {why}; still writing to the file \
-             it was renamed to\n"
+             open before\n"
         ));
         warn!(
             event = event::LOG_REOPEN_FAILED;
@@ -451,7 +457,8 @@ pub(crate) static NOT_RECORDED_LINES: LogEvery = LogEvery::new(event::NOT_RECORD
 pub(crate) static ACCEPT_ERROR_LINES: LogEvery =
     LogEvery::new(event::ACCEPT_ERROR, Duration::from_secs(5));
 
-/// Logs how many lines of each kind are held back: a stopping server's last word.
+/// Logs how many lines of each kind are held back, at their own level: a
+/// stopping server's last word.
 pub(crate) fn report_held_back() {
     for every in [
         &BUSY_LINES,
@@ -461,11 +468,15 @@ pub(crate) fn report_held_back() {
         &ACCEPT_ERROR_LINES,
     ] {
         let held_back = std::mem::take(&mut lock(&every.state).1);
+        let lines = if held_back == 1 {
+            "line was"
+        } else {
+            "lines were"
+        };
         if held_back > 0 {
-            info!(
+            warn!(
                 event = every.event, held_back = held_back;
-                "{held_back} more {} lines were held back since the last one",
-                every.event
+                "{held_back} more {} {lines} held back since the last one", every.event
             );
         }
     }

@@ -120,7 +120,7 @@ impl Output {
     /// The log file was deleted: what is written there is in no record, so
     /// the path is opened anew, and the caller writes the batch again.
     fn deleted(&mut self) -> Option<io::Error> {
-        let path = self.path.clone().filter(|_| self.file.unlinked())?;
+        self.path.as_ref().filter(|_| self.file.unlinked())?;
         let why = match self.reopen(b"") {
             Ok(()) => "it was deleted; writing to a new one".to_string(),
             Err(e) => format!(
@@ -128,10 +128,7 @@ impl Output {
                 describe_io_error(&e)
             ),
         };
-        Some(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("{}: {why}", path.display()),
-        ))
+        Some(io::Error::new(io::ErrorKind::NotFound, why))
     }
 }
 

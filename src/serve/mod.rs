@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::error::{Error, describe_io_error};
 use crate::limits::rate::{PrefixLengths, RateBuckets};
 use crate::limits::{ConnectionLimit, PerIpLimit, capacity};
-use crate::logging::{self, event};
+use crate::logging::{self, COUNTERS_TARGET, event};
 use crate::service::metrics::{self, Metrics, ServerState};
 use crate::service::notify::Notifier;
 use crate::shutdown::{self, Shutdown};
@@ -159,7 +159,7 @@ fn report_to_service_manager(notifier: &Notifier, addrs: &[SocketAddr], shared: 
 fn log_counters(shared: &Shared) {
     let summary = shared.serving.stats.summary(shared.serving.limit.active());
     info!(
-        event = event::COUNTERS, connections = summary.connections, replies = summary.replies,
+        target: COUNTERS_TARGET, event = event::COUNTERS, connections = summary.connections, replies = summary.replies,
         truncated = summary.truncated, timed_out = summary.timed_out, no_reply = summary.no_reply,
         failed = summary.failed, rejected_busy = summary.rejected_busy,
         rate_limited = summary.rate_limited, denied = summary.denied,

@@ -593,6 +593,31 @@ pub fn connect_from(source: IpAddr, addr: SocketAddr) -> TcpStream {
     stream
 }
 
+/// How a client the server refuses without a word (a denied one) sees its
+/// connection end, after sending `bytes` (from `source`, if given): a reset,
+/// which may come before the connect returns.
+pub fn refused_end(addr: SocketAddr, source: Option<IpAddr>, bytes: &[u8]) -> End {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .unwrap();
+    if let Some(source) = source {
+        socket
+            .bind(&SocketAddr::new(source, 0).into())
+            .expect("bind client source");
+    }
+    match socket.connect_timeout(&addr.into(), TIMEOUT) {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return End::Reset,
+        connected => connected.expect("connect to server"),
+    }
+    let mut stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(TIMEOUT)).unwrap();
+    send_and_see_end(&mut stream, bytes)
+}
+
 /// Reads up to and including the first `\n` (one byte at a time, so nothing
 /// after it is consumed).
 pub fn read_line(stream: &mut TcpStream) -> Vec<u8> {
