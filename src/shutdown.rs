@@ -21,8 +21,8 @@ use socket2::{Domain, SockRef, Socket, Type};
 use libc::{SIGPWR, SIGSTKFLT};
 use log::{info, warn};
 use signal_hook::consts::{
-    SIGALRM, SIGHUP, SIGINT, SIGIO, SIGPROF, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGVTALRM,
-    SIGXCPU, SIGXFSZ,
+    SIGABRT, SIGALRM, SIGHUP, SIGINT, SIGIO, SIGPROF, SIGQUIT, SIGSYS, SIGTERM, SIGTRAP, SIGUSR1,
+    SIGUSR2, SIGVTALRM, SIGXCPU, SIGXFSZ,
 };
 use signal_hook::iterator::Signals;
 use signal_hook::low_level::signal_name;
@@ -33,12 +33,15 @@ use crate::logging::{self, event};
 use crate::stats::{Stats, Summary};
 
 /// Signals that start a graceful stop (a second one exits at once).
-const STOP_SIGNALS: [i32; 3] = [SIGINT, SIGTERM, SIGQUIT];
+/// (SIGQUIT and SIGABRT ask for a core dump; a core would hold replies not
+/// yet recorded, and the stop loses none.)
+const STOP_SIGNALS: [i32; 4] = [SIGINT, SIGTERM, SIGQUIT, SIGABRT];
 /// Signals whose default action would end the process but that mean
 /// nothing here: logged and ignored (SIGXFSZ too: a log file at its size
 /// limit then fails its writes, which are reported and retried).
-const IGNORED_SIGNALS: [i32; 9] = [
-    SIGUSR2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO, SIGPWR, SIGXCPU, SIGXFSZ, SIGSTKFLT,
+const IGNORED_SIGNALS: [i32; 11] = [
+    SIGUSR2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO, SIGPWR, SIGXCPU, SIGXFSZ, SIGSTKFLT, SIGTRAP,
+    SIGSYS,
 ];
 
 /// How long [`Shutdown::trigger`] tries to reach the listener to wake it.
@@ -151,7 +154,7 @@ impl Shutdown {
     }
 
     /// Starts a thread that handles the signals an operator sends: SIGINT,
-    /// SIGTERM or SIGQUIT triggers this handle (a graceful stop), a second
+    /// SIGTERM, SIGQUIT or SIGABRT triggers this handle (a graceful stop), a second
     /// one exits at once with status 128 + its number; SIGHUP reopens the
     /// log file; SIGUSR1 logs the counters so far; every other signal whose
     /// default would end the process (SIGUSR2, SIGALRM, SIGXFSZ, real-time

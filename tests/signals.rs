@@ -3,7 +3,7 @@
 //! SIGHUP without `--log-file` is logged and ignored, SIGUSR1 logs the
 //! counters, signals that mean nothing here (SIGUSR2, SIGALRM, SIGXFSZ, a
 //! real-time signal, ...) are logged and ignored, and after each a session
-//! is served; SIGQUIT drains like SIGTERM. (SIGHUP with a log file is in
+//! is served; SIGQUIT and SIGABRT drain like SIGTERM. (SIGHUP with a log file is in
 //! tests/rotation.rs.)
 
 mod common;
@@ -47,6 +47,8 @@ fn signals_that_mean_nothing_here_are_logged_and_ignored() {
         ("PROF", "SIGPROF", "SIGPROF received: ignored"),
         ("XCPU", "SIGXCPU", "SIGXCPU received: ignored"),
         ("IO", "SIGIO", "SIGIO received: ignored"),
+        ("TRAP", "SIGTRAP", "SIGTRAP received: ignored"),
+        ("SYS", "SIGSYS", "SIGSYS received: ignored"),
     ];
     for (signal, logged_as, expected) in cases {
         let line = signal_and_expect_line(&mut server, signal, logged_as);
@@ -98,8 +100,15 @@ fn sigusr1_logs_the_counters_so_far_and_serving_goes_on() {
     );
 }
 
+/// SIGQUIT and SIGABRT (the core-dump signals) drain like SIGTERM.
 #[test]
-fn sigquit_drains_like_sigterm() {
+fn sigquit_and_sigabrt_drain_like_sigterm() {
+    for signal in ["QUIT", "ABRT"] {
+        drains_like_sigterm(signal);
+    }
+}
+
+fn drains_like_sigterm(signal: &str) {
     let mut server = ServerProcess::builder()
         .json_log()
         .args(["--shutdown-timeout", "5"])
@@ -112,10 +121,10 @@ fn sigquit_drains_like_sigterm() {
     let peer = local(&finishing).to_string();
     server.expect_event("read", |read| read["peer"] == peer);
 
-    let line = signal_and_expect_line(&mut server, "QUIT", "SIGQUIT");
+    let line = signal_and_expect_line(&mut server, signal, &format!("SIG{signal}"));
     assert_eq!(
         line,
-        "SIGQUIT received: stopping (send it again to exit at once)"
+        format!("SIG{signal} received: stopping (send it again to exit at once)")
     );
     server.expect_event("shutdown", |_| true);
     finishing.write_all(b" after\n").unwrap();
