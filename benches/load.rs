@@ -9,7 +9,10 @@
 //! and latency: the server's CPU per session (from /proc/PID/stat), its
 //! system calls per session (from `strace -c`, when installed) and what
 //! idle clients cost it. Every server's stderr is a pipe the benchmark
-//! drains, as journald would.
+//! drains, as journald would. The `tls` mode serves TLS (a certificate made
+//! with `openssl`, left out without it): its sessions include the handshake
+//! (the load generator's too, on the same cores); its idle clients are not
+//! measured.
 //!
 //! Settings (environment): `PROMPT_BENCH_SECS` (seconds per session
 //! workload, default 3), `PROMPT_BENCH_ROUNDS` (the rounds each workload is
@@ -34,17 +37,23 @@ mod report;
 mod server;
 #[path = "support/strace.rs"]
 mod strace;
+#[path = "../tests/common/tls.rs"]
+mod tls;
 #[path = "support/yardstick.rs"]
 mod yardstick;
 
 use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
-use client::LoadResult;
+use client::{LoadResult, Target};
 use report::{IdleFigures, Latency, Report, SessionFigures, Settings, SyscallFigures};
+use rustls::ClientConfig;
 use server::Server;
+use tls::{Identity, Pki};
 
 const CONCURRENCY: [usize; 3] = [1, 16, 128];
 const FRESH_SESSIONS_WHILE_IDLE: usize = 200;
@@ -58,6 +67,8 @@ const SYSCALL_WORKLOAD: Duration = Duration::from_secs(2);
 
 /// The yardstick every figure is shown as a ratio to.
 const TOKIO: &str = "tokio";
+/// The mode that serves TLS.
+const TLS: &str = "tls";
 /// The yardstick whose CPU per session the default mode aims at.
 const NAIVE_STD: &str = "naive-std";
 /// The yardsticks: this executable re-executed in the role of that name.
@@ -79,7 +90,8 @@ fn main() {
     // cargo bench passes --bench; nothing else is expected.
     let settings = settings_from_env();
     fs::create_dir_all(&settings.out_dir).expect("create target/bench");
-    let servers = start_servers(&settings);
+    let tls = tls_files(&settings.out_dir).map_err(|why| println!("tls mode left out: {why}"));
+    let servers = start_servers(&settings, tls.ok());
 
     let mut report = Report::new(
         servers
@@ -116,13 +128,13 @@ fn settings_from_env() -> Settings {
 /// its flags beside `--bind 127.0.0.1 --port 0 --max-connections N` (N
 /// room for every idle client). A file a mode writes goes in
 /// `settings.out_dir`.
-fn project_modes(settings: &Settings) -> Vec<(&'static str, Vec<String>)> {
+fn project_modes(settings: &Settings, tls: Option<&Identity>) -> Vec<(&'static str, Vec<String>)> {
     let cache = settings.thread_cache.to_string();
     let mode = |name, args: &[&str]| (name, args.iter().map(|a| a.to_string()).collect());
     let log_file = target_dir().join("bench").join("log-file.log");
     let _ = fs::remove_file(&log_file);
     let log_file = log_file.to_string_lossy().into_owned();
-    vec![
+    let mut modes = vec![
         mode("threads", &[]),
         mode("thread-cache", &["--thread-cache", &cache]),
         // The thread cache with its log in a file, synced after each batch
@@ -146,20 +158,54 @@ fn project_modes(settings: &Settings) -> Vec<(&'static str, Vec<String>)> {
                 "1000000/s",
             ],
         ),
-    ]
+    ];
+    // The thread cache over TLS: what the handshake and encryption cost.
+    if let Some(identity) = tls {
+        let (cert, key) = (
+            identity.cert.to_string_lossy(),
+            identity.key.to_string_lossy(),
+        );
+        let args = [
+            "--thread-cache",
+            &cache,
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+        ];
+        modes.push(mode(TLS, &args));
+    }
+    modes
+}
+
+/// The `tls` mode's certificate, made with openssl in `out_dir/tls`, and a
+/// client configuration that trusts its CA; or why there is none.
+fn tls_files(out_dir: &Path) -> Result<(Identity, Arc<ClientConfig>), String> {
+    let openssl = Command::new("openssl").arg("version").output();
+    if !openssl.is_ok_and(|output| output.status.success()) {
+        return Err("openssl is not installed (apt-get install openssl)".to_string());
+    }
+    let dir = out_dir.join("tls");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let pki = Pki::new(&dir);
+    Ok((pki.server("server"), tls::client_config(&pki.ca, None)))
 }
 
 /// The project's modes, then the yardsticks.
-fn start_servers(settings: &Settings) -> Vec<Server> {
+fn start_servers(settings: &Settings, tls: Option<(Identity, Arc<ClientConfig>)>) -> Vec<Server> {
     let max_connections = (settings.idle + 1024).to_string();
-    let mut servers: Vec<Server> = project_modes(settings)
+    let (identity, client) = tls.unzip();
+    let mut servers: Vec<Server> = project_modes(settings, identity.as_ref())
         .into_iter()
         .map(|(name, args)| {
             let args: Vec<String> = ["--max-connections".to_string(), max_connections.clone()]
                 .into_iter()
                 .chain(args)
                 .collect();
-            Server::start_project(name, &args)
+            let mut server = Server::start_project(name, &args);
+            server.tls = client.clone().filter(|_| name == TLS);
+            server
         })
         .collect();
     servers.extend(
@@ -184,10 +230,10 @@ fn measure_sessions(servers: &[Server], settings: &Settings, report: &mut Report
         for round in 0..settings.rounds {
             for (server, (result, cpu)) in servers.iter().zip(&mut totals) {
                 if round == 0 {
-                    client::run_sessions(server.addr, c, WARM_UP);
+                    client::run_sessions(&server.target(), c, WARM_UP);
                 }
                 let cpu_before = server.cpu_time();
-                result.extend(client::run_sessions(server.addr, c, round_time));
+                result.extend(client::run_sessions(&server.target(), c, round_time));
                 *cpu += server.cpu_time().saturating_sub(cpu_before);
             }
         }
@@ -209,9 +255,9 @@ fn measure_syscalls(servers: &[Server], report: &mut Report) {
         SYSCALL_WORKLOAD.as_secs()
     );
     for server in servers {
-        client::run_sessions(server.addr, SYSCALL_CONCURRENCY, WARM_UP);
+        client::run_sessions(&server.target(), SYSCALL_CONCURRENCY, WARM_UP);
         let counted = strace::count_during(server.pid(), || {
-            client::run_sessions(server.addr, SYSCALL_CONCURRENCY, SYSCALL_WORKLOAD)
+            client::run_sessions(&server.target(), SYSCALL_CONCURRENCY, SYSCALL_WORKLOAD)
         })
         .map(|(counts, result)| SyscallFigures {
             sessions: result.sessions,
@@ -221,9 +267,9 @@ fn measure_syscalls(servers: &[Server], report: &mut Report) {
     }
 }
 
-/// `idle` silent clients held by each server in turn.
+/// `idle` silent clients held by each plain-TCP server in turn.
 fn measure_idle(servers: &[Server], idle: usize, report: &mut Report) {
-    for server in servers {
+    for server in servers.iter().filter(|server| server.tls.is_none()) {
         report.add_idle(
             &format!("idle {idle}"),
             &server.name,
@@ -238,7 +284,7 @@ fn idle_hold(server: &Server, count: usize) -> IdleFigures {
     let (rss_before_kib, threads_before) = server.memory_and_threads();
     let (held, errors) = client::hold_idle(server.addr, count);
     let (rss_held_kib, threads_held) = server.memory_and_threads();
-    let fresh = client::sequential_sessions(server.addr, FRESH_SESSIONS_WHILE_IDLE);
+    let fresh = client::sequential_sessions(&server.target(), FRESH_SESSIONS_WHILE_IDLE);
     let established = held.len();
     drop(held);
     IdleFigures {
@@ -268,7 +314,7 @@ fn drive_external(target: &str) {
     let addr: SocketAddr = target.parse().expect("PROMPT_BENCH_TARGET is ADDR:PORT");
     let concurrency = env_number("PROMPT_BENCH_C", 16);
     let duration = Duration::from_secs(env_number("PROMPT_BENCH_SECS", 3) as u64);
-    let result = client::run_sessions(addr, concurrency, duration);
+    let result = client::run_sessions(&Target { addr, tls: None }, concurrency, duration);
     let h = &result.latency_us;
     println!(
         "C={concurrency}: {:.0} sessions/s, p50 {} us, p99 {} us, errors {:?}",

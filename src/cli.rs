@@ -15,7 +15,7 @@ use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 use ipnet::IpNet;
 use prompt_server::logging::{DEFAULT_RECORD_TIMEOUT, LogFormat, LogSettings};
-use prompt_server::{AccessRules, Config, ConfigError, NetList, Rate, RateLimit};
+use prompt_server::{AccessRules, Config, ConfigError, NetList, Rate, RateLimit, TlsFiles};
 
 const ABOUT: &str = "A TCP server that sends each client a prompt, logs its one-line reply \
                      with its address, and closes the connection.";
@@ -125,6 +125,15 @@ pub struct Cli {
     /// old and a new one during a restart; see the README for the pitfall.
     #[arg(long)]
     reuseport: bool,
+    /// Serve every client over TLS with this certificate chain (PEM; SIGHUP re-reads the files).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// With --tls-cert: serve only clients with a certificate this CA (PEM) signed.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Log lines as text, or as one JSON object per line.
     #[arg(long, value_name = "FORMAT", default_value = "text",
           value_parser = PossibleValuesParser::new(["text", "json"]).map(|format| match &*format {
@@ -195,6 +204,11 @@ impl Cli {
                 prefix_v6: self.rate_prefix_v6,
             }),
             metrics_addr: self.metrics_addr,
+            tls: self.tls_cert.zip(self.tls_key).map(|(cert, key)| TlsFiles {
+                cert,
+                key,
+                client_ca: self.tls_client_ca,
+            }),
             ..Config::default()
         };
         config.validate().map_err(|e| flag_error(&e, matches))?;
@@ -507,6 +521,15 @@ mod tests {
                 "{flag}"
             );
         }
+    }
+
+    #[test]
+    fn tls_needs_a_certificate_and_its_key() {
+        let config = config(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]).unwrap();
+        let files = config.tls.map(|tls| (tls.cert, tls.key, tls.client_ca));
+        assert_eq!(files, Some(("c.pem".into(), "k.pem".into(), None)));
+        assert!(error_for(&["--tls-cert", "c.pem"]).contains("--tls-key"));
+        assert!(error_for(&["--tls-client-ca", "ca.pem"]).contains("--tls-cert"));
     }
 
     #[test]

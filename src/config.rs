@@ -5,6 +5,7 @@
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,6 +63,19 @@ pub struct Config {
     /// Where replies are recorded; a client sees a clean close only once
     /// its sink has taken its reply. The log by default.
     pub reply_sink: Arc<dyn ReplySink>,
+    /// Serve every connection over TLS with these files; `None`: plain TCP.
+    pub tls: Option<TlsFiles>,
+}
+
+/// `--tls-cert`, `--tls-key`, `--tls-client-ca`: PEM files, read at the start and on SIGHUP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain, the server's own first.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// Serve only clients whose certificate one of these CAs signed.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// `--max-rate-per-ip`: how fast one client network may connect, and how
@@ -122,6 +136,7 @@ impl Default for Config {
             rate_limit: None,
             metrics_addr: None,
             reply_sink: Arc::new(LogReplies),
+            tls: None,
         }
     }
 }

@@ -19,8 +19,8 @@
 //! `docs/ARCHITECTURE.md` follows one connection through them.
 //!
 //! - `serve/`: [`run`], the listeners ([`bind`], [`listeners`]), the accept
-//!   loop, and one connection's life (`serve/connection.rs`: identify,
-//!   admit, prompt, read, record, close, park).
+//!   loop, TLS, and one connection's life (`serve/connection.rs`: identify,
+//!   admit, handshake, prompt, read, record, close, park).
 //! - `limits/`: what clients may hold (the connection cap, per address, per
 //!   network's rate), who may connect, the one way a client is refused, and
 //!   how many connections this machine can hold.
@@ -55,11 +55,11 @@ mod service;
 mod shutdown;
 mod stats;
 
-pub use config::{Config, ConfigError, RateLimit};
+pub use config::{Config, ConfigError, RateLimit, TlsFiles};
 pub use error::Error;
 pub use limits::rate::Rate;
 pub use limits::{AccessRules, NetList};
-pub use record::{Record, ReplyEnd, ReplySink, logging};
+pub use record::{Record, ReplyEnd, ReplySink, TlsSession, logging};
 pub use serve::{bind, listeners, run};
 pub use shutdown::Shutdown;
 pub use stats::Summary;

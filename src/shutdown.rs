@@ -76,6 +76,8 @@ struct Inner {
     wake_from: Mutex<Vec<SocketAddr>>,
     /// What SIGUSR1 logs: set by a running server.
     counters: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+    /// What SIGHUP re-reads besides the log file: a running server's TLS files.
+    reload: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
 }
 
 impl Shutdown {
@@ -153,12 +155,17 @@ impl Shutdown {
         *lock(&self.inner.counters) = log_counters;
     }
 
+    /// Sets what SIGHUP re-reads besides the log file, or clears it.
+    pub(crate) fn on_reload_request(&self, reload: Option<Arc<dyn Fn() + Send + Sync>>) {
+        *lock(&self.inner.reload) = reload;
+    }
+
     /// Starts a thread that handles the signals an operator sends: SIGINT,
     /// SIGTERM, SIGQUIT or SIGABRT triggers this handle (a graceful stop), a second
     /// one exits at once with status 128 + its number; SIGHUP reopens the
-    /// log file; SIGUSR1 logs the counters so far; every other signal whose
-    /// default would end the process (SIGUSR2, SIGALRM, SIGXFSZ, real-time
-    /// signals, ...) is logged and ignored. So only SIGKILL and a second
+    /// log file and re-reads TLS files; SIGUSR1 logs the counters so far;
+    /// every other signal whose default would end the process (SIGUSR2,
+    /// SIGALRM, SIGXFSZ, real-time signals, ...) is logged and ignored. So only SIGKILL and a second
     /// stop signal end the server without its drain. signal-hook's
     /// self-pipe lets the reaction run on an ordinary thread, which never
     /// waits for the log.
@@ -203,9 +210,11 @@ impl Shutdown {
             process::exit(128 + signal);
         }
         let log_counters = lock(&self.inner.counters).clone();
+        let reload = lock(&self.inner.reload).clone();
         let what = match signal {
             _ if stop => "stopping (send it again to exit at once)",
             SIGHUP if logging::reopen() => "reopening the log file",
+            SIGHUP if reload.is_some() => "re-reading the TLS files",
             SIGHUP => "no log file to reopen; ignored",
             SIGUSR1 => match log_counters {
                 Some(log_counters) => return log_counters(),
@@ -214,6 +223,9 @@ impl Shutdown {
             _ => "ignored",
         };
         info!(event = event::SIGNAL, signal = name; "{name} received: {what}");
+        if let Some(reload) = reload.filter(|_| signal == SIGHUP) {
+            reload();
+        }
         if stop {
             self.trigger();
         }
@@ -285,6 +297,7 @@ pub(crate) fn drain(
         failed = summary.failed, rejected_busy = summary.rejected_busy,
         rate_limited = summary.rate_limited, denied = summary.denied,
         cut_off = summary.cut_off, not_recorded = summary.not_recorded,
+        tls_handshake_failed = summary.tls_handshake_failed,
         still_connected = summary.still_connected;
         "shutdown complete: {summary}"
     );

@@ -28,11 +28,12 @@ pub(crate) enum Outcome {
     RateLimited,
     CutOff,
     NotRecorded,
+    TlsHandshakeFailed,
 }
 
 impl Outcome {
     /// The `outcome` label of each variant, in their order.
-    const LABELS: [&'static str; 10] = [
+    const LABELS: [&'static str; 11] = [
         "replied",
         "truncated",
         "timed_out",
@@ -43,6 +44,7 @@ impl Outcome {
         "rate_limited",
         "shutdown",
         "not_recorded",
+        "tls_handshake_failed",
     ];
 
     /// How a recorded connection ended.
@@ -177,6 +179,7 @@ impl Stats {
             denied: count(Outcome::Denied),
             cut_off: count(Outcome::CutOff),
             not_recorded: count(Outcome::NotRecorded),
+            tls_handshake_failed: count(Outcome::TlsHandshakeFailed),
             still_connected,
             unwritten_log_lines: 0,
         }
@@ -253,6 +256,8 @@ pub struct Summary {
     /// Replies the reply sink did not take (a failing or stalled log):
     /// their clients were reset.
     pub not_recorded: u64,
+    /// TLS handshakes that failed or did not finish in time: reset.
+    pub tls_handshake_failed: u64,
     /// Connections whose thread had not finished when the server stopped
     /// waiting for it (only when the log is stalled; they are reset).
     pub still_connected: usize,
@@ -277,9 +282,12 @@ impl fmt::Display for Summary {
             (self.denied, "denied"),
             (self.cut_off, "cut off by shutdown"),
             (self.not_recorded, "not recorded"),
+            (self.tls_handshake_failed, "failed TLS handshakes"),
             (self.still_connected as u64, "still connected"),
         ]
         .iter()
+        // Only a TLS server fails handshakes: shown once there are any.
+        .filter(|(count, what)| *count > 0 || !what.contains("TLS"))
         .try_for_each(|(count, what)| write!(f, ", {count} {what}"))
     }
 }

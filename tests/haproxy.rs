@@ -1,6 +1,6 @@
 //! Behind a real HAProxy on loopback, with `send-proxy` and `send-proxy-v2`:
 //! a client connecting from its own address (127.0.0.2) is logged with that
-//! address, not the balancer's.
+//! address, not the balancer's; also in front of a TLS server.
 //!
 //! Needs the `haproxy` binary (Debian package `haproxy`); the tests install
 //! nothing themselves. Without it they are skipped with one `SKIPPED` line,
@@ -17,6 +17,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 
+use common::tls::{Pki, client_config, tls_session};
 use common::*;
 
 /// The configuration docs/OPERATIONS.md shows, with the listening socket
@@ -162,4 +163,46 @@ fn the_rate_limit_applies_to_the_real_client_not_the_balancer() {
             .map(|p| p.starts_with("127.0.0.1:")),
         Some(true)
     );
+}
+
+/// HAProxy in TCP mode with `send-proxy-v2` in front of a TLS server: the
+/// PROXY header comes first in clear, then the client's own handshake, and
+/// the record names the real client.
+#[test]
+fn send_proxy_v2_in_front_of_a_tls_server_records_the_real_client() {
+    if !require_program("haproxy", "apt-get install haproxy")
+        || !require_program("openssl", "apt-get install openssl")
+    {
+        return;
+    }
+    let dir = TempDir::new("haproxy-tls");
+    let pki = Pki::new(&dir.path);
+    let identity = pki.server("server");
+    let mut server = ServerProcess::builder()
+        .json_log()
+        .args([
+            "--proxy-protocol",
+            "--trusted-proxy",
+            "127.0.0.1",
+            "--tls-cert",
+        ])
+        .arg(&identity.cert)
+        .arg("--tls-key")
+        .arg(&identity.key)
+        .start();
+    let haproxy = Haproxy::start(server.addr, "send-proxy-v2");
+
+    let client = connect_from("127.0.0.2".parse().unwrap(), haproxy.addr);
+    let client_addr = local(&client);
+    let config = client_config(&pki.ca, None);
+    let session = tls_session(client, &config, b"through haproxy, over TLS\n")
+        .unwrap_or_else(|e| panic!("{e}; haproxy log:\n{}", haproxy.log()));
+    assert_eq!(session.prompt, PROMPT);
+    assert!(session.closed_cleanly(), "{:?}", session.end);
+    let record = server.expect_event("reply", |_| true);
+    assert_eq!(record["peer"], client_addr.to_string(), "{record}");
+    assert_eq!(record["reply"], "through haproxy, over TLS");
+    let proxy = record["proxy"].as_str().unwrap_or_default();
+    assert!(proxy.starts_with("127.0.0.1:"), "{record}");
+    assert!(record["tls_version"].is_string(), "{record}");
 }

@@ -1,5 +1,6 @@
 //! The load generator: blocking std clients on their own threads, the same
-//! for every server measured.
+//! for every server measured; for a TLS server, a rustls client over each
+//! (tests/common/tls.rs's, with its handshake).
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -10,6 +11,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use rustls::ClientConfig;
+
+use crate::tls::tls_session;
 
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 const PROMPT: &[u8] = b"Do you want to play a game?\n";
@@ -110,10 +114,27 @@ pub fn read_prompt(stream: &mut TcpStream) -> Result<(), String> {
     }
 }
 
-/// One full session: connect, read the prompt, reply, read to EOF.
-pub fn session(addr: SocketAddr) -> Result<Duration, String> {
+/// Where sessions go: a server's address, and for a TLS server the client
+/// configuration that trusts it.
+#[derive(Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub tls: Option<Arc<ClientConfig>>,
+}
+
+/// One full session: connect, (the handshake,) read the prompt, reply,
+/// read to EOF (after `close_notify`).
+pub fn session(target: &Target) -> Result<Duration, String> {
     let started = Instant::now();
-    let mut stream = connect(addr)?;
+    let mut stream = connect(target.addr)?;
+    if let Some(config) = &target.tls {
+        let session = tls_session(stream, config, b"yes\n").map_err(|e| kind("tls", &e))?;
+        return match (session.prompt == PROMPT, session.closed_cleanly()) {
+            (false, _) => Err("prompt: unexpected bytes".to_string()),
+            (true, false) => Err("close: no close_notify".to_string()),
+            (true, true) => Ok(started.elapsed()),
+        };
+    }
     read_prompt(&mut stream)?;
     stream.write_all(b"yes\n").map_err(|e| kind("reply", &e))?;
     let mut rest = [0u8; 64];
@@ -125,16 +146,16 @@ pub fn session(addr: SocketAddr) -> Result<Duration, String> {
 }
 
 /// `concurrency` clients doing sessions back to back for `duration`.
-pub fn run_sessions(addr: SocketAddr, concurrency: usize, duration: Duration) -> LoadResult {
+pub fn run_sessions(target: &Target, concurrency: usize, duration: Duration) -> LoadResult {
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {
-            let stop = Arc::clone(&stop);
+            let (stop, target) = (Arc::clone(&stop), target.clone());
             thread::spawn(move || {
                 let mut result = LoadResult::new();
                 while !stop.load(Ordering::Relaxed) {
-                    result.record(session(addr));
+                    result.record(session(&target));
                 }
                 result
             })
@@ -151,11 +172,11 @@ pub fn run_sessions(addr: SocketAddr, concurrency: usize, duration: Duration) ->
 }
 
 /// `count` sessions one after another.
-pub fn sequential_sessions(addr: SocketAddr, count: usize) -> LoadResult {
+pub fn sequential_sessions(target: &Target, count: usize) -> LoadResult {
     let started = Instant::now();
     let mut result = LoadResult::new();
     for _ in 0..count {
-        result.record(session(addr));
+        result.record(session(target));
     }
     result.elapsed = started.elapsed();
     result

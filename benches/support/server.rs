@@ -10,9 +10,13 @@
 use std::fs;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::ClientConfig;
+
 use crate::child::KillOnDrop;
+use crate::client::Target;
 use crate::lines;
 
 /// Set in the environment of a child that should be a yardstick; its value
@@ -32,6 +36,8 @@ pub struct Server {
     pub args: Vec<String>,
     child: KillOnDrop,
     pub addr: SocketAddr,
+    /// For a TLS server: a client configuration that trusts it.
+    pub tls: Option<Arc<ClientConfig>>,
 }
 
 impl Server {
@@ -77,6 +83,15 @@ impl Server {
             args,
             child,
             addr,
+            tls: None,
+        }
+    }
+
+    /// Where the load generator sends sessions.
+    pub fn target(&self) -> Target {
+        Target {
+            addr: self.addr,
+            tls: self.tls.clone(),
         }
     }
 

@@ -10,7 +10,7 @@ use log::kv::{self, Key, Value, VisitSource};
 use serde_json::{Map, Value as Json};
 
 use super::queue::Class;
-use super::{Record, ReplyEnd};
+use super::{Record, ReplyEnd, TlsSession};
 use crate::error::describe_io_error;
 
 /// How log lines are written.
@@ -76,6 +76,9 @@ events! {
     STOPPED = "stopped", Lifecycle;
     THREAD_PARKED = "thread_parked";
     TIMEOUT = "timeout";
+    TLS_HANDSHAKE = "tls_handshake";
+    TLS_RELOADED = "tls_reloaded", Lifecycle;
+    TLS_RELOAD_FAILED = "tls_reload_failed", Lifecycle;
     TRUNCATED = "truncated";
     WAKE_FAILED = "wake_failed", Lifecycle;
 }
@@ -118,7 +121,21 @@ impl fmt::Display for RecordText<'_> {
                 let why = describe_io_error(e);
                 write!(f, "{peer} read error: {why}; got {bytes}")
             }
+        }?;
+        self.0.tls.map_or(Ok(()), |tls| write!(f, " {tls}"))
+    }
+}
+
+/// `over TLSv1_3 TLS13_AES_256_GCM_SHA384, SNI "localhost", client "CN=alice"` (escaped).
+impl fmt::Display for TlsSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "over {} {}", self.version, self.cipher_suite)?;
+        for (what, text) in [("SNI", &self.server_name), ("client", &self.client_subject)] {
+            if let Some(text) = text {
+                write!(f, ", {what} {}", Escaped(text.as_bytes()))?;
+            }
         }
+        Ok(())
     }
 }
 

@@ -22,7 +22,7 @@ pub use super::format::LogFormat;
 pub(crate) use super::format::event;
 use super::format::{Escaped, RecordText, class_of, escape_line_breakers, json_line, reply_text};
 use super::queue::{self, Class, Observer, Output, Queue};
-use super::{Record, ReplySink};
+use super::{Record, ReplySink, TlsSession};
 use crate::error::describe_io_error;
 use crate::lock;
 
@@ -202,6 +202,9 @@ impl ReplySink for LogReplies {
         let proxy = proxy.as_deref();
         let (reply, lossy) = reply_text(record.reply);
         let duration_ms = record.duration.as_millis() as u64;
+        let tls = |field: fn(&TlsSession) -> Option<&str>| {
+            (record.tls.and_then(field)).map_or(Value::null(), Value::from)
+        };
         let fields = [
             ("event", Value::from(event)),
             ("peer", Value::from_display(&record.peer)),
@@ -210,6 +213,10 @@ impl ReplySink for LogReplies {
             ("reply_lossy", Value::from(lossy)),
             ("bytes", Value::from(record.reply.len())),
             ("duration_ms", Value::from(duration_ms)),
+            ("tls_version", tls(|s| Some(s.version))),
+            ("tls_cipher", tls(|s| Some(s.cipher_suite))),
+            ("tls_sni", tls(|s| s.server_name.as_deref())),
+            ("tls_client", tls(|s| s.client_subject.as_deref())),
         ];
         let message = format_args!("{text}");
         let mut builder = log::Record::builder();
@@ -453,6 +460,7 @@ pub(crate) static BUSY_LINES: LogEvery = LogEvery::new(event::BUSY, SECOND);
 pub(crate) static RATE_LIMITED_LINES: LogEvery = LogEvery::new(event::RATE_LIMITED, SECOND);
 pub(crate) static DENIED_LINES: LogEvery = LogEvery::new(event::DENIED, SECOND);
 pub(crate) static NOT_RECORDED_LINES: LogEvery = LogEvery::new(event::NOT_RECORDED, SECOND);
+pub(crate) static TLS_HANDSHAKE_LINES: LogEvery = LogEvery::new(event::TLS_HANDSHAKE, SECOND);
 /// Shared by every accept loop: out of descriptors, all of them fail at once.
 pub(crate) static ACCEPT_ERROR_LINES: LogEvery =
     LogEvery::new(event::ACCEPT_ERROR, Duration::from_secs(5));
@@ -465,6 +473,7 @@ pub(crate) fn report_held_back() {
         &RATE_LIMITED_LINES,
         &DENIED_LINES,
         &NOT_RECORDED_LINES,
+        &TLS_HANDSHAKE_LINES,
         &ACCEPT_ERROR_LINES,
     ] {
         let held_back = std::mem::take(&mut lock(&every.state).1);

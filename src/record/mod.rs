@@ -87,6 +87,22 @@ pub struct Record<'a> {
     pub end: &'a ReplyEnd,
     /// From the accept to now.
     pub duration: Duration,
+    /// The TLS session the reply came over, if any.
+    pub tls: Option<&'a TlsSession>,
+}
+
+/// A TLS session as a record tells it, in rustls's names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TlsSession {
+    /// `TLSv1_3` or `TLSv1_2`.
+    pub version: &'static str,
+    /// `TLS13_AES_256_GCM_SHA384`, for example.
+    pub cipher_suite: &'static str,
+    /// The name the client asked for (SNI), if it sent one.
+    pub server_name: Option<String>,
+    /// The subject of the client's certificate (RFC 4514), with a client CA.
+    pub client_subject: Option<String>,
 }
 
 /// How a reply ended.

@@ -280,6 +280,7 @@ fn admit(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> Option<Accepte
         peer,
         accepted_at,
         slot,
+        tls: None,
     })
 }
 

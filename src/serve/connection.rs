@@ -1,10 +1,10 @@
 //! One connection's life on its own thread, from the thread taking it to
 //! parking again: identify the client (its PROXY header, behind a balancer),
-//! admit it, send the prompt, read one reply, record it, and close: cleanly
-//! only once its whole reply is kept. Every client byte is read here, and
-//! the prompt written, under a deadline that becomes the socket's timeout
-//! for each call (the time left), so a client that trickles bytes (or takes
-//! the prompt a byte at a time) never keeps the thread past its budget.
+//! admit it, run the TLS handshake, send the prompt, read one reply, record
+//! it, and close: cleanly only once its whole reply is kept. Client bytes are
+//! read, and the prompt written, under a deadline that becomes the socket's
+//! timeout for each call (the time left; `tls.rs` keeps its own), so a client
+//! that trickles bytes (or takes the prompt slowly) never outstays its budget.
 //!
 //! Steps marked `#[inline(never)]` keep their buffers and log records out
 //! of the frame an idle client's thread waits in (each would touch one more
@@ -21,6 +21,7 @@ use log::{debug, trace, warn};
 use socket2::SockRef;
 
 use super::proxy_protocol::{self, Parsed, ProxyHeader};
+use super::tls::{TlsServer, TlsStream};
 use crate::config::Config;
 use crate::error::describe_io_error;
 use crate::limits::rate::RateBuckets;
@@ -49,6 +50,8 @@ pub(crate) struct Serving {
     /// loop for a direct client.
     pub(crate) rate: Option<RateBuckets>,
     pub(crate) stats: Stats,
+    /// `--tls-cert`: every connection speaks TLS.
+    pub(crate) tls: Option<Arc<TlsServer>>,
 }
 
 /// An admitted connection: what a connection thread serves.
@@ -59,6 +62,8 @@ pub(crate) struct Accepted {
     pub(crate) accepted_at: Instant,
     /// Held until the connection is closed, however it ends.
     pub(crate) slot: ConnectionSlot,
+    /// Its TLS session, once the handshake is done.
+    pub(crate) tls: Option<Box<TlsStream>>,
 }
 
 /// Serves `first`, then each connection `park` hands over, until it hands
@@ -72,10 +77,10 @@ pub(crate) fn run_thread<R>(
     mut park: impl FnMut(R) -> Option<Accepted>,
 ) {
     let mut next = Some(first);
-    while let Some(accepted) = next {
+    while let Some(mut accepted) = next {
         let peer = accepted.peer;
         debug!(event = event::CONNECTED, peer:% = peer; "{peer} connected");
-        let (outcome, reply_bytes) = match serve(&accepted, serving) {
+        let (outcome, reply_bytes) = match serve(&mut accepted, serving) {
             Ok((outcome, recorded)) => (outcome, Some(recorded)),
             Err(outcome) => (outcome, None),
         };
@@ -97,14 +102,21 @@ struct Client {
 
 /// Serves one connection up to its close: how it ended and the size of the
 /// reply recorded, or how it ended without a record.
-fn serve(accepted: &Accepted, serving: &Serving) -> Result<(Outcome, usize), Outcome> {
+fn serve(accepted: &mut Accepted, serving: &Serving) -> Result<(Outcome, usize), Outcome> {
     let _named_in_panics = ServingPeer::set(accepted.peer);
-    let (stream, config) = (&*accepted.stream, &serving.config);
-    let (client, early_bytes) = identify_client(accepted, config)?;
-    let _ip_slot = admit_client(stream, client, serving)?;
-    send_prompt(stream, client, config)?;
-    let reply = read_client_reply(stream, &early_bytes, client, config);
-    record(client, reply, accepted.accepted_at, serving)
+    let config = &serving.config;
+    let (client, early) = identify_client(accepted, config)?;
+    let _ip_slot = admit_client(&accepted.stream, client, serving)?;
+    if let Some(server) = &serving.tls {
+        let deadline = config.reply_timeout.map(|t| accepted.accepted_at + t);
+        accepted.tls = Some(server.handshake(&accepted.stream, &early, deadline, client.addr)?);
+    }
+    send_prompt(accepted, client, config)?;
+    let reply = match &mut accepted.tls {
+        Some(tls) => read_client_reply(&mut **tls, client, config),
+        None => read_client_reply(&mut early.chain(&*accepted.stream), client, config),
+    };
+    record(client, reply, accepted, serving)
 }
 
 /// The socket's peer, or, behind a balancer, the client its PROXY header
@@ -190,9 +202,13 @@ fn admit_client<'a>(
 
 /// Writes the whole prompt within `--write-timeout`.
 #[inline(never)]
-fn send_prompt(stream: &TcpStream, client: Client, config: &Config) -> Result<(), Outcome> {
+fn send_prompt(accepted: &mut Accepted, client: Client, config: &Config) -> Result<(), Outcome> {
     let mut deadline = Deadline::after_with_timeout_already_set(config.write_timeout);
-    let Err(e) = write_before(stream, &config.prompt, &mut deadline) else {
+    let written = match &mut accepted.tls {
+        Some(tls) => tls.write_prompt(&config.prompt, config.write_timeout),
+        None => write_before(&accepted.stream, &config.prompt, &mut deadline),
+    };
+    let Err(e) = written else {
         return Ok(());
     };
     let (addr, proxy) = (client.addr, client.proxy.map(|proxy| proxy.to_string()));
@@ -203,18 +219,16 @@ fn send_prompt(stream: &TcpStream, client: Client, config: &Config) -> Result<()
     Err(Outcome::Failed)
 }
 
-/// Reads the reply, after any bytes that came with the PROXY header. The
-/// socket's read timeout is the whole budget (inherited from the listener)
-/// unless reading a header has set its own.
+/// Reads the reply. The socket's read timeout is the whole budget
+/// (inherited from the listener) unless a PROXY header or a handshake has
+/// set its own.
 #[inline(never)]
-fn read_client_reply(stream: &TcpStream, early: &[u8], client: Client, config: &Config) -> Reply {
-    let deadline = config
-        .reply_timeout
-        .map(|timeout| match config.proxy_protocol {
-            Some(_) => Deadline::after(timeout),
-            None => Deadline::after_with_timeout_already_set(timeout),
-        });
-    let source = &mut early.chain(stream);
+fn read_client_reply<S: DeadlineRead>(source: &mut S, client: Client, config: &Config) -> Reply {
+    let timeout_set = config.proxy_protocol.is_none() && config.tls.is_none();
+    let deadline = (config.reply_timeout).map(|budget| Deadline {
+        timeout_set,
+        ..Deadline::after(budget)
+    });
     read_reply(source, client.addr, config.max_reply_bytes.get(), deadline)
 }
 
@@ -224,19 +238,21 @@ fn read_client_reply(stream: &TcpStream, early: &[u8], client: Client, config: &
 fn record(
     client: Client,
     mut reply: Reply,
-    accepted_at: Instant,
+    accepted: &Accepted,
     serving: &Serving,
 ) -> Result<(Outcome, usize), Outcome> {
-    // The server shut the read side down itself at the stop's deadline.
-    if matches!(reply.end, ReplyEnd::Closed) && serving.limit.cutting_off() {
+    // The server shut the read side down at the stop's deadline (under TLS, an error).
+    if matches!(reply.end, ReplyEnd::Closed | ReplyEnd::Failed(_)) && serving.limit.cutting_off() {
         reply.end = ReplyEnd::CutOff;
     }
+    let tls = accepted.tls.as_deref().map(TlsStream::session);
     let record = Record {
         peer: client.addr,
         proxy: client.proxy,
         reply: &reply.bytes,
         end: &reply.end,
-        duration: accepted_at.elapsed(),
+        duration: accepted.accepted_at.elapsed(),
+        tls: tls.as_ref(),
     };
     let sink = &serving.config.reply_sink;
     let recorded = panic::catch_unwind(AssertUnwindSafe(|| sink.record(&record)))
@@ -259,11 +275,14 @@ fn record(
 /// cap) but before the close (a client that sees the close can connect
 /// again at once).
 fn close<R>(accepted: Accepted, outcome: Outcome, reserve: impl FnOnce() -> R) -> R {
-    let Accepted { stream, slot, .. } = accepted;
+    let (stream, slot, tls) = (accepted.stream, accepted.slot, accepted.tls);
     match outcome {
         // An end of stream: the whole reply is recorded, or the client was
         // told in words (the busy line) that it is not served.
         Outcome::Replied | Outcome::NoReply | Outcome::Busy | Outcome::RateLimited => {
+            if let Some(tls) = tls {
+                tls.close_notify();
+            }
             let _ = SockRef::from(&*stream).set_linger(None);
             linger_if_bytes_wait(&stream);
         }
@@ -275,7 +294,8 @@ fn close<R>(accepted: Accepted, outcome: Outcome, reserve: impl FnOnce() -> R) -
         | Outcome::Failed
         | Outcome::Denied
         | Outcome::CutOff
-        | Outcome::NotRecorded => {}
+        | Outcome::NotRecorded
+        | Outcome::TlsHandshakeFailed => {}
     }
     let reserved = reserve();
     drop(slot);
@@ -315,6 +335,12 @@ pub(crate) trait DeadlineRead: Read {
 impl DeadlineRead for &TcpStream {
     fn set_read_timeout_for_next_read(&mut self, timeout: Duration) -> io::Result<()> {
         self.set_read_timeout(Some(timeout))
+    }
+}
+
+impl DeadlineRead for TlsStream {
+    fn set_read_timeout_for_next_read(&mut self, timeout: Duration) -> io::Result<()> {
+        self.read_within(timeout)
     }
 }
 

@@ -7,7 +7,8 @@
 //!   place a connection thread starts;
 //! - `connection`: one connection's life, from the thread taking it to the
 //!   thread parking again, every client byte read under a deadline;
-//! - `proxy_protocol`: the parser of the PROXY header a balancer sends.
+//! - `proxy_protocol`: the parser of the PROXY header a balancer sends;
+//! - `tls`: TLS on the connection's thread, and its files' renewal.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -30,6 +31,7 @@ mod accept;
 pub(crate) mod connection;
 mod listen;
 mod proxy_protocol;
+mod tls;
 
 use accept::Shared;
 use connection::Serving;
@@ -58,6 +60,7 @@ pub fn run(
         let invalid = io::Error::new(io::ErrorKind::InvalidInput, e);
         return Err(Error::new("invalid configuration", invalid));
     }
+    let tls = config.tls.as_ref().map(tls::TlsServer::load).transpose()?;
     let metrics_listener = config.metrics_addr.map(bind_metrics).transpose()?;
     let notifier = if config.notify_service_manager {
         Notifier::from_env()
@@ -66,7 +69,7 @@ pub fn run(
         Notifier::disabled()
     };
     let listeners = listen::prepare_listeners(listeners, &config, &shutdown)?;
-    let shared = Arc::new(shared(config, listeners.len()));
+    let shared = Arc::new(shared(config, tls.map(Arc::new), listeners.len()));
     let metrics = metrics_listener
         .map(|listener| start_metrics(listener, &shared))
         .transpose()?;
@@ -74,8 +77,12 @@ pub fn run(
     report_to_service_manager(&notifier, &addrs, &shared);
     let counters = Arc::clone(&shared);
     shutdown.on_counters_request(Some(Arc::new(move || log_counters(&counters))));
+    if let Some(tls) = shared.serving.tls.clone() {
+        shutdown.on_reload_request(Some(Arc::new(move || tls.reload())));
+    }
     let accepted = accept::accept_on_all(listeners, &shared, &shutdown, &notifier);
     shutdown.on_counters_request(None);
+    shutdown.on_reload_request(None);
     accepted?;
     // A failure to send is logged by the notifier itself, once.
     let _ = notifier.stopping();
@@ -87,7 +94,7 @@ pub fn run(
 
 /// What the accept loops and connection threads share, with the cap
 /// lowered to what this process can hold (one warn line if lowered).
-fn shared(mut config: Config, accept_loops: usize) -> Shared {
+fn shared(mut config: Config, tls: Option<Arc<tls::TlsServer>>, accept_loops: usize) -> Shared {
     let cap = capacity::effective_max_connections(config.max_connections.get(), accept_loops);
     config.max_connections = NonZeroUsize::new(cap).unwrap_or(NonZeroUsize::MIN);
     let rate = config.rate_limit.map(|limit| {
@@ -101,6 +108,7 @@ fn shared(mut config: Config, accept_loops: usize) -> Shared {
         rate,
         stats: Stats::default(),
         config,
+        tls,
     };
     Shared::new(serving, thread_cache)
 }
@@ -164,7 +172,7 @@ fn log_counters(shared: &Shared) {
         failed = summary.failed, rejected_busy = summary.rejected_busy,
         rate_limited = summary.rate_limited, denied = summary.denied,
         cut_off = summary.cut_off, not_recorded = summary.not_recorded,
-        connected = summary.still_connected;
+        tls_handshake_failed = summary.tls_handshake_failed, connected = summary.still_connected;
         "counters so far: {}", summary.to_string().replace(" still connected", " connected now")
     );
 }

@@ -13,6 +13,7 @@
 #![allow(dead_code)] // each test file uses its own part of the harness
 
 mod child;
+pub mod tls;
 
 pub use child::KillOnDrop;
 

@@ -1,0 +1,256 @@
+//! TLS (`--tls-cert`): rustls's `ServerConnection` over the socket on the
+//! connection's own thread, each socket call under the time left to a
+//! deadline (not `connection.rs`'s `Deadline`, which depends on this module:
+//! one read of plaintext may take several of the socket). The files are read
+//! at the start and on each SIGHUP (a set that does not load keeps the old);
+//! sessions are never resumed, so each handshake meets the current files.
+
+use std::io::{self, ErrorKind, IoSlice, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use rustls::{RootCertStore, ServerConfig, ServerConnection, crypto::ring};
+use x509_cert::{Certificate, der::Decode};
+
+use crate::config::TlsFiles;
+use crate::error::{Error, describe_io_error};
+use crate::lock;
+use crate::logging::{TLS_HANDSHAKE_LINES, event, log_every};
+use crate::record::TlsSession;
+use crate::stats::Outcome;
+
+/// How long a clean close waits to hand its `close_notify` to the kernel.
+const CLOSE_NOTIFY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A TLS server's files, and the configuration last read from them.
+pub(crate) struct TlsServer {
+    files: TlsFiles,
+    /// What each new handshake starts with; a reload replaces it whole.
+    current: Mutex<Arc<ServerConfig>>,
+}
+
+impl TlsServer {
+    /// Reads the files, or says which one does not load and why.
+    pub(crate) fn load(files: &TlsFiles) -> Result<TlsServer, Error> {
+        let config = server_config(files)
+            .map_err(|why| Error::new("cannot set up TLS", io::Error::other(why)))?;
+        let (files, current) = (files.clone(), Mutex::new(Arc::new(config)));
+        Ok(TlsServer { files, current })
+    }
+
+    /// Reads the files again (SIGHUP): new connections get them or, if they
+    /// do not load, what there was. One line says which.
+    pub(crate) fn reload(&self) {
+        match server_config(&self.files) {
+            Ok(config) => {
+                *lock(&self.current) = Arc::new(config);
+                let cert = self.files.cert.display();
+                info!(event = event::TLS_RELOADED; "TLS files re-read: new connections get {cert}");
+            }
+            Err(why) => warn!(
+                event = event::TLS_RELOAD_FAILED;
+                "TLS files not reloaded, new connections keep the previous certificate: {why}"
+            ),
+        }
+    }
+
+    /// Runs the handshake by `deadline` (the reply deadline, as for a PROXY
+    /// header), after the `early` bytes that came with one; logs a failure.
+    #[inline(never)] // its buffers stay out of the frame an idle client waits in
+    pub(crate) fn handshake(
+        &self,
+        socket: &Arc<TcpStream>,
+        mut early: &[u8],
+        deadline: Option<Instant>,
+        peer: SocketAddr,
+    ) -> Result<Box<TlsStream>, Outcome> {
+        let (config, socket) = (Arc::clone(&lock(&self.current)), Arc::clone(socket));
+        let shake = || -> io::Result<Box<TlsStream>> {
+            let conn = ServerConnection::new(config).map_err(io::Error::other)?;
+            let io = Timed { socket, deadline };
+            let mut tls = Box::new(TlsStream { conn, io });
+            while !early.is_empty() {
+                tls.conn.read_tls(&mut early)?;
+            }
+            tls.conn.process_new_packets().map_err(io::Error::other)?;
+            while tls.conn.is_handshaking() {
+                tls.conn.complete_io(&mut tls.io)?;
+            }
+            Ok(tls)
+        };
+        shake().map_err(|e| handshake_failed(&e, peer))
+    }
+}
+
+/// Logs why a handshake failed (one line a second at most), for a reset.
+fn handshake_failed(e: &io::Error, peer: SocketAddr) -> Outcome {
+    let why = match e.kind() {
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => "not done by the reply deadline".into(),
+        ErrorKind::UnexpectedEof => "the client closed the connection".into(),
+        _ => describe_io_error(e),
+    };
+    log_every!(TLS_HANDSHAKE_LINES, warn, [peer:% = peer,], "{peer} reset: TLS handshake failed: {why}");
+    Outcome::TlsHandshakeFailed
+}
+
+/// A connection's TLS session: what its prompt and reply go through.
+pub(crate) struct TlsStream {
+    conn: ServerConnection,
+    io: Timed,
+}
+
+impl TlsStream {
+    /// Sends all of `prompt` within `budget`; reading after it has no
+    /// deadline until [`read_within`](Self::read_within) sets one.
+    pub(crate) fn write_prompt(&mut self, prompt: &[u8], budget: Duration) -> io::Result<()> {
+        self.io.deadline = Some(Instant::now() + budget);
+        let written = self.send(prompt);
+        self.io.deadline = None;
+        written
+    }
+
+    /// Bounds the next read of plaintext, each of its socket reads included.
+    pub(crate) fn read_within(&mut self, timeout: Duration) -> io::Result<()> {
+        self.io.deadline = Some(Instant::now() + timeout);
+        Ok(())
+    }
+
+    /// What the record tells of the session.
+    pub(crate) fn session(&self) -> TlsSession {
+        let (conn, version) = (&self.conn, self.conn.protocol_version());
+        let suite = conn.negotiated_cipher_suite().map(|s| s.suite());
+        TlsSession {
+            version: version.and_then(|v| v.as_str()).unwrap_or("unknown"),
+            cipher_suite: suite.and_then(|s| s.as_str()).unwrap_or("unknown"),
+            server_name: conn.server_name().map(str::to_string),
+            client_subject: conn.peer_certificates().and_then(<[_]>::first).map(subject),
+        }
+    }
+
+    /// Sends `close_notify`, for a clean close only; a client that does not
+    /// take it within [`CLOSE_NOTIFY_TIMEOUT`] sees an end of stream without.
+    pub(crate) fn close_notify(mut self: Box<Self>) {
+        self.conn.send_close_notify();
+        self.io.deadline = Some(Instant::now() + CLOSE_NOTIFY_TIMEOUT);
+        let _ = self.send(&[]);
+    }
+
+    /// Writes every TLS record rustls has waiting, then `bytes` as more.
+    fn send(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+        loop {
+            while self.conn.wants_write() && self.conn.write_tls(&mut self.io)? > 0 {}
+            if bytes.is_empty() {
+                return Ok(());
+            }
+            bytes = &bytes[self.conn.writer().write(bytes)?..];
+        }
+    }
+}
+
+/// An end of stream without `close_notify` is an error: a reply cut short.
+impl Read for TlsStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        rustls::Stream::new(&mut self.conn, &mut self.io).read(buf)
+    }
+}
+
+/// The socket, each call under the time left to `deadline` (if any).
+struct Timed {
+    socket: Arc<TcpStream>,
+    deadline: Option<Instant>,
+}
+
+impl Timed {
+    /// Sets the socket's read or write timeout (`set`) to the time left;
+    /// `TimedOut` once none is.
+    fn arm(&self, set: fn(&TcpStream, Option<Duration>) -> io::Result<()>) -> io::Result<()> {
+        let Some(deadline) = self.deadline else {
+            return Ok(());
+        };
+        match deadline.saturating_duration_since(Instant::now()) {
+            left if left.is_zero() => Err(ErrorKind::TimedOut.into()),
+            left => set(&self.socket, Some(left)),
+        }
+    }
+}
+
+impl Read for Timed {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm(TcpStream::set_read_timeout)?;
+        (&*self.socket).read(buf)
+    }
+}
+
+impl Write for Timed {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[IoSlice::new(buf)])
+    }
+
+    /// rustls hands over a flight of records at once: one `writev`, not a
+    /// segment each (which Nagle's algorithm would hold up).
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.arm(TcpStream::set_write_timeout)?;
+        (&*self.socket).write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A `ServerConfig` from the files (a client CA: every client must show a
+/// certificate it signed), or why not, naming the file.
+fn server_config(files: &TlsFiles) -> Result<ServerConfig, String> {
+    // ring, not aws-lc-rs: a faster build and fewer dependencies; rustls
+    // deprecates it only for its lack of post-quantum key exchange.
+    #[allow(deprecated)]
+    let provider = Arc::new(ring::default_provider());
+    let chain = read_pem(&files.cert, "certificate")?;
+    let key_der = read_pem::<PrivateKeyDer>(&files.key, "private key")?.swap_remove(0);
+    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = match &files.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            roots.add_parsable_certificates(read_pem(ca, "certificate")?);
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots.into(), provider);
+            builder.with_client_cert_verifier(verifier.build().map_err(|e| e.to_string())?)
+        }
+    };
+    let (cert, key) = (files.cert.display(), files.key.display());
+    let config = builder.with_single_cert(chain, key_der);
+    let mut config = config.map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => format!("{key} is not the key of {cert}"),
+        e => format!("{cert}, {key}: {e}"),
+    })?;
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(config)
+}
+
+/// Every `what` in the PEM file at `path` (at least one), or why not.
+fn read_pem<T: PemObject>(path: &Path, what: &str) -> Result<Vec<T>, String> {
+    let why = match T::pem_file_iter(path).and_then(Iterator::collect::<Result<Vec<T>, _>>) {
+        Ok(items) if !items.is_empty() => return Ok(items),
+        Ok(_) => format!("no PEM {what} in it"),
+        Err(pem::Error::Io(e)) => describe_io_error(&e),
+        Err(e) => e.to_string(),
+    };
+    Err(format!("{}: {why}", path.display()))
+}
+
+/// A certificate's subject as RFC 4514 writes it: `CN=alice,O=Example`.
+fn subject(cert: &CertificateDer<'_>) -> String {
+    match Certificate::from_der(cert) {
+        Ok(cert) => cert.tbs_certificate().subject().to_string(),
+        Err(e) => format!("(unreadable certificate: {e})"),
+    }
+}
