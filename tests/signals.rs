@@ -167,11 +167,13 @@ fn with_rust_log_warn_counters_and_held_back_refusals_still_show() {
         .env("RUST_LOG", "warn")
         .args(["--deny", "127.0.0.1"])
         .start();
-    server.signal("USR1");
-    server.expect_event("counters", |_| true);
+    // Refused clients first: then the server is surely serving (and so
+    // has its counters to log).
     for _ in 0..3 {
         assert_eq!(refused_end(server.addr, None, b""), End::Reset);
     }
+    server.signal("USR1");
+    server.expect_event("counters", |_| true);
     server.signal("TERM");
     assert_eq!(server.wait_exit().code(), Some(0), "{:#?}", server.seen);
     let denied = server.events("denied");
