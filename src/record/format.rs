@@ -136,17 +136,16 @@ pub(crate) fn json_line(ts: &str, record: &log::Record<'_>) -> Json {
     Json::Object(object)
 }
 
-/// Escapes, inside JSON strings, what serde_json leaves (it escapes only C0
+/// Escapes in JSON strings what serde_json leaves (it escapes only C0
 /// controls) but ends a line for some log tools, drives terminals or hides
-/// text: DEL, C1 controls (NEL among them), the Unicode line and paragraph
-/// separators, and the invisible and bidirectional format characters (as
-/// the text format's escaping does).
+/// text: DEL, C1 controls (NEL among them), U+2028 and U+2029, and the
+/// invisible and bidirectional format characters (as the text format does).
 pub(crate) fn escape_line_breakers(json: &str) -> String {
     let mut out = String::with_capacity(json.len());
     for c in json.chars() {
-        let invisible = matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}')
+        let hidden = matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}')
             || matches!(c, '\u{2060}'..='\u{2069}' | '\u{FEFF}');
-        if c.is_control() || c == '\u{2028}' || c == '\u{2029}' || invisible {
+        if c.is_control() || hidden {
             out.push_str(&format!("\\u{:04x}", u32::from(c)));
         } else {
             out.push(c);
@@ -159,29 +158,10 @@ struct JsonFields<'a>(&'a mut Map<String, Json>);
 
 impl<'kvs> VisitSource<'kvs> for JsonFields<'_> {
     fn visit_pair(&mut self, key: Key<'kvs>, value: Value<'kvs>) -> Result<(), kv::Error> {
-        let mut null = IsNull(false);
-        value.visit(&mut null)?;
-        if !null.0 {
-            let json = (value.to_bool().map(Json::from))
-                .or_else(|| value.to_u64().map(Json::from))
-                .or_else(|| value.to_i64().map(Json::from))
-                .or_else(|| value.to_f64().map(Json::from))
-                .unwrap_or_else(|| value.to_string().into());
+        let json = serde_json::to_value(value).map_err(kv::Error::boxed)?;
+        if !json.is_null() {
             self.0.insert(key.as_str().into(), json);
         }
-        Ok(())
-    }
-}
-
-struct IsNull(bool);
-
-impl<'v> kv::VisitValue<'v> for IsNull {
-    fn visit_any(&mut self, _: Value<'_>) -> Result<(), kv::Error> {
-        Ok(())
-    }
-
-    fn visit_null(&mut self) -> Result<(), kv::Error> {
-        self.0 = true;
         Ok(())
     }
 }
@@ -221,6 +201,7 @@ impl fmt::Display for Escaped<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
 
     fn escaped(bytes: &[u8]) -> String {
         Escaped(bytes).to_string()
@@ -273,7 +254,10 @@ mod tests {
             format_args!("line one\nline two"),
             &[
                 ("event", Value::from("reply")),
-                ("peer", Value::from("127.0.0.1:5")),
+                (
+                    "peer",
+                    Value::from_display(&"127.0.0.1:5".parse::<SocketAddr>().unwrap()),
+                ),
                 ("reply", Value::from("a\n\u{1b}[31m\"b")),
                 ("bytes", Value::from(9u64)),
                 ("reply_lossy", Value::from(false)),
@@ -282,6 +266,7 @@ mod tests {
         assert_eq!(json["ts"], "2026-11-25T12:00:00.000Z");
         assert_eq!(json["level"], "warn");
         assert_eq!(json["event"], "reply");
+        assert_eq!(json["peer"], "127.0.0.1:5");
         assert_eq!(json["reply"], "a\n\u{1b}[31m\"b");
         assert_eq!(json["bytes"], 9);
         assert_eq!(json["reply_lossy"], false);
