@@ -1,16 +1,14 @@
 //! The log's output (stderr, or the `--log-file` that SIGHUP reopens) and the
-//! bounded queue in front of it: group commit. One writer thread takes every
-//! waiting line as one batch, writes it, and `fdatasync`s it once if it holds
-//! a record (batches grow only under load, as PostgreSQL's WAL flush); a
-//! record's caller waits for that, up to its deadline, and never does I/O
-//! itself, so a stalled output holds up no client past its deadline. A
-//! failed batch is retried with a growing pause from the byte where its
-//! write stopped (after a failed sync, all of it: none is lost).
+//! bounded queue in front of it: group commit. One writer thread writes every
+//! waiting line as one batch and `fdatasync`s it once if it holds a record
+//! (batches grow only under load, as PostgreSQL's WAL flush); a record's caller
+//! waits for that up to its deadline and never does I/O, so a stalled output
+//! holds up no client past its deadline. A failed batch is retried, with a
+//! growing pause, from where its write stopped (after a failed sync, whole).
 //!
 //! On a pipe (stderr, unsynced), a record of at most `PIPE_BUF` bytes is
-//! written by its own thread first, with no lock and nobody to wake: a pipe
-//! takes such a write whole or not at all, and the writer thread holds the
-//! pipe gate while it writes, so such a record never lands inside a batch.
+//! written by its own thread, lock-free: a pipe takes it whole or not at all,
+//! and the pipe gate keeps it out of the middle of a batch.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -180,8 +178,6 @@ struct State {
     queued: u64,
     /// Every line numbered at most this is written (or was given up).
     done: u64,
-    /// The writer thread is writing a batch.
-    writing: bool,
     writer_idle: bool,
     /// Failed attempts in a row.
     failures: u64,
@@ -284,14 +280,11 @@ impl Lines {
         if !(records && output.sync) {
             return Ok(());
         }
-        let lost = output.file.sync_data().err().or_else(|| output.deleted());
-        match lost {
-            Some(e) => {
-                self.written = 0;
-                Err(e)
-            }
-            None => Ok(()),
+        if let Some(lost) = output.file.sync_data().err().or_else(|| output.deleted()) {
+            self.written = 0;
+            return Err(lost);
         }
+        Ok(())
     }
 }
 
@@ -346,14 +339,16 @@ impl Queue {
             io::Error::new(io::ErrorKind::TimedOut, why)
         };
         let deadline = Instant::now() + timeout;
-        let mut state = lock(&self.state);
-        while state.waiting.lines.len() >= self.capacity && !state.abandoned {
-            state = self.wait(state, deadline).map_err(|_| timed_out())?;
+        let full = |s: &mut State| s.waiting.lines.len() >= self.capacity && !s.abandoned;
+        let (mut state, still_full) = self.wait_while(lock(&self.state), deadline, full);
+        if still_full {
+            return Err(timed_out());
         }
         let number = state.enqueue(bytes, true);
         self.wake_writer(&state);
-        let (mut state, written) = self.wait_until(state, number, true, deadline);
-        if written {
+        let unwritten = |s: &mut State| s.done < number && !s.abandoned;
+        let (mut state, _) = self.wait_while(state, deadline, unwritten);
+        if state.done >= number {
             return Ok(());
         }
         state.waiting.give_up(number);
@@ -376,35 +371,18 @@ impl Queue {
         gate.is_some() && pipe.write(bytes).is_ok_and(|n| n == bytes.len())
     }
 
-    /// Waits until line `last` is written: false at `deadline`, or, for a
-    /// `record`, when the server stops waiting.
-    fn wait_until<'a>(
+    /// Waits on `changed` while `waiting` holds, up to `deadline`; true if
+    /// it still holds then.
+    fn wait_while<'a>(
         &'a self,
-        mut state: Guard<'a>,
-        last: u64,
-        record: bool,
+        state: Guard<'a>,
         deadline: Instant,
+        waiting: impl FnMut(&mut State) -> bool,
     ) -> (Guard<'a>, bool) {
-        while state.done < last {
-            if record && state.abandoned {
-                return (state, false);
-            }
-            match self.wait(state, deadline) {
-                Ok(next) => state = next,
-                Err(state) => return (state, false),
-            }
-        }
-        (state, true)
-    }
-
-    /// Waits on `changed` until signalled or `deadline`; `Err` once it passed.
-    fn wait<'a>(&'a self, state: Guard<'a>, deadline: Instant) -> Result<Guard<'a>, Guard<'a>> {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(state);
-        }
-        let waited = self.changed.wait_timeout(state, left);
-        Ok(waited.unwrap_or_else(PoisonError::into_inner).0)
+        let waited = self.changed.wait_timeout_while(state, left, waiting);
+        let (state, timeout) = waited.unwrap_or_else(PoisonError::into_inner);
+        (state, timeout.timed_out())
     }
 
     fn wake_writer(&self, state: &State) {
@@ -424,13 +402,11 @@ impl Queue {
         if was_full {
             self.changed.notify_all(); // room for callers waiting for it
         }
-        state.writing = true;
         let write = || {
             let _gate = self.pipe.as_ref().map(|_| self.pipe_gate.write());
             batch.write_to(&mut lock(&self.output))
         };
         let (mut state, result) = self.unlocked(state, write);
-        state.writing = false;
         match result {
             Ok(()) => {
                 let last = batch.lines.last().map_or(0, |line| line.number);
@@ -502,7 +478,7 @@ impl Queue {
     pub(crate) fn flush(&self, timeout: Duration) -> u64 {
         let state = lock(&self.state);
         let last = state.queued;
-        let (state, _) = self.wait_until(state, last, false, Instant::now() + timeout);
+        let (state, _) = self.wait_while(state, Instant::now() + timeout, |s| s.done < last);
         state.queued - state.done
     }
 
@@ -732,7 +708,9 @@ mod tests {
         let queue = queue(2, &sink, &seen);
         sink.stall(true);
         queue.push(b"a\n".to_vec(), Class::Housekeeping);
-        wait_for("the writer took the line", || lock(&queue.state).writing);
+        wait_for("the writer took the line", || {
+            queue.output.try_lock().is_err()
+        });
         for line in ["b\n", "c\n", "busy\n"] {
             queue.push(line.into(), Class::Housekeeping);
         }
@@ -791,7 +769,7 @@ mod tests {
         let queue = queue(4, &sink, &seen);
         sink.stall(true);
         queue.push(b"x\n".to_vec(), Class::Lifecycle);
-        wait_for("the writer took x", || lock(&queue.state).writing);
+        wait_for("the writer took x", || queue.output.try_lock().is_err());
         let first = thread::spawn(move || queue.push_and_wait(b"first\n".to_vec(), LONG));
         wait_for("first queued", || lock(&queue.state).queued == 2);
         let short = Duration::from_millis(100);
