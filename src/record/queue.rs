@@ -638,11 +638,12 @@ mod tests {
         let (sink, seen) = (Cued::default(), Seen::default());
         let queue = queue(64, &sink, &seen);
         sink.stall(true);
-        // The first caller takes the writer role and stalls in the sink;
-        // the others queue up behind it.
-        let callers: Vec<_> = (0..8)
-            .map(|i| thread::spawn(move || queue.push_and_wait(format!("{i}\n").into(), LONG)))
-            .collect();
+        // The writer takes the first record and stalls in the sink; the
+        // others queue up behind it.
+        let push = |i| thread::spawn(move || queue.push_and_wait(format!("{i}\n").into(), LONG));
+        let mut callers = vec![push(0)];
+        wait_for("the writer took 0", || queue.output.try_lock().is_err());
+        callers.extend((1..8).map(push));
         wait_for("lines queued", || lock(&queue.state).queued == 8);
         sink.stall(false);
         for caller in callers {
