@@ -2,7 +2,6 @@
 //! the escaping that keeps client bytes from forging or breaking a line:
 //! [`Escaped`] in text (`log` escapes nothing), [`escape_line_breakers`] in JSON.
 
-use std::borrow::Cow;
 use std::fmt;
 
 use log::Level;
@@ -166,14 +165,6 @@ impl<'kvs> VisitSource<'kvs> for JsonFields<'_> {
     }
 }
 
-/// A reply as JSON can carry it: its text, decoded lossily, and whether
-/// it had to be.
-pub(crate) fn reply_text(bytes: &[u8]) -> (Cow<'_, str>, bool) {
-    let text = String::from_utf8_lossy(bytes);
-    let lossy = matches!(text, Cow::Owned(_));
-    (text, lossy)
-}
-
 /// Client bytes in double quotes with Rust-style escapes, for example
 /// `"yes\r\u{1b}[31m\xFF"`: text stays readable, whatever could affect a
 /// terminal or a log parser becomes visible.
@@ -308,13 +299,5 @@ mod tests {
     #[test]
     fn json_event_defaults_to_log() {
         assert_eq!(record_json(format_args!("plain"), &[])["event"], "log");
-    }
-
-    #[test]
-    fn invalid_utf8_replies_are_flagged_lossy() {
-        assert_eq!(reply_text(b"yes"), ("yes".into(), false));
-        let (text, lossy) = reply_text(b"y\xffs");
-        assert_eq!(text, "y\u{fffd}s");
-        assert!(lossy);
     }
 }

@@ -4,7 +4,9 @@
 //! diagnostics share one queue, so the log reads in order; only a record's
 //! caller waits for its line.
 
+use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
+use std::fmt::Arguments;
 use std::io::{self, IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,11 +18,11 @@ use std::{panic, thread};
 
 use libc::{EDQUOT, EFBIG, EIO, ENOSPC, EPIPE};
 use log::kv::{Key, ToValue, Value};
-use log::{Level, Log as _, error, warn};
+use log::{Level, LevelFilter, Log as _, error, warn};
 
 pub use super::format::LogFormat;
 pub(crate) use super::format::event;
-use super::format::{Escaped, RecordText, class_of, escape_line_breakers, json_line, reply_text};
+use super::format::{Escaped, RecordText, class_of, escape_line_breakers, json_line};
 use super::queue::{self, Class, Observer, Output, Queue};
 use super::{Record, ReplySink};
 use crate::error::describe_io_error;
@@ -94,9 +96,11 @@ struct Log {
 }
 
 impl Log {
-    /// `record` as `env_logger` formats it, whatever `RUST_LOG` says.
-    fn line(&self, record: &log::Record<'_>) -> Vec<u8> {
-        self.records.log(record);
+    /// A line as `env_logger` formats it, whatever `RUST_LOG` says.
+    fn line(&self, level: Level, target: &str, kvs: &[(&str, Value)], args: Arguments) -> Vec<u8> {
+        let mut builder = log::Record::builder();
+        builder.level(level).target(target).key_values(&kvs);
+        self.records.log(&builder.args(args).build());
         FORMATTED.take()
     }
 }
@@ -117,8 +121,8 @@ pub fn init(settings: &LogSettings) -> io::Result<()> {
     let mut diagnostics = builder(settings);
     // Before RUST_LOG is read, so that a RUST_LOG directive for this very
     // target replaces it; any other directive is less specific and loses.
-    diagnostics.filter_module(LISTENING_TARGET, log::LevelFilter::Info);
-    diagnostics.filter_module(COUNTERS_TARGET, log::LevelFilter::Info);
+    diagnostics.filter_module(LISTENING_TARGET, LevelFilter::Info);
+    diagnostics.filter_module(COUNTERS_TARGET, LevelFilter::Info);
     diagnostics.parse_env(env_logger::Env::default().default_filter_or("info"));
     let diagnostics = diagnostics.build();
     let log = install(settings)?;
@@ -155,11 +159,9 @@ fn install(settings: &LogSettings) -> io::Result<&'static Log> {
         reported: ERROR_KINDS.map(|kind| LogEvery::new(kind, SECOND)),
         stderr: settings.file.is_some().then(stderr_writer).transpose()?,
     }));
-    let mut records = builder(settings);
-    records.filter_level(log::LevelFilter::Trace);
     let log: &'static Log = Box::leak(Box::new(Log {
         queue: Queue::new(LOG_QUEUE_LINES, output, Box::new(health)),
-        records: records.build(),
+        records: builder(settings).filter_level(LevelFilter::Trace).build(),
         record_timeout: settings.record_timeout,
         health,
     }));
@@ -199,22 +201,18 @@ impl ReplySink for LogReplies {
         let text = RecordText(record);
         let (level, event) = text.level_and_event();
         let proxy = record.proxy.map(|proxy| proxy.to_string());
-        let proxy = proxy.as_deref();
-        let (reply, lossy) = reply_text(record.reply);
+        let reply = String::from_utf8_lossy(record.reply);
         let duration_ms = record.duration.as_millis() as u64;
         let fields = [
             ("event", Value::from(event)),
             ("peer", Value::from_display(&record.peer)),
             ("proxy", proxy.to_value()),
             ("reply", Value::from(&*reply)),
-            ("reply_lossy", Value::from(lossy)),
+            ("reply_lossy", Value::from(matches!(reply, Cow::Owned(_)))),
             ("bytes", Value::from(record.reply.len())),
             ("duration_ms", Value::from(duration_ms)),
         ];
-        let message = format_args!("{text}");
-        let mut builder = log::Record::builder();
-        builder.level(level).target(RECORD_TARGET);
-        let line = log.line(&builder.key_values(&fields).args(message).build());
+        let line = log.line(level, RECORD_TARGET, &fields, format_args!("{text}"));
         log.queue.push_and_wait(line, log.record_timeout)
     }
 }
@@ -240,9 +238,7 @@ pub(crate) fn reopen() -> bool {
     let event = [("event", Value::from(event::LOG_REOPENED))];
     let why = "the lines before this one are in the file it was renamed to";
     let message = format_args!("log file reopened (SIGHUP): {why}");
-    let mut builder = log::Record::builder();
-    builder.level(Level::Info).target("prompt_server::logging");
-    let line = log.line(&builder.key_values(&event).args(message).build());
+    let line = log.line(Level::Info, "prompt_server::logging", &event, message);
     log.queue.reopen(line);
     true
 }
@@ -386,9 +382,6 @@ impl log::Log for QueuedLogger {
         }
         self.diagnostics.log(record);
         let line = FORMATTED.take();
-        if line.is_empty() {
-            return;
-        }
         // With a log file, stderr (a terminal, the journal) still says
         // where the server listens: `--port 0` is found out there.
         if record.target() == LISTENING_TARGET {
@@ -467,16 +460,12 @@ pub(crate) fn report_held_back() {
         &NOT_RECORDED_LINES,
         &ACCEPT_ERROR_LINES,
     ] {
-        let held_back = std::mem::take(&mut lock(&every.state).1);
-        let lines = if held_back == 1 {
-            "line was"
-        } else {
-            "lines were"
-        };
-        if held_back > 0 {
+        let n = std::mem::take(&mut lock(&every.state).1);
+        let lines = if n == 1 { "line was" } else { "lines were" };
+        if n > 0 {
             warn!(
-                event = every.event, held_back = held_back;
-                "{held_back} more {} {lines} held back since the last one", every.event
+                event = every.event, held_back = n;
+                "{n} more {} {lines} held back since the last one", every.event
             );
         }
     }
