@@ -23,7 +23,7 @@ use log::{Level, LevelFilter, Log as _, error, warn};
 pub use super::format::LogFormat;
 pub(crate) use super::format::event;
 use super::format::{Escaped, RecordText, class_of, escape_line_breakers, json_line};
-use super::queue::{self, Class, Observer, Output, Queue};
+use super::queue::{Class, Observer, Output, Queue};
 use super::{Record, ReplySink};
 use crate::error::describe_io_error;
 use crate::lock;
@@ -87,12 +87,22 @@ const ERRNOS: [i32; 5] = [ENOSPC, EDQUOT, EFBIG, EIO, EPIPE];
 /// The process's log, made by [`init`] or else by the first record.
 static LOG: OnceLock<&'static Log> = OnceLock::new();
 
+/// The log, and what its writer thread's reports go to: counters by kind,
+/// the last error, and, when the log is a file, lines on stderr.
 struct Log {
     queue: Queue,
     /// Formats records, unfiltered.
     records: env_logger::Logger,
     record_timeout: Duration,
-    health: &'static Health,
+    /// The log file's path, `None` for stderr.
+    file: Option<String>,
+    /// Lines for stderr when the log is a file, dropped if it is behind.
+    stderr: Option<SyncSender<String>>,
+    /// Failed writes and syncs, by kind.
+    errors: [AtomicU64; ERROR_KINDS.len()],
+    last_error: Mutex<Option<String>>,
+    /// At most one stderr line a second per kind.
+    reported: [LogEvery; ERROR_KINDS.len()],
 }
 
 impl Log {
@@ -102,6 +112,12 @@ impl Log {
         builder.level(level).target(target).key_values(&kvs);
         self.records.log(&builder.args(args).build());
         FORMATTED.take()
+    }
+
+    fn to_stderr(&self, line: String) {
+        if let Some(lines) = &self.stderr {
+            let _ = lines.try_send(line);
+        }
     }
 }
 
@@ -152,22 +168,19 @@ fn builder(settings: &LogSettings) -> env_logger::Builder {
 /// Makes the process's log with `settings`; fails if it exists already.
 fn install(settings: &LogSettings) -> io::Result<&'static Log> {
     let output = Output::open(settings.file.as_deref(), settings.sync)?;
-    let health: &'static Health = Box::leak(Box::new(Health {
-        file: settings.file.as_deref().map(|p| p.display().to_string()),
-        counts: Default::default(),
-        last_error: Mutex::new(None),
-        reported: ERROR_KINDS.map(|kind| LogEvery::new(kind, SECOND)),
-        stderr: settings.file.is_some().then(stderr_writer).transpose()?,
-    }));
     let log: &'static Log = Box::leak(Box::new(Log {
-        queue: Queue::new(LOG_QUEUE_LINES, output, Box::new(health)),
+        queue: Queue::new(LOG_QUEUE_LINES, output),
         records: builder(settings).filter_level(LevelFilter::Trace).build(),
         record_timeout: settings.record_timeout,
-        health,
+        file: settings.file.as_deref().map(|p| p.display().to_string()),
+        stderr: settings.file.is_some().then(stderr_writer).transpose()?,
+        errors: Default::default(),
+        last_error: Mutex::new(None),
+        reported: ERROR_KINDS.map(|kind| LogEvery::new(kind, SECOND)),
     }));
     LOG.set(log)
         .map_err(|_| io::Error::new(io::ErrorKind::AlreadyExists, "the log is set up already"))?;
-    queue::start_writer(&log.queue)?;
+    log.queue.start_writer(log)?;
     Ok(log)
 }
 
@@ -232,7 +245,7 @@ pub(crate) fn stop_waiting_for_the_log() {
 /// Opens the log file again (SIGHUP, after logrotate renamed it), with a
 /// first line that says so. Returns false when the log is not a file.
 pub(crate) fn reopen() -> bool {
-    let Some(log) = LOG.get().filter(|log| log.health.file.is_some()) else {
+    let Some(log) = LOG.get().filter(|log| log.file.is_some()) else {
         return false;
     };
     let event = [("event", Value::from(event::LOG_REOPENED))];
@@ -253,7 +266,7 @@ pub(crate) fn write_errors() -> Vec<(&'static str, u64)> {
     let Some(log) = LOG.get() else {
         return Vec::new();
     };
-    let counts = log.health.counts.iter().map(|n| n.load(Ordering::Relaxed));
+    let counts = log.errors.iter().map(|n| n.load(Ordering::Relaxed));
     ERROR_KINDS.into_iter().zip(counts).collect()
 }
 
@@ -262,36 +275,16 @@ pub(crate) fn write_errors() -> Vec<(&'static str, u64)> {
 pub(crate) fn failure() -> Option<String> {
     let log = LOG.get()?;
     let waiting = log.queue.failing()?;
-    let why = lock(&log.health.last_error).clone()?;
+    let why = lock(&log.last_error).clone()?;
     Some(format!("log failing: {why} ({waiting} lines waiting)"))
 }
 
-/// What the queue's failures are told to: counters by kind, the last error,
-/// and, when the log is a file, a line on stderr at most once a second.
-struct Health {
-    /// The log file's path, `None` for stderr.
-    file: Option<String>,
-    counts: [AtomicU64; ERROR_KINDS.len()],
-    last_error: Mutex<Option<String>>,
-    reported: [LogEvery; ERROR_KINDS.len()],
-    /// Lines for stderr when the log is a file, dropped if it is behind.
-    stderr: Option<SyncSender<String>>,
-}
-
-impl Health {
-    fn to_stderr(&self, line: String) {
-        if let Some(lines) = &self.stderr {
-            let _ = lines.try_send(line);
-        }
-    }
-}
-
-impl Observer for &'static Health {
+impl Observer for Log {
     fn failed(&self, error: &io::Error) {
         let errno = error.raw_os_error();
         let kind = ERRNOS.iter().position(|e| Some(*e) == errno);
         let kind = kind.unwrap_or(ERRNOS.len());
-        self.counts[kind].fetch_add(1, Ordering::Relaxed);
+        self.errors[kind].fetch_add(1, Ordering::Relaxed);
         let why = describe_io_error(error);
         *lock(&self.last_error) = Some(why.clone());
         if let Some(path) = &self.file
@@ -386,7 +379,7 @@ impl log::Log for QueuedLogger {
         // where the server listens: `--port 0` is found out there.
         if record.target() == LISTENING_TARGET {
             let line = String::from_utf8_lossy(&line).into_owned();
-            self.log.health.to_stderr(line);
+            self.log.to_stderr(line);
         }
         self.log.queue.push(line, class);
     }

@@ -36,7 +36,7 @@ pub(crate) enum Class {
 const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(10);
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(1);
 
-/// What the queue tells about its output; called without the queue's lock.
+/// What the writer thread tells about the output, without the queue's lock.
 pub(crate) trait Observer: Send + Sync {
     /// A write or sync failed; its lines wait to be written again.
     fn failed(&self, error: &io::Error);
@@ -157,7 +157,6 @@ pub(crate) struct Queue {
     work: Condvar,
     /// Used by the writer thread only.
     output: Mutex<Output>,
-    observer: Box<dyn Observer>,
     /// stderr as a pipe, non-blocking, for records written by their thread.
     pipe: Option<File>,
     /// Shared by such a write, held alone by the writer thread's writes.
@@ -289,7 +288,7 @@ impl Lines {
 }
 
 impl Queue {
-    pub(crate) fn new(capacity: usize, output: Output, observer: Box<dyn Observer>) -> Self {
+    pub(crate) fn new(capacity: usize, output: Output) -> Self {
         Queue {
             capacity,
             state: Mutex::default(),
@@ -298,7 +297,6 @@ impl Queue {
             pipe: output.unsynced_pipe(),
             pipe_gate: RwLock::new(()),
             output: Mutex::new(output),
-            observer,
             failing: AtomicBool::new(false),
         }
     }
@@ -393,12 +391,10 @@ impl Queue {
 
     /// Writes the batch to retry, or else every waiting line, in one go;
     /// returns with the lock held again.
-    fn write_batch<'a>(&'a self, mut state: Guard<'a>) -> Guard<'a> {
+    fn write_batch<'a>(&'a self, mut state: Guard<'a>, observer: &dyn Observer) -> Guard<'a> {
         let was_full = state.waiting.lines.len() >= self.capacity;
-        let mut batch = match state.retry.take() {
-            Some(batch) => batch,
-            None => std::mem::take(&mut state.waiting),
-        };
+        let retry = state.retry.take();
+        let mut batch = retry.unwrap_or_else(|| std::mem::take(&mut state.waiting));
         if was_full {
             self.changed.notify_all(); // room for callers waiting for it
         }
@@ -414,14 +410,14 @@ impl Queue {
                 if state.failures > 0 && batch.lines.iter().any(|line| !line.bytes.is_empty()) {
                     let failures = std::mem::take(&mut state.failures);
                     self.failing.store(false, Ordering::Relaxed);
-                    state = self.unlocked(state, || self.observer.recovered(failures)).0;
+                    state = self.unlocked(state, || observer.recovered(failures)).0;
                 }
             }
             Err(e) => {
                 state.retry = Some(batch);
                 state.failures += 1;
                 self.failing.store(true, Ordering::Relaxed);
-                state = self.unlocked(state, || self.observer.failed(&e)).0;
+                state = self.unlocked(state, || observer.failed(&e)).0;
             }
         }
         self.changed.notify_all();
@@ -430,7 +426,7 @@ impl Queue {
 
     /// The writer thread: reopens the output when asked, retries a failed
     /// batch after a pause, writes what waits, reports drops.
-    fn serve(&self) {
+    fn serve(&self, observer: &dyn Observer) {
         let mut state = lock(&self.state);
         loop {
             state.writer_idle = true;
@@ -443,7 +439,7 @@ impl Queue {
             if let Some(first_line) = state.reopen.take() {
                 let reopen = || {
                     let done = lock(&self.output).reopen(&first_line);
-                    done.inspect_err(|e| self.observer.reopen_failed(e)).is_ok()
+                    done.inspect_err(|e| observer.reopen_failed(e)).is_ok()
                 };
                 (state, reopened) = self.unlocked(state, reopen);
                 // A line torn by a failed write is written whole again in
@@ -458,11 +454,11 @@ impl Queue {
                 state = self.unlocked(state, || thread::sleep(pause)).0;
             }
             if state.retry.is_some() || !state.waiting.lines.is_empty() {
-                state = self.write_batch(state);
+                state = self.write_batch(state, observer);
             }
             if state.dropped > 0 && state.waiting.lines.len() < self.capacity {
                 let dropped = std::mem::take(&mut state.dropped);
-                state = self.unlocked(state, || self.observer.dropped(dropped)).0;
+                state = self.unlocked(state, || observer.dropped(dropped)).0;
             }
         }
     }
@@ -488,20 +484,20 @@ impl Queue {
         self.changed.notify_all();
     }
 
+    /// Starts the writer thread, which tells `observer` about the output.
+    pub(crate) fn start_writer(&'static self, observer: &'static dyn Observer) -> io::Result<()> {
+        thread::Builder::new()
+            .name("log-writer".to_string())
+            .stack_size(256 * 1024)
+            .spawn(move || self.serve(observer))
+            .map(drop)
+    }
+
     /// Whether writes are failing now, and the lines not yet written.
     pub(crate) fn failing(&self) -> Option<u64> {
         let state = lock(&self.state);
         (state.failures > 0).then_some(state.queued - state.done)
     }
-}
-
-/// Starts the writer thread for a queue that lives as long as the process.
-pub(crate) fn start_writer(queue: &'static Queue) -> io::Result<()> {
-    thread::Builder::new()
-        .name("log-writer".to_string())
-        .stack_size(256 * 1024)
-        .spawn(move || queue.serve())
-        .map(drop)
 }
 
 #[cfg(test)]
@@ -603,12 +599,10 @@ mod tests {
             path: None,
             sync: true,
         };
-        let queue = Box::leak(Box::new(Queue::new(
-            capacity,
-            output,
-            Box::new(seen.clone()),
-        )));
-        start_writer(queue).unwrap();
+        let queue = Box::leak(Box::new(Queue::new(capacity, output)));
+        queue
+            .start_writer(Box::leak(Box::new(seen.clone())))
+            .unwrap();
         queue
     }
 
