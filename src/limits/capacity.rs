@@ -92,13 +92,12 @@ fn plan(limits: &[Limit], requested: u64, accept_loops: u64) -> Option<Lowered> 
     };
     let bound_by = limits.iter().min_by_key(|limit| allowed(limit))?.clone();
     let max_connections = allowed(&bound_by);
-    let lowered = Lowered {
+    (max_connections < requested).then_some(Lowered {
         requested,
         process_threads,
         max_connections,
         bound_by,
-    };
-    (max_connections < requested).then_some(lowered)
+    })
 }
 
 /// The warning line: the limit that bound the cap, its numbers, and how to

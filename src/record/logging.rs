@@ -281,9 +281,8 @@ pub(crate) fn failure() -> Option<String> {
 
 impl Observer for Log {
     fn failed(&self, error: &io::Error) {
-        let errno = error.raw_os_error();
-        let kind = ERRNOS.iter().position(|e| Some(*e) == errno);
-        let kind = kind.unwrap_or(ERRNOS.len());
+        let errno = ERRNOS.iter().position(|&e| Some(e) == error.raw_os_error());
+        let kind = errno.unwrap_or(ERRNOS.len());
         self.errors[kind].fetch_add(1, Ordering::Relaxed);
         let why = describe_io_error(error);
         *lock(&self.last_error) = Some(why.clone());

@@ -28,8 +28,7 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// However small `WATCHDOG_USEC` is, the reporting thread must not spin.
 const MIN_PING_INTERVAL: Duration = Duration::from_millis(10);
 
-/// Tells the service manager how the server is; dropping it stops the
-/// reporting thread.
+/// Tells the service manager how the server is; dropping it stops the reporting thread.
 #[derive(Default)]
 pub(crate) struct Notifier {
     inner: Arc<Inner>,
@@ -68,8 +67,7 @@ impl Notifier {
         Notifier::default()
     }
 
-    /// Sends to `socket` (a path, or `@name` for an abstract socket), with
-    /// watchdog pings every half of `watchdog`.
+    /// Sends to `socket` ([`notify_address`]), pinging every half of `watchdog`.
     fn to_socket(socket: &OsStr, watchdog: Option<Duration>) -> io::Result<Notifier> {
         let addr = notify_address(socket)?;
         let watchdog = watchdog.filter(|period| !period.is_zero());
@@ -143,9 +141,8 @@ impl Inner {
     /// `stopped`: a changed status at most once per [`STATUS_INTERVAL`], and
     /// watchdog pings every `ping_every`, each on its own clock.
     fn report(&self, connected: impl Fn() -> usize, stopped: &mpsc::Receiver<()>) {
-        let ping_every = self.ping_every;
         let mut next_status = Instant::now() + STATUS_INTERVAL;
-        let mut next_ping = ping_every.map(|every| Instant::now() + every);
+        let mut next_ping = self.ping_every.map(|every| Instant::now() + every);
         let mut last_status = String::new();
         loop {
             let next = next_ping.map_or(next_status, |ping| ping.min(next_status));
@@ -161,7 +158,7 @@ impl Inner {
                 }
                 next_status = now + STATUS_INTERVAL;
             }
-            if let (Some(at), Some(every)) = (next_ping, ping_every)
+            if let (Some(at), Some(every)) = (next_ping, self.ping_every)
                 && now >= at
             {
                 let loops = lock(&self.loops);
