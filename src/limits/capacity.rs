@@ -63,12 +63,6 @@ impl Limit {
         max.saturating_sub(fixed) / each
     }
 
-    /// The value this limit would need for `connections` to fit.
-    fn needed_for(&self, connections: u64, process_threads: u64) -> u64 {
-        let (fixed, each) = self.costs(process_threads);
-        connections.saturating_mul(each).saturating_add(fixed)
-    }
-
     fn name(&self) -> &'static str {
         match self {
             Limit::OpenFiles { .. } => "RLIMIT_NOFILE",
@@ -98,13 +92,12 @@ fn plan(limits: &[Limit], requested: u64, accept_loops: u64) -> Option<Lowered> 
     };
     let bound_by = limits.iter().min_by_key(|limit| allowed(limit))?.clone();
     let max_connections = allowed(&bound_by);
-    let lowered = Lowered {
+    (max_connections < requested).then_some(Lowered {
         requested,
         process_threads,
         max_connections,
         bound_by,
-    };
-    (max_connections < requested).then_some(lowered)
+    })
 }
 
 /// The warning line: the limit that bound the cap, its numbers, and how to
@@ -112,7 +105,8 @@ fn plan(limits: &[Limit], requested: u64, accept_loops: u64) -> Option<Lowered> 
 impl fmt::Display for Lowered {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (requested, threads, limit) = (self.requested, self.process_threads, &self.bound_by);
-        let needed = limit.needed_for(requested, threads);
+        let (fixed, each) = limit.costs(threads);
+        let needed = requested.saturating_mul(each).saturating_add(fixed);
         let most = limit.connections_within(MAX_MAP_COUNT_CEILING, threads);
         let raise = if needed <= MAX_MAP_COUNT_CEILING {
             format!("raise it with sysctl vm.max_map_count={needed}")
@@ -288,8 +282,10 @@ mod tests {
         }
         // One connection asked for and none left: nothing to lower, nothing to warn about.
         assert_eq!(plan(&[files(3, 8)], 1, 0), None);
-        assert_eq!(files(u64::MAX, 0).needed_for(u64::MAX, u64::MAX), u64::MAX);
-        assert_eq!(maps(u64::MAX, 0).needed_for(u64::MAX, u64::MAX), u64::MAX);
+        for limit in [files(3, 8), maps(10, 100)] {
+            let line = warning(&[limit], u64::MAX, u64::MAX);
+            assert!(line.contains("needs about 18446744073709551615 "), "{line}");
+        }
     }
 
     #[test]

@@ -280,7 +280,6 @@ pub(crate) fn refuse(
     why: &Refusal<'_>,
 ) -> Outcome {
     let proxy = proxy.map(|proxy| proxy.to_string());
-    let proxy = proxy.as_deref();
     match why {
         Refusal::Full { cap } => log_every!(
             BUSY_LINES, warn, [reason = "max_connections", peer:% = peer,],

@@ -2,7 +2,6 @@
 //! the escaping that keeps client bytes from forging or breaking a line:
 //! [`Escaped`] in text (`log` escapes nothing), [`escape_line_breakers`] in JSON.
 
-use std::borrow::Cow;
 use std::fmt;
 
 use log::Level;
@@ -153,17 +152,16 @@ pub(crate) fn json_line(ts: &str, record: &log::Record<'_>) -> Json {
     Json::Object(object)
 }
 
-/// Escapes, inside JSON strings, what serde_json leaves (it escapes only C0
+/// Escapes in JSON strings what serde_json leaves (it escapes only C0
 /// controls) but ends a line for some log tools, drives terminals or hides
-/// text: DEL, C1 controls (NEL among them), the Unicode line and paragraph
-/// separators, and the invisible and bidirectional format characters (as
-/// the text format's escaping does).
+/// text: DEL, C1 controls (NEL among them), U+2028 and U+2029, and the
+/// invisible and bidirectional format characters (as the text format does).
 pub(crate) fn escape_line_breakers(json: &str) -> String {
     let mut out = String::with_capacity(json.len());
     for c in json.chars() {
-        let invisible = matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}')
+        let hidden = matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}')
             || matches!(c, '\u{2060}'..='\u{2069}' | '\u{FEFF}');
-        if c.is_control() || c == '\u{2028}' || c == '\u{2029}' || invisible {
+        if c.is_control() || hidden {
             out.push_str(&format!("\\u{:04x}", u32::from(c)));
         } else {
             out.push(c);
@@ -176,39 +174,12 @@ struct JsonFields<'a>(&'a mut Map<String, Json>);
 
 impl<'kvs> VisitSource<'kvs> for JsonFields<'_> {
     fn visit_pair(&mut self, key: Key<'kvs>, value: Value<'kvs>) -> Result<(), kv::Error> {
-        let mut null = IsNull(false);
-        value.visit(&mut null)?;
-        if !null.0 {
-            let json = (value.to_bool().map(Json::from))
-                .or_else(|| value.to_u64().map(Json::from))
-                .or_else(|| value.to_i64().map(Json::from))
-                .or_else(|| value.to_f64().map(Json::from))
-                .unwrap_or_else(|| value.to_string().into());
+        let json = serde_json::to_value(value).map_err(kv::Error::boxed)?;
+        if !json.is_null() {
             self.0.insert(key.as_str().into(), json);
         }
         Ok(())
     }
-}
-
-struct IsNull(bool);
-
-impl<'v> kv::VisitValue<'v> for IsNull {
-    fn visit_any(&mut self, _: Value<'_>) -> Result<(), kv::Error> {
-        Ok(())
-    }
-
-    fn visit_null(&mut self) -> Result<(), kv::Error> {
-        self.0 = true;
-        Ok(())
-    }
-}
-
-/// A reply as JSON can carry it: its text, decoded lossily, and whether
-/// it had to be.
-pub(crate) fn reply_text(bytes: &[u8]) -> (Cow<'_, str>, bool) {
-    let text = String::from_utf8_lossy(bytes);
-    let lossy = matches!(text, Cow::Owned(_));
-    (text, lossy)
 }
 
 /// Client bytes in double quotes with Rust-style escapes, for example
@@ -238,6 +209,7 @@ impl fmt::Display for Escaped<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
 
     fn escaped(bytes: &[u8]) -> String {
         Escaped(bytes).to_string()
@@ -290,7 +262,10 @@ mod tests {
             format_args!("line one\nline two"),
             &[
                 ("event", Value::from("reply")),
-                ("peer", Value::from("127.0.0.1:5")),
+                (
+                    "peer",
+                    Value::from_display(&"127.0.0.1:5".parse::<SocketAddr>().unwrap()),
+                ),
                 ("reply", Value::from("a\n\u{1b}[31m\"b")),
                 ("bytes", Value::from(9u64)),
                 ("reply_lossy", Value::from(false)),
@@ -299,6 +274,7 @@ mod tests {
         assert_eq!(json["ts"], "2026-11-25T12:00:00.000Z");
         assert_eq!(json["level"], "warn");
         assert_eq!(json["event"], "reply");
+        assert_eq!(json["peer"], "127.0.0.1:5");
         assert_eq!(json["reply"], "a\n\u{1b}[31m\"b");
         assert_eq!(json["bytes"], 9);
         assert_eq!(json["reply_lossy"], false);
@@ -340,13 +316,5 @@ mod tests {
     #[test]
     fn json_event_defaults_to_log() {
         assert_eq!(record_json(format_args!("plain"), &[])["event"], "log");
-    }
-
-    #[test]
-    fn invalid_utf8_replies_are_flagged_lossy() {
-        assert_eq!(reply_text(b"yes"), ("yes".into(), false));
-        let (text, lossy) = reply_text(b"y\xffs");
-        assert_eq!(text, "y\u{fffd}s");
-        assert!(lossy);
     }
 }

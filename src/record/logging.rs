@@ -4,7 +4,9 @@
 //! diagnostics share one queue, so the log reads in order; only a record's
 //! caller waits for its line.
 
+use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
+use std::fmt::Arguments;
 use std::io::{self, IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,12 +18,12 @@ use std::{panic, thread};
 
 use libc::{EDQUOT, EFBIG, EIO, ENOSPC, EPIPE};
 use log::kv::{Key, ToValue, Value};
-use log::{Level, Log as _, error, warn};
+use log::{Level, LevelFilter, Log as _, error, warn};
 
 pub use super::format::LogFormat;
 pub(crate) use super::format::event;
-use super::format::{Escaped, RecordText, class_of, escape_line_breakers, json_line, reply_text};
-use super::queue::{self, Class, Observer, Output, Queue};
+use super::format::{Escaped, RecordText, class_of, escape_line_breakers, json_line};
+use super::queue::{Class, Observer, Output, Queue};
 use super::{Record, ReplySink, TlsSession};
 use crate::error::describe_io_error;
 use crate::lock;
@@ -85,19 +87,37 @@ const ERRNOS: [i32; 5] = [ENOSPC, EDQUOT, EFBIG, EIO, EPIPE];
 /// The process's log, made by [`init`] or else by the first record.
 static LOG: OnceLock<&'static Log> = OnceLock::new();
 
+/// The log, and what its writer thread's reports go to: counters by kind,
+/// the last error, and, when the log is a file, lines on stderr.
 struct Log {
     queue: Queue,
     /// Formats records, unfiltered.
     records: env_logger::Logger,
     record_timeout: Duration,
-    health: &'static Health,
+    /// The log file's path, `None` for stderr.
+    file: Option<String>,
+    /// Lines for stderr when the log is a file, dropped if it is behind.
+    stderr: Option<SyncSender<String>>,
+    /// Failed writes and syncs, by kind.
+    errors: [AtomicU64; ERROR_KINDS.len()],
+    last_error: Mutex<Option<String>>,
+    /// At most one stderr line a second per kind.
+    reported: [LogEvery; ERROR_KINDS.len()],
 }
 
 impl Log {
-    /// `record` as `env_logger` formats it, whatever `RUST_LOG` says.
-    fn line(&self, record: &log::Record<'_>) -> Vec<u8> {
-        self.records.log(record);
+    /// A line as `env_logger` formats it, whatever `RUST_LOG` says.
+    fn line(&self, level: Level, target: &str, kvs: &[(&str, Value)], args: Arguments) -> Vec<u8> {
+        let mut builder = log::Record::builder();
+        builder.level(level).target(target).key_values(&kvs);
+        self.records.log(&builder.args(args).build());
         FORMATTED.take()
+    }
+
+    fn to_stderr(&self, line: String) {
+        if let Some(lines) = &self.stderr {
+            let _ = lines.try_send(line);
+        }
     }
 }
 
@@ -117,8 +137,8 @@ pub fn init(settings: &LogSettings) -> io::Result<()> {
     let mut diagnostics = builder(settings);
     // Before RUST_LOG is read, so that a RUST_LOG directive for this very
     // target replaces it; any other directive is less specific and loses.
-    diagnostics.filter_module(LISTENING_TARGET, log::LevelFilter::Info);
-    diagnostics.filter_module(COUNTERS_TARGET, log::LevelFilter::Info);
+    diagnostics.filter_module(LISTENING_TARGET, LevelFilter::Info);
+    diagnostics.filter_module(COUNTERS_TARGET, LevelFilter::Info);
     diagnostics.parse_env(env_logger::Env::default().default_filter_or("info"));
     let diagnostics = diagnostics.build();
     let log = install(settings)?;
@@ -148,24 +168,19 @@ fn builder(settings: &LogSettings) -> env_logger::Builder {
 /// Makes the process's log with `settings`; fails if it exists already.
 fn install(settings: &LogSettings) -> io::Result<&'static Log> {
     let output = Output::open(settings.file.as_deref(), settings.sync)?;
-    let health: &'static Health = Box::leak(Box::new(Health {
+    let log: &'static Log = Box::leak(Box::new(Log {
+        queue: Queue::new(LOG_QUEUE_LINES, output),
+        records: builder(settings).filter_level(LevelFilter::Trace).build(),
+        record_timeout: settings.record_timeout,
         file: settings.file.as_deref().map(|p| p.display().to_string()),
-        counts: Default::default(),
+        stderr: settings.file.is_some().then(stderr_writer).transpose()?,
+        errors: Default::default(),
         last_error: Mutex::new(None),
         reported: ERROR_KINDS.map(|kind| LogEvery::new(kind, SECOND)),
-        stderr: settings.file.is_some().then(stderr_writer).transpose()?,
-    }));
-    let mut records = builder(settings);
-    records.filter_level(log::LevelFilter::Trace);
-    let log: &'static Log = Box::leak(Box::new(Log {
-        queue: Queue::new(LOG_QUEUE_LINES, output, Box::new(health)),
-        records: records.build(),
-        record_timeout: settings.record_timeout,
-        health,
     }));
     LOG.set(log)
         .map_err(|_| io::Error::new(io::ErrorKind::AlreadyExists, "the log is set up already"))?;
-    queue::start_writer(&log.queue)?;
+    log.queue.start_writer(log)?;
     Ok(log)
 }
 
@@ -199,8 +214,7 @@ impl ReplySink for LogReplies {
         let text = RecordText(record);
         let (level, event) = text.level_and_event();
         let proxy = record.proxy.map(|proxy| proxy.to_string());
-        let proxy = proxy.as_deref();
-        let (reply, lossy) = reply_text(record.reply);
+        let reply = String::from_utf8_lossy(record.reply);
         let duration_ms = record.duration.as_millis() as u64;
         let tls = |field: fn(&TlsSession) -> Option<&str>| {
             (record.tls.and_then(field)).map_or(Value::null(), Value::from)
@@ -210,7 +224,7 @@ impl ReplySink for LogReplies {
             ("peer", Value::from_display(&record.peer)),
             ("proxy", proxy.to_value()),
             ("reply", Value::from(&*reply)),
-            ("reply_lossy", Value::from(lossy)),
+            ("reply_lossy", Value::from(matches!(reply, Cow::Owned(_)))),
             ("bytes", Value::from(record.reply.len())),
             ("duration_ms", Value::from(duration_ms)),
             ("tls_version", tls(|s| Some(s.version))),
@@ -218,10 +232,7 @@ impl ReplySink for LogReplies {
             ("tls_sni", tls(|s| s.server_name.as_deref())),
             ("tls_client", tls(|s| s.client_subject.as_deref())),
         ];
-        let message = format_args!("{text}");
-        let mut builder = log::Record::builder();
-        builder.level(level).target(RECORD_TARGET);
-        let line = log.line(&builder.key_values(&fields).args(message).build());
+        let line = log.line(level, RECORD_TARGET, &fields, format_args!("{text}"));
         log.queue.push_and_wait(line, log.record_timeout)
     }
 }
@@ -241,15 +252,13 @@ pub(crate) fn stop_waiting_for_the_log() {
 /// Opens the log file again (SIGHUP, after logrotate renamed it), with a
 /// first line that says so. Returns false when the log is not a file.
 pub(crate) fn reopen() -> bool {
-    let Some(log) = LOG.get().filter(|log| log.health.file.is_some()) else {
+    let Some(log) = LOG.get().filter(|log| log.file.is_some()) else {
         return false;
     };
     let event = [("event", Value::from(event::LOG_REOPENED))];
     let why = "the lines before this one are in the file it was renamed to";
     let message = format_args!("log file reopened (SIGHUP): {why}");
-    let mut builder = log::Record::builder();
-    builder.level(Level::Info).target("prompt_server::logging");
-    let line = log.line(&builder.key_values(&event).args(message).build());
+    let line = log.line(Level::Info, "prompt_server::logging", &event, message);
     log.queue.reopen(line);
     true
 }
@@ -264,7 +273,7 @@ pub(crate) fn write_errors() -> Vec<(&'static str, u64)> {
     let Some(log) = LOG.get() else {
         return Vec::new();
     };
-    let counts = log.health.counts.iter().map(|n| n.load(Ordering::Relaxed));
+    let counts = log.errors.iter().map(|n| n.load(Ordering::Relaxed));
     ERROR_KINDS.into_iter().zip(counts).collect()
 }
 
@@ -273,36 +282,15 @@ pub(crate) fn write_errors() -> Vec<(&'static str, u64)> {
 pub(crate) fn failure() -> Option<String> {
     let log = LOG.get()?;
     let waiting = log.queue.failing()?;
-    let why = lock(&log.health.last_error).clone()?;
+    let why = lock(&log.last_error).clone()?;
     Some(format!("log failing: {why} ({waiting} lines waiting)"))
 }
 
-/// What the queue's failures are told to: counters by kind, the last error,
-/// and, when the log is a file, a line on stderr at most once a second.
-struct Health {
-    /// The log file's path, `None` for stderr.
-    file: Option<String>,
-    counts: [AtomicU64; ERROR_KINDS.len()],
-    last_error: Mutex<Option<String>>,
-    reported: [LogEvery; ERROR_KINDS.len()],
-    /// Lines for stderr when the log is a file, dropped if it is behind.
-    stderr: Option<SyncSender<String>>,
-}
-
-impl Health {
-    fn to_stderr(&self, line: String) {
-        if let Some(lines) = &self.stderr {
-            let _ = lines.try_send(line);
-        }
-    }
-}
-
-impl Observer for &'static Health {
+impl Observer for Log {
     fn failed(&self, error: &io::Error) {
-        let errno = error.raw_os_error();
-        let kind = ERRNOS.iter().position(|e| Some(*e) == errno);
-        let kind = kind.unwrap_or(ERRNOS.len());
-        self.counts[kind].fetch_add(1, Ordering::Relaxed);
+        let errno = ERRNOS.iter().position(|&e| Some(e) == error.raw_os_error());
+        let kind = errno.unwrap_or(ERRNOS.len());
+        self.errors[kind].fetch_add(1, Ordering::Relaxed);
         let why = describe_io_error(error);
         *lock(&self.last_error) = Some(why.clone());
         if let Some(path) = &self.file
@@ -393,14 +381,11 @@ impl log::Log for QueuedLogger {
         }
         self.diagnostics.log(record);
         let line = FORMATTED.take();
-        if line.is_empty() {
-            return;
-        }
         // With a log file, stderr (a terminal, the journal) still says
         // where the server listens: `--port 0` is found out there.
         if record.target() == LISTENING_TARGET {
             let line = String::from_utf8_lossy(&line).into_owned();
-            self.log.health.to_stderr(line);
+            self.log.to_stderr(line);
         }
         self.log.queue.push(line, class);
     }
@@ -476,16 +461,12 @@ pub(crate) fn report_held_back() {
         &TLS_HANDSHAKE_LINES,
         &ACCEPT_ERROR_LINES,
     ] {
-        let held_back = std::mem::take(&mut lock(&every.state).1);
-        let lines = if held_back == 1 {
-            "line was"
-        } else {
-            "lines were"
-        };
-        if held_back > 0 {
+        let n = std::mem::take(&mut lock(&every.state).1);
+        let lines = if n == 1 { "line was" } else { "lines were" };
+        if n > 0 {
             warn!(
-                event = every.event, held_back = held_back;
-                "{held_back} more {} {lines} held back since the last one", every.event
+                event = every.event, held_back = n;
+                "{n} more {} {lines} held back since the last one", every.event
             );
         }
     }

@@ -1,16 +1,14 @@
 //! The log's output (stderr, or the `--log-file` that SIGHUP reopens) and the
-//! bounded queue in front of it: group commit. One writer thread takes every
-//! waiting line as one batch, writes it, and `fdatasync`s it once if it holds
-//! a record (batches grow only under load, as PostgreSQL's WAL flush); a
-//! record's caller waits for that, up to its deadline, and never does I/O
-//! itself, so a stalled output holds up no client past its deadline. A
-//! failed batch is retried with a growing pause from the byte where its
-//! write stopped (after a failed sync, all of it: none is lost).
+//! bounded queue in front of it: group commit. One writer thread writes every
+//! waiting line as one batch and `fdatasync`s it once if it holds a record
+//! (batches grow only under load, as PostgreSQL's WAL flush); a record's caller
+//! waits for that up to its deadline and never does I/O, so a stalled output
+//! holds up no client past its deadline. A failed batch is retried, with a
+//! growing pause, from where its write stopped (after a failed sync, whole).
 //!
 //! On a pipe (stderr, unsynced), a record of at most `PIPE_BUF` bytes is
-//! written by its own thread first, with no lock and nobody to wake: a pipe
-//! takes such a write whole or not at all, and the writer thread holds the
-//! pipe gate while it writes, so such a record never lands inside a batch.
+//! written by its own thread, lock-free: a pipe takes it whole or not at all,
+//! and the pipe gate keeps it out of the middle of a batch.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -38,7 +36,7 @@ pub(crate) enum Class {
 const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(10);
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(1);
 
-/// What the queue tells about its output; called without the queue's lock.
+/// What the writer thread tells about the output, without the queue's lock.
 pub(crate) trait Observer: Send + Sync {
     /// A write or sync failed; its lines wait to be written again.
     fn failed(&self, error: &io::Error);
@@ -159,7 +157,6 @@ pub(crate) struct Queue {
     work: Condvar,
     /// Used by the writer thread only.
     output: Mutex<Output>,
-    observer: Box<dyn Observer>,
     /// stderr as a pipe, non-blocking, for records written by their thread.
     pipe: Option<File>,
     /// Shared by such a write, held alone by the writer thread's writes.
@@ -180,8 +177,6 @@ struct State {
     queued: u64,
     /// Every line numbered at most this is written (or was given up).
     done: u64,
-    /// The writer thread is writing a batch.
-    writing: bool,
     writer_idle: bool,
     /// Failed attempts in a row.
     failures: u64,
@@ -284,19 +279,16 @@ impl Lines {
         if !(records && output.sync) {
             return Ok(());
         }
-        let lost = output.file.sync_data().err().or_else(|| output.deleted());
-        match lost {
-            Some(e) => {
-                self.written = 0;
-                Err(e)
-            }
-            None => Ok(()),
+        if let Some(lost) = output.file.sync_data().err().or_else(|| output.deleted()) {
+            self.written = 0;
+            return Err(lost);
         }
+        Ok(())
     }
 }
 
 impl Queue {
-    pub(crate) fn new(capacity: usize, output: Output, observer: Box<dyn Observer>) -> Self {
+    pub(crate) fn new(capacity: usize, output: Output) -> Self {
         Queue {
             capacity,
             state: Mutex::default(),
@@ -305,7 +297,6 @@ impl Queue {
             pipe: output.unsynced_pipe(),
             pipe_gate: RwLock::new(()),
             output: Mutex::new(output),
-            observer,
             failing: AtomicBool::new(false),
         }
     }
@@ -346,14 +337,16 @@ impl Queue {
             io::Error::new(io::ErrorKind::TimedOut, why)
         };
         let deadline = Instant::now() + timeout;
-        let mut state = lock(&self.state);
-        while state.waiting.lines.len() >= self.capacity && !state.abandoned {
-            state = self.wait(state, deadline).map_err(|_| timed_out())?;
+        let full = |s: &mut State| s.waiting.lines.len() >= self.capacity && !s.abandoned;
+        let (mut state, still_full) = self.wait_while(lock(&self.state), deadline, full);
+        if still_full {
+            return Err(timed_out());
         }
         let number = state.enqueue(bytes, true);
         self.wake_writer(&state);
-        let (mut state, written) = self.wait_until(state, number, true, deadline);
-        if written {
+        let unwritten = |s: &mut State| s.done < number && !s.abandoned;
+        let (mut state, _) = self.wait_while(state, deadline, unwritten);
+        if state.done >= number {
             return Ok(());
         }
         state.waiting.give_up(number);
@@ -376,35 +369,18 @@ impl Queue {
         gate.is_some() && pipe.write(bytes).is_ok_and(|n| n == bytes.len())
     }
 
-    /// Waits until line `last` is written: false at `deadline`, or, for a
-    /// `record`, when the server stops waiting.
-    fn wait_until<'a>(
+    /// Waits on `changed` while `waiting` holds, up to `deadline`; true if
+    /// it still holds then.
+    fn wait_while<'a>(
         &'a self,
-        mut state: Guard<'a>,
-        last: u64,
-        record: bool,
+        state: Guard<'a>,
         deadline: Instant,
+        waiting: impl FnMut(&mut State) -> bool,
     ) -> (Guard<'a>, bool) {
-        while state.done < last {
-            if record && state.abandoned {
-                return (state, false);
-            }
-            match self.wait(state, deadline) {
-                Ok(next) => state = next,
-                Err(state) => return (state, false),
-            }
-        }
-        (state, true)
-    }
-
-    /// Waits on `changed` until signalled or `deadline`; `Err` once it passed.
-    fn wait<'a>(&'a self, state: Guard<'a>, deadline: Instant) -> Result<Guard<'a>, Guard<'a>> {
         let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(state);
-        }
-        let waited = self.changed.wait_timeout(state, left);
-        Ok(waited.unwrap_or_else(PoisonError::into_inner).0)
+        let waited = self.changed.wait_timeout_while(state, left, waiting);
+        let (state, timeout) = waited.unwrap_or_else(PoisonError::into_inner);
+        (state, timeout.timed_out())
     }
 
     fn wake_writer(&self, state: &State) {
@@ -415,22 +391,18 @@ impl Queue {
 
     /// Writes the batch to retry, or else every waiting line, in one go;
     /// returns with the lock held again.
-    fn write_batch<'a>(&'a self, mut state: Guard<'a>) -> Guard<'a> {
+    fn write_batch<'a>(&'a self, mut state: Guard<'a>, observer: &dyn Observer) -> Guard<'a> {
         let was_full = state.waiting.lines.len() >= self.capacity;
-        let mut batch = match state.retry.take() {
-            Some(batch) => batch,
-            None => std::mem::take(&mut state.waiting),
-        };
+        let retry = state.retry.take();
+        let mut batch = retry.unwrap_or_else(|| std::mem::take(&mut state.waiting));
         if was_full {
             self.changed.notify_all(); // room for callers waiting for it
         }
-        state.writing = true;
         let write = || {
             let _gate = self.pipe.as_ref().map(|_| self.pipe_gate.write());
             batch.write_to(&mut lock(&self.output))
         };
         let (mut state, result) = self.unlocked(state, write);
-        state.writing = false;
         match result {
             Ok(()) => {
                 let last = batch.lines.last().map_or(0, |line| line.number);
@@ -438,14 +410,14 @@ impl Queue {
                 if state.failures > 0 && batch.lines.iter().any(|line| !line.bytes.is_empty()) {
                     let failures = std::mem::take(&mut state.failures);
                     self.failing.store(false, Ordering::Relaxed);
-                    state = self.unlocked(state, || self.observer.recovered(failures)).0;
+                    state = self.unlocked(state, || observer.recovered(failures)).0;
                 }
             }
             Err(e) => {
                 state.retry = Some(batch);
                 state.failures += 1;
                 self.failing.store(true, Ordering::Relaxed);
-                state = self.unlocked(state, || self.observer.failed(&e)).0;
+                state = self.unlocked(state, || observer.failed(&e)).0;
             }
         }
         self.changed.notify_all();
@@ -454,7 +426,7 @@ impl Queue {
 
     /// The writer thread: reopens the output when asked, retries a failed
     /// batch after a pause, writes what waits, reports drops.
-    fn serve(&self) {
+    fn serve(&self, observer: &dyn Observer) {
         let mut state = lock(&self.state);
         loop {
             state.writer_idle = true;
@@ -467,7 +439,7 @@ impl Queue {
             if let Some(first_line) = state.reopen.take() {
                 let reopen = || {
                     let done = lock(&self.output).reopen(&first_line);
-                    done.inspect_err(|e| self.observer.reopen_failed(e)).is_ok()
+                    done.inspect_err(|e| observer.reopen_failed(e)).is_ok()
                 };
                 (state, reopened) = self.unlocked(state, reopen);
                 // A line torn by a failed write is written whole again in
@@ -482,11 +454,11 @@ impl Queue {
                 state = self.unlocked(state, || thread::sleep(pause)).0;
             }
             if state.retry.is_some() || !state.waiting.lines.is_empty() {
-                state = self.write_batch(state);
+                state = self.write_batch(state, observer);
             }
             if state.dropped > 0 && state.waiting.lines.len() < self.capacity {
                 let dropped = std::mem::take(&mut state.dropped);
-                state = self.unlocked(state, || self.observer.dropped(dropped)).0;
+                state = self.unlocked(state, || observer.dropped(dropped)).0;
             }
         }
     }
@@ -502,7 +474,7 @@ impl Queue {
     pub(crate) fn flush(&self, timeout: Duration) -> u64 {
         let state = lock(&self.state);
         let last = state.queued;
-        let (state, _) = self.wait_until(state, last, false, Instant::now() + timeout);
+        let (state, _) = self.wait_while(state, Instant::now() + timeout, |s| s.done < last);
         state.queued - state.done
     }
 
@@ -512,20 +484,20 @@ impl Queue {
         self.changed.notify_all();
     }
 
+    /// Starts the writer thread, which tells `observer` about the output.
+    pub(crate) fn start_writer(&'static self, observer: &'static dyn Observer) -> io::Result<()> {
+        thread::Builder::new()
+            .name("log-writer".to_string())
+            .stack_size(256 * 1024)
+            .spawn(move || self.serve(observer))
+            .map(drop)
+    }
+
     /// Whether writes are failing now, and the lines not yet written.
     pub(crate) fn failing(&self) -> Option<u64> {
         let state = lock(&self.state);
         (state.failures > 0).then_some(state.queued - state.done)
     }
-}
-
-/// Starts the writer thread for a queue that lives as long as the process.
-pub(crate) fn start_writer(queue: &'static Queue) -> io::Result<()> {
-    thread::Builder::new()
-        .name("log-writer".to_string())
-        .stack_size(256 * 1024)
-        .spawn(move || queue.serve())
-        .map(drop)
 }
 
 #[cfg(test)]
@@ -627,12 +599,10 @@ mod tests {
             path: None,
             sync: true,
         };
-        let queue = Box::leak(Box::new(Queue::new(
-            capacity,
-            output,
-            Box::new(seen.clone()),
-        )));
-        start_writer(queue).unwrap();
+        let queue = Box::leak(Box::new(Queue::new(capacity, output)));
+        queue
+            .start_writer(Box::leak(Box::new(seen.clone())))
+            .unwrap();
         queue
     }
 
@@ -662,11 +632,12 @@ mod tests {
         let (sink, seen) = (Cued::default(), Seen::default());
         let queue = queue(64, &sink, &seen);
         sink.stall(true);
-        // The first caller takes the writer role and stalls in the sink;
-        // the others queue up behind it.
-        let callers: Vec<_> = (0..8)
-            .map(|i| thread::spawn(move || queue.push_and_wait(format!("{i}\n").into(), LONG)))
-            .collect();
+        // The writer takes the first record and stalls in the sink; the
+        // others queue up behind it.
+        let push = |i| thread::spawn(move || queue.push_and_wait(format!("{i}\n").into(), LONG));
+        let mut callers = vec![push(0)];
+        wait_for("the writer took 0", || queue.output.try_lock().is_err());
+        callers.extend((1..8).map(push));
         wait_for("lines queued", || lock(&queue.state).queued == 8);
         sink.stall(false);
         for caller in callers {
@@ -732,7 +703,9 @@ mod tests {
         let queue = queue(2, &sink, &seen);
         sink.stall(true);
         queue.push(b"a\n".to_vec(), Class::Housekeeping);
-        wait_for("the writer took the line", || lock(&queue.state).writing);
+        wait_for("the writer took the line", || {
+            queue.output.try_lock().is_err()
+        });
         for line in ["b\n", "c\n", "busy\n"] {
             queue.push(line.into(), Class::Housekeeping);
         }
@@ -791,7 +764,7 @@ mod tests {
         let queue = queue(4, &sink, &seen);
         sink.stall(true);
         queue.push(b"x\n".to_vec(), Class::Lifecycle);
-        wait_for("the writer took x", || lock(&queue.state).writing);
+        wait_for("the writer took x", || queue.output.try_lock().is_err());
         let first = thread::spawn(move || queue.push_and_wait(b"first\n".to_vec(), LONG));
         wait_for("first queued", || lock(&queue.state).queued == 2);
         let short = Duration::from_millis(100);

@@ -1,9 +1,8 @@
 //! Readiness, status and watchdog datagrams to the service manager
-//! (`Type=notify`, sd_notify(3)), sent here to the address `NOTIFY_SOCKET`
-//! names, read once: `sd-notify` 0.5.0's `notify` reads the variable at every
-//! call and takes `@name` for a file, not an abstract socket. `WATCHDOG=1`
-//! goes only while every accept loop's [`Heartbeat`] is healthy, so that
-//! systemd restarts a server whose loop is stuck.
+//! (`Type=notify`, sd_notify(3)), sent here to `NOTIFY_SOCKET` read once:
+//! `sd-notify` 0.5.0 reads it at every call and takes `@name` for a file.
+//! `WATCHDOG=1` goes only while every accept loop's [`Heartbeat`] is
+//! healthy, so that systemd restarts a server whose loop is stuck.
 
 use std::ffi::OsStr;
 use std::io;
@@ -28,11 +27,8 @@ const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// However small `WATCHDOG_USEC` is, the reporting thread must not spin.
 const MIN_PING_INTERVAL: Duration = Duration::from_millis(10);
-/// The reporting thread only formats and sends short datagrams.
-const REPORTER_STACK: usize = 256 * 1024;
 
-/// Tells the service manager how the server is; dropping it stops the
-/// reporting thread.
+/// Tells the service manager how the server is; dropping it stops the reporting thread.
 #[derive(Default)]
 pub(crate) struct Notifier {
     inner: Arc<Inner>,
@@ -45,8 +41,8 @@ pub(crate) struct Notifier {
 struct Inner {
     /// The service manager's address, and a socket to send from.
     target: Option<(UnixDatagram, net::SocketAddr)>,
-    /// `WATCHDOG_USEC`, when the watchdog is enabled for this process.
-    watchdog: Option<Duration>,
+    /// Half of `WATCHDOG_USEC`, when the watchdog is enabled for this process.
+    ping_every: Option<Duration>,
     /// "serving ADDR, ADDR; ", the start of every status once ready.
     serving: Mutex<String>,
     /// Set by [`Notifier::stopping`]: no more watchdog pings.
@@ -71,13 +67,13 @@ impl Notifier {
         Notifier::default()
     }
 
-    /// Sends to `socket` (a path, or `@name` for an abstract socket), with
-    /// watchdog pings every half of `watchdog`.
+    /// Sends to `socket` ([`notify_address`]), pinging every half of `watchdog`.
     fn to_socket(socket: &OsStr, watchdog: Option<Duration>) -> io::Result<Notifier> {
         let addr = notify_address(socket)?;
+        let watchdog = watchdog.filter(|period| !period.is_zero());
         let inner = Arc::new(Inner {
             target: Some((UnixDatagram::unbound()?, addr)),
-            watchdog: watchdog.filter(|period| !period.is_zero()),
+            ping_every: watchdog.map(|period| (period / 2).max(MIN_PING_INTERVAL)),
             ..Inner::default()
         });
         let reporter = Mutex::default();
@@ -86,7 +82,7 @@ impl Notifier {
 
     /// A heartbeat for one more accept loop; inert without a watchdog.
     pub(crate) fn heartbeat(&self) -> Heartbeat {
-        if self.inner.watchdog.is_none() {
+        if self.inner.ping_every.is_none() {
             return Heartbeat(None);
         }
         let heartbeat = Heartbeat(Some(Arc::new(Mutex::new(Some(Instant::now())))));
@@ -124,7 +120,7 @@ impl Notifier {
         let inner = Arc::clone(&self.inner);
         let thread = thread::Builder::new()
             .name("notify".into())
-            .stack_size(REPORTER_STACK)
+            .stack_size(256 * 1024)
             .spawn(move || inner.report(connected, &stopped))?;
         *reporter = Some((stop, thread));
         Ok(())
@@ -143,13 +139,10 @@ impl Drop for Notifier {
 impl Inner {
     /// The reporting thread, until the notifier drops the sender of
     /// `stopped`: a changed status at most once per [`STATUS_INTERVAL`], and
-    /// watchdog pings every half of `WATCHDOG_USEC`, each on its own clock.
+    /// watchdog pings every `ping_every`, each on its own clock.
     fn report(&self, connected: impl Fn() -> usize, stopped: &mpsc::Receiver<()>) {
-        let ping_every = self
-            .watchdog
-            .map(|period| (period / 2).max(MIN_PING_INTERVAL));
         let mut next_status = Instant::now() + STATUS_INTERVAL;
-        let mut next_ping = ping_every.map(|every| Instant::now() + every);
+        let mut next_ping = self.ping_every.map(|every| Instant::now() + every);
         let mut last_status = String::new();
         loop {
             let next = next_ping.map_or(next_status, |ping| ping.min(next_status));
@@ -165,10 +158,9 @@ impl Inner {
                 }
                 next_status = now + STATUS_INTERVAL;
             }
-            let (Some(at), Some(every)) = (next_ping, ping_every) else {
-                continue;
-            };
-            if now >= at {
+            if let (Some(at), Some(every)) = (next_ping, self.ping_every)
+                && now >= at
+            {
                 let loops = lock(&self.loops);
                 let healthy = !loops.is_empty() && loops.iter().all(|beat| !beat.stalled(every));
                 drop(loops);
