@@ -2,7 +2,7 @@
 //! `promtool check metrics` (the format check: nothing on the test side
 //! parses more than a sample's value), its counters move as clients are
 //! served, requests other than `GET` or `HEAD /metrics` are refused as
-//! HTTP says, and one client holding many sockets open starves no other
+//! HTTP says, and sockets held open, from any local address, starve no
 //! scraper.
 
 mod common;
@@ -314,18 +314,50 @@ fn a_taken_metrics_address_is_a_one_line_start_up_error() {
 /// one of the 40 is answered.
 #[test]
 fn a_client_holding_many_sockets_starves_no_other_scraper() {
-    const HELD: usize = 200;
+    assert_every_scrape_answered_while_held(&["127.0.0.2"], 200);
+}
+
+/// The same from the scraper's own address: the endpoint cannot tell the
+/// two apart by address, only by the scraper sending its request at once.
+#[test]
+fn sockets_held_from_the_scrapers_own_address_starve_it_not() {
+    assert_every_scrape_answered_while_held(&["127.0.0.1"], 200);
+}
+
+/// Any local user can bind 127.0.0.2 to 127.0.0.6: a few sockets from each,
+/// more than the endpoint's whole cap together.
+#[test]
+fn sockets_held_from_several_addresses_starve_no_scraper() {
+    let sources = [
+        "127.0.0.2",
+        "127.0.0.3",
+        "127.0.0.4",
+        "127.0.0.5",
+        "127.0.0.6",
+    ];
+    assert_every_scrape_answered_while_held(&sources, 8);
+}
+
+/// While `per_source` sockets from each of `sources` are held open (and
+/// opened again as soon as the endpoint closes them), 127.0.0.1 scrapes 40
+/// times in a row, and every scrape is answered.
+fn assert_every_scrape_answered_while_held(sources: &[&str], per_source: usize) {
     const SCRAPES: usize = 40;
     let (_server, endpoint) = start_with_metrics(&[]);
-    let attacker: IpAddr = "127.0.0.2".parse().unwrap();
+    let sources: Vec<IpAddr> = sources.iter().map(|s| s.parse().unwrap()).collect();
+    let held = sources.len() * per_source;
     let stop = AtomicBool::new(false);
-    let all_connected = Barrier::new(HELD + 1);
+    let all_connected = Barrier::new(held + 1);
     let answered = thread::scope(|scope| {
-        for _ in 0..HELD {
+        for &source in sources
+            .iter()
+            .flat_map(|s| std::iter::repeat_n(s, per_source))
+        {
+            let (stop, all_connected) = (&stop, &all_connected);
             thread::Builder::new()
                 .stack_size(64 * 1024)
-                .spawn_scoped(scope, || {
-                    hold_open(attacker, endpoint, &stop, &all_connected)
+                .spawn_scoped(scope, move || {
+                    hold_open(source, endpoint, stop, all_connected)
                 })
                 .expect("attacker thread");
         }
@@ -348,7 +380,7 @@ fn a_client_holding_many_sockets_starves_no_other_scraper() {
         .collect();
     assert!(
         failed.is_empty(),
-        "{} of {SCRAPES} scrapes failed while {attacker} held {HELD} sockets: {failed:?}",
+        "{} of {SCRAPES} scrapes failed while {sources:?} held {per_source} sockets each: {failed:?}",
         failed.len()
     );
 }

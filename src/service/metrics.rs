@@ -1,14 +1,19 @@
 //! `--metrics-addr`: the server's numbers over HTTP (docs/OPERATIONS.md has the
 //! table): a `prometheus-client` registry written in the Prometheus text format
 //! 0.0.4, the one `promtool check metrics` reads. Each scrape gets a thread, at
-//! most [`MAX_SCRAPES`] at once and [`MAX_SCRAPES_PER_SOURCE`] from one
-//! address, so that one client holding sockets open cannot starve the others.
+//! most [`MAX_SCRAPES`] at once. Beyond that a newcomer takes the place of the
+//! oldest scrape of the address that holds the most, which is answered if its
+//! whole request has come, and closed if not. So sockets held open and silent
+//! starve no scraper that sends its request as it connects (Prometheus does),
+//! from whatever address: any local user can bind all of 127/8, so a cap per
+//! address would not hold.
 
+use std::cmp::Reverse;
 use std::fmt;
 use std::io::{self, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -18,8 +23,8 @@ use prometheus_client::registry::{Metric, Registry};
 use socket2::SockRef;
 
 use crate::limits::capacity::open_fds;
-use crate::limits::{ConnectionLimit, PerIpLimit};
-use crate::logging::{LogEvery, event, log_every};
+use crate::lock;
+use crate::logging::event;
 use crate::serve::connection::{Deadline, ReadStep, read_before};
 use crate::stats::{AcceptErrorKind, Label, Stats};
 
@@ -28,13 +33,10 @@ const SCRAPE_DEADLINE: Duration = Duration::from_secs(2);
 /// A bigger request gets a 431.
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
 const MAX_SCRAPES: usize = 16;
-const MAX_SCRAPES_PER_SOURCE: usize = 4;
 /// A scrape's thread reads a request and formats a few kilobytes of text.
 const SCRAPE_THREAD_STACK: usize = 256 * 1024;
 /// After an `accept` failure that is not the client's, so as not to spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
-static REFUSED_LINES: LogEvery =
-    LogEvery::new(event::METRICS_SCRAPE_FAILED, Duration::from_secs(5));
 /// `USER_HZ`, the unit of times in `/proc`: 100 on every Linux in use.
 const PROC_TICKS_PER_SECOND: f64 = 100.0;
 
@@ -193,11 +195,80 @@ impl Drop for Endpoint {
     }
 }
 
-/// Gives each scrape under the caps a thread and closes the others at once;
-/// once the listener is shut down, cuts off the scrapes still reading.
+/// The scrapes under way, oldest first.
+#[derive(Debug, Default)]
+struct Scrapes {
+    open: Mutex<Vec<Arc<Scrape>>>,
+    /// Notified as each scrape ends.
+    ended: Condvar,
+}
+
+#[derive(Debug)]
+struct Scrape {
+    stream: TcpStream,
+    source: IpAddr,
+    /// Why its read side was shut down, if it was.
+    cut_off: OnceLock<&'static str>,
+}
+
+/// A scrape's place among the [`Scrapes`], given up on drop.
+struct Place<'a> {
+    scrapes: &'a Scrapes,
+    scrape: Arc<Scrape>,
+}
+
+impl Scrapes {
+    /// A place for `stream`. At the cap, the oldest scrape of the address
+    /// that holds the most is cut off first, and its end awaited: that waits
+    /// on no client, as an answer fits in the socket's buffer.
+    fn admit(&self, stream: TcpStream, source: IpAddr) -> Place<'_> {
+        let mut open = lock(&self.open);
+        if open.len() >= MAX_SCRAPES {
+            let held = |scrape: &Scrape| open.iter().filter(|s| s.source == scrape.source).count();
+            let oldest_of_most =
+                (0..open.len()).max_by_key(|&age| (held(&open[age]), Reverse(age)));
+            let gone = Arc::clone(&open[oldest_of_most.unwrap_or(0)]);
+            gone.cut_off("cut off: a newer scrape took its place");
+            let there = |open: &mut Vec<Arc<Scrape>>| open.iter().any(|s| Arc::ptr_eq(s, &gone));
+            open = self
+                .ended
+                .wait_while(open, there)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        let (source, cut_off) = (source.to_canonical(), OnceLock::new());
+        let scrape = Arc::new(Scrape {
+            stream,
+            source,
+            cut_off,
+        });
+        open.push(Arc::clone(&scrape));
+        Place {
+            scrapes: self,
+            scrape,
+        }
+    }
+}
+
+impl Scrape {
+    /// Its thread sees the end of the stream once it has read what had come
+    /// (shutting the read side keeps what is queued, and sends nothing).
+    fn cut_off(&self, why: &'static str) {
+        let _ = self.cut_off.set(why);
+        let _ = self.stream.shutdown(Shutdown::Read);
+    }
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        lock(&self.scrapes.open).retain(|s| !Arc::ptr_eq(s, &self.scrape));
+        self.scrapes.ended.notify_all();
+    }
+}
+
+/// Gives each scrape a place and a thread; once the listener is shut down,
+/// cuts off the scrapes still reading.
 fn accept_scrapes(listener: &TcpListener, render: &Render) {
-    let scrapes = ConnectionLimit::new(MAX_SCRAPES);
-    let per_source = PerIpLimit::new(Some(MAX_SCRAPES_PER_SOURCE));
+    let scrapes = Scrapes::default();
     thread::scope(|scope| {
         loop {
             let (stream, peer) = match listener.accept() {
@@ -209,20 +280,9 @@ fn accept_scrapes(listener: &TcpListener, render: &Render) {
                     continue;
                 }
             };
-            let stream = Arc::new(stream);
-            let source_slot = per_source.try_acquire(peer.ip());
-            let Some(slots) = scrapes.try_acquire(&stream).zip(source_slot) else {
-                log_every!(
-                    REFUSED_LINES, debug, [peer:% = peer,],
-                    "metrics scrape from {peer} closed: {MAX_SCRAPES} open, or \
-                     {MAX_SCRAPES_PER_SOURCE} from it"
-                );
-                continue;
-            };
-            let scrapes = &scrapes;
+            let place = scrapes.admit(stream, peer.ip());
             let scrape = move || {
-                let _held = slots;
-                if let Err(e) = answer(&stream, render, scrapes) {
+                if let Err(e) = answer(&place.scrape, render) {
                     scrape_failed(peer, &format!("failed: {e}"));
                 }
             };
@@ -231,7 +291,9 @@ fn accept_scrapes(listener: &TcpListener, render: &Render) {
                 scrape_failed(peer, &format!("closed: cannot start a thread for it: {e}"));
             }
         }
-        scrapes.cut_off_all();
+        for scrape in lock(&scrapes.open).iter() {
+            scrape.cut_off("cut off: the server is stopping");
+        }
     });
 }
 
@@ -240,7 +302,8 @@ fn scrape_failed(peer: SocketAddr, what: &str) {
 }
 
 /// Reads a request's headers within [`SCRAPE_DEADLINE`], answers, and closes.
-fn answer(mut stream: &TcpStream, render: &Render, open: &ConnectionLimit) -> io::Result<()> {
+fn answer(scrape: &Scrape, render: &Render) -> io::Result<()> {
+    let mut stream = &scrape.stream;
     let deadline = Instant::now() + SCRAPE_DEADLINE;
     let mut reading = Deadline::at(deadline);
     let mut request = Vec::new();
@@ -248,10 +311,10 @@ fn answer(mut stream: &TcpStream, render: &Render, open: &ConnectionLimit) -> io
     let response = loop {
         match read_before(&mut stream, &mut chunk, Some(&mut reading)) {
             ReadStep::Data(read) => request.extend_from_slice(&chunk[..read]),
-            ReadStep::Closed if open.cutting_off() => {
-                return Err(io::Error::other("cut off: the server is stopping"));
-            }
-            ReadStep::Closed => break error("400 Bad Request", ""),
+            ReadStep::Closed => match scrape.cut_off.get() {
+                Some(&why) => return Err(io::Error::other(why)),
+                None => break error("400 Bad Request", ""),
+            },
             ReadStep::TimedOut => return Err(io::ErrorKind::TimedOut.into()),
             ReadStep::Failed(e) => return Err(e),
         }
@@ -324,7 +387,7 @@ mod tests {
     use super::metrics_scrape::{exchange, sample};
     use super::*;
     use crate::stats::Outcome;
-    use std::io::Read;
+    use std::io::{Read, Write};
     use std::net::IpAddr;
 
     /// Every test client's reads and writes give up after this.
@@ -447,32 +510,33 @@ mod tests {
             .status
     }
 
+    /// The status line of a scrape sent on `stream`.
+    fn status_of(mut stream: TcpStream) -> String {
+        let request = b"GET /metrics HTTP/1.0\r\n\r\n";
+        stream.write_all(request).expect("request sent");
+        let (_, response) = closed_after(stream, Instant::now());
+        let response = String::from_utf8_lossy(&response);
+        response.lines().next().unwrap_or_default().to_string()
+    }
+
     #[test]
-    fn scrapes_beyond_a_cap_are_closed_at_once_and_others_are_served() {
+    fn at_the_cap_the_oldest_scrape_of_the_address_holding_most_makes_room() {
         let (_endpoint, addr) = endpoint();
-        // Accepted in order, so each holds its slot before the next is
-        // accepted.
-        let mut held: Vec<TcpStream> = (0..MAX_SCRAPES_PER_SOURCE)
+        // Accepted in order: the silent scraper from 127.0.0.1 is the oldest.
+        let silent = client_from([127, 0, 0, 1], addr);
+        let mut held: Vec<TcpStream> = (1..MAX_SCRAPES)
             .map(|_| client_from([127, 0, 0, 2], addr))
             .collect();
+        let _newcomer = client_from([127, 0, 0, 3], addr);
         let started = Instant::now();
-        let (took, sent) = closed_after(client_from([127, 0, 0, 2], addr), started);
+        let (took, sent) = closed_after(held.remove(0), started);
         assert!(
             took < Duration::from_secs(1) && sent.is_empty(),
             "{took:?} {sent:?}"
         );
+        // Still at the cap: this one takes the next place of 127.0.0.2.
         assert_eq!(scrape_status(addr), "HTTP/1.1 200 OK");
-        // The rest of the total cap, from other sources.
-        for n in 0..MAX_SCRAPES - MAX_SCRAPES_PER_SOURCE {
-            let source = [127, 0, 0, 3 + (n / MAX_SCRAPES_PER_SOURCE) as u8];
-            held.push(client_from(source, addr));
-        }
-        let started = Instant::now();
-        let (took, sent) = closed_after(client_from([127, 0, 0, 1], addr), started);
-        assert!(
-            took < Duration::from_secs(1) && sent.is_empty(),
-            "{took:?} {sent:?}"
-        );
+        assert_eq!(status_of(silent), "HTTP/1.1 200 OK");
     }
 
     #[test]
