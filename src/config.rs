@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::limits::rate::{DEFAULT_PREFIX_V4, DEFAULT_PREFIX_V6, Rate};
+use crate::limits::rate::RateLimit;
 use crate::limits::{AccessRules, NetList};
 use crate::record::ReplySink;
 use crate::record::logging::LogReplies;
@@ -76,35 +76,6 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// Serve only clients whose certificate one of these CAs signed.
     pub client_ca: Option<PathBuf>,
-}
-
-/// `--max-rate-per-ip`: how fast one client network may connect, and how
-/// client addresses are grouped into networks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RateLimit {
-    /// Connections per period, which is also the burst.
-    pub rate: Rate,
-    /// Leading bits of an IPv4 client address that make its network (0-32).
-    pub prefix_v4: u8,
-    /// Leading bits of an IPv6 client address that make its network (0-128).
-    pub prefix_v6: u8,
-}
-
-impl RateLimit {
-    /// The default IPv4 prefix: each address on its own.
-    pub const DEFAULT_PREFIX_V4: u8 = DEFAULT_PREFIX_V4;
-    /// The default IPv6 prefix, /64: a host's usual allocation (RFC 6177),
-    /// so changing addresses within it buys nothing.
-    pub const DEFAULT_PREFIX_V6: u8 = DEFAULT_PREFIX_V6;
-
-    /// `rate` per network, with the default prefixes (/32 and /64).
-    pub fn new(rate: Rate) -> Self {
-        RateLimit {
-            rate,
-            prefix_v4: Self::DEFAULT_PREFIX_V4,
-            prefix_v6: Self::DEFAULT_PREFIX_V6,
-        }
-    }
 }
 
 impl Default for Config {

@@ -55,9 +55,9 @@ mod service;
 mod shutdown;
 mod stats;
 
-pub use config::{Config, ConfigError, RateLimit, TlsFiles};
+pub use config::{Config, ConfigError, TlsFiles};
 pub use error::Error;
-pub use limits::rate::Rate;
+pub use limits::rate::{Rate, RateLimit};
 pub use limits::{AccessRules, NetList};
 pub use record::{Record, ReplyEnd, ReplySink, TlsSession, logging};
 pub use serve::{bind, listeners, run};

@@ -263,7 +263,7 @@ fn admit(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> Option<Accepte
         && serving.config.proxy_protocol.is_none()
         && let Err(limited) = rate.try_acquire(peer.ip(), accepted_at)
     {
-        let refused = Refusal::RateLimited(limited, rate);
+        let refused = Refusal::RateLimited(limited);
         serving.stats.record(refuse(&stream, peer, None, &refused));
         return None;
     }

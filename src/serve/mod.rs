@@ -19,7 +19,7 @@ use log::{info, warn};
 
 use crate::config::Config;
 use crate::error::{Error, describe_io_error};
-use crate::limits::rate::{PrefixLengths, RateBuckets};
+use crate::limits::rate::RateBuckets;
 use crate::limits::{ConnectionLimit, PerIpLimit, capacity};
 use crate::logging::{self, COUNTERS_TARGET, event};
 use crate::service::metrics::{self, Metrics, ServerState};
@@ -97,10 +97,7 @@ pub fn run(
 fn shared(mut config: Config, tls: Option<Arc<tls::TlsServer>>, accept_loops: usize) -> Shared {
     let cap = capacity::effective_max_connections(config.max_connections.get(), accept_loops);
     config.max_connections = NonZeroUsize::new(cap).unwrap_or(NonZeroUsize::MIN);
-    let rate = config.rate_limit.map(|limit| {
-        let prefixes = PrefixLengths::new(limit.prefix_v4, limit.prefix_v6);
-        RateBuckets::new(limit.rate, prefixes)
-    });
+    let rate = config.rate_limit.map(RateBuckets::new);
     let thread_cache = config.thread_cache;
     let serving = Serving {
         limit: ConnectionLimit::new(config.max_connections.get()),
