@@ -29,7 +29,7 @@ use signal_hook::low_level::signal_name;
 
 use crate::limits::{ConnectionLimit, LiveCount, canonical};
 use crate::lock;
-use crate::logging::{self, event};
+use crate::logging::{self, COUNTERS_TARGET, event};
 use crate::stats::{Stats, Summary};
 
 /// Signals that start a graceful stop (a second one exits at once).
@@ -74,8 +74,8 @@ struct Inner {
     wake_targets: Mutex<Vec<WakeTarget>>,
     /// Where the wake-up connections come from: not clients.
     wake_from: Mutex<Vec<SocketAddr>>,
-    /// What SIGUSR1 logs: set by a running server.
-    counters: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+    /// The counters SIGUSR1 logs: set by a running server.
+    counters: Mutex<Option<Arc<dyn Fn() -> Summary + Send + Sync>>>,
     /// What SIGHUP re-reads besides the log file: a running server's TLS files.
     reload: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
 }
@@ -150,9 +150,12 @@ impl Shutdown {
         lock(&self.inner.wake_targets).push(target);
     }
 
-    /// Sets what SIGUSR1 logs (the running server's counters), or clears it.
-    pub(crate) fn on_counters_request(&self, log_counters: Option<Arc<dyn Fn() + Send + Sync>>) {
-        *lock(&self.inner.counters) = log_counters;
+    /// Sets where SIGUSR1 reads the counters it logs, or clears it.
+    pub(crate) fn on_counters_request(
+        &self,
+        counters: Option<Arc<dyn Fn() -> Summary + Send + Sync>>,
+    ) {
+        *lock(&self.inner.counters) = counters;
     }
 
     /// Sets what SIGHUP re-reads besides the log file, or clears it.
@@ -209,15 +212,15 @@ impl Shutdown {
             logging::flush(EXIT_LOG_FLUSH_TIMEOUT);
             process::exit(128 + signal);
         }
-        let log_counters = lock(&self.inner.counters).clone();
+        let counters = lock(&self.inner.counters).clone();
         let reload = lock(&self.inner.reload).clone();
         let what = match signal {
             _ if stop => "stopping (send it again to exit at once)",
             SIGHUP if logging::reopen() => "reopening the log file",
             SIGHUP if reload.is_some() => "re-reading the TLS files",
             SIGHUP => "no log file to reopen; ignored",
-            SIGUSR1 => match log_counters {
-                Some(log_counters) => return log_counters(),
+            SIGUSR1 => match counters {
+                Some(counters) => return log_summary(&counters(), false),
                 None => "no server running",
             },
             _ => "ignored",
@@ -291,17 +294,33 @@ pub(crate) fn drain(
     }
     logging::report_held_back();
     let mut summary = stats.summary(threads_left);
+    log_summary(&summary, true);
+    summary.unwritten_log_lines =
+        logging::flush(drain_deadline.saturating_duration_since(Instant::now()));
+    summary
+}
+
+/// Logs `summary` with its counts as fields: the counters so far (SIGUSR1),
+/// or the stop's last line.
+fn log_summary(summary: &Summary, stopped: bool) {
+    let (target, kind, said) = match stopped {
+        true => (module_path!(), event::STOPPED, "shutdown complete"),
+        false => (COUNTERS_TARGET, event::COUNTERS, "counters so far"),
+    };
+    let text = summary.to_string();
+    let text = match stopped {
+        true => text,
+        false => text.replace(" still connected", " connected now"),
+    };
+    let connected = summary.still_connected;
     info!(
-        event = event::STOPPED, connections = summary.connections, replies = summary.replies,
+        target: target, event = kind, connections = summary.connections, replies = summary.replies,
         truncated = summary.truncated, timed_out = summary.timed_out, no_reply = summary.no_reply,
         failed = summary.failed, rejected_busy = summary.rejected_busy,
         rate_limited = summary.rate_limited, denied = summary.denied,
         cut_off = summary.cut_off, not_recorded = summary.not_recorded,
         tls_handshake_failed = summary.tls_handshake_failed,
-        still_connected = summary.still_connected;
-        "shutdown complete: {summary}"
+        connected = (!stopped).then_some(connected), still_connected = stopped.then_some(connected);
+        "{said}: {text}"
     );
-    summary.unwritten_log_lines =
-        logging::flush(drain_deadline.saturating_duration_since(Instant::now()));
-    summary
 }

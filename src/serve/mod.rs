@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::error::{Error, describe_io_error};
 use crate::limits::rate::RateBuckets;
 use crate::limits::{ConnectionLimit, PerIpLimit, capacity};
-use crate::logging::{self, COUNTERS_TARGET, event};
+use crate::logging::{self, event};
 use crate::service::metrics::{self, Metrics, ServerState};
 use crate::service::notify::Notifier;
 use crate::shutdown::{self, Shutdown};
@@ -75,8 +75,9 @@ pub fn run(
         .transpose()?;
     let addrs: Vec<SocketAddr> = listeners.iter().map(|(_, addr)| *addr).collect();
     report_to_service_manager(&notifier, &addrs, &shared);
-    let counters = Arc::clone(&shared);
-    shutdown.on_counters_request(Some(Arc::new(move || log_counters(&counters))));
+    let server = Arc::clone(&shared);
+    let counters = move || server.serving.stats.summary(server.serving.limit.active());
+    shutdown.on_counters_request(Some(Arc::new(counters)));
     if let Some(tls) = shared.serving.tls.clone() {
         shutdown.on_reload_request(Some(Arc::new(move || tls.reload())));
     }
@@ -158,18 +159,4 @@ fn report_to_service_manager(notifier: &Notifier, addrs: &[SocketAddr], shared: 
             "cannot start reporting to the service manager: {}", describe_io_error(&e)
         );
     }
-}
-
-/// The counters so far, as one line (SIGUSR1).
-fn log_counters(shared: &Shared) {
-    let summary = shared.serving.stats.summary(shared.serving.limit.active());
-    info!(
-        target: COUNTERS_TARGET, event = event::COUNTERS, connections = summary.connections, replies = summary.replies,
-        truncated = summary.truncated, timed_out = summary.timed_out, no_reply = summary.no_reply,
-        failed = summary.failed, rejected_busy = summary.rejected_busy,
-        rate_limited = summary.rate_limited, denied = summary.denied,
-        cut_off = summary.cut_off, not_recorded = summary.not_recorded,
-        tls_handshake_failed = summary.tls_handshake_failed, connected = summary.still_connected;
-        "counters so far: {}", summary.to_string().replace(" still connected", " connected now")
-    );
 }
