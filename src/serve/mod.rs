@@ -69,7 +69,8 @@ pub fn run(
         Notifier::disabled()
     };
     let listeners = listen::prepare_listeners(listeners, &config, &shutdown)?;
-    let shared = Arc::new(shared(config, tls.map(Arc::new), listeners.len()));
+    let serving = serving(config, tls.map(Arc::new), listeners.len());
+    let shared = Arc::new(Shared::new(serving, shutdown.clone()));
     let metrics = metrics_listener
         .map(|listener| start_metrics(listener, &shared))
         .transpose()?;
@@ -81,7 +82,7 @@ pub fn run(
     if let Some(tls) = shared.serving.tls.clone() {
         shutdown.on_reload_request(Some(Arc::new(move || tls.reload())));
     }
-    let accepted = accept::accept_on_all(listeners, &shared, &shutdown, &notifier);
+    let accepted = accept::accept_on_all(listeners, &shared, &notifier);
     shutdown.on_counters_request(None);
     shutdown.on_reload_request(None);
     accepted?;
@@ -93,22 +94,20 @@ pub fn run(
     Ok(summary)
 }
 
-/// What the accept loops and connection threads share, with the cap
-/// lowered to what this process can hold (one warn line if lowered).
-fn shared(mut config: Config, tls: Option<Arc<tls::TlsServer>>, accept_loops: usize) -> Shared {
+/// What connection threads serve with, the cap lowered to what this
+/// process can hold (one warn line if lowered).
+fn serving(mut config: Config, tls: Option<Arc<tls::TlsServer>>, accept_loops: usize) -> Serving {
     let cap = capacity::effective_max_connections(config.max_connections.get(), accept_loops);
     config.max_connections = NonZeroUsize::new(cap).unwrap_or(NonZeroUsize::MIN);
     let rate = config.rate_limit.map(RateBuckets::new);
-    let thread_cache = config.thread_cache;
-    let serving = Serving {
+    Serving {
         limit: ConnectionLimit::new(config.max_connections.get()),
         per_ip: PerIpLimit::new(config.max_per_ip.map(NonZeroUsize::get)),
         rate,
         stats: Stats::default(),
         config,
         tls,
-    };
-    Shared::new(serving, thread_cache)
+    }
 }
 
 /// The `--metrics-addr` listener, with the kernel's largest backlog: a
