@@ -1,14 +1,11 @@
 //! Serving connections: [`run`] sets a server up on its listeners, runs an
-//! accept loop on each, and stops it.
-//!
-//! - `listen`: the sockets to serve, bound or passed down by the service
-//!   manager, and the options accepted sockets inherit;
-//! - `accept`: the accept loop, admission, the thread cache, and the one
-//!   place a connection thread starts;
-//! - `connection`: one connection's life, from the thread taking it to the
-//!   thread parking again, every client byte read under a deadline;
-//! - `proxy_protocol`: the parser of the PROXY header a balancer sends;
-//! - `tls`: TLS on the connection's thread, and its files' renewal.
+//! accept loop on each, and stops it. `listen` binds the sockets or takes the
+//! service manager's, with the options accepted sockets inherit; `accept`
+//! accepts, admits, keeps the thread cache and is the one place a connection
+//! thread starts; `connection` is one connection's life, from the thread
+//! taking it to the thread parking again, every client byte read under a
+//! deadline; `proxy_protocol` parses a balancer's PROXY header; `tls` runs TLS
+//! on the connection's thread and renews its files.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -99,11 +96,10 @@ pub fn run(
 fn serving(mut config: Config, tls: Option<Arc<tls::TlsServer>>, accept_loops: usize) -> Serving {
     let cap = capacity::effective_max_connections(config.max_connections.get(), accept_loops);
     config.max_connections = NonZeroUsize::new(cap).unwrap_or(NonZeroUsize::MIN);
-    let rate = config.rate_limit.map(RateBuckets::new);
     Serving {
         limit: ConnectionLimit::new(config.max_connections.get()),
         per_ip: PerIpLimit::new(config.max_per_ip.map(NonZeroUsize::get)),
-        rate,
+        rate: config.rate_limit.map(RateBuckets::new),
         stats: Stats::default(),
         config,
         tls,
