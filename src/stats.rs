@@ -191,9 +191,9 @@ impl Stats {
 pub(crate) enum AcceptErrorKind {
     /// About the one connection being accepted; skipped.
     Connection,
-    /// Out of file descriptors (EMFILE, ENFILE).
+    /// Out of file descriptors.
     Descriptors,
-    /// Out of kernel memory (ENOBUFS, ENOMEM).
+    /// Out of kernel memory.
     Memory,
     Other,
 }
@@ -203,22 +203,16 @@ impl AcceptErrorKind {
 
     /// The kind of an error `accept` returned (accept(2)'s list).
     pub(crate) fn of(error: &io::Error) -> Self {
-        match error.raw_os_error() {
-            Some(libc::EMFILE | libc::ENFILE) => AcceptErrorKind::Descriptors,
-            Some(libc::ENOBUFS | libc::ENOMEM) => AcceptErrorKind::Memory,
-            Some(
-                libc::ECONNABORTED
-                | libc::EINTR
-                | libc::EPERM
-                | libc::EPROTO
-                | libc::ENETDOWN
-                | libc::ENOPROTOOPT
-                | libc::EHOSTDOWN
-                | libc::ENONET
-                | libc::EHOSTUNREACH
-                | libc::EOPNOTSUPP
-                | libc::ENETUNREACH,
-            ) => AcceptErrorKind::Connection,
+        use libc::{ECONNABORTED, EHOSTDOWN, EHOSTUNREACH, EINTR, EMFILE, ENETDOWN, ENETUNREACH};
+        use libc::{ENFILE, ENOBUFS, ENOMEM, ENONET, ENOPROTOOPT, EOPNOTSUPP, EPERM, EPROTO};
+        match error.raw_os_error().unwrap_or(0) {
+            EMFILE | ENFILE => AcceptErrorKind::Descriptors,
+            ENOBUFS | ENOMEM => AcceptErrorKind::Memory,
+            // Aborted, interrupted, or refused by a firewall rule.
+            ECONNABORTED | EINTR | EPERM => AcceptErrorKind::Connection,
+            // Network errors pending on the new socket, to retry as accept(2) says.
+            EPROTO | ENETDOWN | ENOPROTOOPT | EHOSTDOWN | ENONET => AcceptErrorKind::Connection,
+            EHOSTUNREACH | EOPNOTSUPP | ENETUNREACH => AcceptErrorKind::Connection,
             _ => AcceptErrorKind::Other,
         }
     }
