@@ -36,8 +36,7 @@ pub struct Config {
     /// How long a stopping server waits for connected clients to finish.
     pub shutdown_timeout: Duration,
     /// Finished connection threads that wait in `accept` for the next
-    /// connections (0: every connection gets a new thread); at most
-    /// `max_connections`.
+    /// connections (0: a new thread for each); at most `max_connections`.
     pub thread_cache: usize,
     /// `Some(trusted)`: each connection starts with a PROXY header (v1 or v2)
     /// naming the real client, from a `trusted` proxy (any, if empty).
@@ -55,8 +54,7 @@ pub struct Config {
     /// Report readiness, status and watchdog pings to the service manager
     /// named by `NOTIFY_SOCKET` (systemd's `Type=notify`), when it is set.
     pub notify_service_manager: bool,
-    /// How fast one client network may open connections; `None`: no limit.
-    /// One over it gets the busy line.
+    /// How fast one client network may connect (over it: the busy line); `None`: no limit.
     pub rate_limit: Option<RateLimit>,
     /// Where to serve `GET /metrics` (Prometheus text); `None`: nowhere.
     pub metrics_addr: Option<SocketAddr>,

@@ -1,12 +1,9 @@
 //! The [`Shutdown`] handle that stops a running server from another thread
 //! (the signal thread, a test, an embedder), and [`drain`], the stop itself
-//! once the accept loops have ended.
-//!
-//! No flag interrupts a blocking `accept()`, so a trigger sets the flag and
-//! connects to the listener itself (tiny-http's self-connect): the loop
-//! wakes with that connection, sees the flag and stops. A `--reuseport`
-//! listener is shut down instead, since the kernel may hand that connection
-//! to another process on the port.
+//! once the accept loops have ended. No flag interrupts a blocking `accept()`,
+//! so a trigger sets the flag and connects to the listener itself (tiny-http's
+//! self-connect); a `--reuseport` listener is shut down instead, since the
+//! kernel may hand that connection to another process on the port.
 
 use std::io;
 use std::net::{self, IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
@@ -164,19 +161,17 @@ impl Shutdown {
     }
 
     /// Starts a thread that handles the signals an operator sends: SIGINT,
-    /// SIGTERM, SIGQUIT or SIGABRT triggers this handle (a graceful stop), a second
-    /// one exits at once with status 128 + its number; SIGHUP reopens the
-    /// log file and re-reads TLS files; SIGUSR1 logs the counters so far;
+    /// SIGTERM, SIGQUIT or SIGABRT triggers this handle (a graceful stop), a
+    /// second one exits at once with status 128 + its number; SIGHUP reopens
+    /// the log file and re-reads TLS files; SIGUSR1 logs the counters so far;
     /// every other signal whose default would end the process (SIGUSR2,
-    /// SIGALRM, SIGXFSZ, real-time signals, ...) is logged and ignored. So only SIGKILL and a second
-    /// stop signal end the server without its drain. signal-hook's
-    /// self-pipe lets the reaction run on an ordinary thread, which never
-    /// waits for the log.
+    /// SIGXFSZ, real-time signals, ...) is logged and ignored: only SIGKILL and
+    /// a second stop signal skip the drain. signal-hook's self-pipe runs the
+    /// reaction on an ordinary thread, which never waits for the log.
     ///
     /// # Errors
     ///
-    /// Fails if the signal handlers cannot be installed or the thread cannot
-    /// be started.
+    /// Fails if the signal handlers cannot be installed or the thread cannot start.
     pub fn trigger_on_signals(&self) -> io::Result<()> {
         let shutdown = self.clone();
         let real_time = libc::SIGRTMIN()..=libc::SIGRTMAX();

@@ -1,11 +1,9 @@
-//! The sockets a server listens on: bound here ([`bind`], with the
-//! kernel's largest backlog), or passed down by a service manager (socket
-//! activation, sd_listen_fds(3), through the `sd-notify` crate), and the
-//! options every accepted socket inherits from them. An inherited
-//! descriptor must be a listening TCP socket: a unit that hands over a UDP
-//! or Unix socket by mistake stops the start-up with a clear line. The
-//! variables stay in the environment (`env::remove_var` is `unsafe` in this
-//! edition; the server starts no child processes).
+//! The sockets a server listens on: bound here ([`bind`], with the kernel's
+//! largest backlog) or passed down by a service manager (sd_listen_fds(3),
+//! through `sd-notify`), and the options every accepted socket inherits from
+//! them. An inherited descriptor that is not a listening TCP socket (a unit's
+//! mistake) stops the start-up with a clear line. The variables stay in the
+//! environment (`env::remove_var` is `unsafe` in this edition; no child starts).
 
 use std::env;
 use std::io;
@@ -49,16 +47,13 @@ fn inherited_listeners() -> Result<Option<Vec<TcpListener>>, Error> {
     }
     // The crate says "unknown" when the variable is missing: no name.
     let named = env::var_os("LISTEN_FDNAMES").is_some();
-    let descriptors: Vec<(RawFd, Option<String>)> = descriptors
-        .map(|(fd, name)| (fd, named.then_some(name)))
-        .collect();
-    let fds: Vec<RawFd> = descriptors.iter().map(|(fd, _)| *fd).collect();
-    if INHERITED.set(descriptors).is_err() {
+    let descriptors = descriptors.map(|(fd, name)| (fd, named.then_some(name)));
+    if INHERITED.set(descriptors.collect()).is_err() {
         let taken = io::Error::other("this process took them already");
         return Err(Error::new(cannot, taken));
     }
-    let listeners = fds.into_iter().map(claim_listener);
-    listeners.collect::<Result<_, _>>().map(Some)
+    let fds = INHERITED.get().into_iter().flatten().map(|(fd, _)| *fd);
+    fds.map(claim_listener).collect::<Result<_, _>>().map(Some)
 }
 
 /// The first descriptor `LISTEN_FDS` names that is not open.
@@ -133,9 +128,8 @@ fn check_tcp_listener(socket: &OwnedFd) -> io::Result<()> {
 ///
 /// # Errors
 ///
-/// Fails if the socket cannot be bound or listen, for example because the
-/// address is in use ([`std::io::ErrorKind::AddrInUse`]); the message names
-/// the address.
+/// Fails if the socket cannot be bound or listen, for example with
+/// [`AddrInUse`](std::io::ErrorKind::AddrInUse); the message names the address.
 pub fn bind(config: &Config) -> Result<TcpListener, Error> {
     let addr = config.listen_addr;
     let backlog = config.backlog.map_or_else(default_backlog, |n| n.get());
@@ -144,15 +138,14 @@ pub fn bind(config: &Config) -> Result<TcpListener, Error> {
 }
 
 /// The sockets to serve: the ones a service manager passed down (socket
-/// activation: `LISTEN_PID` is this process and `LISTEN_FDS` is set; [`run`]
-/// logs each with its name), or else one bound by [`bind`]. With inherited
-/// sockets, `config.listen_addr` and `config.backlog` play no part.
+/// activation: `LISTEN_PID` is this process and `LISTEN_FDS` is set;
+/// [`run`](crate::run) logs each with its name), or else one bound by
+/// [`bind`]. With inherited sockets, `config.listen_addr` and `config.backlog`
+/// play no part.
 ///
 /// Call it first thing, before anything else in the process opens
 /// descriptors (logging set-up included): a descriptor opened before could
 /// land on a number `LISTEN_FDS` names.
-///
-/// [`run`]: crate::run
 ///
 /// # Errors
 ///
@@ -206,13 +199,11 @@ pub(crate) fn prepare_listeners(
             .get()
             .and_then(|all| all.iter().find(|(i, _)| *i == fd));
         if let Some((_, name)) = inherited {
-            let named = name
-                .as_ref()
-                .map(|name| format!(" (named {name:?})"))
-                .unwrap_or_default();
+            let named = name.as_ref().map(|name| format!(" (named {name:?})"));
             info!(
                 event = event::INHERITED, addr:% = local_addr, name = name.as_deref();
-                "serving the socket passed down by the service manager on {local_addr}{named}"
+                "serving the socket passed down by the service manager on {local_addr}{}",
+                named.unwrap_or_default()
             );
         }
         info!(

@@ -1,12 +1,10 @@
-//! The PROXY protocol (HAProxy's `send-proxy` and `send-proxy-v2`): the
-//! header a balancer puts in front of a connection to say who the real
-//! client is, so that the reply is logged with the client's address.
-//!
-//! [`parse`] is a pure function over the bytes received so far, so that it
-//! can be tested on any input (`serve/connection.rs` reads until the header
-//! is complete). The receiver rules of haproxy's doc/proxy-protocol.txt: act on
-//! nothing before the whole header is in, reject the connection on any
-//! mismatch.
+//! The PROXY protocol (HAProxy's `send-proxy` and `send-proxy-v2`): the header
+//! a balancer puts in front of a connection to name the real client, whose
+//! address the reply is logged with. [`parse`] is a pure function over the
+//! bytes received so far, so that it can be tested on any input (the
+//! connection reads until the header is complete); it follows the receiver
+//! rules of haproxy's doc/proxy-protocol.txt: act on nothing before the whole
+//! header is in, and reject the connection on any mismatch.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
@@ -84,11 +82,9 @@ fn parse_v1(bytes: &[u8]) -> Parsed {
         ["TCP6", src, dst, sport, dport] => v1_addresses::<Ipv6Addr>(src, dst, sport, dport),
         _ => None,
     };
+    let length = lf + 1;
     match header {
-        Some(header) => Parsed::Complete {
-            header,
-            length: lf + 1,
-        },
+        Some(header) => Parsed::Complete { header, length },
         None => Parsed::Invalid("malformed v1 header"),
     }
 }
