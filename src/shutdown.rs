@@ -6,7 +6,7 @@
 //! kernel may hand that connection to another process on the port.
 
 use std::io;
-use std::net::{self, IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::net::{self, IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::process;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -120,9 +120,14 @@ impl Shutdown {
         }
     }
 
-    /// Whether a connection from `peer` is a trigger's wake-up call.
-    pub(crate) fn is_wake_connection(&self, peer: SocketAddr) -> bool {
-        lock(&self.inner.wake_from).contains(&peer)
+    /// Whether `stream`, from `peer`, is a trigger's wake-up call (then closed
+    /// cleanly) or a client.
+    pub(crate) fn is_wake_connection(&self, stream: &TcpStream, peer: SocketAddr) -> bool {
+        let wake = self.is_triggered() && lock(&self.inner.wake_from).contains(&peer);
+        if wake {
+            let _ = SockRef::from(stream).set_linger(None);
+        }
+        wake
     }
 
     /// Whether [`trigger`](Self::trigger) has been called.

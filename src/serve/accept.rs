@@ -187,22 +187,13 @@ fn accept_next(
         return Ok(None);
     };
     let peer = canonical(peer);
-    if !is_wake_connection(&stream, peer, shutdown) {
+    if !shutdown.is_wake_connection(&stream, peer) {
         return Ok(Some((stream, peer)));
     }
     if here.in_accept.get() > 0 {
         shutdown.pass_wake_on(here.addr);
     }
     Ok(None)
-}
-
-/// Whether a connection is a stop's wake-up (closed cleanly) or a client.
-fn is_wake_connection(stream: &TcpStream, peer: SocketAddr, shutdown: &Shutdown) -> bool {
-    let wake = shutdown.is_triggered() && shutdown.is_wake_connection(peer);
-    if wake {
-        let _ = SockRef::from(stream).set_linger(None);
-    }
-    wake
 }
 
 /// Accepts, without waiting, every connection already queued on `here`,
@@ -221,7 +212,7 @@ fn accept_queued(here: &Arc<Listening>, shared: &Arc<Shared>, set_options: bool)
         };
         let config = &shared.serving.config;
         if (set_options && set_connection_options(SockRef::from(&stream), config).is_err())
-            || is_wake_connection(&stream, peer, &shared.shutdown)
+            || shared.shutdown.is_wake_connection(&stream, peer)
         {
             continue;
         }
