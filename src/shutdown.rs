@@ -71,11 +71,12 @@ struct Inner {
     wake_targets: Mutex<Vec<WakeTarget>>,
     /// Where the wake-up connections come from: not clients.
     wake_from: Mutex<Vec<SocketAddr>>,
-    /// The counters SIGUSR1 logs: set by a running server.
-    counters: Mutex<Option<Arc<dyn Fn() -> Summary + Send + Sync>>>,
-    /// What SIGHUP re-reads besides the log file: a running server's TLS files.
-    reload: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+    counters: Mutex<Hook<Summary>>,
+    reload: Mutex<Hook<()>>,
 }
+
+/// What a running server gives a signal: `None` while none runs.
+pub(crate) type Hook<T> = Option<Arc<dyn Fn() -> T + Send + Sync>>;
 
 impl Shutdown {
     /// A new, untriggered handle.
@@ -152,16 +153,10 @@ impl Shutdown {
         lock(&self.inner.wake_targets).push(target);
     }
 
-    /// Sets where SIGUSR1 reads the counters it logs, or clears it.
-    pub(crate) fn on_counters_request(
-        &self,
-        counters: Option<Arc<dyn Fn() -> Summary + Send + Sync>>,
-    ) {
+    /// Sets where SIGUSR1 reads the counters it logs, and what SIGHUP re-reads
+    /// besides the log file (the TLS files); `None`, `None` once the server stops.
+    pub(crate) fn on_requests(&self, counters: Hook<Summary>, reload: Hook<()>) {
         *lock(&self.inner.counters) = counters;
-    }
-
-    /// Sets what SIGHUP re-reads besides the log file, or clears it.
-    pub(crate) fn on_reload_request(&self, reload: Option<Arc<dyn Fn() + Send + Sync>>) {
         *lock(&self.inner.reload) = reload;
     }
 

@@ -21,7 +21,7 @@ use crate::limits::{ConnectionLimit, PerIpLimit, capacity};
 use crate::logging::{self, event};
 use crate::service::metrics::{self, Metrics, ServerState};
 use crate::service::notify::Notifier;
-use crate::shutdown::{self, Shutdown};
+use crate::shutdown::{self, Hook, Shutdown};
 use crate::stats::{Stats, Summary};
 
 mod accept;
@@ -75,13 +75,11 @@ pub fn run(
     report_to_service_manager(&notifier, &addrs, &shared);
     let server = Arc::clone(&shared);
     let counters = move || server.serving.stats.summary(server.serving.limit.active());
-    shutdown.on_counters_request(Some(Arc::new(counters)));
-    if let Some(tls) = shared.serving.tls.clone() {
-        shutdown.on_reload_request(Some(Arc::new(move || tls.reload())));
-    }
+    let tls = shared.serving.tls.clone();
+    let reload: Hook<()> = tls.map(|tls| Arc::new(move || tls.reload()) as _);
+    shutdown.on_requests(Some(Arc::new(counters)), reload);
     let accepted = accept::accept_on_all(listeners, &shared, &notifier);
-    shutdown.on_counters_request(None);
-    shutdown.on_reload_request(None);
+    shutdown.on_requests(None, None);
     accepted?;
     // A failure to send is logged by the notifier itself, once.
     let _ = notifier.stopping();
