@@ -1,17 +1,15 @@
 //! The accept loop: where a connection is accepted, admitted or turned away,
 //! and the one place a connection's thread starts. The loop only accepts,
 //! checks the cap (and a direct client's rate) and starts a thread, so no
-//! client can delay the next. It survives every `accept` failure: ones about
-//! a single connection are skipped, ones about the process (out of
-//! descriptors or memory) pause it with a growing backoff.
+//! client can delay the next; it skips `accept` failures about one connection
+//! and backs off from ones about the process (out of descriptors or memory).
 //!
-//! With `--thread-cache`, a finished thread waits in `accept` on the same
-//! listener itself (leader/followers, the kernel as leader: Linux wakes one
-//! blocked accepter per connection, in order), so a connection reaches it with
-//! no hand-off, lock or wake-up of ours. The loop steps aside while threads
-//! wait there, and so starts a thread only when none could take the
-//! connection. A waiting thread leaves after a reply timeout without one; on a
-//! stop, whoever takes the wake-up connection passes it on to the next.
+//! With `--thread-cache`, a finished thread waits in `accept` itself
+//! (leader/followers, the kernel as leader: Linux wakes one blocked accepter
+//! per connection, in order), so a connection reaches it with no hand-off,
+//! lock or wake-up of ours; the loop steps aside meanwhile, starting a thread
+//! only when none waits. A waiting thread leaves after a reply timeout without
+//! a connection; on a stop, whoever takes the wake-up passes it on to the next.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -240,10 +238,9 @@ fn admit(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> Option<Accepte
     }
     let stream = Arc::new(stream);
     let Some(slot) = serving.limit.try_acquire(&stream) else {
-        let refused = Refusal::Full {
-            cap: serving.limit.max(),
-        };
-        serving.stats.record(refuse(&stream, peer, None, &refused));
+        let cap = serving.limit.max();
+        let outcome = refuse(&stream, peer, None, &Refusal::Full { cap });
+        serving.stats.record(outcome);
         return None;
     };
     Some(Accepted {
