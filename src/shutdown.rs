@@ -29,13 +29,12 @@ use crate::lock;
 use crate::logging::{self, COUNTERS_TARGET, event};
 use crate::stats::{Stats, Summary};
 
-/// Signals that start a graceful stop (a second one exits at once).
-/// (SIGQUIT and SIGABRT ask for a core dump; a core would hold replies not
-/// yet recorded, and the stop loses none.)
+/// Signals that start a graceful stop; a second one exits at once. (SIGQUIT and
+/// SIGABRT ask for a core dump, which would hold replies not yet recorded.)
 const STOP_SIGNALS: [i32; 4] = [SIGINT, SIGTERM, SIGQUIT, SIGABRT];
-/// Signals whose default action would end the process but that mean
-/// nothing here: logged and ignored (SIGXFSZ too: a log file at its size
-/// limit then fails its writes, which are reported and retried).
+/// Signals whose default would end the process but that mean nothing here:
+/// logged and ignored (SIGXFSZ too: a log file at its size limit then fails
+/// its writes, which are reported and retried).
 const IGNORED_SIGNALS: [i32; 11] = [
     SIGUSR2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO, SIGPWR, SIGXCPU, SIGXFSZ, SIGSTKFLT, SIGTRAP,
     SIGSYS,
@@ -84,8 +83,7 @@ impl Shutdown {
         Self::default()
     }
 
-    /// Asks the server to stop accepting; returns at once. Calling it again
-    /// is harmless.
+    /// Asks the server to stop accepting and returns at once; calling it again is harmless.
     pub fn trigger(&self) {
         self.inner.requested.store(true, Ordering::SeqCst);
         let targets = lock(&self.inner.wake_targets).clone();
@@ -121,8 +119,7 @@ impl Shutdown {
         }
     }
 
-    /// Whether `stream`, from `peer`, is a trigger's wake-up call (then closed
-    /// cleanly) or a client.
+    /// Whether `stream` from `peer` is a trigger's wake-up (then closed cleanly) or a client.
     pub(crate) fn is_wake_connection(&self, stream: &TcpStream, peer: SocketAddr) -> bool {
         let wake = self.is_triggered() && lock(&self.inner.wake_from).contains(&peer);
         if wake {
@@ -238,8 +235,7 @@ impl std::fmt::Debug for Inner {
     }
 }
 
-/// An address that reaches a listener bound to `addr` (through loopback
-/// for "every interface").
+/// An address that reaches a listener bound to `addr` (loopback for "every interface").
 fn reachable(addr: SocketAddr) -> SocketAddr {
     let ip = match addr.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -255,10 +251,10 @@ const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long it then waits for threads once it gave up on the log.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The stop after the accept loops: waits for connected clients up to
-/// `timeout`, cuts off the rest, waits for every connection thread to
-/// record and finish, logs what was held back and the summary, and waits
-/// for the log to take it.
+/// The stop after the accept loops: waits up to `timeout` for connected
+/// clients, cuts off the rest, waits for every connection thread to record
+/// and finish, logs what was held back and the summary, and waits for the
+/// log to take it.
 pub(crate) fn drain(
     limit: &ConnectionLimit,
     threads: &LiveCount,
@@ -295,8 +291,7 @@ pub(crate) fn drain(
     summary
 }
 
-/// Logs `summary` with its counts as fields: the counters so far (SIGUSR1),
-/// or the stop's last line.
+/// Logs `summary`, its counts as fields: the counters so far (SIGUSR1) or the stop's last line.
 fn log_summary(summary: &Summary, stopped: bool) {
     let (target, kind, said) = match stopped {
         true => (module_path!(), event::STOPPED, "shutdown complete"),

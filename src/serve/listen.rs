@@ -20,9 +20,9 @@ use crate::error::Error;
 use crate::logging::{LISTENING_TARGET, event};
 use crate::shutdown::Shutdown;
 
-/// The descriptors this process claimed, with their `LISTEN_FDNAMES`: set
-/// once (a second claim would make two owners of one descriptor), and read
-/// so that a stop never shuts down an inherited listener.
+/// The descriptors this process claimed, with their `LISTEN_FDNAMES`: set once
+/// (a second claim would make two owners of one), read so that a stop never
+/// shuts down an inherited listener.
 static INHERITED: OnceLock<Vec<(RawFd, Option<String>)>> = OnceLock::new();
 
 /// The listening sockets the service manager passed to this process, in
@@ -137,15 +137,13 @@ pub fn bind(config: &Config) -> Result<TcpListener, Error> {
         .map_err(|e| Error::new(format!("cannot listen on {addr}"), e))
 }
 
-/// The sockets to serve: the ones a service manager passed down (socket
-/// activation: `LISTEN_PID` is this process and `LISTEN_FDS` is set;
-/// [`run`](crate::run) logs each with its name), or else one bound by
-/// [`bind`]. With inherited sockets, `config.listen_addr` and `config.backlog`
-/// play no part.
+/// The sockets to serve: the ones a service manager passed down (`LISTEN_PID`
+/// is this process and `LISTEN_FDS` is set; [`run`](crate::run) logs each with
+/// its name), else one bound by [`bind`] from `config.listen_addr`.
 ///
-/// Call it first thing, before anything else in the process opens
-/// descriptors (logging set-up included): a descriptor opened before could
-/// land on a number `LISTEN_FDS` names.
+/// Call it first thing, before anything else in the process opens descriptors
+/// (logging set-up included): one opened before could land on a number
+/// `LISTEN_FDS` names.
 ///
 /// # Errors
 ///
@@ -171,9 +169,9 @@ pub(crate) fn listen(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Re
     Ok(socket.into())
 }
 
-/// The most the kernel accepts (`net.core.somaxconn`), as Go does, so that
-/// a burst waits in the queue instead of having its handshakes dropped;
-/// else 4096 (Linux's default since 5.4).
+/// The most the kernel accepts (`net.core.somaxconn`), as Go does, so that a
+/// burst waits in the queue instead of having its handshakes dropped; else
+/// 4096 (Linux's default since 5.4).
 pub(crate) fn default_backlog() -> u32 {
     std::fs::read_to_string("/proc/sys/net/core/somaxconn")
         .ok()

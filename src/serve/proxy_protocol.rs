@@ -12,9 +12,7 @@ use std::str::FromStr;
 /// The longest version 1 header, CRLF included.
 const V1_MAX_LEN: usize = 107;
 const V1_PREFIX: &[u8] = b"PROXY ";
-const V2_SIGNATURE: [u8; 12] = [
-    0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
-];
+const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 /// Signature, version/command, family, and the 2-byte length.
 const V2_FIXED_LEN: usize = 16;
 
@@ -43,7 +41,7 @@ pub(crate) enum Parsed {
 
 /// Parses the start of a connection's bytes as a PROXY header (v1 or v2).
 pub(crate) fn parse(bytes: &[u8]) -> Parsed {
-    if bytes.starts_with(&V2_SIGNATURE) {
+    if bytes.starts_with(V2_SIGNATURE) {
         parse_v2(bytes)
     } else if bytes.starts_with(V1_PREFIX) {
         parse_v1(bytes)
