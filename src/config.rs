@@ -113,8 +113,7 @@ impl Default for Config {
 /// A [`Config`] rule that does not hold: which field, and what it must be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
-    /// The field, as [`Config`] names it (`thread_cache`, or
-    /// `rate_limit.prefix_v4` for a part of one).
+    /// The field, as [`Config`] names it: `thread_cache`, `rate_limit.prefix_v4`.
     pub field: &'static str,
     /// Its value as given.
     pub value: String,

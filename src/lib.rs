@@ -15,8 +15,8 @@
 //! # Layout
 //!
 //! `ls src` shows the parts, each folder's `mod.rs` says what it owns, modules
-//! depend on each other one way (a test checks it), and
-//! `docs/ARCHITECTURE.md` follows one connection through them.
+//! depend on each other one way (a test checks it), and `docs/ARCHITECTURE.md`
+//! follows one connection through them.
 //!
 //! - `serve/`: [`run`], the listeners ([`bind`], [`listeners`]), the accept
 //!   loop, TLS, and one connection's life (`serve/connection.rs`).

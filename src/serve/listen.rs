@@ -34,14 +34,8 @@ fn inherited_listeners() -> Result<Option<Vec<TcpListener>>, Error> {
         return Ok(None);
     }
     let cannot = "cannot use the inherited sockets (LISTEN_FDS)";
-    let descriptors =
-        sd_notify::listen_fds_with_names().map_err(|e| match closed_descriptor() {
-            Some(fd) => Error::new(
-                format!("inherited descriptor {fd} (LISTEN_FDS) cannot be used"),
-                io::Error::new(io::ErrorKind::NotFound, "it is not open"),
-            ),
-            None => Error::new(cannot, e),
-        })?;
+    let descriptors = sd_notify::listen_fds_with_names()
+        .map_err(|e| closed_descriptor().unwrap_or_else(|| Error::new(cannot, e)))?;
     if descriptors.len() == 0 {
         return Ok(None);
     }
@@ -56,10 +50,14 @@ fn inherited_listeners() -> Result<Option<Vec<TcpListener>>, Error> {
     fds.map(claim_listener).collect::<Result<_, _>>().map(Some)
 }
 
-/// The first descriptor `LISTEN_FDS` names that is not open.
-fn closed_descriptor() -> Option<RawFd> {
+/// The error naming the first descriptor `LISTEN_FDS` names that is not open.
+fn closed_descriptor() -> Option<Error> {
     let count: RawFd = env::var("LISTEN_FDS").ok()?.parse().ok()?;
-    (3..3 + count).find(|fd| std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")).is_err())
+    let is_closed = |fd| std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")).is_err();
+    let fd = (3..3 + count).find(|&fd| is_closed(fd))?;
+    let what = format!("inherited descriptor {fd} (LISTEN_FDS) cannot be used");
+    let closed = io::Error::new(io::ErrorKind::NotFound, "it is not open");
+    Some(Error::new(what, closed))
 }
 
 /// Takes inherited descriptor `fd` as a listener, if it is one (else it is

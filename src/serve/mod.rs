@@ -34,20 +34,20 @@ use accept::Shared;
 use connection::Serving;
 pub use listen::{bind, listeners};
 
-/// Serves connections from `listeners` (one as `[listener]`, or several
-/// such as systemd's IPv4 and IPv6 sockets: an accept loop each, one
-/// connection cap for all) until `shutdown` is triggered. Then serves the
-/// clients already queued, closes the listeners, lets connected clients
-/// finish for up to `config.shutdown_timeout`, cuts off the rest (each
-/// recorded with what it had sent), and returns what happened once every
-/// connection thread is gone. Logs `listening on ADDR` for each listener
-/// first, so that a caller who asked for port 0 learns its port.
+/// Serves connections from `listeners` (one as `[listener]`, or several such as
+/// systemd's IPv4 and IPv6 sockets: an accept loop each, one connection cap for
+/// all) until `shutdown` is triggered; then serves the clients already queued,
+/// closes the listeners, lets connected clients finish for up to
+/// `config.shutdown_timeout`, cuts off the rest (each recorded with what it had
+/// sent), and returns what happened once every connection thread is gone. It
+/// first logs `listening on ADDR` for each listener: a caller who asked for
+/// port 0 learns its port.
 ///
 /// # Errors
 ///
-/// Fails before serving anyone if the config is invalid, a listener's
-/// address or options cannot be read or set, the metrics address cannot be
-/// bound, or `NOTIFY_SOCKET` is unusable; once serving, no error stops it.
+/// Fails before serving anyone if the config is invalid, a listener's address
+/// or options cannot be read or set, the metrics address cannot be bound, or
+/// `NOTIFY_SOCKET` is unusable; once serving, no error stops it.
 pub fn run(
     listeners: impl IntoIterator<Item = TcpListener>,
     config: Config,
@@ -147,9 +147,7 @@ fn report_to_service_manager(notifier: &Notifier, addrs: &[SocketAddr], shared: 
     let _ = notifier.ready(addrs);
     let shared = Arc::clone(shared);
     if let Err(e) = notifier.start_reporting(move || shared.serving.limit.active()) {
-        warn!(
-            event = event::NOTIFY_FAILED;
-            "cannot start reporting to the service manager: {}", describe_io_error(&e)
-        );
+        let why = describe_io_error(&e);
+        warn!(event = event::NOTIFY_FAILED; "cannot start reporting to the service manager: {why}");
     }
 }
