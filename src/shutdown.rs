@@ -172,12 +172,8 @@ impl Shutdown {
     pub fn trigger_on_signals(&self) -> io::Result<()> {
         let shutdown = self.clone();
         let real_time = libc::SIGRTMIN()..=libc::SIGRTMAX();
-        let handled = STOP_SIGNALS
-            .into_iter()
-            .chain([SIGHUP, SIGUSR1])
-            .chain(IGNORED_SIGNALS)
-            .chain(real_time);
-        let mut signals = Signals::new(handled)?;
+        let handled = STOP_SIGNALS.into_iter().chain([SIGHUP, SIGUSR1]);
+        let mut signals = Signals::new(handled.chain(IGNORED_SIGNALS).chain(real_time))?;
         thread::Builder::new()
             .name("signals".to_string())
             .stack_size(SIGNAL_THREAD_STACK)

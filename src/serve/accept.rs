@@ -312,8 +312,7 @@ impl Drop for Parked<'_> {
     }
 }
 
-/// The pause after the last `accept` failure about the process (zero once
-/// one succeeds).
+/// The pause after the last `accept` failure about the process (zero after a success).
 #[derive(Default)]
 struct AcceptFailures {
     pause: Duration,

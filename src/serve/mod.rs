@@ -59,11 +59,10 @@ pub fn run(
     }
     let tls = config.tls.as_ref().map(tls::TlsServer::load).transpose()?;
     let metrics_listener = config.metrics_addr.map(bind_metrics).transpose()?;
-    let notifier = if config.notify_service_manager {
-        Notifier::from_env()
-            .map_err(|e| Error::new("cannot reach the service manager (NOTIFY_SOCKET)", e))?
-    } else {
-        Notifier::disabled()
+    let unreachable = |e| Error::new("cannot reach the service manager (NOTIFY_SOCKET)", e);
+    let notifier = match config.notify_service_manager {
+        true => Notifier::from_env().map_err(unreachable)?,
+        false => Notifier::disabled(),
     };
     let listeners = listen::prepare_listeners(listeners, &config, &shutdown)?;
     let serving = serving(config, tls.map(Arc::new), listeners.len());
