@@ -47,7 +47,6 @@ impl Outcome {
         "tls_handshake_failed",
     ];
 
-    /// How a recorded connection ended.
     pub(crate) fn of(record: &Record<'_>) -> Outcome {
         match record.end {
             ReplyEnd::Closed if record.reply.is_empty() => Outcome::NoReply,

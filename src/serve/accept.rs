@@ -62,7 +62,6 @@ impl Shared {
         }
     }
 
-    /// Threads waiting in `accept` for their next connection.
     pub(crate) fn parked(&self) -> usize {
         self.parked.load(Ordering::Relaxed)
     }

@@ -159,9 +159,7 @@ pub fn listeners(config: &Config) -> Result<Vec<TcpListener>, Error> {
 pub(crate) fn listen(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
-    if reuse_port {
-        socket.set_reuse_port(true)?;
-    }
+    socket.set_reuse_port(reuse_port)?;
     socket.bind(&addr.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     Ok(socket.into())
@@ -185,11 +183,10 @@ pub(crate) fn prepare_listeners(
     config: &Config,
     shutdown: &Shutdown,
 ) -> Result<Vec<(Arc<TcpListener>, SocketAddr)>, Error> {
+    let unreadable = |e| Error::new("cannot read the address the listener is bound to", e);
     let mut prepared = Vec::new();
     for listener in listeners {
-        let local_addr = listener
-            .local_addr()
-            .map_err(|e| Error::new("cannot read the address the listener is bound to", e))?;
+        let local_addr = listener.local_addr().map_err(unreadable)?;
         let fd = listener.as_raw_fd();
         let inherited = INHERITED
             .get()
