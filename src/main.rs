@@ -28,13 +28,10 @@ fn main() -> ExitCode {
         }
     };
     let (port, metrics_addr) = (config.listen_addr.port(), config.metrics_addr);
-    match serve(config, &log) {
-        Ok(code) => code,
-        Err(e) => {
-            say(&format!("error: {e:#}{}", hint(&e, port, metrics_addr)));
-            ExitCode::FAILURE
-        }
-    }
+    serve(config, &log).unwrap_or_else(|e| {
+        say(&format!("error: {e:#}{}", hint(&e, port, metrics_addr)));
+        ExitCode::FAILURE
+    })
 }
 
 /// Takes the listeners, sets up logging and signals, and runs the server

@@ -293,11 +293,10 @@ fn log_summary(summary: &Summary, stopped: bool) {
         true => (module_path!(), event::STOPPED, "shutdown complete"),
         false => (COUNTERS_TARGET, event::COUNTERS, "counters so far"),
     };
-    let text = summary.to_string();
-    let text = match stopped {
-        true => text,
-        false => text.replace(" still connected", " connected now"),
-    };
+    let mut text = summary.to_string();
+    if !stopped {
+        text = text.replace(" still connected", " connected now");
+    }
     let connected = summary.still_connected;
     info!(
         target: target, event = kind, connections = summary.connections, replies = summary.replies,

@@ -119,11 +119,9 @@ impl RateLimit {
     /// `ip`'s network, an IPv4-mapped address as the IPv4 one (a prefix longer
     /// than the address, which `Config::validate` refuses, keeps all of it).
     pub(crate) fn network_of(&self, ip: IpAddr) -> IpNet {
-        let ip = ip.to_canonical();
-        let prefix = if ip.is_ipv4() {
-            self.prefix_v4
-        } else {
-            self.prefix_v6
+        let (ip, prefix) = match ip.to_canonical() {
+            ip @ IpAddr::V4(_) => (ip, self.prefix_v4),
+            ip => (ip, self.prefix_v6),
         };
         IpNet::new(ip, prefix).map_or_else(|_| IpNet::from(ip), |net| net.trunc())
     }

@@ -6,10 +6,10 @@
 //!
 //! With `--thread-cache`, a finished thread waits in `accept` itself
 //! (leader/followers, the kernel as leader: Linux wakes one blocked accepter
-//! per connection, in order), so a connection reaches it with no hand-off,
-//! lock or wake-up of ours; the loop steps aside meanwhile, starting a thread
-//! only when none waits. A waiting thread leaves after a reply timeout without
-//! a connection; on a stop, whoever takes the wake-up passes it on to the next.
+//! per connection, in order), so a connection reaches it with no hand-off, lock
+//! or wake-up of ours; the loop steps aside meanwhile, starting a thread only
+//! when none waits. A thread idle for a reply timeout leaves; at a stop,
+//! whoever takes the wake-up passes it on.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -85,11 +85,10 @@ pub(crate) fn accept_on_all(
     thread::scope(|scope| {
         for (listener, addr) in listeners {
             let heartbeat = notifier.heartbeat();
-            let in_accept = LiveCount::new();
             let here = Arc::new(Listening {
                 listener,
                 addr,
-                in_accept,
+                in_accept: LiveCount::new(),
             });
             if let Err(e) = thread::Builder::new()
                 .name("accept".to_string())
@@ -193,9 +192,8 @@ fn accept_next(
     Ok(None)
 }
 
-/// Accepts, without waiting, every connection already queued on `here`,
-/// giving each the listener's options first if `set_options`, and starts
-/// a thread for each one admitted.
+/// Accepts, without waiting, every connection already queued on `here` (with
+/// the listener's options first if `set_options`), starting a thread for each admitted.
 fn accept_queued(here: &Arc<Listening>, shared: &Arc<Shared>, set_options: bool) {
     if here.listener.set_nonblocking(true).is_err() {
         return;

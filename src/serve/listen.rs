@@ -188,9 +188,7 @@ pub(crate) fn prepare_listeners(
     for listener in listeners {
         let local_addr = listener.local_addr().map_err(unreadable)?;
         let fd = listener.as_raw_fd();
-        let inherited = INHERITED
-            .get()
-            .and_then(|all| all.iter().find(|(i, _)| *i == fd));
+        let inherited = INHERITED.get().into_iter().flatten().find(|i| i.0 == fd);
         if let Some((_, name)) = inherited {
             let named = name.as_ref().map(|name| format!(" (named {name:?})"));
             info!(

@@ -67,7 +67,7 @@ pub fn run(
     let listeners = listen::prepare_listeners(listeners, &config, &shutdown)?;
     let serving = serving(config, tls.map(Arc::new), listeners.len());
     let shared = Arc::new(Shared::new(serving, shutdown.clone()));
-    let metrics = metrics_listener
+    let _metrics = metrics_listener
         .map(|listener| start_metrics(listener, &shared))
         .transpose()?;
     let addrs: Vec<SocketAddr> = listeners.iter().map(|(_, addr)| *addr).collect();
@@ -84,7 +84,6 @@ pub fn run(
     let _ = notifier.stopping();
     let (serving, timeout) = (&shared.serving, shared.serving.config.shutdown_timeout);
     let summary = shutdown::drain(&serving.limit, &shared.threads, &serving.stats, timeout);
-    drop(metrics);
     Ok(summary)
 }
 

@@ -110,8 +110,7 @@ fn parse_v2(bytes: &[u8]) -> Parsed {
     if bytes.len() < V2_FIXED_LEN {
         return Parsed::Incomplete;
     }
-    let version_command = bytes[12];
-    let family = bytes[13];
+    let (version_command, family) = (bytes[12], bytes[13]);
     let length = V2_FIXED_LEN + usize::from(u16::from_be_bytes([bytes[14], bytes[15]]));
     if version_command >> 4 != 2 {
         return Parsed::Invalid("v2 header with an unknown version");
