@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::limits::rate::{DEFAULT_PREFIX_V4, DEFAULT_PREFIX_V6, Rate};
+use crate::limits::rate::RateLimit;
 use crate::limits::{AccessRules, NetList};
 use crate::record::ReplySink;
 use crate::record::logging::LogReplies;
@@ -36,8 +36,7 @@ pub struct Config {
     /// How long a stopping server waits for connected clients to finish.
     pub shutdown_timeout: Duration,
     /// Finished connection threads that wait in `accept` for the next
-    /// connections (0: every connection gets a new thread); at most
-    /// `max_connections`.
+    /// connections (0: a new thread for each); at most `max_connections`.
     pub thread_cache: usize,
     /// `Some(trusted)`: each connection starts with a PROXY header (v1 or v2)
     /// naming the real client, from a `trusted` proxy (any, if empty).
@@ -55,8 +54,7 @@ pub struct Config {
     /// Report readiness, status and watchdog pings to the service manager
     /// named by `NOTIFY_SOCKET` (systemd's `Type=notify`), when it is set.
     pub notify_service_manager: bool,
-    /// How fast one client network may open connections; `None`: no limit.
-    /// One over it gets the busy line.
+    /// How fast one client network may connect (over it: the busy line); `None`: no limit.
     pub rate_limit: Option<RateLimit>,
     /// Where to serve `GET /metrics` (Prometheus text); `None`: nowhere.
     pub metrics_addr: Option<SocketAddr>,
@@ -76,35 +74,6 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// Serve only clients whose certificate one of these CAs signed.
     pub client_ca: Option<PathBuf>,
-}
-
-/// `--max-rate-per-ip`: how fast one client network may connect, and how
-/// client addresses are grouped into networks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RateLimit {
-    /// Connections per period, which is also the burst.
-    pub rate: Rate,
-    /// Leading bits of an IPv4 client address that make its network (0-32).
-    pub prefix_v4: u8,
-    /// Leading bits of an IPv6 client address that make its network (0-128).
-    pub prefix_v6: u8,
-}
-
-impl RateLimit {
-    /// The default IPv4 prefix: each address on its own.
-    pub const DEFAULT_PREFIX_V4: u8 = DEFAULT_PREFIX_V4;
-    /// The default IPv6 prefix, /64: a host's usual allocation (RFC 6177),
-    /// so changing addresses within it buys nothing.
-    pub const DEFAULT_PREFIX_V6: u8 = DEFAULT_PREFIX_V6;
-
-    /// `rate` per network, with the default prefixes (/32 and /64).
-    pub fn new(rate: Rate) -> Self {
-        RateLimit {
-            rate,
-            prefix_v4: Self::DEFAULT_PREFIX_V4,
-            prefix_v6: Self::DEFAULT_PREFIX_V6,
-        }
-    }
 }
 
 impl Default for Config {
@@ -144,8 +113,7 @@ impl Default for Config {
 /// A [`Config`] rule that does not hold: which field, and what it must be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
-    /// The field, as [`Config`] names it (`thread_cache`, or
-    /// `rate_limit.prefix_v4` for a part of one).
+    /// The field, as [`Config`] names it: `thread_cache`, `rate_limit.prefix_v4`.
     pub field: &'static str,
     /// Its value as given.
     pub value: String,

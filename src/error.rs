@@ -5,10 +5,9 @@ use std::fmt;
 use std::io;
 
 /// Why [`bind`](crate::bind), [`listeners`](crate::listeners) or
-/// [`run`](crate::run) failed: what the server was doing, and the I/O error
-/// that stopped it (kept: match on [`kind`](Error::kind)). The message
-/// reads well after `error:`: "cannot listen on 0.0.0.0:1337: address
-/// already in use".
+/// [`run`](crate::run) failed: what the server was doing and the I/O error
+/// that stopped it (match on [`kind`](Error::kind)), reading well after
+/// `error:`: "cannot listen on 0.0.0.0:1337: address already in use".
 #[derive(Debug)]
 pub struct Error {
     doing: String,

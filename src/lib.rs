@@ -14,26 +14,21 @@
 //!
 //! # Layout
 //!
-//! `ls src` shows the parts and each folder's `mod.rs` says what it owns;
-//! modules depend on each other one way (a test checks it), and
-//! `docs/ARCHITECTURE.md` follows one connection through them.
+//! `ls src` shows the parts, each folder's `mod.rs` says what it owns, modules
+//! depend on each other one way (a test checks it), and `docs/ARCHITECTURE.md`
+//! follows one connection through them.
 //!
 //! - `serve/`: [`run`], the listeners ([`bind`], [`listeners`]), the accept
-//!   loop, TLS, and one connection's life (`serve/connection.rs`: identify,
-//!   admit, handshake, prompt, read, record, close, park).
-//! - `limits/`: what clients may hold (the connection cap, per address, per
-//!   network's rate), who may connect, the one way a client is refused, and
-//!   how many connections this machine can hold.
+//!   loop, TLS, and one connection's life (`serve/connection.rs`).
+//! - `limits/`: what clients may hold, who may connect, the one way a client
+//!   is refused, and how many connections this machine can hold.
 //! - `record/`: the [`ReplySink`] every reply goes to before its close, and
-//!   its default, the log ([`logging`]): a queue with group commit in front
-//!   of stderr or the log file.
+//!   its default, the log ([`logging`]) with its group commit.
 //! - `service/`: the service manager (readiness, status, watchdog) and the
 //!   metrics endpoint.
-//! - `shutdown.rs`: the [`Shutdown`] handle, the signals an operator sends,
-//!   and the stop's drain.
+//! - `shutdown.rs`: the [`Shutdown`] handle, the signals, the stop's drain.
 //! - `config.rs`, `stats.rs`, `error.rs`: the [`Config`] and its rules, the
-//!   counters behind the [`Summary`] and the metrics, the library's
-//!   [`Error`].
+//!   counters behind the [`Summary`] and the metrics, the [`Error`].
 
 // `deny`, not `forbid`: `serve::listen::claim_descriptor` opts out, with a
 // SAFETY comment (no safe API takes a socket inherited by number).
@@ -55,9 +50,9 @@ mod service;
 mod shutdown;
 mod stats;
 
-pub use config::{Config, ConfigError, RateLimit, TlsFiles};
+pub use config::{Config, ConfigError, TlsFiles};
 pub use error::Error;
-pub use limits::rate::Rate;
+pub use limits::rate::{Rate, RateLimit};
 pub use limits::{AccessRules, NetList};
 pub use record::{Record, ReplyEnd, ReplySink, TlsSession, logging};
 pub use serve::{bind, listeners, run};

@@ -28,17 +28,10 @@ fn main() -> ExitCode {
         }
     };
     let (port, metrics_addr) = (config.listen_addr.port(), config.metrics_addr);
-    match serve(config, &log) {
-        Ok(code) => code,
-        Err(e) => {
-            let hint = e
-                .downcast_ref::<prompt_server::Error>()
-                .map(|e| hint(e, port, metrics_addr))
-                .unwrap_or_default();
-            say(&format!("error: {e:#}{hint}"));
-            ExitCode::FAILURE
-        }
-    }
+    serve(config, &log).unwrap_or_else(|e| {
+        say(&format!("error: {e:#}{}", hint(&e, port, metrics_addr)));
+        ExitCode::FAILURE
+    })
 }
 
 /// Takes the listeners, sets up logging and signals, and runs the server
@@ -78,18 +71,15 @@ fn say(line: &str) {
 }
 
 /// What to do about an address in use, after the error's message.
-fn hint(error: &prompt_server::Error, port: u16, metrics: Option<SocketAddr>) -> String {
-    if error.kind() != ErrorKind::AddrInUse {
+fn hint(error: &anyhow::Error, port: u16, metrics: Option<SocketAddr>) -> String {
+    let error = error.downcast_ref::<prompt_server::Error>();
+    let Some(error) = error.filter(|e| e.kind() == ErrorKind::AddrInUse) else {
         return String::new();
-    }
+    };
+    let what = "--port, or --port 0 for a free one; --reuseport shares a port";
     let (port, what) = match metrics {
-        Some(metrics) if error.to_string().contains("for metrics") => {
-            (metrics.port(), "--metrics-addr")
-        }
-        _ => (
-            port,
-            "--port, or --port 0 for a free one; --reuseport shares a port",
-        ),
+        Some(addr) if error.to_string().contains("for metrics") => (addr.port(), "--metrics-addr"),
+        _ => (port, what),
     };
     format!(
         " (another process listens there: `ss -ltnp 'sport = :{port}'` shows which; \

@@ -1,15 +1,12 @@
 //! The [`Shutdown`] handle that stops a running server from another thread
 //! (the signal thread, a test, an embedder), and [`drain`], the stop itself
-//! once the accept loops have ended.
-//!
-//! No flag interrupts a blocking `accept()`, so a trigger sets the flag and
-//! connects to the listener itself (tiny-http's self-connect): the loop
-//! wakes with that connection, sees the flag and stops. A `--reuseport`
-//! listener is shut down instead, since the kernel may hand that connection
-//! to another process on the port.
+//! once the accept loops have ended. No flag interrupts a blocking `accept()`,
+//! so a trigger sets the flag and connects to the listener itself (tiny-http's
+//! self-connect); a `--reuseport` listener is shut down instead, since the
+//! kernel may hand that connection to another process on the port.
 
 use std::io;
-use std::net::{self, IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::net::{self, IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::process;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -29,16 +26,15 @@ use signal_hook::low_level::signal_name;
 
 use crate::limits::{ConnectionLimit, LiveCount, canonical};
 use crate::lock;
-use crate::logging::{self, event};
+use crate::logging::{self, COUNTERS_TARGET, event};
 use crate::stats::{Stats, Summary};
 
-/// Signals that start a graceful stop (a second one exits at once).
-/// (SIGQUIT and SIGABRT ask for a core dump; a core would hold replies not
-/// yet recorded, and the stop loses none.)
+/// Signals that start a graceful stop; a second one exits at once. (SIGQUIT and
+/// SIGABRT ask for a core dump, which would hold replies not yet recorded.)
 const STOP_SIGNALS: [i32; 4] = [SIGINT, SIGTERM, SIGQUIT, SIGABRT];
-/// Signals whose default action would end the process but that mean
-/// nothing here: logged and ignored (SIGXFSZ too: a log file at its size
-/// limit then fails its writes, which are reported and retried).
+/// Signals whose default would end the process but that mean nothing here:
+/// logged and ignored (SIGXFSZ too: a log file at its size limit then fails
+/// its writes, which are reported and retried).
 const IGNORED_SIGNALS: [i32; 11] = [
     SIGUSR2, SIGALRM, SIGVTALRM, SIGPROF, SIGIO, SIGPWR, SIGXCPU, SIGXFSZ, SIGSTKFLT, SIGTRAP,
     SIGSYS,
@@ -74,11 +70,12 @@ struct Inner {
     wake_targets: Mutex<Vec<WakeTarget>>,
     /// Where the wake-up connections come from: not clients.
     wake_from: Mutex<Vec<SocketAddr>>,
-    /// What SIGUSR1 logs: set by a running server.
-    counters: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
-    /// What SIGHUP re-reads besides the log file: a running server's TLS files.
-    reload: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+    counters: Mutex<Hook<Summary>>,
+    reload: Mutex<Hook<()>>,
 }
+
+/// What a running server gives a signal: `None` while none runs.
+pub(crate) type Hook<T> = Option<Arc<dyn Fn() -> T + Send + Sync>>;
 
 impl Shutdown {
     /// A new, untriggered handle.
@@ -86,8 +83,7 @@ impl Shutdown {
         Self::default()
     }
 
-    /// Asks the server to stop accepting; returns at once. Calling it again
-    /// is harmless.
+    /// Asks the server to stop accepting and returns at once; calling it again is harmless.
     pub fn trigger(&self) {
         self.inner.requested.store(true, Ordering::SeqCst);
         let targets = lock(&self.inner.wake_targets).clone();
@@ -123,9 +119,13 @@ impl Shutdown {
         }
     }
 
-    /// Whether a connection from `peer` is a trigger's wake-up call.
-    pub(crate) fn is_wake_connection(&self, peer: SocketAddr) -> bool {
-        lock(&self.inner.wake_from).contains(&peer)
+    /// Whether `stream` from `peer` is a trigger's wake-up (then closed cleanly) or a client.
+    pub(crate) fn is_wake_connection(&self, stream: &TcpStream, peer: SocketAddr) -> bool {
+        let wake = self.is_triggered() && lock(&self.inner.wake_from).contains(&peer);
+        if wake {
+            let _ = SockRef::from(stream).set_linger(None);
+        }
+        wake
     }
 
     /// Whether [`trigger`](Self::trigger) has been called.
@@ -150,39 +150,30 @@ impl Shutdown {
         lock(&self.inner.wake_targets).push(target);
     }
 
-    /// Sets what SIGUSR1 logs (the running server's counters), or clears it.
-    pub(crate) fn on_counters_request(&self, log_counters: Option<Arc<dyn Fn() + Send + Sync>>) {
-        *lock(&self.inner.counters) = log_counters;
-    }
-
-    /// Sets what SIGHUP re-reads besides the log file, or clears it.
-    pub(crate) fn on_reload_request(&self, reload: Option<Arc<dyn Fn() + Send + Sync>>) {
+    /// Sets where SIGUSR1 reads the counters it logs, and what SIGHUP re-reads
+    /// besides the log file (the TLS files); `None`, `None` once the server stops.
+    pub(crate) fn on_requests(&self, counters: Hook<Summary>, reload: Hook<()>) {
+        *lock(&self.inner.counters) = counters;
         *lock(&self.inner.reload) = reload;
     }
 
     /// Starts a thread that handles the signals an operator sends: SIGINT,
-    /// SIGTERM, SIGQUIT or SIGABRT triggers this handle (a graceful stop), a second
-    /// one exits at once with status 128 + its number; SIGHUP reopens the
-    /// log file and re-reads TLS files; SIGUSR1 logs the counters so far;
+    /// SIGTERM, SIGQUIT or SIGABRT triggers this handle (a graceful stop), a
+    /// second one exits at once with status 128 + its number; SIGHUP reopens
+    /// the log file and re-reads TLS files; SIGUSR1 logs the counters so far;
     /// every other signal whose default would end the process (SIGUSR2,
-    /// SIGALRM, SIGXFSZ, real-time signals, ...) is logged and ignored. So only SIGKILL and a second
-    /// stop signal end the server without its drain. signal-hook's
-    /// self-pipe lets the reaction run on an ordinary thread, which never
-    /// waits for the log.
+    /// SIGXFSZ, real-time signals, ...) is logged and ignored: only SIGKILL and
+    /// a second stop signal skip the drain. signal-hook's self-pipe runs the
+    /// reaction on an ordinary thread, which never waits for the log.
     ///
     /// # Errors
     ///
-    /// Fails if the signal handlers cannot be installed or the thread cannot
-    /// be started.
+    /// Fails if the signal handlers cannot be installed or the thread cannot start.
     pub fn trigger_on_signals(&self) -> io::Result<()> {
         let shutdown = self.clone();
         let real_time = libc::SIGRTMIN()..=libc::SIGRTMAX();
-        let handled = STOP_SIGNALS
-            .into_iter()
-            .chain([SIGHUP, SIGUSR1])
-            .chain(IGNORED_SIGNALS)
-            .chain(real_time);
-        let mut signals = Signals::new(handled)?;
+        let handled = STOP_SIGNALS.into_iter().chain([SIGHUP, SIGUSR1]);
+        let mut signals = Signals::new(handled.chain(IGNORED_SIGNALS).chain(real_time))?;
         thread::Builder::new()
             .name("signals".to_string())
             .stack_size(SIGNAL_THREAD_STACK)
@@ -209,15 +200,15 @@ impl Shutdown {
             logging::flush(EXIT_LOG_FLUSH_TIMEOUT);
             process::exit(128 + signal);
         }
-        let log_counters = lock(&self.inner.counters).clone();
+        let counters = lock(&self.inner.counters).clone();
         let reload = lock(&self.inner.reload).clone();
         let what = match signal {
             _ if stop => "stopping (send it again to exit at once)",
             SIGHUP if logging::reopen() => "reopening the log file",
             SIGHUP if reload.is_some() => "re-reading the TLS files",
             SIGHUP => "no log file to reopen; ignored",
-            SIGUSR1 => match log_counters {
-                Some(log_counters) => return log_counters(),
+            SIGUSR1 => match counters {
+                Some(counters) => return log_summary(&counters(), false),
                 None => "no server running",
             },
             _ => "ignored",
@@ -240,8 +231,7 @@ impl std::fmt::Debug for Inner {
     }
 }
 
-/// An address that reaches a listener bound to `addr` (through loopback
-/// for "every interface").
+/// An address that reaches a listener bound to `addr` (loopback for "every interface").
 fn reachable(addr: SocketAddr) -> SocketAddr {
     let ip = match addr.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -257,10 +247,10 @@ const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long it then waits for threads once it gave up on the log.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The stop after the accept loops: waits for connected clients up to
-/// `timeout`, cuts off the rest, waits for every connection thread to
-/// record and finish, logs what was held back and the summary, and waits
-/// for the log to take it.
+/// The stop after the accept loops: waits up to `timeout` for connected
+/// clients, cuts off the rest, waits for every connection thread to record
+/// and finish, logs what was held back and the summary, and waits for the
+/// log to take it.
 pub(crate) fn drain(
     limit: &ConnectionLimit,
     threads: &LiveCount,
@@ -291,17 +281,31 @@ pub(crate) fn drain(
     }
     logging::report_held_back();
     let mut summary = stats.summary(threads_left);
+    log_summary(&summary, true);
+    summary.unwritten_log_lines =
+        logging::flush(drain_deadline.saturating_duration_since(Instant::now()));
+    summary
+}
+
+/// Logs `summary`, its counts as fields: the counters so far (SIGUSR1) or the stop's last line.
+fn log_summary(summary: &Summary, stopped: bool) {
+    let (target, kind, said) = match stopped {
+        true => (module_path!(), event::STOPPED, "shutdown complete"),
+        false => (COUNTERS_TARGET, event::COUNTERS, "counters so far"),
+    };
+    let mut text = summary.to_string();
+    if !stopped {
+        text = text.replace(" still connected", " connected now");
+    }
+    let connected = summary.still_connected;
     info!(
-        event = event::STOPPED, connections = summary.connections, replies = summary.replies,
+        target: target, event = kind, connections = summary.connections, replies = summary.replies,
         truncated = summary.truncated, timed_out = summary.timed_out, no_reply = summary.no_reply,
         failed = summary.failed, rejected_busy = summary.rejected_busy,
         rate_limited = summary.rate_limited, denied = summary.denied,
         cut_off = summary.cut_off, not_recorded = summary.not_recorded,
         tls_handshake_failed = summary.tls_handshake_failed,
-        still_connected = summary.still_connected;
-        "shutdown complete: {summary}"
+        connected = (!stopped).then_some(connected), still_connected = stopped.then_some(connected);
+        "{said}: {text}"
     );
-    summary.unwritten_log_lines =
-        logging::flush(drain_deadline.saturating_duration_since(Instant::now()));
-    summary
 }

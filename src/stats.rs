@@ -47,7 +47,6 @@ impl Outcome {
         "tls_handshake_failed",
     ];
 
-    /// How a recorded connection ended.
     pub(crate) fn of(record: &Record<'_>) -> Outcome {
         match record.end {
             ReplyEnd::Closed if record.reply.is_empty() => Outcome::NoReply,
@@ -120,11 +119,9 @@ impl Stats {
         r.register("reply_bytes", help, self.reply_bytes.clone());
         let help = "Failed accept calls, by kind";
         r.register("accept_errors", help, self.accept_errors.clone());
-        let (name, help) = (
-            "session_duration_seconds",
-            "Time from accept to the log line, per connection",
-        );
-        r.register(name, help, self.session_duration.clone());
+        let help = "Time from accept to the log line, per connection";
+        let duration = self.session_duration.clone();
+        r.register("session_duration_seconds", help, duration);
         let help = "Size of each logged reply";
         r.register("reply_size_bytes", help, self.reply_size.clone());
     }
@@ -191,9 +188,9 @@ impl Stats {
 pub(crate) enum AcceptErrorKind {
     /// About the one connection being accepted; skipped.
     Connection,
-    /// Out of file descriptors (EMFILE, ENFILE).
+    /// Out of file descriptors.
     Descriptors,
-    /// Out of kernel memory (ENOBUFS, ENOMEM).
+    /// Out of kernel memory.
     Memory,
     Other,
 }
@@ -203,22 +200,16 @@ impl AcceptErrorKind {
 
     /// The kind of an error `accept` returned (accept(2)'s list).
     pub(crate) fn of(error: &io::Error) -> Self {
-        match error.raw_os_error() {
-            Some(libc::EMFILE | libc::ENFILE) => AcceptErrorKind::Descriptors,
-            Some(libc::ENOBUFS | libc::ENOMEM) => AcceptErrorKind::Memory,
-            Some(
-                libc::ECONNABORTED
-                | libc::EINTR
-                | libc::EPERM
-                | libc::EPROTO
-                | libc::ENETDOWN
-                | libc::ENOPROTOOPT
-                | libc::EHOSTDOWN
-                | libc::ENONET
-                | libc::EHOSTUNREACH
-                | libc::EOPNOTSUPP
-                | libc::ENETUNREACH,
-            ) => AcceptErrorKind::Connection,
+        use libc::{ECONNABORTED, EHOSTDOWN, EHOSTUNREACH, EINTR, EMFILE, ENETDOWN, ENETUNREACH};
+        use libc::{ENFILE, ENOBUFS, ENOMEM, ENONET, ENOPROTOOPT, EOPNOTSUPP, EPERM, EPROTO};
+        match error.raw_os_error().unwrap_or(0) {
+            EMFILE | ENFILE => AcceptErrorKind::Descriptors,
+            ENOBUFS | ENOMEM => AcceptErrorKind::Memory,
+            // Aborted, interrupted, or refused by a firewall rule.
+            ECONNABORTED | EINTR | EPERM => AcceptErrorKind::Connection,
+            // Network errors pending on the new socket, to retry as accept(2) says.
+            EPROTO | ENETDOWN | ENOPROTOOPT | EHOSTDOWN | ENONET => AcceptErrorKind::Connection,
+            EHOSTUNREACH | EOPNOTSUPP | ENETUNREACH => AcceptErrorKind::Connection,
             _ => AcceptErrorKind::Other,
         }
     }
@@ -227,9 +218,8 @@ impl AcceptErrorKind {
 /// What a server did over its life, returned by [`run`](crate::run).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
-    /// Connections accepted, whatever became of them (the stop's own
-    /// wake-up connections aside): each counts in one of the fields below
-    /// or is still connected.
+    /// Connections accepted (the stop's own wake-ups aside), whatever became of
+    /// them: each counts in one of the fields below or is still connected.
     pub connections: u64,
     /// Replies logged whole (a line, or what came before the client closed).
     pub replies: u64,
@@ -239,27 +229,22 @@ pub struct Summary {
     pub timed_out: u64,
     /// Clients that closed without sending anything.
     pub no_reply: u64,
-    /// Connections that ended in a socket error, a bad PROXY header, or a
-    /// thread that could not be started.
+    /// Connections ended by a socket error, a bad PROXY header, or a thread that could not start.
     pub failed: u64,
-    /// Connections turned away with the busy line by a cap
-    /// (`--max-connections`, `--max-per-ip`).
+    /// Turned away with the busy line by `--max-connections` or `--max-per-ip`.
     pub rejected_busy: u64,
-    /// Connections turned away with the busy line because their network
-    /// connected faster than `--max-rate-per-ip`.
+    /// Turned away with the busy line: their network broke `--max-rate-per-ip`.
     pub rate_limited: u64,
     /// Connections refused by the access rules or as untrusted proxies.
     pub denied: u64,
-    /// Clients still connected at the shutdown deadline, cut off by the
-    /// server and logged with what they had sent.
+    /// Clients cut off at the shutdown deadline, logged with what they had sent.
     pub cut_off: u64,
-    /// Replies the reply sink did not take (a failing or stalled log):
-    /// their clients were reset.
+    /// Replies the reply sink did not take (a failing or stalled log): reset.
     pub not_recorded: u64,
     /// TLS handshakes that failed or did not finish in time: reset.
     pub tls_handshake_failed: u64,
-    /// Connections whose thread had not finished when the server stopped
-    /// waiting for it (only when the log is stalled; they are reset).
+    /// Connections whose thread was still busy when the server stopped waiting
+    /// for it (only with a stalled log; they are reset).
     pub still_connected: usize,
     /// Log lines the log had not taken when the server stopped waiting for
     /// it (5 s after the shutdown timeout).

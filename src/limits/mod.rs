@@ -23,7 +23,7 @@ use crate::stats::Outcome;
 pub(crate) mod capacity;
 pub(crate) mod rate;
 
-use rate::{RateBuckets, RateLimited};
+use rate::RateLimited;
 
 /// How many of something are alive, and a wait for none. Joining and leaving
 /// take no lock; only the last to leave while someone waits wakes anybody.
@@ -255,13 +255,13 @@ impl AccessRules {
 }
 
 /// Why a client is not served.
-pub(crate) enum Refusal<'a> {
+pub(crate) enum Refusal {
     /// Every connection slot is taken (`--max-connections`).
     Full { cap: usize },
     /// Its address holds `--max-per-ip` connections already.
     PerIp { max: usize },
     /// Its network connects faster than `--max-rate-per-ip`.
-    RateLimited(RateLimited, &'a RateBuckets),
+    RateLimited(RateLimited),
     /// The access rules do not admit it.
     Denied,
     /// It sent a PROXY header but is not a trusted proxy.
@@ -277,7 +277,7 @@ pub(crate) fn refuse(
     mut stream: &TcpStream,
     peer: SocketAddr,
     proxy: Option<SocketAddr>,
-    why: &Refusal<'_>,
+    why: &Refusal,
 ) -> Outcome {
     let proxy = proxy.map(|proxy| proxy.to_string());
     match why {
@@ -292,14 +292,13 @@ pub(crate) fn refuse(
                 "{peer} turned away: already {max} connection{s} from {}", peer.ip()
             );
         }
-        Refusal::RateLimited(limited, buckets) => log_every!(
+        Refusal::RateLimited(limited) => log_every!(
             RATE_LIMITED_LINES, warn,
-            [peer:% = peer, proxy = proxy, network:% = limited.network,],
-            "{peer} turned away: its network {}/{} connects faster than {} \
+            [peer:% = peer, proxy = proxy, network:% = limited.network.addr(),],
+            "{peer} turned away: its network {} connects faster than {} \
              (next connection in {:.2}s)",
             limited.network,
-            buckets.prefixes.length_of(limited.network),
-            buckets.rate,
+            limited.rate,
             limited.retry_after.as_secs_f64()
         ),
         Refusal::Denied => log_every!(

@@ -16,9 +16,6 @@ use ipnet::IpNet;
 
 use crate::lock;
 
-pub(crate) const DEFAULT_PREFIX_V4: u8 = 32;
-/// A /64, the smallest network an IPv6 host is usually given (RFC 6177).
-pub(crate) const DEFAULT_PREFIX_V6: u8 = 64;
 /// 13.6 MiB of process memory measured at the cap.
 const DEFAULT_MAX_BUCKETS: usize = 100_000;
 /// Sweeping a smaller table often would cost more than the memory it frees.
@@ -91,37 +88,50 @@ impl fmt::Display for Rate {
     }
 }
 
-/// How many leading bits of a client address make its network, per family.
+/// `--max-rate-per-ip`: how fast one client network may connect, and how
+/// client addresses are grouped into networks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct PrefixLengths {
-    v4: u8,
-    v6: u8,
+pub struct RateLimit {
+    /// Connections per period, which is also the burst.
+    pub rate: Rate,
+    /// Leading bits of an IPv4 client address that make its network (0-32).
+    pub prefix_v4: u8,
+    /// Leading bits of an IPv6 client address that make its network (0-128).
+    pub prefix_v6: u8,
 }
 
-impl PrefixLengths {
-    /// Longer prefixes than the address (which
-    /// [`Config::validate`](crate::Config::validate) refuses) count as all of it.
-    pub(crate) fn new(v4: u8, v6: u8) -> Self {
-        let (v4, v6) = (v4.min(32), v6.min(128));
-        PrefixLengths { v4, v6 }
+impl RateLimit {
+    /// The default IPv4 prefix: each address on its own.
+    pub const DEFAULT_PREFIX_V4: u8 = 32;
+    /// The default IPv6 prefix, /64: a host's usual allocation (RFC 6177),
+    /// so changing addresses within it buys nothing.
+    pub const DEFAULT_PREFIX_V6: u8 = 64;
+
+    /// `rate` per network, with the default prefixes (/32 and /64).
+    pub fn new(rate: Rate) -> Self {
+        RateLimit {
+            rate,
+            prefix_v4: Self::DEFAULT_PREFIX_V4,
+            prefix_v6: Self::DEFAULT_PREFIX_V6,
+        }
     }
 
-    pub(crate) fn length_of(&self, ip: IpAddr) -> u8 {
-        if ip.is_ipv4() { self.v4 } else { self.v6 }
-    }
-
-    /// `ip` with every bit past the prefix cleared; an IPv4-mapped address
-    /// counts as the IPv4 one.
-    pub(crate) fn network_of(&self, ip: IpAddr) -> IpAddr {
-        let ip = ip.to_canonical();
-        IpNet::new(ip, self.length_of(ip)).map_or(ip, |net| net.network())
+    /// `ip`'s network, an IPv4-mapped address as the IPv4 one (a prefix longer
+    /// than the address, which `Config::validate` refuses, keeps all of it).
+    pub(crate) fn network_of(&self, ip: IpAddr) -> IpNet {
+        let (ip, prefix) = match ip.to_canonical() {
+            ip @ IpAddr::V4(_) => (ip, self.prefix_v4),
+            ip => (ip, self.prefix_v6),
+        };
+        IpNet::new(ip, prefix).map_or_else(|_| IpNet::from(ip), |net| net.trunc())
     }
 }
 
-/// A connection refused: whose bucket was empty, and when a token comes back.
+/// A connection refused: its network, the rate it broke, and when a token comes back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct RateLimited {
-    pub(crate) network: IpAddr,
+    pub(crate) network: IpNet,
+    pub(crate) rate: Rate,
     pub(crate) retry_after: Duration,
 }
 
@@ -130,8 +140,7 @@ pub(crate) struct RateLimited {
 /// comparisons (`try_acquire_cost_per_call`), far less than an `accept`.
 #[derive(Debug)]
 pub(crate) struct RateBuckets {
-    pub(crate) rate: Rate,
-    pub(crate) prefixes: PrefixLengths,
+    limit: RateLimit,
     /// How long one token takes to come back (at least 1000 ns).
     token_nanos: u64,
     /// Times are nanoseconds since this instant (8 bytes a bucket).
@@ -154,11 +163,10 @@ struct Table {
 }
 
 impl RateBuckets {
-    pub(crate) fn new(rate: Rate, prefixes: PrefixLengths) -> Self {
-        let token_nanos = duration_nanos(rate.period) / u64::from(rate.count);
+    pub(crate) fn new(limit: RateLimit) -> Self {
+        let token_nanos = duration_nanos(limit.rate.period) / u64::from(limit.rate.count);
         RateBuckets {
-            rate,
-            prefixes,
+            limit,
             token_nanos,
             origin: Instant::now(),
             max_buckets: DEFAULT_MAX_BUCKETS,
@@ -168,16 +176,17 @@ impl RateBuckets {
 
     /// Takes a token from the bucket of `ip`'s network at `now`.
     pub(crate) fn try_acquire(&self, ip: IpAddr, now: Instant) -> Result<(), RateLimited> {
-        let network = self.prefixes.network_of(ip);
-        let burst_nanos = self.token_nanos * u64::from(self.rate.count - 1);
+        let (network, rate) = (self.limit.network_of(ip), self.limit.rate);
+        let burst_nanos = self.token_nanos * u64::from(rate.count - 1);
         let now = duration_nanos(now.saturating_duration_since(self.origin));
         let mut table = lock(&self.table);
-        if let Some(full_at) = table.full_at.get_mut(&network) {
+        if let Some(full_at) = table.full_at.get_mut(&network.addr()) {
             let start = (*full_at).max(now);
             if start - now > burst_nanos {
                 let retry_after = Duration::from_nanos(start - now - burst_nanos);
                 return Err(RateLimited {
                     network,
+                    rate,
                     retry_after,
                 });
             }
@@ -191,7 +200,7 @@ impl RateBuckets {
                 table.evict_fullest(self.max_buckets / 8);
             }
         }
-        table.full_at.insert(network, now + self.token_nanos);
+        table.full_at.insert(network.addr(), now + self.token_nanos);
         Ok(())
     }
 
@@ -242,24 +251,26 @@ mod tests {
     use super::*;
     use std::net::Ipv4Addr;
 
-    const DEFAULTS: PrefixLengths = PrefixLengths {
-        v4: DEFAULT_PREFIX_V4,
-        v6: DEFAULT_PREFIX_V6,
-    };
-
     /// Drops every bucket that is full at `now`.
     fn sweep(limit: &RateBuckets, now: Instant) {
         let now = duration_nanos(now.saturating_duration_since(limit.origin));
         lock(&limit.table).sweep(now);
     }
 
-    #[test]
-    fn prefix_lengths_longer_than_the_address_count_as_the_address() {
-        assert_eq!(PrefixLengths::new(33, 200), PrefixLengths::new(32, 128));
-    }
-
     fn rate(text: &str) -> Rate {
         text.parse().expect("a valid rate")
+    }
+
+    fn prefixes(prefix_v4: u8, prefix_v6: u8) -> RateLimit {
+        RateLimit {
+            prefix_v4,
+            prefix_v6,
+            ..RateLimit::new(rate("1/s"))
+        }
+    }
+
+    fn net(text: &str) -> IpNet {
+        text.parse().expect("a valid network")
     }
 
     fn ip(text: &str) -> IpAddr {
@@ -267,7 +278,7 @@ mod tests {
     }
 
     fn limit(text: &str) -> RateBuckets {
-        RateBuckets::new(rate(text), DEFAULTS)
+        RateBuckets::new(RateLimit::new(rate(text)))
     }
 
     /// How many of `tries` connections from `addr` at `now` are admitted.
@@ -313,19 +324,26 @@ mod tests {
 
     #[test]
     fn addresses_are_masked_to_their_network() {
-        let prefixes = PrefixLengths::new(24, 48);
-        assert_eq!(prefixes.network_of(ip("10.1.2.3")), ip("10.1.2.0"));
-        assert_eq!(prefixes.network_of(ip("::ffff:10.1.2.3")), ip("10.1.2.0"));
+        let masked = prefixes(24, 48);
+        assert_eq!(masked.network_of(ip("10.1.2.3")), net("10.1.2.0/24"));
+        assert_eq!(masked.network_of(ip("::ffff:10.1.2.3")), net("10.1.2.0/24"));
         assert_eq!(
-            prefixes.network_of(ip("2001:db8:1:2:3:4:5:6")),
-            ip("2001:db8:1::")
+            masked.network_of(ip("2001:db8:1:2:3:4:5:6")),
+            net("2001:db8:1::/48")
         );
-        let all = PrefixLengths::new(0, 0);
-        assert_eq!(all.network_of(ip("10.1.2.3")), ip("0.0.0.0"));
-        assert_eq!(all.network_of(ip("2001:db8::1")), ip("::"));
-        let exact = PrefixLengths::new(32, 128);
-        assert_eq!(exact.network_of(ip("10.1.2.3")), ip("10.1.2.3"));
-        assert_eq!(exact.network_of(ip("2001:db8::1")), ip("2001:db8::1"));
+        let all = prefixes(0, 0);
+        assert_eq!(all.network_of(ip("10.1.2.3")), net("0.0.0.0/0"));
+        assert_eq!(all.network_of(ip("2001:db8::1")), net("::/0"));
+        let exact = prefixes(32, 128);
+        assert_eq!(exact.network_of(ip("10.1.2.3")), net("10.1.2.3/32"));
+        assert_eq!(exact.network_of(ip("2001:db8::1")), net("2001:db8::1/128"));
+    }
+
+    #[test]
+    fn prefixes_longer_than_the_address_keep_all_of_it() {
+        let longer = prefixes(33, 200);
+        assert_eq!(longer.network_of(ip("10.1.2.3")), net("10.1.2.3/32"));
+        assert_eq!(longer.network_of(ip("2001:db8::1")), net("2001:db8::1/128"));
     }
 
     #[test]
@@ -336,7 +354,8 @@ mod tests {
         let refused = limit
             .try_acquire(ip("127.0.0.1"), now)
             .expect_err("the sixth at once is refused");
-        assert_eq!(refused.network, ip("127.0.0.1"));
+        assert_eq!(refused.network, net("127.0.0.1/32"));
+        assert_eq!(refused.rate, rate("5/s"));
         assert_eq!(refused.retry_after, Duration::from_millis(200));
     }
 
@@ -379,8 +398,10 @@ mod tests {
 
     #[test]
     fn ipv4_addresses_in_one_prefix_share_a_bucket() {
-        let prefixes = PrefixLengths::new(24, 64);
-        let limit = RateBuckets::new(rate("3/s"), prefixes);
+        let limit = RateBuckets::new(RateLimit {
+            prefix_v4: 24,
+            ..RateLimit::new(rate("3/s"))
+        });
         let now = Instant::now();
         assert_eq!(admitted(&limit, "192.0.2.1", now, 1), 1);
         assert_eq!(admitted(&limit, "192.0.2.200", now, 1), 1);

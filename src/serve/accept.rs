@@ -1,18 +1,15 @@
-//! The accept loop: where a connection is accepted, admitted or turned
-//! away, and the one place a connection's thread is started. The loop only
-//! accepts, checks the cap (and a direct client's rate) and starts a
-//! thread, so no client can delay the next. It survives every `accept`
-//! failure: ones about a single connection are skipped, ones about the
-//! process (out of descriptors or memory) pause it with a growing backoff.
+//! The accept loop: where a connection is accepted, admitted or turned away,
+//! and the one place a connection's thread starts. The loop only accepts,
+//! checks the cap (and a direct client's rate) and starts a thread, so no
+//! client can delay the next; it skips `accept` failures about one connection
+//! and backs off from ones about the process (out of descriptors or memory).
 //!
-//! With `--thread-cache`, a finished thread waits in `accept` on the same
-//! listener itself (leader/followers, the kernel as leader: Linux wakes one
-//! blocked accepter per connection, in order), so a connection reaches a
-//! waiting thread with no hand-off, lock or wake-up of ours. The accept
-//! loop steps aside while threads wait there, and so starts a thread only
-//! when none could take the connection. A waiting thread leaves after a
-//! reply timeout without a connection; on a stop, whoever takes the stop's
-//! wake-up connection passes it on to the next thread in `accept`.
+//! With `--thread-cache`, a finished thread waits in `accept` itself
+//! (leader/followers, the kernel as leader: Linux wakes one blocked accepter
+//! per connection, in order), so a connection reaches it with no hand-off, lock
+//! or wake-up of ours; the loop steps aside meanwhile, starting a thread only
+//! when none waits. A thread idle for a reply timeout leaves; at a stop,
+//! whoever takes the wake-up passes it on.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -51,19 +48,20 @@ pub(crate) struct Shared {
     thread_cache: usize,
     /// Threads waiting in `accept` now, on every listener.
     parked: AtomicUsize,
+    shutdown: Shutdown,
 }
 
 impl Shared {
-    pub(crate) fn new(serving: Serving, thread_cache: usize) -> Self {
+    pub(crate) fn new(serving: Serving, shutdown: Shutdown) -> Self {
         Shared {
-            thread_cache: thread_cache.min(serving.limit.max()),
+            thread_cache: serving.config.thread_cache.min(serving.limit.max()),
             threads: LiveCount::new(),
             parked: AtomicUsize::new(0),
             serving,
+            shutdown,
         }
     }
 
-    /// Threads waiting in `accept` for their next connection.
     pub(crate) fn parked(&self) -> usize {
         self.parked.load(Ordering::Relaxed)
     }
@@ -77,40 +75,29 @@ struct Listening {
     in_accept: Arc<LiveCount>,
 }
 
-/// What a wait in `accept` gave.
-enum Next {
-    Admitted(Accepted),
-    /// Nobody connected for a reply timeout (the listener's read timeout).
-    Idle,
-    Stopping,
-}
-
 /// Runs an accept loop on its own thread for each listener, and returns
 /// once every one has stopped.
 pub(crate) fn accept_on_all(
     listeners: Vec<(Arc<TcpListener>, SocketAddr)>,
     shared: &Arc<Shared>,
-    shutdown: &Shutdown,
     notifier: &Notifier,
 ) -> Result<(), Error> {
     thread::scope(|scope| {
         for (listener, addr) in listeners {
             let heartbeat = notifier.heartbeat();
-            let in_accept = LiveCount::new();
             let here = Arc::new(Listening {
                 listener,
                 addr,
-                in_accept,
+                in_accept: LiveCount::new(),
             });
-            let accepting = move || serve_listener(&here, shared, shutdown, &heartbeat);
             if let Err(e) = thread::Builder::new()
                 .name("accept".to_string())
                 .stack_size(ACCEPT_THREAD_STACK)
-                .spawn_scoped(scope, accepting)
+                .spawn_scoped(scope, move || serve_listener(&here, shared, &heartbeat))
             {
                 // Nothing accepted yet: stop the loops already started,
                 // and report it like any start-up failure.
-                shutdown.trigger();
+                shared.shutdown.trigger();
                 return Err(Error::new("cannot start an accept loop", e));
             }
         }
@@ -120,16 +107,11 @@ pub(crate) fn accept_on_all(
 
 /// One listener's life: the accept loop, then, once stopped, the clients
 /// still queued for it, then the close.
-fn serve_listener(
-    here: &Arc<Listening>,
-    shared: &Arc<Shared>,
-    shutdown: &Shutdown,
-    heartbeat: &Heartbeat,
-) {
+fn serve_listener(here: &Arc<Listening>, shared: &Arc<Shared>, heartbeat: &Heartbeat) {
     // Connections queued before the listener got its options (by systemd
     // before this process started) did not inherit them: they get their own.
-    accept_queued(here, shared, shutdown, true);
-    let mut failures = AcceptFailures::default();
+    accept_queued(here, shared, true);
+    let (shutdown, mut failures) = (&shared.shutdown, AcceptFailures::default());
     loop {
         let next = heartbeat.accepting(|| {
             // Aside while threads wait in `accept`; the last to leave wakes it.
@@ -137,12 +119,12 @@ fn serve_listener(
                 here.in_accept
                     .wait_until_zero(Instant::now() + MAX_ACCEPT_PAUSE);
             }
-            next_connection(here, shared, shutdown, &mut failures, None)
+            next_connection(here, shared, &mut failures, None)
         });
         match next {
-            Next::Admitted(accepted) => start_thread(accepted, here, shared, shutdown),
-            Next::Idle => {}
-            Next::Stopping => break,
+            Some(accepted) => start_thread(accepted, here, shared),
+            None if shutdown.is_triggered() => break,
+            None => {}
         }
     }
     // Waiting threads hold the listener only while in `accept`.
@@ -150,30 +132,29 @@ fn serve_listener(
         .wait_until_zero(Instant::now() + LEAVE_TIMEOUT);
     // Queued clients have completed their handshakes, and some have sent
     // their reply: serve them too, then close (new clients are refused).
-    accept_queued(here, shared, shutdown, false);
+    accept_queued(here, shared, false);
 }
 
 /// Waits in `accept` until a connection is admitted (refusing the ones
-/// turned away), the listener idles for a reply timeout, or a stop.
+/// turned away); `None` if the listener idles for a reply timeout, or at a stop.
 fn next_connection(
     here: &Listening,
     shared: &Shared,
-    shutdown: &Shutdown,
     failures: &mut AcceptFailures,
     mut inside: Option<Live>,
-) -> Next {
+) -> Option<Accepted> {
     loop {
-        match accept_next(here, shutdown, inside.take()) {
+        match accept_next(here, &shared.shutdown, inside.take()) {
             Ok(Some((stream, peer))) => {
                 failures.recovered();
                 if let Some(accepted) = admit(stream, peer, shared) {
-                    return Next::Admitted(accepted);
+                    return Some(accepted);
                 }
             }
-            Ok(None) => return Next::Stopping,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::Idle,
+            Ok(None) => return None,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
             // A stop that shut the listener down (`--reuseport`).
-            Err(_) if shutdown.is_triggered() => return Next::Stopping,
+            Err(_) if shared.shutdown.is_triggered() => return None,
             Err(e) => {
                 let kind = AcceptErrorKind::of(&e);
                 shared.serving.stats.record_accept_error(kind);
@@ -202,7 +183,7 @@ fn accept_next(
         return Ok(None);
     };
     let peer = canonical(peer);
-    if !is_wake_connection(&stream, peer, shutdown) {
+    if !shutdown.is_wake_connection(&stream, peer) {
         return Ok(Some((stream, peer)));
     }
     if here.in_accept.get() > 0 {
@@ -211,24 +192,9 @@ fn accept_next(
     Ok(None)
 }
 
-/// Whether a connection is a stop's wake-up (closed cleanly) or a client.
-fn is_wake_connection(stream: &TcpStream, peer: SocketAddr, shutdown: &Shutdown) -> bool {
-    let wake = shutdown.is_triggered() && shutdown.is_wake_connection(peer);
-    if wake {
-        let _ = SockRef::from(stream).set_linger(None);
-    }
-    wake
-}
-
-/// Accepts, without waiting, every connection already queued on `here`,
-/// giving each the listener's options first if `set_options`, and starts
-/// a thread for each one admitted.
-fn accept_queued(
-    here: &Arc<Listening>,
-    shared: &Arc<Shared>,
-    shutdown: &Shutdown,
-    set_options: bool,
-) {
+/// Accepts, without waiting, every connection already queued on `here` (with
+/// the listener's options first if `set_options`), starting a thread for each admitted.
+fn accept_queued(here: &Arc<Listening>, shared: &Arc<Shared>, set_options: bool) {
     if here.listener.set_nonblocking(true).is_err() {
         return;
     }
@@ -236,17 +202,17 @@ fn accept_queued(
         // Accepted sockets do not inherit O_NONBLOCK on Linux.
         let (stream, peer) = match here.listener.accept() {
             Ok((stream, peer)) => (stream, canonical(peer)),
-            Err(e) if about_one_connection(&e) => continue,
+            Err(e) if AcceptErrorKind::of(&e) == AcceptErrorKind::Connection => continue,
             Err(_) => break,
         };
         let config = &shared.serving.config;
         if (set_options && set_connection_options(SockRef::from(&stream), config).is_err())
-            || is_wake_connection(&stream, peer, shutdown)
+            || shared.shutdown.is_wake_connection(&stream, peer)
         {
             continue;
         }
         if let Some(accepted) = admit(stream, peer, shared) {
-            start_thread(accepted, here, shared, shutdown);
+            start_thread(accepted, here, shared);
         }
     }
     let _ = here.listener.set_nonblocking(false);
@@ -263,16 +229,15 @@ fn admit(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> Option<Accepte
         && serving.config.proxy_protocol.is_none()
         && let Err(limited) = rate.try_acquire(peer.ip(), accepted_at)
     {
-        let refused = Refusal::RateLimited(limited, rate);
+        let refused = Refusal::RateLimited(limited);
         serving.stats.record(refuse(&stream, peer, None, &refused));
         return None;
     }
     let stream = Arc::new(stream);
     let Some(slot) = serving.limit.try_acquire(&stream) else {
-        let refused = Refusal::Full {
-            cap: serving.limit.max(),
-        };
-        serving.stats.record(refuse(&stream, peer, None, &refused));
+        let cap = serving.limit.max();
+        let outcome = refuse(&stream, peer, None, &Refusal::Full { cap });
+        serving.stats.record(outcome);
         return None;
     };
     Some(Accepted {
@@ -286,22 +251,16 @@ fn admit(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> Option<Accepte
 
 /// Starts a connection thread for `accepted`, the one place one is
 /// started; if none can be, the client gets the busy line.
-fn start_thread(
-    accepted: Accepted,
-    here: &Arc<Listening>,
-    shared: &Arc<Shared>,
-    shutdown: &Shutdown,
-) {
+fn start_thread(accepted: Accepted, here: &Arc<Listening>, shared: &Arc<Shared>) {
     let (stream, peer) = (Arc::clone(&accepted.stream), accepted.peer);
     // Only the accept loop keeps the listener open.
     let here = (shared.thread_cache > 0).then(|| Arc::downgrade(here));
-    let (thread_shared, shutdown) = (Arc::clone(shared), shutdown.clone());
-    let alive = shared.threads.enter();
+    let (thread_shared, alive) = (Arc::clone(shared), shared.threads.enter());
     let spawned = thread::Builder::new().spawn(move || {
         let _alive = alive;
         let shared = &thread_shared;
         let reserve = || Parked::reserve(here.as_ref()?, shared);
-        let park = |parked: Option<Parked<'_>>| parked?.wait(shared, &shutdown);
+        let park = |parked: Option<Parked<'_>>| parked?.wait();
         connection::run_thread(accepted, &shared.serving, reserve, park);
     });
     if let Err(e) = spawned {
@@ -317,7 +276,7 @@ struct Parked<'a> {
     here: Arc<Listening>,
     /// Counted in `accept` from now on, for the accept loop to step aside.
     inside: Option<Live>,
-    parked: &'a AtomicUsize,
+    shared: &'a Shared,
 }
 
 impl<'a> Parked<'a> {
@@ -329,32 +288,28 @@ impl<'a> Parked<'a> {
         let place = Parked {
             here,
             inside,
-            parked: &shared.parked,
+            shared,
         };
         (parked < shared.thread_cache).then_some(place)
     }
 
     /// Waits in `accept` for the next connection; `None` when the thread
     /// should end (a stop, or a reply timeout without a connection).
-    fn wait(mut self, shared: &Shared, shutdown: &Shutdown) -> Option<Accepted> {
-        let waiting = self.parked.load(Ordering::Relaxed);
+    fn wait(mut self) -> Option<Accepted> {
+        let waiting = self.shared.parked();
         trace!(event = event::THREAD_PARKED; "thread waiting in accept, {waiting} waiting now");
         let (inside, failures) = (self.inside.take(), &mut AcceptFailures::default());
-        match next_connection(&self.here, shared, shutdown, failures, inside) {
-            Next::Admitted(accepted) => Some(accepted),
-            Next::Idle | Next::Stopping => None,
-        }
+        next_connection(&self.here, self.shared, failures, inside)
     }
 }
 
 impl Drop for Parked<'_> {
     fn drop(&mut self) {
-        self.parked.fetch_sub(1, Ordering::Relaxed);
+        self.shared.parked.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-/// How long to pause after the next `accept` failure (zero while accepts
-/// succeed).
+/// The pause after the last `accept` failure about the process (zero after a success).
 #[derive(Default)]
 struct AcceptFailures {
     pause: Duration,
@@ -364,14 +319,12 @@ impl AcceptFailures {
     /// Notes a failure, logs it unless a line went out recently, and says
     /// how long to pause.
     fn record(&mut self, error: &io::Error) -> Duration {
-        let (pause, then) = if about_one_connection(error) {
+        let (pause, then) = if AcceptErrorKind::of(error) == AcceptErrorKind::Connection {
             (Duration::ZERO, "skipped that connection".to_string())
         } else {
             self.pause = (self.pause * 2).clamp(FIRST_ACCEPT_PAUSE, MAX_ACCEPT_PAUSE);
-            (
-                self.pause,
-                format!("pausing accepts for {} ms", self.pause.as_millis()),
-            )
+            let ms = self.pause.as_millis();
+            (self.pause, format!("pausing accepts for {ms} ms"))
         };
         let why = describe_io_error(error);
         log_every!(ACCEPT_ERROR_LINES, warn, [], "accept failed: {why}; {then}");
@@ -385,12 +338,6 @@ impl AcceptFailures {
             self.pause = Duration::ZERO;
         }
     }
-}
-
-/// Whether an `accept` error concerns only the connection being accepted
-/// (aborted, refused by a firewall, its network gone): the next can go on.
-fn about_one_connection(error: &io::Error) -> bool {
-    AcceptErrorKind::of(error) == AcceptErrorKind::Connection
 }
 
 #[cfg(test)]

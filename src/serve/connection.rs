@@ -190,7 +190,7 @@ fn admit_client<'a>(
         && let Err(limited) = rate.try_acquire(ip, Instant::now())
     {
         // A header that names no client (UNKNOWN, LOCAL) leaves the peer.
-        Refusal::RateLimited(limited, rate)
+        Refusal::RateLimited(limited)
     } else if let Some(ip_slot) = serving.per_ip.try_acquire(ip) {
         return Ok(ip_slot);
     } else {

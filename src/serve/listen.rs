@@ -1,11 +1,9 @@
-//! The sockets a server listens on: bound here ([`bind`], with the
-//! kernel's largest backlog), or passed down by a service manager (socket
-//! activation, sd_listen_fds(3), through the `sd-notify` crate), and the
-//! options every accepted socket inherits from them. An inherited
-//! descriptor must be a listening TCP socket: a unit that hands over a UDP
-//! or Unix socket by mistake stops the start-up with a clear line. The
-//! variables stay in the environment (`env::remove_var` is `unsafe` in this
-//! edition; the server starts no child processes).
+//! The sockets a server listens on: bound here ([`bind`], with the kernel's
+//! largest backlog) or passed down by a service manager (sd_listen_fds(3),
+//! through `sd-notify`), and the options every accepted socket inherits from
+//! them. An inherited descriptor that is not a listening TCP socket (a unit's
+//! mistake) stops the start-up with a clear line. The variables stay in the
+//! environment (`env::remove_var` is `unsafe` in this edition; no child starts).
 
 use std::env;
 use std::io;
@@ -22,9 +20,9 @@ use crate::error::Error;
 use crate::logging::{LISTENING_TARGET, event};
 use crate::shutdown::Shutdown;
 
-/// The descriptors this process claimed, with their `LISTEN_FDNAMES`: set
-/// once (a second claim would make two owners of one descriptor), and read
-/// so that a stop never shuts down an inherited listener.
+/// The descriptors this process claimed, with their `LISTEN_FDNAMES`: set once
+/// (a second claim would make two owners of one), read so that a stop never
+/// shuts down an inherited listener.
 static INHERITED: OnceLock<Vec<(RawFd, Option<String>)>> = OnceLock::new();
 
 /// The listening sockets the service manager passed to this process, in
@@ -36,35 +34,30 @@ fn inherited_listeners() -> Result<Option<Vec<TcpListener>>, Error> {
         return Ok(None);
     }
     let cannot = "cannot use the inherited sockets (LISTEN_FDS)";
-    let descriptors =
-        sd_notify::listen_fds_with_names().map_err(|e| match closed_descriptor() {
-            Some(fd) => Error::new(
-                format!("inherited descriptor {fd} (LISTEN_FDS) cannot be used"),
-                io::Error::new(io::ErrorKind::NotFound, "it is not open"),
-            ),
-            None => Error::new(cannot, e),
-        })?;
+    let descriptors = sd_notify::listen_fds_with_names()
+        .map_err(|e| closed_descriptor().unwrap_or_else(|| Error::new(cannot, e)))?;
     if descriptors.len() == 0 {
         return Ok(None);
     }
     // The crate says "unknown" when the variable is missing: no name.
     let named = env::var_os("LISTEN_FDNAMES").is_some();
-    let descriptors: Vec<(RawFd, Option<String>)> = descriptors
-        .map(|(fd, name)| (fd, named.then_some(name)))
-        .collect();
-    let fds: Vec<RawFd> = descriptors.iter().map(|(fd, _)| *fd).collect();
-    if INHERITED.set(descriptors).is_err() {
+    let descriptors = descriptors.map(|(fd, name)| (fd, named.then_some(name)));
+    if INHERITED.set(descriptors.collect()).is_err() {
         let taken = io::Error::other("this process took them already");
         return Err(Error::new(cannot, taken));
     }
-    let listeners = fds.into_iter().map(claim_listener);
-    listeners.collect::<Result<_, _>>().map(Some)
+    let fds = INHERITED.get().into_iter().flatten().map(|(fd, _)| *fd);
+    fds.map(claim_listener).collect::<Result<_, _>>().map(Some)
 }
 
-/// The first descriptor `LISTEN_FDS` names that is not open.
-fn closed_descriptor() -> Option<RawFd> {
+/// The error naming the first descriptor `LISTEN_FDS` names that is not open.
+fn closed_descriptor() -> Option<Error> {
     let count: RawFd = env::var("LISTEN_FDS").ok()?.parse().ok()?;
-    (3..3 + count).find(|fd| std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")).is_err())
+    let is_closed = |fd| std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")).is_err();
+    let fd = (3..3 + count).find(|&fd| is_closed(fd))?;
+    let what = format!("inherited descriptor {fd} (LISTEN_FDS) cannot be used");
+    let closed = io::Error::new(io::ErrorKind::NotFound, "it is not open");
+    Some(Error::new(what, closed))
 }
 
 /// Takes inherited descriptor `fd` as a listener, if it is one (else it is
@@ -133,9 +126,8 @@ fn check_tcp_listener(socket: &OwnedFd) -> io::Result<()> {
 ///
 /// # Errors
 ///
-/// Fails if the socket cannot be bound or listen, for example because the
-/// address is in use ([`std::io::ErrorKind::AddrInUse`]); the message names
-/// the address.
+/// Fails if the socket cannot be bound or listen, for example with
+/// [`AddrInUse`](std::io::ErrorKind::AddrInUse); the message names the address.
 pub fn bind(config: &Config) -> Result<TcpListener, Error> {
     let addr = config.listen_addr;
     let backlog = config.backlog.map_or_else(default_backlog, |n| n.get());
@@ -143,16 +135,13 @@ pub fn bind(config: &Config) -> Result<TcpListener, Error> {
         .map_err(|e| Error::new(format!("cannot listen on {addr}"), e))
 }
 
-/// The sockets to serve: the ones a service manager passed down (socket
-/// activation: `LISTEN_PID` is this process and `LISTEN_FDS` is set; [`run`]
-/// logs each with its name), or else one bound by [`bind`]. With inherited
-/// sockets, `config.listen_addr` and `config.backlog` play no part.
+/// The sockets to serve: the ones a service manager passed down (`LISTEN_PID`
+/// is this process and `LISTEN_FDS` is set; [`run`](crate::run) logs each with
+/// its name), else one bound by [`bind`] from `config.listen_addr`.
 ///
-/// Call it first thing, before anything else in the process opens
-/// descriptors (logging set-up included): a descriptor opened before could
-/// land on a number `LISTEN_FDS` names.
-///
-/// [`run`]: crate::run
+/// Call it first thing, before anything else in the process opens descriptors
+/// (logging set-up included): one opened before could land on a number
+/// `LISTEN_FDS` names.
 ///
 /// # Errors
 ///
@@ -170,17 +159,15 @@ pub fn listeners(config: &Config) -> Result<Vec<TcpListener>, Error> {
 pub(crate) fn listen(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
-    if reuse_port {
-        socket.set_reuse_port(true)?;
-    }
+    socket.set_reuse_port(reuse_port)?;
     socket.bind(&addr.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     Ok(socket.into())
 }
 
-/// The most the kernel accepts (`net.core.somaxconn`), as Go does, so that
-/// a burst waits in the queue instead of having its handshakes dropped;
-/// else 4096 (Linux's default since 5.4).
+/// The most the kernel accepts (`net.core.somaxconn`), as Go does, so that a
+/// burst waits in the queue instead of having its handshakes dropped; else
+/// 4096 (Linux's default since 5.4).
 pub(crate) fn default_backlog() -> u32 {
     std::fs::read_to_string("/proc/sys/net/core/somaxconn")
         .ok()
@@ -196,23 +183,18 @@ pub(crate) fn prepare_listeners(
     config: &Config,
     shutdown: &Shutdown,
 ) -> Result<Vec<(Arc<TcpListener>, SocketAddr)>, Error> {
+    let unreadable = |e| Error::new("cannot read the address the listener is bound to", e);
     let mut prepared = Vec::new();
     for listener in listeners {
-        let local_addr = listener
-            .local_addr()
-            .map_err(|e| Error::new("cannot read the address the listener is bound to", e))?;
+        let local_addr = listener.local_addr().map_err(unreadable)?;
         let fd = listener.as_raw_fd();
-        let inherited = INHERITED
-            .get()
-            .and_then(|all| all.iter().find(|(i, _)| *i == fd));
+        let inherited = INHERITED.get().into_iter().flatten().find(|i| i.0 == fd);
         if let Some((_, name)) = inherited {
-            let named = name
-                .as_ref()
-                .map(|name| format!(" (named {name:?})"))
-                .unwrap_or_default();
+            let named = name.as_ref().map(|name| format!(" (named {name:?})"));
             info!(
                 event = event::INHERITED, addr:% = local_addr, name = name.as_deref();
-                "serving the socket passed down by the service manager on {local_addr}{named}"
+                "serving the socket passed down by the service manager on {local_addr}{}",
+                named.unwrap_or_default()
             );
         }
         info!(

@@ -1,14 +1,11 @@
 //! Serving connections: [`run`] sets a server up on its listeners, runs an
-//! accept loop on each, and stops it.
-//!
-//! - `listen`: the sockets to serve, bound or passed down by the service
-//!   manager, and the options accepted sockets inherit;
-//! - `accept`: the accept loop, admission, the thread cache, and the one
-//!   place a connection thread starts;
-//! - `connection`: one connection's life, from the thread taking it to the
-//!   thread parking again, every client byte read under a deadline;
-//! - `proxy_protocol`: the parser of the PROXY header a balancer sends;
-//! - `tls`: TLS on the connection's thread, and its files' renewal.
+//! accept loop on each, and stops it. `listen` binds the sockets or takes the
+//! service manager's, with the options accepted sockets inherit; `accept`
+//! accepts, admits, keeps the thread cache and is the one place a connection
+//! thread starts; `connection` is one connection's life, from the thread
+//! taking it to the thread parking again, every client byte read under a
+//! deadline; `proxy_protocol` parses a balancer's PROXY header; `tls` runs TLS
+//! on the connection's thread and renews its files.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -19,12 +16,12 @@ use log::{info, warn};
 
 use crate::config::Config;
 use crate::error::{Error, describe_io_error};
-use crate::limits::rate::{PrefixLengths, RateBuckets};
+use crate::limits::rate::RateBuckets;
 use crate::limits::{ConnectionLimit, PerIpLimit, capacity};
-use crate::logging::{self, COUNTERS_TARGET, event};
+use crate::logging::{self, event};
 use crate::service::metrics::{self, Metrics, ServerState};
 use crate::service::notify::Notifier;
-use crate::shutdown::{self, Shutdown};
+use crate::shutdown::{self, Hook, Shutdown};
 use crate::stats::{Stats, Summary};
 
 mod accept;
@@ -37,20 +34,20 @@ use accept::Shared;
 use connection::Serving;
 pub use listen::{bind, listeners};
 
-/// Serves connections from `listeners` (one as `[listener]`, or several
-/// such as systemd's IPv4 and IPv6 sockets: an accept loop each, one
-/// connection cap for all) until `shutdown` is triggered. Then serves the
-/// clients already queued, closes the listeners, lets connected clients
-/// finish for up to `config.shutdown_timeout`, cuts off the rest (each
-/// recorded with what it had sent), and returns what happened once every
-/// connection thread is gone. Logs `listening on ADDR` for each listener
-/// first, so that a caller who asked for port 0 learns its port.
+/// Serves connections from `listeners` (one as `[listener]`, or several such as
+/// systemd's IPv4 and IPv6 sockets: an accept loop each, one connection cap for
+/// all) until `shutdown` is triggered; then serves the clients already queued,
+/// closes the listeners, lets connected clients finish for up to
+/// `config.shutdown_timeout`, cuts off the rest (each recorded with what it had
+/// sent), and returns what happened once every connection thread is gone. It
+/// first logs `listening on ADDR` for each listener: a caller who asked for
+/// port 0 learns its port.
 ///
 /// # Errors
 ///
-/// Fails before serving anyone if the config is invalid, a listener's
-/// address or options cannot be read or set, the metrics address cannot be
-/// bound, or `NOTIFY_SOCKET` is unusable; once serving, no error stops it.
+/// Fails before serving anyone if the config is invalid, a listener's address
+/// or options cannot be read or set, the metrics address cannot be bound, or
+/// `NOTIFY_SOCKET` is unusable; once serving, no error stops it.
 pub fn run(
     listeners: impl IntoIterator<Item = TcpListener>,
     config: Config,
@@ -62,55 +59,47 @@ pub fn run(
     }
     let tls = config.tls.as_ref().map(tls::TlsServer::load).transpose()?;
     let metrics_listener = config.metrics_addr.map(bind_metrics).transpose()?;
-    let notifier = if config.notify_service_manager {
-        Notifier::from_env()
-            .map_err(|e| Error::new("cannot reach the service manager (NOTIFY_SOCKET)", e))?
-    } else {
-        Notifier::disabled()
+    let unreachable = |e| Error::new("cannot reach the service manager (NOTIFY_SOCKET)", e);
+    let notifier = match config.notify_service_manager {
+        true => Notifier::from_env().map_err(unreachable)?,
+        false => Notifier::disabled(),
     };
     let listeners = listen::prepare_listeners(listeners, &config, &shutdown)?;
-    let shared = Arc::new(shared(config, tls.map(Arc::new), listeners.len()));
-    let metrics = metrics_listener
+    let serving = serving(config, tls.map(Arc::new), listeners.len());
+    let shared = Arc::new(Shared::new(serving, shutdown.clone()));
+    let _metrics = metrics_listener
         .map(|listener| start_metrics(listener, &shared))
         .transpose()?;
     let addrs: Vec<SocketAddr> = listeners.iter().map(|(_, addr)| *addr).collect();
     report_to_service_manager(&notifier, &addrs, &shared);
-    let counters = Arc::clone(&shared);
-    shutdown.on_counters_request(Some(Arc::new(move || log_counters(&counters))));
-    if let Some(tls) = shared.serving.tls.clone() {
-        shutdown.on_reload_request(Some(Arc::new(move || tls.reload())));
-    }
-    let accepted = accept::accept_on_all(listeners, &shared, &shutdown, &notifier);
-    shutdown.on_counters_request(None);
-    shutdown.on_reload_request(None);
+    let server = Arc::clone(&shared);
+    let counters = move || server.serving.stats.summary(server.serving.limit.active());
+    let tls = shared.serving.tls.clone();
+    let reload: Hook<()> = tls.map(|tls| Arc::new(move || tls.reload()) as _);
+    shutdown.on_requests(Some(Arc::new(counters)), reload);
+    let accepted = accept::accept_on_all(listeners, &shared, &notifier);
+    shutdown.on_requests(None, None);
     accepted?;
     // A failure to send is logged by the notifier itself, once.
     let _ = notifier.stopping();
     let (serving, timeout) = (&shared.serving, shared.serving.config.shutdown_timeout);
     let summary = shutdown::drain(&serving.limit, &shared.threads, &serving.stats, timeout);
-    drop(metrics);
     Ok(summary)
 }
 
-/// What the accept loops and connection threads share, with the cap
-/// lowered to what this process can hold (one warn line if lowered).
-fn shared(mut config: Config, tls: Option<Arc<tls::TlsServer>>, accept_loops: usize) -> Shared {
+/// What connection threads serve with, the cap lowered to what this
+/// process can hold (one warn line if lowered).
+fn serving(mut config: Config, tls: Option<Arc<tls::TlsServer>>, accept_loops: usize) -> Serving {
     let cap = capacity::effective_max_connections(config.max_connections.get(), accept_loops);
     config.max_connections = NonZeroUsize::new(cap).unwrap_or(NonZeroUsize::MIN);
-    let rate = config.rate_limit.map(|limit| {
-        let prefixes = PrefixLengths::new(limit.prefix_v4, limit.prefix_v6);
-        RateBuckets::new(limit.rate, prefixes)
-    });
-    let thread_cache = config.thread_cache;
-    let serving = Serving {
+    Serving {
         limit: ConnectionLimit::new(config.max_connections.get()),
         per_ip: PerIpLimit::new(config.max_per_ip.map(NonZeroUsize::get)),
-        rate,
+        rate: config.rate_limit.map(RateBuckets::new),
         stats: Stats::default(),
         config,
         tls,
-    };
-    Shared::new(serving, thread_cache)
+    }
 }
 
 /// The `--metrics-addr` listener, with the kernel's largest backlog: a
@@ -156,23 +145,7 @@ fn report_to_service_manager(notifier: &Notifier, addrs: &[SocketAddr], shared: 
     let _ = notifier.ready(addrs);
     let shared = Arc::clone(shared);
     if let Err(e) = notifier.start_reporting(move || shared.serving.limit.active()) {
-        warn!(
-            event = event::NOTIFY_FAILED;
-            "cannot start reporting to the service manager: {}", describe_io_error(&e)
-        );
+        let why = describe_io_error(&e);
+        warn!(event = event::NOTIFY_FAILED; "cannot start reporting to the service manager: {why}");
     }
-}
-
-/// The counters so far, as one line (SIGUSR1).
-fn log_counters(shared: &Shared) {
-    let summary = shared.serving.stats.summary(shared.serving.limit.active());
-    info!(
-        target: COUNTERS_TARGET, event = event::COUNTERS, connections = summary.connections, replies = summary.replies,
-        truncated = summary.truncated, timed_out = summary.timed_out, no_reply = summary.no_reply,
-        failed = summary.failed, rejected_busy = summary.rejected_busy,
-        rate_limited = summary.rate_limited, denied = summary.denied,
-        cut_off = summary.cut_off, not_recorded = summary.not_recorded,
-        tls_handshake_failed = summary.tls_handshake_failed, connected = summary.still_connected;
-        "counters so far: {}", summary.to_string().replace(" still connected", " connected now")
-    );
 }

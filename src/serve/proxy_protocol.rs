@@ -1,12 +1,10 @@
-//! The PROXY protocol (HAProxy's `send-proxy` and `send-proxy-v2`): the
-//! header a balancer puts in front of a connection to say who the real
-//! client is, so that the reply is logged with the client's address.
-//!
-//! [`parse`] is a pure function over the bytes received so far, so that it
-//! can be tested on any input (`serve/connection.rs` reads until the header
-//! is complete). The receiver rules of haproxy's doc/proxy-protocol.txt: act on
-//! nothing before the whole header is in, reject the connection on any
-//! mismatch.
+//! The PROXY protocol (HAProxy's `send-proxy` and `send-proxy-v2`): the header
+//! a balancer puts in front of a connection to name the real client, whose
+//! address the reply is logged with. [`parse`] is a pure function over the
+//! bytes received so far, so that it can be tested on any input (the
+//! connection reads until the header is complete); it follows the receiver
+//! rules of haproxy's doc/proxy-protocol.txt: act on nothing before the whole
+//! header is in, and reject the connection on any mismatch.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
@@ -14,9 +12,7 @@ use std::str::FromStr;
 /// The longest version 1 header, CRLF included.
 const V1_MAX_LEN: usize = 107;
 const V1_PREFIX: &[u8] = b"PROXY ";
-const V2_SIGNATURE: [u8; 12] = [
-    0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
-];
+const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 /// Signature, version/command, family, and the 2-byte length.
 const V2_FIXED_LEN: usize = 16;
 
@@ -45,7 +41,7 @@ pub(crate) enum Parsed {
 
 /// Parses the start of a connection's bytes as a PROXY header (v1 or v2).
 pub(crate) fn parse(bytes: &[u8]) -> Parsed {
-    if bytes.starts_with(&V2_SIGNATURE) {
+    if bytes.starts_with(V2_SIGNATURE) {
         parse_v2(bytes)
     } else if bytes.starts_with(V1_PREFIX) {
         parse_v1(bytes)
@@ -84,11 +80,9 @@ fn parse_v1(bytes: &[u8]) -> Parsed {
         ["TCP6", src, dst, sport, dport] => v1_addresses::<Ipv6Addr>(src, dst, sport, dport),
         _ => None,
     };
+    let length = lf + 1;
     match header {
-        Some(header) => Parsed::Complete {
-            header,
-            length: lf + 1,
-        },
+        Some(header) => Parsed::Complete { header, length },
         None => Parsed::Invalid("malformed v1 header"),
     }
 }
@@ -116,8 +110,7 @@ fn parse_v2(bytes: &[u8]) -> Parsed {
     if bytes.len() < V2_FIXED_LEN {
         return Parsed::Incomplete;
     }
-    let version_command = bytes[12];
-    let family = bytes[13];
+    let (version_command, family) = (bytes[12], bytes[13]);
     let length = V2_FIXED_LEN + usize::from(u16::from_be_bytes([bytes[14], bytes[15]]));
     if version_command >> 4 != 2 {
         return Parsed::Invalid("v2 header with an unknown version");
