@@ -1,7 +1,9 @@
 //! The log's output (stderr, or the `--log-file` that SIGHUP reopens) and the
 //! bounded queue in front of it: group commit. One writer thread writes every
 //! waiting line as one batch and `fdatasync`s it once if it holds a record
-//! (batches grow only under load, as PostgreSQL's WAL flush); a record's caller
+//! (batches grow only under load, as PostgreSQL's WAL flush; after a batch of
+//! several records, the next waits as long as that one took for more, as its
+//! `commit_delay` does, so one sync covers more clients); a record's caller
 //! waits for that up to its deadline and never does I/O, so a stalled output
 //! holds up no client past its deadline. A failed batch is retried, with a
 //! growing pause, from where its write stopped (after a failed sync, whole).
@@ -35,6 +37,8 @@ pub(crate) enum Class {
 /// The pause before a failed batch is written again, doubling up to the max.
 const FIRST_RETRY_PAUSE: Duration = Duration::from_millis(10);
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// At most this long does a batch wait for more lines (see `commit_delay`).
+const MAX_COMMIT_DELAY: Duration = Duration::from_millis(2);
 
 /// What the writer thread tells about the output, without the queue's lock.
 pub(crate) trait Observer: Send + Sync {
@@ -187,6 +191,10 @@ struct State {
     abandoned: bool,
     /// A reopen asked for (SIGHUP), with the new file's first line.
     reopen: Option<Vec<u8>>,
+    /// How long the last batch took to write and sync, when it held more
+    /// than one record (clients waiting together): the next batch waits as
+    /// long for more lines, so that one sync covers more clients.
+    commit_delay: Duration,
 }
 
 impl State {
@@ -400,9 +408,16 @@ impl Queue {
         }
         let write = || {
             let _gate = self.pipe.as_ref().map(|_| self.pipe_gate.write());
-            batch.write_to(&mut lock(&self.output))
+            let started = Instant::now();
+            (batch.write_to(&mut lock(&self.output)), started.elapsed())
         };
-        let (mut state, result) = self.unlocked(state, write);
+        let (mut state, (result, took)) = self.unlocked(state, write);
+        let records = batch.lines.iter().filter(|line| line.record).count();
+        state.commit_delay = if records > 1 {
+            took.min(MAX_COMMIT_DELAY)
+        } else {
+            Duration::ZERO
+        };
         match result {
             Ok(()) => {
                 let last = batch.lines.last().map_or(0, |line| line.number);
@@ -454,6 +469,10 @@ impl Queue {
                 state = self.unlocked(state, || thread::sleep(pause)).0;
             }
             if state.retry.is_some() || !state.waiting.lines.is_empty() {
+                let delay = state.commit_delay;
+                if !delay.is_zero() && state.retry.is_none() {
+                    state = self.unlocked(state, || thread::sleep(delay)).0;
+                }
                 state = self.write_batch(state, observer);
             }
             if state.dropped > 0 && state.waiting.lines.len() < self.capacity {
