@@ -59,13 +59,7 @@ fn a_client_that_never_reads_is_dropped_at_the_write_timeout() {
         ..Config::default()
     });
 
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket
-        .connect_timeout(&server.addr.into(), TIMEOUT)
-        .unwrap();
-    let client: TcpStream = socket.into();
-    client.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let client = small_window_client(server.addr);
     // Once prompt bytes arrive, the server's thread is writing to us.
     let mut first = [0u8; 1];
     assert_eq!(client.peek(&mut first).unwrap(), 1);
@@ -95,13 +89,7 @@ fn a_client_that_reads_the_prompt_slowly_is_dropped_at_the_write_timeout() {
         write_timeout: Duration::from_secs(1),
         ..Config::default()
     });
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket
-        .connect_timeout(&server.addr.into(), TIMEOUT)
-        .unwrap();
-    let mut client: TcpStream = socket.into();
-    client.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut client = small_window_client(server.addr);
     let started = Instant::now();
     let mut chunk = [0u8; 512];
     let dropped_after = loop {
@@ -123,4 +111,15 @@ fn a_client_that_reads_the_prompt_slowly_is_dropped_at_the_write_timeout() {
     server.shutdown.trigger();
     let summary = server.result(TIMEOUT).unwrap();
     assert_eq!(summary.failed, 1, "{summary}");
+}
+
+/// A client with a small receive buffer, so that a large prompt fills it
+/// and the server's writes block until the client reads.
+fn small_window_client(addr: std::net::SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect_timeout(&addr.into(), TIMEOUT).unwrap();
+    let client: TcpStream = socket.into();
+    client.set_read_timeout(Some(TIMEOUT)).unwrap();
+    client
 }
