@@ -252,17 +252,15 @@ fn record(
     let sink = &serving.config.reply_sink;
     let recorded = panic::catch_unwind(AssertUnwindSafe(|| sink.record(&record)))
         .unwrap_or_else(|_| Err(io::Error::other("the reply sink panicked")));
-    match recorded {
-        Ok(()) => Ok((Outcome::of(&record), reply.bytes.len())),
-        Err(e) => {
-            let addr = client.addr;
-            log_every!(
-                NOT_RECORDED_LINES, warn, [peer:% = addr,],
-                "{addr} reset: its reply was not recorded: {}", describe_io_error(&e)
-            );
-            Err(Outcome::NotRecorded)
-        }
-    }
+    let Err(e) = recorded else {
+        return Ok((Outcome::of(&record), reply.bytes.len()));
+    };
+    let addr = client.addr;
+    log_every!(
+        NOT_RECORDED_LINES, warn, [peer:% = addr,],
+        "{addr} reset: its reply was not recorded: {}", describe_io_error(&e)
+    );
+    Err(Outcome::NotRecorded)
 }
 
 /// Ends a connection so that its client can tell how it ended. The slot is
@@ -454,7 +452,7 @@ pub(crate) fn read_reply<S: DeadlineRead>(
     let limit = max_reply_bytes.saturating_add(2);
     let mut chunk = [0u8; READ_CHUNK];
     let mut bytes = Vec::new();
-    let end = loop {
+    let mut end = loop {
         let want = (limit - bytes.len()).min(READ_CHUNK);
         let n = match read_before(source, &mut chunk[..want], deadline.as_mut()) {
             ReadStep::Data(n) => n,
@@ -479,12 +477,10 @@ pub(crate) fn read_reply<S: DeadlineRead>(
             break ReplyEnd::Truncated;
         }
     };
-    let end = if bytes.len() > max_reply_bytes {
+    if bytes.len() > max_reply_bytes {
         bytes.truncate(max_reply_bytes);
-        ReplyEnd::Truncated
-    } else {
-        end
-    };
+        end = ReplyEnd::Truncated;
+    }
     Reply { bytes, end }
 }
 
