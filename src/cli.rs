@@ -42,13 +42,11 @@ pub struct Cli {
     #[arg(long, value_name = "TEXT", allow_hyphen_values = true,
           default_value_t = String::from_utf8_lossy(DEFAULTS.prompt.trim_ascii_end()).into())]
     prompt: String,
-    /// Longest reply kept, in bytes; a longer one is logged truncated and the
-    /// connection reset.
+    /// Longest reply kept, in bytes; a longer one is logged truncated and its client reset.
     #[arg(long, value_name = "N", default_value_t = DEFAULTS.max_reply_bytes,
           value_parser = parse_whole::<NonZeroUsize>)]
     max_reply_bytes: NonZeroUsize,
-    /// Seconds a client has for its whole reply, however slowly it sends;
-    /// 0 waits forever.
+    /// Seconds a client has for its whole reply, however slowly it sends; 0 waits forever.
     #[arg(long, value_name = "SECS", default_value = seconds(DEFAULTS.reply_timeout),
           value_parser = parse_seconds)]
     reply_timeout: Duration,
@@ -57,19 +55,16 @@ pub struct Cli {
     #[arg(long, value_name = "SECS", default_value = seconds(Some(DEFAULTS.write_timeout)),
           value_parser = parse_seconds)]
     write_timeout: Duration,
-    /// Clients served at once; one more is sent "server busy, try again
-    /// later" and closed.
+    /// Clients served at once; one more is sent "server busy, try again later" and closed.
     #[arg(long, value_name = "N", default_value_t = DEFAULTS.max_connections,
           value_parser = parse_whole::<NonZeroUsize>)]
     max_connections: NonZeroUsize,
-    /// Seconds a stopping server (SIGINT, SIGTERM) lets connected clients
-    /// finish before it exits.
+    /// Seconds a stopping server (SIGINT, SIGTERM) lets connected clients finish.
     #[arg(long, value_name = "SECS", default_value = seconds(Some(DEFAULTS.shutdown_timeout)),
           value_parser = parse_seconds)]
     shutdown_timeout: Duration,
-    /// Finished connection threads that wait in accept to serve the next
-    /// connections instead of new threads; 0 disables it; at most
-    /// --max-connections.
+    /// Finished threads that wait in accept to serve the next connections
+    /// instead of new threads (0: none; at most --max-connections).
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = parse_whole::<usize>)]
     thread_cache: usize,
     /// Expect a PROXY protocol header (v1 or v2, as HAProxy's send-proxy
@@ -85,12 +80,10 @@ pub struct Cli {
     /// Serve only clients from this address or network. Repeatable.
     #[arg(long, value_name = "CIDR", value_parser = parse_net, allow_hyphen_values = true)]
     allow: Vec<IpNet>,
-    /// Refuse clients from this address or network; wins over --allow.
-    /// Repeatable.
+    /// Refuse clients from this address or network; wins over --allow. Repeatable.
     #[arg(long, value_name = "CIDR", value_parser = parse_net, allow_hyphen_values = true)]
     deny: Vec<IpNet>,
-    /// Connections one client address may hold at once; one more is sent the
-    /// busy line.
+    /// Connections one client address may hold at once; one more gets the busy line.
     #[arg(long, value_name = "N", value_parser = parse_whole::<NonZeroUsize>)]
     max_per_ip: Option<NonZeroUsize>,
     /// Connections the kernel queues for the server before it accepts them
