@@ -203,7 +203,7 @@ fn admit_client<'a>(
 fn send_prompt(accepted: &mut Accepted, client: Client, config: &Config) -> Result<(), Outcome> {
     let mut deadline = Deadline::after(config.write_timeout, true);
     let written = match &mut accepted.tls {
-        Some(tls) => tls.write_prompt(&config.prompt, config.write_timeout),
+        Some(tls) => tls.send_within(&config.prompt, config.write_timeout),
         None => write_before(&accepted.stream, &config.prompt, &mut deadline),
     };
     let Err(e) = written else {
