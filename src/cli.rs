@@ -32,7 +32,7 @@ RUST_LOG=warn (problems only; the `listening on` line is always shown).";
 pub struct Cli {
     /// TCP port to listen on (0 lets the OS pick one; the log says which).
     #[arg(long, value_name = "PORT", default_value_t = DEFAULTS.listen_addr.port(),
-          value_parser = parse_whole::<u16>, allow_negative_numbers = true)]
+          value_parser = parse_whole::<u16>)]
     port: u16,
     /// Address to listen on, e.g. 0.0.0.0, ::, 127.0.0.1 or ::1.
     #[arg(long, value_name = "ADDR", default_value_t = DEFAULTS.listen_addr.ip(),
@@ -42,36 +42,30 @@ pub struct Cli {
     #[arg(long, value_name = "TEXT", allow_hyphen_values = true,
           default_value_t = String::from_utf8_lossy(DEFAULTS.prompt.trim_ascii_end()).into())]
     prompt: String,
-    /// Longest reply kept, in bytes; a longer one is logged truncated and the
-    /// connection reset.
+    /// Longest reply kept, in bytes; a longer one is logged truncated and its client reset.
     #[arg(long, value_name = "N", default_value_t = DEFAULTS.max_reply_bytes,
-          value_parser = parse_whole::<NonZeroUsize>, allow_negative_numbers = true)]
+          value_parser = parse_whole::<NonZeroUsize>)]
     max_reply_bytes: NonZeroUsize,
-    /// Seconds a client has for its whole reply, however slowly it sends;
-    /// 0 waits forever.
+    /// Seconds a client has for its whole reply, however slowly it sends; 0 waits forever.
     #[arg(long, value_name = "SECS", default_value = seconds(DEFAULTS.reply_timeout),
-          value_parser = parse_seconds, allow_negative_numbers = true)]
+          value_parser = parse_seconds)]
     reply_timeout: Duration,
     /// Seconds writing the whole prompt may take before the client is
     /// dropped (a prompt the socket's send buffer holds is written at once).
     #[arg(long, value_name = "SECS", default_value = seconds(Some(DEFAULTS.write_timeout)),
-          value_parser = parse_seconds, allow_negative_numbers = true)]
+          value_parser = parse_seconds)]
     write_timeout: Duration,
-    /// Clients served at once; one more is sent "server busy, try again
-    /// later" and closed.
+    /// Clients served at once; one more is sent "server busy, try again later" and closed.
     #[arg(long, value_name = "N", default_value_t = DEFAULTS.max_connections,
-          value_parser = parse_whole::<NonZeroUsize>, allow_negative_numbers = true)]
+          value_parser = parse_whole::<NonZeroUsize>)]
     max_connections: NonZeroUsize,
-    /// Seconds a stopping server (SIGINT, SIGTERM) lets connected clients
-    /// finish before it exits.
+    /// Seconds a stopping server (SIGINT, SIGTERM) lets connected clients finish.
     #[arg(long, value_name = "SECS", default_value = seconds(Some(DEFAULTS.shutdown_timeout)),
-          value_parser = parse_seconds, allow_negative_numbers = true)]
+          value_parser = parse_seconds)]
     shutdown_timeout: Duration,
-    /// Finished connection threads that wait in accept to serve the next
-    /// connections instead of new threads; 0 disables it; at most
-    /// --max-connections.
-    #[arg(long, value_name = "N", default_value_t = 0,
-          value_parser = parse_whole::<usize>, allow_negative_numbers = true)]
+    /// Finished threads that wait in accept to serve the next connections
+    /// instead of new threads (0: none; at most --max-connections).
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = parse_whole::<usize>)]
     thread_cache: usize,
     /// Expect a PROXY protocol header (v1 or v2, as HAProxy's send-proxy
     /// and send-proxy-v2 send) before each client's data, and log the client
@@ -86,19 +80,15 @@ pub struct Cli {
     /// Serve only clients from this address or network. Repeatable.
     #[arg(long, value_name = "CIDR", value_parser = parse_net, allow_hyphen_values = true)]
     allow: Vec<IpNet>,
-    /// Refuse clients from this address or network; wins over --allow.
-    /// Repeatable.
+    /// Refuse clients from this address or network; wins over --allow. Repeatable.
     #[arg(long, value_name = "CIDR", value_parser = parse_net, allow_hyphen_values = true)]
     deny: Vec<IpNet>,
-    /// Connections one client address may hold at once; one more is sent the
-    /// busy line.
-    #[arg(long, value_name = "N",
-          value_parser = parse_whole::<NonZeroUsize>, allow_negative_numbers = true)]
+    /// Connections one client address may hold at once; one more gets the busy line.
+    #[arg(long, value_name = "N", value_parser = parse_whole::<NonZeroUsize>)]
     max_per_ip: Option<NonZeroUsize>,
     /// Connections the kernel queues for the server before it accepts them
     /// [default: net.core.somaxconn, 4096 on current kernels]
-    #[arg(long, value_name = "N",
-          value_parser = parse_whole::<NonZeroU32>, allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", value_parser = parse_whole::<NonZeroU32>)]
     backlog: Option<NonZeroU32>,
     /// Connections one client network may open per period, e.g. 5/s,
     /// 100/min or 1000/h (also the burst); one more gets the busy line.
@@ -107,15 +97,13 @@ pub struct Cli {
     /// With --max-rate-per-ip: leading bits of an IPv4 client address that
     /// make its network (32: each address on its own).
     #[arg(long, value_name = "BITS", default_value_t = RateLimit::DEFAULT_PREFIX_V4,
-          value_parser = parse_bits, allow_negative_numbers = true,
-          requires = "max_rate_per_ip")]
+          value_parser = parse_bits, requires = "max_rate_per_ip")]
     rate_prefix_v4: u8,
     /// With --max-rate-per-ip: leading bits of an IPv6 client address that
     /// make its network (64: a host's usual allocation, so changing
     /// addresses within it gains nothing).
     #[arg(long, value_name = "BITS", default_value_t = RateLimit::DEFAULT_PREFIX_V6,
-          value_parser = parse_bits, allow_negative_numbers = true,
-          requires = "max_rate_per_ip")]
+          value_parser = parse_bits, requires = "max_rate_per_ip")]
     rate_prefix_v6: u8,
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics, e.g.
     /// 127.0.0.1:9337 (keep it off public interfaces).
@@ -153,7 +141,7 @@ pub struct Cli {
     /// Seconds a reply may wait for a stalled or failing log before it is
     /// given up (its client is then reset).
     #[arg(long, value_name = "SECS", default_value = seconds(Some(DEFAULT_RECORD_TIMEOUT)),
-          value_parser = parse_seconds, allow_negative_numbers = true)]
+          value_parser = parse_seconds)]
     record_timeout: Duration,
 }
 
@@ -175,7 +163,12 @@ impl Cli {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let matches = Cli::command().try_get_matches_from(args)?;
+        // A negative number is a bad value of its flag, not an unknown flag.
+        let command = Cli::command().mut_args(|arg| {
+            let takes_values = arg.get_action().takes_values();
+            arg.allow_negative_numbers(takes_values)
+        });
+        let matches = command.try_get_matches_from(args)?;
         Cli::from_arg_matches(&matches)?.settings(&matches)
     }
 

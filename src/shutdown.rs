@@ -161,10 +161,8 @@ impl Shutdown {
     /// SIGTERM, SIGQUIT or SIGABRT triggers this handle (a graceful stop), a
     /// second one exits at once with status 128 + its number; SIGHUP reopens
     /// the log file and re-reads TLS files; SIGUSR1 logs the counters so far;
-    /// every other signal whose default would end the process (SIGUSR2,
-    /// SIGXFSZ, real-time signals, ...) is logged and ignored: only SIGKILL and
-    /// a second stop signal skip the drain. signal-hook's self-pipe runs the
-    /// reaction on an ordinary thread, which never waits for the log.
+    /// any other signal whose default would end the process is logged and
+    /// ignored. signal-hook's self-pipe runs the reaction on an ordinary thread.
     ///
     /// # Errors
     ///

@@ -142,18 +142,13 @@ impl Stats {
 
     /// Counts a served connection: how it ended, its reply's size (if it
     /// has one), and its time from accept on.
-    pub(crate) fn record_session(
-        &self,
-        outcome: Outcome,
-        reply_bytes: Option<usize>,
-        duration: Duration,
-    ) {
+    pub(crate) fn record_session(&self, outcome: Outcome, reply: Option<usize>, took: Duration) {
         self.record(outcome);
-        if let Some(bytes) = reply_bytes {
+        if let Some(bytes) = reply {
             self.reply_bytes.inc_by(bytes as u64);
             self.reply_size.observe(bytes as f64);
         }
-        self.session_duration.observe(duration.as_secs_f64());
+        self.session_duration.observe(took.as_secs_f64());
     }
 
     pub(crate) fn record_accept_error(&self, kind: AcceptErrorKind) {

@@ -135,9 +135,7 @@ fn identify_client(accepted: &Accepted, config: &Config) -> Result<(Client, Vec<
     if !trusted.is_empty() && !trusted.contains(peer.ip()) {
         return Err(refuse(stream, peer, None, &Refusal::UntrustedProxy));
     }
-    let deadline = config
-        .reply_timeout
-        .map(|timeout| Deadline::from(accepted.accepted_at, timeout));
+    let deadline = (config.reply_timeout).map(|t| Deadline::at(accepted.accepted_at + t));
     match read_proxy_header(&mut stream, deadline) {
         Ok((ProxyHeader::Proxied { source, .. }, rest)) => {
             let (addr, proxy) = (canonical(source), Some(peer));
@@ -203,9 +201,9 @@ fn admit_client<'a>(
 /// Writes the whole prompt within `--write-timeout`.
 #[inline(never)]
 fn send_prompt(accepted: &mut Accepted, client: Client, config: &Config) -> Result<(), Outcome> {
-    let mut deadline = Deadline::after_with_timeout_already_set(config.write_timeout);
+    let mut deadline = Deadline::after(config.write_timeout, true);
     let written = match &mut accepted.tls {
-        Some(tls) => tls.write_prompt(&config.prompt, config.write_timeout),
+        Some(tls) => tls.send_within(&config.prompt, config.write_timeout),
         None => write_before(&accepted.stream, &config.prompt, &mut deadline),
     };
     let Err(e) = written else {
@@ -225,10 +223,7 @@ fn send_prompt(accepted: &mut Accepted, client: Client, config: &Config) -> Resu
 #[inline(never)]
 fn read_client_reply<S: DeadlineRead>(source: &mut S, client: Client, config: &Config) -> Reply {
     let timeout_set = config.proxy_protocol.is_none() && config.tls.is_none();
-    let deadline = (config.reply_timeout).map(|budget| Deadline {
-        timeout_set,
-        ..Deadline::after(budget)
-    });
+    let deadline = (config.reply_timeout).map(|budget| Deadline::after(budget, timeout_set));
     read_reply(source, client.addr, config.max_reply_bytes.get(), deadline)
 }
 
@@ -257,17 +252,15 @@ fn record(
     let sink = &serving.config.reply_sink;
     let recorded = panic::catch_unwind(AssertUnwindSafe(|| sink.record(&record)))
         .unwrap_or_else(|_| Err(io::Error::other("the reply sink panicked")));
-    match recorded {
-        Ok(()) => Ok((Outcome::of(&record), reply.bytes.len())),
-        Err(e) => {
-            let addr = client.addr;
-            log_every!(
-                NOT_RECORDED_LINES, warn, [peer:% = addr,],
-                "{addr} reset: its reply was not recorded: {}", describe_io_error(&e)
-            );
-            Err(Outcome::NotRecorded)
-        }
-    }
+    let Err(e) = recorded else {
+        return Ok((Outcome::of(&record), reply.bytes.len()));
+    };
+    let addr = client.addr;
+    log_every!(
+        NOT_RECORDED_LINES, warn, [peer:% = addr,],
+        "{addr} reset: its reply was not recorded: {}", describe_io_error(&e)
+    );
+    Err(Outcome::NotRecorded)
 }
 
 /// Ends a connection so that its client can tell how it ended. The slot is
@@ -276,26 +269,15 @@ fn record(
 /// again at once).
 fn close<R>(accepted: Accepted, outcome: Outcome, reserve: impl FnOnce() -> R) -> R {
     let (stream, slot, tls) = (accepted.stream, accepted.slot, accepted.tls);
-    match outcome {
-        // An end of stream: the whole reply is recorded, or the client was
-        // told in words (the busy line) that it is not served.
-        Outcome::Replied | Outcome::NoReply | Outcome::Busy | Outcome::RateLimited => {
-            if let Some(tls) = tls {
-                tls.close_notify();
-            }
-            let _ = SockRef::from(&*stream).set_linger(None);
-            linger_if_bytes_wait(&stream);
+    // An end of stream only if the whole reply is recorded or the client was
+    // told in words (the busy line) that it is not served; else a reset (the
+    // zero linger time every socket inherits).
+    if let Outcome::Replied | Outcome::NoReply | Outcome::Busy | Outcome::RateLimited = outcome {
+        if let Some(tls) = tls {
+            tls.close_notify();
         }
-        // A reset (the zero linger time every socket inherits): the reply is
-        // not recorded, bytes sent after the server stopped reading are in
-        // no record, or the client was refused without a word.
-        Outcome::Truncated
-        | Outcome::TimedOut
-        | Outcome::Failed
-        | Outcome::Denied
-        | Outcome::CutOff
-        | Outcome::NotRecorded
-        | Outcome::TlsHandshakeFailed => {}
+        let _ = SockRef::from(&*stream).set_linger(None);
+        linger_if_bytes_wait(&stream);
     }
     let reserved = reserve();
     drop(slot);
@@ -316,7 +298,7 @@ fn linger_if_bytes_wait(mut stream: &TcpStream) {
     if !waiting || stream.shutdown(Shutdown::Write).is_err() {
         return;
     }
-    let mut deadline = Deadline::after(LINGER_MAX_TIME);
+    let mut deadline = Deadline::after(LINGER_MAX_TIME, false);
     let mut discard = [0u8; 2048];
     let mut discarded = 0;
     while discarded < LINGER_MAX_BYTES
@@ -373,17 +355,9 @@ pub(crate) struct Deadline {
 }
 
 impl Deadline {
-    pub(crate) fn after(budget: Duration) -> Self {
-        Self::from(Instant::now(), budget)
-    }
-
-    pub(crate) fn at(at: Instant) -> Self {
-        Self::after(at.saturating_duration_since(Instant::now()))
-    }
-
-    pub(crate) fn from(start: Instant, budget: Duration) -> Self {
-        let at = start + budget;
-        let timeout_set = false;
+    /// `budget` from now; `timeout_set`: the first call's timeout stands.
+    pub(crate) fn after(budget: Duration, timeout_set: bool) -> Self {
+        let at = Instant::now() + budget;
         Deadline {
             at,
             budget,
@@ -391,12 +365,8 @@ impl Deadline {
         }
     }
 
-    pub(crate) fn after_with_timeout_already_set(budget: Duration) -> Self {
-        let timeout_set = true;
-        Deadline {
-            timeout_set,
-            ..Self::after(budget)
-        }
+    pub(crate) fn at(at: Instant) -> Self {
+        Self::after(at.saturating_duration_since(Instant::now()), false)
     }
 
     /// The timeout to set before the next call (`None`: it stands already),
@@ -482,7 +452,7 @@ pub(crate) fn read_reply<S: DeadlineRead>(
     let limit = max_reply_bytes.saturating_add(2);
     let mut chunk = [0u8; READ_CHUNK];
     let mut bytes = Vec::new();
-    let end = loop {
+    let mut end = loop {
         let want = (limit - bytes.len()).min(READ_CHUNK);
         let n = match read_before(source, &mut chunk[..want], deadline.as_mut()) {
             ReadStep::Data(n) => n,
@@ -507,12 +477,10 @@ pub(crate) fn read_reply<S: DeadlineRead>(
             break ReplyEnd::Truncated;
         }
     };
-    let end = if bytes.len() > max_reply_bytes {
+    if bytes.len() > max_reply_bytes {
         bytes.truncate(max_reply_bytes);
-        ReplyEnd::Truncated
-    } else {
-        end
-    };
+        end = ReplyEnd::Truncated;
+    }
     Reply { bytes, end }
 }
 
@@ -618,7 +586,7 @@ mod tests {
     fn expired_deadline_times_out_without_reading() {
         let peer = "127.0.0.1:9".parse().unwrap();
         let mut source = Chunked::new([b"yes\n".to_vec()]);
-        let deadline = Deadline::after_with_timeout_already_set(Duration::ZERO);
+        let deadline = Deadline::after(Duration::ZERO, true);
         let reply = read_reply(&mut source, peer, 1024, Some(deadline));
         assert!(matches!(reply.end, ReplyEnd::TimedOut { .. }));
         assert!(reply.bytes.is_empty());

@@ -1,7 +1,6 @@
 //! TLS (`--tls-cert`): rustls's `ServerConnection` over the socket on the
 //! connection's own thread, each socket call under the time left to a
-//! deadline (not `connection.rs`'s `Deadline`, which depends on this module:
-//! one read of plaintext may take several of the socket). The files are read
+//! deadline (one read of plaintext may take several). The files are read
 //! at the start and on each SIGHUP (a set that does not load keeps the old);
 //! sessions are never resumed, so each handshake meets the current files.
 
@@ -106,13 +105,13 @@ pub(crate) struct TlsStream {
 }
 
 impl TlsStream {
-    /// Sends all of `prompt` within `budget`; reading after it has no
+    /// Sends all of `bytes` within `budget`; reading after it has no
     /// deadline until [`read_within`](Self::read_within) sets one.
-    pub(crate) fn write_prompt(&mut self, prompt: &[u8], budget: Duration) -> io::Result<()> {
+    pub(crate) fn send_within(&mut self, bytes: &[u8], budget: Duration) -> io::Result<()> {
         self.io.deadline = Some(Instant::now() + budget);
-        let written = self.send(prompt);
+        let sent = self.send(bytes);
         self.io.deadline = None;
-        written
+        sent
     }
 
     /// Bounds the next read of plaintext, each of its socket reads included.
@@ -137,8 +136,7 @@ impl TlsStream {
     /// take it within [`CLOSE_NOTIFY_TIMEOUT`] sees an end of stream without.
     pub(crate) fn close_notify(mut self: Box<Self>) {
         self.conn.send_close_notify();
-        self.io.deadline = Some(Instant::now() + CLOSE_NOTIFY_TIMEOUT);
-        let _ = self.send(&[]);
+        let _ = self.send_within(&[], CLOSE_NOTIFY_TIMEOUT);
     }
 
     /// Writes every TLS record rustls has waiting, then `bytes` as more.
@@ -170,12 +168,11 @@ impl Timed {
     /// Sets the socket's read or write timeout (`set`) to the time left;
     /// `TimedOut` once none is.
     fn arm(&self, set: fn(&TcpStream, Option<Duration>) -> io::Result<()>) -> io::Result<()> {
-        let Some(deadline) = self.deadline else {
-            return Ok(());
-        };
-        match deadline.saturating_duration_since(Instant::now()) {
-            left if left.is_zero() => Err(ErrorKind::TimedOut.into()),
-            left => set(&self.socket, Some(left)),
+        let now = Instant::now();
+        match self.deadline.map(|at| at.saturating_duration_since(now)) {
+            None => Ok(()),
+            Some(Duration::ZERO) => Err(ErrorKind::TimedOut.into()),
+            left => set(&self.socket, left),
         }
     }
 }
