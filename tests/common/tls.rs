@@ -166,8 +166,14 @@ pub fn client_config(ca: &Path, identity: Option<&Identity>) -> Arc<ClientConfig
             .add(cert.expect("a CA certificate"))
             .expect("a usable CA");
     }
-    #[allow(deprecated)] // ring: as the server uses
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // ring, as the server uses, with X25519 first, as openssl and browsers
+    // offer it (ring's default offers P-384 first).
+    #[allow(deprecated)]
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .kx_groups
+        .sort_by_key(|group| group.name() != rustls::NamedGroup::X25519);
+    let provider = Arc::new(provider);
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("protocol versions")
