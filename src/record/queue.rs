@@ -409,7 +409,7 @@ impl Queue {
         let (mut state, (result, took)) = self.unlocked(state, write);
         let several = batch.lines.iter().filter(|line| line.record).count() > 1;
         let delay = took.min(MAX_COMMIT_DELAY);
-        state.commit_delay = several.then_some(delay).unwrap_or_default();
+        state.commit_delay = if several { delay } else { Duration::ZERO };
         match result {
             Ok(()) => {
                 let last = batch.lines.last().map_or(0, |line| line.number);
