@@ -306,28 +306,21 @@ impl Observer for Log {
     fn recovered(&self, failures: u64) {
         let why = lock(&self.last_error).take().unwrap_or_default();
         let attempts = if failures == 1 { "attempt" } else { "attempts" };
+        let what = format!("takes writes again after {failures} failed {attempts} ({why})");
         if let Some(path) = &self.file {
-            self.to_stderr(format!(
-                "prompt-server: the log file {path} takes writes again ({failures} failed {attempts}: {why})\n"
-            ));
+            self.to_stderr(format!("prompt-server: the log file {path} {what}\n"));
         }
-        warn!(
-            event = event::LOG_RECOVERED, failures = failures;
-            "the log takes writes again after {failures} failed {attempts} ({why})"
-        );
+        warn!(event = event::LOG_RECOVERED, failures = failures; "the log {what}");
     }
 
     fn reopen_failed(&self, error: &io::Error) {
         let path = self.file.as_deref().unwrap_or_default();
         let why = describe_io_error(error);
-        self.to_stderr(format!(
-            "prompt-server: cannot reopen the log file {path}: {why}; still writing to the file \
-             open before\n"
-        ));
-        warn!(
-            event = event::LOG_REOPEN_FAILED;
-            "cannot reopen the log file {path}: {why}; still writing to this file"
+        let what = format!(
+            "cannot reopen the log file {path}: {why}; still writing to the file it was renamed to"
         );
+        self.to_stderr(format!("prompt-server: {what}\n"));
+        warn!(event = event::LOG_REOPEN_FAILED; "{what}");
     }
 
     fn dropped(&self, count: u64) {
@@ -508,10 +501,8 @@ pub fn log_panics() {
             .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
             .unwrap_or("(no message)");
         let message = Escaped(message.as_bytes());
-        let location = info
-            .location()
-            .map(|l| format!("{}:{}", l.file(), l.line()));
-        let location = location.unwrap_or_default();
+        let at = info.location();
+        let location = at.map_or(String::new(), |at| format!("{}:{}", at.file(), at.line()));
         let peer = SERVING.get();
         let serving = peer.map(|p| format!(" serving {p}")).unwrap_or_default();
         error!(
