@@ -17,14 +17,14 @@ use std::time::{Duration, Instant};
 use std::{panic, thread};
 
 use libc::{EDQUOT, EFBIG, EIO, ENOSPC, EPIPE};
-use log::kv::{Key, ToValue, Value};
+use log::kv::{Key, Source, ToValue, Value};
 use log::{Level, LevelFilter, Log as _, error, warn};
 
 pub use super::format::LogFormat;
 pub(crate) use super::format::event;
 use super::format::{Escaped, RecordText, class_of, escape_line_breakers, json_line};
 use super::queue::{Class, Observer, Output, Queue};
-use super::{Record, ReplySink, TlsSession};
+use super::{Record, ReplySink};
 use crate::error::describe_io_error;
 use crate::lock;
 
@@ -107,9 +107,9 @@ struct Log {
 
 impl Log {
     /// A line as `env_logger` formats it, whatever `RUST_LOG` says.
-    fn line(&self, level: Level, target: &str, kvs: &[(&str, Value)], args: Arguments) -> Vec<u8> {
+    fn line(&self, level: Level, target: &str, kvs: &dyn Source, args: Arguments) -> Vec<u8> {
         let mut builder = log::Record::builder();
-        builder.level(level).target(target).key_values(&kvs);
+        builder.level(level).target(target).key_values(kvs);
         self.records.log(&builder.args(args).build());
         FORMATTED.take()
     }
@@ -213,24 +213,20 @@ impl ReplySink for LogReplies {
         };
         let text = RecordText(record);
         let (level, event) = text.level_and_event();
-        let proxy = record.proxy.map(|proxy| proxy.to_string());
         let reply = String::from_utf8_lossy(record.reply);
-        let duration_ms = record.duration.as_millis() as u64;
-        let tls = |field: fn(&TlsSession) -> Option<&str>| {
-            (record.tls.and_then(field)).map_or(Value::null(), Value::from)
-        };
-        let fields = [
-            ("event", Value::from(event)),
-            ("peer", Value::from_display(&record.peer)),
-            ("proxy", proxy.to_value()),
-            ("reply", Value::from(&*reply)),
-            ("reply_lossy", Value::from(matches!(reply, Cow::Owned(_)))),
-            ("bytes", Value::from(record.reply.len())),
-            ("duration_ms", Value::from(duration_ms)),
-            ("tls_version", tls(|s| Some(s.version))),
-            ("tls_cipher", tls(|s| Some(s.cipher_suite))),
-            ("tls_sni", tls(|s| s.server_name.as_deref())),
-            ("tls_client", tls(|s| s.client_subject.as_deref())),
+        let tls = record.tls;
+        let fields: [(&str, &dyn ToValue); 11] = [
+            ("event", &event),
+            ("peer", &Value::from_display(&record.peer)),
+            ("proxy", &record.proxy.map(|proxy| proxy.to_string())),
+            ("reply", &Value::from(&*reply)),
+            ("reply_lossy", &matches!(reply, Cow::Owned(_))),
+            ("bytes", &record.reply.len()),
+            ("duration_ms", &(record.duration.as_millis() as u64)),
+            ("tls_version", &tls.map(|s| s.version)),
+            ("tls_cipher", &tls.map(|s| s.cipher_suite)),
+            ("tls_sni", &tls.and_then(|s| s.server_name.as_deref())),
+            ("tls_client", &tls.and_then(|s| s.client_subject.as_deref())),
         ];
         let line = log.line(level, RECORD_TARGET, &fields, format_args!("{text}"));
         log.queue.push_and_wait(line, log.record_timeout)
@@ -255,7 +251,7 @@ pub(crate) fn reopen() -> bool {
     let Some(log) = LOG.get().filter(|log| log.file.is_some()) else {
         return false;
     };
-    let event = [("event", Value::from(event::LOG_REOPENED))];
+    let event = [("event", event::LOG_REOPENED)];
     let why = "the lines before this one are in the file it was renamed to";
     let message = format_args!("log file reopened (SIGHUP): {why}");
     let line = log.line(Level::Info, "prompt_server::logging", &event, message);
