@@ -170,9 +170,8 @@ impl<'kvs> VisitSource<'kvs> for JsonFields<'_> {
     }
 }
 
-/// Client bytes in double quotes with Rust-style escapes, for example
-/// `"yes\r\u{1b}[31m\xFF"`: text stays readable, whatever could affect a
-/// terminal or a log parser becomes visible.
+/// Client bytes in double quotes with Rust-style escapes (`"yes\r\u{1b}[31m\xFF"`): text
+/// stays readable, whatever could affect a terminal or a log parser becomes visible.
 pub(crate) struct Escaped<'a>(pub(crate) &'a [u8]);
 
 impl fmt::Display for Escaped<'_> {

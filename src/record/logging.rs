@@ -73,12 +73,10 @@ impl Default for LogSettings {
 /// The target of the `listening on ADDR` line, logged at info whatever
 /// `RUST_LOG` says unless it names this target: it tells `--port 0`'s port.
 pub(crate) const LISTENING_TARGET: &str = "prompt_server::listening";
-/// The target of SIGUSR1's counters line, shown at info whatever `RUST_LOG`
-/// says (an operator asked for it).
+/// The target of SIGUSR1's counters line, shown at info whatever `RUST_LOG` says.
 pub(crate) const COUNTERS_TARGET: &str = "prompt_server::counters";
 const RECORD_TARGET: &str = "prompt_server::connection";
-/// Lines the queue holds while the output is slow: enough for a burst of
-/// replies, few enough that a stalled output is noticed soon.
+/// Lines the queue holds: a burst of replies, few enough that a stall is noticed soon.
 const LOG_QUEUE_LINES: usize = 1024;
 /// The `kind` label of the log's write errors: these errnos, then "other".
 const ERROR_KINDS: [&str; 6] = ["ENOSPC", "EDQUOT", "EFBIG", "EIO", "EPIPE", "other"];
@@ -87,8 +85,7 @@ const ERRNOS: [i32; 5] = [ENOSPC, EDQUOT, EFBIG, EIO, EPIPE];
 /// The process's log, made by [`init`] or else by the first record.
 static LOG: OnceLock<&'static Log> = OnceLock::new();
 
-/// The log, and what its writer thread's reports go to: counters by kind,
-/// the last error, and, when the log is a file, lines on stderr.
+/// The log, and where its writer's reports go: counters, the last error, stderr.
 struct Log {
     queue: Queue,
     /// Formats records, unfiltered.
@@ -147,8 +144,7 @@ pub fn init(settings: &LogSettings) -> io::Result<()> {
         .map_err(|e| io::Error::other(e.to_string()))
 }
 
-/// An `env_logger` builder for `settings` whose lines land in [`FORMATTED`],
-/// in colour when they go to a terminal.
+/// An `env_logger` builder for `settings`: lines land in [`FORMATTED`], coloured for a terminal.
 fn builder(settings: &LogSettings) -> env_logger::Builder {
     let mut builder = env_logger::Builder::new();
     if settings.format == LogFormat::Json {
@@ -184,8 +180,7 @@ fn install(settings: &LogSettings) -> io::Result<&'static Log> {
     Ok(log)
 }
 
-/// A thread that writes the lines it is sent to stderr, so that a stalled
-/// stderr never holds up the log file.
+/// A thread that writes the lines sent to it on stderr: a stalled stderr holds up no log file.
 fn stderr_writer() -> io::Result<SyncSender<String>> {
     let (send, receive) = mpsc::sync_channel::<String>(16);
     thread::Builder::new()
@@ -245,8 +240,7 @@ pub(crate) fn stop_waiting_for_the_log() {
     }
 }
 
-/// Opens the log file again (SIGHUP, after logrotate renamed it), with a
-/// first line that says so. Returns false when the log is not a file.
+/// Reopens the log file (SIGHUP, logrotate) with a first line that says so; false for stderr.
 pub(crate) fn reopen() -> bool {
     let Some(log) = LOG.get().filter(|log| log.file.is_some()) else {
         return false;
@@ -439,8 +433,7 @@ pub(crate) static TLS_HANDSHAKE_LINES: LogEvery = LogEvery::new(event::TLS_HANDS
 pub(crate) static ACCEPT_ERROR_LINES: LogEvery =
     LogEvery::new(event::ACCEPT_ERROR, Duration::from_secs(5));
 
-/// Logs how many lines of each kind are held back, at their own level: a
-/// stopping server's last word.
+/// Logs how many lines of each kind are held back: a stopping server's last word.
 pub(crate) fn report_held_back() {
     for every in [
         &BUSY_LINES,

@@ -219,8 +219,7 @@ impl Place<'_> {
     }
 }
 
-/// Gives each scrape a place and a thread; once the listener is shut down,
-/// cuts off the scrapes still reading.
+/// Gives each scrape a place and a thread; at the end, cuts off those still reading.
 fn accept_scrapes(listener: &TcpListener, render: &Render) {
     thread::scope(|scope| {
         // The scrapes under way, oldest first.
@@ -335,8 +334,7 @@ fn respond(request: &[u8], render: &Render) -> String {
     }
 }
 
-/// A plain-text response naming `status`, with `headers` (lines ending in
-/// CRLF) after the usual ones.
+/// A plain-text response naming `status`, with `headers` (CRLF lines) after the usual ones.
 fn error(status: &str, headers: &str) -> String {
     let body = format!("{status}\n");
     response(status, "text/plain; charset=utf-8", &body, headers, false)

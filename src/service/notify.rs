@@ -163,7 +163,6 @@ impl Inner {
             {
                 let loops = lock(&self.loops);
                 let healthy = !loops.is_empty() && loops.iter().all(|beat| !beat.stalled(every));
-                drop(loops);
                 if healthy && !self.stopping.load(SeqCst) {
                     let _ = self.send(&[NotifyState::Watchdog]);
                 }
