@@ -140,10 +140,9 @@ pub(crate) fn json_line(ts: &str, record: &log::Record<'_>) -> Json {
     Json::Object(object)
 }
 
-/// Escapes in JSON strings what serde_json leaves (it escapes only C0
-/// controls) but ends a line for some log tools, drives terminals or hides
-/// text: DEL, C1 controls (NEL among them), U+2028 and U+2029, and the
-/// invisible and bidirectional format characters (as the text format does).
+/// Escapes in JSON strings what serde_json leaves (it escapes only C0 controls) but
+/// ends a line for some log tools, drives terminals or hides text: DEL, C1 controls
+/// (NEL too), U+2028, U+2029, the invisible and bidirectional format characters.
 pub(crate) fn escape_line_breakers(json: &str) -> String {
     let mut out = String::with_capacity(json.len());
     for c in json.chars() {

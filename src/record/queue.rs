@@ -1,10 +1,9 @@
-//! The log's output (stderr, or the `--log-file` that SIGHUP reopens) and the
-//! bounded queue in front of it: group commit, as PostgreSQL's WAL flush. One
-//! writer thread writes every waiting line as one batch and `fdatasync`s it
-//! once if it holds a record; a record's caller waits for that up to its
-//! deadline and never does I/O, so a stalled output holds up no client past
-//! it. A failed batch is retried, with a growing pause, from where its write
-//! stopped (after a failed sync, whole).
+//! The log's output (stderr, or the `--log-file` that SIGHUP reopens) and the bounded
+//! queue in front of it: group commit, as PostgreSQL's WAL flush. One writer thread
+//! writes every waiting line as one batch and `fdatasync`s it once if it holds a
+//! record; a record's caller waits for that up to its deadline and never does I/O,
+//! so a stalled output holds up no client past it. A failed batch is retried, with a
+//! growing pause, from where its write stopped (after a failed sync, whole).
 //!
 //! On a pipe (stderr, unsynced), a record of at most `PIPE_BUF` bytes is
 //! written by its own thread, lock-free: a pipe takes it whole or not at all,
@@ -260,10 +259,8 @@ impl Lines {
             *end += line.bytes.len();
             Some(*end)
         });
-        self.written = ends
-            .take_while(|end| *end <= self.written)
-            .last()
-            .unwrap_or(0);
+        let whole = ends.take_while(|end| *end <= self.written).last();
+        self.written = whole.unwrap_or(0);
     }
 
     /// Writes what is left, then syncs if a record is in it (written now or
@@ -280,11 +277,8 @@ impl Lines {
                 Err(e) => return Err(e),
             }
         }
-        let records = self
-            .lines
-            .iter()
-            .any(|line| line.record && !line.bytes.is_empty());
-        if !(records && output.sync) {
+        let record = |line: &Line| line.record && !line.bytes.is_empty();
+        if !(output.sync && self.lines.iter().any(record)) {
             return Ok(());
         }
         if let Some(lost) = output.file.sync_data().err().or_else(|| output.deleted()) {
@@ -349,7 +343,7 @@ impl Queue {
             number.is_none_or(|number| s.done < number) && !s.abandoned
         };
         let deadline = Instant::now() + timeout;
-        let (mut state, _) = self.wait_while(lock(&self.state), deadline, unwritten);
+        let mut state = self.wait_while(lock(&self.state), deadline, unwritten);
         match number {
             Some(number) if state.done >= number => return Ok(()),
             Some(number) => state.give_up(number),
@@ -372,18 +366,16 @@ impl Queue {
         gate.is_some() && pipe.write(bytes).is_ok_and(|n| n == bytes.len())
     }
 
-    /// Waits on `changed` while `waiting` holds, up to `deadline`; true if
-    /// it still holds then.
+    /// Waits on `changed` while `waiting` holds, up to `deadline`.
     fn wait_while<'a>(
         &'a self,
         state: Guard<'a>,
         deadline: Instant,
         waiting: impl FnMut(&mut State) -> bool,
-    ) -> (Guard<'a>, bool) {
+    ) -> Guard<'a> {
         let left = deadline.saturating_duration_since(Instant::now());
         let waited = self.changed.wait_timeout_while(state, left, waiting);
-        let (state, timeout) = waited.unwrap_or_else(PoisonError::into_inner);
-        (state, timeout.timed_out())
+        waited.unwrap_or_else(PoisonError::into_inner).0
     }
 
     fn wake_writer(&self, state: &State) {
@@ -483,7 +475,7 @@ impl Queue {
     pub(crate) fn flush(&self, timeout: Duration) -> u64 {
         let state = lock(&self.state);
         let last = state.queued;
-        let (state, _) = self.wait_while(state, Instant::now() + timeout, |s| s.done < last);
+        let state = self.wait_while(state, Instant::now() + timeout, |s| s.done < last);
         state.queued - state.done
     }
 

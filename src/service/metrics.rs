@@ -1,12 +1,11 @@
 //! `--metrics-addr`: the server's numbers over HTTP (docs/OPERATIONS.md has the
-//! table): a `prometheus-client` registry written in the Prometheus text format
-//! 0.0.4, the one `promtool check metrics` reads. Each scrape gets a thread, at
-//! most [`MAX_SCRAPES`] at once. Beyond that a newcomer takes the place of the
-//! oldest scrape of the address that holds the most, which is answered if its
-//! whole request has come, and closed if not. So sockets held open and silent
-//! starve no scraper that sends its request as it connects (Prometheus does),
-//! from whatever address: any local user can bind all of 127/8, so a cap per
-//! address would not hold.
+//! table), a `prometheus-client` registry in the text format 0.0.4 that
+//! `promtool check metrics` reads. Each scrape gets a thread, at most
+//! [`MAX_SCRAPES`] at once; beyond that a newcomer takes the place of the oldest
+//! scrape of the address that holds the most (answered if its whole request has
+//! come, closed if not). So silent sockets starve no scraper that sends its
+//! request as it connects (Prometheus does), from whatever address: any local
+//! user can bind all of 127/8, so a cap per address would not hold.
 
 use std::cmp::Reverse;
 use std::fmt;
