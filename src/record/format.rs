@@ -9,7 +9,7 @@ use log::kv::{self, Key, Value, VisitSource};
 use serde_json::{Map, Value as Json};
 
 use super::queue::Class;
-use super::{Record, ReplyEnd, TlsSession};
+use super::{Record, ReplyEnd};
 use crate::error::describe_io_error;
 
 /// How log lines are written.
@@ -100,39 +100,27 @@ impl RecordText<'_> {
 
 impl fmt::Display for RecordText<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (peer, reply) = (self.0.peer, self.0.reply);
+        let reply = self.0.reply;
         let (bytes, len) = (Escaped(reply), reply.len());
+        write!(f, "{} ", self.0.peer)?;
         match &self.0.end {
-            ReplyEnd::Line => write!(f, "{peer} said: {bytes}"),
-            ReplyEnd::Closed if reply.is_empty() => write!(f, "{peer} closed without replying"),
-            ReplyEnd::Closed => write!(f, "{peer} said: {bytes} (closed before newline)"),
-            ReplyEnd::Truncated => write!(f, "{peer} said: {bytes} (truncated at {len} bytes)"),
-            ReplyEnd::TimedOut { after } => write!(
-                f,
-                "{peer} timed out after {}s without a full reply; got {bytes}",
-                after.as_secs_f64()
-            ),
-            ReplyEnd::CutOff => write!(
-                f,
-                "{peer} cut off by shutdown before a full reply; got {bytes}"
-            ),
-            ReplyEnd::Failed(e) => {
-                let why = describe_io_error(e);
-                write!(f, "{peer} read error: {why}; got {bytes}")
+            ReplyEnd::Line => write!(f, "said: {bytes}"),
+            ReplyEnd::Closed if reply.is_empty() => write!(f, "closed without replying"),
+            ReplyEnd::Closed => write!(f, "said: {bytes} (closed before newline)"),
+            ReplyEnd::Truncated => write!(f, "said: {bytes} (truncated at {len} bytes)"),
+            ReplyEnd::TimedOut { after } => {
+                write!(f, "timed out after {}s ", after.as_secs_f64())?;
+                write!(f, "without a full reply; got {bytes}")
             }
+            ReplyEnd::CutOff => write!(f, "cut off by shutdown before a full reply; got {bytes}"),
+            ReplyEnd::Failed(e) => write!(f, "read error: {}; got {bytes}", describe_io_error(e)),
         }?;
-        self.0.tls.map_or(Ok(()), |tls| write!(f, " {tls}"))
-    }
-}
-
-/// `over TLSv1_3 TLS13_AES_256_GCM_SHA384, SNI "localhost", client "CN=alice"` (escaped).
-impl fmt::Display for TlsSession {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "over {} {}", self.version, self.cipher_suite)?;
-        for (what, text) in [("SNI", &self.server_name), ("client", &self.client_subject)] {
-            if let Some(text) = text {
-                write!(f, ", {what} {}", Escaped(text.as_bytes()))?;
-            }
+        // ` over TLSv1_3 TLS13_AES_256_GCM_SHA384, SNI "localhost", client "CN=alice"`
+        let Some(tls) = self.0.tls else { return Ok(()) };
+        write!(f, " over {} {}", tls.version, tls.cipher_suite)?;
+        for (what, text) in [("SNI", &tls.server_name), ("client", &tls.client_subject)] {
+            let Some(text) = text else { continue };
+            write!(f, ", {what} {}", Escaped(text.as_bytes()))?;
         }
         Ok(())
     }
@@ -152,10 +140,9 @@ pub(crate) fn json_line(ts: &str, record: &log::Record<'_>) -> Json {
     Json::Object(object)
 }
 
-/// Escapes in JSON strings what serde_json leaves (it escapes only C0
-/// controls) but ends a line for some log tools, drives terminals or hides
-/// text: DEL, C1 controls (NEL among them), U+2028 and U+2029, and the
-/// invisible and bidirectional format characters (as the text format does).
+/// Escapes in JSON strings what serde_json leaves (it escapes only C0 controls) but
+/// ends a line for some log tools, drives terminals or hides text: DEL, C1 controls
+/// (NEL too), U+2028, U+2029, the invisible and bidirectional format characters.
 pub(crate) fn escape_line_breakers(json: &str) -> String {
     let mut out = String::with_capacity(json.len());
     for c in json.chars() {
@@ -182,9 +169,8 @@ impl<'kvs> VisitSource<'kvs> for JsonFields<'_> {
     }
 }
 
-/// Client bytes in double quotes with Rust-style escapes, for example
-/// `"yes\r\u{1b}[31m\xFF"`: text stays readable, whatever could affect a
-/// terminal or a log parser becomes visible.
+/// Client bytes in double quotes with Rust-style escapes (`"yes\r\u{1b}[31m\xFF"`): text
+/// stays readable, whatever could affect a terminal or a log parser becomes visible.
 pub(crate) struct Escaped<'a>(pub(crate) &'a [u8]);
 
 impl fmt::Display for Escaped<'_> {

@@ -17,14 +17,14 @@ use std::time::{Duration, Instant};
 use std::{panic, thread};
 
 use libc::{EDQUOT, EFBIG, EIO, ENOSPC, EPIPE};
-use log::kv::{Key, ToValue, Value};
+use log::kv::{Key, Source, ToValue, Value};
 use log::{Level, LevelFilter, Log as _, error, warn};
 
 pub use super::format::LogFormat;
 pub(crate) use super::format::event;
 use super::format::{Escaped, RecordText, class_of, escape_line_breakers, json_line};
 use super::queue::{Class, Observer, Output, Queue};
-use super::{Record, ReplySink, TlsSession};
+use super::{Record, ReplySink};
 use crate::error::describe_io_error;
 use crate::lock;
 
@@ -73,12 +73,10 @@ impl Default for LogSettings {
 /// The target of the `listening on ADDR` line, logged at info whatever
 /// `RUST_LOG` says unless it names this target: it tells `--port 0`'s port.
 pub(crate) const LISTENING_TARGET: &str = "prompt_server::listening";
-/// The target of SIGUSR1's counters line, shown at info whatever `RUST_LOG`
-/// says (an operator asked for it).
+/// The target of SIGUSR1's counters line, shown at info whatever `RUST_LOG` says.
 pub(crate) const COUNTERS_TARGET: &str = "prompt_server::counters";
 const RECORD_TARGET: &str = "prompt_server::connection";
-/// Lines the queue holds while the output is slow: enough for a burst of
-/// replies, few enough that a stalled output is noticed soon.
+/// Lines the queue holds: a burst of replies, few enough that a stall is noticed soon.
 const LOG_QUEUE_LINES: usize = 1024;
 /// The `kind` label of the log's write errors: these errnos, then "other".
 const ERROR_KINDS: [&str; 6] = ["ENOSPC", "EDQUOT", "EFBIG", "EIO", "EPIPE", "other"];
@@ -87,8 +85,7 @@ const ERRNOS: [i32; 5] = [ENOSPC, EDQUOT, EFBIG, EIO, EPIPE];
 /// The process's log, made by [`init`] or else by the first record.
 static LOG: OnceLock<&'static Log> = OnceLock::new();
 
-/// The log, and what its writer thread's reports go to: counters by kind,
-/// the last error, and, when the log is a file, lines on stderr.
+/// The log, and where its writer's reports go: counters, the last error, stderr.
 struct Log {
     queue: Queue,
     /// Formats records, unfiltered.
@@ -107,9 +104,9 @@ struct Log {
 
 impl Log {
     /// A line as `env_logger` formats it, whatever `RUST_LOG` says.
-    fn line(&self, level: Level, target: &str, kvs: &[(&str, Value)], args: Arguments) -> Vec<u8> {
+    fn line(&self, level: Level, target: &str, kvs: &dyn Source, args: Arguments) -> Vec<u8> {
         let mut builder = log::Record::builder();
-        builder.level(level).target(target).key_values(&kvs);
+        builder.level(level).target(target).key_values(kvs);
         self.records.log(&builder.args(args).build());
         FORMATTED.take()
     }
@@ -147,8 +144,7 @@ pub fn init(settings: &LogSettings) -> io::Result<()> {
         .map_err(|e| io::Error::other(e.to_string()))
 }
 
-/// An `env_logger` builder for `settings` whose lines land in [`FORMATTED`],
-/// in colour when they go to a terminal.
+/// An `env_logger` builder for `settings`: lines land in [`FORMATTED`], coloured for a terminal.
 fn builder(settings: &LogSettings) -> env_logger::Builder {
     let mut builder = env_logger::Builder::new();
     if settings.format == LogFormat::Json {
@@ -184,8 +180,7 @@ fn install(settings: &LogSettings) -> io::Result<&'static Log> {
     Ok(log)
 }
 
-/// A thread that writes the lines it is sent to stderr, so that a stalled
-/// stderr never holds up the log file.
+/// A thread that writes the lines sent to it on stderr: a stalled stderr holds up no log file.
 fn stderr_writer() -> io::Result<SyncSender<String>> {
     let (send, receive) = mpsc::sync_channel::<String>(16);
     thread::Builder::new()
@@ -213,24 +208,20 @@ impl ReplySink for LogReplies {
         };
         let text = RecordText(record);
         let (level, event) = text.level_and_event();
-        let proxy = record.proxy.map(|proxy| proxy.to_string());
         let reply = String::from_utf8_lossy(record.reply);
-        let duration_ms = record.duration.as_millis() as u64;
-        let tls = |field: fn(&TlsSession) -> Option<&str>| {
-            (record.tls.and_then(field)).map_or(Value::null(), Value::from)
-        };
-        let fields = [
-            ("event", Value::from(event)),
-            ("peer", Value::from_display(&record.peer)),
-            ("proxy", proxy.to_value()),
-            ("reply", Value::from(&*reply)),
-            ("reply_lossy", Value::from(matches!(reply, Cow::Owned(_)))),
-            ("bytes", Value::from(record.reply.len())),
-            ("duration_ms", Value::from(duration_ms)),
-            ("tls_version", tls(|s| Some(s.version))),
-            ("tls_cipher", tls(|s| Some(s.cipher_suite))),
-            ("tls_sni", tls(|s| s.server_name.as_deref())),
-            ("tls_client", tls(|s| s.client_subject.as_deref())),
+        let tls = record.tls;
+        let fields: [(&str, &dyn ToValue); 11] = [
+            ("event", &event),
+            ("peer", &Value::from_display(&record.peer)),
+            ("proxy", &record.proxy.map(|proxy| proxy.to_string())),
+            ("reply", &Value::from(&*reply)),
+            ("reply_lossy", &matches!(reply, Cow::Owned(_))),
+            ("bytes", &record.reply.len()),
+            ("duration_ms", &(record.duration.as_millis() as u64)),
+            ("tls_version", &tls.map(|s| s.version)),
+            ("tls_cipher", &tls.map(|s| s.cipher_suite)),
+            ("tls_sni", &tls.and_then(|s| s.server_name.as_deref())),
+            ("tls_client", &tls.and_then(|s| s.client_subject.as_deref())),
         ];
         let line = log.line(level, RECORD_TARGET, &fields, format_args!("{text}"));
         log.queue.push_and_wait(line, log.record_timeout)
@@ -249,13 +240,12 @@ pub(crate) fn stop_waiting_for_the_log() {
     }
 }
 
-/// Opens the log file again (SIGHUP, after logrotate renamed it), with a
-/// first line that says so. Returns false when the log is not a file.
+/// Reopens the log file (SIGHUP, logrotate) with a first line that says so; false for stderr.
 pub(crate) fn reopen() -> bool {
     let Some(log) = LOG.get().filter(|log| log.file.is_some()) else {
         return false;
     };
-    let event = [("event", Value::from(event::LOG_REOPENED))];
+    let event = [("event", event::LOG_REOPENED)];
     let why = "the lines before this one are in the file it was renamed to";
     let message = format_args!("log file reopened (SIGHUP): {why}");
     let line = log.line(Level::Info, "prompt_server::logging", &event, message);
@@ -306,28 +296,21 @@ impl Observer for Log {
     fn recovered(&self, failures: u64) {
         let why = lock(&self.last_error).take().unwrap_or_default();
         let attempts = if failures == 1 { "attempt" } else { "attempts" };
+        let what = format!("takes writes again after {failures} failed {attempts} ({why})");
         if let Some(path) = &self.file {
-            self.to_stderr(format!(
-                "prompt-server: the log file {path} takes writes again ({failures} failed {attempts}: {why})\n"
-            ));
+            self.to_stderr(format!("prompt-server: the log file {path} {what}\n"));
         }
-        warn!(
-            event = event::LOG_RECOVERED, failures = failures;
-            "the log takes writes again after {failures} failed {attempts} ({why})"
-        );
+        warn!(event = event::LOG_RECOVERED, failures = failures; "the log {what}");
     }
 
     fn reopen_failed(&self, error: &io::Error) {
         let path = self.file.as_deref().unwrap_or_default();
         let why = describe_io_error(error);
-        self.to_stderr(format!(
-            "prompt-server: cannot reopen the log file {path}: {why}; still writing to the file \
-             open before\n"
-        ));
-        warn!(
-            event = event::LOG_REOPEN_FAILED;
-            "cannot reopen the log file {path}: {why}; still writing to this file"
+        let what = format!(
+            "cannot reopen the log file {path}: {why}; still writing to the file it was renamed to"
         );
+        self.to_stderr(format!("prompt-server: {what}\n"));
+        warn!(event = event::LOG_REOPEN_FAILED; "{what}");
     }
 
     fn dropped(&self, count: u64) {
@@ -450,8 +433,7 @@ pub(crate) static TLS_HANDSHAKE_LINES: LogEvery = LogEvery::new(event::TLS_HANDS
 pub(crate) static ACCEPT_ERROR_LINES: LogEvery =
     LogEvery::new(event::ACCEPT_ERROR, Duration::from_secs(5));
 
-/// Logs how many lines of each kind are held back, at their own level: a
-/// stopping server's last word.
+/// Logs how many lines of each kind are held back: a stopping server's last word.
 pub(crate) fn report_held_back() {
     for every in [
         &BUSY_LINES,
@@ -508,10 +490,8 @@ pub fn log_panics() {
             .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
             .unwrap_or("(no message)");
         let message = Escaped(message.as_bytes());
-        let location = info
-            .location()
-            .map(|l| format!("{}:{}", l.file(), l.line()));
-        let location = location.unwrap_or_default();
+        let at = info.location();
+        let location = at.map_or(String::new(), |at| format!("{}:{}", at.file(), at.line()));
         let peer = SERVING.get();
         let serving = peer.map(|p| format!(" serving {p}")).unwrap_or_default();
         error!(

@@ -1,7 +1,6 @@
-//! The record: where every served connection's reply goes (a [`ReplySink`],
-//! the log by default), and the log it shares with the diagnostics:
-//! [`logging`] sets it up, `format` makes its lines, `queue` writes them to
-//! stderr or the log file (group commit).
+//! The record: where every served connection's reply goes (a [`ReplySink`], the log
+//! by default), and that log: [`logging`] sets it up, `format` makes its lines,
+//! `queue` writes them to stderr or the log file (group commit).
 
 use std::fmt;
 use std::io;

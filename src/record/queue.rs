@@ -1,11 +1,8 @@
-//! The log's output (stderr, or the `--log-file` that SIGHUP reopens) and the
-//! bounded queue in front of it: group commit. One writer thread writes every
-//! waiting line as one batch and `fdatasync`s it once if it holds a record
-//! (batches grow only under load, as PostgreSQL's WAL flush; after a batch of
-//! several records, the next waits as long as that one took for more, as its
-//! `commit_delay` does, so one sync covers more clients); a record's caller
-//! waits for that up to its deadline and never does I/O, so a stalled output
-//! holds up no client past its deadline. A failed batch is retried, with a
+//! The log's output (stderr, or the `--log-file` that SIGHUP reopens) and the bounded
+//! queue in front of it: group commit, as PostgreSQL's WAL flush. One writer thread
+//! writes every waiting line as one batch and `fdatasync`s it once if it holds a
+//! record; a record's caller waits for that up to its deadline and never does I/O,
+//! so a stalled output holds up no client past it. A failed batch is retried, with a
 //! growing pause, from where its write stopped (after a failed sync, whole).
 //!
 //! On a pipe (stderr, unsynced), a record of at most `PIPE_BUF` bytes is
@@ -225,6 +222,19 @@ impl State {
         });
         number
     }
+
+    /// Empties given-up line `number` wherever no byte of it is written yet.
+    fn give_up(&mut self, number: u64) {
+        for lines in std::iter::once(&mut self.waiting).chain(&mut self.retry) {
+            let mut start = 0;
+            for line in &mut lines.lines {
+                if line.number == number && start >= lines.written {
+                    line.bytes.clear();
+                }
+                start += line.bytes.len();
+            }
+        }
+    }
 }
 
 struct Line {
@@ -243,27 +253,14 @@ struct Lines {
 }
 
 impl Lines {
-    /// Empties given-up line `number` if no byte of it is written yet.
-    fn give_up(&mut self, number: u64) {
-        let mut start = 0;
-        for line in &mut self.lines {
-            if line.number == number && start >= self.written {
-                line.bytes.clear();
-            }
-            start += line.bytes.len();
-        }
-    }
-
     /// Goes back to the start of the line a failed write tore.
     fn rewind_torn_line(&mut self) {
         let ends = self.lines.iter().scan(0, |end, line| {
             *end += line.bytes.len();
             Some(*end)
         });
-        self.written = ends
-            .take_while(|end| *end <= self.written)
-            .last()
-            .unwrap_or(0);
+        let whole = ends.take_while(|end| *end <= self.written).last();
+        self.written = whole.unwrap_or(0);
     }
 
     /// Writes what is left, then syncs if a record is in it (written now or
@@ -280,11 +277,8 @@ impl Lines {
                 Err(e) => return Err(e),
             }
         }
-        let records = self
-            .lines
-            .iter()
-            .any(|line| line.record && !line.bytes.is_empty());
-        if !(records && output.sync) {
+        let record = |line: &Line| line.record && !line.bytes.is_empty();
+        if !(output.sync && self.lines.iter().any(record)) {
             return Ok(());
         }
         if let Some(lost) = output.file.sync_data().err().or_else(|| output.deleted()) {
@@ -340,31 +334,26 @@ impl Queue {
         if self.write_to_pipe(&bytes) {
             return Ok(());
         }
-        let timed_out = || {
-            let why = format!("the log did not take it within {}s", timeout.as_secs_f64());
-            io::Error::new(io::ErrorKind::TimedOut, why)
+        let (mut bytes, mut number) = (Some(bytes), None);
+        let unwritten = |s: &mut State| {
+            if let Some(bytes) = bytes.take_if(|_| s.waiting.lines.len() < self.capacity) {
+                number = Some(s.enqueue(bytes, true));
+                self.wake_writer(s);
+            }
+            number.is_none_or(|number| s.done < number) && !s.abandoned
         };
         let deadline = Instant::now() + timeout;
-        let full = |s: &mut State| s.waiting.lines.len() >= self.capacity && !s.abandoned;
-        let (mut state, still_full) = self.wait_while(lock(&self.state), deadline, full);
-        if still_full {
-            return Err(timed_out());
-        }
-        let number = state.enqueue(bytes, true);
-        self.wake_writer(&state);
-        let unwritten = |s: &mut State| s.done < number && !s.abandoned;
-        let (mut state, _) = self.wait_while(state, deadline, unwritten);
-        if state.done >= number {
-            return Ok(());
-        }
-        state.waiting.give_up(number);
-        if let Some(batch) = &mut state.retry {
-            batch.give_up(number);
+        let mut state = self.wait_while(lock(&self.state), deadline, unwritten);
+        match number {
+            Some(number) if state.done >= number => return Ok(()),
+            Some(number) => state.give_up(number),
+            None => {}
         }
         if state.abandoned {
             return Err(io::Error::other("the server stopped waiting for the log"));
         }
-        Err(timed_out())
+        let why = format!("the log did not take it within {}s", timeout.as_secs_f64());
+        Err(io::Error::new(io::ErrorKind::TimedOut, why))
     }
 
     /// Writes `bytes` to the pipe whole, if it is one and nobody else writes.
@@ -377,18 +366,16 @@ impl Queue {
         gate.is_some() && pipe.write(bytes).is_ok_and(|n| n == bytes.len())
     }
 
-    /// Waits on `changed` while `waiting` holds, up to `deadline`; true if
-    /// it still holds then.
+    /// Waits on `changed` while `waiting` holds, up to `deadline`.
     fn wait_while<'a>(
         &'a self,
         state: Guard<'a>,
         deadline: Instant,
         waiting: impl FnMut(&mut State) -> bool,
-    ) -> (Guard<'a>, bool) {
+    ) -> Guard<'a> {
         let left = deadline.saturating_duration_since(Instant::now());
         let waited = self.changed.wait_timeout_while(state, left, waiting);
-        let (state, timeout) = waited.unwrap_or_else(PoisonError::into_inner);
-        (state, timeout.timed_out())
+        waited.unwrap_or_else(PoisonError::into_inner).0
     }
 
     fn wake_writer(&self, state: &State) {
@@ -397,8 +384,8 @@ impl Queue {
         }
     }
 
-    /// Writes the batch to retry, or else every waiting line, in one go;
-    /// returns with the lock held again.
+    /// Writes the batch to retry, or else every waiting line, in one go, and
+    /// pauses after a failure; returns with the lock held again.
     fn write_batch<'a>(&'a self, mut state: Guard<'a>, observer: &dyn Observer) -> Guard<'a> {
         let was_full = state.waiting.lines.len() >= self.capacity;
         let retry = state.retry.take();
@@ -412,12 +399,9 @@ impl Queue {
             (batch.write_to(&mut lock(&self.output)), started.elapsed())
         };
         let (mut state, (result, took)) = self.unlocked(state, write);
-        let records = batch.lines.iter().filter(|line| line.record).count();
-        state.commit_delay = if records > 1 {
-            took.min(MAX_COMMIT_DELAY)
-        } else {
-            Duration::ZERO
-        };
+        let several = batch.lines.iter().filter(|line| line.record).count() > 1;
+        let delay = took.min(MAX_COMMIT_DELAY);
+        state.commit_delay = if several { delay } else { Duration::ZERO };
         match result {
             Ok(()) => {
                 let last = batch.lines.last().map_or(0, |line| line.number);
@@ -432,15 +416,18 @@ impl Queue {
                 state.retry = Some(batch);
                 state.failures += 1;
                 self.failing.store(true, Ordering::Relaxed);
+                let doublings = state.failures.saturating_sub(1).min(16) as u32;
+                let pause = (FIRST_RETRY_PAUSE * 2u32.pow(doublings)).min(MAX_RETRY_PAUSE);
                 state = self.unlocked(state, || observer.failed(&e)).0;
+                state = self.unlocked(state, || thread::sleep(pause)).0;
             }
         }
         self.changed.notify_all();
         state
     }
 
-    /// The writer thread: reopens the output when asked, retries a failed
-    /// batch after a pause, writes what waits, reports drops.
+    /// The writer thread: reopens the output when asked, writes the batch to
+    /// retry or what waits, reports drops.
     fn serve(&self, observer: &dyn Observer) {
         let mut state = lock(&self.state);
         loop {
@@ -450,23 +437,18 @@ impl Queue {
                 .wait_while(state, |s| !s.has_work())
                 .unwrap_or_else(PoisonError::into_inner);
             state.writer_idle = false;
-            let mut reopened = false;
             if let Some(first_line) = state.reopen.take() {
                 let reopen = || {
                     let done = lock(&self.output).reopen(&first_line);
                     done.inspect_err(|e| observer.reopen_failed(e)).is_ok()
                 };
+                let reopened;
                 (state, reopened) = self.unlocked(state, reopen);
                 // A line torn by a failed write is written whole again in
                 // the new file, at once: the new file is why it may work.
                 if let (true, Some(batch)) = (reopened, &mut state.retry) {
                     batch.rewind_torn_line();
                 }
-            }
-            if state.retry.is_some() && !reopened {
-                let doublings = state.failures.saturating_sub(1).min(16) as u32;
-                let pause = (FIRST_RETRY_PAUSE * 2u32.pow(doublings)).min(MAX_RETRY_PAUSE);
-                state = self.unlocked(state, || thread::sleep(pause)).0;
             }
             if state.retry.is_some() || !state.waiting.lines.is_empty() {
                 let delay = state.commit_delay;
@@ -493,7 +475,7 @@ impl Queue {
     pub(crate) fn flush(&self, timeout: Duration) -> u64 {
         let state = lock(&self.state);
         let last = state.queued;
-        let (state, _) = self.wait_while(state, Instant::now() + timeout, |s| s.done < last);
+        let state = self.wait_while(state, Instant::now() + timeout, |s| s.done < last);
         state.queued - state.done
     }
 

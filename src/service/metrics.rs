@@ -1,20 +1,19 @@
 //! `--metrics-addr`: the server's numbers over HTTP (docs/OPERATIONS.md has the
-//! table): a `prometheus-client` registry written in the Prometheus text format
-//! 0.0.4, the one `promtool check metrics` reads. Each scrape gets a thread, at
-//! most [`MAX_SCRAPES`] at once. Beyond that a newcomer takes the place of the
-//! oldest scrape of the address that holds the most, which is answered if its
-//! whole request has come, and closed if not. So sockets held open and silent
-//! starve no scraper that sends its request as it connects (Prometheus does),
-//! from whatever address: any local user can bind all of 127/8, so a cap per
-//! address would not hold.
+//! table), a `prometheus-client` registry in the text format 0.0.4 that
+//! `promtool check metrics` reads. Each scrape gets a thread, at most
+//! [`MAX_SCRAPES`] at once; beyond that a newcomer takes the place of the oldest
+//! scrape of the address that holds the most (answered if its whole request has
+//! come, closed if not). So silent sockets starve no scraper that sends its
+//! request as it connects (Prometheus does), from whatever address: any local
+//! user can bind all of 127/8, so a cap per address would not hold.
 
 use std::cmp::Reverse;
 use std::fmt;
 use std::io::{self, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
-use std::thread::{self, JoinHandle};
+use std::sync::{Arc, OnceLock, Weak};
+use std::thread::{self, JoinHandle, ScopedJoinHandle};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use prometheus_client::encoding::prometheus_text::{self, CONTENT_TYPE};
@@ -23,7 +22,6 @@ use prometheus_client::registry::{Metric, Registry};
 use socket2::SockRef;
 
 use crate::limits::capacity::open_fds;
-use crate::lock;
 use crate::logging::event;
 use crate::serve::connection::{Deadline, ReadStep, read_before};
 use crate::stats::{AcceptErrorKind, Label, Stats};
@@ -195,81 +193,36 @@ impl Drop for Endpoint {
     }
 }
 
-/// The scrapes under way, oldest first.
-#[derive(Debug, Default)]
-struct Scrapes {
-    open: Mutex<Vec<Arc<Scrape>>>,
-    /// Notified as each scrape ends.
-    ended: Condvar,
-}
-
-#[derive(Debug)]
+/// A scrape being answered, held by its thread alone: it closes as the thread ends.
 struct Scrape {
     stream: TcpStream,
-    source: IpAddr,
     /// Why its read side was shut down, if it was.
     cut_off: OnceLock<&'static str>,
 }
 
-/// A scrape's place among the [`Scrapes`], given up on drop.
-struct Place<'a> {
-    scrapes: &'a Scrapes,
-    scrape: Arc<Scrape>,
+/// A scrape's place among those under way.
+struct Place<'scope> {
+    source: IpAddr,
+    scrape: Weak<Scrape>,
+    thread: ScopedJoinHandle<'scope, ()>,
 }
 
-impl Scrapes {
-    /// A place for `stream`. At the cap, the oldest scrape of the address
-    /// that holds the most is cut off first, and its end awaited: that waits
-    /// on no client, as an answer fits in the socket's buffer.
-    fn admit(&self, stream: TcpStream, source: IpAddr) -> Place<'_> {
-        let mut open = lock(&self.open);
-        if open.len() >= MAX_SCRAPES {
-            let held = |scrape: &Scrape| open.iter().filter(|s| s.source == scrape.source).count();
-            let oldest_of_most =
-                (0..open.len()).max_by_key(|&age| (held(&open[age]), Reverse(age)));
-            let gone = Arc::clone(&open[oldest_of_most.unwrap_or(0)]);
-            gone.cut_off("cut off: a newer scrape took its place");
-            let there = |open: &mut Vec<Arc<Scrape>>| open.iter().any(|s| Arc::ptr_eq(s, &gone));
-            open = self
-                .ended
-                .wait_while(open, there)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-        let (source, cut_off) = (source.to_canonical(), OnceLock::new());
-        let scrape = Arc::new(Scrape {
-            stream,
-            source,
-            cut_off,
-        });
-        open.push(Arc::clone(&scrape));
-        Place {
-            scrapes: self,
-            scrape,
-        }
-    }
-}
-
-impl Scrape {
+impl Place<'_> {
     /// Its thread sees the end of the stream once it has read what had come
     /// (shutting the read side keeps what is queued, and sends nothing).
     fn cut_off(&self, why: &'static str) {
-        let _ = self.cut_off.set(why);
-        let _ = self.stream.shutdown(Shutdown::Read);
+        if let Some(scrape) = self.scrape.upgrade() {
+            let _ = scrape.cut_off.set(why);
+            let _ = scrape.stream.shutdown(Shutdown::Read);
+        }
     }
 }
 
-impl Drop for Place<'_> {
-    fn drop(&mut self) {
-        lock(&self.scrapes.open).retain(|s| !Arc::ptr_eq(s, &self.scrape));
-        self.scrapes.ended.notify_all();
-    }
-}
-
-/// Gives each scrape a place and a thread; once the listener is shut down,
-/// cuts off the scrapes still reading.
+/// Gives each scrape a place and a thread; at the end, cuts off those still reading.
 fn accept_scrapes(listener: &TcpListener, render: &Render) {
-    let scrapes = Scrapes::default();
     thread::scope(|scope| {
+        // The scrapes under way, oldest first.
+        let mut places: Vec<Place> = Vec::new();
         loop {
             let (stream, peer) = match listener.accept() {
                 Ok(accepted) => accepted,
@@ -280,21 +233,46 @@ fn accept_scrapes(listener: &TcpListener, render: &Render) {
                     continue;
                 }
             };
-            let place = scrapes.admit(stream, peer.ip());
-            let scrape = move || {
-                if let Err(e) = answer(&place.scrape, render) {
+            places.retain(|place| !place.thread.is_finished());
+            if places.len() >= MAX_SCRAPES {
+                make_room(&mut places);
+            }
+            let scrape = Arc::new(Scrape {
+                stream,
+                cut_off: OnceLock::new(),
+            });
+            let watched = Arc::downgrade(&scrape);
+            let answer = move || {
+                if let Err(e) = answer(&scrape, render) {
                     scrape_failed(peer, &format!("failed: {e}"));
                 }
             };
-            let thread = thread::Builder::new().stack_size(SCRAPE_THREAD_STACK);
-            if let Err(e) = thread.spawn_scoped(scope, scrape) {
-                scrape_failed(peer, &format!("closed: cannot start a thread for it: {e}"));
+            let builder = thread::Builder::new().stack_size(SCRAPE_THREAD_STACK);
+            match builder.spawn_scoped(scope, answer) {
+                Ok(thread) => places.push(Place {
+                    source: peer.ip().to_canonical(),
+                    scrape: watched,
+                    thread,
+                }),
+                Err(e) => {
+                    scrape_failed(peer, &format!("closed: cannot start a thread for it: {e}"))
+                }
             }
         }
-        for scrape in lock(&scrapes.open).iter() {
-            scrape.cut_off("cut off: the server is stopping");
+        for place in &places {
+            place.cut_off("cut off: the server is stopping");
         }
     });
+}
+
+/// Cuts off the oldest scrape of the address that holds the most places, and
+/// awaits its end: that waits on no client, as an answer fits in the socket's buffer.
+fn make_room(places: &mut Vec<Place>) {
+    let held = |place: &Place| places.iter().filter(|p| p.source == place.source).count();
+    let oldest_of_most = (0..places.len()).max_by_key(|&age| (held(&places[age]), Reverse(age)));
+    let gone = places.remove(oldest_of_most.unwrap_or(0));
+    gone.cut_off("cut off: a newer scrape took its place");
+    let _ = gone.thread.join();
 }
 
 fn scrape_failed(peer: SocketAddr, what: &str) {
@@ -355,22 +333,15 @@ fn respond(request: &[u8], render: &Render) -> String {
     }
 }
 
-/// A plain-text response naming `status`, with `headers` (lines ending in
-/// CRLF) after the usual ones.
+/// A plain-text response naming `status`, with `headers` (CRLF lines) after the usual ones.
 fn error(status: &str, headers: &str) -> String {
     let body = format!("{status}\n");
     response(status, "text/plain; charset=utf-8", &body, headers, false)
 }
 
-/// `head_only` (for `HEAD`): the headers of `body`, without it.
-fn response(
-    status: &str,
-    content_type: &str,
-    body: &str,
-    headers: &str,
-    head_only: bool,
-) -> String {
-    let (length, body) = (body.len(), if head_only { "" } else { body });
+/// `head` (for `HEAD`): the headers of `body`, without it.
+fn response(status: &str, content_type: &str, body: &str, headers: &str, head: bool) -> String {
+    let (length, body) = (body.len(), if head { "" } else { body });
     format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\n\
          {headers}Connection: close\r\n\r\n{body}"

@@ -1,8 +1,7 @@
-//! Readiness, status and watchdog datagrams to the service manager
-//! (`Type=notify`, sd_notify(3)), sent here to `NOTIFY_SOCKET` read once:
-//! `sd-notify` 0.5.0 reads it at every call and takes `@name` for a file.
-//! `WATCHDOG=1` goes only while every accept loop's [`Heartbeat`] is
-//! healthy, so that systemd restarts a server whose loop is stuck.
+//! Readiness, status and watchdog datagrams to the service manager (`Type=notify`,
+//! sd_notify(3)), sent to `NOTIFY_SOCKET` read once (`sd-notify` 0.5.0 reads it at
+//! every call, and takes `@name` for a file). `WATCHDOG=1` goes only while every
+//! accept loop's [`Heartbeat`] is healthy: systemd restarts a server whose loop is stuck.
 
 use std::ffi::OsStr;
 use std::io;
@@ -163,7 +162,6 @@ impl Inner {
             {
                 let loops = lock(&self.loops);
                 let healthy = !loops.is_empty() && loops.iter().all(|beat| !beat.stalled(every));
-                drop(loops);
                 if healthy && !self.stopping.load(SeqCst) {
                     let _ = self.send(&[NotifyState::Watchdog]);
                 }
