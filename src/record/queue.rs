@@ -188,9 +188,9 @@ struct State {
     abandoned: bool,
     /// A reopen asked for (SIGHUP), with the new file's first line.
     reopen: Option<Vec<u8>>,
-    /// How long the last batch took to write and sync, when it held more
-    /// than one record (clients waiting together): the next batch waits as
-    /// long for more lines, so that one sync covers more clients.
+    /// How long the last synced batch took, when it held more than one
+    /// record (clients waiting together): the next batch waits as long for
+    /// more lines, so that one sync covers more clients.
     commit_delay: Duration,
 }
 
@@ -395,10 +395,14 @@ impl Queue {
         }
         let write = || {
             let _gate = self.pipe.as_ref().map(|_| self.pipe_gate.write());
-            let started = Instant::now();
-            (batch.write_to(&mut lock(&self.output)), started.elapsed())
+            let (started, mut output) = (Instant::now(), lock(&self.output));
+            (
+                batch.write_to(&mut output),
+                output.sync.then(|| started.elapsed()),
+            )
         };
-        let (mut state, (result, took)) = self.unlocked(state, write);
+        let (mut state, (result, synced)) = self.unlocked(state, write);
+        let took = synced.unwrap_or_default();
         let several = batch.lines.iter().filter(|line| line.record).count() > 1;
         let delay = took.min(MAX_COMMIT_DELAY);
         state.commit_delay = if several { delay } else { Duration::ZERO };
