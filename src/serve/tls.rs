@@ -205,16 +205,9 @@ impl Write for Timed {
 /// certificate it signed), or why not, naming the file.
 fn server_config(files: &TlsFiles) -> Result<ServerConfig, String> {
     // ring, not aws-lc-rs: a faster build and fewer dependencies; rustls
-    // deprecates it only for its lack of post-quantum key exchange. X25519
-    // first: ring's default puts P-384, several times dearer, first.
+    // deprecates it only for its lack of post-quantum key exchange.
     #[allow(deprecated)]
-    let mut provider = ring::default_provider();
-    provider.kx_groups = vec![
-        ring::kx_group::X25519,
-        ring::kx_group::SECP256R1,
-        ring::kx_group::SECP384R1,
-    ];
-    let provider = Arc::new(provider);
+    let provider = Arc::new(ring::default_provider());
     let chain = read_pem(&files.cert, "certificate")?;
     let key_der = read_pem::<PrivateKeyDer>(&files.key, "private key")?.swap_remove(0);
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
