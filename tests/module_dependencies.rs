@@ -23,7 +23,7 @@ fn paths_resolve_to_the_module_files_they_name() {
     );
     assert_eq!(resolve("", &path("limits::Refusal"), &modules), "limits");
     assert_eq!(
-        resolve("serve", &path("connection::Deadline"), &modules),
+        resolve("serve", &path("connection::Timed"), &modules),
         "serve/connection"
     );
     assert_eq!(super_of("serve"), "");

@@ -1,16 +1,15 @@
 //! One connection's life on its own thread, from the thread taking it to
 //! parking again: identify the client (its PROXY header, behind a balancer),
 //! admit it, run the TLS handshake, send the prompt, read one reply, record
-//! it, and close: cleanly only once its whole reply is kept. Client bytes are
-//! read, and the prompt written, under a deadline that becomes the socket's
-//! timeout for each call (the time left; `tls.rs` keeps its own), so a client
-//! that trickles bytes (or takes the prompt slowly) never outstays its budget.
+//! it, and close: cleanly only once its whole reply is kept. Every socket
+//! call, under TLS too, is made by a deadline ([`Timed`]).
 //!
 //! Steps marked `#[inline(never)]` keep their buffers and log records out
 //! of the frame an idle client's thread waits in (each would touch one more
 //! page of stack: +4 KiB per idle client, measured).
 
-use std::io::{self, Read, Write};
+use std::borrow::Borrow;
+use std::io::{self, ErrorKind::TimedOut, IoSlice, Read, Write};
 use std::mem::MaybeUninit;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::panic::{self, AssertUnwindSafe};
@@ -35,6 +34,8 @@ use crate::stats::{Outcome, Stats};
 /// this long (nginx's `lingering_close`).
 const LINGER_MAX_BYTES: usize = 64 * 1024;
 const LINGER_MAX_TIME: Duration = Duration::from_secs(1);
+/// How long a clean close waits to hand its TLS `close_notify` to the kernel.
+const CLOSE_NOTIFY_TIMEOUT: Duration = Duration::from_secs(1);
 /// Most bytes asked of the socket in one read: a default-cap reply and its
 /// "\r\n". Reads land on the stack; the reply's heap buffer is allocated
 /// only once bytes arrive, so a silent client costs no heap.
@@ -63,7 +64,7 @@ pub(crate) struct Accepted {
     /// Held until the connection is closed, however it ends.
     pub(crate) slot: ConnectionSlot,
     /// Its TLS session, once the handshake is done.
-    pub(crate) tls: Option<Box<TlsStream>>,
+    pub(crate) tls: Option<Box<TlsStream<Timed<Arc<TcpStream>>>>>,
 }
 
 /// Serves `first`, then each connection `park` hands over, until it hands
@@ -109,13 +110,11 @@ fn serve(accepted: &mut Accepted, serving: &Serving) -> Result<(Outcome, usize),
     let _ip_slot = admit_client(&accepted.stream, client, serving)?;
     if let Some(server) = &serving.tls {
         let deadline = config.reply_timeout.map(|t| accepted.accepted_at + t);
-        accepted.tls = Some(server.handshake(&accepted.stream, &early, deadline, client.addr)?);
+        let socket = Timed::new(Arc::clone(&accepted.stream), deadline, false);
+        accepted.tls = Some(server.handshake(socket, &early, client.addr)?);
     }
     send_prompt(accepted, client, config)?;
-    let reply = match &mut accepted.tls {
-        Some(tls) => read_client_reply(&mut **tls, client, config),
-        None => read_client_reply(&mut early.chain(&*accepted.stream), client, config),
-    };
+    let reply = read_client_reply(accepted, &early, client, config);
     record(client, reply, accepted, serving)
 }
 
@@ -124,7 +123,7 @@ fn serve(accepted: &mut Accepted, serving: &Serving) -> Result<(Outcome, usize),
 /// logged, and the connection reset without a prompt.
 #[inline(never)]
 fn identify_client(accepted: &Accepted, config: &Config) -> Result<(Client, Vec<u8>), Outcome> {
-    let (mut stream, peer) = (&*accepted.stream, accepted.peer);
+    let (stream, peer) = (&*accepted.stream, accepted.peer);
     let direct = Client {
         addr: peer,
         proxy: None,
@@ -135,8 +134,8 @@ fn identify_client(accepted: &Accepted, config: &Config) -> Result<(Client, Vec<
     if !trusted.is_empty() && !trusted.contains(peer.ip()) {
         return Err(refuse(stream, peer, None, &Refusal::UntrustedProxy));
     }
-    let deadline = (config.reply_timeout).map(|t| Deadline::at(accepted.accepted_at + t));
-    match read_proxy_header(&mut stream, deadline) {
+    let deadline = config.reply_timeout.map(|t| accepted.accepted_at + t);
+    match read_proxy_header(Timed::new(stream, deadline, false)) {
         Ok((ProxyHeader::Proxied { source, .. }, rest)) => {
             let (addr, proxy) = (canonical(source), Some(peer));
             Ok((Client { addr, proxy }, rest))
@@ -151,10 +150,7 @@ fn identify_client(accepted: &Accepted, config: &Config) -> Result<(Client, Vec<
 
 /// Reads until a whole PROXY header is in: the header, with whatever bytes
 /// followed it in the same reads, or why there is none.
-fn read_proxy_header<S: DeadlineRead>(
-    source: &mut S,
-    mut deadline: Option<Deadline>,
-) -> Result<(ProxyHeader, Vec<u8>), String> {
+fn read_proxy_header(mut source: impl Read) -> Result<(ProxyHeader, Vec<u8>), String> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 512];
     loop {
@@ -163,11 +159,11 @@ fn read_proxy_header<S: DeadlineRead>(
             Parsed::Invalid(why) => return Err(why.to_string()),
             Parsed::Incomplete => {}
         }
-        match read_before(source, &mut chunk, deadline.as_mut()) {
-            ReadStep::Data(n) => buf.extend_from_slice(&chunk[..n]),
-            ReadStep::Closed => return Err("closed before a complete PROXY header".to_string()),
-            ReadStep::TimedOut => return Err("no complete PROXY header in time".to_string()),
-            ReadStep::Failed(e) => return Err(describe_io_error(&e)),
+        match source.read(&mut chunk) {
+            Ok(0) => return Err("closed before a complete PROXY header".to_string()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == TimedOut => return Err("no complete PROXY header in time".into()),
+            Err(e) => return Err(describe_io_error(&e)),
         }
     }
 }
@@ -201,10 +197,13 @@ fn admit_client<'a>(
 /// Writes the whole prompt within `--write-timeout`.
 #[inline(never)]
 fn send_prompt(accepted: &mut Accepted, client: Client, config: &Config) -> Result<(), Outcome> {
-    let mut deadline = Deadline::after(config.write_timeout, true);
+    let deadline = Some(Instant::now() + config.write_timeout);
     let written = match &mut accepted.tls {
-        Some(tls) => tls.send_within(&config.prompt, config.write_timeout),
-        None => write_before(&accepted.stream, &config.prompt, &mut deadline),
+        Some(tls) => {
+            tls.io.deadline = deadline;
+            tls.send(&config.prompt)
+        }
+        None => Timed::new(&*accepted.stream, deadline, true).write_all(&config.prompt),
     };
     let Err(e) = written else {
         return Ok(());
@@ -217,14 +216,23 @@ fn send_prompt(accepted: &mut Accepted, client: Client, config: &Config) -> Resu
     Err(Outcome::Failed)
 }
 
-/// Reads the reply. The socket's read timeout is the whole budget
-/// (inherited from the listener) unless a PROXY header or a handshake has
-/// set its own.
+/// Reads the reply within `--reply-timeout`, after the bytes that came
+/// with a PROXY header. The socket's read timeout stands at that budget
+/// (inherited from the listener) unless a header or a handshake set its own.
 #[inline(never)]
-fn read_client_reply<S: DeadlineRead>(source: &mut S, client: Client, config: &Config) -> Reply {
-    let timeout_set = config.proxy_protocol.is_none() && config.tls.is_none();
-    let deadline = (config.reply_timeout).map(|budget| Deadline::after(budget, timeout_set));
-    read_reply(source, client.addr, config.max_reply_bytes.get(), deadline)
+fn read_client_reply(acc: &mut Accepted, early: &[u8], client: Client, config: &Config) -> Reply {
+    let (budget, max) = (config.reply_timeout, config.max_reply_bytes.get());
+    let deadline = budget.map(|budget| Instant::now() + budget);
+    match &mut acc.tls {
+        Some(tls) => {
+            tls.io.deadline = deadline;
+            read_reply(&mut **tls, client.addr, max, budget)
+        }
+        None => {
+            let socket = Timed::new(&*acc.stream, deadline, config.proxy_protocol.is_none());
+            read_reply(&mut early.chain(socket), client.addr, max, budget)
+        }
+    }
 }
 
 /// Hands the reply to the reply sink: its outcome and size if the sink
@@ -273,7 +281,8 @@ fn close<R>(accepted: Accepted, outcome: Outcome, reserve: impl FnOnce() -> R) -
     // told in words (the busy line) that it is not served; else a reset (the
     // zero linger time every socket inherits).
     if let Outcome::Replied | Outcome::NoReply | Outcome::Busy | Outcome::RateLimited = outcome {
-        if let Some(tls) = tls {
+        if let Some(mut tls) = tls {
+            tls.io.deadline = Some(Instant::now() + CLOSE_NOTIFY_TIMEOUT);
             tls.close_notify();
         }
         let _ = SockRef::from(&*stream).set_linger(None);
@@ -290,7 +299,7 @@ fn close<R>(accepted: Accepted, outcome: Outcome, reserve: impl FnOnce() -> R) -
 /// client sees the end of stream), read and discard within the linger
 /// bounds, then close.
 #[inline(never)]
-fn linger_if_bytes_wait(mut stream: &TcpStream) {
+fn linger_if_bytes_wait(stream: &TcpStream) {
     let mut byte = [MaybeUninit::<u8>::uninit(); 1];
     let waiting = SockRef::from(stream)
         .recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT)
@@ -298,135 +307,81 @@ fn linger_if_bytes_wait(mut stream: &TcpStream) {
     if !waiting || stream.shutdown(Shutdown::Write).is_err() {
         return;
     }
-    let mut deadline = Deadline::after(LINGER_MAX_TIME, false);
-    let mut discard = [0u8; 2048];
-    let mut discarded = 0;
-    while discarded < LINGER_MAX_BYTES
-        && let ReadStep::Data(n) = read_before(&mut stream, &mut discard, Some(&mut deadline))
-    {
-        discarded += n;
-    }
+    let deadline = Some(Instant::now() + LINGER_MAX_TIME);
+    let mut discard = Timed::new(stream, deadline, false).take(LINGER_MAX_BYTES as u64);
+    let _ = io::copy(&mut discard, &mut io::sink());
 }
 
-/// A byte stream whose read timeout can be set before each read; a trait so
-/// that the property tests drive the very same readers with any chunking.
-pub(crate) trait DeadlineRead: Read {
-    fn set_read_timeout_for_next_read(&mut self, timeout: Duration) -> io::Result<()>;
-}
-
-impl DeadlineRead for &TcpStream {
-    fn set_read_timeout_for_next_read(&mut self, timeout: Duration) -> io::Result<()> {
-        self.set_read_timeout(Some(timeout))
-    }
-}
-
-impl DeadlineRead for TlsStream {
-    fn set_read_timeout_for_next_read(&mut self, timeout: Duration) -> io::Result<()> {
-        self.read_within(timeout)
-    }
-}
-
-/// Bytes already read (after a PROXY header) first, then the stream.
-impl<S: DeadlineRead> DeadlineRead for io::Chain<&[u8], S> {
-    fn set_read_timeout_for_next_read(&mut self, timeout: Duration) -> io::Result<()> {
-        self.get_mut().1.set_read_timeout_for_next_read(timeout)
-    }
-}
-
-/// What one read under a deadline gave.
-#[derive(Debug)]
-pub(crate) enum ReadStep {
-    Data(usize),
-    Closed,
-    /// The deadline passed, before or during the read.
-    TimedOut,
-    Failed(io::Error),
-}
-
-/// When reading (or writing) must be done by: before each call the
-/// socket's timeout is set to the time left, except for a first call whose
-/// timeout already stands at the whole budget (inherited from the
-/// listener: one `setsockopt` less per connection).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Deadline {
-    at: Instant,
-    budget: Duration,
+/// The socket, each call done by a deadline: before it, the socket's timeout
+/// is set to the time left (`TimedOut` once none is), so a client that
+/// trickles bytes, or takes the prompt a byte at a time, never outstays its
+/// budget. A call the socket's timeout ends is `TimedOut` too.
+pub(crate) struct Timed<S> {
+    socket: S,
+    /// `None`: no deadline of its own.
+    pub(crate) deadline: Option<Instant>,
+    /// The timeout for the next call stands at the time left already
+    /// (inherited from the listener): one `setsockopt` less per connection.
     timeout_set: bool,
 }
 
-impl Deadline {
-    /// `budget` from now; `timeout_set`: the first call's timeout stands.
-    pub(crate) fn after(budget: Duration, timeout_set: bool) -> Self {
-        let at = Instant::now() + budget;
-        Deadline {
-            at,
-            budget,
+impl<S: Borrow<TcpStream>> Timed<S> {
+    pub(crate) fn new(socket: S, deadline: Option<Instant>, timeout_set: bool) -> Self {
+        Timed {
+            socket,
+            deadline,
             timeout_set,
         }
     }
 
-    pub(crate) fn at(at: Instant) -> Self {
-        Self::after(at.saturating_duration_since(Instant::now()), false)
-    }
-
-    /// The timeout to set before the next call (`None`: it stands already),
-    /// or `TimedOut` once the deadline has passed.
-    fn next_timeout(&mut self) -> io::Result<Option<Duration>> {
-        let left = self.at.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        Ok((!std::mem::replace(&mut self.timeout_set, false)).then_some(left))
-    }
-}
-
-/// Reads once into `buf`, giving up at `deadline` (if any).
-pub(crate) fn read_before<S: DeadlineRead>(
-    source: &mut S,
-    buf: &mut [u8],
-    deadline: Option<&mut Deadline>,
-) -> ReadStep {
-    match deadline.map(Deadline::next_timeout) {
-        Some(Err(_)) => return ReadStep::TimedOut,
-        Some(Ok(Some(left))) => {
-            if let Err(e) = source.set_read_timeout_for_next_read(left) {
-                return ReadStep::Failed(e);
+    /// Makes `call` (again if interrupted), first setting the socket's read
+    /// or write timeout (`set`) to the time left.
+    fn call<T>(
+        &mut self,
+        set: fn(&TcpStream, Option<Duration>) -> io::Result<()>,
+        mut call: impl FnMut(&TcpStream) -> io::Result<T>,
+    ) -> io::Result<T> {
+        if let Some(at) = self.deadline {
+            let left = at.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            if !std::mem::take(&mut self.timeout_set) {
+                set(self.socket.borrow(), Some(left))?;
             }
         }
-        Some(Ok(None)) | None => {}
-    }
-    loop {
-        return match source.read(buf) {
-            Ok(0) => ReadStep::Closed,
-            Ok(n) => ReadStep::Data(n),
-            Err(e) => match e.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ReadStep::TimedOut,
-                _ => ReadStep::Failed(e),
-            },
-        };
+        loop {
+            match call(self.socket.borrow()) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                result => return result,
+            }
+        }
     }
 }
 
-/// Writes all of `bytes` by `deadline`: a client that takes a byte at a
-/// time still has one budget for the whole prompt.
-pub(crate) fn write_before(
-    mut stream: &TcpStream,
-    mut bytes: &[u8],
-    deadline: &mut Deadline,
-) -> io::Result<()> {
-    while !bytes.is_empty() {
-        if let Some(left) = deadline.next_timeout()? {
-            stream.set_write_timeout(Some(left))?;
-        }
-        match stream.write(bytes) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+impl<S: Borrow<TcpStream>> Read for Timed<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.call(TcpStream::set_read_timeout, |mut socket| socket.read(buf))
     }
-    Ok(())
+}
+
+impl<S: Borrow<TcpStream>> Write for Timed<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[IoSlice::new(buf)])
+    }
+
+    /// rustls hands over a flight of records at once: one `writev`, not a
+    /// segment each (which Nagle's algorithm would hold up).
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.call(TcpStream::set_write_timeout, |mut s| s.write_vectored(bufs))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// One client's reply and why reading stopped.
@@ -441,11 +396,11 @@ pub(crate) struct Reply {
 /// `\r\n` (telnet), at most `max_reply_bytes` of it (a longer reply is cut
 /// and truncated, whatever else ended it), giving up at `deadline` however
 /// the bytes trickle in. Whatever arrived is kept, however reading stopped.
-pub(crate) fn read_reply<S: DeadlineRead>(
-    source: &mut S,
+pub(crate) fn read_reply(
+    source: &mut impl Read,
     peer: SocketAddr,
     max_reply_bytes: usize,
-    mut deadline: Option<Deadline>,
+    budget: Option<Duration>,
 ) -> Reply {
     // Room for a full-length reply and its "\r\n": only past that is a reply
     // known to be too long.
@@ -454,14 +409,14 @@ pub(crate) fn read_reply<S: DeadlineRead>(
     let mut bytes = Vec::new();
     let mut end = loop {
         let want = (limit - bytes.len()).min(READ_CHUNK);
-        let n = match read_before(source, &mut chunk[..want], deadline.as_mut()) {
-            ReadStep::Data(n) => n,
-            ReadStep::Closed => break ReplyEnd::Closed,
-            ReadStep::TimedOut => {
-                let after = deadline.map(|d| d.budget).unwrap_or_default();
+        let n = match source.read(&mut chunk[..want]) {
+            Ok(0) => break ReplyEnd::Closed,
+            Ok(n) => n,
+            Err(e) if e.kind() == TimedOut => {
+                let after = budget.unwrap_or_default();
                 break ReplyEnd::TimedOut { after };
             }
-            ReadStep::Failed(e) => break ReplyEnd::Failed(e),
+            Err(e) => break ReplyEnd::Failed(e),
         };
         trace!(event = event::READ, peer:% = peer, bytes = n; "{peer}: read {n} bytes");
         let start = bytes.len();
@@ -517,12 +472,6 @@ mod tests {
                 self.chunks.pop_front();
             }
             Ok(n)
-        }
-    }
-
-    impl DeadlineRead for Chunked {
-        fn set_read_timeout_for_next_read(&mut self, _: Duration) -> io::Result<()> {
-            Ok(())
         }
     }
 
@@ -584,11 +533,15 @@ mod tests {
 
     #[test]
     fn expired_deadline_times_out_without_reading() {
-        let peer = "127.0.0.1:9".parse().unwrap();
-        let mut source = Chunked::new([b"yes\n".to_vec()]);
-        let deadline = Deadline::after(Duration::ZERO, true);
-        let reply = read_reply(&mut source, peer, 1024, Some(deadline));
-        assert!(matches!(reply.end, ReplyEnd::TimedOut { .. }));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = listener.local_addr().unwrap();
+        let mut client = TcpStream::connect(peer).unwrap();
+        client.write_all(b"yes\n").unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let budget = Duration::from_secs(5);
+        let mut socket = Timed::new(&server, Some(Instant::now()), true);
+        let reply = read_reply(&mut socket, peer, 1024, Some(budget));
+        assert!(matches!(reply.end, ReplyEnd::TimedOut { after } if after == budget));
         assert!(reply.bytes.is_empty());
     }
 

@@ -1,14 +1,13 @@
 //! TLS (`--tls-cert`): rustls's `ServerConnection` over the socket on the
-//! connection's own thread, each socket call under the time left to a
-//! deadline (one read of plaintext may take several). The files are read
+//! connection's own thread (the caller gives it the socket with the deadline
+//! every call of it meets; one read of plaintext may take several). The files are read
 //! at the start and on each SIGHUP (a set that does not load keeps the old);
 //! sessions are never resumed, so each handshake meets the current files.
 
-use std::io::{self, ErrorKind, IoSlice, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use log::{info, warn};
 use rustls::pki_types::pem::{self, PemObject};
@@ -23,9 +22,6 @@ use crate::lock;
 use crate::logging::{TLS_HANDSHAKE_LINES, event, log_every};
 use crate::record::TlsSession;
 use crate::stats::Outcome;
-
-/// How long a clean close waits to hand its `close_notify` to the kernel.
-const CLOSE_NOTIFY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A TLS server's files, and the configuration last read from them.
 pub(crate) struct TlsServer {
@@ -59,20 +55,18 @@ impl TlsServer {
         }
     }
 
-    /// Runs the handshake by `deadline` (the reply deadline, as for a PROXY
-    /// header), after the `early` bytes that came with one; logs a failure.
+    /// Runs the handshake over `io`, after the `early` bytes that came with
+    /// a PROXY header; logs a failure.
     #[inline(never)] // its buffers stay out of the frame an idle client waits in
-    pub(crate) fn handshake(
+    pub(crate) fn handshake<T: Read + Write>(
         &self,
-        socket: &Arc<TcpStream>,
+        io: T,
         mut early: &[u8],
-        deadline: Option<Instant>,
         peer: SocketAddr,
-    ) -> Result<Box<TlsStream>, Outcome> {
-        let (config, socket) = (Arc::clone(&lock(&self.current)), Arc::clone(socket));
-        let shake = || -> io::Result<Box<TlsStream>> {
+    ) -> Result<Box<TlsStream<T>>, Outcome> {
+        let config = Arc::clone(&lock(&self.current));
+        let shake = || -> io::Result<Box<TlsStream<T>>> {
             let conn = ServerConnection::new(config).map_err(io::Error::other)?;
-            let io = Timed { socket, deadline };
             let mut tls = Box::new(TlsStream { conn, io });
             while !early.is_empty() {
                 tls.conn.read_tls(&mut early)?;
@@ -90,7 +84,7 @@ impl TlsServer {
 /// Logs why a handshake failed (one line a second at most), for a reset.
 fn handshake_failed(e: &io::Error, peer: SocketAddr) -> Outcome {
     let why = match e.kind() {
-        ErrorKind::WouldBlock | ErrorKind::TimedOut => "not done by the reply deadline".into(),
+        ErrorKind::TimedOut => "not done by the reply deadline".into(),
         ErrorKind::UnexpectedEof => "the client closed the connection".into(),
         _ => describe_io_error(e),
     };
@@ -99,27 +93,13 @@ fn handshake_failed(e: &io::Error, peer: SocketAddr) -> Outcome {
 }
 
 /// A connection's TLS session: what its prompt and reply go through.
-pub(crate) struct TlsStream {
+pub(crate) struct TlsStream<T> {
     conn: ServerConnection,
-    io: Timed,
+    /// The socket.
+    pub(crate) io: T,
 }
 
-impl TlsStream {
-    /// Sends all of `bytes` within `budget`; reading after it has no
-    /// deadline until [`read_within`](Self::read_within) sets one.
-    pub(crate) fn send_within(&mut self, bytes: &[u8], budget: Duration) -> io::Result<()> {
-        self.io.deadline = Some(Instant::now() + budget);
-        let sent = self.send(bytes);
-        self.io.deadline = None;
-        sent
-    }
-
-    /// Bounds the next read of plaintext, each of its socket reads included.
-    pub(crate) fn read_within(&mut self, timeout: Duration) -> io::Result<()> {
-        self.io.deadline = Some(Instant::now() + timeout);
-        Ok(())
-    }
-
+impl<T: Read + Write> TlsStream<T> {
     /// What the record tells of the session.
     pub(crate) fn session(&self) -> TlsSession {
         let (conn, version) = (&self.conn, self.conn.protocol_version());
@@ -132,15 +112,14 @@ impl TlsStream {
         }
     }
 
-    /// Sends `close_notify`, for a clean close only; a client that does not
-    /// take it within [`CLOSE_NOTIFY_TIMEOUT`] sees an end of stream without.
-    pub(crate) fn close_notify(mut self: Box<Self>) {
+    /// Sends `close_notify`, for a clean close only.
+    pub(crate) fn close_notify(&mut self) {
         self.conn.send_close_notify();
-        let _ = self.send_within(&[], CLOSE_NOTIFY_TIMEOUT);
+        let _ = self.send(&[]);
     }
 
     /// Writes every TLS record rustls has waiting, then `bytes` as more.
-    fn send(&mut self, mut bytes: &[u8]) -> io::Result<()> {
+    pub(crate) fn send(&mut self, mut bytes: &[u8]) -> io::Result<()> {
         loop {
             while self.conn.wants_write() && self.conn.write_tls(&mut self.io)? > 0 {}
             if bytes.is_empty() {
@@ -152,52 +131,9 @@ impl TlsStream {
 }
 
 /// An end of stream without `close_notify` is an error: a reply cut short.
-impl Read for TlsStream {
+impl<T: Read + Write> Read for TlsStream<T> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         rustls::Stream::new(&mut self.conn, &mut self.io).read(buf)
-    }
-}
-
-/// The socket, each call under the time left to `deadline` (if any).
-struct Timed {
-    socket: Arc<TcpStream>,
-    deadline: Option<Instant>,
-}
-
-impl Timed {
-    /// Sets the socket's read or write timeout (`set`) to the time left;
-    /// `TimedOut` once none is.
-    fn arm(&self, set: fn(&TcpStream, Option<Duration>) -> io::Result<()>) -> io::Result<()> {
-        let now = Instant::now();
-        match self.deadline.map(|at| at.saturating_duration_since(now)) {
-            None => Ok(()),
-            Some(Duration::ZERO) => Err(ErrorKind::TimedOut.into()),
-            left => set(&self.socket, left),
-        }
-    }
-}
-
-impl Read for Timed {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.arm(TcpStream::set_read_timeout)?;
-        (&*self.socket).read(buf)
-    }
-}
-
-impl Write for Timed {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.write_vectored(&[IoSlice::new(buf)])
-    }
-
-    /// rustls hands over a flight of records at once: one `writev`, not a
-    /// segment each (which Nagle's algorithm would hold up).
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        self.arm(TcpStream::set_write_timeout)?;
-        (&*self.socket).write_vectored(bufs)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 

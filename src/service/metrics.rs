@@ -9,7 +9,7 @@
 
 use std::cmp::Reverse;
 use std::fmt;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -23,7 +23,7 @@ use socket2::SockRef;
 
 use crate::limits::capacity::open_fds;
 use crate::logging::event;
-use crate::serve::connection::{Deadline, ReadStep, read_before};
+use crate::serve::connection::Timed;
 use crate::stats::{AcceptErrorKind, Label, Stats};
 
 /// The whole time a scraper has to send its request and take the response.
@@ -281,20 +281,17 @@ fn scrape_failed(peer: SocketAddr, what: &str) {
 
 /// Reads a request's headers within [`SCRAPE_DEADLINE`], answers, and closes.
 fn answer(scrape: &Scrape, render: &Render) -> io::Result<()> {
-    let mut stream = &scrape.stream;
-    let deadline = Instant::now() + SCRAPE_DEADLINE;
-    let mut reading = Deadline::at(deadline);
+    let deadline = Some(Instant::now() + SCRAPE_DEADLINE);
+    let mut stream = Timed::new(&scrape.stream, deadline, false);
     let mut request = Vec::new();
     let mut chunk = [0u8; 1024];
     let response = loop {
-        match read_before(&mut stream, &mut chunk, Some(&mut reading)) {
-            ReadStep::Data(read) => request.extend_from_slice(&chunk[..read]),
-            ReadStep::Closed => match scrape.cut_off.get() {
+        match stream.read(&mut chunk)? {
+            0 => match scrape.cut_off.get() {
                 Some(&why) => return Err(io::Error::other(why)),
                 None => break error("400 Bad Request", ""),
             },
-            ReadStep::TimedOut => return Err(io::ErrorKind::TimedOut.into()),
-            ReadStep::Failed(e) => return Err(e),
+            read => request.extend_from_slice(&chunk[..read]),
         }
         // An empty line, after CRLF or bare LF lines, ends the headers.
         if request.windows(2).any(|w| w == b"\n\n") || request.windows(3).any(|w| w == b"\n\r\n") {
@@ -304,13 +301,8 @@ fn answer(scrape: &Scrape, render: &Render) -> io::Result<()> {
             break error("431 Request Header Fields Too Large", "");
         }
     };
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(io::ErrorKind::TimedOut.into());
-    }
-    stream.set_write_timeout(Some(left))?;
     stream.write_all(response.as_bytes())?;
-    stream.shutdown(Shutdown::Write)
+    scrape.stream.shutdown(Shutdown::Write)
 }
 
 /// The response to a whole request: only its request line matters.
