@@ -57,12 +57,6 @@ impl Limit {
         }
     }
 
-    /// Connections that fit if this limit were `max`.
-    fn connections_within(&self, max: u64, process_threads: u64) -> u64 {
-        let (fixed, each) = self.costs(process_threads);
-        max.saturating_sub(fixed) / each
-    }
-
     fn name(&self) -> &'static str {
         match self {
             Limit::OpenFiles { .. } => "RLIMIT_NOFILE",
@@ -88,7 +82,8 @@ fn plan(limits: &[Limit], requested: u64, accept_loops: u64) -> Option<Lowered> 
     let process_threads = RESERVED_THREADS.saturating_add(accept_loops);
     let allowed = |limit: &Limit| {
         let (Limit::OpenFiles { max, .. } | Limit::MapCount { max, .. }) = *limit;
-        limit.connections_within(max, process_threads).max(1)
+        let (fixed, each) = limit.costs(process_threads);
+        (max.saturating_sub(fixed) / each).max(1)
     };
     let bound_by = limits.iter().min_by_key(|limit| allowed(limit))?.clone();
     let max_connections = allowed(&bound_by);
@@ -107,7 +102,7 @@ impl fmt::Display for Lowered {
         let (requested, threads, limit) = (self.requested, self.process_threads, &self.bound_by);
         let (fixed, each) = limit.costs(threads);
         let needed = requested.saturating_mul(each).saturating_add(fixed);
-        let most = limit.connections_within(MAX_MAP_COUNT_CEILING, threads);
+        let most = MAX_MAP_COUNT_CEILING.saturating_sub(fixed) / each;
         let raise = if needed <= MAX_MAP_COUNT_CEILING {
             format!("raise it with sysctl vm.max_map_count={needed}")
         } else {
