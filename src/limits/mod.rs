@@ -6,8 +6,7 @@
 use std::collections::{HashMap, hash_map::Entry};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::Ordering::{Relaxed, SeqCst};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
@@ -22,8 +21,6 @@ use crate::stats::Outcome;
 
 pub(crate) mod capacity;
 pub(crate) mod rate;
-
-use rate::RateLimited;
 
 /// How many of something are alive, and a wait for none. Joining and leaving
 /// take no lock; only the last to leave while someone waits wakes anybody.
@@ -220,9 +217,8 @@ impl NetList {
             IpAddr::V4(v4) => IpAddr::V6(v4.to_ipv6_mapped()),
             IpAddr::V6(_) => ip,
         };
-        self.0
-            .iter()
-            .any(|net| net.contains(&ip) || net.contains(&mapped))
+        let within = |ip| self.0.iter().any(|net| net.contains(&ip));
+        within(ip) || within(mapped)
     }
 
     /// Whether the list has no networks at all.
@@ -261,7 +257,7 @@ pub(crate) enum Refusal {
     /// Its address holds `--max-per-ip` connections already.
     PerIp { max: usize },
     /// Its network connects faster than `--max-rate-per-ip`.
-    RateLimited(RateLimited),
+    RateLimited(rate::RateLimited),
     /// The access rules do not admit it.
     Denied,
     /// It sent a PROXY header but is not a trusted proxy.
