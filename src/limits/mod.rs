@@ -168,10 +168,7 @@ pub(crate) struct PerIpLimit {
 
 /// One connection's share of a [`PerIpLimit`], if it has one.
 #[derive(Debug)]
-pub(crate) struct IpSlot<'a> {
-    limit: &'a PerIpLimit,
-    ip: Option<IpAddr>,
-}
+pub(crate) struct IpSlot<'a>(Option<(&'a PerIpLimit, IpAddr)>);
 
 impl PerIpLimit {
     pub(crate) fn new(max: Option<usize>) -> Self {
@@ -181,20 +178,21 @@ impl PerIpLimit {
 
     /// A slot for `ip`, or `None` if it already holds `max` connections.
     pub(crate) fn try_acquire(&self, ip: IpAddr) -> Option<IpSlot<'_>> {
-        let ip = self.max.map(|_| ip.to_canonical());
-        if let (Some(max), Some(ip)) = (self.max, ip) {
-            let mut held = lock(&self.held);
-            let count = held.entry(ip).or_insert(0);
-            (*count < max).then(|| *count += 1)?;
-        }
-        Some(IpSlot { limit: self, ip })
+        let Some(max) = self.max else {
+            return Some(IpSlot(None));
+        };
+        let ip = ip.to_canonical();
+        let mut held = lock(&self.held);
+        let count = held.entry(ip).or_insert(0);
+        (*count < max).then(|| *count += 1)?;
+        Some(IpSlot(Some((self, ip))))
     }
 }
 
 impl Drop for IpSlot<'_> {
     fn drop(&mut self) {
-        let Some(ip) = self.ip else { return };
-        if let Entry::Occupied(mut count) = lock(&self.limit.held).entry(ip) {
+        let Some((limit, ip)) = self.0 else { return };
+        if let Entry::Occupied(mut count) = lock(&limit.held).entry(ip) {
             *count.get_mut() -= 1;
             if *count.get() == 0 {
                 count.remove();
