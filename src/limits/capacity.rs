@@ -44,23 +44,17 @@ enum Limit {
 }
 
 impl Limit {
-    /// What the process takes of this limit besides its connection threads
-    /// (with `process_threads` others), and what each of those takes.
-    fn costs(&self, process_threads: u64) -> (u64, u64) {
+    /// The limit, what the process takes of it besides its connection
+    /// threads (with `process_threads` others), and what each of those takes.
+    fn costs(&self, process_threads: u64) -> (u64, u64, u64) {
         match *self {
-            Limit::OpenFiles { used, .. } => (used.saturating_add(RESERVED_FDS), 1),
-            Limit::MapCount { used, kept, .. } => {
+            Limit::OpenFiles { max, used } => (max, used.saturating_add(RESERVED_FDS), 1),
+            Limit::MapCount { max, used, kept } => {
                 let threads = process_threads.saturating_mul(MAPPINGS_PER_THREAD);
                 let fixed = used.saturating_add(kept).saturating_add(threads);
-                (fixed, MAPPINGS_PER_THREAD)
+                (max, fixed, MAPPINGS_PER_THREAD)
             }
         }
-    }
-
-    /// Connections that fit if this limit were `max`.
-    fn connections_within(&self, max: u64, process_threads: u64) -> u64 {
-        let (fixed, each) = self.costs(process_threads);
-        max.saturating_sub(fixed) / each
     }
 
     fn name(&self) -> &'static str {
@@ -87,8 +81,8 @@ struct Lowered {
 fn plan(limits: &[Limit], requested: u64, accept_loops: u64) -> Option<Lowered> {
     let process_threads = RESERVED_THREADS.saturating_add(accept_loops);
     let allowed = |limit: &Limit| {
-        let (Limit::OpenFiles { max, .. } | Limit::MapCount { max, .. }) = *limit;
-        limit.connections_within(max, process_threads).max(1)
+        let (max, fixed, each) = limit.costs(process_threads);
+        (max.saturating_sub(fixed) / each).max(1)
     };
     let bound_by = limits.iter().min_by_key(|limit| allowed(limit))?.clone();
     let max_connections = allowed(&bound_by);
@@ -105,9 +99,9 @@ fn plan(limits: &[Limit], requested: u64, accept_loops: u64) -> Option<Lowered> 
 impl fmt::Display for Lowered {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (requested, threads, limit) = (self.requested, self.process_threads, &self.bound_by);
-        let (fixed, each) = limit.costs(threads);
+        let (_, fixed, each) = limit.costs(threads);
         let needed = requested.saturating_mul(each).saturating_add(fixed);
-        let most = limit.connections_within(MAX_MAP_COUNT_CEILING, threads);
+        let most = MAX_MAP_COUNT_CEILING.saturating_sub(fixed) / each;
         let raise = if needed <= MAX_MAP_COUNT_CEILING {
             format!("raise it with sysctl vm.max_map_count={needed}")
         } else {

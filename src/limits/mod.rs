@@ -6,8 +6,7 @@
 use std::collections::{HashMap, hash_map::Entry};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::Ordering::{Relaxed, SeqCst};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
@@ -22,8 +21,6 @@ use crate::stats::Outcome;
 
 pub(crate) mod capacity;
 pub(crate) mod rate;
-
-use rate::RateLimited;
 
 /// How many of something are alive, and a wait for none. Joining and leaving
 /// take no lock; only the last to leave while someone waits wakes anybody.
@@ -171,10 +168,7 @@ pub(crate) struct PerIpLimit {
 
 /// One connection's share of a [`PerIpLimit`], if it has one.
 #[derive(Debug)]
-pub(crate) struct IpSlot<'a> {
-    limit: &'a PerIpLimit,
-    ip: Option<IpAddr>,
-}
+pub(crate) struct IpSlot<'a>(Option<(&'a PerIpLimit, IpAddr)>);
 
 impl PerIpLimit {
     pub(crate) fn new(max: Option<usize>) -> Self {
@@ -184,20 +178,21 @@ impl PerIpLimit {
 
     /// A slot for `ip`, or `None` if it already holds `max` connections.
     pub(crate) fn try_acquire(&self, ip: IpAddr) -> Option<IpSlot<'_>> {
-        let ip = self.max.map(|_| ip.to_canonical());
-        if let (Some(max), Some(ip)) = (self.max, ip) {
-            let mut held = lock(&self.held);
-            let count = held.entry(ip).or_insert(0);
-            (*count < max).then(|| *count += 1)?;
-        }
-        Some(IpSlot { limit: self, ip })
+        let Some(max) = self.max else {
+            return Some(IpSlot(None));
+        };
+        let ip = ip.to_canonical();
+        let mut held = lock(&self.held);
+        let count = held.entry(ip).or_insert(0);
+        (*count < max).then(|| *count += 1)?;
+        Some(IpSlot(Some((self, ip))))
     }
 }
 
 impl Drop for IpSlot<'_> {
     fn drop(&mut self) {
-        let Some(ip) = self.ip else { return };
-        if let Entry::Occupied(mut count) = lock(&self.limit.held).entry(ip) {
+        let Some((limit, ip)) = self.0 else { return };
+        if let Entry::Occupied(mut count) = lock(&limit.held).entry(ip) {
             *count.get_mut() -= 1;
             if *count.get() == 0 {
                 count.remove();
@@ -220,9 +215,8 @@ impl NetList {
             IpAddr::V4(v4) => IpAddr::V6(v4.to_ipv6_mapped()),
             IpAddr::V6(_) => ip,
         };
-        self.0
-            .iter()
-            .any(|net| net.contains(&ip) || net.contains(&mapped))
+        let within = |ip| self.0.iter().any(|net| net.contains(&ip));
+        within(ip) || within(mapped)
     }
 
     /// Whether the list has no networks at all.
@@ -261,7 +255,7 @@ pub(crate) enum Refusal {
     /// Its address holds `--max-per-ip` connections already.
     PerIp { max: usize },
     /// Its network connects faster than `--max-rate-per-ip`.
-    RateLimited(RateLimited),
+    RateLimited(rate::RateLimited),
     /// The access rules do not admit it.
     Denied,
     /// It sent a PROXY header but is not a trusted proxy.

@@ -141,8 +141,6 @@ pub(crate) struct RateLimited {
 #[derive(Debug)]
 pub(crate) struct RateBuckets {
     limit: RateLimit,
-    /// How long one token takes to come back (at least 1000 ns).
-    token_nanos: u64,
     /// Times are nanoseconds since this instant (8 bytes a bucket).
     origin: Instant,
     max_buckets: usize,
@@ -164,10 +162,8 @@ struct Table {
 
 impl RateBuckets {
     pub(crate) fn new(limit: RateLimit) -> Self {
-        let token_nanos = duration_nanos(limit.rate.period) / u64::from(limit.rate.count);
         RateBuckets {
             limit,
-            token_nanos,
             origin: Instant::now(),
             max_buckets: DEFAULT_MAX_BUCKETS,
             table: Mutex::default(),
@@ -177,30 +173,30 @@ impl RateBuckets {
     /// Takes a token from the bucket of `ip`'s network at `now`.
     pub(crate) fn try_acquire(&self, ip: IpAddr, now: Instant) -> Result<(), RateLimited> {
         let (network, rate) = (self.limit.network_of(ip), self.limit.rate);
-        let burst_nanos = self.token_nanos * u64::from(rate.count - 1);
+        let token_nanos = duration_nanos(rate.period) / u64::from(rate.count);
+        let burst_nanos = token_nanos * u64::from(rate.count - 1);
         let now = duration_nanos(now.saturating_duration_since(self.origin));
         let mut table = lock(&self.table);
-        if let Some(full_at) = table.full_at.get_mut(&network.addr()) {
-            let start = (*full_at).max(now);
-            if start - now > burst_nanos {
-                let retry_after = Duration::from_nanos(start - now - burst_nanos);
-                return Err(RateLimited {
-                    network,
-                    rate,
-                    retry_after,
-                });
-            }
-            *full_at = start + self.token_nanos;
-            return Ok(());
-        }
-        // A network without a bucket has a full one: admitted, one token gone.
-        if table.full_at.len() >= table.sweep_at_len.min(self.max_buckets) {
+        // A network without a bucket has a full one, for which room is made first.
+        if table.full_at.len() >= table.sweep_at_len.min(self.max_buckets)
+            && !table.full_at.contains_key(&network.addr())
+        {
             table.sweep(now);
             if table.full_at.len() >= self.max_buckets {
                 table.evict_fullest(self.max_buckets / 8);
             }
         }
-        table.full_at.insert(network.addr(), now + self.token_nanos);
+        let full_at = table.full_at.entry(network.addr()).or_insert(now);
+        let start = (*full_at).max(now);
+        if start - now > burst_nanos {
+            let retry_after = Duration::from_nanos(start - now - burst_nanos);
+            return Err(RateLimited {
+                network,
+                rate,
+                retry_after,
+            });
+        }
+        *full_at = start + token_nanos;
         Ok(())
     }
 
