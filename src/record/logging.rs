@@ -295,9 +295,8 @@ impl Observer for Log {
         let why = lock(&self.last_error).take().unwrap_or_default();
         let attempts = if failures == 1 { "attempt" } else { "attempts" };
         let what = format!("takes writes again after {failures} failed {attempts} ({why})");
-        if let Some(path) = &self.file {
-            self.to_stderr(format!("prompt-server: the log file {path} {what}\n"));
-        }
+        let path = self.file.as_deref().unwrap_or_default();
+        self.to_stderr(format!("prompt-server: the log file {path} {what}\n"));
         warn!(event = event::LOG_RECOVERED, failures = failures; "the log {what}");
     }
 
@@ -370,7 +369,6 @@ impl log::Log for Log {
 
 /// At most one line per interval about one kind of thing (busy, denied, ...),
 /// so that a flood is not a flood of log lines; each says how many it held back.
-#[derive(Debug)]
 pub(crate) struct LogEvery {
     pub(crate) event: &'static str,
     interval: Duration,
