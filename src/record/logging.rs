@@ -85,9 +85,12 @@ const ERRNOS: [i32; 5] = [ENOSPC, EDQUOT, EFBIG, EIO, EPIPE];
 /// The process's log, made by [`init`] or else by the first record.
 static LOG: OnceLock<&'static Log> = OnceLock::new();
 
-/// The log, and where its writer's reports go: counters, the last error, stderr.
+/// The log: the `log` facade's logger once [`init`] installs it, and where
+/// its writer's reports go (counters, the last error, stderr).
 struct Log {
     queue: Queue,
+    /// Filters and formats diagnostics; the queue delivers them.
+    diagnostics: env_logger::Logger,
     /// Formats records, unfiltered.
     records: env_logger::Logger,
     record_timeout: Duration,
@@ -131,17 +134,9 @@ pub fn init(settings: &LogSettings) -> io::Result<()> {
         let why = format!("record_timeout {rule}");
         return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
     }
-    let mut diagnostics = builder(settings);
-    // Before RUST_LOG is read, so that a RUST_LOG directive for this very
-    // target replaces it; any other directive is less specific and loses.
-    diagnostics.filter_module(LISTENING_TARGET, LevelFilter::Info);
-    diagnostics.filter_module(COUNTERS_TARGET, LevelFilter::Info);
-    diagnostics.parse_env(env_logger::Env::default().default_filter_or("info"));
-    let diagnostics = diagnostics.build();
     let log = install(settings)?;
-    log::set_max_level(diagnostics.filter());
-    log::set_boxed_logger(Box::new(QueuedLogger { diagnostics, log }))
-        .map_err(|e| io::Error::other(e.to_string()))
+    log::set_max_level(log.diagnostics.filter());
+    log::set_logger(log).map_err(|e| io::Error::other(e.to_string()))
 }
 
 /// An `env_logger` builder for `settings`: lines land in [`FORMATTED`], coloured for a terminal.
@@ -163,9 +158,16 @@ fn builder(settings: &LogSettings) -> env_logger::Builder {
 
 /// Makes the process's log with `settings`; fails if it exists already.
 fn install(settings: &LogSettings) -> io::Result<&'static Log> {
+    let mut diagnostics = builder(settings);
+    // Before RUST_LOG is read, so that a RUST_LOG directive for this very
+    // target replaces it; any other directive is less specific and loses.
+    diagnostics.filter_module(LISTENING_TARGET, LevelFilter::Info);
+    diagnostics.filter_module(COUNTERS_TARGET, LevelFilter::Info);
+    diagnostics.parse_env(env_logger::Env::default().default_filter_or("info"));
     let output = Output::open(settings.file.as_deref(), settings.sync)?;
     let log: &'static Log = Box::leak(Box::new(Log {
         queue: Queue::new(LOG_QUEUE_LINES, output),
+        diagnostics: diagnostics.build(),
         records: builder(settings).filter_level(LevelFilter::Trace).build(),
         record_timeout: settings.record_timeout,
         file: settings.file.as_deref().map(|p| p.display().to_string()),
@@ -202,10 +204,8 @@ pub struct LogReplies;
 
 impl ReplySink for LogReplies {
     fn record(&self, record: &Record<'_>) -> io::Result<()> {
-        let log = match LOG.get() {
-            Some(log) => log,
-            None => install(&LogSettings::default()).or_else(|e| LOG.get().copied().ok_or(e))?,
-        };
+        let default = || install(&LogSettings::default()).or_else(|e| LOG.get().copied().ok_or(e));
+        let log = LOG.get().copied().map_or_else(default, Ok)?;
         let text = RecordText(record);
         let (level, event) = text.level_and_event();
         let reply = String::from_utf8_lossy(record.reply);
@@ -260,10 +260,8 @@ pub(crate) fn lines_dropped() -> u64 {
 
 /// Failed writes and syncs of the log, by kind (`ENOSPC`, `EIO`, ...).
 pub(crate) fn write_errors() -> Vec<(&'static str, u64)> {
-    let Some(log) = LOG.get() else {
-        return Vec::new();
-    };
-    let counts = log.errors.iter().map(|n| n.load(Ordering::Relaxed));
+    let counts = LOG.get().into_iter().flat_map(|log| &log.errors);
+    let counts = counts.map(|n| n.load(Ordering::Relaxed));
     ERROR_KINDS.into_iter().zip(counts).collect()
 }
 
@@ -297,9 +295,8 @@ impl Observer for Log {
         let why = lock(&self.last_error).take().unwrap_or_default();
         let attempts = if failures == 1 { "attempt" } else { "attempts" };
         let what = format!("takes writes again after {failures} failed {attempts} ({why})");
-        if let Some(path) = &self.file {
-            self.to_stderr(format!("prompt-server: the log file {path} {what}\n"));
-        }
+        let path = self.file.as_deref().unwrap_or_default();
+        self.to_stderr(format!("prompt-server: the log file {path} {what}\n"));
         warn!(event = event::LOG_RECOVERED, failures = failures; "the log {what}");
     }
 
@@ -319,12 +316,6 @@ impl Observer for Log {
             "{count} log lines about turned-away clients and errors were dropped while the log was stalled"
         );
     }
-}
-
-/// The logger [`init`] installs: `env_logger` filters and formats, the queue delivers.
-struct QueuedLogger {
-    diagnostics: env_logger::Logger,
-    log: &'static Log,
 }
 
 thread_local! {
@@ -348,7 +339,7 @@ impl Write for Captured {
     }
 }
 
-impl log::Log for QueuedLogger {
+impl log::Log for Log {
     fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
         self.diagnostics.enabled(metadata)
     }
@@ -359,7 +350,7 @@ impl log::Log for QueuedLogger {
         }
         let event = record.key_values().get(Key::from("event"));
         let class = class_of(event.as_ref().and_then(Value::to_borrowed_str));
-        if class == Class::Housekeeping && self.log.queue.drops_housekeeping() {
+        if class == Class::Housekeeping && self.queue.drops_housekeeping() {
             return;
         }
         self.diagnostics.log(record);
@@ -368,9 +359,9 @@ impl log::Log for QueuedLogger {
         // where the server listens: `--port 0` is found out there.
         if record.target() == LISTENING_TARGET {
             let line = String::from_utf8_lossy(&line).into_owned();
-            self.log.to_stderr(line);
+            self.to_stderr(line);
         }
-        self.log.queue.push(line, class);
+        self.queue.push(line, class);
     }
 
     fn flush(&self) {}
@@ -378,7 +369,6 @@ impl log::Log for QueuedLogger {
 
 /// At most one line per interval about one kind of thing (busy, denied, ...),
 /// so that a flood is not a flood of log lines; each says how many it held back.
-#[derive(Debug)]
 pub(crate) struct LogEvery {
     pub(crate) event: &'static str,
     interval: Duration,

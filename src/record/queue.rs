@@ -54,9 +54,7 @@ pub(crate) trait Sink: Write + Send {
     fn sync_data(&mut self) -> io::Result<()>;
 
     /// Whether the file was deleted (its last name removed).
-    fn unlinked(&self) -> bool {
-        false
-    }
+    fn unlinked(&self) -> bool;
 }
 
 impl Sink for File {
@@ -396,15 +394,12 @@ impl Queue {
         let write = || {
             let _gate = self.pipe.as_ref().map(|_| self.pipe_gate.write());
             let (started, mut output) = (Instant::now(), lock(&self.output));
-            (
-                batch.write_to(&mut output),
-                output.sync.then(|| started.elapsed()),
-            )
+            let result = batch.write_to(&mut output);
+            (result, output.sync.then(|| started.elapsed()))
         };
         let (mut state, (result, synced)) = self.unlocked(state, write);
-        let took = synced.unwrap_or_default();
         let several = batch.lines.iter().filter(|line| line.record).count() > 1;
-        let delay = took.min(MAX_COMMIT_DELAY);
+        let delay = synced.unwrap_or_default().min(MAX_COMMIT_DELAY);
         state.commit_delay = if several { delay } else { Duration::ZERO };
         match result {
             Ok(()) => {
@@ -578,6 +573,10 @@ mod tests {
             }
             cues.events.push("sync");
             Ok(())
+        }
+
+        fn unlinked(&self) -> bool {
+            false
         }
     }
 
