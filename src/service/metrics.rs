@@ -17,7 +17,8 @@ use std::thread::{self, JoinHandle, ScopedJoinHandle};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use prometheus_client::encoding::prometheus_text::{self, CONTENT_TYPE};
-use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::{counter::Counter, family::Family};
 use prometheus_client::registry::{Metric, Registry};
 use socket2::SockRef;
 
@@ -46,7 +47,6 @@ pub(crate) struct ServerState {
     pub(crate) connections_open: u64,
     pub(crate) threads_serving: u64,
     pub(crate) threads_parked: u64,
-    pub(crate) max_connections: u64,
     /// `None` without `--max-rate-per-ip`.
     pub(crate) rate_limit_networks: Option<u64>,
     /// The log's own count, which only grows.
@@ -63,7 +63,6 @@ pub(crate) struct Metrics {
     log_write_errors: Family<Label, Counter>,
     connections_open: Count,
     threads: Family<Label, Count>,
-    max_connections: Count,
     /// Registered only with `--max-rate-per-ip`.
     rate_limit_networks: Option<Count>,
     /// Registered only where `/proc/self/fd` can be read at start-up.
@@ -71,11 +70,10 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
-    pub(crate) fn new(stats: &Stats, with_rate_limit: bool) -> Self {
+    pub(crate) fn new(stats: &Stats, max_connections: usize, with_rate_limit: bool) -> Self {
         let mut registry = Registry::default();
-        let start_time = Gauge::<f64, AtomicU64>::default();
         let now = UNIX_EPOCH.elapsed().unwrap_or_default().as_secs_f64();
-        start_time.set(process_start_time().unwrap_or(now));
+        let start_time = ConstGauge::new(process_start_time().unwrap_or(now));
         let help = "Start time of the process since the Unix epoch in seconds";
         registry.register("process_start_time_seconds", help, start_time);
         let open_fds = open_fds()
@@ -90,7 +88,7 @@ impl Metrics {
         let help = "Connection threads alive, serving a client or parked in the thread cache";
         let threads = registered(r, "threads", help);
         let help = "The effective cap on open connections";
-        let max_connections = registered(r, "max_connections", help);
+        r.register("max_connections", help, ConstGauge::new(max_connections));
         let help = "Client networks the rate limit holds a bucket for \
                     (refilled ones go at the next sweep)";
         let rate_limit_networks =
@@ -101,7 +99,6 @@ impl Metrics {
             log_write_errors,
             connections_open,
             threads,
-            max_connections,
             rate_limit_networks,
             open_fds,
         }
@@ -120,7 +117,6 @@ impl Metrics {
         let threads = |state| self.threads.get_or_create(&[("state", state)]);
         threads("serving").set(state.threads_serving);
         threads("parked").set(state.threads_parked);
-        self.max_connections.set(state.max_connections);
         let rate_limit = (&self.rate_limit_networks, state.rate_limit_networks);
         if let (Some(gauge), Some(networks)) = rate_limit {
             gauge.set(networks);
@@ -168,10 +164,7 @@ pub(crate) struct Endpoint {
 
 impl Endpoint {
     /// Answers scrapes on `listener` with `render()`; fails only if no thread starts.
-    pub(crate) fn start(
-        listener: TcpListener,
-        render: impl Fn() -> Result<String, fmt::Error> + Send + Sync + 'static,
-    ) -> io::Result<Self> {
+    pub(crate) fn start(listener: TcpListener, render: Box<Render>) -> io::Result<Self> {
         let listener = Arc::new(listener);
         let accepted = Arc::clone(&listener);
         let thread = thread::Builder::new()
@@ -368,7 +361,6 @@ mod tests {
         connections_open: 1,
         threads_serving: 1,
         threads_parked: 3,
-        max_connections: 1024,
         rate_limit_networks: Some(2),
         log_lines_dropped: 5,
         log_write_errors: Vec::new(),
@@ -377,7 +369,7 @@ mod tests {
     #[test]
     fn a_scrape_shows_what_the_summary_reads_and_the_state_now() {
         let stats = Stats::default();
-        let metrics = Metrics::new(&stats, true);
+        let metrics = Metrics::new(&stats, 1024, true);
         for _ in 0..7 {
             stats.record_accepted();
         }
@@ -429,7 +421,7 @@ mod tests {
 
     #[test]
     fn without_a_rate_limit_there_is_no_rate_limit_gauge() {
-        let metrics = Metrics::new(&Stats::default(), false);
+        let metrics = Metrics::new(&Stats::default(), 1024, false);
         let text = metrics.render(&STATE).expect("rendered");
         assert_eq!(
             sample(&text, "prompt_server_rate_limit_networks", &[]),
@@ -445,7 +437,8 @@ mod tests {
     fn endpoint() -> (Endpoint, SocketAddr) {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind on loopback");
         let addr = listener.local_addr().expect("local address");
-        let endpoint = Endpoint::start(listener, || Ok("x 1\n".to_string())).expect("started");
+        let render = Box::new(|| Ok("x 1\n".to_string()));
+        let endpoint = Endpoint::start(listener, render).expect("started");
         (endpoint, addr)
     }
 
