@@ -12,13 +12,11 @@ use std::net::{SocketAddr, TcpListener};
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
-use log::info;
-
 use crate::config::Config;
 use crate::error::Error;
 use crate::limits::rate::RateBuckets;
 use crate::limits::{ConnectionLimit, PerIpLimit, capacity};
-use crate::logging::{self, event};
+use crate::logging;
 use crate::service::metrics::{self, Metrics, ServerState};
 use crate::service::notify::Notifier;
 use crate::shutdown::{self, Hook, Shutdown};
@@ -60,10 +58,7 @@ pub fn run(
     let tls = config.tls.as_ref().map(tls::TlsServer::load).transpose()?;
     let metrics_listener = config.metrics_addr.map(bind_metrics).transpose()?;
     let unreachable = |e| Error::new("cannot reach the service manager (NOTIFY_SOCKET)", e);
-    let mut notifier = match config.notify_service_manager {
-        true => Notifier::from_env().map_err(unreachable)?,
-        false => Notifier::default(),
-    };
+    let mut notifier = Notifier::from_env(config.notify_service_manager).map_err(unreachable)?;
     let listeners = listen::prepare_listeners(listeners, &config, &shutdown)?;
     let serving = serving(config, tls.map(Arc::new), listeners.len());
     let shared = Arc::new(Shared::new(serving, shutdown.clone()));
@@ -112,30 +107,21 @@ fn bind_metrics(addr: SocketAddr) -> Result<TcpListener, Error> {
 /// Starts the metrics endpoint, which serves until it is dropped (after
 /// the drain, so that the drain can be watched).
 fn start_metrics(listener: TcpListener, shared: &Arc<Shared>) -> Result<metrics::Endpoint, Error> {
-    let addr = listener.local_addr().ok();
     let serving = &shared.serving;
-    let max_connections = serving.config.max_connections.get();
-    let metrics = Metrics::new(&serving.stats, max_connections, serving.rate.is_some());
+    let metrics = Metrics::new(&serving.stats, serving.limit.max(), serving.rate.is_some());
     let shared = Arc::clone(shared);
-    let render = Box::new(move || metrics.render(&server_state(&shared)));
-    let endpoint = metrics::Endpoint::start(listener, render)
-        .map_err(|e| Error::new("cannot start the metrics endpoint", e))?;
-    if let Some(addr) = addr {
-        info!(event = event::METRICS, addr:% = addr; "metrics at http://{addr}/metrics");
-    }
-    Ok(endpoint)
-}
-
-/// What the metrics' gauges show, read as a scrape is answered.
-fn server_state(shared: &Shared) -> ServerState {
-    let alive = shared.threads.get() as u64;
-    let parked = shared.parked() as u64;
-    ServerState {
-        connections_open: shared.serving.limit.active() as u64,
-        threads_serving: alive.saturating_sub(parked),
-        threads_parked: parked,
-        rate_limit_networks: shared.serving.rate.as_ref().map(|rate| rate.len() as u64),
-        log_lines_dropped: logging::lines_dropped(),
-        log_write_errors: logging::write_errors(),
-    }
+    // What the gauges show, read as a scrape is answered.
+    let render = Box::new(move || {
+        let (alive, parked) = (shared.threads.get() as u64, shared.parked() as u64);
+        metrics.render(&ServerState {
+            connections_open: shared.serving.limit.active() as u64,
+            threads_serving: alive.saturating_sub(parked),
+            threads_parked: parked,
+            rate_limit_networks: shared.serving.rate.as_ref().map(|rate| rate.len() as u64),
+            log_lines_dropped: logging::lines_dropped(),
+            log_write_errors: logging::write_errors(),
+        })
+    });
+    metrics::Endpoint::start(listener, render)
+        .map_err(|e| Error::new("cannot start the metrics endpoint", e))
 }

@@ -171,6 +171,9 @@ impl Endpoint {
             .name("metrics".to_string())
             .stack_size(SCRAPE_THREAD_STACK)
             .spawn(move || accept_scrapes(&accepted, &render))?;
+        if let Ok(addr) = listener.local_addr() {
+            log::info!(event = event::METRICS, addr:% = addr; "metrics at http://{addr}/metrics");
+        }
         let thread = Some(thread);
         Ok(Endpoint { listener, thread })
     }

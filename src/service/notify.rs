@@ -52,24 +52,23 @@ struct Inner {
 }
 
 impl Notifier {
-    /// The notifier `NOTIFY_SOCKET` and `WATCHDOG_USEC` ask for; an error if
-    /// `NOTIFY_SOCKET` is unusable (a service that cannot say it is ready is
-    /// killed at its start timeout: better say why at once).
-    pub(crate) fn from_env() -> io::Result<Notifier> {
+    /// The notifier `NOTIFY_SOCKET` and `WATCHDOG_USEC` ask for, if `enabled`;
+    /// an error if `NOTIFY_SOCKET` is unusable (a service that cannot say it
+    /// is ready is killed at its start timeout: better say why at once).
+    pub(crate) fn from_env(enabled: bool) -> io::Result<Notifier> {
         // Empty counts as unset: it names nothing to send to.
         match std::env::var_os(NOTIFY_SOCKET).filter(|socket| !socket.is_empty()) {
-            Some(socket) => Notifier::to_socket(&socket, sd_notify::watchdog_enabled()),
-            None => Ok(Notifier::default()),
+            Some(socket) if enabled => Notifier::to_socket(&socket, sd_notify::watchdog_enabled()),
+            _ => Ok(Notifier::default()),
         }
     }
 
     /// Sends to `socket` ([`notify_address`]), pinging every half of `watchdog`.
     fn to_socket(socket: &OsStr, watchdog: Option<Duration>) -> io::Result<Notifier> {
-        let addr = notify_address(socket)?;
         let watchdog = watchdog.filter(|period| !period.is_zero());
         Ok(Notifier {
             inner: Arc::new(Inner {
-                target: Some((UnixDatagram::unbound()?, addr)),
+                target: Some((UnixDatagram::unbound()?, notify_address(socket)?)),
                 ping_every: watchdog.map(|period| (period / 2).max(MIN_PING_INTERVAL)),
                 ..Inner::default()
             }),
@@ -79,10 +78,8 @@ impl Notifier {
 
     /// A heartbeat for one more accept loop; inert without a watchdog.
     pub(crate) fn heartbeat(&self) -> Heartbeat {
-        if self.inner.ping_every.is_none() {
-            return Heartbeat(None);
-        }
-        let heartbeat = Heartbeat(Some(Arc::new(Mutex::new(Some(Instant::now())))));
+        let alive_now = || Arc::new(Mutex::new(Some(Instant::now())));
+        let heartbeat = Heartbeat(self.inner.ping_every.map(|_| alive_now()));
         lock(&self.inner.loops).push(heartbeat.clone());
         heartbeat
     }
