@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use prometheus_client::encoding::prometheus_text::{self, CONTENT_TYPE};
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::{counter::Counter, family::Family};
-use prometheus_client::registry::{Metric, Registry};
+use prometheus_client::registry::Registry;
 use socket2::SockRef;
 
 use crate::limits::capacity::open_fds;
@@ -56,7 +56,7 @@ pub(crate) struct ServerState {
 }
 
 /// Every metric the endpoint serves, in one registry.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Metrics {
     registry: Registry,
     log_lines_dropped: Counter,
@@ -71,37 +71,38 @@ pub(crate) struct Metrics {
 
 impl Metrics {
     pub(crate) fn new(stats: &Stats, max_connections: usize, with_rate_limit: bool) -> Self {
-        let mut registry = Registry::default();
+        let mut metrics = Metrics {
+            rate_limit_networks: with_rate_limit.then(Count::default),
+            open_fds: open_fds().map(|_| Count::default()),
+            ..Metrics::default()
+        };
+        let registry = &mut metrics.registry;
         let now = UNIX_EPOCH.elapsed().unwrap_or_default().as_secs_f64();
         let start_time = ConstGauge::new(process_start_time().unwrap_or(now));
         let help = "Start time of the process since the Unix epoch in seconds";
         registry.register("process_start_time_seconds", help, start_time);
-        let open_fds = open_fds()
-            .map(|_| registered(&mut registry, "process_open_fds", "Open file descriptors"));
+        if let Some(gauge) = &metrics.open_fds {
+            registry.register("process_open_fds", "Open file descriptors", gauge.clone());
+        }
         let r = registry.sub_registry_with_prefix("prompt_server");
         stats.register(r);
+        // The registry adds `_total` to a counter's name.
         let help = "Housekeeping log lines dropped because the log queue was full";
-        let log_lines_dropped = registered(r, "log_lines_dropped", help);
+        r.register("log_lines_dropped", help, metrics.log_lines_dropped.clone());
         let help = "Failed writes and syncs of the log, by errno";
-        let log_write_errors = registered(r, "log_write_errors", help);
-        let connections_open = registered(r, "connections_open", "Connections open now");
+        r.register("log_write_errors", help, metrics.log_write_errors.clone());
+        let help = "Connections open now";
+        r.register("connections_open", help, metrics.connections_open.clone());
         let help = "Connection threads alive, serving a client or parked in the thread cache";
-        let threads = registered(r, "threads", help);
+        r.register("threads", help, metrics.threads.clone());
         let help = "The effective cap on open connections";
         r.register("max_connections", help, ConstGauge::new(max_connections));
-        let help = "Client networks the rate limit holds a bucket for \
-                    (refilled ones go at the next sweep)";
-        let rate_limit_networks =
-            with_rate_limit.then(|| registered(r, "rate_limit_networks", help));
-        Metrics {
-            registry,
-            log_lines_dropped,
-            log_write_errors,
-            connections_open,
-            threads,
-            rate_limit_networks,
-            open_fds,
+        if let Some(gauge) = &metrics.rate_limit_networks {
+            let help = "Client networks the rate limit holds a bucket for \
+                        (refilled ones go at the next sweep)";
+            r.register("rate_limit_networks", help, gauge.clone());
         }
+        metrics
     }
 
     /// Sets the gauges from `state` and writes every metric's text.
@@ -128,13 +129,6 @@ impl Metrics {
         prometheus_text::encode(&mut text, &self.registry)?;
         Ok(text)
     }
-}
-
-/// A new metric, registered (the registry adds `_total` to a counter's name).
-fn registered<M: Metric + Clone + Default>(registry: &mut Registry, name: &str, help: &str) -> M {
-    let metric = M::default();
-    registry.register(name, help, metric.clone());
-    metric
 }
 
 /// When this process started, in seconds since the Unix epoch, as Prometheus's
