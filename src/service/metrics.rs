@@ -9,7 +9,7 @@
 
 use std::cmp::Reverse;
 use std::fmt;
-use std::io::{self, Write};
+use std::io;
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -24,6 +24,7 @@ use socket2::SockRef;
 
 use crate::limits::capacity::open_fds;
 use crate::logging::event;
+use crate::serve::connection::write_before;
 use crate::serve::connection::{Deadline, ReadStep, read_before};
 use crate::stats::{AcceptErrorKind, Label, Stats};
 
@@ -294,12 +295,7 @@ fn answer(scrape: &Scrape, render: &Render) -> io::Result<()> {
             break error("431 Request Header Fields Too Large", "");
         }
     };
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(io::ErrorKind::TimedOut.into());
-    }
-    stream.set_write_timeout(Some(left))?;
-    stream.write_all(response.as_bytes())?;
+    write_before(stream, response.as_bytes(), &mut reading)?;
     stream.shutdown(Shutdown::Write)
 }
 
