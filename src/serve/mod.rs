@@ -14,8 +14,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::limits::rate::RateBuckets;
-use crate::limits::{ConnectionLimit, PerIpLimit, capacity};
+use crate::limits::{ConnectionLimit, PerIpLimit, capacity, rate::RateBuckets};
 use crate::logging;
 use crate::service::metrics::{self, Metrics, ServerState};
 use crate::service::notify::Notifier;

@@ -228,14 +228,12 @@ fn accept_scrapes(listener: &TcpListener, render: &Render) {
             if places.len() >= MAX_SCRAPES {
                 make_room(&mut places);
             }
-            let scrape = Arc::new(Scrape {
-                stream,
-                cut_off: OnceLock::new(),
-            });
+            let cut_off = OnceLock::new();
+            let scrape = Arc::new(Scrape { stream, cut_off });
             let watched = Arc::downgrade(&scrape);
             let answer = move || {
                 if let Err(e) = answer(&scrape, render) {
-                    scrape_failed(peer, &format!("failed: {e}"));
+                    scrape_failed(peer, "failed", e);
                 }
             };
             let builder = thread::Builder::new().stack_size(SCRAPE_THREAD_STACK);
@@ -245,9 +243,7 @@ fn accept_scrapes(listener: &TcpListener, render: &Render) {
                     scrape: watched,
                     thread,
                 }),
-                Err(e) => {
-                    scrape_failed(peer, &format!("closed: cannot start a thread for it: {e}"))
-                }
+                Err(e) => scrape_failed(peer, "closed: cannot start a thread for it", e),
             }
         }
         for place in &places {
@@ -266,8 +262,8 @@ fn make_room(places: &mut Vec<Place>) {
     let _ = gone.thread.join();
 }
 
-fn scrape_failed(peer: SocketAddr, what: &str) {
-    log::debug!(event = event::METRICS_SCRAPE_FAILED; "metrics scrape from {peer} {what}");
+fn scrape_failed(peer: SocketAddr, what: &str, e: io::Error) {
+    log::debug!(event = event::METRICS_SCRAPE_FAILED; "metrics scrape from {peer} {what}: {e}");
 }
 
 /// Reads a request's headers within [`SCRAPE_DEADLINE`], answers, and closes.
