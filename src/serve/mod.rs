@@ -109,7 +109,6 @@ fn start_metrics(listener: TcpListener, shared: &Arc<Shared>) -> Result<metrics:
     let serving = &shared.serving;
     let metrics = Metrics::new(&serving.stats, serving.limit.max(), serving.rate.is_some());
     let shared = Arc::clone(shared);
-    // What the gauges show, read as a scrape is answered.
     let render = Box::new(move || {
         let (alive, parked) = (shared.threads.get() as u64, shared.parked() as u64);
         metrics.render(&ServerState {

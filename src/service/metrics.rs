@@ -77,10 +77,10 @@ impl Metrics {
             open_fds: open_fds().map(|_| Count::default()),
             ..Metrics::default()
         };
-        let registry = &mut metrics.registry;
         let now = UNIX_EPOCH.elapsed().unwrap_or_default().as_secs_f64();
         let start_time = ConstGauge::new(process_start_time().unwrap_or(now));
         let help = "Start time of the process since the Unix epoch in seconds";
+        let registry = &mut metrics.registry;
         registry.register("process_start_time_seconds", help, start_time);
         if let Some(gauge) = &metrics.open_fds {
             registry.register("process_open_fds", "Open file descriptors", gauge.clone());
@@ -158,7 +158,8 @@ pub(crate) struct Endpoint {
 }
 
 impl Endpoint {
-    /// Answers scrapes on `listener` with `render()`; fails only if no thread starts.
+    /// Answers scrapes on `listener` with `render()`, and logs where; fails
+    /// only if no thread starts.
     pub(crate) fn start(listener: TcpListener, render: Box<Render>) -> io::Result<Self> {
         let listener = Arc::new(listener);
         let accepted = Arc::clone(&listener);
@@ -232,9 +233,7 @@ fn accept_scrapes(listener: &TcpListener, render: &Render) {
             let scrape = Arc::new(Scrape { stream, cut_off });
             let watched = Arc::downgrade(&scrape);
             let answer = move || {
-                if let Err(e) = answer(&scrape, render) {
-                    scrape_failed(peer, "failed", e);
-                }
+                answer(&scrape, render).unwrap_or_else(|e| scrape_failed(peer, "failed", e))
             };
             let builder = thread::Builder::new().stack_size(SCRAPE_THREAD_STACK);
             match builder.spawn_scoped(scope, answer) {

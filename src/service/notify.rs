@@ -27,8 +27,7 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// However small `WATCHDOG_USEC` is, the reporting thread must not spin.
 const MIN_PING_INTERVAL: Duration = Duration::from_millis(10);
 
-/// Tells the service manager how the server is (by default, with none, it
-/// tells nothing); dropping it stops the reporting thread.
+/// Tells the service manager how the server is; dropping it stops the reporting thread.
 #[derive(Default)]
 pub(crate) struct Notifier {
     inner: Arc<Inner>,
@@ -227,10 +226,9 @@ impl Heartbeat {
 
 /// `NOTIFY_SOCKET`'s value as an address: a path, or `@name` for an abstract one.
 fn notify_address(socket: &OsStr) -> io::Result<net::SocketAddr> {
-    let bytes = socket.as_bytes();
-    match bytes.first() {
-        Some(b'/') => net::SocketAddr::from_pathname(socket),
-        Some(b'@') => net::SocketAddr::from_abstract_name(&bytes[1..]),
+    match socket.as_bytes() {
+        [b'/', ..] => net::SocketAddr::from_pathname(socket),
+        [b'@', name @ ..] => net::SocketAddr::from_abstract_name(name),
         _ => {
             let socket = socket.to_string_lossy();
             let why = format!("{NOTIFY_SOCKET}={socket} is neither a path nor @name");
