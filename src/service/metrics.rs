@@ -77,10 +77,10 @@ impl Metrics {
             open_fds: open_fds().map(|_| Count::default()),
             ..Metrics::default()
         };
+        let registry = &mut metrics.registry;
         let now = UNIX_EPOCH.elapsed().unwrap_or_default().as_secs_f64();
         let start_time = ConstGauge::new(process_start_time().unwrap_or(now));
         let help = "Start time of the process since the Unix epoch in seconds";
-        let registry = &mut metrics.registry;
         registry.register("process_start_time_seconds", help, start_time);
         if let Some(gauge) = &metrics.open_fds {
             registry.register("process_open_fds", "Open file descriptors", gauge.clone());
