@@ -12,13 +12,10 @@ use std::net::{SocketAddr, TcpListener};
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
-use log::{info, warn};
-
 use crate::config::Config;
-use crate::error::{Error, describe_io_error};
-use crate::limits::rate::RateBuckets;
-use crate::limits::{ConnectionLimit, PerIpLimit, capacity};
-use crate::logging::{self, event};
+use crate::error::Error;
+use crate::limits::{ConnectionLimit, PerIpLimit, capacity, rate::RateBuckets};
+use crate::logging;
 use crate::service::metrics::{self, Metrics, ServerState};
 use crate::service::notify::Notifier;
 use crate::shutdown::{self, Hook, Shutdown};
@@ -60,10 +57,7 @@ pub fn run(
     let tls = config.tls.as_ref().map(tls::TlsServer::load).transpose()?;
     let metrics_listener = config.metrics_addr.map(bind_metrics).transpose()?;
     let unreachable = |e| Error::new("cannot reach the service manager (NOTIFY_SOCKET)", e);
-    let notifier = match config.notify_service_manager {
-        true => Notifier::from_env().map_err(unreachable)?,
-        false => Notifier::disabled(),
-    };
+    let mut notifier = Notifier::from_env(config.notify_service_manager).map_err(unreachable)?;
     let listeners = listen::prepare_listeners(listeners, &config, &shutdown)?;
     let serving = serving(config, tls.map(Arc::new), listeners.len());
     let shared = Arc::new(Shared::new(serving, shutdown.clone()));
@@ -71,7 +65,8 @@ pub fn run(
         .map(|listener| start_metrics(listener, &shared))
         .transpose()?;
     let addrs: Vec<SocketAddr> = listeners.iter().map(|(_, addr)| *addr).collect();
-    report_to_service_manager(&notifier, &addrs, &shared);
+    let server = Arc::clone(&shared);
+    notifier.ready(&addrs, move || server.serving.limit.active());
     let server = Arc::clone(&shared);
     let counters = move || server.serving.stats.summary(server.serving.limit.active());
     let tls = shared.serving.tls.clone();
@@ -80,8 +75,7 @@ pub fn run(
     let accepted = accept::accept_on_all(listeners, &shared, &notifier);
     shutdown.on_requests(None, None);
     accepted?;
-    // A failure to send is logged by the notifier itself, once.
-    let _ = notifier.stopping();
+    notifier.stopping();
     let (serving, timeout) = (&shared.serving, shared.serving.config.shutdown_timeout);
     let summary = shutdown::drain(&serving.limit, &shared.threads, &serving.stats, timeout);
     Ok(summary)
@@ -112,40 +106,20 @@ fn bind_metrics(addr: SocketAddr) -> Result<TcpListener, Error> {
 /// Starts the metrics endpoint, which serves until it is dropped (after
 /// the drain, so that the drain can be watched).
 fn start_metrics(listener: TcpListener, shared: &Arc<Shared>) -> Result<metrics::Endpoint, Error> {
-    let addr = listener.local_addr().ok();
-    let metrics = Metrics::new(&shared.serving.stats, shared.serving.rate.is_some());
+    let serving = &shared.serving;
+    let metrics = Metrics::new(&serving.stats, serving.limit.max(), serving.rate.is_some());
     let shared = Arc::clone(shared);
-    let endpoint =
-        metrics::Endpoint::start(listener, move || metrics.render(&server_state(&shared)))
-            .map_err(|e| Error::new("cannot start the metrics endpoint", e))?;
-    if let Some(addr) = addr {
-        info!(event = event::METRICS, addr:% = addr; "metrics at http://{addr}/metrics");
-    }
-    Ok(endpoint)
-}
-
-/// What the metrics' gauges show, read as a scrape is answered.
-fn server_state(shared: &Shared) -> ServerState {
-    let alive = shared.threads.get() as u64;
-    let parked = shared.parked() as u64;
-    ServerState {
-        connections_open: shared.serving.limit.active() as u64,
-        threads_serving: alive.saturating_sub(parked),
-        threads_parked: parked,
-        max_connections: shared.serving.config.max_connections.get() as u64,
-        rate_limit_networks: shared.serving.rate.as_ref().map(|rate| rate.len() as u64),
-        log_lines_dropped: logging::lines_dropped(),
-        log_write_errors: logging::write_errors(),
-    }
-}
-
-/// Tells the service manager (if any) that the server is ready, and starts
-/// the status reports and watchdog pings; serving goes on if either fails.
-fn report_to_service_manager(notifier: &Notifier, addrs: &[SocketAddr], shared: &Arc<Shared>) {
-    let _ = notifier.ready(addrs);
-    let shared = Arc::clone(shared);
-    if let Err(e) = notifier.start_reporting(move || shared.serving.limit.active()) {
-        let why = describe_io_error(&e);
-        warn!(event = event::NOTIFY_FAILED; "cannot start reporting to the service manager: {why}");
-    }
+    let render = Box::new(move || {
+        let (alive, parked) = (shared.threads.get() as u64, shared.parked() as u64);
+        metrics.render(&ServerState {
+            connections_open: shared.serving.limit.active() as u64,
+            threads_serving: alive.saturating_sub(parked),
+            threads_parked: parked,
+            rate_limit_networks: shared.serving.rate.as_ref().map(|rate| rate.len() as u64),
+            log_lines_dropped: logging::lines_dropped(),
+            log_write_errors: logging::write_errors(),
+        })
+    });
+    metrics::Endpoint::start(listener, render)
+        .map_err(|e| Error::new("cannot start the metrics endpoint", e))
 }

@@ -17,8 +17,9 @@ use std::thread::{self, JoinHandle, ScopedJoinHandle};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use prometheus_client::encoding::prometheus_text::{self, CONTENT_TYPE};
-use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
-use prometheus_client::registry::{Metric, Registry};
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::{counter::Counter, family::Family};
+use prometheus_client::registry::Registry;
 use socket2::SockRef;
 
 use crate::limits::capacity::open_fds;
@@ -46,7 +47,6 @@ pub(crate) struct ServerState {
     pub(crate) connections_open: u64,
     pub(crate) threads_serving: u64,
     pub(crate) threads_parked: u64,
-    pub(crate) max_connections: u64,
     /// `None` without `--max-rate-per-ip`.
     pub(crate) rate_limit_networks: Option<u64>,
     /// The log's own count, which only grows.
@@ -56,14 +56,13 @@ pub(crate) struct ServerState {
 }
 
 /// Every metric the endpoint serves, in one registry.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Metrics {
     registry: Registry,
     log_lines_dropped: Counter,
     log_write_errors: Family<Label, Counter>,
     connections_open: Count,
     threads: Family<Label, Count>,
-    max_connections: Count,
     /// Registered only with `--max-rate-per-ip`.
     rate_limit_networks: Option<Count>,
     /// Registered only where `/proc/self/fd` can be read at start-up.
@@ -71,40 +70,39 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
-    pub(crate) fn new(stats: &Stats, with_rate_limit: bool) -> Self {
-        let mut registry = Registry::default();
-        let start_time = Gauge::<f64, AtomicU64>::default();
+    pub(crate) fn new(stats: &Stats, max_connections: usize, with_rate_limit: bool) -> Self {
+        let mut metrics = Metrics {
+            rate_limit_networks: with_rate_limit.then(Count::default),
+            open_fds: open_fds().map(|_| Count::default()),
+            ..Metrics::default()
+        };
+        let registry = &mut metrics.registry;
         let now = UNIX_EPOCH.elapsed().unwrap_or_default().as_secs_f64();
-        start_time.set(process_start_time().unwrap_or(now));
+        let start_time = ConstGauge::new(process_start_time().unwrap_or(now));
         let help = "Start time of the process since the Unix epoch in seconds";
         registry.register("process_start_time_seconds", help, start_time);
-        let open_fds = open_fds()
-            .map(|_| registered(&mut registry, "process_open_fds", "Open file descriptors"));
+        if let Some(gauge) = &metrics.open_fds {
+            registry.register("process_open_fds", "Open file descriptors", gauge.clone());
+        }
         let r = registry.sub_registry_with_prefix("prompt_server");
         stats.register(r);
+        // The registry adds `_total` to a counter's name.
         let help = "Housekeeping log lines dropped because the log queue was full";
-        let log_lines_dropped = registered(r, "log_lines_dropped", help);
+        r.register("log_lines_dropped", help, metrics.log_lines_dropped.clone());
         let help = "Failed writes and syncs of the log, by errno";
-        let log_write_errors = registered(r, "log_write_errors", help);
-        let connections_open = registered(r, "connections_open", "Connections open now");
+        r.register("log_write_errors", help, metrics.log_write_errors.clone());
+        let help = "Connections open now";
+        r.register("connections_open", help, metrics.connections_open.clone());
         let help = "Connection threads alive, serving a client or parked in the thread cache";
-        let threads = registered(r, "threads", help);
+        r.register("threads", help, metrics.threads.clone());
         let help = "The effective cap on open connections";
-        let max_connections = registered(r, "max_connections", help);
-        let help = "Client networks the rate limit holds a bucket for \
-                    (refilled ones go at the next sweep)";
-        let rate_limit_networks =
-            with_rate_limit.then(|| registered(r, "rate_limit_networks", help));
-        Metrics {
-            registry,
-            log_lines_dropped,
-            log_write_errors,
-            connections_open,
-            threads,
-            max_connections,
-            rate_limit_networks,
-            open_fds,
+        r.register("max_connections", help, ConstGauge::new(max_connections));
+        if let Some(gauge) = &metrics.rate_limit_networks {
+            let help = "Client networks the rate limit holds a bucket for \
+                        (refilled ones go at the next sweep)";
+            r.register("rate_limit_networks", help, gauge.clone());
         }
+        metrics
     }
 
     /// Sets the gauges from `state` and writes every metric's text.
@@ -120,7 +118,6 @@ impl Metrics {
         let threads = |state| self.threads.get_or_create(&[("state", state)]);
         threads("serving").set(state.threads_serving);
         threads("parked").set(state.threads_parked);
-        self.max_connections.set(state.max_connections);
         let rate_limit = (&self.rate_limit_networks, state.rate_limit_networks);
         if let (Some(gauge), Some(networks)) = rate_limit {
             gauge.set(networks);
@@ -132,13 +129,6 @@ impl Metrics {
         prometheus_text::encode(&mut text, &self.registry)?;
         Ok(text)
     }
-}
-
-/// A new metric, registered (the registry adds `_total` to a counter's name).
-fn registered<M: Metric + Clone + Default>(registry: &mut Registry, name: &str, help: &str) -> M {
-    let metric = M::default();
-    registry.register(name, help, metric.clone());
-    metric
 }
 
 /// When this process started, in seconds since the Unix epoch, as Prometheus's
@@ -167,17 +157,18 @@ pub(crate) struct Endpoint {
 }
 
 impl Endpoint {
-    /// Answers scrapes on `listener` with `render()`; fails only if no thread starts.
-    pub(crate) fn start(
-        listener: TcpListener,
-        render: impl Fn() -> Result<String, fmt::Error> + Send + Sync + 'static,
-    ) -> io::Result<Self> {
+    /// Answers scrapes on `listener` with `render()`, and logs where; fails
+    /// only if no thread starts.
+    pub(crate) fn start(listener: TcpListener, render: Box<Render>) -> io::Result<Self> {
         let listener = Arc::new(listener);
         let accepted = Arc::clone(&listener);
         let thread = thread::Builder::new()
             .name("metrics".to_string())
             .stack_size(SCRAPE_THREAD_STACK)
             .spawn(move || accept_scrapes(&accepted, &render))?;
+        if let Ok(addr) = listener.local_addr() {
+            log::info!(event = event::METRICS, addr:% = addr; "metrics at http://{addr}/metrics");
+        }
         let thread = Some(thread);
         Ok(Endpoint { listener, thread })
     }
@@ -237,15 +228,11 @@ fn accept_scrapes(listener: &TcpListener, render: &Render) {
             if places.len() >= MAX_SCRAPES {
                 make_room(&mut places);
             }
-            let scrape = Arc::new(Scrape {
-                stream,
-                cut_off: OnceLock::new(),
-            });
+            let cut_off = OnceLock::new();
+            let scrape = Arc::new(Scrape { stream, cut_off });
             let watched = Arc::downgrade(&scrape);
             let answer = move || {
-                if let Err(e) = answer(&scrape, render) {
-                    scrape_failed(peer, &format!("failed: {e}"));
-                }
+                answer(&scrape, render).unwrap_or_else(|e| scrape_failed(peer, "failed", e))
             };
             let builder = thread::Builder::new().stack_size(SCRAPE_THREAD_STACK);
             match builder.spawn_scoped(scope, answer) {
@@ -254,9 +241,7 @@ fn accept_scrapes(listener: &TcpListener, render: &Render) {
                     scrape: watched,
                     thread,
                 }),
-                Err(e) => {
-                    scrape_failed(peer, &format!("closed: cannot start a thread for it: {e}"))
-                }
+                Err(e) => scrape_failed(peer, "closed: cannot start a thread for it", e),
             }
         }
         for place in &places {
@@ -275,8 +260,8 @@ fn make_room(places: &mut Vec<Place>) {
     let _ = gone.thread.join();
 }
 
-fn scrape_failed(peer: SocketAddr, what: &str) {
-    log::debug!(event = event::METRICS_SCRAPE_FAILED; "metrics scrape from {peer} {what}");
+fn scrape_failed(peer: SocketAddr, what: &str, e: io::Error) {
+    log::debug!(event = event::METRICS_SCRAPE_FAILED; "metrics scrape from {peer} {what}: {e}");
 }
 
 /// Reads a request's headers within [`SCRAPE_DEADLINE`], answers, and closes.
@@ -360,7 +345,6 @@ mod tests {
         connections_open: 1,
         threads_serving: 1,
         threads_parked: 3,
-        max_connections: 1024,
         rate_limit_networks: Some(2),
         log_lines_dropped: 5,
         log_write_errors: Vec::new(),
@@ -369,7 +353,7 @@ mod tests {
     #[test]
     fn a_scrape_shows_what_the_summary_reads_and_the_state_now() {
         let stats = Stats::default();
-        let metrics = Metrics::new(&stats, true);
+        let metrics = Metrics::new(&stats, 1024, true);
         for _ in 0..7 {
             stats.record_accepted();
         }
@@ -421,7 +405,7 @@ mod tests {
 
     #[test]
     fn without_a_rate_limit_there_is_no_rate_limit_gauge() {
-        let metrics = Metrics::new(&Stats::default(), false);
+        let metrics = Metrics::new(&Stats::default(), 1024, false);
         let text = metrics.render(&STATE).expect("rendered");
         assert_eq!(
             sample(&text, "prompt_server_rate_limit_networks", &[]),
@@ -437,7 +421,8 @@ mod tests {
     fn endpoint() -> (Endpoint, SocketAddr) {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind on loopback");
         let addr = listener.local_addr().expect("local address");
-        let endpoint = Endpoint::start(listener, || Ok("x 1\n".to_string())).expect("started");
+        let render = Box::new(|| Ok("x 1\n".to_string()));
+        let endpoint = Endpoint::start(listener, render).expect("started");
         (endpoint, addr)
     }
 

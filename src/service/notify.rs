@@ -32,7 +32,7 @@ const MIN_PING_INTERVAL: Duration = Duration::from_millis(10);
 pub(crate) struct Notifier {
     inner: Arc<Inner>,
     /// The reporting thread, and the sender whose drop stops it at once.
-    reporter: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
+    reporter: Option<(Sender<()>, JoinHandle<()>)>,
 }
 
 /// What the notifier and its reporting thread share.
@@ -51,84 +51,80 @@ struct Inner {
 }
 
 impl Notifier {
-    /// The notifier `NOTIFY_SOCKET` and `WATCHDOG_USEC` ask for; an error if
-    /// `NOTIFY_SOCKET` is unusable (a service that cannot say it is ready is
-    /// killed at its start timeout: better say why at once).
-    pub(crate) fn from_env() -> io::Result<Notifier> {
+    /// The notifier `NOTIFY_SOCKET` and `WATCHDOG_USEC` ask for, if `enabled`;
+    /// an error if `NOTIFY_SOCKET` is unusable (a service that cannot say it
+    /// is ready is killed at its start timeout: better say why at once).
+    pub(crate) fn from_env(enabled: bool) -> io::Result<Notifier> {
         // Empty counts as unset: it names nothing to send to.
         match std::env::var_os(NOTIFY_SOCKET).filter(|socket| !socket.is_empty()) {
-            Some(socket) => Notifier::to_socket(&socket, sd_notify::watchdog_enabled()),
-            None => Ok(Notifier::disabled()),
+            Some(socket) if enabled => Notifier::to_socket(&socket, sd_notify::watchdog_enabled()),
+            _ => Ok(Notifier::default()),
         }
-    }
-
-    pub(crate) fn disabled() -> Notifier {
-        Notifier::default()
     }
 
     /// Sends to `socket` ([`notify_address`]), pinging every half of `watchdog`.
     fn to_socket(socket: &OsStr, watchdog: Option<Duration>) -> io::Result<Notifier> {
-        let addr = notify_address(socket)?;
         let watchdog = watchdog.filter(|period| !period.is_zero());
-        let inner = Arc::new(Inner {
-            target: Some((UnixDatagram::unbound()?, addr)),
-            ping_every: watchdog.map(|period| (period / 2).max(MIN_PING_INTERVAL)),
-            ..Inner::default()
-        });
-        let reporter = Mutex::default();
-        Ok(Notifier { inner, reporter })
+        Ok(Notifier {
+            inner: Arc::new(Inner {
+                target: Some((UnixDatagram::unbound()?, notify_address(socket)?)),
+                ping_every: watchdog.map(|period| (period / 2).max(MIN_PING_INTERVAL)),
+                ..Inner::default()
+            }),
+            reporter: None,
+        })
     }
 
     /// A heartbeat for one more accept loop; inert without a watchdog.
     pub(crate) fn heartbeat(&self) -> Heartbeat {
-        if self.inner.ping_every.is_none() {
-            return Heartbeat(None);
-        }
-        let heartbeat = Heartbeat(Some(Arc::new(Mutex::new(Some(Instant::now())))));
+        let alive_now = || Arc::new(Mutex::new(Some(Instant::now())));
+        let heartbeat = Heartbeat(self.inner.ping_every.map(|_| alive_now()));
         lock(&self.inner.loops).push(heartbeat.clone());
         heartbeat
     }
 
-    /// `READY=1`, with a status naming the addresses served.
-    pub(crate) fn ready(&self, listening: &[SocketAddr]) -> io::Result<()> {
+    /// `READY=1`, with a status naming the addresses served, then the reporting
+    /// thread (if there is a `NOTIFY_SOCKET`), which counts `connected()`
+    /// clients for the status; a failure is logged, and serving goes on.
+    pub(crate) fn ready(
+        &mut self,
+        listening: &[SocketAddr],
+        connected: impl Fn() -> usize + Send + 'static,
+    ) {
         let addrs: Vec<String> = listening.iter().map(SocketAddr::to_string).collect();
         let serving = format!("serving {}", addrs.join(", "));
         *lock(&self.inner.serving) = format!("{serving}; ");
         let ready = [NotifyState::Ready, NotifyState::Status(&serving)];
-        self.inner.send(&ready)
+        let _ = self.inner.send(&ready);
+        if self.inner.target.is_none() {
+            return;
+        }
+        let (stop, stopped) = mpsc::channel();
+        let inner = Arc::clone(&self.inner);
+        let reporter = thread::Builder::new()
+            .name("notify".into())
+            .stack_size(256 * 1024)
+            .spawn(move || inner.report(connected, &stopped));
+        match reporter {
+            Ok(thread) => self.reporter = Some((stop, thread)),
+            Err(e) => warn!(
+                event = event::NOTIFY_FAILED;
+                "cannot start reporting to the service manager: {}", describe_io_error(&e)
+            ),
+        }
     }
 
     /// `STOPPING=1`, as the drain starts. Watchdog pings end (systemd no
     /// longer expects them); status messages go on until the drop.
-    pub(crate) fn stopping(&self) -> io::Result<()> {
+    pub(crate) fn stopping(&self) {
         self.inner.stopping.store(true, SeqCst);
-        self.inner.send(&[NotifyState::Stopping])
-    }
-
-    /// Starts the reporting thread (unless there is no `NOTIFY_SOCKET` or it
-    /// runs already), which counts `connected()` clients for the status.
-    pub(crate) fn start_reporting(
-        &self,
-        connected: impl Fn() -> usize + Send + 'static,
-    ) -> io::Result<()> {
-        let mut reporter = lock(&self.reporter);
-        if self.inner.target.is_none() || reporter.is_some() {
-            return Ok(());
-        }
-        let (stop, stopped) = mpsc::channel();
-        let inner = Arc::clone(&self.inner);
-        let thread = thread::Builder::new()
-            .name("notify".into())
-            .stack_size(256 * 1024)
-            .spawn(move || inner.report(connected, &stopped))?;
-        *reporter = Some((stop, thread));
-        Ok(())
+        let _ = self.inner.send(&[NotifyState::Stopping]);
     }
 }
 
 impl Drop for Notifier {
     fn drop(&mut self) {
-        if let Some((stop, thread)) = lock(&self.reporter).take() {
+        if let Some((stop, thread)) = self.reporter.take() {
             drop(stop);
             let _ = thread.join();
         }
@@ -230,10 +226,9 @@ impl Heartbeat {
 
 /// `NOTIFY_SOCKET`'s value as an address: a path, or `@name` for an abstract one.
 fn notify_address(socket: &OsStr) -> io::Result<net::SocketAddr> {
-    let bytes = socket.as_bytes();
-    match bytes.first() {
-        Some(b'/') => net::SocketAddr::from_pathname(socket),
-        Some(b'@') => net::SocketAddr::from_abstract_name(&bytes[1..]),
+    match socket.as_bytes() {
+        [b'/', ..] => net::SocketAddr::from_pathname(socket),
+        [b'@', name @ ..] => net::SocketAddr::from_abstract_name(name),
         _ => {
             let socket = socket.to_string_lossy();
             let why = format!("{NOTIFY_SOCKET}={socket} is neither a path nor @name");
@@ -321,34 +316,31 @@ mod tests {
     #[test]
     fn ready_and_stopping_are_sent_as_sd_notify_lines() {
         let receiver = Receiver::new("ready");
-        let notifier = receiver.notifier(None);
+        let mut notifier = receiver.notifier(None);
         let addrs = [
             "127.0.0.1:1337".parse().unwrap(),
             "[::1]:1337".parse().unwrap(),
         ];
-        notifier.ready(&addrs).unwrap();
+        notifier.ready(&addrs, || 0);
         assert_eq!(
             receiver.next(WAIT).unwrap(),
             "READY=1\nSTATUS=serving 127.0.0.1:1337, [::1]:1337\n"
         );
-        notifier.stopping().unwrap();
+        notifier.stopping();
         assert_eq!(receiver.next(WAIT).unwrap(), "STOPPING=1\n");
     }
 
     #[test]
     fn status_is_sent_at_most_once_a_second_and_only_when_it_changed() {
         let receiver = Receiver::new("status");
-        let notifier = receiver.notifier(None);
-        notifier
-            .ready(&["127.0.0.1:1337".parse().unwrap()])
-            .unwrap();
-        receiver.next(WAIT).unwrap();
+        let mut notifier = receiver.notifier(None);
         let connected = Arc::new(AtomicUsize::new(2));
         let count = Arc::clone(&connected);
-        notifier
-            .start_reporting(move || count.load(Ordering::SeqCst))
-            .unwrap();
         let started = Instant::now();
+        notifier.ready(&["127.0.0.1:1337".parse().unwrap()], move || {
+            count.load(Ordering::SeqCst)
+        });
+        receiver.next(WAIT).unwrap();
         assert_eq!(
             receiver.next(WAIT).unwrap(),
             "STATUS=serving 127.0.0.1:1337; 2 clients connected\n"
@@ -364,7 +356,7 @@ mod tests {
             receiver.next(WAIT).unwrap(),
             "STATUS=serving 127.0.0.1:1337; 1 client connected\n"
         );
-        notifier.stopping().unwrap();
+        notifier.stopping();
         assert_eq!(receiver.next(WAIT).unwrap(), "STOPPING=1\n");
         assert_eq!(
             receiver.next(WAIT).unwrap(),
@@ -375,9 +367,9 @@ mod tests {
     #[test]
     fn watchdog_pings_while_the_loop_waits_in_accept_and_stops_when_it_is_stuck() {
         let receiver = Receiver::new("watchdog");
-        let notifier = receiver.notifier(Some(Duration::from_millis(400)));
+        let mut notifier = receiver.notifier(Some(Duration::from_millis(400)));
         let heartbeat = notifier.heartbeat();
-        notifier.start_reporting(|| 0).unwrap();
+        notifier.ready(&[], || 0);
         // A loop blocked in accept for a whole second is healthy.
         let received = heartbeat.accepting(|| receiver.all_within(Duration::from_secs(1)));
         let pings = received.iter().filter(|m| *m == "WATCHDOG=1\n").count();
@@ -405,8 +397,8 @@ mod tests {
     #[test]
     fn no_watchdog_pings_without_an_accept_loop_or_once_stopping() {
         let receiver = Receiver::new("watchdog-stop");
-        let notifier = receiver.notifier(Some(Duration::from_millis(200)));
-        notifier.start_reporting(|| 0).unwrap();
+        let mut notifier = receiver.notifier(Some(Duration::from_millis(200)));
+        notifier.ready(&[], || 0);
         let received = receiver.all_within(Duration::from_millis(600));
         assert!(
             !received.iter().any(|m| m == "WATCHDOG=1\n"),
@@ -414,7 +406,7 @@ mod tests {
         );
         let heartbeat = notifier.heartbeat();
         heartbeat.accepting(|| ());
-        notifier.stopping().unwrap();
+        notifier.stopping();
         let received = heartbeat.accepting(|| receiver.all_within(Duration::from_millis(600)));
         assert_eq!(received.first().map(String::as_str), Some("STOPPING=1\n"));
         assert!(
@@ -425,14 +417,11 @@ mod tests {
 
     #[test]
     fn without_a_socket_nothing_is_sent_and_no_thread_starts() {
-        let notifier = Notifier::disabled();
+        let mut notifier = Notifier::default();
         assert!(notifier.inner.target.is_none());
-        notifier
-            .ready(&["127.0.0.1:1337".parse().unwrap()])
-            .unwrap();
-        notifier.stopping().unwrap();
-        notifier.start_reporting(|| 0).unwrap();
-        assert!(lock(&notifier.reporter).is_none());
+        notifier.ready(&["127.0.0.1:1337".parse().unwrap()], || 0);
+        notifier.stopping();
+        assert!(notifier.reporter.is_none());
         let heartbeat = notifier.heartbeat();
         heartbeat.accepting(|| ());
     }
@@ -456,7 +445,7 @@ mod tests {
         let receiver = UnixDatagram::bind_addr(&addr).unwrap();
         receiver.set_read_timeout(Some(WAIT)).unwrap();
         let notifier = Notifier::to_socket(OsStr::new(&format!("@{name}")), None).unwrap();
-        notifier.stopping().unwrap();
+        notifier.stopping();
         let mut buffer = [0u8; 64];
         let n = receiver.recv(&mut buffer).unwrap();
         assert_eq!(&buffer[..n], b"STOPPING=1\n");
