@@ -90,11 +90,11 @@ impl Shutdown {
         for target in targets {
             let woken = match &target {
                 WakeTarget::Connect(addr) => self.wake(*addr),
-                WakeTarget::StopListening(listener) => {
-                    listener.upgrade().map_or(Ok(()), |listener| {
-                        SockRef::from(&*listener).shutdown(net::Shutdown::Read)
-                    })
-                }
+                WakeTarget::StopListening(listener) => match listener.upgrade() {
+                    Some(listener) => SockRef::from(&*listener).shutdown(net::Shutdown::Read),
+                    // Its loop has ended already.
+                    None => Ok(()),
+                },
             };
             if let Err(e) = woken {
                 warn!(event = event::WAKE_FAILED; "could not wake an accept loop ({target:?}): {e}");
