@@ -4,6 +4,7 @@
 //! [`Config`] defaults, and every rule about values is the library's
 //! ([`Config::validate`]), reported here as a bad value of its flag.
 
+use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
@@ -99,9 +100,8 @@ pub struct Cli {
     #[arg(long, value_name = "BITS", default_value_t = RateLimit::DEFAULT_PREFIX_V4,
           value_parser = parse_bits, requires = "max_rate_per_ip")]
     rate_prefix_v4: u8,
-    /// With --max-rate-per-ip: leading bits of an IPv6 client address that
-    /// make its network (64: a host's usual allocation, so changing
-    /// addresses within it gains nothing).
+    /// With --max-rate-per-ip: leading bits of an IPv6 client address that make its network
+    /// (64: a host's usual allocation, so changing addresses within it gains nothing).
     #[arg(long, value_name = "BITS", default_value_t = RateLimit::DEFAULT_PREFIX_V6,
           value_parser = parse_bits, requires = "max_rate_per_ip")]
     rate_prefix_v6: u8,
@@ -129,9 +129,8 @@ pub struct Cli {
               _ => LogFormat::Text,
           }))]
     log_format: LogFormat,
-    /// Write the log to this file (appended, created if missing) instead of
-    /// stderr; SIGHUP reopens it (logrotate). stderr keeps start-up errors
-    /// and reports of a failing log file.
+    /// Write the log to this file (appended, created if missing) instead of stderr; SIGHUP
+    /// reopens it (logrotate). stderr keeps start-up errors and reports of a failing log file.
     #[arg(long, value_name = "PATH")]
     log_file: Option<PathBuf>,
     /// Do not fdatasync the log after each batch of replies: faster, but a
@@ -158,63 +157,58 @@ impl Cli {
     /// The [`Config`] and the log settings that `args` (the program's name
     /// first) ask for; a [`Config::validate`] rule that does not hold is an
     /// error about its flag, with the value as it was given.
-    pub fn settings_from<I, T>(args: I) -> Result<(Config, LogSettings), clap::Error>
-    where
-        I: IntoIterator<Item = T>,
-        T: Into<std::ffi::OsString> + Clone,
-    {
+    pub fn settings_from(
+        args: impl IntoIterator<Item = impl Into<OsString> + Clone>,
+    ) -> Result<(Config, LogSettings), clap::Error> {
         // A negative number is a bad value of its flag, not an unknown flag.
         let command = Cli::command().mut_args(|arg| {
             let takes_values = arg.get_action().takes_values();
             arg.allow_negative_numbers(takes_values)
         });
         let matches = command.try_get_matches_from(args)?;
-        Cli::from_arg_matches(&matches)?.settings(&matches)
-    }
-
-    fn settings(self, matches: &ArgMatches) -> Result<(Config, LogSettings), clap::Error> {
+        let cli = Cli::from_arg_matches(&matches)?;
         let config = Config {
-            listen_addr: SocketAddr::new(self.bind, self.port),
-            prompt: prompt_bytes(&self.prompt),
-            max_reply_bytes: self.max_reply_bytes,
-            reply_timeout: Some(self.reply_timeout).filter(|timeout| !timeout.is_zero()),
-            write_timeout: self.write_timeout,
-            max_connections: self.max_connections,
-            shutdown_timeout: self.shutdown_timeout,
-            thread_cache: self.thread_cache,
-            proxy_protocol: self.proxy_protocol.then_some(NetList(self.trusted_proxy)),
+            listen_addr: SocketAddr::new(cli.bind, cli.port),
+            prompt: prompt_bytes(&cli.prompt),
+            max_reply_bytes: cli.max_reply_bytes,
+            reply_timeout: Some(cli.reply_timeout).filter(|timeout| !timeout.is_zero()),
+            write_timeout: cli.write_timeout,
+            max_connections: cli.max_connections,
+            shutdown_timeout: cli.shutdown_timeout,
+            thread_cache: cli.thread_cache,
+            proxy_protocol: cli.proxy_protocol.then_some(NetList(cli.trusted_proxy)),
             access: AccessRules {
-                allow: NetList(self.allow),
-                deny: NetList(self.deny),
+                allow: NetList(cli.allow),
+                deny: NetList(cli.deny),
             },
-            max_per_ip: self.max_per_ip,
-            backlog: self.backlog,
-            reuse_port: self.reuseport,
+            max_per_ip: cli.max_per_ip,
+            backlog: cli.backlog,
+            reuse_port: cli.reuseport,
             notify_service_manager: true,
-            rate_limit: self.max_rate_per_ip.map(|rate| RateLimit {
+            rate_limit: cli.max_rate_per_ip.map(|rate| RateLimit {
                 rate,
-                prefix_v4: self.rate_prefix_v4,
-                prefix_v6: self.rate_prefix_v6,
+                prefix_v4: cli.rate_prefix_v4,
+                prefix_v6: cli.rate_prefix_v6,
             }),
-            metrics_addr: self.metrics_addr,
-            tls: self.tls_cert.zip(self.tls_key).map(|(cert, key)| TlsFiles {
+            metrics_addr: cli.metrics_addr,
+            tls: cli.tls_cert.zip(cli.tls_key).map(|(cert, key)| TlsFiles {
                 cert,
                 key,
-                client_ca: self.tls_client_ca,
+                client_ca: cli.tls_client_ca,
             }),
             ..Config::default()
         };
-        config.validate().map_err(|e| flag_error(&e, matches))?;
+        config.validate().map_err(|e| flag_error(&e, &matches))?;
         let log = LogSettings {
-            format: self.log_format,
-            file: self.log_file,
-            sync: !self.no_log_sync,
-            record_timeout: self.record_timeout,
+            format: cli.log_format,
+            file: cli.log_file,
+            sync: !cli.no_log_sync,
+            record_timeout: cli.record_timeout,
         };
         log.validate().map_err(|rule| {
             let value = log.record_timeout.as_secs_f64().to_string();
             let (field, rule) = ("record_timeout", rule.into());
-            flag_error(&ConfigError { field, value, rule }, matches)
+            flag_error(&ConfigError { field, value, rule }, &matches)
         })?;
         Ok((config, log))
     }
@@ -242,19 +236,14 @@ fn flag_error(error: &ConfigError, matches: &ArgMatches) -> clap::Error {
 /// information" line, then "(see --help)".
 pub fn error_line(error: &clap::Error) -> String {
     let rendered = error.render().to_string();
-    let mut line = String::new();
-    for part in rendered
+    let line: String = rendered
         .lines()
         .map(str::trim)
         .take_while(|part| !part.starts_with("Usage:") && !part.starts_with("For more information"))
         .filter(|part| !part.is_empty())
-    {
-        if !line.is_empty() {
-            line.push_str(if part.starts_with("tip:") { "; " } else { " " });
-        }
-        line.push_str(part);
-    }
-    line + " (see --help)"
+        .map(|part| format!("{} {part}", if part.starts_with("tip:") { ";" } else { "" }))
+        .collect();
+    format!("{} (see --help)", line.trim_start())
 }
 
 /// Seconds as a number (`0.5`, `10`, `1e3`), finite and not negative; how

@@ -48,8 +48,7 @@ pub struct Config {
     /// Connections the kernel may queue until accepted (at most `i32::MAX`);
     /// `None`: the most it allows (`net.core.somaxconn`).
     pub backlog: Option<NonZeroU32>,
-    /// Set `SO_REUSEPORT` before binding, so that several processes can
-    /// listen on one port and the kernel spreads connections among them.
+    /// `SO_REUSEPORT`: several processes may listen on the port; the kernel spreads connections.
     pub reuse_port: bool,
     /// Report readiness, status and watchdog pings to the service manager
     /// named by `NOTIFY_SOCKET` (systemd's `Type=notify`), when it is set.

@@ -24,8 +24,7 @@
 //!   is refused, and how many connections this machine can hold.
 //! - `record/`: the [`ReplySink`] every reply goes to before its close, and
 //!   its default, the log ([`logging`]) with its group commit.
-//! - `service/`: the service manager (readiness, status, watchdog) and the
-//!   metrics endpoint.
+//! - `service/`: the service manager (readiness, status, watchdog) and the metrics endpoint.
 //! - `shutdown.rs`: the [`Shutdown`] handle, the signals, the stop's drain.
 //! - `config.rs`, `stats.rs`, `error.rs`: the [`Config`] and its rules, the
 //!   counters behind the [`Summary`] and the metrics, the [`Error`].

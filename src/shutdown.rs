@@ -70,8 +70,8 @@ struct Inner {
     wake_targets: Mutex<Vec<WakeTarget>>,
     /// Where the wake-up connections come from: not clients.
     wake_from: Mutex<Vec<SocketAddr>>,
-    counters: Mutex<Hook<Summary>>,
-    reload: Mutex<Hook<()>>,
+    /// What SIGUSR1 logs and what SIGHUP re-reads (see [`Shutdown::on_requests`]).
+    hooks: Mutex<(Hook<Summary>, Hook<()>)>,
 }
 
 /// What a running server gives a signal: `None` while none runs.
@@ -153,8 +153,7 @@ impl Shutdown {
     /// Sets where SIGUSR1 reads the counters it logs, and what SIGHUP re-reads
     /// besides the log file (the TLS files); `None`, `None` once the server stops.
     pub(crate) fn on_requests(&self, counters: Hook<Summary>, reload: Hook<()>) {
-        *lock(&self.inner.counters) = counters;
-        *lock(&self.inner.reload) = reload;
+        *lock(&self.inner.hooks) = (counters, reload);
     }
 
     /// Starts a thread that handles the signals an operator sends: SIGINT,
@@ -177,20 +176,19 @@ impl Shutdown {
             .stack_size(SIGNAL_THREAD_STACK)
             .spawn(move || {
                 for signal in signals.forever() {
-                    shutdown.on_signal(signal);
+                    shutdown.handle_signal(signal);
                 }
             })?;
         Ok(())
     }
 
-    fn on_signal(&self, signal: i32) {
-        let name = match signal {
+    fn handle_signal(&self, signal: i32) {
+        let name: &str = &match signal {
             SIGPWR => "SIGPWR".to_string(),
             SIGSTKFLT => "SIGSTKFLT".to_string(),
             n if n >= libc::SIGRTMIN() => format!("SIGRTMIN+{}", n - libc::SIGRTMIN()),
             n => signal_name(n).map_or_else(|| n.to_string(), str::to_string),
         };
-        let name = name.as_str();
         let stop = STOP_SIGNALS.contains(&signal);
         if stop && self.is_triggered() {
             warn!(event = event::SIGNAL, signal = name; "{name} again: exiting now without waiting for clients");
@@ -198,8 +196,7 @@ impl Shutdown {
             logging::flush(EXIT_LOG_FLUSH_TIMEOUT);
             process::exit(128 + signal);
         }
-        let counters = lock(&self.inner.counters).clone();
-        let reload = lock(&self.inner.reload).clone();
+        let (counters, reload) = lock(&self.inner.hooks).clone();
         let what = match signal {
             _ if stop => "stopping (send it again to exit at once)",
             SIGHUP if logging::reopen() => "reopening the log file",
@@ -300,9 +297,8 @@ fn log_summary(summary: &Summary, stopped: bool) {
         target: target, event = kind, connections = summary.connections, replies = summary.replies,
         truncated = summary.truncated, timed_out = summary.timed_out, no_reply = summary.no_reply,
         failed = summary.failed, rejected_busy = summary.rejected_busy,
-        rate_limited = summary.rate_limited, denied = summary.denied,
-        cut_off = summary.cut_off, not_recorded = summary.not_recorded,
-        tls_handshake_failed = summary.tls_handshake_failed,
+        rate_limited = summary.rate_limited, denied = summary.denied, cut_off = summary.cut_off,
+        not_recorded = summary.not_recorded, tls_handshake_failed = summary.tls_handshake_failed,
         connected = (!stopped).then_some(connected), still_connected = stopped.then_some(connected);
         "{said}: {text}"
     );
