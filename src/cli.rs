@@ -381,6 +381,7 @@ mod tests {
             ("--shutdown-timeout", "-2"),
             ("--write-timeout", "0"),
             ("--record-timeout", "0"),
+            ("--record-timeout", "1e30"),
             ("--port", "-1"),
             ("--port", "65536"),
             ("--max-reply-bytes", "-1"),
@@ -407,7 +408,9 @@ mod tests {
         assert!(error_for(&["--bind", "localhost"]).contains("not looked up"));
         assert!(error_for(&["--metrics-addr", "localhost:1"]).contains("not looked up"));
         assert!(!error_for(&["--rate-prefix-v4", "-1"]).contains("255"));
-        assert!(error_for(&["--shutdown-timeout", "1e30"]).contains("a year"));
+        for flag in ["--shutdown-timeout", "--record-timeout"] {
+            assert!(error_for(&[flag, "1e30"]).contains("a year"), "{flag}");
+        }
         let dashed = config(&["--prompt", "-x"]).unwrap();
         assert_eq!(dashed.prompt, b"-x\n");
         assert!(error_for(&["--max-reply-bytes", "0"]).contains("must be at least 1"));

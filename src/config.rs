@@ -12,11 +12,7 @@ use std::time::Duration;
 use crate::limits::rate::RateLimit;
 use crate::limits::{AccessRules, NetList};
 use crate::record::ReplySink;
-use crate::record::logging::LogReplies;
-
-/// The longest duration setting: a deadline is an `Instant` plus one, which
-/// must not overflow, and a year is no limit at all for a prompt.
-const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+use crate::record::logging::{AT_MOST_A_YEAR, LogReplies, MAX_DURATION};
 
 /// Everything the server needs to know to serve connections.
 #[derive(Debug, Clone)]
@@ -143,9 +139,7 @@ impl Config {
         ];
         for (field, duration) in durations {
             if let Some(duration) = duration.filter(|d| *d > MAX_DURATION) {
-                let year = MAX_DURATION.as_secs();
-                let rule = format!("must be at most {year} seconds (a year)");
-                return broken(field, &duration.as_secs_f64(), rule);
+                return broken(field, &duration.as_secs_f64(), AT_MOST_A_YEAR.into());
             }
         }
         if self.write_timeout.is_zero() {

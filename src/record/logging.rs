@@ -50,12 +50,13 @@ pub struct LogSettings {
 
 impl LogSettings {
     /// Checks the rule the types cannot express, `record_timeout` above zero
-    /// ([`init`] calls it); the error says what it must be.
+    /// and at most a year ([`init`] calls it); the error says what it must be.
     pub fn validate(&self) -> Result<(), &'static str> {
-        if self.record_timeout.is_zero() {
-            return Err("must be more than 0 seconds");
+        match self.record_timeout {
+            timeout if timeout.is_zero() => Err("must be more than 0 seconds"),
+            timeout if timeout > MAX_DURATION => Err(AT_MOST_A_YEAR),
+            _ => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -69,6 +70,12 @@ impl Default for LogSettings {
         }
     }
 }
+
+/// The longest duration setting, the record's timeout and the `Config`'s:
+/// a deadline is an `Instant` plus one, which must not overflow, and a year
+/// is no limit at all for a prompt.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+pub(crate) const AT_MOST_A_YEAR: &str = "must be at most 31536000 seconds (a year)";
 
 /// The target of the `listening on ADDR` line, logged at info whatever
 /// `RUST_LOG` says unless it names this target: it tells `--port 0`'s port.
