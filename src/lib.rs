@@ -58,6 +58,14 @@ pub use serve::{bind, listeners, run};
 pub use shutdown::Shutdown;
 pub use stats::Summary;
 
+/// A builder for one of the server's own threads (not a connection's), with
+/// a small fixed stack, so that it starts whatever `RUST_MIN_STACK` says.
+pub(crate) fn helper_thread(name: &str) -> std::thread::Builder {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .stack_size(256 * 1024)
+}
+
 /// Locks `mutex` even if a thread panicked holding it: every value kept under
 /// a lock is whole after each update, and one panic must not stop the rest.
 pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -10,7 +10,6 @@ use std::net::{self, IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStr
 use std::process;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, SockRef, Socket, Type};
@@ -25,9 +24,9 @@ use signal_hook::iterator::Signals;
 use signal_hook::low_level::signal_name;
 
 use crate::limits::{ConnectionLimit, LiveCount, canonical};
-use crate::lock;
 use crate::logging::{self, COUNTERS_TARGET, event};
 use crate::stats::{Stats, Summary};
+use crate::{helper_thread, lock};
 
 /// Signals that start a graceful stop; a second one exits at once. (SIGQUIT and
 /// SIGABRT ask for a core dump, which would hold replies not yet recorded.)
@@ -44,8 +43,6 @@ const IGNORED_SIGNALS: [i32; 11] = [
 const WAKE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a second signal lets the log take the lines before the exit.
 const EXIT_LOG_FLUSH_TIMEOUT: Duration = Duration::from_millis(500);
-/// A small fixed stack, so that it starts whatever `RUST_MIN_STACK` says.
-const SIGNAL_THREAD_STACK: usize = 256 * 1024;
 
 /// How a trigger wakes one accept loop.
 #[derive(Debug, Clone)]
@@ -171,14 +168,11 @@ impl Shutdown {
         let real_time = libc::SIGRTMIN()..=libc::SIGRTMAX();
         let handled = STOP_SIGNALS.into_iter().chain([SIGHUP, SIGUSR1]);
         let mut signals = Signals::new(handled.chain(IGNORED_SIGNALS).chain(real_time))?;
-        thread::Builder::new()
-            .name("signals".to_string())
-            .stack_size(SIGNAL_THREAD_STACK)
-            .spawn(move || {
-                for signal in signals.forever() {
-                    shutdown.handle_signal(signal);
-                }
-            })?;
+        helper_thread("signals").spawn(move || {
+            for signal in signals.forever() {
+                shutdown.handle_signal(signal);
+            }
+        })?;
         Ok(())
     }
 

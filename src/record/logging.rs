@@ -26,7 +26,7 @@ use super::format::{Escaped, RecordText, class_of, escape_line_breakers, json_li
 use super::queue::{Class, Observer, Output, Queue};
 use super::{Record, ReplySink};
 use crate::error::describe_io_error;
-use crate::lock;
+use crate::{helper_thread, lock};
 
 /// The default [`LogSettings::record_timeout`]: long enough to ride out a
 /// slow disk or a rotation, short enough that clients notice a failing one.
@@ -192,14 +192,11 @@ fn install(settings: &LogSettings) -> io::Result<&'static Log> {
 /// A thread that writes the lines sent to it on stderr: a stalled stderr holds up no log file.
 fn stderr_writer() -> io::Result<SyncSender<String>> {
     let (send, receive) = mpsc::sync_channel::<String>(16);
-    thread::Builder::new()
-        .name("log-reports".into())
-        .stack_size(64 * 1024)
-        .spawn(move || {
-            for line in receive {
-                let _ = io::stderr().write_all(line.as_bytes());
-            }
-        })?;
+    helper_thread("log-reports").spawn(move || {
+        for line in receive {
+            let _ = io::stderr().write_all(line.as_bytes());
+        }
+    })?;
     Ok(send)
 }
 

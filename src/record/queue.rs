@@ -20,7 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::error::describe_io_error;
-use crate::lock;
+use crate::{helper_thread, lock};
 
 /// What becomes of a line nobody waits for when the queue is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -486,9 +486,7 @@ impl Queue {
 
     /// Starts the writer thread, which tells `observer` about the output.
     pub(crate) fn start_writer(&'static self, observer: &'static dyn Observer) -> io::Result<()> {
-        thread::Builder::new()
-            .name("log-writer".to_string())
-            .stack_size(256 * 1024)
+        helper_thread("log-writer")
             .spawn(move || self.serve(observer))
             .map(drop)
     }

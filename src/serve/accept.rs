@@ -24,6 +24,7 @@ use socket2::SockRef;
 use super::connection::{self, Accepted, Serving};
 use super::listen::set_connection_options;
 use crate::error::{Error, describe_io_error};
+use crate::helper_thread;
 use crate::limits::{Live, LiveCount, Refusal, canonical, refuse};
 use crate::logging::{ACCEPT_ERROR_LINES, event, log_every};
 use crate::service::notify::{Heartbeat, Notifier};
@@ -34,8 +35,6 @@ use crate::stats::AcceptErrorKind;
 /// [`MAX_ACCEPT_PAUSE`] (as Go's net/http does).
 const FIRST_ACCEPT_PAUSE: Duration = Duration::from_millis(5);
 const MAX_ACCEPT_PAUSE: Duration = Duration::from_secs(1);
-/// A small fixed stack, so that it starts whatever `RUST_MIN_STACK` says.
-const ACCEPT_THREAD_STACK: usize = 256 * 1024;
 /// How long a stopping loop waits for the threads in `accept` to leave it.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -90,11 +89,8 @@ pub(crate) fn accept_on_all(
                 addr,
                 in_accept: LiveCount::new(),
             });
-            if let Err(e) = thread::Builder::new()
-                .name("accept".to_string())
-                .stack_size(ACCEPT_THREAD_STACK)
-                .spawn_scoped(scope, move || serve_listener(&here, shared, &heartbeat))
-            {
+            let serve = move || serve_listener(&here, shared, &heartbeat);
+            if let Err(e) = helper_thread("accept").spawn_scoped(scope, serve) {
                 // Nothing accepted yet: stop the loops already started,
                 // and report it like any start-up failure.
                 shared.shutdown.trigger();

@@ -22,6 +22,7 @@ use prometheus_client::metrics::{counter::Counter, family::Family};
 use prometheus_client::registry::Registry;
 use socket2::SockRef;
 
+use crate::helper_thread;
 use crate::limits::capacity::open_fds;
 use crate::logging::event;
 use crate::serve::connection::Timed;
@@ -32,8 +33,6 @@ const SCRAPE_DEADLINE: Duration = Duration::from_secs(2);
 /// A bigger request gets a 431.
 const MAX_REQUEST_BYTES: usize = 8 * 1024;
 const MAX_SCRAPES: usize = 16;
-/// A scrape's thread reads a request and formats a few kilobytes of text.
-const SCRAPE_THREAD_STACK: usize = 256 * 1024;
 /// After an `accept` failure that is not the client's, so as not to spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// `USER_HZ`, the unit of times in `/proc`: 100 on every Linux in use.
@@ -162,10 +161,7 @@ impl Endpoint {
     pub(crate) fn start(listener: TcpListener, render: Box<Render>) -> io::Result<Self> {
         let listener = Arc::new(listener);
         let accepted = Arc::clone(&listener);
-        let thread = thread::Builder::new()
-            .name("metrics".to_string())
-            .stack_size(SCRAPE_THREAD_STACK)
-            .spawn(move || accept_scrapes(&accepted, &render))?;
+        let thread = helper_thread("metrics").spawn(move || accept_scrapes(&accepted, &render))?;
         if let Ok(addr) = listener.local_addr() {
             log::info!(event = event::METRICS, addr:% = addr; "metrics at http://{addr}/metrics");
         }
@@ -234,8 +230,7 @@ fn accept_scrapes(listener: &TcpListener, render: &Render) {
             let answer = move || {
                 answer(&scrape, render).unwrap_or_else(|e| scrape_failed(peer, "failed", e))
             };
-            let builder = thread::Builder::new().stack_size(SCRAPE_THREAD_STACK);
-            match builder.spawn_scoped(scope, answer) {
+            match helper_thread("metrics-scrape").spawn_scoped(scope, answer) {
                 Ok(thread) => places.push(Place {
                     source: peer.ip().to_canonical(),
                     scrape: watched,

@@ -12,15 +12,15 @@ use std::os::unix::net::{self, UnixDatagram};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::warn;
 use sd_notify::NotifyState;
 
 use crate::error::describe_io_error;
-use crate::lock;
 use crate::logging::{self, event};
+use crate::{helper_thread, lock};
 
 const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
@@ -101,10 +101,7 @@ impl Notifier {
         }
         let (stop, stopped) = mpsc::channel();
         let inner = Arc::clone(&self.inner);
-        let reporter = thread::Builder::new()
-            .name("notify".into())
-            .stack_size(256 * 1024)
-            .spawn(move || inner.report(connected, &stopped));
+        let reporter = helper_thread("notify").spawn(move || inner.report(connected, &stopped));
         match reporter {
             Ok(thread) => self.reporter = Some((stop, thread)),
             Err(e) => warn!(
@@ -242,6 +239,7 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::thread;
 
     /// A bound datagram socket standing in for systemd's, in its own
     /// directory, removed when dropped.
