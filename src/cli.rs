@@ -499,7 +499,7 @@ mod tests {
             .rate_limit
             .unwrap();
         assert_eq!((limit.prefix_v4, limit.prefix_v6), (32, 64));
-        assert_eq!(limit.rate.count(), 5);
+        assert_eq!(limit.rate, "5/s".parse().unwrap());
         for flag in ["--rate-prefix-v4", "--rate-prefix-v6"] {
             assert!(
                 error_for(&[flag, "24"]).contains("--max-rate-per-ip"),

@@ -33,18 +33,6 @@ pub struct Rate {
     period: Duration,
 }
 
-impl Rate {
-    /// The burst: connections a network with a full bucket may open at once.
-    pub fn count(&self) -> u32 {
-        self.count
-    }
-
-    /// The time in which `count` tokens come back.
-    pub fn period(&self) -> Duration {
-        self.period
-    }
-}
-
 impl FromStr for Rate {
     /// The whole explanation, for clap's error line.
     type Err = String;
@@ -286,11 +274,11 @@ mod tests {
 
     #[test]
     fn rates_parse_with_their_burst_and_period() {
-        assert_eq!(rate("5/s").count(), 5);
-        assert_eq!(rate("5/s").period(), Duration::from_secs(1));
-        assert_eq!(rate("100/min").period(), Duration::from_secs(60));
-        assert_eq!(rate("1000/h").period(), Duration::from_secs(3600));
-        assert_eq!(rate("1000000/s").count(), 1_000_000);
+        assert_eq!(rate("5/s").count, 5);
+        assert_eq!(rate("5/s").period, Duration::from_secs(1));
+        assert_eq!(rate("100/min").period, Duration::from_secs(60));
+        assert_eq!(rate("1000/h").period, Duration::from_secs(3600));
+        assert_eq!(rate("1000000/s").count, 1_000_000);
         assert_eq!(rate("100/min").to_string(), "100/min");
     }
 
