@@ -176,16 +176,18 @@ impl PerIpLimit {
         PerIpLimit { max, held }
     }
 
-    /// A slot for `ip`, or `None` if it already holds `max` connections.
-    pub(crate) fn try_acquire(&self, ip: IpAddr) -> Option<IpSlot<'_>> {
+    /// A slot for `ip`, or its refusal if it already holds `max` connections.
+    pub(crate) fn try_acquire(&self, ip: IpAddr) -> Result<IpSlot<'_>, Refusal> {
         let Some(max) = self.max else {
-            return Some(IpSlot(None));
+            return Ok(IpSlot(None));
         };
         let ip = ip.to_canonical();
         let mut held = lock(&self.held);
         let count = held.entry(ip).or_insert(0);
-        (*count < max).then(|| *count += 1)?;
-        Some(IpSlot(Some((self, ip))))
+        (*count < max)
+            .then(|| *count += 1)
+            .ok_or(Refusal::PerIp { max })?;
+        Ok(IpSlot(Some((self, ip))))
     }
 }
 
@@ -249,6 +251,7 @@ impl AccessRules {
 }
 
 /// Why a client is not served.
+#[derive(Debug)]
 pub(crate) enum Refusal {
     /// Every connection slot is taken (`--max-connections`).
     Full { cap: usize },
@@ -384,16 +387,19 @@ mod tests {
         let b: IpAddr = "192.0.2.2".parse().unwrap();
         let first = limit.try_acquire(a).expect("first");
         let _second = limit.try_acquire(a).expect("second");
-        assert!(limit.try_acquire(a).is_none());
+        assert!(matches!(
+            limit.try_acquire(a),
+            Err(Refusal::PerIp { max: 2 })
+        ));
         // The same client seen through an IPv6 socket counts as itself.
         assert!(
             limit
                 .try_acquire("::ffff:192.0.2.1".parse().unwrap())
-                .is_none()
+                .is_err()
         );
-        assert!(limit.try_acquire(b).is_some());
+        assert!(limit.try_acquire(b).is_ok());
         drop(first);
-        assert!(limit.try_acquire(a).is_some());
+        assert!(limit.try_acquire(a).is_ok());
     }
 
     #[test]

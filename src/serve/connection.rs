@@ -177,21 +177,18 @@ fn admit_client<'a>(
     serving: &'a Serving,
 ) -> Result<IpSlot<'a>, Outcome> {
     let ip = client.addr.ip();
-    let refusal = if !serving.config.access.permits(ip) {
-        Refusal::Denied
+    let admitted = if !serving.config.access.permits(ip) {
+        Err(Refusal::Denied)
     } else if let Some(rate) = &serving.rate
         && serving.config.proxy_protocol.is_some()
         && let Err(limited) = rate.try_acquire(ip, Instant::now())
     {
         // A header that names no client (UNKNOWN, LOCAL) leaves the peer.
-        Refusal::RateLimited(limited)
-    } else if let Some(ip_slot) = serving.per_ip.try_acquire(ip) {
-        return Ok(ip_slot);
+        Err(Refusal::RateLimited(limited))
     } else {
-        let max = serving.config.max_per_ip.map_or(0, |max| max.get());
-        Refusal::PerIp { max }
+        serving.per_ip.try_acquire(ip)
     };
-    Err(refuse(stream, client.addr, client.proxy, &refusal))
+    admitted.map_err(|refusal| refuse(stream, client.addr, client.proxy, &refusal))
 }
 
 /// Writes the whole prompt within `--write-timeout`.
