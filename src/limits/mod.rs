@@ -37,10 +37,6 @@ pub(crate) struct LiveCount {
 pub(crate) struct Live(Arc<LiveCount>);
 
 impl LiveCount {
-    pub(crate) fn new() -> Arc<Self> {
-        Arc::default()
-    }
-
     pub(crate) fn enter(self: &Arc<Self>) -> Live {
         self.count.fetch_add(1, SeqCst);
         Live(Arc::clone(self))
@@ -107,7 +103,7 @@ impl ConnectionLimit {
             next_id: AtomicU64::new(0),
             cutting_off: AtomicBool::new(false),
         };
-        let (slots, open) = (LiveCount::new(), Arc::new(open));
+        let (slots, open) = (Arc::default(), Arc::new(open));
         ConnectionLimit { max, slots, open }
     }
 

@@ -54,7 +54,7 @@ impl Shared {
     pub(crate) fn new(serving: Serving, shutdown: Shutdown) -> Self {
         Shared {
             thread_cache: serving.config.thread_cache.min(serving.limit.max()),
-            threads: LiveCount::new(),
+            threads: Arc::default(),
             parked: AtomicUsize::new(0),
             serving,
             shutdown,
@@ -87,7 +87,7 @@ pub(crate) fn accept_on_all(
             let here = Arc::new(Listening {
                 listener,
                 addr,
-                in_accept: LiveCount::new(),
+                in_accept: Arc::default(),
             });
             let serve = move || serve_listener(&here, shared, &heartbeat);
             if let Err(e) = helper_thread("accept").spawn_scoped(scope, serve) {
