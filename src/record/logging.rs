@@ -500,6 +500,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_longest_duration_rule_names_the_bound_it_checks() {
+        let bound = MAX_DURATION.as_secs().to_string();
+        assert!(AT_MOST_A_YEAR.contains(&format!(" {bound} seconds")));
+        let over = MAX_DURATION + Duration::from_secs(1);
+        let settings = |record_timeout| LogSettings {
+            record_timeout,
+            ..LogSettings::default()
+        };
+        assert_eq!(settings(over).validate(), Err(AT_MOST_A_YEAR));
+        assert_eq!(settings(MAX_DURATION).validate(), Ok(()));
+    }
+
+    #[test]
     fn the_served_peer_is_named_only_while_the_connection_lasts() {
         let peer: SocketAddr = "192.0.2.7:4000".parse().unwrap();
         assert_eq!(SERVING.with(Cell::get), None);
